@@ -1,0 +1,77 @@
+//! What every engine that runs a cela microVM agrees on: the machine a user asks for
+//! ([`MachineConfig`]), how its console is wired ([`ConsoleMode`]) and how a run ends
+//! ([`GuestExit`]). cela's own KVM monitor and the QEMU TCG fallback both take a
+//! `MachineConfig` and give back a `GuestExit`, so the CLI treats them alike.
+
+use std::path::PathBuf;
+
+/// Kernel command-line parameters every cela guest gets before the user's own: the serial
+/// console, no boot chatter on it (only emergencies such as a panic), keyboard-controller reset
+/// for `reboot`, and an immediate reboot on panic so a panicked guest ends instead of hanging.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet loglevel=1 reboot=k panic=-1 pci=off nomodeset";
+
+/// A microVM as the user asked for it. [`MachineConfig::validate`] checks what can be checked
+/// without an engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Number of vCPUs (1..=the engine's limit).
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// A bzImage (Linux x86 boot protocol 2.12 or later).
+    pub kernel: PathBuf,
+    /// An initramfs (newc cpio, optionally compressed).
+    pub initrd: Option<PathBuf>,
+    /// The whole kernel command line, [`BASE_CMDLINE`] included.
+    pub cmdline: String,
+}
+
+/// How the guest's console (COM1) meets the host's terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// Guest console output is copied to the host's stdout; host stdin is not read.
+    Stream,
+    /// The host terminal (put in raw mode if it is a TTY) is the guest console, both ways;
+    /// the escape sequence Ctrl-A x ends the VM.
+    Interactive,
+}
+
+/// How a microVM run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest's init reported the workload's exit status, then powered off.
+    Command(u8),
+    /// The guest powered off (ACPI S5) without reporting a status.
+    PoweredOff,
+    /// The guest asked for a reset (keyboard controller, ACPI reset register or triple fault);
+    /// cela ends the VM rather than rebooting it.
+    Rebooted,
+    /// The guest kernel panicked (reported through the pvpanic device).
+    Panicked,
+    /// The user left an interactive console with the escape sequence.
+    Detached,
+}
+
+impl GuestExit {
+    /// The status `cela run` exits with, following the shell's conventions where there is one:
+    /// the workload's own status, 0 for a clean power-off, and non-zero otherwise.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            GuestExit::Command(code) => i32::from(code),
+            GuestExit::PoweredOff | GuestExit::Detached => 0,
+            GuestExit::Rebooted => 0,
+            GuestExit::Panicked => 125,
+        }
+    }
+
+    /// A one-line description for the user, or `None` when the workload's own status says it all.
+    pub fn describe(self) -> Option<&'static str> {
+        match self {
+            GuestExit::Command(_) => None,
+            GuestExit::PoweredOff => Some("the guest powered off"),
+            GuestExit::Rebooted => Some("the guest rebooted; cela ended the VM"),
+            GuestExit::Panicked => Some("the guest kernel panicked"),
+            GuestExit::Detached => Some("detached from the console; the VM was stopped"),
+        }
+    }
+}
