@@ -90,7 +90,10 @@ impl BootRequest {
     pub fn from_cmdline(cmdline: &str) -> Result<Self, DecodeError> {
         let mut req = BootRequest::default();
         for word in cmdline.split_ascii_whitespace() {
-            if let Some(v) = word.strip_prefix(CMD_PARAM).and_then(|r| r.strip_prefix('=')) {
+            if let Some(v) = word
+                .strip_prefix(CMD_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
                 let argv = decode_list(CMD_PARAM, v)?;
                 if argv.is_empty() {
                     return Err(DecodeError {
@@ -99,7 +102,10 @@ impl BootRequest {
                     });
                 }
                 req.command = Some(argv);
-            } else if let Some(v) = word.strip_prefix(ENV_PARAM).and_then(|r| r.strip_prefix('=')) {
+            } else if let Some(v) = word
+                .strip_prefix(ENV_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
                 req.env = decode_list(ENV_PARAM, v)?;
             }
         }
@@ -174,7 +180,9 @@ mod tests {
             env: vec!["A=1".into(), "B=x y".into()],
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
-        assert!(!req.to_kernel_params().contains(' ') || req.to_kernel_params().split(' ').count() == 2);
+        assert!(
+            !req.to_kernel_params().contains(' ') || req.to_kernel_params().split(' ').count() == 2
+        );
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 
@@ -197,11 +205,14 @@ mod tests {
     fn control_lines_parse_and_garbage_is_dropped() {
         let mut p = ControlParser::default();
         assert_eq!(p.feed(b"rea"), vec![]);
-        assert_eq!(p.feed(b"dy\nexit 7\nexit 300\nnoise\n"), vec![
-            ControlMessage::Ready,
-            ControlMessage::Exit(7)
-        ]);
-        assert_eq!(ControlMessage::parse(&ControlMessage::Exit(255).to_line()), Some(ControlMessage::Exit(255)));
+        assert_eq!(
+            p.feed(b"dy\nexit 7\nexit 300\nnoise\n"),
+            vec![ControlMessage::Ready, ControlMessage::Exit(7)]
+        );
+        assert_eq!(
+            ControlMessage::parse(&ControlMessage::Exit(255).to_line()),
+            Some(ControlMessage::Exit(255))
+        );
         let long = vec![b'x'; 10_000];
         assert_eq!(p.feed(&long), vec![]);
         assert_eq!(p.feed(b"\nexit 0\n"), vec![ControlMessage::Exit(0)]);

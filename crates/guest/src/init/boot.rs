@@ -1,0 +1,207 @@
+//! The boot sequence of `cela-init`, from the kernel handing over PID 1 to the power-off.
+//!
+//! 1. mount the pseudo-filesystems, load the initramfs's kernel modules;
+//! 2. decode the [`BootRequest`] from `/proc/cmdline` and say `ready` on the control channel;
+//! 3. run the command with its output on the raw console, or an interactive shell;
+//! 4. report its status on the control channel and power off.
+//!
+//! A power signal (busybox `poweroff`/`reboot`/`halt`) ends the machine at once, without a
+//! status. Anything unexpected is printed as one `cela-init: ...` line and powers off.
+
+use std::os::fd::{AsFd as _, AsRawFd as _, IntoRawFd as _, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt as _;
+
+use cela_guest::{BootRequest, CONSOLE_TTY, CONTROL_TTY, ControlMessage, MODULE_LOAD_ORDER};
+use nix::fcntl::OFlag;
+use nix::sys::termios::tcdrain;
+
+use super::control::ControlChannel;
+use super::supervise::{Outcome, Pid1Events, PowerRequest, supervise};
+use super::tty::{TtyMode, open_tty};
+use super::workload::{ChildIo, SHELL, Session, build_env, spawn, split_env_entry};
+use super::{modules, mounts, power, say};
+
+/// The status reported when the host's request cannot be decoded (as a command the host got
+/// wrong, not the workload's own failure).
+pub const BAD_REQUEST_STATUS: u8 = 125;
+
+/// Runs the whole boot. Never returns.
+pub fn run() -> ! {
+    if std::process::id() != 1 {
+        say!(
+            "must run as PID 1, the init of a cela microVM (refusing to mount filesystems or power off this machine)"
+        );
+        std::process::exit(1);
+    }
+    std::panic::set_hook(Box::new(|info| {
+        say!("internal error: {info}");
+        power::power_off();
+    }));
+
+    mounts::mount_all();
+    ensure_standard_fds();
+    let mut events = match Pid1Events::new() {
+        Ok(events) => events,
+        Err(e) => fatal(format_args!("watching signals: {e}")),
+    };
+    modules::load_all(std::path::Path::new(MODULE_LOAD_ORDER));
+
+    let mut control = ControlChannel::open(CONTROL_TTY);
+    let request = match read_request() {
+        Ok(request) => request,
+        Err(e) => {
+            say!("{e}");
+            control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
+            power::power_off();
+        }
+    };
+    for entry in request.env.iter().filter(|e| split_env_entry(e).is_none()) {
+        say!("warning: ignoring environment entry {entry:?} (not KEY=VALUE)");
+    }
+    control.send(ControlMessage::Ready);
+
+    let (console, outcome) = match &request.command {
+        Some(argv) => run_command(argv, &request.env, &mut events),
+        None => run_shell(&request.env, &mut events),
+    };
+    match outcome {
+        Outcome::Exited(status) => {
+            if let Some(console) = &console {
+                let _ = tcdrain(console);
+            }
+            control.send(ControlMessage::Exit(status));
+            power::power_off()
+        }
+        Outcome::Power(PowerRequest::PowerOff) => power::power_off(),
+        Outcome::Power(PowerRequest::Reboot) => power::restart(),
+    }
+}
+
+/// Prints what went wrong and powers off. Never returns.
+fn fatal(what: std::fmt::Arguments<'_>) -> ! {
+    say!("{what}; powering off");
+    power::power_off()
+}
+
+fn read_request() -> Result<BootRequest, String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| format!("reading /proc/cmdline: {e}"))?;
+    BootRequest::from_cmdline(&cmdline)
+        .map_err(|e| format!("cannot decode the host's request: {e}"))
+}
+
+/// Runs the command with its output on the raw console; returns the console (to drain) and
+/// how the run ended.
+fn run_command(
+    argv: &[String],
+    request_env: &[String],
+    events: &mut Pid1Events,
+) -> (Option<OwnedFd>, Outcome) {
+    let console = match open_tty(CONSOLE_TTY, OFlag::O_RDWR, TtyMode::Raw) {
+        Ok(file) => Some(OwnedFd::from(file)),
+        Err(e) => {
+            say!(
+                "warning: console {CONSOLE_TTY}: {e}; the command's output goes to the kernel console"
+            );
+            None
+        }
+    };
+    let output = match &console {
+        Some(fd) => fd.try_clone(),
+        None => std::io::stderr().as_fd().try_clone_to_owned(),
+    };
+    let io = match output.and_then(|out| {
+        Ok(ChildIo {
+            stdin: None,
+            stdout: out.try_clone()?,
+            stderr: out,
+        })
+    }) {
+        Ok(io) => io,
+        Err(e) => fatal(format_args!("preparing the command's output: {e}")),
+    };
+    let env = build_env(request_env, false);
+    let outcome = match spawn(argv, &env, io, Session::Inherit) {
+        Ok(pid) => supervise_or_die(pid, events),
+        Err(e) => {
+            match &console {
+                // On the console itself, where the command's own error would have gone.
+                Some(fd) => write_all(fd, format!("cela-init: {e}\n").as_bytes()),
+                None => say!("{e}"),
+            }
+            Outcome::Exited(e.status())
+        }
+    };
+    (console, outcome)
+}
+
+/// Runs an interactive shell on the console (cooked mode, its controlling terminal).
+fn run_shell(request_env: &[String], events: &mut Pid1Events) -> (Option<OwnedFd>, Outcome) {
+    let console = match open_tty(CONSOLE_TTY, OFlag::O_RDWR, TtyMode::Sane) {
+        Ok(file) => OwnedFd::from(file),
+        Err(e) => fatal(format_args!(
+            "console {CONSOLE_TTY}: {e}; no interactive shell without it"
+        )),
+    };
+    let io = (|| {
+        Ok::<_, std::io::Error>(ChildIo {
+            stdin: Some(console.try_clone()?),
+            stdout: console.try_clone()?,
+            stderr: console.try_clone()?,
+        })
+    })()
+    .unwrap_or_else(|e| fatal(format_args!("console {CONSOLE_TTY}: {e}")));
+    let env = build_env(request_env, true);
+    let outcome = match spawn(&[SHELL.to_owned()], &env, io, Session::ControllingTerminal) {
+        Ok(pid) => supervise_or_die(pid, events),
+        Err(e) => {
+            say!("{e}");
+            Outcome::Exited(e.status())
+        }
+    };
+    (Some(console), outcome)
+}
+
+fn supervise_or_die(pid: nix::unistd::Pid, events: &mut Pid1Events) -> Outcome {
+    supervise(pid, events).unwrap_or_else(|e| fatal(format_args!("waiting for the workload: {e}")))
+}
+
+/// Makes sure file descriptors 0, 1 and 2 are open (on the console, or `/dev/null`), so that
+/// init's own messages never land in a file it opens later. The kernel normally opens them on
+/// `/dev/console`; it cannot when the initramfs lacks that node.
+fn ensure_standard_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor's flags; no memory is involved.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // `open` returns the lowest free descriptor, which is `fd`: the lower ones are open.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open("/dev/console")
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+            });
+        // Kept open for init's whole life.
+        if let Some(file) = opened.ok().filter(|f| f.as_raw_fd() == fd) {
+            let _ = file.into_raw_fd();
+        }
+    }
+}
+
+/// Writes all of `bytes` to `fd`, giving up silently on an error (it is only a message).
+fn write_all(fd: &OwnedFd, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(0) => return,
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Ending the machine. The VMM sees an ACPI power-off (S5) or a reset and ends the VM.
+
+use nix::sys::reboot::{RebootMode, reboot};
+use nix::unistd::sync;
+
+use super::say;
+
+/// Flushes filesystems and powers the machine off. Never returns.
+pub fn power_off() -> ! {
+    end(RebootMode::RB_POWER_OFF)
+}
+
+/// Flushes filesystems and resets the machine (cela then ends the VM). Never returns.
+pub fn restart() -> ! {
+    end(RebootMode::RB_AUTOBOOT)
+}
+
+fn end(mode: RebootMode) -> ! {
+    sync();
+    let Err(e) = reboot(mode);
+    say!("reboot({mode:?}): {e}");
+    // Only reached if the kernel refused; halting is the last resort, then wait forever
+    // (PID 1 must not exit).
+    let _ = reboot(RebootMode::RB_HALT_SYSTEM);
+    loop {
+        nix::unistd::pause();
+    }
+}
