@@ -52,6 +52,7 @@ pub fn run() -> ! {
         Err(e) => {
             say!("{e}");
             control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
+            power::silence_kernel_console();
             power::power_off();
         }
     };
@@ -64,11 +65,14 @@ pub fn run() -> ! {
         Some(argv) => run_command(argv, &request.env, &mut events),
         None => run_shell(&request.env, &mut events),
     };
+    if let Some(console) = &console {
+        let _ = tcdrain(console);
+    }
+    if request.command.is_some() {
+        power::silence_kernel_console();
+    }
     match outcome {
         Outcome::Exited(status) => {
-            if let Some(console) = &console {
-                let _ = tcdrain(console);
-            }
             control.send(ControlMessage::Exit(status));
             power::power_off()
         }

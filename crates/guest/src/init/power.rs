@@ -5,6 +5,16 @@ use nix::unistd::sync;
 
 use super::say;
 
+/// Stops the kernel from printing anything more on the console, not even its own
+/// `reboot: Power down` line, so that the host reads exactly the workload's bytes. Only for
+/// the very end of a run: a panic after this is silent too (the engine still reports it).
+pub fn silence_kernel_console() {
+    // `/proc/sys/kernel/printk` starts with the console log level; 0 prints nothing.
+    if let Err(e) = std::fs::write("/proc/sys/kernel/printk", "0") {
+        say!("warning: silencing the kernel console: {e}");
+    }
+}
+
 /// Flushes filesystems and powers the machine off. Never returns.
 pub fn power_off() -> ! {
     end(RebootMode::RB_POWER_OFF)
