@@ -50,6 +50,8 @@ pub enum GuestExit {
     Panicked,
     /// The user left an interactive console with the escape sequence.
     Detached,
+    /// The host asked cela to stop (Ctrl-C, SIGTERM or SIGHUP; the signal number).
+    Interrupted(u8),
 }
 
 impl GuestExit {
@@ -61,6 +63,7 @@ impl GuestExit {
             GuestExit::PoweredOff | GuestExit::Detached => 0,
             GuestExit::Rebooted => 0,
             GuestExit::Panicked => 125,
+            GuestExit::Interrupted(sig) => 128 + i32::from(sig),
         }
     }
 
@@ -72,6 +75,7 @@ impl GuestExit {
             GuestExit::Rebooted => Some("the guest rebooted; cela ended the VM"),
             GuestExit::Panicked => Some("the guest kernel panicked"),
             GuestExit::Detached => Some("detached from the console; the VM was stopped"),
+            GuestExit::Interrupted(_) => Some("interrupted; the VM was stopped"),
         }
     }
 }

@@ -1,0 +1,278 @@
+//! The one place that assembles a machine from a validated [`MachineConfig`]: guest memory,
+//! the kernel, initramfs and command line, the ACPI tables, the KVM VM with its in-kernel
+//! irqchip, the devices on the port-I/O bus, and the vCPUs. Every other module is a part this
+//! one uses.
+//!
+//! The machine (all on port I/O; nothing on MMIO yet):
+//! | device | where | interrupt |
+//! |---|---|---|
+//! | COM1 16550A, the console | 0x3f8 | GSI 4 |
+//! | COM2 16550A, the control channel | 0x2f8 | GSI 3 |
+//! | i8042 (reset line only) | 0x60, 0x64 | — |
+//! | ACPI PM registers (sleep control/status, reset) | 0x600..0x602 | — |
+//! | pvpanic | 0x505 | — |
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acpi_tables::Aml;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{
+    ACPI_PM_PORT, ACPI_PM_PORT_SIZE, COM1_GSI, COM1_PORT, COM2_GSI, COM2_PORT, I8042_PORT,
+    I8042_PORT_SIZE, PVPANIC_PORT, SERIAL_PORT_SIZE,
+};
+use crate::arch::x86_64::{acpi, boot};
+use crate::config::{ConfigError, validate_for_kvm};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::bus::{Bus, BusError, Placement, SharedDevice};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{Serial, SerialAml, SerialInput};
+use crate::devices::pvpanic::{PvPanic, PvPanicAml};
+use crate::machine::MachineConfig;
+use crate::stop::{StopReason, StopSignal};
+use crate::vstate::memory::{MemoryError, create_guest_memory};
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Why a machine could not be built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("placing a device on the bus failed: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot create an eventfd for a device interrupt: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Where the guest's two serial ports lead on the host.
+pub struct SerialSinks {
+    /// Bytes the guest writes on COM1 (its console).
+    pub console: Box<dyn Write + Send>,
+    /// Bytes the guest writes on COM2 (the control channel).
+    pub control: Box<dyn Write + Send>,
+}
+
+/// A machine whose vCPUs are running.
+pub struct RunningMachine {
+    vcpus: Vec<VcpuHandle>,
+    /// Dropped only after the vCPU threads have been joined (fields drop after `Drop::drop`).
+    _vm: Vm,
+    stop: Arc<StopSignal>,
+    console_input: SerialInput,
+    started: Instant,
+}
+
+impl RunningMachine {
+    /// The stop signal: request a stop on it to end the machine from the host.
+    pub fn stop_signal(&self) -> Arc<StopSignal> {
+        self.stop.clone()
+    }
+
+    /// The host's handle for typing into the guest console.
+    pub fn console_input(&self) -> SerialInput {
+        self.console_input.clone()
+    }
+
+    /// When the vCPUs were started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Waits until something requests a stop (or `timeout` passes, which requests one), then
+    /// stops every vCPU thread and returns the outcome.
+    pub fn wait(mut self, timeout: Option<Duration>) -> StopReason {
+        if self.stop.wait(timeout).is_none() {
+            self.stop.request(StopReason::Fault(format!(
+                "the machine did not stop within {:?}",
+                timeout.unwrap_or_default()
+            )));
+        }
+        self.shutdown();
+        self.stop.outcome().expect("a stop was requested above")
+    }
+
+    fn shutdown(&mut self) {
+        // A kick can land just before a vCPU enters KVM_RUN and be lost, so kick until every
+        // thread has left its loop (each pass is bounded by the short wait on the signal).
+        while self.vcpus.iter().any(|v| !v.is_finished()) {
+            for v in &self.vcpus {
+                v.kick();
+            }
+            self.stop.wait_vcpu_exit(Duration::from_millis(5));
+        }
+        for v in &mut self.vcpus {
+            v.join();
+        }
+    }
+}
+
+impl Drop for RunningMachine {
+    fn drop(&mut self) {
+        if !self.vcpus.is_empty() {
+            self.stop.request(StopReason::Fault(
+                "the machine was dropped while running".into(),
+            ));
+            self.shutdown();
+        }
+    }
+}
+
+/// The legacy devices of a PC-like cela machine, on a port-I/O bus, plus their ACPI
+/// description.
+struct PcDevices {
+    pio: Bus,
+    console_input: SerialInput,
+    aml: Vec<Box<dyn Aml>>,
+}
+
+fn pc_devices(
+    vm: &Vm,
+    sinks: SerialSinks,
+    stop: &Arc<StopSignal>,
+) -> Result<PcDevices, BuildError> {
+    let mut pio = Bus::new();
+    let mut aml: Vec<Box<dyn Aml>> = Vec::new();
+    let mut console_input = None;
+    for (uid, port, gsi, out) in [
+        (0u8, COM1_PORT, COM1_GSI, sinks.console),
+        (1, COM2_PORT, COM2_GSI, sinks.control),
+    ] {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.connect_irq(&irq, gsi)?;
+        let (serial, input) = Serial::new(irq, out);
+        pio.insert(serial, u64::from(port), u64::from(SERIAL_PORT_SIZE))?;
+        aml.push(Box::new(SerialAml { port, gsi, uid }));
+        console_input.get_or_insert(input);
+    }
+    let devices: [(SharedDevice, u16, u16); 3] = [
+        (I8042::new(stop.clone()), I8042_PORT, I8042_PORT_SIZE),
+        (AcpiPm::new(stop.clone()), ACPI_PM_PORT, ACPI_PM_PORT_SIZE),
+        (PvPanic::new(stop.clone()), PVPANIC_PORT, 1),
+    ];
+    for (dev, port, len) in devices {
+        pio.insert(dev, u64::from(port), u64::from(len))?;
+    }
+    aml.push(Box::new(PvPanicAml { port: PVPANIC_PORT }));
+    Ok(PcDevices {
+        pio,
+        console_input: console_input.expect("COM1 was created"),
+        aml,
+    })
+}
+
+/// Builds the machine for `config` and starts it. `stop` receives everything that ends it.
+pub fn boot_linux(
+    config: &MachineConfig,
+    sinks: SerialSinks,
+    stop: Arc<StopSignal>,
+) -> Result<RunningMachine, BuildError> {
+    let memory = create_guest_memory(config.memory_mib << 20)?;
+    let kernel = boot::load_kernel(&memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&memory, path, &kernel)?),
+        None => None,
+    };
+    let cmdline_len = boot::load_cmdline(&memory, &config.cmdline)?;
+    boot::write_zero_page(&memory, &kernel, cmdline_len, initrd)?;
+
+    let vm = Vm::new(memory, true)?;
+    validate_for_kvm(config, vm.max_vcpus())?;
+    let devices = pc_devices(&vm, sinks, &stop)?;
+    let aml: Vec<&dyn Aml> = devices.aml.iter().map(|a| a.as_ref()).collect();
+    acpi::write_tables(vm.memory(), config.vcpus, &aml)?;
+
+    let ctx = VcpuContext {
+        pio: Arc::new(devices.pio),
+        mmio: Arc::new(Bus::new()),
+        stop: stop.clone(),
+    };
+    let cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let entry = (id == 0).then_some(kernel.entry);
+        vcpus.push(Vcpu::new(
+            &vm,
+            id,
+            config.vcpus,
+            &cpuid,
+            entry,
+            ctx.clone(),
+        )?);
+    }
+    start(vm, vcpus, stop, devices.console_input)
+}
+
+/// Builds a bare machine for tests and tiny payloads: `memory_size` bytes of RAM holding
+/// `code` at `entry`, one or more vCPUs entering it in 64-bit mode (all at the same address,
+/// the boot state being the Linux one with RSI = the zero page), the PC devices plus `mmio`
+/// devices, and no in-kernel irqchip, so HLT ends a vCPU.
+pub fn boot_bare(
+    code: &[u8],
+    entry: u64,
+    vcpus: u32,
+    mmio: Vec<Placement>,
+    sinks: SerialSinks,
+    stop: Arc<StopSignal>,
+) -> Result<RunningMachine, BuildError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let memory = create_guest_memory(16 << 20)?;
+    memory
+        .write_slice(code, GuestAddress(entry))
+        .map_err(|source| boot::BootError::Memory {
+            what: "the guest code",
+            source,
+        })?;
+    let vm = Vm::new(memory, false)?;
+    let devices = pc_devices(&vm, sinks, &stop)?;
+    let mut mmio_bus = Bus::new();
+    for (dev, base, len) in mmio {
+        mmio_bus.insert(dev, base, len)?;
+    }
+    let ctx = VcpuContext {
+        pio: Arc::new(devices.pio),
+        mmio: Arc::new(mmio_bus),
+        stop: stop.clone(),
+    };
+    let cpuid = vm.supported_cpuid()?;
+    let mut handles = Vec::new();
+    for id in 0..vcpus {
+        handles.push(Vcpu::new(&vm, id, vcpus, &cpuid, Some(entry), ctx.clone())?);
+    }
+    start(vm, handles, stop, devices.console_input)
+}
+
+fn start(
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    stop: Arc<StopSignal>,
+    console_input: SerialInput,
+) -> Result<RunningMachine, BuildError> {
+    let started = Instant::now();
+    let mut machine = RunningMachine {
+        vcpus: Vec::new(),
+        _vm: vm,
+        stop,
+        console_input,
+        started,
+    };
+    for vcpu in vcpus {
+        // On failure, dropping `machine` stops the vCPUs already started.
+        machine
+            .vcpus
+            .push(vcpu.start().map_err(BuildError::Thread)?);
+    }
+    Ok(machine)
+}

@@ -1,0 +1,180 @@
+//! How a running machine comes to an end. Devices (power-off register, keyboard-controller
+//! reset, pvpanic), vCPU threads (a fault, a triple fault) and the host (Ctrl-C, the console
+//! escape) all *request* a stop with a reason; the first request wins, and the thread that
+//! owns the machine waits for it and then stops the vCPUs.
+//!
+//! The guest's init may also *report* the workload's exit status beforehand on the control
+//! channel; the final [`GuestExit`] combines the two.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::machine::GuestExit;
+
+/// Why the machine stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest ended the machine (power-off, reset, panic) or the user detached.
+    Guest(GuestExit),
+    /// Every vCPU executed HLT with nothing to wake it (machines without an in-kernel irqchip).
+    Halted,
+    /// A vCPU hit a condition the monitor cannot handle; the text says which.
+    Fault(String),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    reason: Option<StopReason>,
+    reported_status: Option<u8>,
+    ready_at: Option<Instant>,
+    halted_vcpus: u32,
+    exited_vcpus: u32,
+}
+
+/// Shared between everything that can end the machine.
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl StopSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panicking holder cannot leave `State` inconsistent (every update is one
+        // assignment), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the machine to stop; ignored if a stop was already requested.
+    pub fn request(&self, reason: StopReason) {
+        let mut s = self.lock();
+        if s.reason.is_none() {
+            s.reason = Some(reason);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Records the workload's exit status reported by the guest's init.
+    pub fn report_status(&self, status: u8) {
+        self.lock().reported_status = Some(status);
+    }
+
+    /// Records that the guest's init said it is up (the boot-time marker).
+    pub fn report_ready(&self) {
+        self.lock().ready_at.get_or_insert_with(Instant::now);
+    }
+
+    /// When the guest's init said it was up, if it did.
+    pub fn ready_at(&self) -> Option<Instant> {
+        self.lock().ready_at
+    }
+
+    /// Records that a vCPU thread left its run loop.
+    pub fn vcpu_exited(&self) {
+        self.lock().exited_vcpus += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for another vCPU thread to leave its run loop.
+    pub fn wait_vcpu_exit(&self, timeout: Duration) {
+        let guard = self.lock();
+        let seen = guard.exited_vcpus;
+        let _ = self
+            .changed
+            .wait_timeout_while(guard, timeout, |s| s.exited_vcpus == seen);
+    }
+
+    /// Records that one more vCPU halted for good; stops the machine with
+    /// [`StopReason::Halted`] once all `vcpus` have.
+    pub fn vcpu_halted(&self, vcpus: u32) {
+        let mut s = self.lock();
+        s.halted_vcpus += 1;
+        if s.halted_vcpus >= vcpus && s.reason.is_none() {
+            s.reason = Some(StopReason::Halted);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Whether a stop has been requested.
+    pub fn is_requested(&self) -> bool {
+        self.lock().reason.is_some()
+    }
+
+    /// Waits until a stop is requested, or `timeout` passes (`None` = forever).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        let guard = self.lock();
+        let guard = match timeout {
+            None => self
+                .changed
+                .wait_while(guard, |s| s.reason.is_none())
+                .unwrap_or_else(|p| p.into_inner()),
+            Some(t) => {
+                self.changed
+                    .wait_timeout_while(guard, t, |s| s.reason.is_none())
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+        guard.reason.clone()
+    }
+
+    /// The run's outcome: a reported workload status wins over the plain power-off that follows
+    /// it; anything else is returned as it was requested.
+    pub fn outcome(&self) -> Option<StopReason> {
+        let s = self.lock();
+        match (&s.reason, s.reported_status) {
+            (Some(StopReason::Guest(GuestExit::PoweredOff)), Some(code)) => {
+                Some(StopReason::Guest(GuestExit::Command(code)))
+            }
+            (reason, _) => reason.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn first_request_wins() {
+        let s = StopSignal::new();
+        s.request(StopReason::Guest(GuestExit::Panicked));
+        s.request(StopReason::Guest(GuestExit::PoweredOff));
+        assert_eq!(s.outcome(), Some(StopReason::Guest(GuestExit::Panicked)));
+    }
+
+    #[test]
+    fn reported_status_turns_power_off_into_command_exit() {
+        let s = StopSignal::new();
+        s.report_status(7);
+        s.request(StopReason::Guest(GuestExit::PoweredOff));
+        assert_eq!(s.outcome(), Some(StopReason::Guest(GuestExit::Command(7))));
+    }
+
+    #[test]
+    fn all_vcpus_halting_stops_the_machine() {
+        let s = StopSignal::new();
+        s.vcpu_halted(2);
+        assert!(!s.is_requested());
+        s.vcpu_halted(2);
+        assert_eq!(s.outcome(), Some(StopReason::Halted));
+    }
+
+    #[test]
+    fn wait_wakes_on_request_from_another_thread() {
+        let s = Arc::new(StopSignal::new());
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.request(StopReason::Fault("x".into())));
+        assert_eq!(
+            s.wait(Some(Duration::from_secs(10))),
+            Some(StopReason::Fault("x".into()))
+        );
+        t.join().unwrap();
+        assert_eq!(StopSignal::new().wait(Some(Duration::from_millis(1))), None);
+    }
+}

@@ -1,0 +1,244 @@
+//! A virtual CPU: its boot-time configuration and the thread that runs it. Each vCPU runs
+//! KVM_RUN in a loop on its own thread and dispatches the exits KVM hands to userspace —
+//! port I/O and MMIO to the buses, and the exits that end the machine to the [`StopSignal`].
+//!
+//! Stopping: another thread requests a stop on the `StopSignal`, then *kicks* the vCPU thread
+//! with a real-time signal whose handler does nothing; the signal makes a KVM_RUN in progress
+//! return EINTR and the loop sees the request.
+
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::devices::bus::Bus;
+use crate::machine::GuestExit;
+use crate::stop::{StopReason, StopSignal};
+use crate::vstate::vm::{Vm, VmError};
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Failing to install leaves vCPUs unkickable; stopping then waits for their next
+        // exit instead, which every running guest produces soon (timer, I/O).
+        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
+            tracing::warn!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// A configured vCPU, not yet running.
+pub struct Vcpu {
+    id: u32,
+    count: u32,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stop: Arc<StopSignal>,
+}
+
+/// What every vCPU of a machine shares: the buses it dispatches exits to and the stop signal.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub stop: Arc<StopSignal>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` and applies the boot state: CPUID, MSRs, FPU, LAPIC LINTs
+    /// and — for the boot processor (`entry` is Some) — the 64-bit entry registers. Application
+    /// processors wait for INIT/SIPI from the boot processor (in-kernel LAPIC).
+    pub fn new(
+        vm: &Vm,
+        id: u32,
+        count: u32,
+        host_cpuid: &CpuId,
+        entry: Option<u64>,
+        ctx: VcpuContext,
+    ) -> Result<Vcpu, VmError> {
+        let err = |what| move |source| VmError::Kvm { what, source };
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(err("create a vCPU"))?;
+        fd.set_cpuid2(&cpuid::normalize(host_cpuid, id, count))
+            .map_err(err("set CPUID"))?;
+        let msrs = msr::boot_msrs();
+        let written = fd.set_msrs(&msrs).map_err(err("set boot MSRs"))?;
+        if written != msrs.as_slice().len() {
+            let failed = msrs.as_slice()[written].index;
+            tracing::warn!("vCPU {id}: KVM did not accept MSR {failed:#x}; continuing without it");
+        }
+        fd.set_fpu(&regs::boot_fpu())
+            .map_err(err("set FPU state"))?;
+        if vm.has_irqchip() {
+            let lapic = fd.get_lapic().map_err(err("read the local APIC"))?;
+            fd.set_lapic(&interrupts::configure_lints(lapic))
+                .map_err(err("configure the local APIC"))?;
+        }
+        if let Some(rip) = entry {
+            let sregs = fd.get_sregs().map_err(err("read special registers"))?;
+            let sregs = regs::boot_sregs(vm.memory(), sregs)?;
+            fd.set_sregs(&sregs).map_err(err("set special registers"))?;
+            fd.set_regs(&regs::boot_regs(rip))
+                .map_err(err("set registers"))?;
+        }
+        let VcpuContext { pio, mmio, stop } = ctx;
+        Ok(Vcpu {
+            id,
+            count,
+            fd,
+            pio,
+            mmio,
+            stop,
+        })
+    }
+
+    /// Starts the vCPU on its own thread.
+    pub fn start(self) -> std::io::Result<VcpuHandle> {
+        install_kick_handler();
+        let name = format!("vcpu{}", self.id);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || self.run())?;
+        Ok(VcpuHandle {
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self) {
+        while !self.stop.is_requested() {
+            match self.run_once() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(fault) => {
+                    self.stop
+                        .request(StopReason::Fault(format!("vCPU {}: {fault}", self.id)));
+                    break;
+                }
+            }
+        }
+        self.stop.vcpu_exited();
+    }
+
+    /// Runs the guest until its next exit and handles it. Ok(false): this vCPU is done.
+    fn run_once(&mut self) -> Result<bool, String> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(true),
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                self.pio.read(u64::from(port), data);
+            }
+            VcpuExit::IoOut(port, data) => {
+                self.pio.write(u64::from(port), data);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.mmio.read(addr, data);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.mmio.write(addr, data);
+            }
+            VcpuExit::Hlt => {
+                self.stop.vcpu_halted(self.count);
+                return Ok(false);
+            }
+            VcpuExit::Shutdown => {
+                tracing::info!("vCPU {}: triple fault; treating it as a reset", self.id);
+                self.stop.request(StopReason::Guest(GuestExit::Rebooted));
+                return Ok(false);
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                let exit = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::PoweredOff,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Rebooted,
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => GuestExit::Panicked,
+                    other => return Err(format!("unknown KVM system event {other}")),
+                };
+                self.stop.request(StopReason::Guest(exit));
+                return Ok(false);
+            }
+            VcpuExit::InternalError => return Err(self.describe_internal_error()),
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Err(format!(
+                    "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+                ));
+            }
+            VcpuExit::Intr => {}
+            other => {
+                let text = format!("{other:?}");
+                return Err(format!(
+                    "unhandled KVM exit {text} at guest RIP {}",
+                    self.rip()
+                ));
+            }
+        }
+        Ok(true)
+    }
+
+    fn rip(&self) -> String {
+        self.fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    fn describe_internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM filled `internal` because the exit reason is KVM_EXIT_INTERNAL_ERROR (this
+        // is only called for VcpuExit::InternalError), so that union member is the live one.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            1 => "emulation failure",
+            2 => "exception while delivering an exception",
+            3 => "failure delivering an event",
+            4 => "unexpected exit reason",
+            _ => "unknown",
+        };
+        format!(
+            "KVM internal error (suberror {}: {what}) at guest RIP {}",
+            internal.suberror,
+            self.rip()
+        )
+    }
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Interrupts a KVM_RUN in progress on this vCPU's thread.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread
+            && !t.is_finished()
+        {
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Waits for the thread to end (after a stop was requested and the vCPU kicked).
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
