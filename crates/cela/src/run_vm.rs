@@ -1,0 +1,156 @@
+//! `cela run --vm`: boot a microVM with the default guest assets (or the user's kernel and
+//! initramfs), run a command in it, and exit with the command's status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use cela_guest::BootRequest;
+use cela_vmm::{BASE_CMDLINE, ConsoleMode, Engine, GuestExit, MachineConfig};
+use clap::{Args, ValueEnum};
+
+use crate::paths;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Run in a microVM (a stock Linux kernel on cela's KVM monitor).
+    #[arg(long)]
+    vm: bool,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, value_name = "MiB")]
+    memory: u64,
+    /// Boot this bzImage instead of the Debian cloud kernel cela fetches.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Use this initramfs instead of the one cela builds (its init must follow cela's
+    /// boot contract to run CMD and report its status).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line parameters, appended to cela's own.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Which engine runs the VM: cela's KVM monitor or QEMU's TCG emulator (default: KVM
+    /// when it can boot Linux here, QEMU otherwise).
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    engine: Option<EngineArg>,
+    /// Environment variable for the command (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Print boot timings on stderr when the VM ends.
+    #[arg(long)]
+    timings: bool,
+    /// The command to run in the guest; without it, an interactive shell on the console
+    /// (leave with Ctrl-A x).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum EngineArg {
+    Kvm,
+    Qemu,
+}
+
+impl From<EngineArg> for Engine {
+    fn from(e: EngineArg) -> Engine {
+        match e {
+            EngineArg::Kvm => Engine::Kvm,
+            EngineArg::Qemu => Engine::Qemu,
+        }
+    }
+}
+
+/// The kernel and initramfs to boot: the user's, or the default assets (fetched/built on
+/// first use).
+fn guest_files(args: &RunArgs, data_dir: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if let (Some(k), Some(i)) = (&args.kernel, &args.initrd) {
+        return Ok((k.clone(), i.clone()));
+    }
+    let init = paths::guest_init()?;
+    let progress = cela_assets::Progress::new();
+    let assets = cela_assets::guest_assets(&paths::assets_dir(data_dir), &init, &progress)
+        .context("preparing the default guest kernel and initramfs")?;
+    Ok((
+        args.kernel.clone().unwrap_or(assets.kernel),
+        args.initrd.clone().unwrap_or(assets.initrd),
+    ))
+}
+
+pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    if !args.vm {
+        bail!(
+            "containers are not implemented yet: use `cela run --vm` to run the command in a microVM"
+        );
+    }
+    if let Some(bad) = args
+        .env
+        .iter()
+        .find(|e| !e.contains('=') || e.starts_with('='))
+    {
+        bail!("--env {bad:?} is not KEY=VALUE");
+    }
+    let launched = Instant::now();
+    let (engine, note) =
+        cela_vmm::engine::choose(args.engine.map(Engine::from)).map_err(anyhow::Error::msg)?;
+    if let Some(note) = note {
+        eprintln!("cela: {note}");
+    }
+    let (kernel, initrd) = guest_files(&args, data_dir)?;
+    let request = BootRequest {
+        command: (!args.command.is_empty()).then(|| args.command.clone()),
+        env: args.env.clone(),
+    };
+    let mut cmdline = BASE_CMDLINE.to_string();
+    if let Some(extra) = &args.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let params = request.to_kernel_params();
+    if !params.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&params);
+    }
+    let config = MachineConfig {
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        kernel,
+        initrd: Some(initrd),
+        cmdline,
+    };
+    let console = if request.command.is_some() {
+        ConsoleMode::Stream
+    } else {
+        ConsoleMode::Interactive
+    };
+
+    let exit = match engine {
+        Engine::Kvm => {
+            let report = cela_vmm::run(&config, console)?;
+            if args.timings {
+                let ready = report
+                    .guest_ready
+                    .map(|t| t.duration_since(launched).as_secs_f64() * 1e3);
+                eprintln!(
+                    "cela: timings: vcpus started {:.1} ms, guest init ready {}, ended {:.1} ms after launch",
+                    report.started.duration_since(launched).as_secs_f64() * 1e3,
+                    ready.map_or("never".to_string(), |ms| format!("{ms:.1} ms")),
+                    launched.elapsed().as_secs_f64() * 1e3,
+                );
+            }
+            report.exit
+        }
+        Engine::Qemu => cela_vmm::qemu::run(&config, console)?,
+    };
+    Ok(finish(exit))
+}
+
+fn finish(exit: GuestExit) -> ExitCode {
+    if let Some(text) = exit.describe() {
+        eprintln!("cela: {text}");
+    }
+    ExitCode::from(exit.exit_code().clamp(0, 255) as u8)
+}
