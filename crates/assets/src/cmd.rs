@@ -10,7 +10,8 @@ use crate::AssetError;
 pub(crate) const APT_HINT: &str =
     "cela fetches the guest kernel with apt; on non-Debian hosts pass --kernel and --initrd";
 
-/// The full path of `tool` in `PATH`, or an error saying why it is needed.
+/// Checks that `tool` is in `PATH` (then run it by name, so that messages show the command as a
+/// user would type it), or says why it is needed.
 pub(crate) fn require(tool: &str, why: &'static str) -> Result<PathBuf, AssetError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

@@ -207,9 +207,9 @@ fn fill_once(
 
 /// The release the kernel metapackage currently depends on, from apt's local lists.
 fn current_kernel_version() -> Result<String, AssetError> {
-    let apt_cache = cmd::require("apt-cache", APT_HINT)?;
+    cmd::require("apt-cache", APT_HINT)?;
     let out = cmd::stdout(
-        Command::new(apt_cache).args(["depends", KERNEL_METAPACKAGE]),
+        Command::new("apt-cache").args(["depends", KERNEL_METAPACKAGE]),
         "is apt configured for Debian? run apt-get update",
     )?;
     parse_kernel_depends(&String::from_utf8_lossy(&out)).ok_or_else(|| AssetError::NoPackage {
@@ -237,8 +237,8 @@ struct PackageInfo {
 
 /// The candidate version of `package`, or `None` when apt does not know it.
 fn package_info(package: &str) -> Result<Option<PackageInfo>, AssetError> {
-    let apt_cache = cmd::require("apt-cache", APT_HINT)?;
-    let out = Command::new(apt_cache)
+    cmd::require("apt-cache", APT_HINT)?;
+    let out = Command::new("apt-cache")
         .args(["show", "--no-all-versions", package])
         .stdin(Stdio::null())
         .output()
@@ -308,8 +308,8 @@ fn apt_download(
     dir: &Path,
     progress: &Progress,
 ) -> Result<PathBuf, AssetError> {
-    let apt_get = cmd::require("apt-get", APT_HINT)?;
-    let mut command = Command::new(apt_get);
+    cmd::require("apt-get", APT_HINT)?;
+    let mut command = Command::new("apt-get");
     command
         .args(["download", package])
         .current_dir(dir)
@@ -374,9 +374,9 @@ fn bytes_below(dir: &Path) -> u64 {
 
 /// `dpkg-deb -x <deb> <dir>`.
 fn unpack(deb: &Path, dir: &Path) -> Result<(), AssetError> {
-    let dpkg_deb = cmd::require("dpkg-deb", APT_HINT)?;
+    cmd::require("dpkg-deb", APT_HINT)?;
     cmd::stdout(
-        Command::new(dpkg_deb).arg("-x").arg(deb).arg(dir),
+        Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir),
         "the download may be corrupt or the disk full",
     )?;
     Ok(())

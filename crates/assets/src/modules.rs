@@ -55,12 +55,12 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, AssetError> {
     match tool {
         None => std::fs::read(path).at("reading kernel module", path),
         Some(tool) => {
-            let exe = cmd::require(
+            cmd::require(
                 tool,
                 "it decompresses the kernel's modules; install it (xz-utils, zstd, gzip)",
             )?;
             cmd::stdout(
-                Command::new(exe).arg("-dc").arg(path),
+                Command::new(tool).arg("-dc").arg(path),
                 "the module file may be corrupt: remove the asset cache to fetch it again",
             )
         }
