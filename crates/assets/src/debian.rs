@@ -8,7 +8,7 @@
 //! `usr/lib/modules/<ver>/` on merged-/usr releases), but no `modules.dep`: see
 //! [`crate::modules`].
 //!
-//! Cache layout (each entry appears by an atomic rename, see [`crate::cache`]):
+//! Cache layout (each entry appears by an atomic rename, under a lock; see the crate docs):
 //!
 //! ```text
 //! <cache>/kernel/<ver>/               the unpacked kernel package

@@ -5,7 +5,8 @@
 //! module's ELF section `.modinfo` holds NUL-separated `key=value` strings, and the build
 //! (modpost) records there `depends=a,b`, the modules whose symbols it uses. Built-in modules
 //! never appear in `depends=`; `modules.builtin` lists them, so asking for a built-in module is
-//! satisfied without a file.
+//! satisfied without a file. Soft dependencies (`softdep=`, hints for modprobe) are not
+//! followed; none of the modules cela loads has one.
 //!
 //! A module's name is its file name without `.ko[.xz|.zst|.gz]`, with `-` read as `_`
 //! (`kvm-amd.ko` is `kvm_amd`). Compressed modules (Ubuntu, newer Debian) are decompressed with
