@@ -1,18 +1,762 @@
-//! QEMU TCG fallback engine (placeholder until the real module lands).
+//! The QEMU TCG fallback engine: runs a cela microVM under `qemu-system-x86_64 -accel tcg`
+//! on hosts whose KVM cannot boot a stock kernel (see [`crate::engine`]).
+//!
+//! The guest sees the same machine contract as under cela's own monitor: the kernel and
+//! initramfs with the same command line, the console on COM1, the control channel
+//! ([`cela_guest::ControlMessage`] lines) on COM2, ACPI power-off, and a pvpanic device.
+//! QEMU's `microvm` machine provides all of it; the only extra kernel parameters are the ones
+//! TCG needs ([`tcg_kernel_params`]): the TSC frequency, so the kernel neither calibrates it
+//! slowly against the emulated PIT nor distrusts it. Under TCG the guest's RDTSC reads the
+//! host's TSC, so the frequency given is the host's, measured ([`host_tsc_khz`]); a fixed
+//! guess makes the guest clock run at the wrong speed (with 2 GHz on a 2.6 GHz host, a guest
+//! `sleep 10` took 7.7 s).
+//!
+//! QEMU talks to this process over three socket pairs whose far ends it inherits as file
+//! descriptors (`-chardev socket,fd=N`), so nothing is created on disk and nothing is left
+//! behind:
+//!
+//! | channel | QEMU side | host side |
+//! | --- | --- | --- |
+//! | console | COM1 (`-serial chardev:…`, the machine's own ISA serial) | copied to stdout; stdin copied in (interactive) |
+//! | control | COM2 (`-device isa-serial,iobase=0x2f8,irq=3`) | parsed with [`ControlParser`] |
+//! | monitor | QMP (`-mon mode=control`) | `SHUTDOWN` / `GUEST_PANICKED` events say how the run ended |
+//!
+//! QEMU starts paused (`-S`) and is resumed once the QMP handshake is done, so no event is
+//! missed. `-no-reboot` turns a guest reset into a `SHUTDOWN` with reason `guest-reset`, and
+//! `-action panic=shutdown` turns a pvpanic report into `GUEST_PANICKED` then `SHUTDOWN`.
+//!
+//! QEMU never sees the host terminal: its stdin and stdout are `/dev/null` and its stderr is
+//! collected for error messages. Interactive mode uses cela's own console code
+//! ([`crate::console`]): the terminal in raw mode (restored on every return path), `Ctrl-A x`
+//! to leave. QEMU runs in its own process group, so a Ctrl-C at the terminal reaches cela
+//! only, which stops QEMU and reports [`GuestExit::Interrupted`]; QEMU also gets `SIGKILL` if
+//! the thread that started it dies (`PR_SET_PDEATHSIG`), and on every error path.
 
-use std::path::PathBuf;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
 
+use cela_guest::{ControlMessage, ControlParser};
+
+use crate::config::ConfigError;
+use crate::console::{self, HostStdout, RawTerminal};
+use crate::machine::{ConsoleMode, GuestExit, MachineConfig};
+use crate::stop::{StopReason, StopSignal};
+
+/// The QEMU system emulator this engine runs.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The machine: QEMU's `microvm` with the legacy devices a stock kernel expects on a PC (PIT
+/// for timer calibration, RTC, COM1) and ACPI (power-off, the pvpanic device's description),
+/// without the i8259 PIC and option ROMs. Checked against QEMU 7.2's `-M microvm,help`.
+pub const MACHINE: &str = "microvm,x-option-roms=off,pit=on,pic=off,rtc=on,isa-serial=on,acpi=on";
+/// The TSC frequency assumed when the host's cannot be measured.
+pub const FALLBACK_TSC_KHZ: u64 = 2_000_000;
+/// COM2, the control channel: `microvm` instantiates only COM1 itself.
+const COM2: &str = "iobase=0x2f8,irq=3";
+/// How much of QEMU's stderr is kept for error messages.
+const STDERR_LIMIT: u64 = 64 * 1024;
+
+/// Why the QEMU engine could not run the machine (as opposed to the guest ending it).
 #[derive(Debug, thiserror::Error)]
-#[error("qemu engine not built yet")]
-pub struct QemuError;
-
-pub fn available() -> Result<PathBuf, QemuError> {
-    Err(QemuError)
+pub enum QemuError {
+    #[error(
+        "{QEMU_BINARY} was not found on PATH; install it with `apt-get install qemu-system-x86`"
+    )]
+    NotInstalled,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what} {path} is not valid UTF-8, which QEMU's command line cannot carry")]
+    NonUtf8Path { what: &'static str, path: PathBuf },
+    #[error("setting up QEMU's {what}: {source}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU did not start ({why}; QEMU {status}){}", show_stderr(.stderr))]
+    Startup {
+        why: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{why} (QEMU {status}){}", show_stderr(.stderr))]
+    Ended {
+        why: String,
+        status: String,
+        stderr: String,
+    },
 }
 
-pub fn run(
-    _c: &crate::MachineConfig,
-    _m: crate::ConsoleMode,
-) -> Result<crate::GuestExit, QemuError> {
-    Err(QemuError)
+fn show_stderr(stderr: &str) -> String {
+    let text = stderr.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// Whether this host can run the QEMU engine: the path of `qemu-system-x86_64` on `PATH`, or
+/// why not.
+pub fn available() -> Result<PathBuf, QemuError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    find_on_path(QEMU_BINARY, &path.to_string_lossy()).ok_or(QemuError::NotInstalled)
+}
+
+/// The first executable regular file called `name` in the directories of `path_var`.
+fn find_on_path(name: &str, path_var: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    path_var
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Kernel parameters added under TCG: the TSC frequency for the early TSC code (there is no
+/// firmware or hypervisor to report it, and no HPET or PM timer on `microvm` to refine it
+/// against), and that the TSC is to be trusted without a watchdog.
+pub fn tcg_kernel_params(tsc_khz: u64) -> String {
+    format!("tsc_early_khz={tsc_khz} tsc=reliable")
+}
+
+/// The host's TSC frequency in kHz, measured against the monotonic clock over 20 ms; `None`
+/// if the result is implausible. QEMU's TCG reads the host TSC for the guest's RDTSC, so this
+/// is the guest's TSC frequency too.
+pub fn host_tsc_khz() -> Option<u64> {
+    let sample = || {
+        let now = Instant::now();
+        // SAFETY: RDTSC reads a counter; it has no preconditions and touches no memory.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        (now, tsc)
+    };
+    let (t0, c0) = sample();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (t1, c1) = sample();
+    let khz = c1.wrapping_sub(c0) as f64 / (t1 - t0).as_secs_f64() / 1000.0;
+    (100_000.0..20_000_000.0)
+        .contains(&khz)
+        .then(|| khz.round() as u64)
+}
+
+/// The descriptor numbers, in QEMU's process, of its ends of the three channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelFds {
+    pub console: RawFd,
+    pub control: RawFd,
+    pub monitor: RawFd,
+}
+
+fn utf8<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, QemuError> {
+    path.to_str().ok_or_else(|| QemuError::NonUtf8Path {
+        what,
+        path: path.to_owned(),
+    })
+}
+
+/// QEMU's command line (without the program name) for `config`, with the channels on `fds`
+/// and the guest told its TSC runs at `tsc_khz`.
+pub fn qemu_args(
+    config: &MachineConfig,
+    fds: ChannelFds,
+    tsc_khz: u64,
+) -> Result<Vec<String>, QemuError> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    push(&["-M", MACHINE, "-accel", "tcg,thread=multi", "-cpu", "max"]);
+    push(&["-smp", &config.vcpus.to_string()]);
+    push(&["-m", &format!("{}M", config.memory_mib)]);
+    // No default devices, no config files, no display; a reset ends QEMU; start paused until
+    // the monitor handshake is done.
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-S",
+    ]);
+    push(&["-action", "panic=shutdown"]);
+    push(&["-kernel", utf8("kernel", &config.kernel)?]);
+    if let Some(initrd) = &config.initrd {
+        push(&["-initrd", utf8("initramfs", initrd)?]);
+    }
+    let cmdline = config.cmdline.trim();
+    push(&[
+        "-append",
+        &format!("{cmdline} {}", tcg_kernel_params(tsc_khz)),
+    ]);
+    push(&["-chardev", &format!("socket,id=console,fd={}", fds.console)]);
+    push(&["-serial", "chardev:console"]);
+    push(&["-chardev", &format!("socket,id=control,fd={}", fds.control)]);
+    push(&["-device", &format!("isa-serial,chardev=control,{COM2}")]);
+    push(&["-chardev", &format!("socket,id=monitor,fd={}", fds.monitor)]);
+    push(&["-mon", "chardev=monitor,mode=control"]);
+    push(&["-device", "pvpanic"]);
+    Ok(args)
+}
+
+/// A running QEMU, killed and reaped when dropped unless it was already waited for.
+struct QemuProcess {
+    child: Child,
+}
+
+impl QemuProcess {
+    /// Starts QEMU with `inherited` descriptors kept open across exec, in its own process
+    /// group, and set to die with the calling thread.
+    fn spawn(binary: &Path, args: &[String], inherited: [RawFd; 3]) -> Result<Self, QemuError> {
+        let parent = std::process::id();
+        let mut command = Command::new(binary);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the forked child before exec; it only makes
+        // async-signal-safe system calls (setpgid, prctl, getppid, fcntl) on plain integers
+        // and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setpgid(0, 0) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died before PR_SET_PDEATHSIG took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                for fd in inherited {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| QemuError::Spawn {
+            path: binary.to_owned(),
+            source,
+        })?;
+        Ok(QemuProcess { child })
+    }
+
+    fn kill(&mut self) {
+        // An error means it has already exited, which is what was wanted.
+        let _ = self.child.kill();
+    }
+
+    fn wait(&mut self) -> String {
+        match self.child.wait() {
+            Ok(status) => describe_status(status),
+            Err(e) => format!("could not be waited for: {e}"),
+        }
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        // Both are no-ops once the child has been reaped (std keeps its status).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+/// Socket pairs for the three channels: `.0` is this process's end, `.1` QEMU's.
+struct Channels {
+    console: (UnixStream, UnixStream),
+    control: (UnixStream, UnixStream),
+    monitor: (UnixStream, UnixStream),
+}
+
+impl Channels {
+    fn new() -> Result<Self, QemuError> {
+        let pair = |what| UnixStream::pair().map_err(|source| QemuError::Setup { what, source });
+        Ok(Channels {
+            console: pair("console channel")?,
+            control: pair("control channel")?,
+            monitor: pair("monitor channel")?,
+        })
+    }
+
+    fn qemu_fds(&self) -> ChannelFds {
+        ChannelFds {
+            console: self.console.1.as_raw_fd(),
+            control: self.control.1.as_raw_fd(),
+            monitor: self.monitor.1.as_raw_fd(),
+        }
+    }
+}
+
+/// Extracts the string value of `"key"` from one line of QMP's JSON. QMP's event names and
+/// shutdown reasons are plain identifiers, so escapes need no handling.
+fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let quoted = format!("\"{key}\"");
+    let rest = &line[line.find(&quoted)? + quoted.len()..];
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
+}
+
+/// How one line from QMP ends the run, if it does.
+fn stop_reason_for(line: &str) -> Option<StopReason> {
+    match json_string(line, "event")? {
+        "GUEST_PANICKED" => Some(StopReason::Guest(GuestExit::Panicked)),
+        "SHUTDOWN" => Some(match json_string(line, "reason") {
+            Some("guest-shutdown") => StopReason::Guest(GuestExit::PoweredOff),
+            Some("guest-reset") => StopReason::Guest(GuestExit::Rebooted),
+            Some("guest-panic") => StopReason::Guest(GuestExit::Panicked),
+            Some(reason) => StopReason::Fault(format!("QEMU shut down ({reason})")),
+            None => StopReason::Fault("QEMU shut down without saying why".into()),
+        }),
+        _ => None,
+    }
+}
+
+/// Reads QMP's greeting, leaves capabilities-negotiation mode and resumes the paused machine.
+/// Returns the reader for the events that follow.
+fn qmp_handshake(stream: UnixStream) -> Result<BufReader<UnixStream>, String> {
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut next_line = |reader: &mut BufReader<UnixStream>| -> Result<String, String> {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => Err("its monitor closed".into()),
+            Ok(_) => Ok(line.trim().to_owned()),
+            Err(e) => Err(format!("reading its monitor: {e}")),
+        }
+    };
+    let greeting = next_line(&mut reader)?;
+    if !greeting.contains("\"QMP\"") {
+        return Err(format!("unexpected monitor greeting {greeting:?}"));
+    }
+    for command in ["qmp_capabilities", "cont"] {
+        writeln!(writer, "{{\"execute\":\"{command}\"}}")
+            .map_err(|e| format!("writing to its monitor: {e}"))?;
+        loop {
+            let reply = next_line(&mut reader)?;
+            if reply.contains("\"error\"") {
+                return Err(format!("{command}: {reply}"));
+            }
+            // Events (RESUME) may come before the reply; they are not the end of a run.
+            if reply.contains("\"return\"") {
+                break;
+            }
+        }
+    }
+    Ok(reader)
+}
+
+fn spawn_named<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, QemuError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(work)
+        .map_err(|source| QemuError::Setup {
+            what: "threads",
+            source,
+        })
+}
+
+/// Boots the machine under `qemu-system-x86_64 -accel tcg -M microvm` and waits for it to end.
+pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, QemuError> {
+    crate::config::validate(config)?;
+    let binary = available()?;
+    let channels = Channels::new()?;
+    let fds = channels.qemu_fds();
+    let tsc_khz = host_tsc_khz().unwrap_or_else(|| {
+        tracing::warn!("could not measure the host's TSC frequency; assuming {FALLBACK_TSC_KHZ} kHz (the guest clock may drift)");
+        FALLBACK_TSC_KHZ
+    });
+    let args = qemu_args(config, fds, tsc_khz)?;
+    tracing::debug!("starting {} {}", binary.display(), args.join(" "));
+
+    let launched = Instant::now();
+    let mut qemu = QemuProcess::spawn(&binary, &args, [fds.console, fds.control, fds.monitor])?;
+    let Channels {
+        console: (console_io, qemu_console),
+        control: (control_in, qemu_control),
+        monitor: (monitor, qemu_monitor),
+    } = channels;
+    // Close QEMU's ends here, so that ours see EOF when QEMU exits.
+    drop((qemu_console, qemu_control, qemu_monitor));
+    let stderr = collect_stderr(qemu.child.stderr.take())?;
+
+    let events = match qmp_handshake(monitor) {
+        Ok(events) => events,
+        Err(why) => {
+            qemu.kill();
+            let status = qemu.wait();
+            return Err(QemuError::Startup {
+                why,
+                status,
+                stderr: join_stderr(stderr),
+            });
+        }
+    };
+
+    let stop = Arc::new(StopSignal::new());
+    console::stop_on_host_signals(stop.clone());
+    let raw_terminal = match console {
+        ConsoleMode::Interactive => RawTerminal::stdin(),
+        ConsoleMode::Stream => None,
+    };
+    let threads = (|| {
+        if console == ConsoleMode::Interactive {
+            let input = console_io.try_clone().map_err(|source| QemuError::Setup {
+                what: "console input",
+                source,
+            })?;
+            console::spawn_stdin_forwarder(stop.clone(), move |bytes| (&input).write_all(bytes));
+        }
+        let output = spawn_named("qemu-console", move || copy_console(console_io))?;
+        let stop_c = stop.clone();
+        let control = spawn_named("qemu-control", move || read_control(control_in, &stop_c))?;
+        let stop_e = stop.clone();
+        let monitor = spawn_named("qemu-events", move || watch_events(events, &stop_e))?;
+        Ok::<_, QemuError>([output, control, monitor])
+    })();
+    // On an error, `qemu` and `raw_terminal` are dropped: QEMU killed, the terminal restored.
+    let threads = threads?;
+
+    let reason = stop.wait(None);
+    if matches!(
+        reason,
+        Some(StopReason::Guest(
+            GuestExit::Detached | GuestExit::Interrupted(_)
+        ))
+    ) {
+        qemu.kill();
+    }
+    let status = qemu.wait();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    drop(raw_terminal);
+    let stderr = join_stderr(stderr);
+    let ended = launched.elapsed();
+    tracing::debug!(
+        "QEMU {status} {:.0} ms after launch; guest init ready {}",
+        ended.as_secs_f64() * 1e3,
+        stop.ready_at().map_or("never".into(), |t| format!(
+            "after {:.0} ms",
+            t.duration_since(launched).as_secs_f64() * 1e3
+        )),
+    );
+    if !stderr.trim().is_empty() {
+        tracing::debug!("QEMU's stderr: {}", stderr.trim());
+    }
+    match stop.outcome() {
+        Some(StopReason::Guest(exit)) => Ok(exit),
+        Some(StopReason::Fault(why)) => Err(QemuError::Ended {
+            why,
+            status,
+            stderr,
+        }),
+        Some(StopReason::Halted) | None => Err(QemuError::Ended {
+            why: "QEMU ended without reporting how the guest stopped".into(),
+            status,
+            stderr,
+        }),
+    }
+}
+
+/// Guest console → host stdout until QEMU closes the channel. If stdout goes away the channel
+/// is still drained, so the guest never blocks on a full serial port.
+fn copy_console(mut channel: UnixStream) {
+    let mut out = Some(HostStdout);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match channel.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        if let Some(writer) = &mut out
+            && writer.write_all(&buf[..n]).is_err()
+        {
+            out = None;
+        }
+    }
+}
+
+/// Control channel → the stop signal's reported status and ready time.
+fn read_control(channel: UnixStream, stop: &StopSignal) {
+    let mut parser = ControlParser::default();
+    let mut buf = [0u8; 256];
+    let mut channel = channel;
+    loop {
+        let n = match channel.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        for message in parser.feed(&buf[..n]) {
+            match message {
+                ControlMessage::Ready => stop.report_ready(),
+                ControlMessage::Exit(code) => stop.report_status(code),
+            }
+        }
+    }
+}
+
+/// QMP events → stop requests. The monitor closing means QEMU is gone; if nothing said why
+/// before, that is a fault.
+fn watch_events(events: BufReader<UnixStream>, stop: &StopSignal) {
+    for line in events.lines() {
+        let Ok(line) = line else { break };
+        tracing::trace!("QMP: {line}");
+        if let Some(reason) = stop_reason_for(&line) {
+            stop.request(reason);
+        }
+    }
+    stop.request(StopReason::Fault(
+        "QEMU exited without the guest ending the machine".into(),
+    ));
+}
+
+type StderrThread = Option<JoinHandle<String>>;
+
+/// Collects QEMU's stderr (its error messages) on a thread, up to [`STDERR_LIMIT`] bytes; the
+/// rest is read and dropped so QEMU never blocks writing it.
+fn collect_stderr(stderr: Option<ChildStderr>) -> Result<StderrThread, QemuError> {
+    let Some(mut stderr) = stderr else {
+        return Ok(None);
+    };
+    let thread = spawn_named("qemu-stderr", move || {
+        let mut kept = Vec::new();
+        let _ = (&mut stderr).take(STDERR_LIMIT).read_to_end(&mut kept);
+        let _ = io::copy(&mut stderr, &mut io::sink());
+        String::from_utf8_lossy(&kept).into_owned()
+    })?;
+    Ok(Some(thread))
+}
+
+fn join_stderr(thread: StderrThread) -> String {
+    thread.and_then(|t| t.join().ok()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(initrd: Option<&str>) -> MachineConfig {
+        MachineConfig {
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/boot/vmlinuz".into(),
+            initrd: initrd.map(PathBuf::from),
+            cmdline: "console=ttyS0 quiet cela.cmd=c2gA ".into(),
+        }
+    }
+
+    const FDS: ChannelFds = ChannelFds {
+        console: 5,
+        control: 7,
+        monitor: 9,
+    };
+
+    /// The value following `flag` (the first occurrence).
+    fn value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1).map(String::as_str)
+    }
+
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn arguments_describe_the_machine() {
+        let args = qemu_args(&config(Some("/tmp/initrd.img")), FDS, 2_596_129).unwrap();
+        assert_eq!(value(&args, "-M"), Some(MACHINE));
+        assert_eq!(value(&args, "-accel"), Some("tcg,thread=multi"));
+        assert_eq!(value(&args, "-smp"), Some("2"));
+        assert_eq!(value(&args, "-m"), Some("512M"));
+        assert_eq!(value(&args, "-kernel"), Some("/boot/vmlinuz"));
+        assert_eq!(value(&args, "-initrd"), Some("/tmp/initrd.img"));
+        assert_eq!(
+            value(&args, "-append"),
+            Some("console=ttyS0 quiet cela.cmd=c2gA tsc_early_khz=2596129 tsc=reliable")
+        );
+        for flag in [
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-S",
+        ] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+        assert_eq!(value(&args, "-action"), Some("panic=shutdown"));
+    }
+
+    #[test]
+    fn channels_are_the_inherited_descriptors() {
+        let args = qemu_args(&config(None), FDS, 1).unwrap();
+        assert_eq!(
+            values(&args, "-chardev"),
+            [
+                "socket,id=console,fd=5",
+                "socket,id=control,fd=7",
+                "socket,id=monitor,fd=9"
+            ]
+        );
+        assert_eq!(values(&args, "-serial"), ["chardev:console"]);
+        assert_eq!(
+            values(&args, "-device"),
+            ["isa-serial,chardev=control,iobase=0x2f8,irq=3", "pvpanic"]
+        );
+        assert_eq!(value(&args, "-mon"), Some("chardev=monitor,mode=control"));
+        assert_eq!(value(&args, "-initrd"), None);
+    }
+
+    #[test]
+    fn non_utf8_paths_are_refused_by_name() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let mut c = config(None);
+        c.kernel = PathBuf::from(std::ffi::OsStr::from_bytes(b"/boot/\xff"));
+        let err = qemu_args(&c, FDS, 1).unwrap_err();
+        assert!(err.to_string().starts_with("kernel /boot/"), "{err}");
+    }
+
+    // Lines as QEMU 7.2 prints them.
+    const SHUTDOWN: &str = r#"{"timestamp": {"seconds": 1795664760, "microseconds": 960387}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#;
+    const RESET: &str = r#"{"timestamp": {"seconds": 1795664824, "microseconds": 248551}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-reset"}}"#;
+    const PANICKED: &str = r#"{"timestamp": {"seconds": 1795664831, "microseconds": 930527}, "event": "GUEST_PANICKED", "data": {"action": "poweroff"}}"#;
+    const HOST_SIGNAL: &str = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-signal"}}"#;
+    const RESUME: &str =
+        r#"{"timestamp": {"seconds": 1795664758, "microseconds": 403030}, "event": "RESUME"}"#;
+
+    #[test]
+    fn qmp_events_map_to_guest_exits() {
+        let guest = |exit| Some(StopReason::Guest(exit));
+        assert_eq!(stop_reason_for(SHUTDOWN), guest(GuestExit::PoweredOff));
+        assert_eq!(stop_reason_for(RESET), guest(GuestExit::Rebooted));
+        assert_eq!(stop_reason_for(PANICKED), guest(GuestExit::Panicked));
+        assert_eq!(
+            stop_reason_for(HOST_SIGNAL),
+            Some(StopReason::Fault("QEMU shut down (host-signal)".into()))
+        );
+        assert_eq!(stop_reason_for(RESUME), None);
+        assert_eq!(stop_reason_for(r#"{"return": {}}"#), None);
+        assert_eq!(stop_reason_for("garbage"), None);
+    }
+
+    #[test]
+    fn json_strings_are_found_by_key() {
+        assert_eq!(json_string(SHUTDOWN, "reason"), Some("guest-shutdown"));
+        assert_eq!(json_string(r#"{"event":"X"}"#, "event"), Some("X"));
+        assert_eq!(json_string(r#"{"event": 3}"#, "event"), None);
+        assert_eq!(json_string(r#"{"event": "unterminated"#, "event"), None);
+    }
+
+    #[test]
+    fn a_guest_status_turns_the_power_off_into_a_command_exit() {
+        let stop = StopSignal::new();
+        stop.report_status(7);
+        stop.request(stop_reason_for(SHUTDOWN).unwrap());
+        assert_eq!(
+            stop.outcome(),
+            Some(StopReason::Guest(GuestExit::Command(7)))
+        );
+        // A panic is reported first and wins over the shutdown that follows it.
+        let stop = StopSignal::new();
+        stop.request(stop_reason_for(PANICKED).unwrap());
+        stop.request(stop_reason_for(SHUTDOWN).unwrap());
+        assert_eq!(stop.outcome(), Some(StopReason::Guest(GuestExit::Panicked)));
+    }
+
+    #[test]
+    fn the_host_tsc_frequency_is_measured() {
+        let khz = host_tsc_khz().expect("a plausible TSC frequency");
+        // Between 100 MHz and 20 GHz, as any x86 host of this century.
+        assert!((100_000..20_000_000).contains(&khz), "{khz}");
+    }
+
+    #[test]
+    fn the_binary_is_searched_on_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("not-exec");
+        std::fs::write(&plain, "").unwrap();
+        let path = format!("::{}:/bin", dir.path().display());
+        assert_eq!(find_on_path("sh", &path), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(find_on_path("not-exec", &path), None);
+        assert_eq!(find_on_path("no-such-binary-cela", &path), None);
+        assert!(
+            QemuError::NotInstalled
+                .to_string()
+                .contains("apt-get install qemu-system-x86")
+        );
+    }
+
+    /// Boots a real guest: set CELA_TEST_KERNEL to a bzImage and CELA_TEST_INITRD to a cela
+    /// initramfs (cela-init as /init, busybox in /bin), then run with `--ignored`.
+    #[test]
+    #[ignore = "needs qemu-system-x86_64, a kernel and a cela initramfs (CELA_TEST_KERNEL, CELA_TEST_INITRD)"]
+    fn boots_a_real_guest_and_reports_its_status() {
+        let (Some(kernel), Some(initrd)) = (
+            std::env::var_os("CELA_TEST_KERNEL"),
+            std::env::var_os("CELA_TEST_INITRD"),
+        ) else {
+            panic!("set CELA_TEST_KERNEL and CELA_TEST_INITRD");
+        };
+        let boot = |argv: &[&str]| {
+            let request = cela_guest::BootRequest {
+                command: Some(argv.iter().map(|s| s.to_string()).collect()),
+                env: vec![],
+            };
+            let config = MachineConfig {
+                vcpus: 1,
+                memory_mib: 256,
+                kernel: kernel.clone().into(),
+                initrd: Some(initrd.clone().into()),
+                cmdline: format!("{} {}", crate::BASE_CMDLINE, request.to_kernel_params()),
+            };
+            run(&config, ConsoleMode::Stream).unwrap()
+        };
+        assert_eq!(
+            boot(&["sh", "-c", "echo hello; exit 7"]),
+            GuestExit::Command(7)
+        );
+        assert_eq!(boot(&["poweroff"]), GuestExit::PoweredOff);
+        assert_eq!(boot(&["reboot"]), GuestExit::Rebooted);
+        assert_eq!(
+            boot(&["sh", "-c", "echo c > /proc/sysrq-trigger"]),
+            GuestExit::Panicked
+        );
+    }
 }
