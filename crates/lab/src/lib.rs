@@ -54,6 +54,7 @@ mod tsc;
 
 use std::borrow::Cow;
 use std::env;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -408,6 +409,16 @@ impl Lab {
             .write(true)
             .open(&path)
             .at("opening the lab lock", &path)?;
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
+            Err((_, errno)) => return Err(std::io::Error::from(errno)).at("locking", &path),
+        };
+        // Another lab run holds the machine; it is bounded by its own timeout.
+        eprintln!(
+            "cela-lab: waiting for another lab run to finish (lock {})",
+            path.display()
+        );
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| std::io::Error::from(errno))
             .at("locking", &path)
@@ -538,12 +549,19 @@ fn report(
 
 /// `$CELA_LAB_QEMU`, or `qemu-system-x86_64` on `PATH`.
 fn find_qemu() -> Result<PathBuf, LabError> {
+    find_qemu_in(
+        env::var_os("CELA_LAB_QEMU").filter(|v| !v.is_empty()),
+        &env::var_os("PATH").unwrap_or_default(),
+    )
+}
+
+fn find_qemu_in(explicit: Option<OsString>, path_var: &OsStr) -> Result<PathBuf, LabError> {
     const QEMU: &str = "qemu-system-x86_64";
     const HINT: &str = "the nested lab runs L1 under QEMU: apt-get install qemu-system-x86 \
                         (or set CELA_LAB_QEMU to the binary)";
-    if let Some(path) = env::var_os("CELA_LAB_QEMU").filter(|v| !v.is_empty()) {
+    if let Some(path) = explicit {
         let path = PathBuf::from(path);
-        if path.is_file() {
+        if is_executable(&path) {
             return Ok(path);
         }
         return Err(LabError::MissingTool {
@@ -552,8 +570,7 @@ fn find_qemu() -> Result<PathBuf, LabError> {
             hint: HINT,
         });
     }
-    let path_var = env::var_os("PATH").unwrap_or_default();
-    for dir in env::split_paths(&path_var) {
+    for dir in env::split_paths(path_var) {
         let candidate = dir.join(QEMU);
         if is_executable(&candidate) {
             return Ok(candidate);
@@ -637,6 +654,98 @@ mod tests {
         );
         // "/tmpx" is not under "/tmp".
         assert!(ok.file("/etc/hostname", "/tmpx/h").validate().is_ok());
+    }
+
+    #[test]
+    fn a_missing_qemu_is_named_with_where_we_looked_and_how_to_install_it() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = find_qemu_in(None, empty.path().as_os_str())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`qemu-system-x86_64` not found"), "{err}");
+        assert!(err.contains(&empty.path().display().to_string()), "{err}");
+        assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+        let err = find_qemu_in(Some("/nonexistent/qemu".into()), OsStr::new(""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CELA_LAB_QEMU=/nonexistent/qemu"), "{err}");
+        // A directory on PATH holding an executable of that name is found.
+        let bin = empty.path().join("qemu-system-x86_64");
+        fs::write(&bin, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        assert_eq!(find_qemu_in(None, empty.path().as_os_str()).unwrap(), bin);
+    }
+
+    fn outcome(console: &str, end: qemu::End) -> (qemu::Outcome, String) {
+        let out = qemu::Outcome {
+            console: console.as_bytes().to_vec(),
+            stderr: Vec::new(),
+            end,
+        };
+        (out, console.to_owned())
+    }
+
+    fn exited(code: i32) -> qemu::End {
+        qemu::End::Exited(std::os::unix::process::ExitStatusExt::from_raw(code << 8))
+    }
+
+    fn two() -> LabRun {
+        LabRun::new()
+            .scenario(Scenario::new("first", "true"))
+            .scenario(Scenario::new("second", "sleep 9").with_timeout(Duration::from_secs(2)))
+    }
+
+    #[test]
+    fn a_complete_console_becomes_a_report() {
+        let (out, console) = outcome(
+            "@@LAB init 1.0\n@@LAB ready 1.5\n@@LAB 0 begin\n@@LAB 0 stdout aGkK\n\
+             @@LAB 0 end 0 1.50 1.75 3 0\n@@LAB 1 begin\n@@LAB 1 end 143 1.80 3.81 0 0\n\
+             @@LAB done\n",
+            exited(0),
+        );
+        let r = report(&two(), out, console, Duration::from_secs(3)).unwrap();
+        assert_eq!((r.l1_init_seconds, r.l1_ready_seconds), (1.0, 1.5));
+        let first = r.get("first");
+        assert_eq!((first.rc, first.stdout_str().as_ref()), (0, "hi\n"));
+        assert!((first.l1_seconds - 0.25).abs() < 1e-9 && !first.timed_out);
+        assert!(r.get("second").timed_out);
+    }
+
+    #[test]
+    fn each_way_of_failing_is_its_own_error() {
+        let begun = "@@LAB init 1\n@@LAB ready 2\n@@LAB 0 begin\n";
+        let (out, console) = outcome(begun, qemu::End::Deadline);
+        let err = report(&two(), out, console, Duration::ZERO).unwrap_err();
+        assert!(matches!(&err, LabError::Timeout { scenario: Some(s), .. } if s == "first"));
+
+        let (out, console) = outcome("[ 0.1] booting\n", qemu::End::NotReady);
+        let err = report(&two(), out, console, Duration::ZERO).unwrap_err();
+        assert!(matches!(err, LabError::NotReady { .. }));
+        assert!(err.to_string().contains("[ 0.1] booting"));
+
+        let (out, console) = outcome("@@LAB init 1\n@@LAB fatal no /dev/kvm\n", exited(0));
+        let err = report(&two(), out, console, Duration::ZERO).unwrap_err();
+        assert!(matches!(&err, LabError::L1 { message, .. } if message == "no /dev/kvm"));
+
+        let (out, console) = outcome(begun, exited(0));
+        let err = report(&two(), out, console, Duration::ZERO).unwrap_err();
+        assert!(matches!(&err, LabError::Exited { scenario: Some(s), .. } if s == "first"));
+
+        let (out, console) = outcome("@@LAB 0 end 0 1 2 5 0\n@@LAB done\n", exited(0));
+        let err = report(&two(), out, console, Duration::ZERO).unwrap_err();
+        assert!(matches!(err, LabError::Protocol { .. }), "{err}");
+    }
+
+    #[test]
+    #[should_panic(expected = "no scenario named \"third\"")]
+    fn get_panics_naming_the_missing_scenario() {
+        let (out, console) = outcome(
+            "@@LAB 0 end 0 1 2 0 0\n@@LAB 1 end 0 1 2 0 0\n@@LAB done\n",
+            exited(0),
+        );
+        report(&two(), out, console, Duration::ZERO)
+            .unwrap()
+            .get("third");
     }
 
     #[test]
