@@ -93,6 +93,13 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
     {
         bail!("--env {bad:?} is not KEY=VALUE");
     }
+    for (flag, path) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            bail!("{flag} {}: no such file", p.display());
+        }
+    }
     let launched = Instant::now();
     let (engine, note) =
         cela_vmm::engine::choose(args.engine.map(Engine::from)).map_err(anyhow::Error::msg)?;

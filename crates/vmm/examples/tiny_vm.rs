@@ -1,0 +1,45 @@
+//! Boots a tiny guest on cela's monitor and exits: the subject of `scripts/bench/tiny-boot`,
+//! which times process start → first serial byte → exit against QEMU on the same code.
+//!
+//! The guest writes "X\n" to COM1, then powers off through the ACPI sleep-control register.
+//! With a path argument, the guest code is read from that file instead.
+
+use std::sync::Arc;
+
+use cela_vmm::builder::{SerialSinks, boot_bare};
+use cela_vmm::console::HostStdout;
+use cela_vmm::machine::GuestExit;
+use cela_vmm::stop::{StopReason, StopSignal};
+
+/// mov dx, 0x3f8; mov al, 'X'; out dx, al; mov al, '\n'; out dx, al;
+/// mov dx, 0x600; mov al, S5|SLP_EN; out dx, al; hlt
+const CODE: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, 0xb0, b'X', 0xee, 0xb0, b'\n', 0xee, 0x66, 0xba, 0x00, 0x06, 0xb0,
+    0x34, 0xee, 0xf4,
+];
+
+fn main() -> std::process::ExitCode {
+    let code = match std::env::args_os().nth(1) {
+        Some(path) => std::fs::read(&path).expect("read the guest code"),
+        None => CODE.to_vec(),
+    };
+    let sinks = SerialSinks {
+        console: Box::new(HostStdout),
+        control: Box::new(std::io::sink()),
+    };
+    let stop = Arc::new(StopSignal::new());
+    let machine = match boot_bare(&code, 0x10000, 1, vec![], sinks, stop) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("tiny_vm: {e}");
+            return std::process::ExitCode::from(125);
+        }
+    };
+    match machine.wait(None) {
+        StopReason::Guest(GuestExit::PoweredOff) => std::process::ExitCode::SUCCESS,
+        other => {
+            eprintln!("tiny_vm: unexpected end: {other:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
