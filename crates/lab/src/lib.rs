@@ -36,8 +36,14 @@
 //! 6.1 cloud kernel, 2 vCPUs and 2 GiB, running `cela-lab -- true` (one trivial scenario):
 //! - L1 kernel boot, to `/init`: 1.0-1.2 s of L1 uptime;
 //! - modules loaded and `/dev/kvm` checked (`LabReport::l1_ready_seconds`): 1.4-1.6 s;
-//! - whole run, host wall time (`LabReport::wall`): 1.9-2.5 s, of which writing the initramfs
-//!   is a few tens of milliseconds. Under load from other builds, up to ~3.5 s.
+//! - whole run, host wall time (`LabReport::wall`): 1.9-2.5 s (the rest is building the
+//!   initramfs, QEMU start-up, kernel decompression and power-off); up to ~3.5 s while other
+//!   builds load the host;
+//! - a scenario's output crosses the emulated UART as base64: about 200 KB/s, so 1 MB of
+//!   stdout adds ~5 s. Keep big data out of stdout, or summarize it inside L1.
+//!
+//! A boot that hangs is reported after 120 s (no `@@LAB ready` on the console), not at the end
+//! of the run's timeout.
 //!
 //! L1 uptime tracks real time (`src/tsc.rs` says why that needed care), so
 //! `l1_seconds` can be read as seconds.
