@@ -34,11 +34,12 @@
 //! # Timings
 //! Measured on the 2-core development host (AMD EPYC, TSC 2.6 GHz) with QEMU 7.2, Debian's
 //! 6.1 cloud kernel, 2 vCPUs and 2 GiB, running `cela-lab -- true` (one trivial scenario):
-//! - L1 kernel boot, to `/init`: 1.0-1.2 s of L1 uptime;
-//! - modules loaded and `/dev/kvm` checked (`LabReport::l1_ready_seconds`): 1.4-1.6 s;
-//! - whole run, host wall time (`LabReport::wall`): 1.9-2.5 s (the rest is building the
-//!   initramfs, QEMU start-up, kernel decompression and power-off); up to ~3.5 s while other
-//!   builds load the host;
+//! - L1 kernel boot, to `/init`: 0.9-1.2 s of L1 uptime on an idle host;
+//! - modules loaded and `/dev/kvm` checked (`LabReport::l1_ready_seconds`): 1.3-1.6 s;
+//! - whole run, host wall time (`LabReport::wall`): 1.9-2.3 s (the rest is building the
+//!   initramfs, QEMU start-up, kernel decompression and power-off);
+//! - all three grow by up to ~70 % while other builds load the host (seen: /init at 2.2 s,
+//!   ready at 2.9 s, wall 3.9 s);
 //! - a scenario's output crosses the emulated UART as base64: about 200 KB/s, so 1 MB of
 //!   stdout adds ~5 s. Keep big data out of stdout, or summarize it inside L1.
 //!
