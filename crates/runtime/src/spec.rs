@@ -1,0 +1,300 @@
+//! Bundle configuration (`config.json`, OCI runtime spec §config): the default template that
+//! `cela-runc spec` writes, the jail profile (`spec --jail`), and loading a bundle's config with
+//! errors that name the offending field.
+//!
+//! youki's libcontainer validates a spec too, but its serde errors carry only a line and column,
+//! and a missing rootfs is found only after the container's state directory exists. Loading the
+//! bundle here first keeps bad input from leaving any state behind.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use serde_json::{Value, json};
+
+use crate::error::Error;
+
+/// Host uid and gid that the jail's root is mapped to, and how many ids the mapping spans.
+/// 100000 is the first id Debian's `useradd` gives out as a subordinate range (`/etc/subuid`).
+pub const JAIL_HOST_ID: u32 = 100_000;
+/// Size of the jail's uid and gid mappings.
+pub const JAIL_ID_COUNT: u32 = 65_536;
+/// Memory limit of the jail profile, in bytes.
+pub const JAIL_MEMORY_BYTES: i64 = 256 << 20;
+/// Process limit of the jail profile.
+pub const JAIL_PIDS: i64 = 128;
+/// Hostname inside a jail.
+pub const JAIL_HOSTNAME: &str = "jail";
+
+/// Capabilities runc's template keeps; the jail keeps the same small set.
+const DEFAULT_CAPS: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+
+/// System calls a jail may not make at all, refused with EPERM by its seccomp filter. Capabilities
+/// and the user namespace already refuse them; the filter makes the refusal independent of both.
+const JAIL_DENIED_SYSCALLS: [&str; 17] = [
+    "mount",
+    "umount2",
+    "pivot_root",
+    "move_mount",
+    "fsmount",
+    "fsopen",
+    "open_tree",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "mknod",
+    "mknodat",
+    "sethostname",
+    "setdomainname",
+    "swapon",
+];
+
+/// The template `cela-runc spec` writes: the same shape as runc's (an interactive `sh` in
+/// `rootfs`, read-only root, the usual pseudo-filesystems, masked and read-only /proc paths).
+pub fn default_spec() -> Spec {
+    from_value(default_value())
+}
+
+/// The jail profile: everything a FreeBSD jail confines. Own user namespace mapping root to
+/// host uid/gid [`JAIL_HOST_ID`], own pid/net/ipc/uts/mount/cgroup namespaces (the network
+/// namespace has only loopback), read-only root with a tmpfs `/tmp`, three capabilities, a
+/// seccomp filter refusing mount/module/mknod/hostname calls, and memory and pids limits.
+pub fn jail_spec() -> Spec {
+    let mut v = default_value();
+    v["process"]["terminal"] = json!(false);
+    v["hostname"] = json!(JAIL_HOSTNAME);
+    // No cgroup filesystem: cgroup v1 cannot be mounted from inside a user namespace.
+    let mounts = v["mounts"].as_array_mut().expect("template has mounts");
+    mounts.retain(|m| m["destination"] != "/sys/fs/cgroup");
+    mounts.push(json!({
+        "destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+        "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]
+    }));
+    let linux = &mut v["linux"];
+    linux["namespaces"]
+        .as_array_mut()
+        .expect("template has namespaces")
+        .push(json!({"type": "user"}));
+    linux["uidMappings"] =
+        json!([{"containerID": 0, "hostID": JAIL_HOST_ID, "size": JAIL_ID_COUNT}]);
+    linux["gidMappings"] =
+        json!([{"containerID": 0, "hostID": JAIL_HOST_ID, "size": JAIL_ID_COUNT}]);
+    linux["resources"]["memory"] = json!({"limit": JAIL_MEMORY_BYTES, "swap": JAIL_MEMORY_BYTES});
+    linux["resources"]["pids"] = json!({"limit": JAIL_PIDS});
+    linux["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{"names": JAIL_DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}]
+    });
+    from_value(v)
+}
+
+fn from_value(v: Value) -> Spec {
+    serde_json::from_value(v).expect("built-in spec templates are valid OCI specs")
+}
+
+fn default_value() -> Value {
+    let caps = json!(DEFAULT_CAPS);
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": true,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "cela",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [
+                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}
+            ],
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/proc/scsi"
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+            ]
+        }
+    })
+}
+
+/// A bundle's configuration, loaded and checked.
+#[derive(Debug)]
+pub struct Bundle {
+    /// The bundle directory, absolute.
+    pub dir: PathBuf,
+    /// Its parsed `config.json`.
+    pub spec: Spec,
+    /// The root filesystem, absolute.
+    pub rootfs: PathBuf,
+}
+
+/// Loads `<bundle>/config.json` and checks what the runtime needs before it creates anything:
+/// the JSON matches the OCI schema (an error names the field, e.g. `process.args`), the version
+/// is 1.x, a process with arguments is given, and the root filesystem is a directory.
+pub fn load_bundle(bundle: &Path) -> Result<Bundle, Error> {
+    let dir = std::path::absolute(bundle).map_err(|source| Error::Io {
+        what: format!("resolving bundle path {}", bundle.display()),
+        source,
+    })?;
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        what: format!("reading {}", path.display()),
+        source,
+    })?;
+    let spec = parse_config(&text).map_err(|e| e.in_file(&path))?;
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| Error::invalid("root", "missing: the bundle needs a root filesystem"))
+        .map_err(|e| e.in_file(&path))?;
+    let rootfs = if root.path().is_absolute() {
+        root.path().clone()
+    } else {
+        dir.join(root.path())
+    };
+    if !rootfs.is_dir() {
+        return Err(Error::MissingRootfs(rootfs));
+    }
+    Ok(Bundle { dir, spec, rootfs })
+}
+
+/// Parses and checks a `config.json` text (see [`load_bundle`]).
+pub fn parse_config(text: &str) -> Result<Spec, Error> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let message = e.into_inner().to_string();
+        Error::invalid(
+            if field == "." || field == "?" {
+                "(document)"
+            } else {
+                &field
+            },
+            &message,
+        )
+    })?;
+    if !spec.version().starts_with("1.") {
+        return Err(Error::invalid(
+            "ociVersion",
+            &format!("{:?} is not a 1.x runtime-spec version", spec.version()),
+        ));
+    }
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| Error::invalid("process", "missing: nothing to run"))?;
+    match process.args() {
+        Some(args) if !args.is_empty() && !args[0].is_empty() => {}
+        _ => {
+            return Err(Error::invalid(
+                "process.args",
+                "empty: give the program to run",
+            ));
+        }
+    }
+    if !process.cwd().is_absolute() {
+        return Err(Error::invalid(
+            "process.cwd",
+            &format!("{} is not an absolute path", process.cwd().display()),
+        ));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(text: &str) -> String {
+        match parse_config(text) {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected an invalid-config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn templates_are_valid_and_round_trip() {
+        for spec in [default_spec(), jail_spec()] {
+            let text = serde_json::to_string(&spec).unwrap();
+            parse_config(&text).unwrap();
+        }
+    }
+
+    #[test]
+    fn jail_has_user_namespace_limits_and_tmp() {
+        let spec = jail_spec();
+        let linux = spec.linux().as_ref().unwrap();
+        let ns = linux.namespaces().as_ref().unwrap();
+        assert!(
+            ns.iter()
+                .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User)
+        );
+        assert_eq!(
+            linux.uid_mappings().as_ref().unwrap()[0].host_id(),
+            JAIL_HOST_ID
+        );
+        let res = linux.resources().as_ref().unwrap();
+        assert_eq!(res.pids().as_ref().unwrap().limit(), JAIL_PIDS);
+        assert_eq!(
+            res.memory().as_ref().unwrap().limit(),
+            Some(JAIL_MEMORY_BYTES)
+        );
+        assert!(
+            spec.mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.destination() == Path::new("/tmp"))
+        );
+        assert!(spec.root().as_ref().unwrap().readonly().unwrap());
+    }
+
+    #[test]
+    fn malformed_config_names_the_field() {
+        let mut v = serde_json::to_value(default_spec()).unwrap();
+        v["process"]["args"] = json!("sh");
+        assert_eq!(field_of(&v.to_string()), "process.args");
+
+        let mut v = serde_json::to_value(default_spec()).unwrap();
+        v["linux"]["namespaces"][1]["type"] = json!("bogus");
+        assert_eq!(field_of(&v.to_string()), "linux.namespaces[1].type");
+
+        let mut v = serde_json::to_value(default_spec()).unwrap();
+        v["process"]["args"] = json!([]);
+        assert_eq!(field_of(&v.to_string()), "process.args");
+
+        let mut v = serde_json::to_value(default_spec()).unwrap();
+        v["ociVersion"] = json!("0.9");
+        assert_eq!(field_of(&v.to_string()), "ociVersion");
+
+        assert_eq!(field_of("{\"ociVersion\": \"1.0.2\", "), "(document)");
+    }
+}
