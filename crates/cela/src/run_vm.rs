@@ -147,6 +147,7 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
                     ready.map_or("never".to_string(), |ms| format!("{ms:.1} ms")),
                     launched.elapsed().as_secs_f64() * 1e3,
                 );
+                eprintln!("cela: exits: {}", report.exits.summary(6));
             }
             report.exit
         }

@@ -13,7 +13,7 @@
 //! | pvpanic | 0x505 | — |
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use acpi_tables::Aml;
@@ -33,7 +33,7 @@ use crate::devices::pvpanic::{PvPanic, PvPanicAml};
 use crate::machine::MachineConfig;
 use crate::stop::{StopReason, StopSignal};
 use crate::vstate::memory::{MemoryError, create_guest_memory};
-use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuHandle};
+use crate::vstate::vcpu::{ExitStats, Vcpu, VcpuContext, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Why a machine could not be built or started.
@@ -73,9 +73,15 @@ pub struct RunningMachine {
     stop: Arc<StopSignal>,
     console_input: SerialInput,
     started: Instant,
+    stats: Arc<Mutex<ExitStats>>,
 }
 
 impl RunningMachine {
+    /// The exits counted so far; complete once the machine has stopped.
+    pub fn exit_stats(&self) -> Arc<Mutex<ExitStats>> {
+        self.stats.clone()
+    }
+
     /// The stop signal: request a stop on it to end the machine from the host.
     pub fn stop_signal(&self) -> Arc<StopSignal> {
         self.stop.clone()
@@ -198,6 +204,7 @@ pub fn boot_linux(
         pio: Arc::new(devices.pio),
         mmio: Arc::new(Bus::new()),
         stop: stop.clone(),
+        stats: Arc::default(),
     };
     let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::new();
@@ -212,7 +219,7 @@ pub fn boot_linux(
             ctx.clone(),
         )?);
     }
-    start(vm, vcpus, stop, devices.console_input)
+    start(vm, vcpus, ctx, devices.console_input)
 }
 
 /// Builds a bare machine for tests and tiny payloads: `memory_size` bytes of RAM holding
@@ -245,21 +252,23 @@ pub fn boot_bare(
         pio: Arc::new(devices.pio),
         mmio: Arc::new(mmio_bus),
         stop: stop.clone(),
+        stats: Arc::default(),
     };
     let cpuid = vm.supported_cpuid()?;
     let mut handles = Vec::new();
     for id in 0..vcpus {
         handles.push(Vcpu::new(&vm, id, vcpus, &cpuid, Some(entry), ctx.clone())?);
     }
-    start(vm, handles, stop, devices.console_input)
+    start(vm, handles, ctx, devices.console_input)
 }
 
 fn start(
     vm: Vm,
     vcpus: Vec<Vcpu>,
-    stop: Arc<StopSignal>,
+    ctx: VcpuContext,
     console_input: SerialInput,
 ) -> Result<RunningMachine, BuildError> {
+    let VcpuContext { stop, stats, .. } = ctx;
     let started = Instant::now();
     let mut machine = RunningMachine {
         vcpus: Vec::new(),
@@ -267,6 +276,7 @@ fn start(
         stop,
         console_input,
         started,
+        stats,
     };
     for vcpu in vcpus {
         // On failure, dropping `machine` stops the vCPUs already started.

@@ -42,13 +42,15 @@ pub enum VmmError {
 }
 
 /// How a KVM run went.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunReport {
     pub exit: GuestExit,
     /// When the vCPUs started.
     pub started: Instant,
     /// When the guest's init reported it was up.
     pub guest_ready: Option<Instant>,
+    /// The exits that reached the monitor.
+    pub exits: vstate::vcpu::ExitStats,
 }
 
 /// COM2's host side: decodes control messages into the stop signal.
@@ -95,12 +97,15 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
         console::spawn_stdin_forwarder(stop.clone(), move |b| input.send(b));
     }
     let started = machine.started();
+    let stats = machine.exit_stats();
     let reason = machine.wait(None);
     drop(raw);
+    let exits = devices::bus::lock(&stats).clone();
     let report = |exit| RunReport {
         exit,
         started,
         guest_ready: stop.ready_at(),
+        exits,
     };
     match reason {
         StopReason::Guest(exit) => Ok(report(exit)),

@@ -6,7 +6,8 @@
 //! with a real-time signal whose handler does nothing; the signal makes a KVM_RUN in progress
 //! return EINTR and the loop sees the request.
 
-use std::sync::{Arc, Once};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::CpuId;
@@ -45,14 +46,65 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     stop: Arc<StopSignal>,
+    shared_stats: Arc<Mutex<ExitStats>>,
+    stats: ExitStats,
 }
 
-/// What every vCPU of a machine shares: the buses it dispatches exits to and the stop signal.
+/// What every vCPU of a machine shares: the buses it dispatches exits to, the stop signal, and
+/// the machine-wide exit counts each vCPU adds its own to when it stops.
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub stop: Arc<StopSignal>,
+    pub stats: Arc<Mutex<ExitStats>>,
+}
+
+/// How many exits reached the monitor, by I/O port and by MMIO page. In a nested VM every such
+/// exit costs a trip through two hypervisors, so these counts explain boot times.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExitStats {
+    pub pio: BTreeMap<u16, u64>,
+    pub mmio: BTreeMap<u64, u64>,
+    pub other: u64,
+}
+
+impl ExitStats {
+    pub fn total(&self) -> u64 {
+        self.pio.values().sum::<u64>() + self.mmio.values().sum::<u64>() + self.other
+    }
+
+    fn merge(&mut self, other: &ExitStats) {
+        for (k, v) in &other.pio {
+            *self.pio.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.mmio {
+            *self.mmio.entry(*k).or_default() += v;
+        }
+        self.other += other.other;
+    }
+
+    /// A one-line summary: the total and the `top` busiest ports/pages.
+    pub fn summary(&self, top: usize) -> String {
+        let mut items: Vec<(u64, String)> = self
+            .pio
+            .iter()
+            .map(|(p, n)| (*n, format!("port {p:#x}")))
+            .chain(self.mmio.iter().map(|(a, n)| (*n, format!("mmio {a:#x}"))))
+            .collect();
+        items.sort_by(|a, b| b.0.cmp(&a.0));
+        let busiest: Vec<String> = items
+            .iter()
+            .take(top)
+            .map(|(n, what)| format!("{what}: {n}"))
+            .collect();
+        format!(
+            "{} exits ({}; other: {})",
+            self.total(),
+            busiest.join(", "),
+            self.other
+        )
+    }
 }
 
 impl Vcpu {
@@ -94,7 +146,12 @@ impl Vcpu {
             fd.set_regs(&regs::boot_regs(rip))
                 .map_err(err("set registers"))?;
         }
-        let VcpuContext { pio, mmio, stop } = ctx;
+        let VcpuContext {
+            pio,
+            mmio,
+            stop,
+            stats: shared_stats,
+        } = ctx;
         Ok(Vcpu {
             id,
             count,
@@ -102,6 +159,8 @@ impl Vcpu {
             pio,
             mmio,
             stop,
+            shared_stats,
+            stats: ExitStats::default(),
         })
     }
 
@@ -129,6 +188,7 @@ impl Vcpu {
                 }
             }
         }
+        crate::devices::bus::lock(&self.shared_stats).merge(&self.stats);
         self.stop.vcpu_exited();
     }
 
@@ -141,15 +201,19 @@ impl Vcpu {
         };
         match exit {
             VcpuExit::IoIn(port, data) => {
+                *self.stats.pio.entry(port).or_default() += 1;
                 self.pio.read(u64::from(port), data);
             }
             VcpuExit::IoOut(port, data) => {
+                *self.stats.pio.entry(port).or_default() += 1;
                 self.pio.write(u64::from(port), data);
             }
             VcpuExit::MmioRead(addr, data) => {
+                *self.stats.mmio.entry(addr & !0xfff).or_default() += 1;
                 self.mmio.read(addr, data);
             }
             VcpuExit::MmioWrite(addr, data) => {
+                *self.stats.mmio.entry(addr & !0xfff).or_default() += 1;
                 self.mmio.write(addr, data);
             }
             VcpuExit::Hlt => {
@@ -177,7 +241,7 @@ impl Vcpu {
                     "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
                 ));
             }
-            VcpuExit::Intr => {}
+            VcpuExit::Intr => self.stats.other += 1,
             other => {
                 let text = format!("{other:?}");
                 return Err(format!(
