@@ -92,7 +92,7 @@ impl ExitStats {
             .map(|(p, n)| (*n, format!("port {p:#x}")))
             .chain(self.mmio.iter().map(|(a, n)| (*n, format!("mmio {a:#x}"))))
             .collect();
-        items.sort_by(|a, b| b.0.cmp(&a.0));
+        items.sort_by_key(|item| std::cmp::Reverse(item.0));
         let busiest: Vec<String> = items
             .iter()
             .take(top)
