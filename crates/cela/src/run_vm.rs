@@ -148,6 +148,15 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
                     launched.elapsed().as_secs_f64() * 1e3,
                 );
                 eprintln!("cela: exits: {}", report.exits.summary(6));
+                if let Some(peak) = report.peak_rss {
+                    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                    eprintln!(
+                        "cela: memory: peak RSS {:.1} MiB, guest RAM resident {:.1} MiB, monitor overhead {:.1} MiB",
+                        mib(peak),
+                        mib(report.guest_resident),
+                        mib(peak.saturating_sub(report.guest_resident)),
+                    );
+                }
             }
             report.exit
         }

@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
         control: Box::new(std::io::sink()),
     };
     let stop = Arc::new(StopSignal::new());
-    let machine = match boot_bare(&code, 0x10000, 1, vec![], sinks, stop) {
+    let mut machine = match boot_bare(&code, 0x10000, 1, vec![], sinks, stop) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("tiny_vm: {e}");

@@ -77,6 +77,12 @@ pub struct RunningMachine {
 }
 
 impl RunningMachine {
+    /// How much guest RAM is backed by host memory: the part of the monitor process's RSS that
+    /// is the guest's rather than the monitor's own.
+    pub fn guest_resident_bytes(&self) -> u64 {
+        crate::vstate::memory::resident_bytes(self._vm.memory())
+    }
+
     /// The exits counted so far; complete once the machine has stopped.
     pub fn exit_stats(&self) -> Arc<Mutex<ExitStats>> {
         self.stats.clone()
@@ -98,8 +104,9 @@ impl RunningMachine {
     }
 
     /// Waits until something requests a stop (or `timeout` passes, which requests one), then
-    /// stops every vCPU thread and returns the outcome.
-    pub fn wait(mut self, timeout: Option<Duration>) -> StopReason {
+    /// stops every vCPU thread and returns the outcome. The machine's memory stays mapped
+    /// until it is dropped, so it can still be inspected.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> StopReason {
         if self.stop.wait(timeout).is_none() {
             self.stop.request(StopReason::Fault(format!(
                 "the machine did not stop within {:?}",

@@ -51,6 +51,10 @@ pub struct RunReport {
     pub guest_ready: Option<Instant>,
     /// The exits that reached the monitor.
     pub exits: vstate::vcpu::ExitStats,
+    /// Guest RAM backed by host memory when the VM ended.
+    pub guest_resident: u64,
+    /// This process's peak RSS, guest RAM included.
+    pub peak_rss: Option<u64>,
 }
 
 /// COM2's host side: decodes control messages into the stop signal.
@@ -91,7 +95,7 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
         ConsoleMode::Interactive => console::RawTerminal::stdin(),
         ConsoleMode::Stream => None,
     };
-    let machine = builder::boot_linux(config, sinks, stop.clone())?;
+    let mut machine = builder::boot_linux(config, sinks, stop.clone())?;
     if console == ConsoleMode::Interactive {
         let input = machine.console_input();
         console::spawn_stdin_forwarder(stop.clone(), move |b| input.send(b));
@@ -101,11 +105,15 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
     let reason = machine.wait(None);
     drop(raw);
     let exits = devices::bus::lock(&stats).clone();
+    let guest_resident = machine.guest_resident_bytes();
+    drop(machine);
     let report = |exit| RunReport {
         exit,
         started,
         guest_ready: stop.ready_at(),
         exits,
+        guest_resident,
+        peak_rss: vstate::memory::peak_rss_bytes(),
     };
     match reason {
         StopReason::Guest(exit) => Ok(report(exit)),

@@ -36,7 +36,7 @@ fn run(code: &[u8], vcpus: u32, mmio: Vec<Placement>) -> Run {
         control: Box::new(std::io::sink()),
     };
     let stop = Arc::new(StopSignal::new());
-    let machine =
+    let mut machine =
         boot_bare(code, ENTRY, vcpus, mmio, sinks, stop).expect("the bare machine builds");
     let reason = machine.wait(LIMIT);
     let console = console.0.lock().unwrap().clone();

@@ -2,7 +2,9 @@
 //! around the 32-bit MMIO hole ([`layout::MMIO_HOLE_START`]..4 GiB) so that device windows
 //! (IOAPIC, local APIC, virtio) never overlap RAM.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::arch::x86_64::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
@@ -38,9 +40,53 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     })
 }
 
+/// Bytes of guest RAM currently backed by host pages (mincore(2) over every region).
+pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let mut total = 0;
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let pages = region.len().div_ceil(page) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: [host, host + len) is one live mapping owned by `mem`, page-aligned because
+        // mmap returned it, and `vec` has one byte per page of it as mincore requires.
+        let rc = unsafe { libc::mincore(host.cast(), region.len() as usize, vec.as_mut_ptr()) };
+        if rc == 0 {
+            total += vec.iter().filter(|b| *b & 1 == 1).count() as u64 * page;
+        }
+    }
+    total
+}
+
+/// The monitor process's peak RSS in bytes (VmHWM), if /proc says.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_touched_pages_are_resident() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(resident_bytes(&mem), 0);
+        for i in 0..10u64 {
+            mem.write_obj(1u8, GuestAddress(i << 20)).unwrap();
+        }
+        assert_eq!(resident_bytes(&mem), 10 * 4096);
+        assert!(peak_rss_bytes().unwrap() > 0);
+    }
 
     #[test]
     fn small_memory_is_one_range() {
