@@ -153,3 +153,26 @@ fn a_triple_fault_ends_the_vm_as_a_reset() {
     let r = run(&[0x0f, 0x0b], 1, vec![]);
     assert_eq!(r.reason, StopReason::Guest(GuestExit::Rebooted));
 }
+
+#[test]
+fn an_instruction_kvm_cannot_emulate_is_a_fault_naming_the_exit() {
+    let code = [
+        0x0f, 0x20, 0xe0, // mov rax, cr4
+        0x0d, 0x00, 0x06, 0x00, 0x00, // or eax, OSFXSR | OSXMMEXCPT (enable SSE)
+        0x0f, 0x22, 0xe0, // mov cr4, rax
+        0xb8, 0x00, 0x00, 0x00, 0x20, // mov eax, 0x20000000 (MMIO: no RAM there)
+        0x66, 0x0f, 0x38, 0xdc, 0x00, // aesenc xmm0, [rax]: KVM's emulator has no AES-NI
+        HLT,
+    ];
+    let r = run(&code, 1, vec![]);
+    match r.reason {
+        StopReason::Fault(text) => {
+            assert!(
+                text.contains("KVM internal error (suberror 1: emulation failure)"),
+                "{text}"
+            );
+            assert!(text.contains("guest RIP 0x10010"), "{text}");
+        }
+        other => panic!("expected a KVM internal error, got {other:?}"),
+    }
+}
