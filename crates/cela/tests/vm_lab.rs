@@ -10,18 +10,33 @@ use std::time::Duration;
 use cela_lab::{Lab, LabReport, LabRun, Scenario};
 use common::{cela, guest_assets};
 
-/// Every scenario: a name and the `cela run --vm` arguments after the fixed ones.
+/// Every scenario: a name and an L1 shell script, in which `$CELA` is `cela run --vm` with the
+/// lab's kernel and initramfs on the KVM engine.
 const SCENARIOS: &[(&str, &str)] = &[
-    ("echo_exit7", "-- sh -c 'echo hi; exit 7'"),
-    ("exit0", "-- true"),
-    ("signal", "-- sh -c 'kill -9 $$'"),
-    ("not_found", "-- no-such-command"),
-    ("cpus2", "--cpus 2 -- nproc"),
-    ("memory512", "--memory 512 -- grep MemTotal /proc/meminfo"),
-    ("env", "-e GREETING=hello -- sh -c 'echo $GREETING'"),
-    ("poweroff", "-- poweroff -f"),
-    ("reboot", "-- reboot -f"),
-    ("panic", "-- sh -c 'echo c > /proc/sysrq-trigger'"),
+    ("echo_exit7", "$CELA -- sh -c 'echo hi; exit 7'"),
+    ("exit0", "$CELA -- true"),
+    ("signal", "$CELA -- sh -c 'kill -9 $$'"),
+    ("not_found", "$CELA -- no-such-command"),
+    ("cpus2", "$CELA --cpus 2 -- nproc"),
+    (
+        "memory512",
+        "$CELA --memory 512 -- grep MemTotal /proc/meminfo",
+    ),
+    ("env", "$CELA -e GREETING=hello -- sh -c 'echo $GREETING'"),
+    ("poweroff", "$CELA -- poweroff -f"),
+    ("reboot", "$CELA -- reboot -f"),
+    ("panic", "$CELA -- sh -c 'echo c > /proc/sysrq-trigger'"),
+    // Ctrl-C on the host once the guest is running (its first output line is the event).
+    (
+        "ctrl_c",
+        "mkfifo /tmp/out; $CELA -- sh -c 'echo started; sleep 600' > /tmp/out & pid=$!; \
+         exec 3</tmp/out; read -r line <&3; kill -INT $pid; wait $pid",
+    ),
+    // No command: an interactive shell on the console, here fed from a pipe.
+    (
+        "shell",
+        "printf 'echo hello-from-$((6*7))\\nexit 3\\n' | $CELA",
+    ),
 ];
 
 fn report() -> &'static LabReport {
@@ -33,9 +48,9 @@ fn report() -> &'static LabReport {
             .file(cela(), "/lab/cela")
             .file(&assets.kernel, "/lab/bzImage")
             .file(&assets.initrd, "/lab/initrd.cpio");
-        for (name, args) in SCENARIOS {
+        for (name, body) in SCENARIOS {
             let script = format!(
-                "./cela run --vm --engine kvm --kernel /lab/bzImage --initrd /lab/initrd.cpio {args}"
+                "CELA='./cela run --vm --engine kvm --kernel /lab/bzImage --initrd /lab/initrd.cpio'\n{body}"
             );
             run = run.scenario(Scenario::new(*name, script).with_timeout(Duration::from_secs(180)));
         }
@@ -117,4 +132,19 @@ fn guest_panic_ends_the_vm_with_a_clear_status() {
     let r = report().get("panic");
     r.expect_rc(125);
     assert!(r.stderr_str().contains("panicked"), "{}", r.stderr_str());
+}
+
+#[test]
+fn ctrl_c_on_the_host_stops_the_vm() {
+    let r = report().get("ctrl_c");
+    r.expect_rc(130);
+    assert!(r.stderr_str().contains("interrupted"), "{}", r.stderr_str());
+}
+
+#[test]
+fn without_a_command_the_console_is_an_interactive_shell() {
+    let r = report().get("shell");
+    r.expect_rc(3);
+    let out = r.stdout_str().replace('\r', "");
+    assert!(out.lines().any(|l| l == "hello-from-42"), "{out}");
 }

@@ -102,8 +102,10 @@ impl EscapeFilter {
 }
 
 /// Forwards host stdin to `send` until EOF or the exit escape, which requests
-/// [`GuestExit::Detached`]. Runs on its own (detached) thread: a blocking read on stdin cannot
-/// be interrupted, and the process ends with the machine anyway.
+/// [`GuestExit::Detached`]. Input is held back until the guest's init reports it is up: the
+/// guest's serial driver discards what sits in the UART when it starts the port, so bytes
+/// typed (or piped) before that would be lost. Runs on its own (detached) thread: a blocking
+/// read on stdin cannot be interrupted, and the process ends with the machine anyway.
 pub fn spawn_stdin_forwarder(
     stop: Arc<StopSignal>,
     send: impl Fn(&[u8]) -> io::Result<()> + Send + 'static,
@@ -111,6 +113,9 @@ pub fn spawn_stdin_forwarder(
     let spawned = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            if !stop.wait_ready() {
+                return;
+            }
             let mut filter = EscapeFilter::default();
             let mut buf = [0u8; 256];
             let mut stdin = io::stdin();

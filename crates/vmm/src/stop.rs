@@ -66,6 +66,17 @@ impl StopSignal {
     /// Records that the guest's init said it is up (the boot-time marker).
     pub fn report_ready(&self) {
         self.lock().ready_at.get_or_insert_with(Instant::now);
+        self.changed.notify_all();
+    }
+
+    /// Waits until the guest's init reports it is up; false if the machine stopped first.
+    pub fn wait_ready(&self) -> bool {
+        let guard = self.lock();
+        let guard = self
+            .changed
+            .wait_while(guard, |s| s.ready_at.is_none() && s.reason.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        guard.ready_at.is_some() && guard.reason.is_none()
     }
 
     /// When the guest's init said it was up, if it did.
@@ -154,6 +165,18 @@ mod tests {
         s.report_status(7);
         s.request(StopReason::Guest(GuestExit::PoweredOff));
         assert_eq!(s.outcome(), Some(StopReason::Guest(GuestExit::Command(7))));
+    }
+
+    #[test]
+    fn wait_ready_returns_on_ready_or_stop() {
+        let s = Arc::new(StopSignal::new());
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.report_ready());
+        assert!(s.wait_ready());
+        t.join().unwrap();
+        let stopped = StopSignal::new();
+        stopped.request(StopReason::Halted);
+        assert!(!stopped.wait_ready());
     }
 
     #[test]
