@@ -104,7 +104,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     let mut cur = e.source();
     while let Some(c) = cur {
         let t = c.to_string();
-        if !s.contains(&t) {
+        if t.contains(&s) {
+            s = t;
+        } else if !s.contains(&t) {
             s.push_str(": ");
             s.push_str(&t);
         }

@@ -1,0 +1,210 @@
+//! The OCI lifecycle through `cela-runc`, against real containers: create → created → start →
+//! running → kill → stopped → delete, exit statuses, exec, ps, pause/resume, and that delete
+//! leaves nothing behind. Needs root and cgroups.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn lifecycle_create_start_kill_delete_leaves_nothing() {
+    let f = Fixture::new("life");
+    let id = f.id("c");
+    let b = f.bundle(&id, false, &["sleep", "1000"], |_| {});
+    f.create(&id, &b);
+    let st = f.state(&id);
+    assert_eq!(st["status"], "created");
+    assert_eq!(st["id"], id.as_str());
+    assert_eq!(st["bundle"], b.to_str().unwrap());
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    assert!(pid > 0 && process_alive(pid));
+    assert!(!f.cgroup_dirs(&id).is_empty(), "no cgroup made for {id}");
+
+    f.ok(&["start", &id]);
+    assert_eq!(f.status(&id), "running");
+    let listed = stdout(&f.ok(&["list", "--format", "json"]));
+    assert!(listed.contains(&id), "list does not show {id}: {listed}");
+
+    f.ok(&["kill", &id, "KILL"]);
+    f.wait_status(&id, "stopped");
+    assert_eq!(f.state(&id)["pid"], 0);
+    f.ok(&["delete", &id]);
+    f.assert_nothing_left(&id, Some(pid));
+    let out = f.runc(&["state", &id]);
+    assert!(!out.status.success() && stderr(&out).contains("does not exist"));
+}
+
+#[test]
+fn exit_codes_propagate_from_run() {
+    let f = Fixture::new("exit");
+    for (name, script, code) in [
+        ("zero", "true", 0),
+        ("seven", "exit 7", 7),
+        ("ninety", "exit 99", 99),
+    ] {
+        let id = f.id(name);
+        let b = f.bundle(&id, false, &["sh", "-c", script], |_| {});
+        let out = f.runc(&["run", "--bundle", b.to_str().unwrap(), &id]);
+        assert_eq!(out.status.code(), Some(code), "{script}: {}", stderr(&out));
+        f.assert_nothing_left(&id, None);
+    }
+}
+
+#[test]
+fn run_of_a_killed_container_exits_128_plus_signal() {
+    let f = Fixture::new("sig");
+    let id = f.id("c");
+    let b = f.bundle(&id, false, &["sleep", "1000"], |_| {});
+    let child = std::process::Command::new(runc_bin())
+        .arg("--root")
+        .arg(&f.root)
+        .args(["run", "--bundle", b.to_str().unwrap(), &id])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the container to run", || {
+        f.runc(&["state", &id]).status.success() && f.status(&id) == "running"
+    });
+    let pid = f.state(&id)["pid"].as_i64().unwrap() as i32;
+    f.ok(&["kill", &id, "SIGKILL"]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137));
+    f.assert_nothing_left(&id, Some(pid));
+}
+
+#[test]
+fn run_output_reaches_the_caller() {
+    let f = Fixture::new("out");
+    let id = f.id("c");
+    let b = f.bundle(
+        &id,
+        false,
+        &["sh", "-c", "echo hello; hostname; echo oops >&2"],
+        |_| {},
+    );
+    let out = f.runc(&["run", "--bundle", b.to_str().unwrap(), &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello\ncela\n");
+    assert!(stderr(&out).contains("oops"));
+}
+
+#[test]
+fn exec_into_a_running_container() {
+    let f = Fixture::new("exec");
+    let id = f.id("c");
+    let b = f.bundle(&id, false, &["sleep", "1000"], |_| {});
+    let pid = f.start_detached(&id, &b);
+    let out = f.runc(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "echo from-exec; cat /proc/1/cmdline; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from-exec\nsleep\u{0}1000\u{0}");
+
+    // --process with a process.json, detached, with a pid file.
+    let pj = f.dir.path().join("process.json");
+    let process = serde_json::json!({
+        "args": ["sleep", "500"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
+    });
+    std::fs::write(&pj, process.to_string()).unwrap();
+    let pidfile = f.dir.path().join("exec.pid");
+    f.ok_detached(&[
+        "exec",
+        "--process",
+        pj.to_str().unwrap(),
+        "-d",
+        "--pid-file",
+        pidfile.to_str().unwrap(),
+        &id,
+    ]);
+    let epid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(process_alive(epid));
+    let pids: Vec<i32> =
+        serde_json::from_slice(&f.ok(&["ps", "--format", "json", &id]).stdout).unwrap();
+    assert!(
+        pids.contains(&pid) && pids.contains(&epid),
+        "ps {pids:?} lacks {pid} or {epid}"
+    );
+
+    f.ok(&["delete", "--force", &id]);
+    f.assert_nothing_left(&id, Some(pid));
+    wait_until("the exec'd process to be gone", || !process_alive(epid));
+}
+
+#[test]
+fn ps_lists_the_container_pids() {
+    let f = Fixture::new("ps");
+    let id = f.id("c");
+    let b = f.bundle(
+        &id,
+        false,
+        &["sh", "-c", "sleep 1000 & sleep 1000 & wait"],
+        |_| {},
+    );
+    let pid = f.start_detached(&id, &b);
+    let mut pids = Vec::new();
+    wait_until("three processes in the container", || {
+        pids = serde_json::from_slice(&f.ok(&["ps", "--format", "json", &id]).stdout).unwrap();
+        pids.len() == 3
+    });
+    assert!(pids.contains(&pid), "{pids:?} lacks init {pid}");
+    let table = stdout(&f.ok(&["ps", &id]));
+    assert!(table.lines().next().unwrap().contains("PID"), "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    f.ok(&["delete", "--force", &id]);
+    f.assert_nothing_left(&id, Some(pid));
+    for p in pids {
+        assert!(!process_alive(p), "{p} survived delete --force");
+    }
+}
+
+#[test]
+fn pause_freezes_and_resume_thaws() {
+    let f = Fixture::new("pause");
+    let id = f.id("c");
+    // The container counts into a file on a tmpfs; frozen, the count must not move.
+    let b = f.bundle(
+        &id,
+        false,
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/n; done",
+        ],
+        |_| {},
+    );
+    let pid = f.start_detached(&id, &b);
+    // Read from the host: a process exec'd into a frozen cgroup would freeze too.
+    let count = || -> u64 {
+        let n = std::fs::read_to_string(format!("/proc/{pid}/root/dev/shm/n"));
+        n.ok().and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    };
+    wait_until("the counter to run", || count() > 10);
+    f.ok(&["pause", &id]);
+    assert_eq!(f.status(&id), "paused");
+    let frozen = f.cgroup_file(&id, "freezer", "freezer.state");
+    assert_eq!(frozen.trim(), "FROZEN");
+    let a = count();
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let b2 = count();
+    assert_eq!(a, b2, "the counter moved while paused ({state})");
+    f.ok(&["resume", &id]);
+    assert_eq!(f.status(&id), "running");
+    wait_until("the counter to move again", || count() > b2);
+    // Wrong-state operations are refused.
+    let out = f.runc(&["resume", &id]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("running"),
+        "{}",
+        stderr(&out)
+    );
+    f.ok(&["delete", "--force", &id]);
+    f.assert_nothing_left(&id, Some(pid));
+}
