@@ -94,6 +94,7 @@ impl Fixture {
     ) -> PathBuf {
         let b = self.dir.path().join(format!("bundle-{id}"));
         std::fs::create_dir_all(&b).unwrap();
+        let _ = std::fs::remove_file(b.join("config.json"));
         let mut cmd = vec!["spec", "--bundle", b.to_str().unwrap()];
         if jail {
             cmd.push("--jail");
