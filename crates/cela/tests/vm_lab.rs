@@ -32,6 +32,12 @@ const SCENARIOS: &[(&str, &str)] = &[
         "mkfifo /tmp/out; $CELA -- sh -c 'echo started; sleep 600' > /tmp/out & pid=$!; \
          exec 3</tmp/out; read -r line <&3; kill -INT $pid; wait $pid",
     ),
+    // virtio-rng: the guest's hw_random core picked it and /dev/hwrng gives bytes.
+    (
+        "hwrng",
+        "$CELA -- sh -c 'cat /sys/devices/virtual/misc/hw_random/rng_current; \
+         head -c 32 /dev/hwrng | od -An -tx1 | tr -d \" \\n\"; echo'",
+    ),
     // No command: an interactive shell on the console, here fed from a pipe.
     (
         "shell",
@@ -147,4 +153,18 @@ fn without_a_command_the_console_is_an_interactive_shell() {
     r.expect_rc(3);
     let out = r.stdout_str().replace('\r', "");
     assert!(out.lines().any(|l| l == "hello-from-42"), "{out}");
+}
+
+#[test]
+fn the_guest_reads_entropy_from_the_virtio_rng() {
+    let r = report().get("hwrng");
+    r.expect_rc(0);
+    let out = r.stdout_str();
+    let mut lines = out.lines();
+    let current = lines.next().unwrap_or_default();
+    assert!(current.starts_with("virtio_rng"), "rng_current: {out}");
+    let hex = lines.next().unwrap_or_default();
+    assert_eq!(hex.len(), 64, "32 bytes in hex: {out}");
+    assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{out}");
+    assert_ne!(hex, "0".repeat(64), "{out}");
 }

@@ -3,14 +3,18 @@
 //! irqchip, the devices on the port-I/O bus, and the vCPUs. Every other module is a part this
 //! one uses.
 //!
-//! The machine (all on port I/O; nothing on MMIO yet):
+//! The machine:
 //! | device | where | interrupt |
 //! |---|---|---|
-//! | COM1 16550A, the console | 0x3f8 | GSI 4 |
-//! | COM2 16550A, the control channel | 0x2f8 | GSI 3 |
-//! | i8042 (reset line only) | 0x60, 0x64 | — |
-//! | ACPI PM registers (sleep control/status, reset) | 0x600..0x602 | — |
-//! | pvpanic | 0x505 | — |
+//! | COM1 16550A, the console | port 0x3f8 | GSI 4 |
+//! | COM2 16550A, the control channel | port 0x2f8 | GSI 3 |
+//! | i8042 (reset line only) | ports 0x60, 0x64 | — |
+//! | ACPI PM registers (sleep control/status, reset) | ports 0x600..0x602 | — |
+//! | pvpanic | port 0x505 | — |
+//! | virtio-mmio devices: virtio-rng first | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … |
+//!
+//! virtio devices are served by one device event-loop thread; their queue notifications are
+//! KVM ioeventfds and their interrupts KVM irqfds.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -21,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT, ACPI_PM_PORT_SIZE, COM1_GSI, COM1_PORT, COM2_GSI, COM2_PORT, I8042_PORT,
-    I8042_PORT_SIZE, PVPANIC_PORT, SERIAL_PORT_SIZE,
+    I8042_PORT_SIZE, PVPANIC_PORT, SERIAL_PORT_SIZE, VIRTIO_MMIO_STRIDE, virtio_mmio_slot,
 };
 use crate::arch::x86_64::{acpi, boot};
 use crate::config::{ConfigError, validate_for_kvm};
@@ -30,6 +34,10 @@ use crate::devices::bus::{Bus, BusError, Placement, SharedDevice};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{Serial, SerialAml, SerialInput};
 use crate::devices::pvpanic::{PvPanic, PvPanicAml};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::event_loop::{EventLoop, EventLoopHandle};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport, VirtioMmioAml};
+use crate::devices::virtio::rng::Rng;
 use crate::machine::MachineConfig;
 use crate::stop::{StopReason, StopSignal};
 use crate::vstate::memory::{MemoryError, create_guest_memory};
@@ -55,6 +63,12 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Virtio(#[from] MmioError),
+    #[error("too many virtio devices: the IOAPIC has no interrupt line left for device {0}")]
+    TooManyVirtioDevices(usize),
+    #[error("cannot start the device event loop: {0}")]
+    DeviceLoop(std::io::Error),
 }
 
 /// Where the guest's two serial ports lead on the host.
@@ -68,6 +82,8 @@ pub struct SerialSinks {
 /// A machine whose vCPUs are running.
 pub struct RunningMachine {
     vcpus: Vec<VcpuHandle>,
+    /// The device event loop; stopped when the machine is dropped.
+    _device_loop: Option<EventLoopHandle>,
     /// Dropped only after the vCPU threads have been joined (fields drop after `Drop::drop`).
     _vm: Vm,
     stop: Arc<StopSignal>,
@@ -186,6 +202,50 @@ fn pc_devices(
     })
 }
 
+/// The virtio devices of a machine on the virtio-mmio transport: their register windows on an
+/// MMIO bus, their ACPI description, and the event loop that serves their queues.
+struct VirtioDevices {
+    mmio: Bus,
+    aml: Vec<Box<dyn Aml>>,
+    event_loop: EventLoop,
+}
+
+fn virtio_devices(
+    vm: &Vm,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+) -> Result<VirtioDevices, BuildError> {
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+    let mut mmio = Bus::new();
+    let mut aml: Vec<Box<dyn Aml>> = Vec::new();
+    let mut event_loop = EventLoop::new();
+    for (n, device) in devices.into_iter().enumerate() {
+        let (base, gsi) = virtio_mmio_slot(n).ok_or(BuildError::TooManyVirtioDevices(n))?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.connect_irq(&irq, gsi)?;
+        let transport = MmioTransport::new(device.clone(), vm.memory().clone(), irq)?;
+        for (index, evt) in transport.queue_events().iter().enumerate() {
+            let notify = base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+            vm.register_ioevent(evt, notify, index as u32)?;
+            let device = device.clone();
+            event_loop.add(
+                evt.try_clone().map_err(BuildError::EventFd)?,
+                Box::new(move || crate::devices::bus::lock(&device).process_queue(index)),
+            );
+        }
+        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_STRIDE)?;
+        aml.push(Box::new(VirtioMmioAml {
+            base: base as u32,
+            gsi,
+            uid: n as u8,
+        }));
+    }
+    Ok(VirtioDevices {
+        mmio,
+        aml,
+        event_loop,
+    })
+}
+
 /// Builds the machine for `config` and starts it. `stop` receives everything that ends it.
 pub fn boot_linux(
     config: &MachineConfig,
@@ -204,12 +264,20 @@ pub fn boot_linux(
     let vm = Vm::new(memory, true)?;
     validate_for_kvm(config, vm.max_vcpus())?;
     let devices = pc_devices(&vm, sinks, &stop)?;
-    let aml: Vec<&dyn Aml> = devices.aml.iter().map(|a| a.as_ref()).collect();
+    let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
+    let virtio = virtio_devices(&vm, vec![rng])?;
+    let aml: Vec<&dyn Aml> = devices
+        .aml
+        .iter()
+        .chain(&virtio.aml)
+        .map(|a| a.as_ref())
+        .collect();
     acpi::write_tables(vm.memory(), config.vcpus, &aml)?;
+    let device_loop = virtio.event_loop.start().map_err(BuildError::DeviceLoop)?;
 
     let ctx = VcpuContext {
         pio: Arc::new(devices.pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(virtio.mmio),
         stop: stop.clone(),
         stats: Arc::default(),
     };
@@ -226,7 +294,7 @@ pub fn boot_linux(
             ctx.clone(),
         )?);
     }
-    start(vm, vcpus, ctx, devices.console_input)
+    start(vm, vcpus, ctx, devices.console_input, Some(device_loop))
 }
 
 /// Builds a bare machine for tests and tiny payloads: `memory_size` bytes of RAM holding
@@ -266,7 +334,7 @@ pub fn boot_bare(
     for id in 0..vcpus {
         handles.push(Vcpu::new(&vm, id, vcpus, &cpuid, Some(entry), ctx.clone())?);
     }
-    start(vm, handles, ctx, devices.console_input)
+    start(vm, handles, ctx, devices.console_input, None)
 }
 
 fn start(
@@ -274,11 +342,13 @@ fn start(
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
     console_input: SerialInput,
+    device_loop: Option<EventLoopHandle>,
 ) -> Result<RunningMachine, BuildError> {
     let VcpuContext { stop, stats, .. } = ctx;
     let started = Instant::now();
     let mut machine = RunningMachine {
         vcpus: Vec::new(),
+        _device_loop: device_loop,
         _vm: vm,
         stop,
         console_input,

@@ -5,3 +5,4 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod legacy;
 pub mod pvpanic;
+pub mod virtio;

@@ -128,6 +128,20 @@ impl Vm {
             .map_err(kvm_err("report supported CPUID"))
     }
 
+    /// Has KVM signal `evt` when the guest writes the 32-bit value `datamatch` to the MMIO
+    /// address `addr` (a KVM ioeventfd): the write completes in the kernel, without an exit to
+    /// the monitor.
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("register an ioeventfd"))
+    }
+
     /// Routes `evt` to interrupt line `gsi` of the in-kernel IOAPIC (a KVM irqfd). Without an
     /// irqchip there is nothing to route to and the eventfd is left unconnected.
     pub fn connect_irq(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {

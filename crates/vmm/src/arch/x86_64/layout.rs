@@ -46,6 +46,22 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// Number of IOAPIC pins (GSIs) of KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
 
+/// virtio-mmio devices (virtio 1.2 §4.2): one 4 KiB page each from here, in the 32-bit MMIO
+/// hole below the IOAPIC, in the order the builder creates them.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// virtio-mmio interrupts: IOAPIC pins from 5 up (3 and 4 are the serial ports), skipping the
+/// SCI's pin.
+pub const VIRTIO_GSI_START: u32 = 5;
+
+/// The MMIO window and GSI of virtio-mmio device `n`, or None once the IOAPIC's pins run out.
+pub fn virtio_mmio_slot(n: usize) -> Option<(u64, u32)> {
+    let gsi = (VIRTIO_GSI_START..IOAPIC_PINS)
+        .filter(|g| *g != SCI_GSI)
+        .nth(n)?;
+    Some((VIRTIO_MMIO_START + VIRTIO_MMIO_STRIDE * n as u64, gsi))
+}
+
 /// Legacy I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
@@ -65,3 +81,23 @@ pub const PVPANIC_PORT: u16 = 0x505;
 /// The GSI the ACPI SCI would use; hardware-reduced ACPI needs none, but the FADT field must
 /// name a valid pin.
 pub const SCI_GSI: u32 = 9;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slots_avoid_the_serial_ports_and_the_sci() {
+        assert_eq!(virtio_mmio_slot(0), Some((0xd000_0000, 5)));
+        assert_eq!(virtio_mmio_slot(4), Some((0xd000_4000, 10)));
+        let all: Vec<_> = (0..).map_while(virtio_mmio_slot).collect();
+        assert_eq!(all.len(), 18);
+        assert!(all.iter().all(|(base, gsi)| {
+            *gsi != COM1_GSI
+                && *gsi != COM2_GSI
+                && *gsi != SCI_GSI
+                && *gsi < IOAPIC_PINS
+                && *base + VIRTIO_MMIO_STRIDE <= IOAPIC_ADDR
+        }));
+    }
+}
