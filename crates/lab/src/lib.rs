@@ -12,13 +12,15 @@
 //! through `cela_assets` into a cache (`$CELA_LAB_CACHE`, default `/var/tmp/cela-lab-cache`).
 //! [`Lab::run`] then, for one [`LabRun`]:
 //! 1. builds an uncompressed newc initramfs in a temporary directory: busybox and its applet
-//!    links, the modules `irqbypass`, `kvm`, `kvm-amd` and `tun` (dependencies first), the
+//!    links, the modules `irqbypass`, `kvm`, `kvm-amd`, `tun` and `pvpanic`/`pvpanic-mmio`
+//!    (dependencies first), the
 //!    caller's files (directories recursively; dynamically linked programs with the libraries
 //!    and loader `ldd` names), one script per scenario, and an `/init` script
 //!    (`src/protocol.rs` documents it and the console framing);
 //! 2. boots QEMU with the flags in `src/qemu.rs` (one place, each flag explained):
 //!    `-accel tcg,thread=multi -cpu max -smp N -m MiB -nographic -no-reboot
-//!    -M microvm,pit=on,rtc=on -kernel … -initrd … -append "`[`L1_CMDLINE`]`"`;
+//!    -M microvm,pit=on,rtc=on -kernel … -initrd … -append "`[`L1_CMDLINE`]`"
+//!    -device pvpanic -action panic=exit-failure` (an L1 panic ends QEMU at once);
 //! 3. `/init` mounts proc/sys/devtmpfs/tmp, loads the modules with `insmod`, checks
 //!    `/dev/kvm`, runs each scenario in `/lab` under busybox `timeout` with its stdout and
 //!    stderr in files, prints the results as base64 marker lines on the console, and powers off;
@@ -78,9 +80,9 @@ use error::IoContext;
 use initramfs::{Entry, Source, Tree, archive_path};
 use protocol::ScenarioPlan;
 
-/// The kernel modules L1 loads: KVM for AMD (its closure brings `kvm` and `irqbypass`), and
-/// TUN for VMM network tests.
-const L1_MODULES: &[&str] = &["kvm_amd", "tun"];
+/// The kernel modules L1 loads: KVM for AMD (its closure brings `kvm` and `irqbypass`), TUN
+/// for VMM network tests, and pvpanic-mmio so that an L1 panic ends QEMU at once.
+const L1_MODULES: &[&str] = &["kvm_amd", "tun", "pvpanic_mmio"];
 
 /// Where in L1 the modules are put.
 const L1_MODULE_DIR: &str = "lib/modules/lab";

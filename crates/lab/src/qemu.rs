@@ -83,6 +83,10 @@ pub(crate) fn command(
     c.arg("-kernel").arg(kernel);
     c.arg("-initrd").arg(initrd);
     c.args(["-append", &l1_cmdline()]);
+    // A panic in L1 ends QEMU at once through the pvpanic device (L1 loads pvpanic-mmio). The
+    // reset that panic=-1 asks for is not enough on its own: seen here under load, L1 printed
+    // its panic and then sat with both vCPUs halted, and QEMU never exited.
+    c.args(["-device", "pvpanic", "-action", "panic=exit-failure"]);
     c
 }
 
