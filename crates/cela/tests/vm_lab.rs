@@ -38,23 +38,28 @@ const SCENARIOS: &[(&str, &str)] = &[
         "$CELA -- sh -c 'cat /sys/devices/virtual/misc/hw_random/rng_current; \
          head -c 32 /dev/hwrng | od -An -tx1 | tr -d \" \\n\"; echo'",
     ),
-    // virtio-blk: three disks made in L1 (a: a pattern from the host, b: blank, c: read-only);
-    // the guest lists them, reads a, writes b and tries to write c; L1 then checks the files.
+    // virtio-blk: three disks made in L1 (a: a pattern from the host, b: blank then 1 MiB of
+    // 'x', c: read-only); the guest lists them, reads a, writes b, discards b's second MiB and
+    // tries to write c; L1 then checks the files.
     (
         "disks",
         r#"dd if=/dev/zero of=/tmp/a.img bs=1024 count=1024 2>/dev/null
 printf 'hello-from-host!' | dd of=/tmp/a.img conv=notrunc 2>/dev/null
-dd if=/dev/zero of=/tmp/b.img bs=1024 count=2048 2>/dev/null
+dd if=/dev/zero of=/tmp/b.img bs=1024 count=1024 2>/dev/null
+dd if=/dev/zero bs=1024 count=1024 2>/dev/null | tr '\0' x >> /tmp/b.img
 dd if=/dev/zero of=/tmp/c.img bs=1024 count=1024 2>/dev/null
 printf 'read-only-data!!' | dd of=/tmp/c.img conv=notrunc 2>/dev/null
 $CELA --disk /tmp/a.img --disk /tmp/b.img --disk /tmp/c.img,ro -- sh -c '
 for d in vda vdb vdc; do echo "$d $(cat /sys/block/$d/serial) $(cat /sys/block/$d/size) ro=$(cat /sys/block/$d/ro)"; done
 echo "read: $(od -An -c -N16 /dev/vda)"
 printf cela-disk-ok | dd of=/dev/vdb conv=notrunc,fsync 2>/dev/null; echo rw_write_rc=$?; sync
+blkdiscard -o 1048576 -l 1048576 /dev/vdb; echo discard_rc=$?
 printf overwrite | dd of=/dev/vdc conv=notrunc,fsync 2>/dev/null; echo ro_write_rc=$?'
 echo cela_rc=$?
 echo "b=$(head -c 12 /tmp/b.img)"
-echo "c=$(head -c 16 /tmp/c.img)""#,
+echo "c=$(head -c 16 /tmp/c.img)"
+echo "b_size=$(wc -c < /tmp/b.img | tr -d ' ')"
+echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d ' ')""#,
     ),
     // No command: an interactive shell on the console, here fed from a pipe.
     (
@@ -235,4 +240,12 @@ fn a_read_only_disk_refuses_writes_and_its_file_is_untouched() {
         .unwrap_or_default();
     assert!(!rc.is_empty() && rc != "0", "the write must fail: {out}");
     assert!(out.lines().any(|l| l == "c=read-only-data!!"), "{out}");
+}
+
+#[test]
+fn a_discard_punches_a_hole_and_keeps_the_size() {
+    let out = disks_output();
+    for want in ["discard_rc=0", "b_size=2097152", "b_tail_nonzero=0"] {
+        assert!(out.lines().any(|l| l == want), "{want:?} in: {out}");
+    }
 }
