@@ -372,3 +372,79 @@ fn notifications_before_activation_or_for_other_queues_are_ignored() {
     s.blk.reset();
     s.blk.process_queue(0);
 }
+
+/// A small deterministic generator (xorshift64*) for the garbage-request test.
+struct Rand(u64);
+
+impl Rand {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn garbage_requests_never_panic_nor_break_the_device() {
+    let content = pattern(8192);
+    let mut rand = Rand(0x9e37_79b9_7f4a_7c15);
+    for round in 0..400 {
+        let read_only = rand.next().is_multiple_of(2);
+        let mut chains: Vec<Vec<(u64, u32, bool)>> = Vec::new();
+        for _ in 0..1 + rand.next() % 4 {
+            let chain = (0..1 + rand.next() % 5)
+                .map(|_| {
+                    let addr = match rand.next() % 4 {
+                        0 => rand.pick(&[0xfff0_0000, u64::MAX, u64::MAX - 15, 0xf_fffe]),
+                        _ => 0x1_0000 + (rand.next() % 0xe_0000),
+                    };
+                    let len = rand.pick(&[0, 1, 8, 15, 16, 17, 511, 512, 513, 1024, 70_000]) as u32;
+                    let len = if rand.next().is_multiple_of(16) {
+                        u32::MAX
+                    } else {
+                        len
+                    };
+                    (addr, len, rand.next().is_multiple_of(2))
+                })
+                .collect();
+            chains.push(chain);
+        }
+        let refs: Vec<Chain> = chains.iter().map(|c| c.as_slice()).collect();
+        let mut s = setup(image(&content), read_only, &refs);
+        // Random bytes where the requests point, and a plausible header at each chain's head.
+        let mut noise = vec![0u8; 0xf_0000];
+        noise.iter_mut().for_each(|b| *b = rand.next() as u8);
+        s.mem.write_slice(&noise, GuestAddress(0x1_0000)).unwrap();
+        for chain in &chains {
+            let any_kind = rand.next() as u32;
+            let kind = rand.pick(&[
+                VIRTIO_BLK_T_IN,
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_FLUSH,
+                VIRTIO_BLK_T_GET_ID,
+                VIRTIO_BLK_T_DISCARD,
+                any_kind,
+            ]);
+            let any_sector = rand.next();
+            let sector = rand.pick(&[0, 1, 15, 16, u64::MAX, any_sector]);
+            let head = chain[0].0;
+            if (0x1_0000..0xf_fff0).contains(&head) {
+                header(&s.mem, head, kind, sector);
+            }
+        }
+        s.blk.process_queue(0);
+        let used_idx: u16 = s.mem.read_obj(s.used_ring.unchecked_add(2)).unwrap();
+        assert_eq!(usize::from(used_idx), chains.len(), "round {round}");
+        assert!(!s.interrupt.needs_reset(), "round {round}");
+        let after = s.file_bytes();
+        assert_eq!(after.len(), content.len(), "round {round}");
+        if read_only {
+            assert_eq!(after, content, "round {round}");
+        }
+    }
+}
