@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use cela_guest::BootRequest;
-use cela_vmm::{BASE_CMDLINE, ConsoleMode, Engine, GuestExit, MachineConfig};
+use cela_vmm::{BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig};
 use clap::{Args, ValueEnum};
 
 use crate::paths;
@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// when it can boot Linux here, QEMU otherwise).
     #[arg(long, value_enum, value_name = "ENGINE")]
     engine: Option<EngineArg>,
+    /// A raw disk image for the guest, read-write, or read-only with `,ro` (repeatable; the
+    /// guest sees them as /dev/vda, /dev/vdb, … in this order).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -100,6 +104,10 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
             bail!("{flag} {}: no such file", p.display());
         }
     }
+    // Disks are checked (opened as asked, none shared read-write) before anything else is
+    // chosen, fetched or created.
+    let disks: Vec<DiskConfig> = args.disks.iter().map(|d| DiskConfig::parse(d)).collect();
+    cela_vmm::config::open_disks(&disks)?;
     let launched = Instant::now();
     let (engine, note) =
         cela_vmm::engine::choose(args.engine.map(Engine::from)).map_err(anyhow::Error::msg)?;
@@ -127,6 +135,7 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
         kernel,
         initrd: Some(initrd),
         cmdline,
+        disks,
     };
     let console = if request.command.is_some() {
         ConsoleMode::Stream

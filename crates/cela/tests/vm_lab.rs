@@ -38,6 +38,29 @@ const SCENARIOS: &[(&str, &str)] = &[
         "$CELA -- sh -c 'cat /sys/devices/virtual/misc/hw_random/rng_current; \
          head -c 32 /dev/hwrng | od -An -tx1 | tr -d \" \\n\"; echo'",
     ),
+    // virtio-blk: three disks made in L1 (a: a pattern from the host, b: blank then 1 MiB of
+    // 'x', c: read-only); the guest lists them, reads a, writes b, discards b's second MiB and
+    // tries to write c; L1 then checks the files.
+    (
+        "disks",
+        r#"dd if=/dev/zero of=/tmp/a.img bs=1024 count=1024 2>/dev/null
+printf 'hello-from-host!' | dd of=/tmp/a.img conv=notrunc 2>/dev/null
+dd if=/dev/zero of=/tmp/b.img bs=1024 count=1024 2>/dev/null
+dd if=/dev/zero bs=1024 count=1024 2>/dev/null | tr '\0' x >> /tmp/b.img
+dd if=/dev/zero of=/tmp/c.img bs=1024 count=1024 2>/dev/null
+printf 'read-only-data!!' | dd of=/tmp/c.img conv=notrunc 2>/dev/null
+$CELA --disk /tmp/a.img --disk /tmp/b.img --disk /tmp/c.img,ro -- sh -c '
+for d in vda vdb vdc; do echo "$d $(cat /sys/block/$d/serial) $(cat /sys/block/$d/size) ro=$(cat /sys/block/$d/ro)"; done
+echo "read: $(od -An -c -N16 /dev/vda)"
+printf cela-disk-ok | dd of=/dev/vdb conv=notrunc,fsync 2>/dev/null; echo rw_write_rc=$?; sync
+blkdiscard -o 1048576 -l 1048576 /dev/vdb; echo discard_rc=$?
+printf overwrite | dd of=/dev/vdc conv=notrunc,fsync 2>/dev/null; echo ro_write_rc=$?'
+echo cela_rc=$?
+echo "b=$(head -c 12 /tmp/b.img)"
+echo "c=$(head -c 16 /tmp/c.img)"
+echo "b_size=$(wc -c < /tmp/b.img | tr -d ' ')"
+echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d ' ')""#,
+    ),
     // No command: an interactive shell on the console, here fed from a pipe.
     (
         "shell",
@@ -167,4 +190,62 @@ fn the_guest_reads_entropy_from_the_virtio_rng() {
     assert_eq!(hex.len(), 64, "32 bytes in hex: {out}");
     assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{out}");
     assert_ne!(hex, "0".repeat(64), "{out}");
+}
+
+/// The lines of the `disks` scenario, after checking cela itself succeeded.
+fn disks_output() -> String {
+    let r = report().get("disks");
+    r.expect_rc(0);
+    let out = r.stdout_str().into_owned();
+    assert!(out.lines().any(|l| l == "cela_rc=0"), "{out}");
+    out
+}
+
+#[test]
+fn disks_appear_in_command_line_order_with_their_serial_and_size() {
+    let out = disks_output();
+    for want in [
+        "vda a.img 2048 ro=0",
+        "vdb b.img 4096 ro=0",
+        "vdc c.img 2048 ro=1",
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want:?} in: {out}");
+    }
+}
+
+#[test]
+fn the_guest_reads_what_the_host_wrote() {
+    let out = disks_output();
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("read: "))
+        .unwrap_or_default();
+    let chars: String = line.split_whitespace().collect();
+    assert_eq!(chars, "hello-from-host!", "{out}");
+}
+
+#[test]
+fn what_the_guest_writes_reaches_the_host_file() {
+    let out = disks_output();
+    assert!(out.lines().any(|l| l == "rw_write_rc=0"), "{out}");
+    assert!(out.lines().any(|l| l == "b=cela-disk-ok"), "{out}");
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_and_its_file_is_untouched() {
+    let out = disks_output();
+    let rc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ro_write_rc="))
+        .unwrap_or_default();
+    assert!(!rc.is_empty() && rc != "0", "the write must fail: {out}");
+    assert!(out.lines().any(|l| l == "c=read-only-data!!"), "{out}");
+}
+
+#[test]
+fn a_discard_punches_a_hole_and_keeps_the_size() {
+    let out = disks_output();
+    for want in ["discard_rc=0", "b_size=2097152", "b_tail_nonzero=0"] {
+        assert!(out.lines().any(|l| l == want), "{want:?} in: {out}");
+    }
 }

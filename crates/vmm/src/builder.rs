@@ -11,7 +11,7 @@
 //! | i8042 (reset line only) | ports 0x60, 0x64 | — |
 //! | ACPI PM registers (sleep control/status, reset) | ports 0x600..0x602 | — |
 //! | pvpanic | port 0x505 | — |
-//! | virtio-mmio devices: virtio-rng first | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … |
+//! | virtio-mmio devices: virtio-rng, then one virtio-blk per disk in order | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … (not 9, the SCI) |
 //!
 //! virtio devices are served by one device event-loop thread; their queue notifications are
 //! KVM ioeventfds and their interrupts KVM irqfds.
@@ -28,13 +28,14 @@ use crate::arch::x86_64::layout::{
     I8042_PORT_SIZE, PVPANIC_PORT, SERIAL_PORT_SIZE, VIRTIO_MMIO_STRIDE, virtio_mmio_slot,
 };
 use crate::arch::x86_64::{acpi, boot};
-use crate::config::{ConfigError, validate_for_kvm};
+use crate::config::{ConfigError, open_disks, validate_for_kvm};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError, Placement, SharedDevice};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{Serial, SerialAml, SerialInput};
 use crate::devices::pvpanic::{PvPanic, PvPanicAml};
 use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, VirtioMmioAml};
 use crate::devices::virtio::rng::Rng;
@@ -265,7 +266,12 @@ pub fn boot_linux(
     validate_for_kvm(config, vm.max_vcpus())?;
     let devices = pc_devices(&vm, sinks, &stop)?;
     let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
-    let virtio = virtio_devices(&vm, vec![rng])?;
+    let mut virtio_list = vec![rng];
+    for disk in open_disks(&config.disks)? {
+        let block: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(disk)));
+        virtio_list.push(block);
+    }
+    let virtio = virtio_devices(&vm, virtio_list)?;
     let aml: Vec<&dyn Aml> = devices
         .aml
         .iter()

@@ -1,16 +1,22 @@
 //! Validation of a [`MachineConfig`]: everything that can be checked before any resource is
 //! created, each failure with a message naming the value and the limit.
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::arch::x86_64::boot::{BootError, read_setup_header};
-use crate::machine::MachineConfig;
+use crate::devices::virtio::block::DiskImage;
+use crate::machine::{DiskConfig, MachineConfig};
 
 /// The most vCPUs cela's machine describes: APIC IDs and MADT processor UIDs are 8-bit, and
 /// 0xff is the broadcast ID.
 pub const MAX_VCPUS: u32 = 254;
 /// The least memory a cela guest can boot in: a Debian kernel with its initramfs needs this.
 pub const MIN_MEMORY_MIB: u64 = 64;
+/// The most disks a machine gets: each is a virtio-mmio device with its own IOAPIC line, and
+/// the virtio-rng takes one more.
+pub const MAX_DISKS: usize = 16;
 
 /// What is wrong with a machine configuration.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +41,24 @@ pub enum ConfigError {
     NotAFile { what: &'static str, path: String },
     #[error(transparent)]
     Kernel(#[from] BootError),
+    #[error("--disk {0}: no such file")]
+    DiskMissing(String),
+    #[error("--disk {0} is a directory, not a disk image")]
+    DiskIsDirectory(String),
+    #[error("--disk {0} is not a regular file")]
+    DiskNotAFile(String),
+    #[error("--disk {path}: cannot open it {mode}: {err}")]
+    DiskOpen {
+        path: String,
+        mode: &'static str,
+        err: std::io::Error,
+    },
+    #[error(
+        "--disk {second} is the same file as --disk {first}; a file can be given twice only if every use is read-only (,ro)"
+    )]
+    DiskTwice { first: String, second: String },
+    #[error("{0} disks are more than {MAX_DISKS}, the most cela gives a VM")]
+    TooManyDisks(usize),
 }
 
 /// Total RAM of the host in MiB, from /proc/meminfo.
@@ -58,8 +82,8 @@ fn check_file(
     }
 }
 
-/// Checks what any engine needs: vCPU and memory bounds, and that the kernel is a bzImage and
-/// the initramfs exists.
+/// Checks what any engine needs: vCPU and memory bounds, that the kernel is a bzImage and the
+/// initramfs exists, and that the disks can be opened as asked ([`open_disks`]).
 pub fn validate(config: &MachineConfig) -> Result<(), ConfigError> {
     if config.vcpus == 0 {
         return Err(ConfigError::NoVcpus);
@@ -89,7 +113,66 @@ pub fn validate(config: &MachineConfig) -> Result<(), ConfigError> {
     if let Some(initrd) = &config.initrd {
         check_file("initramfs", initrd, ConfigError::InitrdMissing)?;
     }
+    open_disks(&config.disks)?;
     Ok(())
+}
+
+/// Opens the disk images of `disks`, in order: each must be an existing regular file that can
+/// be opened read-write (read-only with `,ro`), and no file may be given twice unless every
+/// use of it is read-only (two writers would corrupt it). Files are compared by device and
+/// inode, so another path to the same file is caught too.
+pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<DiskImage>, ConfigError> {
+    if disks.len() > MAX_DISKS {
+        return Err(ConfigError::TooManyDisks(disks.len()));
+    }
+    let mut seen: Vec<(u64, u64, &DiskConfig)> = Vec::new();
+    let mut images = Vec::new();
+    for disk in disks {
+        let shown = disk.path.display().to_string();
+        let meta = std::fs::metadata(&disk.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::DiskMissing(shown.clone()),
+            _ => ConfigError::DiskOpen {
+                path: shown.clone(),
+                mode: "at all",
+                err: e,
+            },
+        })?;
+        if meta.is_dir() {
+            return Err(ConfigError::DiskIsDirectory(shown));
+        }
+        if !meta.is_file() {
+            return Err(ConfigError::DiskNotAFile(shown));
+        }
+        let mode = if disk.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        let open_err = |err| ConfigError::DiskOpen {
+            path: shown.clone(),
+            mode,
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!disk.read_only)
+            .open(&disk.path)
+            .map_err(open_err)?;
+        let opened = file.metadata().map_err(open_err)?;
+        let key = (opened.dev(), opened.ino());
+        if let Some((_, _, first)) = seen
+            .iter()
+            .find(|(dev, ino, first)| (*dev, *ino) == key && !(first.read_only && disk.read_only))
+        {
+            return Err(ConfigError::DiskTwice {
+                first: first.path.display().to_string(),
+                second: shown.clone(),
+            });
+        }
+        seen.push((key.0, key.1, disk));
+        images.push(DiskImage::new(file, &disk.path, disk.read_only).map_err(open_err)?);
+    }
+    Ok(images)
 }
 
 /// Checks the limits KVM itself sets on this host.
@@ -117,6 +200,7 @@ mod tests {
             kernel,
             initrd: None,
             cmdline: String::new(),
+            disks: vec![],
         }
     }
 
@@ -190,5 +274,71 @@ mod tests {
             validate(&c).unwrap_err().to_string(),
             "initramfs /nope/initrd does not exist"
         );
+    }
+
+    fn disk(path: &Path, read_only: bool) -> DiskConfig {
+        DiskConfig {
+            path: path.to_owned(),
+            read_only,
+        }
+    }
+
+    #[test]
+    fn disks_are_opened_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, vec![0u8; 4096]).unwrap();
+        let images = open_disks(&[disk(&a, false)]).unwrap();
+        assert_eq!(images[0].sectors(), 8);
+        let missing = dir.path().join("nope.img");
+        assert_eq!(
+            open_disks(&[disk(&missing, true)]).unwrap_err().to_string(),
+            format!("--disk {}: no such file", missing.display())
+        );
+        assert!(
+            open_disks(&[disk(dir.path(), true)])
+                .unwrap_err()
+                .to_string()
+                .contains("is a directory")
+        );
+        assert!(
+            open_disks(&[disk(Path::new("/dev/null"), true)])
+                .unwrap_err()
+                .to_string()
+                .contains("not a regular file")
+        );
+        // sysfs refuses to open a read-only attribute for writing, even for root.
+        let ro_attr = Path::new("/sys/devices/system/cpu/online");
+        if ro_attr.exists() {
+            let err = open_disks(&[disk(ro_attr, false)]).unwrap_err().to_string();
+            assert!(err.contains("cannot open it read-write"), "{err}");
+            assert!(open_disks(&[disk(ro_attr, true)]).is_ok());
+        }
+        let too_many: Vec<_> = (0..=MAX_DISKS).map(|_| disk(&a, true)).collect();
+        assert!(
+            open_disks(&too_many)
+                .unwrap_err()
+                .to_string()
+                .contains("more than 16")
+        );
+    }
+
+    #[test]
+    fn a_file_given_twice_must_be_read_only_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, vec![0u8; 512]).unwrap();
+        let link = dir.path().join("link.img");
+        std::fs::hard_link(&a, &link).unwrap();
+        assert!(open_disks(&[disk(&a, true), disk(&link, true)]).is_ok());
+        for (ra, rb) in [(false, false), (true, false), (false, true)] {
+            let err = open_disks(&[disk(&a, ra), disk(&link, rb)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("is the same file as") && err.contains("a.img"),
+                "{err}"
+            );
+        }
     }
 }

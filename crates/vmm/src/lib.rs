@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use engine::Engine;
-pub use machine::{BASE_CMDLINE, ConsoleMode, GuestExit, MachineConfig};
+pub use machine::{BASE_CMDLINE, ConsoleMode, DiskConfig, GuestExit, MachineConfig};
 
 use builder::{BuildError, SerialSinks};
 use cela_guest::{ControlMessage, ControlParser};

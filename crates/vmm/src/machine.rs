@@ -24,6 +24,33 @@ pub struct MachineConfig {
     pub initrd: Option<PathBuf>,
     /// The whole kernel command line, [`BASE_CMDLINE`] included.
     pub cmdline: String,
+    /// Raw disk images, in the order the guest sees them (/dev/vda, /dev/vdb, …).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A raw disk image the guest sees as a virtio block device (`--disk PATH[,ro]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// The guest cannot write to it (VIRTIO_BLK_F_RO) and cela opens it read-only.
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// Parses `PATH[,ro]`: a trailing `,ro` makes the disk read-only; anything else is the
+    /// path (so a path may itself contain commas).
+    pub fn parse(arg: &str) -> DiskConfig {
+        match arg.strip_suffix(",ro") {
+            Some(path) => DiskConfig {
+                path: path.into(),
+                read_only: true,
+            },
+            None => DiskConfig {
+                path: arg.into(),
+                read_only: false,
+            },
+        }
+    }
 }
 
 /// How the guest's console (COM1) meets the host's terminal.
@@ -77,5 +104,28 @@ impl GuestExit {
             GuestExit::Detached => Some("detached from the console; the VM was stopped"),
             GuestExit::Interrupted(_) => Some("interrupted; the VM was stopped"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_argument_with_and_without_ro() {
+        assert_eq!(
+            DiskConfig::parse("/a/b.img"),
+            DiskConfig {
+                path: "/a/b.img".into(),
+                read_only: false
+            }
+        );
+        assert_eq!(
+            DiskConfig::parse("/a/b,c.img,ro"),
+            DiskConfig {
+                path: "/a/b,c.img".into(),
+                read_only: true
+            }
+        );
     }
 }

@@ -207,6 +207,20 @@ pub fn qemu_args(
     push(&["-chardev", &format!("socket,id=monitor,fd={}", fds.monitor)]);
     push(&["-mon", "chardev=monitor,mode=control"]);
     push(&["-device", "pvpanic"]);
+    // Disks: virtio-blk on microvm's virtio-mmio transports, in order (vda, vdb, …), as
+    // virtio 1.x devices like cela's own. QEMU's option syntax escapes a comma by doubling it.
+    if !config.disks.is_empty() {
+        push(&["-global", "virtio-mmio.force-legacy=false"]);
+    }
+    for (n, disk) in config.disks.iter().enumerate() {
+        let path = utf8("disk", &disk.path)?.replace(',', ",,");
+        let readonly = if disk.read_only { "on" } else { "off" };
+        push(&[
+            "-drive",
+            &format!("file={path},format=raw,if=none,id=d{n},readonly={readonly}"),
+        ]);
+        push(&["-device", &format!("virtio-blk-device,drive=d{n}")]);
+    }
     Ok(args)
 }
 
@@ -577,6 +591,7 @@ mod tests {
             kernel: "/boot/vmlinuz".into(),
             initrd: initrd.map(PathBuf::from),
             cmdline: "console=ttyS0 quiet cela.cmd=c2gA ".into(),
+            disks: vec![],
         }
     }
 
@@ -642,6 +657,32 @@ mod tests {
         );
         assert_eq!(value(&args, "-mon"), Some("chardev=monitor,mode=control"));
         assert_eq!(value(&args, "-initrd"), None);
+    }
+
+    #[test]
+    fn disks_are_virtio_1_block_devices_in_order() {
+        let mut c = config(None);
+        assert_eq!(value(&qemu_args(&c, FDS, 1).unwrap(), "-global"), None);
+        c.disks = vec![
+            crate::DiskConfig::parse("/d/a.img"),
+            crate::DiskConfig::parse("/d/b,c.img,ro"),
+        ];
+        let args = qemu_args(&c, FDS, 1).unwrap();
+        assert_eq!(
+            value(&args, "-global"),
+            Some("virtio-mmio.force-legacy=false")
+        );
+        assert_eq!(
+            values(&args, "-drive"),
+            [
+                "file=/d/a.img,format=raw,if=none,id=d0,readonly=off",
+                "file=/d/b,,c.img,format=raw,if=none,id=d1,readonly=on"
+            ]
+        );
+        assert_eq!(
+            &values(&args, "-device")[2..],
+            ["virtio-blk-device,drive=d0", "virtio-blk-device,drive=d1"]
+        );
     }
 
     #[test]
@@ -745,6 +786,7 @@ mod tests {
                 kernel: kernel.clone().into(),
                 initrd: Some(initrd.clone().into()),
                 cmdline: format!("{} {}", crate::BASE_CMDLINE, request.to_kernel_params()),
+                disks: vec![],
             };
             run(&config, ConsoleMode::Stream).unwrap()
         };

@@ -20,6 +20,7 @@
 //! A malformed request fails that request; a broken ring marks the device DEVICE_NEEDS_RESET
 //! (§2.1.1). Neither stops the VMM.
 
+pub mod block;
 pub mod event_loop;
 pub mod mmio;
 pub mod rng;
