@@ -414,16 +414,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, active: ActiveDevice) -> Result<(), ActivateError> {
-        match active.queues.first() {
-            None => {
-                return Err(ActivateError::QueueCount {
-                    got: active.queues.len(),
-                    want: 1,
-                });
-            }
-            Some(q) if !q.ready() => return Err(ActivateError::QueueNotReady(0)),
-            Some(_) => {}
-        }
+        active.require_queues(1)?;
         self.active = Some(active);
         Ok(())
     }

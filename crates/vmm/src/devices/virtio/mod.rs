@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +51,23 @@ pub struct ActiveDevice {
     /// The features both sides agreed on.
     pub acked_features: u64,
     pub interrupt: Arc<Interrupt>,
+}
+
+impl ActiveDevice {
+    /// Checks that the driver set up and readied the first `want` queues, which a device
+    /// needs before it can run.
+    pub fn require_queues(&self, want: usize) -> Result<(), ActivateError> {
+        if self.queues.len() < want {
+            return Err(ActivateError::QueueCount {
+                got: self.queues.len(),
+                want,
+            });
+        }
+        match self.queues.iter().take(want).position(|q| !q.ready()) {
+            Some(index) => Err(ActivateError::QueueNotReady(index)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A virtio device, whatever transport it sits on (§5).
