@@ -32,8 +32,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{ActivateError, ActiveDevice, VirtioDevice, read_config_bytes};
@@ -445,21 +445,9 @@ impl Block {
         let Some(queue) = queues.get_mut(0) else {
             return;
         };
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let len = self.serve(mem, chain);
-            if let Err(e) = queue.add_used(&*mem, head, len) {
-                // The used ring itself is unusable: only a reset can recover.
-                tracing::warn!("virtio-blk: cannot return a request: {e}");
-                interrupt.set_needs_reset();
-                return;
-            }
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
+        super::serve_queue("virtio-blk", queue, mem, interrupt, |chain| {
+            self.serve(mem, chain)
+        });
     }
 }
 

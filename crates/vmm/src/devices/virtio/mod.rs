@@ -70,6 +70,34 @@ impl ActiveDevice {
     }
 }
 
+/// Serves every available chain of `queue` with `serve` (which returns the number of bytes it
+/// wrote into the chain), returns each chain to the used ring, and interrupts the driver once
+/// if it asked to be told (§2.7.7). A used ring that cannot be written marks the device
+/// DEVICE_NEEDS_RESET, since only a reset can recover from that. `device` names the device in
+/// logs.
+pub fn serve_queue(
+    device: &str,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
+    let mut used_any = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let written = serve(chain);
+        if let Err(e) = queue.add_used(mem, head, written) {
+            tracing::warn!("{device}: cannot return a buffer: {e}");
+            interrupt.set_needs_reset();
+            return;
+        }
+        used_any = true;
+    }
+    if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
+}
+
 /// A virtio device, whatever transport it sits on (§5).
 pub trait VirtioDevice: Send {
     /// The device ID (§5, e.g. 4 for an entropy device).

@@ -7,7 +7,6 @@
 use std::io::Write;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::QueueT;
 
 use super::{ActivateError, ActiveDevice, VirtioDevice};
 
@@ -89,12 +88,10 @@ impl VirtioDevice for Rng {
         let Some(queue) = queues.get_mut(index).filter(|_| index == 0) else {
             return;
         };
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
+        super::serve_queue("virtio-rng", queue, mem, interrupt, |chain| {
             // A chain whose buffers are not in guest memory (or not writable) fails this
             // request: it is returned with nothing written.
-            let written = match chain.writer(mem) {
+            match chain.writer(mem) {
                 Ok(mut w) => {
                     let mut bytes = vec![0u8; w.available_bytes().min(MAX_REQUEST_BYTES)];
                     match host_random(&mut bytes).and_then(|()| w.write_all(&bytes)) {
@@ -109,18 +106,8 @@ impl VirtioDevice for Rng {
                     tracing::debug!("virtio-rng: malformed request: {e}");
                     0
                 }
-            };
-            if let Err(e) = queue.add_used(&*mem, head, written) {
-                // The used ring itself is unusable: only a reset can recover.
-                tracing::warn!("virtio-rng: cannot return a buffer: {e}");
-                interrupt.set_needs_reset();
-                return;
             }
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
+        });
     }
 }
 
