@@ -233,6 +233,14 @@ fn virtio_devices(
                 Box::new(move || crate::devices::bus::lock(&device).process_queue(index)),
             );
         }
+        let host_fds = crate::devices::bus::lock(&device).host_fds();
+        for (fd, token) in host_fds {
+            let device = device.clone();
+            event_loop.add_fd(
+                fd,
+                Box::new(move || crate::devices::bus::lock(&device).process_host_event(token)),
+            );
+        }
         mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_STRIDE)?;
         aml.push(Box::new(VirtioMmioAml {
             base: base as u32,

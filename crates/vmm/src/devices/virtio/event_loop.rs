@@ -4,10 +4,16 @@
 //! happens off the vCPU threads, and a guest notification costs no exit to userspace on the
 //! vCPU that made it.
 //!
+//! Devices with host-side I/O (a TAP device, Unix sockets) also register those file
+//! descriptors ([`EventLoop::add_fd`]), edge-triggered: a device that cannot take all the
+//! data now (the guest gave no receive buffers) leaves it and retries when the guest adds
+//! buffers, instead of the loop spinning on a readable fd. A device whose set of host fds changes at run time (one socket per vsock
+//! connection) keeps its own epoll and registers that one fd here.
+//!
 //! Handlers are registered before the loop starts; the loop runs until its handle is dropped.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -16,10 +22,18 @@ use vmm_sys_util::eventfd::EventFd;
 /// What runs when an eventfd is signalled.
 pub type Handler = Box<dyn FnMut() + Send>;
 
+/// What the loop waits on.
+enum Source {
+    /// A counter the loop resets before running the handler.
+    EventFd(EventFd),
+    /// A host fd owned by the device; the handler drains it.
+    Fd(RawFd),
+}
+
 /// An event loop being assembled: eventfds and their handlers.
 #[derive(Default)]
 pub struct EventLoop {
-    sources: Vec<(EventFd, Handler)>,
+    sources: Vec<(Source, Handler)>,
 }
 
 impl EventLoop {
@@ -30,7 +44,15 @@ impl EventLoop {
     /// Runs `handler` each time `evt` is signalled (several signals between two runs of the
     /// loop coalesce into one call).
     pub fn add(&mut self, evt: EventFd, handler: Handler) {
-        self.sources.push((evt, handler));
+        self.sources.push((Source::EventFd(evt), handler));
+    }
+
+    /// Runs `handler` when `fd` becomes readable or writable (edge-triggered: data the handler
+    /// leaves unread is not signalled again until more arrives). The fd stays owned by whoever
+    /// registered it and must stay open while the loop runs (a device's handler holds the
+    /// device, and with it the fd).
+    pub fn add_fd(&mut self, fd: RawFd, handler: Handler) {
+        self.sources.push((Source::Fd(fd), handler));
     }
 
     /// Starts the loop on its own thread.
@@ -43,11 +65,15 @@ impl EventLoop {
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, stop_token),
         )?;
-        for (token, (evt, _)) in self.sources.iter().enumerate() {
+        for (token, (source, _)) in self.sources.iter().enumerate() {
+            let (fd, events) = match source {
+                Source::EventFd(evt) => (evt.as_raw_fd(), EventSet::IN),
+                Source::Fd(fd) => (*fd, EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED),
+            };
             epoll.ctl(
                 ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token as u64),
+                fd,
+                EpollEvent::new(events, token as u64),
             )?;
         }
         let stop_clone = stop.try_clone()?;
@@ -62,7 +88,7 @@ impl EventLoop {
     }
 }
 
-fn run(epoll: Epoll, sources: &mut [(EventFd, Handler)], stop_token: u64, _stop: EventFd) {
+fn run(epoll: Epoll, sources: &mut [(Source, Handler)], stop_token: u64, _stop: EventFd) {
     let mut events = vec![EpollEvent::default(); sources.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -78,12 +104,14 @@ fn run(epoll: Epoll, sources: &mut [(EventFd, Handler)], stop_token: u64, _stop:
             if token == stop_token {
                 return;
             }
-            if let Some((evt, handler)) =
+            if let Some((source, handler)) =
                 usize::try_from(token).ok().and_then(|t| sources.get_mut(t))
             {
                 // Consume the count first: a signal arriving while the handler runs makes
                 // the fd readable again and is handled on the next pass.
-                let _ = evt.read();
+                if let Source::EventFd(evt) = source {
+                    let _ = evt.read();
+                }
                 handler();
             }
         }
@@ -140,5 +168,33 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)),
             Err(mpsc::RecvTimeoutError::Disconnected)
         );
+    }
+
+    #[test]
+    fn host_fd_handlers_run_when_data_arrives() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        guest_side.set_nonblocking(true).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut el = EventLoop::new();
+        let fd = guest_side.as_raw_fd();
+        let mut reader = guest_side;
+        el.add_fd(
+            fd,
+            Box::new(move || {
+                let mut buf = [0u8; 16];
+                while let Ok(n @ 1..) = reader.read(&mut buf) {
+                    tx.send(buf[..n].to_vec()).unwrap();
+                }
+            }),
+        );
+        let handle = el.start().unwrap();
+        host.write_all(b"ping").unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(b"ping".to_vec())
+        );
+        drop(handle);
     }
 }

@@ -25,6 +25,7 @@ pub mod event_loop;
 pub mod mmio;
 pub mod rng;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -118,6 +119,16 @@ pub trait VirtioDevice: Send {
     /// The driver notified queue `index`: process what it made available. Called on the
     /// device event-loop thread; does nothing unless the device is active.
     fn process_queue(&mut self, index: usize);
+    /// Host file descriptors the device serves besides its queues (a TAP device, a socket),
+    /// each with a token for [`VirtioDevice::process_host_event`]. Asked once, when the
+    /// machine is built; each fd must stay open as long as the device.
+    fn host_fds(&self) -> Vec<(RawFd, u32)> {
+        Vec::new()
+    }
+    /// Host fd `token` became readable or writable (edge-triggered: what the device leaves
+    /// unread now is not signalled again until more arrives, so it retries on its own, e.g.
+    /// when the guest adds buffers). Called on the device event-loop thread.
+    fn process_host_event(&mut self, _token: u32) {}
 }
 
 /// A device's interrupt: the interrupt status bits the driver reads (§4.2.2 InterruptStatus;
