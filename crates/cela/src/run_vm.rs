@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cela_guest::BootRequest;
+use cela_guest::{BootRequest, ROOTFS_SERIAL};
 use cela_vmm::{BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig};
 use clap::{Args, ValueEnum};
 
@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// guest sees them as /dev/vda, /dev/vdb, … in this order).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// An ext4 image to use as the guest's root filesystem: the command runs in it (read-only
+    /// with `,ro`). It is one more disk after the `--disk` ones, found by its serial.
+    #[arg(long, value_name = "IMAGE[,ro]")]
+    rootfs: Option<String>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -106,7 +110,15 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
     }
     // Disks are checked (opened as asked, none shared read-write) before anything else is
     // chosen, fetched or created.
-    let disks: Vec<DiskConfig> = args.disks.iter().map(|d| DiskConfig::parse(d)).collect();
+    let mut disks: Vec<DiskConfig> = args.disks.iter().map(|d| DiskConfig::parse(d)).collect();
+    if let Some(arg) = &args.rootfs {
+        let rootfs = DiskConfig {
+            serial: Some(ROOTFS_SERIAL.to_owned()),
+            ..DiskConfig::parse(arg)
+        };
+        cela_vmm::config::check_rootfs(&rootfs.path)?;
+        disks.push(rootfs);
+    }
     cela_vmm::config::open_disks(&disks)?;
     let launched = Instant::now();
     let (engine, note) =
@@ -118,6 +130,7 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
     let request = BootRequest {
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         env: args.env.clone(),
+        root: args.rootfs.as_ref().map(|_| ROOTFS_SERIAL.to_owned()),
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {
