@@ -225,6 +225,27 @@ fn qemu_fallback_boots_a_rootfs_and_keeps_what_it_writes() {
         assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
         text(&out.stdout)
     };
+    // Read-only, an image without the mount points cela-init moves into it cannot be used.
+    let out = run_cela(&[
+        "run",
+        "--vm",
+        "--engine",
+        "qemu",
+        "--kernel",
+        k,
+        "--initrd",
+        i,
+        "--rootfs",
+        &format!("{img},ro"),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stdout).contains("the root filesystem has no /proc directory"),
+        "{}",
+        text(&out.stdout)
+    );
     // The command runs in the image, on a read-write root; --disk keeps /dev/vda and the
     // rootfs disk comes after it, each with its serial.
     let out = run(
