@@ -1,0 +1,23 @@
+//! cela's images: a content-addressed store of OCI images, filled by pulling from registries or
+//! importing archives, and the unpacking the instance code builds root file systems from.
+//!
+//! * [`reference`]: `[registry/]repository[:tag][@digest]`, normalized as Docker does.
+//! * [`digest`]: sha256 digests and verification while streaming.
+//! * [`store`]: blobs, the image index, locks and garbage collection ([`Store`]).
+//! * [`pull`]: from an OCI/Docker v2 registry ([`pull()`]).
+//! * [`import`]: OCI layouts, `docker save` archives and rootfs tarballs ([`import()`]).
+//! * [`unpack`]: layers into directory trees with whiteouts applied, safely.
+//! * [`ext4`]: an image flattened into a cached ext4 disk for microVMs.
+//! * [`config`]: how the image asks to be run ([`RunConfig`]).
+
+pub mod config;
+pub mod digest;
+mod error;
+pub mod reference;
+pub mod store;
+
+pub use config::RunConfig;
+pub use digest::Digest;
+pub use error::ImageError;
+pub use reference::Reference;
+pub use store::{ImageRecord, LayerRecord, Removed, Store};
