@@ -15,6 +15,7 @@ pub mod digest;
 mod error;
 pub mod reference;
 pub mod store;
+pub mod unpack;
 
 pub use config::RunConfig;
 pub use digest::Digest;
