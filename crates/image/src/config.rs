@@ -28,6 +28,12 @@ impl RunConfig {
         Ok(RunConfig::from(&cfg))
     }
 
+    /// The run settings of a stored image.
+    pub fn of(store: &crate::Store, image: &crate::ImageRecord) -> Result<RunConfig, ImageError> {
+        let bytes = store.read_blob(&image.config)?;
+        RunConfig::from_config_json(&format!("config {}", image.config), &bytes)
+    }
+
     /// The command line to run: the entrypoint followed by `cmd` (the caller's if given,
     /// otherwise the image's), as Docker combines them.
     pub fn argv(&self, cmd: &[String]) -> Vec<String> {
