@@ -27,7 +27,7 @@ pub const MAX_METADATA: u64 = 8 << 20;
 #[derive(Debug)]
 pub enum Parsed {
     Manifest(Box<ImageManifest>),
-    Index(ImageIndex),
+    Index(Box<ImageIndex>),
 }
 
 #[derive(Deserialize)]
@@ -61,7 +61,7 @@ pub fn parse(what: &str, bytes: &[u8]) -> Result<Parsed, ImageError> {
     };
     if is_index {
         ImageIndex::from_reader(bytes)
-            .map(Parsed::Index)
+            .map(|i| Parsed::Index(Box::new(i)))
             .map_err(|e| bad(format!("not an image index: {e}")))
     } else {
         ImageManifest::from_reader(bytes)

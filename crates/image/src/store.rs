@@ -378,10 +378,9 @@ fn find(images: &[ImageRecord], input: &str) -> Result<usize, ImageError> {
     if let Ok(r) = &parsed {
         if let Some(name) = r.name()
             && let Some(i) = images.iter().position(|i| i.names.contains(&name))
+            && r.digest.as_ref().is_none_or(|d| *d == images[i].digest)
         {
-            if r.digest.as_ref().is_none_or(|d| *d == images[i].digest) {
-                return Ok(i);
-            }
+            return Ok(i);
         }
         if r.tag.is_none()
             && let Some(d) = &r.digest
@@ -409,8 +408,8 @@ fn find(images: &[ImageRecord], input: &str) -> Result<usize, ImageError> {
                 });
             }
         }
-    } else if let Err(e) = parsed {
-        return Err(e);
+    } else {
+        parsed?;
     }
     Err(ImageError::UnknownImage(input.to_owned()))
 }
