@@ -27,6 +27,21 @@ pub enum ImageCommand {
         #[arg(long, value_name = "NAME[:TAG]")]
         name: Option<String>,
     },
+    /// Build an image: `debian` makes a minimal Debian root file system with debootstrap
+    /// (needs root and a reachable Debian mirror), stored as `debian:SUITE`.
+    Build {
+        #[arg(value_enum)]
+        distro: Distro,
+        /// The Debian suite.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// The Debian mirror debootstrap fetches from.
+        #[arg(long, default_value = cela_image::debootstrap::DEFAULT_MIRROR, value_name = "URL")]
+        mirror: String,
+        /// Name the image NAME[:TAG] (default: debian:SUITE).
+        #[arg(long, value_name = "NAME[:TAG]")]
+        name: Option<String>,
+    },
     /// List stored images.
     #[command(alias = "list")]
     Ls {
@@ -42,6 +57,11 @@ pub enum ImageCommand {
         #[arg(value_name = "REF", required = true)]
         references: Vec<String>,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Distro {
+    Debian,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -100,6 +120,23 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     human_size(rec.size)
                 );
             }
+        }
+        ImageCommand::Build {
+            distro: Distro::Debian,
+            suite,
+            mirror,
+            name,
+        } => {
+            let started = std::time::Instant::now();
+            let rec =
+                cela_image::build_debian(&store, &suite, &mirror, name.as_deref(), &progress())?;
+            println!(
+                "built {} {} ({}) in {:.0}s",
+                rec.familiar_names().join(", "),
+                rec.digest,
+                human_size(rec.size),
+                started.elapsed().as_secs_f64()
+            );
         }
         ImageCommand::Ls { format } => {
             let images = store.list()?;

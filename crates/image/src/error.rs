@@ -70,7 +70,11 @@ pub enum ImageError {
         source: io::Error,
     },
 
-    /// An external tool (mkfs.ext4) failed.
+    /// An image cannot be built as asked.
+    #[error("cela image build: {0}")]
+    Build(String),
+
+    /// An external tool (mkfs.ext4, debootstrap, tar) failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Tool {
         command: String,

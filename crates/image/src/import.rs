@@ -28,9 +28,6 @@ use crate::progress::{Counting, Progress};
 use crate::unpack::{Compression, open_layer, safe_relative};
 use crate::{Digest, ImageError, ImageRecord, Reference, Store};
 
-/// The PATH a rootfs tarball's synthesized config gives (Docker's default).
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// Imports the image(s) at `path` into `store`, naming them `name` (`NAME[:TAG]`) if given,
 /// else by the names the archive carries. Returns the stored records.
 pub fn import(
@@ -292,32 +289,17 @@ impl Importer<'_> {
         let what = format!("rootfs tarball {}", self.label.display());
         let layer = self.put_counted(&what, &mut f, None, size)?;
         let diff_id = diff_id.unwrap_or_else(|| layer.clone());
-        let config = serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": [DEFAULT_PATH], "Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
-            "history": [{"created_by": "cela image import (rootfs tarball)"}],
-        });
-        let cfg_bytes = serde_json::to_vec(&config).expect("JSON values serialize");
-        let config = self
-            .store
-            .put_bytes(&format!("config of {what}"), &cfg_bytes, None)?;
-        let bytes = manifest::synthesize(
-            (&config, cfg_bytes.len() as u64),
-            &[(layer, size, c.oci_media_type())],
-        );
-        let digest = self
-            .store
-            .put_bytes(&format!("manifest of {what}"), &bytes, None)?;
-        let Parsed::Manifest(m) = manifest::parse(&what, &bytes)? else {
-            unreachable!("a synthesized manifest is a manifest")
-        };
-        Ok(vec![self.commit(
-            digest,
-            &m,
+        let rec = manifest::single_layer_image(
+            self.store,
+            &what,
+            (layer, size, c.oci_media_type()),
+            &diff_id,
+            &["/bin/sh"],
+            "cela image import (rootfs tarball)",
             self.name.clone().into_iter().collect(),
-        )?])
+            self.source.clone(),
+        )?;
+        Ok(vec![rec])
     }
 
     fn check_count(&self, n: usize) -> Result<(), ImageError> {

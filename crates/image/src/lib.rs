@@ -10,9 +10,11 @@
 //! * [`unpack`]: layers into directory trees with whiteouts applied, safely.
 //! * [`rootfs`]: an image's layers as OverlayFS lower directories, or flattened ([`flatten`]).
 //! * [`ext4`]: an image flattened into a cached ext4 disk for microVMs.
+//! * [`debootstrap`]: Debian images built with debootstrap ([`build_debian`]).
 //! * [`config`]: how the image asks to be run ([`RunConfig`]).
 
 pub mod config;
+pub mod debootstrap;
 pub mod digest;
 mod error;
 pub mod ext4;
@@ -26,6 +28,7 @@ pub mod store;
 pub mod unpack;
 
 pub use config::RunConfig;
+pub use debootstrap::build_debian;
 pub use digest::Digest;
 pub use error::ImageError;
 pub use ext4::rootfs_disk;

@@ -201,6 +201,42 @@ pub fn synthesize(config: (&Digest, u64), layers: &[(Digest, u64, &str)]) -> Vec
     serde_json::to_vec(&m).expect("JSON values serialize")
 }
 
+/// The PATH of the configs cela writes (Docker's default).
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Stores a config and manifest for a one-layer image whose layer blob is stored, and records
+/// the image. `diff_id` is the digest of the uncompressed layer; the config runs `cmd` with
+/// [`DEFAULT_PATH`] and says how it was made (`created_by`). No creation time is recorded, so the
+/// same layer always makes the same image.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn single_layer_image(
+    store: &Store,
+    what: &str,
+    layer: (Digest, u64, &str),
+    diff_id: &Digest,
+    cmd: &[&str],
+    created_by: &str,
+    names: Vec<String>,
+    source: String,
+) -> Result<ImageRecord, ImageError> {
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": [DEFAULT_PATH], "Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+        "history": [{"created_by": created_by}],
+    });
+    let cfg_bytes = serde_json::to_vec(&config).expect("JSON values serialize");
+    let config = store.put_bytes(&format!("config of {what}"), &cfg_bytes, None)?;
+    let bytes = synthesize((&config, cfg_bytes.len() as u64), &[layer]);
+    let digest = store.put_bytes(&format!("manifest of {what}"), &bytes, None)?;
+    let Parsed::Manifest(m) = parse(what, &bytes)? else {
+        unreachable!("a synthesized manifest is a manifest")
+    };
+    let rec = record(store, digest, &m, names, source)?;
+    store.commit_image(rec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
