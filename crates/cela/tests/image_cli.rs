@@ -80,42 +80,76 @@ fn pull_from_a_local_registry_stores_the_verified_blobs() {
 }
 
 #[test]
+fn docker_schema2_manifests_pull_like_oci_ones() {
+    let work = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let image = busybox_image();
+    let layout = work.path().join("layout");
+    image.write_layout(&layout, "latest");
+    // skopeo converts the manifest and config media types to Docker's on the way.
+    registry.push_args(&layout, "latest", "docker:v2s2", &["--format", "v2s2"]);
+    let data = work.path().join("data");
+    cela_ok(&data, &["pull", &registry.reference("docker:v2s2")]);
+    let ls = ls_json(&data);
+    assert_eq!(
+        ls[0]["layers"][0]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    assert_eq!(
+        ls[0]["layers"][0]["digest"],
+        image.layers[0].digest().to_string()
+    );
+    let manifest = fs::read(
+        data.join("images/blobs/sha256").join(
+            ls[0]["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:"),
+        ),
+    )
+    .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+}
+
+#[test]
 fn pull_by_digest_and_through_a_multi_arch_index() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let image = busybox_image();
-    let layout = work.path().join("layout");
-    image.write_layout(&layout, "latest");
-    // Turn the layout's index into a multi-arch one: an arm64 entry first, then amd64.
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "digest": "", "size": 0,
-            "annotations": {"org.opencontainers.image.ref.name": "multi"}}]});
-    let inner = serde_json::to_vec(&serde_json::json!({
+    // Another image stands in for the arm64 one (its content does not matter).
+    let arm = TestImage::new(vec![layer(&[Entry::File("arm64", b"not for us")])], &["/x"]);
+    // Both images pushed by skopeo, then a multi-arch index over them (arm64 first) put
+    // under the tag by hand: skopeo 1.9 resolves a nested index in an OCI layout to this
+    // machine's image instead of copying the index.
+    for (img, tag) in [(&arm, "arm"), (&image, "amd")] {
+        let layout = work.path().join(tag);
+        img.write_layout(&layout, tag);
+        registry.push(&layout, tag, &format!("multi:{tag}"));
+    }
+    let entry = |m: &TestImage, arch: &str| {
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": m.digest().to_string(), "size": m.manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"}})
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-             "digest": cela_image::Digest::of(b"missing arm64").to_string(), "size": 13,
-             "platform": {"architecture": "arm64", "os": "linux"}},
-            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-             "digest": image.digest().to_string(), "size": image.manifest.len(),
-             "platform": {"architecture": "amd64", "os": "linux"}}]}))
+        "manifests": [entry(&arm, "arm64"), entry(&image, "amd64")]}))
     .unwrap();
-    let inner_digest = cela_image::Digest::of(&inner);
-    fs::write(layout.join("blobs/sha256").join(inner_digest.hex()), &inner).unwrap();
-    let mut index = index;
-    index["manifests"][0]["digest"] = inner_digest.to_string().into();
-    index["manifests"][0]["size"] = inner.len().into();
-    fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
-    // skopeo copies the index and the manifest of this machine's platform.
-    registry.push(&layout, "multi", "multi:1");
+    registry.put_manifest(
+        "multi",
+        "1",
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+    );
+    assert_eq!(
+        registry.tag_target("multi", "1"),
+        cela_image::Digest::of(&index)
+    );
 
     let data = work.path().join("data");
     cela_ok(&data, &["pull", &registry.reference("multi:1")]);
@@ -125,6 +159,7 @@ fn pull_by_digest_and_through_a_multi_arch_index() {
         image.digest().to_string(),
         "the amd64 manifest was chosen"
     );
+    assert!(!stored_blobs(&data).contains(&arm.layers[0].digest().hex().to_owned()));
 
     // By digest: stored without a name, found by digest prefix.
     let data2 = work.path().join("data2");

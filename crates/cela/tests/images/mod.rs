@@ -331,6 +331,11 @@ impl Registry {
 
     /// Pushes the OCI layout `dir` (tag `tag`) as `repo_tag` with skopeo.
     pub fn push(&self, dir: &Path, tag: &str, repo_tag: &str) {
+        self.push_args(dir, tag, repo_tag, &[]);
+    }
+
+    /// The same, with more `skopeo copy` flags.
+    pub fn push_args(&self, dir: &Path, tag: &str, repo_tag: &str, extra: &[&str]) {
         assert!(
             which("skopeo"),
             "the registry tests need skopeo: install it (scripts/deps)"
@@ -342,6 +347,7 @@ impl Registry {
                 "--quiet",
                 "--dest-tls-verify=false",
             ])
+            .args(extra)
             .arg(format!("oci:{}:{tag}", dir.display()))
             .arg(format!("docker://{}", self.reference(repo_tag)))
             .stdin(Stdio::null())
@@ -352,6 +358,38 @@ impl Registry {
             "skopeo copy: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Puts a manifest (or index) under `repo:tag` over the registry API.
+    pub fn put_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "PUT /v2/{repo}/manifests/{tag} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.0 201") || reply.starts_with("HTTP/1.1 201"),
+            "PUT manifest: {reply}"
+        );
+    }
+
+    /// The manifest digest a tag points at (from the registry's storage).
+    pub fn tag_target(&self, repo: &str, tag: &str) -> Digest {
+        let link = self
+            .dir
+            .path()
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_manifests/tags")
+            .join(tag)
+            .join("current/link");
+        fs::read_to_string(&link).unwrap().trim().parse().unwrap()
     }
 
     /// Where the registry keeps a blob's bytes (docker-registry's filesystem driver layout).
