@@ -108,7 +108,28 @@ pub struct Store {
 /// A held flock, released when dropped (or when the process dies).
 #[derive(Debug)]
 pub struct StoreLock {
-    _file: File,
+    file: File,
+    path: PathBuf,
+}
+
+impl StoreLock {
+    fn relock(&self, how: libc::c_int) -> Result<(), ImageError> {
+        loop {
+            match flock(&self.file, how) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r.at("locking", &self.path),
+            }
+        }
+    }
+}
+
+fn flock(file: &File, how: libc::c_int) -> io::Result<()> {
+    // SAFETY: flock on a descriptor the caller owns.
+    if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 impl Store {
@@ -156,9 +177,24 @@ impl Store {
     }
 
     /// Takes the store's content lock shared: held while adding blobs or caches, so that a
-    /// concurrent `remove` waits before collecting garbage.
+    /// concurrent `remove` waits before collecting garbage. When no other cela process holds
+    /// it, leftovers of killed processes in `tmp/` are cleared first.
     pub fn content_lock(&self) -> Result<StoreLock, ImageError> {
-        self.lock("gc.lock", libc::LOCK_SH)
+        match self.lock("gc.lock", libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(lock) => {
+                for (path, _) in entries(&self.tmp_dir())? {
+                    remove_any(&path)?;
+                }
+                // Converting to shared is not atomic, but nothing is written yet: a `remove`
+                // slipping in between only collects garbage.
+                lock.relock(libc::LOCK_SH)?;
+                Ok(lock)
+            }
+            Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
+                self.lock("gc.lock", libc::LOCK_SH)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn lock(&self, name: &str, how: libc::c_int) -> Result<StoreLock, ImageError> {
@@ -170,13 +206,10 @@ impl Store {
             .open(&path)
             .at("opening lock file", &path)?;
         loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
-                return Ok(StoreLock { _file: file });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e).at("locking", path);
+            match flock(&file, how) {
+                Ok(()) => return Ok(StoreLock { file, path }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).at("locking", path),
             }
         }
     }
@@ -616,6 +649,33 @@ mod tests {
             store.resolve("b:1"),
             Err(ImageError::UnknownImage(_))
         ));
+    }
+
+    #[test]
+    fn concurrent_writers_lose_no_record_and_stale_temp_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(store.tmp_dir().join("blob-left-by-a-killed-pull"), b"x").unwrap();
+        drop(store.content_lock().unwrap());
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let store = Store::open(dir.path()).unwrap();
+                s.spawn(move || {
+                    let _lock = store.content_lock().unwrap();
+                    let name = format!("docker.io/library/t{t}:latest");
+                    let rec = record(&store, &[&name], format!("layer {t}").as_bytes());
+                    store.commit_image(rec).unwrap();
+                });
+            }
+        });
+        assert_eq!(store.list().unwrap().len(), 8);
+        // A holder of the content lock keeps tmp/ from being cleared by another.
+        let held = store.content_lock().unwrap();
+        fs::write(store.tmp_dir().join("in-progress"), b"x").unwrap();
+        drop(store.content_lock().unwrap());
+        assert!(store.tmp_dir().join("in-progress").exists());
+        drop(held);
     }
 
     #[test]
