@@ -465,3 +465,41 @@ fn two_images_sharing_a_layer_store_it_once() {
     cela_ok(&data, &["image", "rm", "b"]);
     assert!(stored_blobs(&data).is_empty());
 }
+
+#[test]
+fn a_docker_archive_written_by_skopeo_imports() {
+    let work = tempfile::tempdir().unwrap();
+    let image = busybox_image();
+    let layout = work.path().join("layout");
+    image.write_layout(&layout, "latest");
+    // skopeo writes Docker's legacy `docker save` format: `<diff_id>.tar` layers, a config
+    // named by its digest, and `<id>/layer.tar` symlinks.
+    let archive = work.path().join("docker-archive.tar");
+    let out = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--quiet"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!(
+            "docker-archive:{}:saved/busybox:1",
+            archive.display()
+        ))
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = work.path().join("data");
+    cela_ok(&data, &["image", "import", archive.to_str().unwrap()]);
+    let ls = ls_json(&data);
+    assert_eq!(ls[0]["names"][0], "docker.io/saved/busybox:1");
+    assert_eq!(
+        ls[0]["layers"][0]["digest"],
+        image.layers[0].diff_id().to_string(),
+        "the uncompressed layer, named by its diff_id"
+    );
+    assert_eq!(
+        ls[0]["config"],
+        cela_image::Digest::of(&image.config).to_string()
+    );
+}
