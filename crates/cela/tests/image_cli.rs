@@ -70,6 +70,38 @@ fn pull_from_a_local_registry_stores_the_verified_blobs() {
         "{table}"
     );
 
+    // A several-layer image pulls its layers (concurrently) and records them in order; the
+    // busybox layer is already there.
+    let layers = vec![
+        busybox_layer(),
+        layer(&[Entry::File("one", &[1u8; 300_000])]),
+        layer(&[Entry::File("two", &[2u8; 200_000])]),
+        layer(&[Entry::File("three", b"3")]),
+    ];
+    let many = TestImage::new(layers, &["/bin/sh"]);
+    let many_layout = work.path().join("many");
+    many.write_layout(&many_layout, "latest");
+    registry.push(&many_layout, "latest", "many:latest");
+    cela_ok(&data, &["pull", &registry.reference("many:latest")]);
+    let rec = ls_json(&data)
+        .into_iter()
+        .find(|r| r["digest"] == many.digest().to_string())
+        .expect("the several-layer image is listed");
+    let digests: Vec<String> = rec["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = many.layers.iter().map(|l| l.digest().to_string()).collect();
+    assert_eq!(digests, want);
+    assert_eq!(
+        stored_blobs(&data).len(),
+        3 + 5,
+        "busybox's layer is shared"
+    );
+    cela_ok(&data, &["image", "rm", &registry.reference("many:latest")]);
+
     // Pulling again changes nothing; rm deletes every blob.
     cela_ok(&data, &["pull", &reference]);
     assert_eq!(stored_blobs(&data), expected);

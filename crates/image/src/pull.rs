@@ -6,7 +6,7 @@
 //! digest and verified. The config and each layer not already in the store stream into a
 //! [`BlobWriter`](crate::store::BlobWriter) and are stored only when their digest and size match
 //! the manifest's descriptor; a failed pull leaves no blob behind (only complete, verified blobs,
-//! which a later pull reuses).
+//! which a later pull reuses). Layers download three at a time.
 //!
 //! Registries on this machine (`localhost`, 127.0.0.0/8, `::1`) are spoken to over plain HTTP, as
 //! Docker does by default; all others over HTTPS (rustls with the ring provider, the system's
@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -25,6 +25,9 @@ use crate::error::IoContext;
 use crate::manifest::{self, ACCEPTED, Parsed};
 use crate::progress::Progress;
 use crate::{Digest, ImageError, ImageRecord, Reference, Store};
+
+/// How many layers download at once.
+const PARALLEL_LAYERS: usize = 3;
 
 /// Pulls `reference` into `store` and names it by the reference's tag.
 pub fn pull(
@@ -155,10 +158,17 @@ impl<'a> Puller<'a> {
         let _lock = self.store.content_lock()?;
         self.fetch(m.config(), &format!("config of {what}")).await?;
         let n = m.layers().len();
-        for (i, l) in m.layers().iter().enumerate() {
-            self.fetch(l, &format!("layer {}/{n} of {what}", i + 1))
-                .await?;
-        }
+        let layers: Vec<(&Descriptor, String)> = m
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l, format!("layer {}/{n} of {what}", i + 1)))
+            .collect();
+        // Up to PARALLEL_LAYERS downloads at once; the first failure drops the others (and
+        // with them their unfinished temporary blobs).
+        futures_util::stream::iter(layers.iter().map(Ok))
+            .try_for_each_concurrent(PARALLEL_LAYERS, |(l, w)| self.fetch(l, w))
+            .await?;
         self.store
             .put_bytes(&format!("manifest of {what}"), &bytes, Some(&digest))?;
         let rec = manifest::record(
