@@ -1,7 +1,8 @@
 //! `cela`: the command line. It parses arguments, turns them into the libraries' requests and
-//! prints results; the mechanisms live in the `cela-vmm`, `cela-assets` and `cela-guest`
-//! crates.
+//! prints results; the mechanisms live in the `cela-vmm`, `cela-assets`, `cela-guest` and
+//! `cela-image` crates.
 
+mod image_cmd;
 mod paths;
 mod run_vm;
 
@@ -33,6 +34,11 @@ struct Cli {
 enum Command {
     /// Run a command in a new instance (with --vm: a microVM booting a stock Linux kernel).
     Run(run_vm::RunArgs),
+    /// Pull an image from an OCI/Docker registry into the image store.
+    Pull(image_cmd::PullArgs),
+    /// Manage stored images (import, ls, rm).
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,8 @@ fn main() -> ExitCode {
     let data_dir = paths::data_dir(cli.data_dir);
     let result = match cli.command {
         Command::Run(args) => run_vm::run(args, &data_dir),
+        Command::Pull(args) => image_cmd::pull(args, &data_dir),
+        Command::Image(cmd) => image_cmd::image(cmd, &data_dir),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,233 @@
+//! Pulling images from OCI / Docker v2 registries (OCI distribution spec) with `oci-client`.
+//!
+//! The manifest is fetched raw (OCI and Docker schema 2 manifests and indexes accepted) and its
+//! sha256 computed here: that digest is the image's identity, and checked against the
+//! reference's digest when it pins one. An index yields its linux/amd64 manifest, fetched by
+//! digest and verified. The config and each layer not already in the store stream into a
+//! [`BlobWriter`](crate::store::BlobWriter) and are stored only when their digest and size match
+//! the manifest's descriptor; a failed pull leaves no blob behind (only complete, verified blobs,
+//! which a later pull reuses). Layers download three at a time.
+//!
+//! Registries on this machine (`localhost`, 127.0.0.0/8, `::1`) are spoken to over plain HTTP, as
+//! Docker does by default; all others over HTTPS (rustls with the ring provider, the system's
+//! trust roots). Access is anonymous.
+
+use std::io::Write;
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_spec::image::Descriptor;
+
+use crate::error::IoContext;
+use crate::manifest::{self, ACCEPTED, Parsed};
+use crate::progress::Progress;
+use crate::{Digest, ImageError, ImageRecord, Reference, Store};
+
+/// How many layers download at once.
+const PARALLEL_LAYERS: usize = 3;
+
+/// Pulls `reference` into `store` and names it by the reference's tag.
+pub fn pull(
+    store: &Store,
+    reference: &str,
+    progress: &Progress,
+) -> Result<ImageRecord, ImageError> {
+    let r: Reference = reference.parse()?;
+    // Only the first call in a process installs it; later ones find it there.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .at("starting the network runtime for", "pull")?;
+    rt.block_on(Puller::new(store, &r, progress).run())
+}
+
+struct Puller<'a> {
+    store: &'a Store,
+    r: &'a Reference,
+    progress: &'a Progress,
+    client: oci_client::Client,
+    oref: oci_client::Reference,
+}
+
+impl<'a> Puller<'a> {
+    fn new(store: &'a Store, r: &'a Reference, progress: &'a Progress) -> Self {
+        let protocol = if r.is_loopback_registry() {
+            ClientProtocol::HttpsExcept(vec![r.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        let client = oci_client::Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(Duration::from_secs(15)),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("cela/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        });
+        let oref = match (&r.tag, &r.digest) {
+            (_, Some(d)) => oci_client::Reference::with_digest(
+                r.registry.clone(),
+                r.repository.clone(),
+                d.to_string(),
+            ),
+            (Some(t), None) => {
+                oci_client::Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone())
+            }
+            (None, None) => unreachable!("a parsed reference has a tag or a digest"),
+        };
+        Puller {
+            store,
+            r,
+            progress,
+            client,
+            oref,
+        }
+    }
+
+    fn registry_error(&self, e: &(dyn std::error::Error + 'static)) -> ImageError {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !message.contains(&s_text) {
+                message.push_str(": ");
+                message.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        ImageError::Registry {
+            registry: self.r.registry.clone(),
+            message: format!("pulling {}: {message}", self.r.familiar()),
+        }
+    }
+
+    async fn run(self) -> Result<ImageRecord, ImageError> {
+        let what = self.r.familiar();
+        let step = self.progress.step(format!("resolving {what}"));
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(&self.oref, &RegistryAuth::Anonymous, &ACCEPTED)
+            .await
+            .map_err(|e| self.registry_error(&e))?;
+        let mut digest = Digest::of(&bytes);
+        if let Some(pinned) = &self.r.digest {
+            crate::digest::verify(
+                &format!("manifest of {what}"),
+                pinned,
+                None,
+                &digest,
+                bytes.len() as u64,
+            )?;
+        }
+        let (m, bytes) = match manifest::parse(&format!("manifest of {what}"), &bytes)? {
+            Parsed::Manifest(m) => (m, bytes.to_vec()),
+            Parsed::Index(index) => {
+                let desc = manifest::pick_platform(&what, &index)?;
+                let d = manifest::digest_of(&what, desc)?;
+                let by_digest = oci_client::Reference::with_digest(
+                    self.r.registry.clone(),
+                    self.r.repository.clone(),
+                    d.to_string(),
+                );
+                let (bytes, _) = self
+                    .client
+                    .pull_manifest_raw(&by_digest, &RegistryAuth::Anonymous, &ACCEPTED)
+                    .await
+                    .map_err(|e| self.registry_error(&e))?;
+                let actual = Digest::of(&bytes);
+                let what = format!("linux/amd64 manifest of {what}");
+                crate::digest::verify(&what, &d, Some(desc.size()), &actual, bytes.len() as u64)?;
+                digest = actual;
+                match manifest::parse(&what, &bytes)? {
+                    Parsed::Manifest(m) => (m, bytes.to_vec()),
+                    Parsed::Index(_) => {
+                        return Err(ImageError::BadManifest {
+                            what,
+                            why: "an index inside an index".into(),
+                        });
+                    }
+                }
+            }
+        };
+        manifest::check_image(&what, &m)?;
+        step.done();
+
+        let _lock = self.store.content_lock()?;
+        self.fetch(m.config(), &format!("config of {what}")).await?;
+        let n = m.layers().len();
+        let layers: Vec<(&Descriptor, String)> = m
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l, format!("layer {}/{n} of {what}", i + 1)))
+            .collect();
+        // Up to PARALLEL_LAYERS downloads at once; the first failure drops the others (and
+        // with them their unfinished temporary blobs).
+        futures_util::stream::iter(layers.iter().map(Ok))
+            .try_for_each_concurrent(PARALLEL_LAYERS, |(l, w)| self.fetch(l, w))
+            .await?;
+        self.store
+            .put_bytes(&format!("manifest of {what}"), &bytes, Some(&digest))?;
+        let rec = manifest::record(
+            self.store,
+            digest,
+            &m,
+            self.r.name().into_iter().collect(),
+            format!("pull {}", self.r),
+        )?;
+        self.store.commit_image(rec)
+    }
+
+    /// Streams one blob into the store, verified; a blob already there is not fetched.
+    async fn fetch(&self, desc: &Descriptor, what: &str) -> Result<(), ImageError> {
+        let d = manifest::digest_of(what, desc)?;
+        if self.store.has_blob(&d) {
+            return Ok(());
+        }
+        let size = desc.size();
+        let step = self
+            .progress
+            .step(format!("pulling {what} ({})", d.short()));
+        step.set_total_bytes(size);
+        let oci_desc = OciDescriptor {
+            media_type: desc.media_type().to_string(),
+            digest: d.to_string(),
+            size: size as i64,
+            ..Default::default()
+        };
+        let mut stream = self
+            .client
+            .pull_blob_stream(&self.oref, &oci_desc)
+            .await
+            .map_err(|e| self.registry_error(&e))?;
+        let mut w = self.store.blob_writer()?;
+        let tmp = self.store.root().join("tmp");
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                // oci-client checks the digest too, at the end of the stream: let the store's
+                // own check name a mismatch the same way for every source.
+                Err(e) if w.written() == size => {
+                    w.commit(what, Some(&d), Some(size))?;
+                    return Err(self.registry_error(&e));
+                }
+                Err(e) => return Err(self.registry_error(&e)),
+            };
+            w.write_all(&chunk).at("writing to", &tmp)?;
+            step.set_bytes(w.written());
+            if w.written() > size {
+                return Err(ImageError::SizeMismatch {
+                    what: what.to_owned(),
+                    expected: size,
+                    actual: w.written(),
+                });
+            }
+        }
+        w.commit(what, Some(&d), Some(size))?;
+        step.done();
+        Ok(())
+    }
+}
