@@ -1,7 +1,8 @@
 //! The boot sequence of `cela-init`, from the kernel handing over PID 1 to the power-off.
 //!
 //! 1. mount the pseudo-filesystems, load the initramfs's kernel modules;
-//! 2. decode the [`BootRequest`] from `/proc/cmdline` and say `ready` on the control channel;
+//! 2. decode the [`BootRequest`] from `/proc/cmdline`, configure the network it describes, and
+//!    say `ready` on the control channel;
 //! 3. run the command with its output on the raw console, or an interactive shell;
 //! 4. report its status on the control channel and power off.
 //!
@@ -56,6 +57,14 @@ pub fn run() -> ! {
             power::power_off();
         }
     };
+    if let Some(net) = &request.net
+        && let Err(e) = super::net::configure(net)
+    {
+        say!("configuring the network: {e}");
+        control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
+        power::silence_kernel_console();
+        power::power_off();
+    }
     for entry in request.env.iter().filter(|e| split_env_entry(e).is_none()) {
         say!("warning: ignoring environment entry {entry:?} (not KEY=VALUE)");
     }
