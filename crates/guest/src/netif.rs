@@ -20,7 +20,11 @@ pub struct NetifError {
 
 impl std::fmt::Display for NetifError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} of network interface {}: {}", self.what, self.name, self.err)
+        write!(
+            f,
+            "{} of network interface {}: {}",
+            self.what, self.name, self.err
+        )
     }
 }
 
@@ -95,7 +99,9 @@ fn fail<'a>(what: &'static str, name: &'a str) -> impl FnOnce(io::Error) -> Neti
 
 /// The netmask of a `/prefix` network.
 pub fn netmask(prefix: u8) -> Ipv4Addr {
-    let bits = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+    let bits = u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0);
     Ipv4Addr::from(bits)
 }
 
@@ -166,7 +172,10 @@ mod tests {
         assert!(ifreq("").is_err());
         assert!(ifreq("a-very-long-interface-name").is_err());
         let err = set_up("a-very-long-interface-name").unwrap_err();
-        assert!(err.to_string().contains("a-very-long-interface-name"), "{err}");
+        assert!(
+            err.to_string().contains("a-very-long-interface-name"),
+            "{err}"
+        );
     }
 
     #[test]

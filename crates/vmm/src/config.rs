@@ -201,6 +201,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             disks: vec![],
+            net: None,
         }
     }
 

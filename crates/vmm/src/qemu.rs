@@ -592,6 +592,7 @@ mod tests {
             initrd: initrd.map(PathBuf::from),
             cmdline: "console=ttyS0 quiet cela.cmd=c2gA ".into(),
             disks: vec![],
+            net: None,
         }
     }
 
@@ -779,6 +780,7 @@ mod tests {
             let request = cela_guest::BootRequest {
                 command: Some(argv.iter().map(|s| s.to_string()).collect()),
                 env: vec![],
+                ..Default::default()
             };
             let config = MachineConfig {
                 vcpus: 1,
@@ -787,6 +789,7 @@ mod tests {
                 initrd: Some(initrd.clone().into()),
                 cmdline: format!("{} {}", crate::BASE_CMDLINE, request.to_kernel_params()),
                 disks: vec![],
+                net: None,
             };
             run(&config, ConsoleMode::Stream).unwrap()
         };

@@ -48,7 +48,10 @@ mod tests {
             std::fs::write(dir.path().join(name).join("address"), format!("{mac}\n")).unwrap();
         }
         let mac = [0x02, 0xce, 0x1a, 0, 0, 5];
-        assert_eq!(interface_with_mac(dir.path(), &mac).as_deref(), Some("eth0"));
+        assert_eq!(
+            interface_with_mac(dir.path(), &mac).as_deref(),
+            Some("eth0")
+        );
         assert_eq!(interface_with_mac(dir.path(), &[2, 0, 0, 0, 0, 1]), None);
         assert_eq!(interface_with_mac(&dir.path().join("none"), &mac), None);
     }
