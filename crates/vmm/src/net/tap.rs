@@ -27,6 +27,10 @@ pub enum TapError {
     OpenTun(io::Error),
     #[error("TAP device {0:?}: no such network interface")]
     NoSuchDevice(String),
+    #[error("{0:?} is a network interface but not a TAP device")]
+    NotATap(String),
+    #[error("TAP device {0:?} is in use (another process has it open)")]
+    Busy(String),
     #[error("TAP device {name:?}: cannot attach to it: {err}")]
     Attach { name: String, err: io::Error },
     #[error("cannot create a TAP device: {0}")]
@@ -82,9 +86,13 @@ impl Tap {
         }
         Self::set_iff(name).map_err(|e| match e {
             SetIff::Open(e) => TapError::OpenTun(e),
-            SetIff::Ioctl(err) => TapError::Attach {
-                name: name.to_owned(),
-                err,
+            SetIff::Ioctl(err) => match err.raw_os_error() {
+                Some(libc::EINVAL) => TapError::NotATap(name.to_owned()),
+                Some(libc::EBUSY) => TapError::Busy(name.to_owned()),
+                _ => TapError::Attach {
+                    name: name.to_owned(),
+                    err,
+                },
             },
         })
     }
@@ -234,11 +242,11 @@ mod tests {
         let mut buf = [0u8; 64];
         let err = tap.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
-        // A non-tap interface cannot be attached to as a TAP.
-        assert!(matches!(
-            Tap::open("lo").unwrap_err(),
-            TapError::Attach { .. }
-        ));
+        // A non-tap interface cannot be attached to as a TAP, nor a TAP in use.
+        let err = Tap::open("lo").unwrap_err();
+        assert!(matches!(err, TapError::NotATap(_)), "{err}");
+        let err = Tap::open(tap.name()).unwrap_err();
+        assert!(matches!(err, TapError::Busy(_)), "{err}");
         drop(tap);
         assert!(!sys.exists());
     }
