@@ -7,21 +7,21 @@
 
 #![no_main]
 
+mod common;
+
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
 use cela_vmm::devices::virtio::net::{FrameIo, Net, RX_QUEUE, TX_QUEUE};
 use cela_vmm::devices::virtio::{ActiveDevice, Interrupt, VirtioDevice};
+use common::{DESC_BYTES, descriptors, has_indirect};
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::QueueT;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -35,8 +35,6 @@ const RX_USED: u64 = 0x8000;
 const TX_USED: u64 = 0x9000;
 /// Guest memory the fuzzer fills.
 const DATA_START: u64 = 0x1_0000;
-/// Bytes of input per descriptor: addr (u64), len (u32), flags (u16), next (u16).
-const DESC_BYTES: usize = 16;
 
 /// Frames from the host, given by the fuzzer; what the guest sends is dropped.
 struct Host(VecDeque<Vec<u8>>);
@@ -57,37 +55,6 @@ impl FrameIo for Host {
     fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
         Ok(())
     }
-}
-
-fn u64_at(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
-
-fn descriptors(table: &[u8]) -> Vec<RawDescriptor> {
-    table
-        .chunks_exact(DESC_BYTES)
-        .map(|d| {
-            // Mostly addresses in the data area; the top bit of the raw address keeps it as is.
-            let raw = u64_at(d);
-            let addr = if raw >> 63 == 0 {
-                DATA_START + raw % (MEM_SIZE as u64 - DATA_START)
-            } else {
-                raw
-            };
-            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]) % 0x2_0000;
-            let flags = u16::from_le_bytes([d[12], d[13]]);
-            let next = u16::from_le_bytes([d[14], d[15]]);
-            RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-        })
-        .collect()
-}
-
-fn has_indirect(descs: &[RawDescriptor]) -> bool {
-    descs
-        .iter()
-        .any(|d| Descriptor::from(*d).flags() & VRING_DESC_F_INDIRECT as u16 != 0)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -117,7 +84,8 @@ fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let rx = MockSplitQueue::create(&mem, GuestAddress(RX_RING), QUEUE_SIZE);
     let tx = MockSplitQueue::create(&mem, GuestAddress(TX_RING), QUEUE_SIZE);
-    let (rx_descs, tx_descs) = (descriptors(rx_table), descriptors(tx_table));
+    let descs = |table| descriptors(table, DATA_START, MEM_SIZE as u64);
+    let (rx_descs, tx_descs) = (descs(rx_table), descs(tx_table));
     if rx.add_desc_chains(&rx_descs, 0).is_err() || tx.add_desc_chains(&tx_descs, 0).is_err() {
         return;
     }

@@ -10,8 +10,8 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cela_lab::{Lab, LabError, LabReport, LabRun, Scenario};
-use common::{cela, guest_assets};
+use cela_lab::LabReport;
+use common::run_lab_batch;
 
 /// `--net auto`: the guest pings L1, sends it 4 MiB and receives 4 MiB; then L1 pings the
 /// guest (at the second address of the /30 cela gave L1's TAP) and tells it to finish.
@@ -69,33 +69,34 @@ echo "after=$(ip -4 -o addr show labtap0 | awk '{print $4}')"
 tunctl -d labtap0 >/dev/null
 "#;
 
-const SCENARIOS: &[(&str, &str)] = &[("net_auto", NET_AUTO), ("net_tap", NET_TAP)];
+/// `--net auto`, then cela killed with SIGKILL (no cleanup code runs) or stopped with Ctrl-C
+/// while the guest runs: either way no TAP or address is left.
+const NET_KILLED: &str = r#"
+for sig in KILL INT; do
+  mkfifo /tmp/out_$sig
+  $CELA --net auto -- sh -c 'echo up; sleep 600' > /tmp/out_$sig & pid=$!
+  exec 3</tmp/out_$sig; read -r line <&3
+  echo "$sig: up=$line links=$(ip -o link | grep -c ' cela[0-9]')"
+  kill -$sig $pid; wait $pid; echo "$sig: rc=$?"
+  exec 3<&-
+  echo "$sig: left_links=$(ip -o link | grep -c ' cela[0-9]') left_addrs=$(ip -4 -o addr | grep -c ' 10\.213\.')"
+done
+"#;
+
+const SCENARIOS: &[(&str, &str)] = &[
+    ("net_auto", NET_AUTO),
+    ("net_tap", NET_TAP),
+    ("net_killed", NET_KILLED),
+];
 
 fn report() -> &'static LabReport {
     static REPORT: OnceLock<LabReport> = OnceLock::new();
     REPORT.get_or_init(|| {
-        let assets = guest_assets();
-        let lab = Lab::new().unwrap_or_else(|e| panic!("the nested lab is unavailable: {e}"));
-        let mut run = LabRun::new()
-            .file(cela(), "/lab/cela")
-            .file(&assets.kernel, "/lab/bzImage")
-            .file(&assets.initrd, "/lab/initrd.cpio");
-        for (name, body) in SCENARIOS {
-            let script = format!(
-                "CELA='./cela run --vm --engine kvm --kernel /lab/bzImage --initrd /lab/initrd.cpio'\n{body}"
-            );
-            run = run.scenario(Scenario::new(*name, script).with_timeout(Duration::from_secs(180)));
-        }
-        // One more attempt when L1 itself stops responding (see vm_lab.rs and TESTING.md).
-        run.timeout = Duration::from_secs(400);
-        match lab.run(&run) {
-            Err(e @ LabError::Timeout { .. }) => {
-                eprintln!("the nested lab stopped responding ({e}); running the batch once more");
-                lab.run(&run)
-            }
-            other => other,
-        }
-        .unwrap_or_else(|e| panic!("the lab run failed: {e}"))
+        run_lab_batch(
+            SCENARIOS,
+            Duration::from_secs(180),
+            Duration::from_secs(400),
+        )
     })
 }
 
@@ -167,4 +168,27 @@ fn an_existing_tap_is_used_and_left_as_it_was() {
     let out = output("net_tap");
     assert!(out.lines().any(|l| l == "guest_ping=ok"), "{out}");
     assert_eq!(value(&out, "after"), "10.77.0.1/24", "{out}");
+}
+
+#[test]
+fn nothing_is_left_when_cela_is_killed_or_interrupted() {
+    let r = report().get("net_killed");
+    r.expect_rc(0);
+    let out = r.stdout_str();
+    for sig in ["KILL", "INT"] {
+        let line = |what: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("{sig}: {what}")))
+                .unwrap_or_else(|| panic!("no {sig}: {what} line in: {out}"))
+                .to_string()
+        };
+        assert_eq!(line("up="), format!("{sig}: up=up links=1"), "{out}");
+        let rc = if sig == "KILL" { 137 } else { 130 };
+        assert_eq!(line("rc="), format!("{sig}: rc={rc}"), "{out}");
+        assert_eq!(
+            line("left_links="),
+            format!("{sig}: left_links=0 left_addrs=0"),
+            "{out}"
+        );
+    }
 }
