@@ -14,6 +14,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use vm_memory::VolatileSlice;
+
 /// The TUN/TAP control device.
 const TUN_PATH: &str = "/dev/net/tun";
 /// Size of `struct virtio_net_hdr_v1`, what precedes every frame on the TAP fd (with
@@ -171,6 +173,36 @@ impl Tap {
     /// Writes one frame (with its virtio-net header).
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
         io::Write::write(&mut &self.file, frame)
+    }
+
+    /// Writes one frame gathered from `header` and pieces of guest memory, with one
+    /// `writev`: the kernel copies straight from guest memory, with no copy in between.
+    pub fn write_guest(&self, header: &[u8], body: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        let mut iovs = Vec::with_capacity(body.len() + 1);
+        iovs.push(libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        });
+        // The guards keep each slice's mapping valid until the write is done.
+        let guards: Vec<_> = body.iter().map(|s| (s.ptr_guard(), s.len())).collect();
+        for (guard, len) in &guards {
+            iovs.push(libc::iovec {
+                iov_base: guard.as_ptr() as *mut libc::c_void,
+                iov_len: *len,
+            });
+        }
+        let count = libc::c_int::try_from(iovs.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: each iovec points at memory that stays mapped for the call: `header` is a
+        // borrowed slice, and the others are guest memory held by `guards` (guest RAM is
+        // mapped for the VM's whole life). writev only reads them. The guest may change its
+        // memory meanwhile, which changes only the frame's bytes: the header the device
+        // checked is this process's own copy.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iovs.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 
     /// A duplicate of the descriptor, for handing the TAP to another process (QEMU's

@@ -43,7 +43,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::{ActivateError, ActiveDevice, VirtioDevice, read_config_bytes};
 use crate::net::tap::{Tap, VNET_HDR_LEN};
@@ -69,8 +69,9 @@ const CONFIG_LEN: usize = 8;
 pub trait FrameIo: Send {
     /// Reads one packet (header and frame) into `buf`; `WouldBlock` when none waits.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Writes one packet (header and frame).
-    fn send(&mut self, packet: &[u8]) -> io::Result<usize>;
+    /// Writes one packet: the virtio-net header (the device's own checked copy), then the
+    /// frame, in pieces of guest memory.
+    fn send(&mut self, header: &[u8], frame: &[VolatileSlice<'_>]) -> io::Result<usize>;
     /// Sets the offloads (TUN_F_*) the guest accepts on received frames.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
     /// The fd the event loop waits on, if any.
@@ -83,8 +84,8 @@ impl FrameIo for Arc<Tap> {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.read(buf)
     }
-    fn send(&mut self, packet: &[u8]) -> io::Result<usize> {
-        self.write(packet)
+    fn send(&mut self, header: &[u8], frame: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        self.write_guest(header, frame)
     }
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         Tap::set_offload(self, flags).map_err(io::Error::other)
@@ -133,7 +134,6 @@ pub struct Net<T: FrameIo = Arc<Tap>> {
     /// A frame read from the host and not yet delivered (its length; 0: none).
     rx_pending: usize,
     rx_buf: Vec<u8>,
-    tx_buf: Vec<u8>,
     /// Chains taken for the frame being delivered: (head, bytes written).
     rx_used: Vec<(u16, u32)>,
     stats: NetStats,
@@ -149,7 +149,6 @@ impl<T: FrameIo> Net<T> {
             active: None,
             rx_pending: 0,
             rx_buf: vec![0; MAX_PACKET],
-            tx_buf: Vec::with_capacity(MAX_PACKET),
             rx_used: Vec::new(),
             stats: NetStats::default(),
         }
@@ -209,36 +208,55 @@ impl<T: FrameIo> Net<T> {
         }
     }
 
-    /// Gathers one transmit chain and hands it to the host if it is well-formed.
+    /// Checks one transmit chain and hands it to the host if it is well-formed: the header is
+    /// copied out (so the guest cannot change it after the check), the frame goes from guest
+    /// memory to the TAP without a copy.
     fn send_frame(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
         acked: u64,
     ) {
-        let buf = &mut self.tx_buf;
-        buf.clear();
+        let mut header = [0u8; VNET_HDR_LEN];
+        let mut have = 0usize;
+        let mut total = 0usize;
+        let mut body = Vec::with_capacity(4);
         for desc in chain {
-            let len = desc.len() as usize;
-            if desc.is_write_only() || buf.len() + len > MAX_PACKET {
+            let mut len = desc.len() as usize;
+            total += len;
+            if desc.is_write_only() || total > MAX_PACKET {
                 self.stats.tx_malformed += 1;
                 return;
             }
-            let start = buf.len();
-            buf.resize(start + len, 0);
-            if mem.read_slice(&mut buf[start..], desc.addr()).is_err() {
-                self.stats.tx_malformed += 1;
-                return;
+            let mut addr = desc.addr();
+            if have < VNET_HDR_LEN {
+                let n = (VNET_HDR_LEN - have).min(len);
+                if mem.read_slice(&mut header[have..have + n], addr).is_err() {
+                    self.stats.tx_malformed += 1;
+                    return;
+                }
+                have += n;
+                len -= n;
+                addr = addr.unchecked_add(n as u64);
+            }
+            if len > 0 {
+                match mem.get_slice(addr, len) {
+                    Ok(slice) => body.push(slice),
+                    Err(_) => {
+                        self.stats.tx_malformed += 1;
+                        return;
+                    }
+                }
             }
         }
-        if buf.len() < VNET_HDR_LEN || !tx_header_allowed(buf, acked) {
+        if have < VNET_HDR_LEN || !tx_header_allowed(&header, acked) {
             self.stats.tx_malformed += 1;
             return;
         }
-        match self.io.send(buf) {
+        match self.io.send(&header, &body) {
             Ok(_) => {
                 self.stats.tx_frames += 1;
-                self.stats.tx_bytes += (buf.len() - VNET_HDR_LEN) as u64;
+                self.stats.tx_bytes += (total - VNET_HDR_LEN) as u64;
             }
             Err(e) => {
                 self.stats.tx_errors += 1;

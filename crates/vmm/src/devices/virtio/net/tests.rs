@@ -43,13 +43,20 @@ impl FrameIo for MockIo {
         buf[..n].copy_from_slice(&frame[..n]);
         Ok(n)
     }
-    fn send(&mut self, packet: &[u8]) -> io::Result<usize> {
+    fn send(&mut self, header: &[u8], frame: &[VolatileSlice<'_>]) -> io::Result<usize> {
         let mut host = self.0.lock().unwrap();
         if host.refuse {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        host.from_guest.push(packet.to_vec());
-        Ok(packet.len())
+        let mut packet = header.to_vec();
+        for piece in frame {
+            let start = packet.len();
+            packet.resize(start + piece.len(), 0);
+            piece.copy_to(&mut packet[start..]);
+        }
+        let n = packet.len();
+        host.from_guest.push(packet);
+        Ok(n)
     }
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         self.0.lock().unwrap().offload = Some(flags);
