@@ -19,15 +19,17 @@
 //! (one frame, in [`Net`]) until the driver adds buffers and notifies the receive queue; the
 //! chains taken for one frame are published to the used ring together, so the driver never
 //! sees part of a merged frame. Transmitting (§5.1.6.2) runs on queue notifications, with
-//! notifications suppressed while the device drains the queue (§2.7.10).
+//! notifications suppressed while the device drains the queue (§2.7.10). VIRTIO_F_EVENT_IDX
+//! (§2.7.7.2, §2.7.10.2) is offered: the driver says after which used index it wants the next
+//! interrupt, and the device after which available index it wants the next notification.
 //!
 //! The guest is not trusted. Transmit chains must be device-readable, hold a header and at
 //! most [`MAX_PACKET`] bytes, and ask only for offloads that were negotiated; receive chains
 //! must be device-writable with the header in their first descriptor. A bad transmit chain is
 //! returned unsent; a bad receive chain is returned empty and the frame dropped; a frame that
 //! cannot fit the guest's buffers is dropped. Each case is counted ([`NetStats`]), none stops
-//! the VMM. Interrupts honour VRING_AVAIL_F_NO_INTERRUPT (§2.7.7), which Linux sets while it
-//! polls the rings (NAPI).
+//! the VMM. Without EVENT_IDX, interrupts honour VRING_AVAIL_F_NO_INTERRUPT (§2.7.7), which
+//! Linux sets while it polls the rings (NAPI).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -41,7 +43,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
@@ -185,6 +187,7 @@ impl<T: FrameIo> Net<T> {
         let Some(queue) = queues.get_mut(TX_QUEUE) else {
             return;
         };
+        let old_used = queue.next_used();
         let mut used_any = false;
         loop {
             let _ = queue.disable_notification(mem);
@@ -203,7 +206,7 @@ impl<T: FrameIo> Net<T> {
                 break;
             }
         }
-        if used_any && wants_interrupt(queue, mem) {
+        if used_any && wants_interrupt(queue, mem, old_used) {
             interrupt.signal_used_queue();
         }
     }
@@ -269,6 +272,9 @@ impl<T: FrameIo> Net<T> {
     /// no room.
     fn process_rx(&mut self, active: &mut ActiveDevice) {
         let mergeable = active.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let Some(old_used) = active.queues.get(RX_QUEUE).map(|q| q.next_used()) else {
+            return;
+        };
         let mut used_any = false;
         loop {
             if self.rx_pending == 0 {
@@ -298,7 +304,14 @@ impl<T: FrameIo> Net<T> {
                     self.stats.rx_bytes += (frame.len() - VNET_HDR_LEN) as u64;
                     self.rx_pending = 0;
                 }
-                Delivery::NoRoom => break,
+                Delivery::NoRoom => {
+                    // Ask to be notified when buffers come (with EVENT_IDX that is not the
+                    // default); retry at once if some came meanwhile.
+                    if buffers_added_since(queue, &active.mem) {
+                        continue;
+                    }
+                    break;
+                }
                 Delivery::TooBig => {
                     self.stats.rx_dropped += 1;
                     self.rx_pending = 0;
@@ -317,7 +330,7 @@ impl<T: FrameIo> Net<T> {
         }
         if let Some(queue) = active.queues.get(RX_QUEUE)
             && used_any
-            && wants_interrupt(queue, &active.mem)
+            && wants_interrupt(queue, &active.mem, old_used)
         {
             active.interrupt.signal_used_queue();
         }
@@ -356,13 +369,39 @@ fn tx_header_allowed(packet: &[u8], acked: u64) -> bool {
     csum_ok && gso_ok
 }
 
-/// Whether the driver wants an interrupt for used buffers: not while it has set
-/// VRING_AVAIL_F_NO_INTERRUPT (§2.7.7.1; EVENT_IDX is not offered).
-fn wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    // The used-ring writes must be visible before the flag is read.
+/// Whether the driver wants an interrupt now that the used index went from `old_used` to the
+/// queue's current one (§2.7.7.2): with EVENT_IDX, when it passed the driver's `used_event`;
+/// without, unless the driver set VRING_AVAIL_F_NO_INTERRUPT (Linux does while it polls).
+fn wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap, old_used: u16) -> bool {
+    // The used-ring writes must be visible before the driver's fields are read.
     fence(Ordering::SeqCst);
-    let flags: u16 = mem.read_obj(GuestAddress(queue.avail_ring())).unwrap_or(0);
+    let avail = GuestAddress(queue.avail_ring());
+    if queue.event_idx_enabled() {
+        // used_event follows the avail ring's `size` entries.
+        let at = avail.checked_add(4 + 2 * u64::from(queue.size()));
+        let Some(used_event) = at.and_then(|a| mem.read_obj::<u16>(a).ok()) else {
+            return true;
+        };
+        let new = queue.next_used();
+        return new.wrapping_sub(u16::from_le(used_event)).wrapping_sub(1)
+            < new.wrapping_sub(old_used);
+    }
+    let flags: u16 = mem.read_obj(avail).unwrap_or(0);
     u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
+}
+
+/// After a receive queue ran out of buffers: asks the driver to notify when it adds some
+/// (with EVENT_IDX, `avail_event`), then tells whether it already did, so that no addition is
+/// missed between the failed attempt and the request.
+fn buffers_added_since(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    let Ok(seen) = queue.avail_idx(mem, Ordering::Acquire) else {
+        return false;
+    };
+    // enable_notification fences before it reads the index again.
+    let _ = queue.enable_notification(mem);
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|now| now != seen)
 }
 
 /// Copies `frame` (header first) into the next receive chains: one chain, or with `mergeable`
@@ -494,6 +533,7 @@ impl<T: FrameIo + 'static> VirtioDevice for Net<T> {
             VIRTIO_NET_F_HOST_TSO4,
             VIRTIO_NET_F_HOST_TSO6,
             VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_RING_F_EVENT_IDX,
         ]
         .iter()
         .fold(0, |acc, f| acc | (1u64 << f))
@@ -503,8 +543,12 @@ impl<T: FrameIo + 'static> VirtioDevice for Net<T> {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, active: ActiveDevice) -> Result<(), ActivateError> {
+    fn activate(&mut self, mut active: ActiveDevice) -> Result<(), ActivateError> {
         active.require_queues(2)?;
+        let event_idx = active.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for queue in &mut active.queues {
+            queue.set_event_idx(event_idx);
+        }
         let offloads = Self::tap_offloads(active.acked_features);
         if let Err(e) = self.io.set_offload(offloads) {
             // The host then sends plain frames, which every driver takes.

@@ -71,7 +71,8 @@ const ALL: u64 = (1 << VIRTIO_NET_F_MAC)
     | (1 << VIRTIO_NET_F_GUEST_TSO6)
     | (1 << VIRTIO_NET_F_HOST_TSO4)
     | (1 << VIRTIO_NET_F_HOST_TSO6)
-    | (1 << VIRTIO_NET_F_MRG_RXBUF);
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_RING_F_EVENT_IDX);
 
 struct Setup<'a> {
     mem: &'a GuestMemoryMmap,
@@ -395,9 +396,9 @@ fn bad_receive_chains_are_returned_empty_and_the_frame_dropped() {
 }
 
 #[test]
-fn no_interrupt_while_the_driver_polls() {
+fn without_event_idx_no_interrupt_while_the_driver_polls() {
     let mem = memory();
-    let mut s = setup(&mem, ALL);
+    let mut s = setup(&mem, ALL & !(1 << VIRTIO_RING_F_EVENT_IDX));
     mem.write_obj(
         (VRING_AVAIL_F_NO_INTERRUPT as u16).to_le(),
         s.rx.avail_addr(),
@@ -420,4 +421,37 @@ fn host_frames_before_the_driver_is_up_are_dropped() {
     net.process_queue(RX_QUEUE);
     net.process_queue(TX_QUEUE);
     assert!(host.0.lock().unwrap().to_guest.is_empty());
+}
+
+#[test]
+fn with_event_idx_interrupts_wait_for_used_event_and_a_stall_asks_for_a_kick() {
+    let mem = memory();
+    let mut s = setup(&mem, ALL);
+    let size = 64u64;
+    let used_event = s.rx.avail_addr().unchecked_add(4 + 2 * size);
+    // The driver wants an interrupt once the used index passes 1 (two frames delivered).
+    mem.write_obj(1u16.to_le(), used_event).unwrap();
+    let chains: Vec<[(u64, u32, bool); 1]> =
+        (0..3).map(|i| [(BUFS + i * 0x1000, 2048, W)]).collect();
+    let refs: Vec<&[(u64, u32, bool)]> = chains.iter().map(|c| &c[..]).collect();
+    s.rx.add_desc_chains(&descriptors(&refs, 0), 0).unwrap();
+    s.host_sends(packet(0, 0, 10));
+    s.net.process_host_event(TAP_TOKEN);
+    assert_eq!(s.used_idx(&s.rx), 1);
+    assert_eq!(
+        s.interrupt.status(),
+        0,
+        "used index 1 has not passed used_event 1"
+    );
+    s.host_sends(packet(0, 0, 10));
+    s.net.process_host_event(TAP_TOKEN);
+    assert_eq!(s.used_idx(&s.rx), 2);
+    assert_eq!(s.interrupt.status(), 1);
+    // A frame that finds no room sets avail_event to the next buffer the device wants.
+    s.host_sends(packet(0, 0, 10));
+    s.host_sends(packet(0, 0, 10));
+    s.net.process_host_event(TAP_TOKEN);
+    assert_eq!(s.used_idx(&s.rx), 3);
+    let avail_event = s.rx.used_addr().unchecked_add(4 + 8 * size);
+    assert_eq!(u16::from_le(mem.read_obj::<u16>(avail_event).unwrap()), 3);
 }
