@@ -269,13 +269,13 @@ impl<T: FrameIo> Net<T> {
     }
 
     /// Moves frames from the host to the guest until the host has none left or the guest has
-    /// no room.
+    /// no room. The driver is interrupted as soon as it wants to be (after each frame, subject
+    /// to its suppression), not only at the end, so it can take frames while more arrive.
     fn process_rx(&mut self, active: &mut ActiveDevice) {
         let mergeable = active.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-        let Some(old_used) = active.queues.get(RX_QUEUE).map(|q| q.next_used()) else {
+        let Some(mut old_used) = active.queues.get(RX_QUEUE).map(|q| q.next_used()) else {
             return;
         };
-        let mut used_any = false;
         loop {
             if self.rx_pending == 0 {
                 match self.io.recv(&mut self.rx_buf) {
@@ -297,12 +297,12 @@ impl<T: FrameIo> Net<T> {
                 return;
             };
             let frame = &self.rx_buf[..self.rx_pending];
-            match deliver(queue, &active.mem, frame, mergeable, &mut self.rx_used) {
+            let used = match deliver(queue, &active.mem, frame, mergeable, &mut self.rx_used) {
                 Delivery::Delivered => {
-                    used_any = true;
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += (frame.len() - VNET_HDR_LEN) as u64;
                     self.rx_pending = 0;
+                    true
                 }
                 Delivery::NoRoom => {
                     // Ask to be notified when buffers come (with EVENT_IDX that is not the
@@ -315,24 +315,23 @@ impl<T: FrameIo> Net<T> {
                 Delivery::TooBig => {
                     self.stats.rx_dropped += 1;
                     self.rx_pending = 0;
+                    false
                 }
                 Delivery::Malformed => {
-                    used_any = true;
                     self.stats.rx_malformed += 1;
                     self.rx_pending = 0;
+                    true
                 }
                 Delivery::Broken => {
                     tracing::warn!("virtio-net: cannot return a receive buffer");
                     active.interrupt.set_needs_reset();
                     return;
                 }
+            };
+            if used && wants_interrupt(queue, &active.mem, old_used) {
+                active.interrupt.signal_used_queue();
+                old_used = queue.next_used();
             }
-        }
-        if let Some(queue) = active.queues.get(RX_QUEUE)
-            && used_any
-            && wants_interrupt(queue, &active.mem, old_used)
-        {
-            active.interrupt.signal_used_queue();
         }
     }
 
