@@ -389,15 +389,25 @@ fn wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap, old_used: u16) -> bool 
     u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
 }
 
-/// After a receive queue ran out of buffers: asks the driver to notify when it adds some
-/// (with EVENT_IDX, `avail_event`), then tells whether it already did, so that no addition is
-/// missed between the failed attempt and the request.
+/// After a receive queue ran out of buffers: asks the driver to notify when it adds some,
+/// then tells whether it already did, so that no addition is missed between the failed
+/// attempt and the request. With EVENT_IDX the request is `avail_event` set to the driver's
+/// current index — not the device's next one, which may lag behind when a merged frame found
+/// some buffers but not enough: then no later addition would pass it, and no kick come.
 fn buffers_added_since(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
     let Ok(seen) = queue.avail_idx(mem, Ordering::Acquire) else {
         return false;
     };
-    // enable_notification fences before it reads the index again.
-    let _ = queue.enable_notification(mem);
+    if queue.event_idx_enabled() {
+        // avail_event follows the used ring's `size` elements.
+        let at = GuestAddress(queue.used_ring()).checked_add(4 + 8 * u64::from(queue.size()));
+        if let Some(at) = at {
+            let _ = mem.write_obj(seen.0.to_le(), at);
+        }
+    } else {
+        let _ = queue.enable_notification(mem);
+    }
+    fence(Ordering::SeqCst);
     queue
         .avail_idx(mem, Ordering::Acquire)
         .is_ok_and(|now| now != seen)

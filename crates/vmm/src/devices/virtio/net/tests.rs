@@ -455,3 +455,18 @@ fn with_event_idx_interrupts_wait_for_used_event_and_a_stall_asks_for_a_kick() {
     let avail_event = s.rx.used_addr().unchecked_add(4 + 8 * size);
     assert_eq!(u16::from_le(mem.read_obj::<u16>(avail_event).unwrap()), 3);
 }
+
+#[test]
+fn with_event_idx_a_merged_frame_short_of_buffers_asks_for_the_next_one() {
+    let mem = memory();
+    let mut s = setup(&mem, ALL);
+    // One buffer available, a frame that needs two: the device takes none and asks to be
+    // kicked when the driver's index passes 1, the one it has now.
+    s.rx.add_desc_chains(&descriptors(&[&[(BUFS, 1536, W)]], 0), 0)
+        .unwrap();
+    s.host_sends(packet(0, 0, 3000));
+    s.net.process_host_event(TAP_TOKEN);
+    assert_eq!(s.used_idx(&s.rx), 0);
+    let avail_event = s.rx.used_addr().unchecked_add(4 + 8 * 64);
+    assert_eq!(u16::from_le(mem.read_obj::<u16>(avail_event).unwrap()), 1);
+}
