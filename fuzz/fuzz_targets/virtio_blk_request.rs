@@ -5,15 +5,15 @@
 
 #![no_main]
 
+mod common;
+
 use std::sync::Arc;
 
 use cela_vmm::devices::virtio::block::{Block, DiskImage};
 use cela_vmm::devices::virtio::{ActiveDevice, Interrupt, VirtioDevice};
+use common::{DESC_BYTES, descriptors};
 use libfuzzer_sys::fuzz_target;
-use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::QueueT;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,14 +24,6 @@ const QUEUE_SIZE: u16 = 16;
 const DATA_START: u64 = 0x1_0000;
 /// Where the used ring goes: below the data area, clear of the mock's other rings.
 const USED_RING: u64 = 0x8000;
-/// Bytes of input per descriptor: addr (u64), len (u32), flags (u16), next (u16).
-const DESC_BYTES: usize = 16;
-
-fn u64_at(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else {
@@ -46,22 +38,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let descs: Vec<RawDescriptor> = table
-        .chunks_exact(DESC_BYTES)
-        .map(|d| {
-            // Mostly addresses in the data area; the top bit of the raw address keeps it as is.
-            let raw = u64_at(d);
-            let addr = if raw >> 63 == 0 {
-                DATA_START + raw % (MEM_SIZE as u64 - DATA_START)
-            } else {
-                raw
-            };
-            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]) % 0x2_0000;
-            let flags = u16::from_le_bytes([d[12], d[13]]);
-            let next = u16::from_le_bytes([d[14], d[15]]);
-            RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-        })
-        .collect();
+    let descs = descriptors(table, DATA_START, MEM_SIZE as u64);
     if vq.add_desc_chains(&descs, 0).is_err() {
         return;
     }
@@ -91,9 +68,7 @@ fuzz_target!(|data: &[u8]| {
     // An indirect table (cela does not offer VIRTIO_F_INDIRECT_DESC, but `virtio-queue` follows
     // one) comes from guest memory, so it can point the device's writes at the rings themselves;
     // then only "no panic" holds. Otherwise every chain is returned.
-    let indirect = descs
-        .iter()
-        .any(|d| Descriptor::from(*d).flags() & VRING_DESC_F_INDIRECT as u16 != 0);
+    let indirect = common::has_indirect(&descs);
     if !indirect {
         let avail_idx: u16 = mem.read_obj(vq.avail_addr().unchecked_add(2)).unwrap();
         let used_idx: u16 = mem.read_obj(used_ring.unchecked_add(2)).unwrap();

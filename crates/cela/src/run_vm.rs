@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use cela_guest::{BootRequest, ROOTFS_SERIAL};
+use cela_vmm::net::NetMode;
 use cela_vmm::{BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig};
 use clap::{Args, ValueEnum};
 
@@ -63,6 +64,11 @@ pub struct RunArgs {
     /// with `,ro`). It is one more disk after the `--disk` ones, found by its serial.
     #[arg(long, value_name = "IMAGE[,ro]")]
     rootfs: Option<String>,
+    /// A network interface for the guest: `auto` (a TAP device and a private /30 set up by
+    /// cela, the guest configured, all removed when the VM ends) or `tap=NAME` (an existing
+    /// TAP device, left as it is).
+    #[arg(long, value_name = "auto|tap=NAME")]
+    net: Option<String>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -213,6 +219,10 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         disks.push(rootfs);
     }
     cela_vmm::config::open_disks(&disks)?;
+    let net_mode = args.net.as_deref().map(NetMode::parse).transpose()?;
+    // The TAP (and for `auto` its address) exists from here on; it goes away with this
+    // process, however the run ends.
+    let net = net_mode.as_ref().map(cela_vmm::net::setup).transpose()?;
     let launched = Instant::now();
     let (engine, note) =
         cela_vmm::engine::choose(args.engine.map(Engine::from)).map_err(anyhow::Error::msg)?;
@@ -224,6 +234,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         env: args.env.clone(),
         root: args.rootfs.as_ref().map(|_| ROOTFS_SERIAL.to_owned()),
+        net: net.as_ref().and_then(|n| n.guest),
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {
@@ -242,6 +253,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         initrd: Some(initrd),
         cmdline,
         disks,
+        net: net.map(|n| n.nic),
     };
     let console = if request.command.is_some() {
         ConsoleMode::Stream

@@ -370,3 +370,118 @@ fn the_same_file_twice_read_write_is_refused() {
     }
     assert_eq!(std::fs::read(a).unwrap(), vec![0u8; 4096]);
 }
+
+/// `--net` tests that create or look for TAP devices run one at a time, so that one test's
+/// TAP is not mistaken for another's leftover.
+fn net_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The host's network interfaces named like `--net auto`'s TAPs, and its addresses in the
+/// pool `--net auto` takes them from.
+fn net_auto_leftovers() -> (Vec<String>, String) {
+    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cela") && n[4..].chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    taps.sort();
+    let route = std::fs::read_to_string("/proc/net/route").unwrap();
+    // 10.213.x.x in /proc/net/route's byte order ends in D50A.
+    let pool: String = route.lines().filter(|l| l.contains("D50A\t")).collect();
+    (taps, pool)
+}
+
+#[test]
+fn a_malformed_net_flag_is_refused() {
+    for bad in ["bogus", "tap", "tap=", "tap=a/b", "auto,tap=x"] {
+        assert_error(
+            &["run", "--vm", "--net", bad, "--", "true"],
+            "expected `auto` or `tap=NAME`",
+        );
+    }
+}
+
+#[test]
+fn a_tap_that_does_not_exist_is_named_and_not_created() {
+    let _lock = net_lock();
+    assert_error(
+        &["run", "--vm", "--net", "tap=cela-nosuch", "--", "true"],
+        "TAP device \"cela-nosuch\": no such network interface",
+    );
+    assert!(!std::path::Path::new("/sys/class/net/cela-nosuch").exists());
+}
+
+#[test]
+fn an_interface_that_is_not_a_tap_is_refused() {
+    let _lock = net_lock();
+    assert_error(
+        &["run", "--vm", "--net", "tap=lo", "--", "true"],
+        "\"lo\" is a network interface but not a TAP device",
+    );
+}
+
+#[test]
+fn net_auto_leaves_nothing_behind_when_the_vm_cannot_start() {
+    let _lock = net_lock();
+    let a = guest_assets();
+    let (k, i) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let before = net_auto_leftovers();
+    // The TAP and its address are made before the machine is validated and refused.
+    assert_error(
+        &[
+            "run", "--vm", "--kernel", k, "--initrd", i, "--net", "auto", "--cpus", "1000", "--",
+            "true",
+        ],
+        "--cpus 1000",
+    );
+    assert_eq!(net_auto_leftovers(), before);
+}
+
+#[test]
+fn qemu_fallback_connects_the_guest_with_net_auto() {
+    let _lock = net_lock();
+    let a = guest_assets();
+    let (k, i) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let before = net_auto_leftovers();
+    let out = run_cela(&[
+        "run",
+        "--vm",
+        "--engine",
+        "qemu",
+        "--kernel",
+        k,
+        "--initrd",
+        i,
+        "--net",
+        "auto",
+        "--",
+        "sh",
+        "-c",
+        "ip -4 -o addr show | grep -v ' lo ' | awk '{print $4}'; \
+         gw=$(ip route | awk '/^default/ {print $3}'); echo gw=$gw; \
+         ping -c 1 -W 20 $gw >/dev/null && echo ping=ok",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} stderr: {}",
+        text(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("10.213.") && l.ends_with("/30")),
+        "{stdout}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("gw=10.213.")),
+        "{stdout}"
+    );
+    assert!(lines.contains(&"ping=ok"), "{stdout}");
+    assert_eq!(net_auto_leftovers(), before);
+}

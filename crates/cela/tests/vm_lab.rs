@@ -7,8 +7,8 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cela_lab::{Lab, LabError, LabReport, LabRun, Scenario};
-use common::{cela, guest_assets};
+use cela_lab::LabReport;
+use common::run_lab_batch;
 
 /// Every scenario: a name and an L1 shell script, in which `$CELA` is `cela run --vm` with the
 /// lab's kernel and initramfs on the KVM engine.
@@ -78,35 +78,16 @@ echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d '
 
 fn report() -> &'static LabReport {
     static REPORT: OnceLock<LabReport> = OnceLock::new();
+    // The whole batch normally takes ~90 s; the bound is well above that.
     REPORT.get_or_init(|| {
-        let assets = guest_assets();
-        let lab = Lab::new().unwrap_or_else(|e| panic!("the nested lab is unavailable: {e}"));
         let rootfs_dir = tempfile::tempdir().unwrap();
         let rootfs = common::busybox_rootfs(rootfs_dir.path(), "from-the-rootfs");
-        let mut run = LabRun::new()
-            .file(cela(), "/lab/cela")
-            .file(&rootfs, "/lab/root.ext4")
-            .file(&assets.kernel, "/lab/bzImage")
-            .file(&assets.initrd, "/lab/initrd.cpio");
-        for (name, body) in SCENARIOS {
-            let script = format!(
-                "CELA='./cela run --vm --engine kvm --kernel /lab/bzImage --initrd /lab/initrd.cpio'\n{body}"
-            );
-            run = run.scenario(Scenario::new(*name, script).with_timeout(Duration::from_secs(120)));
-        }
-        // The whole batch normally takes ~90 s. A bound well above that, and one more attempt
-        // when L1 itself stops responding: seen once in a loaded CI run, L1 froze mid-batch
-        // (its own per-scenario `timeout` never fired), which is the emulated lab failing,
-        // not cela. Any other failure, and a second freeze, fail the tests.
-        run.timeout = Duration::from_secs(420);
-        match lab.run(&run) {
-            Err(e @ LabError::Timeout { .. }) => {
-                eprintln!("the nested lab stopped responding ({e}); running the batch once more");
-                lab.run(&run)
-            }
-            other => other,
-        }
-        .unwrap_or_else(|e| panic!("the lab run failed: {e}"))
+        run_lab_batch(
+            SCENARIOS,
+            &[(&rootfs, "/lab/root.ext4")],
+            Duration::from_secs(120),
+            Duration::from_secs(420),
+        )
     })
 }
 

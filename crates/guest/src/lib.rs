@@ -13,6 +13,8 @@
 //! * **Ending the VM**: the init powers the machine off (ACPI S5) after reporting; a guest reboot
 //!   or kernel panic ends the VM too and is reported by the engine, not by the init.
 
+pub mod netif;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -27,6 +29,10 @@ pub const ENV_PARAM: &str = "cela.env";
 pub const ROOT_PARAM: &str = "cela.root";
 /// The serial cela gives the `--rootfs` disk; at most 20 bytes, the virtio-blk ID length.
 pub const ROOTFS_SERIAL: &str = "cela-rootfs";
+/// Kernel parameter carrying the guest side of `--net auto`, encoded like [`CMD_PARAM`]: the
+/// entries `ADDRESS/PREFIX`, `GATEWAY` and `MAC` (the interface to configure, found by its
+/// address). Absent: the init leaves network interfaces alone.
+pub const NET_PARAM: &str = "cela.net";
 /// Path, inside the initramfs, of the file listing kernel modules to load at boot, one
 /// initramfs path per line, already in dependency order.
 pub const MODULE_LOAD_ORDER: &str = "/lib/modules/cela/load.order";
@@ -45,6 +51,83 @@ pub struct BootRequest {
     /// The serial of the disk holding the root filesystem to switch to before the workload
     /// starts (1-20 characters of `[A-Za-z0-9._-]`).
     pub root: Option<String>,
+    /// The network interface the init configures before running the command.
+    pub net: Option<NetRequest>,
+}
+
+/// The guest side of a point-to-point IPv4 link to the host: the init gives the interface
+/// with MAC address `mac` the address `address/prefix`, brings it up and routes everything
+/// else through `gateway` (the host's end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetRequest {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+impl NetRequest {
+    fn encode(&self) -> String {
+        encode_list(&[
+            format!("{}/{}", self.address, self.prefix),
+            self.gateway.to_string(),
+            format_mac(&self.mac),
+        ])
+    }
+
+    fn decode(value: &str) -> Result<Self, DecodeError> {
+        let bad = |reason: String| DecodeError {
+            param: NET_PARAM,
+            reason,
+        };
+        let fields = decode_list(NET_PARAM, value)?;
+        let [cidr, gateway, mac] = fields.as_slice() else {
+            return Err(bad(format!(
+                "expected ADDRESS/PREFIX, GATEWAY and MAC, got {} fields",
+                fields.len()
+            )));
+        };
+        let (address, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{cidr:?} is not ADDRESS/PREFIX")))?;
+        let address = address
+            .parse()
+            .map_err(|_| bad(format!("{address:?} is not an IPv4 address")))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (1..=30).contains(p))
+            .ok_or_else(|| bad(format!("prefix {prefix:?} is not in 1..=30")))?;
+        let gateway = gateway
+            .parse()
+            .map_err(|_| bad(format!("gateway {gateway:?} is not an IPv4 address")))?;
+        let mac = parse_mac(mac).ok_or_else(|| bad(format!("{mac:?} is not a MAC address")))?;
+        Ok(NetRequest {
+            address,
+            prefix,
+            gateway,
+            mac,
+        })
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, lower case.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (either case).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 /// Why a `cela.*` parameter on the command line could not be decoded.
@@ -94,6 +177,9 @@ impl BootRequest {
         if let Some(root) = &self.root {
             params.push(format!("{ROOT_PARAM}={root}"));
         }
+        if let Some(net) = &self.net {
+            params.push(format!("{NET_PARAM}={}", net.encode()));
+        }
         params.join(" ")
     }
 
@@ -132,6 +218,11 @@ impl BootRequest {
                     });
                 }
                 req.root = Some(v.to_owned());
+            } else if let Some(v) = word
+                .strip_prefix(NET_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                req.net = Some(NetRequest::decode(v)?);
             }
         }
         Ok(req)
@@ -204,10 +295,57 @@ mod tests {
             command: Some(vec!["sh".into(), "-c".into(), "echo 'a b'; exit 7".into()]),
             env: vec!["A=1".into(), "B=x y".into()],
             root: Some(ROOTFS_SERIAL.into()),
+            net: Some(NetRequest {
+                address: [10, 0, 0, 2].into(),
+                prefix: 30,
+                gateway: [10, 0, 0, 1].into(),
+                mac: [0x02, 0xce, 0x1a, 0, 0xab, 0xff],
+            }),
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
+        // One word per parameter: the kernel splits its command line on spaces.
         assert_eq!(req.to_kernel_params().split(' ').count(), 3);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
+    }
+
+    #[test]
+    fn malformed_net_requests_are_named_in_the_error() {
+        let enc = |fields: &[&str]| {
+            let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+            format!("{NET_PARAM}={}", encode_list(&fields))
+        };
+        for (fields, needle) in [
+            (&["10.0.0.2/30", "10.0.0.1"][..], "got 2 fields"),
+            (
+                &["10.0.0.2", "10.0.0.1", "02:00:00:00:00:01"][..],
+                "ADDRESS/PREFIX",
+            ),
+            (
+                &["10.0.0.256/30", "10.0.0.1", "02:00:00:00:00:01"][..],
+                "IPv4",
+            ),
+            (
+                &["10.0.0.2/31", "10.0.0.1", "02:00:00:00:00:01"][..],
+                "prefix",
+            ),
+            (&["10.0.0.2/30", "x", "02:00:00:00:00:01"][..], "gateway"),
+            (&["10.0.0.2/30", "10.0.0.1", "02:00:00:00:00"][..], "MAC"),
+            (&["10.0.0.2/30", "10.0.0.1", "02:00:00:00:00:0g"][..], "MAC"),
+        ] {
+            let err = BootRequest::from_cmdline(&enc(fields)).unwrap_err();
+            assert_eq!(err.param, NET_PARAM);
+            assert!(err.reason.contains(needle), "{needle:?} in {err}");
+        }
+        assert!(BootRequest::from_cmdline("cela.net=***").is_err());
+    }
+
+    #[test]
+    fn macs_format_and_parse() {
+        let mac = [0x02, 0xce, 0x1a, 0x00, 0xab, 0xff];
+        assert_eq!(format_mac(&mac), "02:ce:1a:00:ab:ff");
+        assert_eq!(parse_mac("02:CE:1a:00:ab:ff"), Some(mac));
+        assert_eq!(parse_mac("02:ce:1a:00:ab:ff:00"), None);
+        assert_eq!(parse_mac("2:ce:1a:00:ab:ff"), None);
     }
 
     #[test]

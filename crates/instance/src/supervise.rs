@@ -183,6 +183,7 @@ fn run_vm(inst: &Instance, state: &mut InstanceState) -> Result<i32, InstanceErr
         command: Some(inst.config.command.clone()),
         env: inst.config.env.clone(),
         root: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
+        net: None,
     };
     let config = MachineConfig {
         vcpus: inst.config.cpus.unwrap_or(1),
@@ -194,6 +195,7 @@ fn run_vm(inst: &Instance, state: &mut InstanceState) -> Result<i32, InstanceErr
             serial: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
             ..DiskConfig::parse(&disk.display().to_string())
         }],
+        net: None,
     };
     let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
     state.status = Status::Running;

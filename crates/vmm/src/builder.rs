@@ -11,7 +11,7 @@
 //! | i8042 (reset line only) | ports 0x60, 0x64 | — |
 //! | ACPI PM registers (sleep control/status, reset) | ports 0x600..0x602 | — |
 //! | pvpanic | port 0x505 | — |
-//! | virtio-mmio devices: virtio-rng, then one virtio-blk per disk in order | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … (not 9, the SCI) |
+//! | virtio-mmio devices: virtio-rng, one virtio-blk per disk in order, then virtio-net (`--net`) | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … (not 9, the SCI) |
 //!
 //! virtio devices are served by one device event-loop thread; their queue notifications are
 //! KVM ioeventfds and their interrupts KVM irqfds.
@@ -38,6 +38,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, VirtioMmioAml};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::machine::MachineConfig;
 use crate::stop::{StopReason, StopSignal};
@@ -278,6 +279,11 @@ pub fn boot_linux(
     for disk in open_disks(&config.disks)? {
         let block: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(disk)));
         virtio_list.push(block);
+    }
+    if let Some(nic) = &config.net {
+        let net: Arc<Mutex<dyn VirtioDevice>> =
+            Arc::new(Mutex::new(Net::new(nic.tap.clone(), nic.mac)));
+        virtio_list.push(net);
     }
     let virtio = virtio_devices(&vm, virtio_list)?;
     let aml: Vec<&dyn Aml> = devices

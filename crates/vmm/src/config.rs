@@ -260,6 +260,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             disks: vec![],
+            net: None,
         }
     }
 

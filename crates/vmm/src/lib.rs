@@ -15,6 +15,7 @@ pub mod console;
 pub mod devices;
 pub mod engine;
 pub mod machine;
+pub mod net;
 pub mod qemu;
 pub mod stop;
 pub mod vstate;

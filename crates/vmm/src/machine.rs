@@ -26,6 +26,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// Raw disk images, in the order the guest sees them (/dev/vda, /dev/vdb, …).
     pub disks: Vec<DiskConfig>,
+    /// The NIC (`--net`): a virtio-net device plugged into this TAP.
+    pub net: Option<crate::net::NicConfig>,
 }
 
 /// A raw disk image the guest sees as a virtio block device (`--disk PATH[,ro]`).

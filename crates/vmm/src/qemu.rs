@@ -209,7 +209,7 @@ pub fn qemu_args(
     push(&["-device", "pvpanic"]);
     // Disks: virtio-blk on microvm's virtio-mmio transports, in order (vda, vdb, …), as
     // virtio 1.x devices like cela's own. QEMU's option syntax escapes a comma by doubling it.
-    if !config.disks.is_empty() {
+    if !config.disks.is_empty() || config.net.is_some() {
         push(&["-global", "virtio-mmio.force-legacy=false"]);
     }
     for (n, disk) in config.disks.iter().enumerate() {
@@ -237,6 +237,18 @@ pub fn qemu_args(
             &format!("virtio-blk-device,drive=d{n},serial={serial}"),
         ]);
     }
+    // The NIC: QEMU inherits the TAP cela opened (a TAP made by `--net auto` exists only
+    // while a descriptor of it is open, so QEMU cannot open it by name). QEMU sees the vnet
+    // header flag on the descriptor itself (`vnet_hdr=` is refused with `fd=`).
+    if let Some(nic) = &config.net {
+        let fd = nic.tap.as_raw_fd();
+        push(&["-netdev", &format!("tap,id=net0,fd={fd}")]);
+        let mac = cela_guest::format_mac(&nic.mac);
+        push(&[
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={mac}"),
+        ]);
+    }
     Ok(args)
 }
 
@@ -248,7 +260,7 @@ struct QemuProcess {
 impl QemuProcess {
     /// Starts QEMU with `inherited` descriptors kept open across exec, in its own process
     /// group, and set to die with the calling thread.
-    fn spawn(binary: &Path, args: &[String], inherited: [RawFd; 3]) -> Result<Self, QemuError> {
+    fn spawn(binary: &Path, args: &[String], inherited: Vec<RawFd>) -> Result<Self, QemuError> {
         let parent = std::process::id();
         let mut command = Command::new(binary);
         command
@@ -269,7 +281,7 @@ impl QemuProcess {
                 if libc::getppid() as u32 != parent {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
-                for fd in inherited {
+                for &fd in &inherited {
                     if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(io::Error::last_os_error());
                     }
@@ -430,7 +442,9 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
     tracing::debug!("starting {} {}", binary.display(), args.join(" "));
 
     let launched = Instant::now();
-    let mut qemu = QemuProcess::spawn(&binary, &args, [fds.console, fds.control, fds.monitor])?;
+    let mut inherited = vec![fds.console, fds.control, fds.monitor];
+    inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
+    let mut qemu = QemuProcess::spawn(&binary, &args, inherited)?;
     let Channels {
         console: (console_io, qemu_console),
         control: (control_in, qemu_control),
@@ -608,6 +622,7 @@ mod tests {
             initrd: initrd.map(PathBuf::from),
             cmdline: "console=ttyS0 quiet cela.cmd=c2gA ".into(),
             disks: vec![],
+            net: None,
         }
     }
 
@@ -707,6 +722,31 @@ mod tests {
                 "virtio-blk-device,drive=d1,serial=b,,c.img",
                 "virtio-blk-device,drive=d2,serial=cela-rootfs"
             ]
+        );
+    }
+
+    /// Needs /dev/net/tun and CAP_NET_ADMIN, which this project's hosts have.
+    #[test]
+    fn the_nic_is_a_virtio_net_device_on_the_inherited_tap() {
+        let tap = crate::net::tap::Tap::create("celaq%d").expect("creating a TAP");
+        let fd = tap.as_raw_fd();
+        let mut c = config(None);
+        c.net = Some(crate::net::NicConfig {
+            tap: std::sync::Arc::new(tap),
+            mac: [2, 0, 0, 0, 0, 0xa1],
+        });
+        let args = qemu_args(&c, FDS, 1).unwrap();
+        assert_eq!(
+            value(&args, "-global"),
+            Some("virtio-mmio.force-legacy=false")
+        );
+        assert_eq!(
+            value(&args, "-netdev"),
+            Some(format!("tap,id=net0,fd={fd}").as_str())
+        );
+        assert_eq!(
+            values(&args, "-device").last().copied(),
+            Some("virtio-net-device,netdev=net0,mac=02:00:00:00:00:a1")
         );
     }
 
@@ -812,6 +852,7 @@ mod tests {
                 initrd: Some(initrd.clone().into()),
                 cmdline: format!("{} {}", crate::BASE_CMDLINE, request.to_kernel_params()),
                 disks: vec![],
+                net: None,
             };
             run(&config, ConsoleMode::Stream).unwrap()
         };

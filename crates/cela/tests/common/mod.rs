@@ -90,3 +90,42 @@ pub fn busybox_rootfs(dir: &std::path::Path, marker: &str) -> PathBuf {
     );
     image
 }
+
+/// Runs `scenarios` (name, L1 shell script in which `$CELA` is `cela run --vm` with the lab's
+/// kernel and initramfs on the KVM engine) in one nested-lab boot, each bounded by
+/// `per_scenario` and the whole batch by `batch`. When L1 itself stops responding (seen once in
+/// a loaded CI run: L1 froze mid-batch and its own per-scenario `timeout` never fired — the
+/// emulated lab failing, not cela), the batch runs once more; any other failure, and a second
+/// freeze, panic.
+pub fn run_lab_batch(
+    scenarios: &[(&str, &str)],
+    files: &[(&std::path::Path, &str)],
+    per_scenario: std::time::Duration,
+    batch: std::time::Duration,
+) -> cela_lab::LabReport {
+    use cela_lab::{Lab, LabError, LabRun, Scenario};
+    let assets = guest_assets();
+    let lab = Lab::new().unwrap_or_else(|e| panic!("the nested lab is unavailable: {e}"));
+    let mut run = LabRun::new()
+        .file(cela(), "/lab/cela")
+        .file(&assets.kernel, "/lab/bzImage")
+        .file(&assets.initrd, "/lab/initrd.cpio");
+    for (src, dest) in files {
+        run = run.file(src, *dest);
+    }
+    for (name, body) in scenarios {
+        let script = format!(
+            "CELA='./cela run --vm --engine kvm --kernel /lab/bzImage --initrd /lab/initrd.cpio'\n{body}"
+        );
+        run = run.scenario(Scenario::new(*name, script).with_timeout(per_scenario));
+    }
+    run.timeout = batch;
+    match lab.run(&run) {
+        Err(e @ LabError::Timeout { .. }) => {
+            eprintln!("the nested lab stopped responding ({e}); running the batch once more");
+            lab.run(&run)
+        }
+        other => other,
+    }
+    .unwrap_or_else(|e| panic!("the lab run failed: {e}"))
+}

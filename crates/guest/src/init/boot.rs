@@ -2,7 +2,7 @@
 //!
 //! 1. mount the pseudo-filesystems, load the initramfs's kernel modules;
 //! 2. decode the [`BootRequest`] from `/proc/cmdline`, switch to the root disk if it names one,
-//!    and say `ready` on the control channel;
+//!    configure the network it describes, and say `ready` on the control channel;
 //! 3. run the command with its output on the raw console, or an interactive shell;
 //! 4. report its status on the control channel and power off.
 //!
@@ -61,6 +61,14 @@ pub fn run() -> ! {
         && let Err(e) = rootfs::switch_to(serial)
     {
         say!("{e}");
+        control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
+        power::silence_kernel_console();
+        power::power_off();
+    }
+    if let Some(net) = &request.net
+        && let Err(e) = super::net::configure(net)
+    {
+        say!("configuring the network: {e}");
         control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
         power::silence_kernel_console();
         power::power_off();

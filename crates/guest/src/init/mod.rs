@@ -1,12 +1,13 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
-//! [`mounts`], [`modules`], [`tty`] and [`control`], [`rootfs`], [`workload`], [`supervise`],
-//! [`power`];
+//! [`mounts`], [`modules`], [`net`], [`tty`] and [`control`], [`rootfs`], [`workload`],
+//! [`supervise`], [`power`];
 //! [`boot`] strings them together.
 
 pub mod boot;
 pub mod control;
 pub mod modules;
 pub mod mounts;
+pub mod net;
 pub mod power;
 pub mod rootfs;
 pub mod supervise;

@@ -23,6 +23,7 @@
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::os::fd::RawFd;

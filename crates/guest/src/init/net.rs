@@ -1,0 +1,58 @@
+//! The guest side of `--net auto`: finds the NIC the host described (by its MAC address, in
+//! `/sys/class/net`), gives it its address, brings it and the loopback up, and routes through
+//! the host's end of the link. The virtio-net driver was loaded with the other modules, so the
+//! interface exists by the time this runs.
+
+use std::path::Path;
+
+use cela_guest::{NetRequest, format_mac, netif};
+
+/// Configures the network `request` describes; an error says which step failed.
+pub fn configure(request: &NetRequest) -> Result<(), String> {
+    let _ = netif::set_up("lo");
+    let name = interface_with_mac(Path::new("/sys/class/net"), &request.mac).ok_or_else(|| {
+        format!(
+            "no network interface has MAC address {} (is virtio_net loaded?)",
+            format_mac(&request.mac)
+        )
+    })?;
+    netif::set_ipv4(&name, request.address, request.prefix).map_err(|e| e.to_string())?;
+    netif::set_up(&name).map_err(|e| e.to_string())?;
+    netif::add_default_route(request.gateway).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The name of the interface under `sys_class_net` whose `address` file holds `mac`.
+fn interface_with_mac(sys_class_net: &Path, mac: &[u8; 6]) -> Option<String> {
+    let want = format_mac(mac);
+    std::fs::read_dir(sys_class_net)
+        .ok()?
+        .flatten()
+        .find(|entry| {
+            std::fs::read_to_string(entry.path().join("address"))
+                .is_ok_and(|a| a.trim().eq_ignore_ascii_case(&want))
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::TestDir;
+
+    #[test]
+    fn the_interface_is_found_by_its_mac() {
+        let dir = TestDir::new();
+        for (name, mac) in [("lo", "00:00:00:00:00:00"), ("eth0", "02:ce:1a:00:00:05")] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("address"), format!("{mac}\n")).unwrap();
+        }
+        let mac = [0x02, 0xce, 0x1a, 0, 0, 5];
+        assert_eq!(
+            interface_with_mac(dir.path(), &mac).as_deref(),
+            Some("eth0")
+        );
+        assert_eq!(interface_with_mac(dir.path(), &[2, 0, 0, 0, 0, 1]), None);
+        assert_eq!(interface_with_mac(&dir.path().join("none"), &mac), None);
+    }
+}
