@@ -209,7 +209,11 @@ fn registry_errors_are_one_line_and_leave_no_blob() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let closed = format!("127.0.0.1:{}/busybox:latest", free_port());
-    cela_err(&data, &["pull", &closed], "Connection refused");
+    cela_err(
+        &data,
+        &["pull", &closed],
+        "cannot be reached (Connection refused",
+    );
     assert!(stored_blobs(&data).is_empty());
     assert_eq!(tmp_entries(&data), 0);
 

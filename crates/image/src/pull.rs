@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_spec::image::Descriptor;
@@ -88,19 +89,36 @@ impl<'a> Puller<'a> {
     }
 
     fn registry_error(&self, e: &(dyn std::error::Error + 'static)) -> ImageError {
-        let mut message = e.to_string();
+        // A connection that never happened is said plainly, with the innermost cause.
+        let unreachable = match e.downcast_ref::<OciDistributionError>() {
+            Some(OciDistributionError::RequestError(r)) => r.is_connect() || r.is_timeout(),
+            _ => false,
+        };
+        let mut chain = vec![e.to_string()];
         let mut source = e.source();
         while let Some(s) = source {
-            let s_text = s.to_string();
-            if !message.contains(&s_text) {
-                message.push_str(": ");
-                message.push_str(&s_text);
+            let text = s.to_string();
+            if !chain.iter().any(|c| c.contains(&text)) {
+                chain.push(text);
             }
             source = s.source();
         }
+        let message = if unreachable {
+            format!(
+                "cannot be reached ({}) while pulling {}; is it running, and is the address right?",
+                chain.last().expect("at least one"),
+                self.r.familiar()
+            )
+        } else {
+            format!(
+                "failed while pulling {}: {}",
+                self.r.familiar(),
+                chain.join(": ")
+            )
+        };
         ImageError::Registry {
             registry: self.r.registry.clone(),
-            message: format!("pulling {}: {message}", self.r.familiar()),
+            message,
         }
     }
 
