@@ -34,15 +34,10 @@ fn a_debian_image_built_with_debootstrap_runs_and_becomes_an_ext4_disk() {
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
     cela_image::flatten(&store, &image, &root).unwrap();
-    let out = Command::new("chroot")
-        .arg(&root)
-        .args([
-            "/bin/sh",
-            "-c",
-            "cat /etc/debian_version; dpkg-query -W -f='${Package}\\n' apt",
-        ])
-        .output()
-        .unwrap();
+    let out = chroot(
+        &root,
+        "cat /etc/debian_version; dpkg-query -W -f='${Package}\\n' apt",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

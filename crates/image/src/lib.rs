@@ -31,7 +31,7 @@ pub use config::RunConfig;
 pub use debootstrap::build_debian;
 pub use digest::Digest;
 pub use error::ImageError;
-pub use ext4::rootfs_disk;
+pub use ext4::{instance_disk, rootfs_disk};
 pub use import::import;
 pub use progress::Progress;
 pub use pull::pull;

@@ -410,6 +410,25 @@ impl Drop for Registry {
     }
 }
 
+/// Runs a shell command in `root` with chroot. A freshly written /bin/busybox can be briefly
+/// "text file busy": a process forked by another test thread at the moment it was being written
+/// holds a copy of the writing descriptor until that process execs. Retried, within a bound.
+pub fn chroot(root: &Path, script: &str) -> std::process::Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = Command::new("chroot")
+            .arg(root)
+            .args(["/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+        let busy = String::from_utf8_lossy(&out.stderr).contains("Text file busy");
+        if !busy || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The status of `GET path` on the loopback port, if anything answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let addr = ("127.0.0.1", port);
