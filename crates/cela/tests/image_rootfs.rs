@@ -143,16 +143,7 @@ fn layer_directories_stack_with_overlayfs_into_the_same_view() {
 fn the_ext4_disk_holds_the_flattened_tree_and_is_cached() {
     let (work, store, image) = setup();
     let disk = cela_image::rootfs_disk(&store, &image, &Progress::hidden()).unwrap();
-    let fsck = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&disk);
     let debugfs = |req: &str| {
         let out = Command::new("debugfs")
             .args(["-R", req])
@@ -190,15 +181,7 @@ fn the_ext4_disk_holds_the_flattened_tree_and_is_cached() {
         .write_all_at(&[0xff; 4096], 0)
         .unwrap();
     assert_eq!(fs::metadata(&disk).unwrap().modified().unwrap(), mtime);
-    let fsck = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "writing the copy changed the cached disk"
-    );
+    assert_fsck_clean(&disk); // writing the copy left the cached disk alone
 
     store.remove("layered").unwrap();
     assert!(!disk.exists(), "the disk outlived its image");

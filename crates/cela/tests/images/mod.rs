@@ -429,6 +429,21 @@ pub fn chroot(root: &Path, script: &str) -> std::process::Output {
     }
 }
 
+/// Checks an ext4 image with `e2fsck -fn` (read-only, forced).
+pub fn assert_fsck_clean(disk: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck {}: {}",
+        disk.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// The status of `GET path` on the loopback port, if anything answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let addr = ("127.0.0.1", port);
