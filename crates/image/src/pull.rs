@@ -10,7 +10,8 @@
 //!
 //! Registries on this machine (`localhost`, 127.0.0.0/8, `::1`) are spoken to over plain HTTP, as
 //! Docker does by default; all others over HTTPS (rustls with the ring provider, the system's
-//! trust roots). Access is anonymous.
+//! trust roots). Credentials come from `docker login`'s config file ([`crate::credentials`]);
+//! without an entry for the registry, access is anonymous.
 
 use std::io::Write;
 use std::time::Duration;
@@ -43,7 +44,11 @@ pub fn pull(
         .enable_all()
         .build()
         .at("starting the network runtime for", "pull")?;
-    rt.block_on(Puller::new(store, &r, progress).run())
+    let auth = match crate::credentials::docker_config_path() {
+        Some(path) => crate::credentials::for_registry(&path, &r.registry)?,
+        None => RegistryAuth::Anonymous,
+    };
+    rt.block_on(Puller::new(store, &r, auth, progress).run())
 }
 
 struct Puller<'a> {
@@ -52,10 +57,11 @@ struct Puller<'a> {
     progress: &'a Progress,
     client: oci_client::Client,
     oref: oci_client::Reference,
+    auth: RegistryAuth,
 }
 
 impl<'a> Puller<'a> {
-    fn new(store: &'a Store, r: &'a Reference, progress: &'a Progress) -> Self {
+    fn new(store: &'a Store, r: &'a Reference, auth: RegistryAuth, progress: &'a Progress) -> Self {
         let protocol = if r.is_loopback_registry() {
             ClientProtocol::HttpsExcept(vec![r.registry.clone()])
         } else {
@@ -85,6 +91,7 @@ impl<'a> Puller<'a> {
             progress,
             client,
             oref,
+            auth,
         }
     }
 
@@ -127,7 +134,7 @@ impl<'a> Puller<'a> {
         let step = self.progress.step(format!("resolving {what}"));
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(&self.oref, &RegistryAuth::Anonymous, &ACCEPTED)
+            .pull_manifest_raw(&self.oref, &self.auth, &ACCEPTED)
             .await
             .map_err(|e| self.registry_error(&e))?;
         let mut digest = Digest::of(&bytes);
@@ -152,7 +159,7 @@ impl<'a> Puller<'a> {
                 );
                 let (bytes, _) = self
                     .client
-                    .pull_manifest_raw(&by_digest, &RegistryAuth::Anonymous, &ACCEPTED)
+                    .pull_manifest_raw(&by_digest, &self.auth, &ACCEPTED)
                     .await
                     .map_err(|e| self.registry_error(&e))?;
                 let actual = Digest::of(&bytes);
