@@ -71,7 +71,7 @@ pub enum Format {
 }
 
 /// Bars on stderr only when it is a terminal.
-fn progress() -> Progress {
+pub fn progress() -> Progress {
     if std::io::stderr().is_terminal() {
         Progress::new()
     } else {
@@ -79,7 +79,7 @@ fn progress() -> Progress {
     }
 }
 
-fn open(data_dir: &Path) -> anyhow::Result<Store> {
+pub fn open(data_dir: &Path) -> anyhow::Result<Store> {
     Ok(Store::open(data_dir)?)
 }
 

@@ -3,6 +3,7 @@
 //! `cela-image` crates.
 
 mod image_cmd;
+mod instance_cmd;
 mod paths;
 mod run_vm;
 
@@ -33,32 +34,102 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a command in a new instance (with --vm: a microVM booting a stock Linux kernel).
-    Run(run_vm::RunArgs),
+    Run(Box<run_vm::RunArgs>),
     /// Pull an image from an OCI/Docker registry into the image store.
     Pull(image_cmd::PullArgs),
     /// Manage stored images (import, ls, rm).
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// List instances (running ones; all with -a).
+    Ps {
+        /// Also instances that have ended.
+        #[arg(short = 'a', long)]
+        all: bool,
+        /// Output format: a table, or a JSON array (its shape is documented in the README).
+        #[arg(long, value_enum, default_value_t = image_cmd::Format::Table)]
+        format: image_cmd::Format,
+    },
+    /// Print an instance's output (stdout and stderr apart).
+    Logs {
+        /// Keep printing until the instance ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        name: String,
+    },
+    /// Run a command in a running instance.
+    Exec(instance_cmd::ExecArgs),
+    /// Stop instances: SIGTERM, then SIGKILL after the timeout.
+    Stop {
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(short = 't', long, default_value_t = 10, value_name = "S")]
+        timeout: u64,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Start instances that have ended, in the background.
+    Start {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove instances (a running one needs -f).
+    Rm {
+        /// Stop (kill) a running instance first.
+        #[arg(short = 'f', long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Print instances' config and state as JSON.
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Run an instance's workload in this process (started by cela itself).
+    #[command(name = "__supervise", hide = true)]
+    Supervise { id: String },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CELA_LOG")
-                // rustls' verifier logs each refused certificate as an error of its own; cela
-                // reports the failed pull in its one error line.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("warn,rustls_platform_verifier=off")
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let data_dir = paths::data_dir(cli.data_dir);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CELA_LOG")
+        // rustls' verifier logs each refused certificate as an error of its own; cela reports
+        // the failed pull in its one error line.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,libcgroups=error,rustls_platform_verifier=off")
+        });
+    // A supervisor's stderr is its instance's output: its own messages go to a file beside it.
+    let supervisor_log = match &cli.command {
+        Command::Supervise { id } => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("instances").join(id).join("supervisor.log"))
+            .ok(),
+        _ => None,
+    };
+    match supervisor_log {
+        Some(file) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init(),
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let result = match cli.command {
-        Command::Run(args) => run_vm::run(args, &data_dir),
+        Command::Run(args) => run_vm::run(*args, &data_dir),
         Command::Pull(args) => image_cmd::pull(args, &data_dir),
         Command::Image(cmd) => image_cmd::image(cmd, &data_dir),
+        Command::Ps { all, format } => instance_cmd::ps(all, format, &data_dir),
+        Command::Logs { follow, name } => instance_cmd::logs(&name, follow, &data_dir),
+        Command::Exec(args) => instance_cmd::exec(args, &data_dir),
+        Command::Stop { timeout, names } => instance_cmd::stop(&names, timeout, &data_dir),
+        Command::Start { names } => instance_cmd::start(&names, &data_dir),
+        Command::Rm { force, names } => instance_cmd::rm(&names, force, &data_dir),
+        Command::Inspect { names } => instance_cmd::inspect(&names, &data_dir),
+        Command::Supervise { id } => instance_cmd::supervise(&id, &data_dir),
     };
     match result {
         Ok(code) => code,

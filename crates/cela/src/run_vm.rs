@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cela_guest::BootRequest;
+use cela_guest::{BootRequest, ROOTFS_SERIAL};
 use cela_vmm::{BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig};
 use clap::{Args, ValueEnum};
 
@@ -14,15 +14,33 @@ use crate::paths;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Run in a microVM (a stock Linux kernel on cela's KVM monitor).
+    /// Run in a microVM (a stock Linux kernel on cela's KVM monitor) instead of a container.
     #[arg(long)]
     vm: bool,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512, value_name = "MiB")]
-    memory: u64,
+    /// Run in the background and print the instance id (with an IMAGE).
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Remove the instance when it ends (with an IMAGE).
+    #[arg(long)]
+    rm: bool,
+    /// Name the instance (default: made from its id).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Working directory of the command (default: the image's).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// User of the command: uid[:gid] or a name in the image (default: the image's).
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
+    /// Bind-mount a host directory or file into a container (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:DEST[:ro]")]
+    volumes: Vec<String>,
+    /// vCPUs of a microVM (default 1); CPU limit of a container (default none).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory of a microVM in MiB (default 512); memory limit of a container.
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u64>,
     /// Boot this bzImage instead of the Debian cloud kernel cela fetches.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -41,15 +59,26 @@ pub struct RunArgs {
     /// guest sees them as /dev/vda, /dev/vdb, … in this order).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// An ext4 image to use as the guest's root filesystem: the command runs in it (read-only
+    /// with `,ro`). It is one more disk after the `--disk` ones, found by its serial.
+    #[arg(long, value_name = "IMAGE[,ro]")]
+    rootfs: Option<String>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
     /// Print boot timings on stderr when the VM ends.
     #[arg(long)]
     timings: bool,
-    /// The command to run in the guest; without it, an interactive shell on the console
-    /// (leave with Ctrl-A x).
-    #[arg(last = true, value_name = "CMD")]
+    /// The image to run, then the command (default: the image's). Without an IMAGE, `--vm`
+    /// boots cela's own initramfs and runs the command given after `--` (or an interactive
+    /// shell on the console; leave with Ctrl-A x).
+    #[arg(value_name = "IMAGE")]
+    image: Option<String>,
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 
@@ -84,11 +113,79 @@ fn guest_files(args: &RunArgs, data_dir: &std::path::Path) -> anyhow::Result<(Pa
     ))
 }
 
-pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+/// Splits `cela run`'s positional arguments: `IMAGE [CMD...]`, or, for `--vm -- CMD...`
+/// (nothing before `--`), no image. `raw` is the whole command line.
+fn split_image(args: &mut RunArgs, raw: &[String]) {
+    if args.command.first().map(String::as_str) == Some("--") {
+        args.command.remove(0);
+    }
+    let positional = usize::from(args.image.is_some()) + args.command.len();
+    let after_dashes = raw
+        .iter()
+        .position(|a| a == "--")
+        .map(|i| raw.len() - i - 1);
+    if after_dashes == Some(positional)
+        && positional > 0
+        && let Some(first) = args.image.take()
+    {
+        args.command.insert(0, first);
+    }
+}
+
+pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let raw: Vec<String> = std::env::args().collect();
+    split_image(&mut args, &raw);
+    if let Some(image) = args.image.take() {
+        let unsupported = [
+            ("--kernel", args.kernel.is_some()),
+            ("--initrd", args.initrd.is_some()),
+            ("--cmdline", args.cmdline.is_some()),
+            ("--engine", args.engine.is_some()),
+            ("--disk", !args.disks.is_empty()),
+            ("--rootfs", args.rootfs.is_some()),
+            ("--timings", args.timings),
+        ];
+        if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
+            bail!(
+                "{flag} is not supported with an IMAGE yet (run it without an image: `cela run --vm {flag} ... -- CMD`)"
+            );
+        }
+        return crate::instance_cmd::run(
+            crate::instance_cmd::RunImage {
+                image,
+                command: args.command,
+                vm: args.vm,
+                detach: args.detach,
+                rm: args.rm,
+                name: args.name,
+                cpus: args.cpus,
+                memory: args.memory,
+                env: args.env,
+                workdir: args.workdir,
+                user: args.user,
+                volumes: args.volumes,
+            },
+            data_dir,
+        );
+    }
     if !args.vm {
         bail!(
-            "containers are not implemented yet: use `cela run --vm` to run the command in a microVM"
+            "cela run needs an IMAGE (a container; see cela image ls), or --vm to boot cela's own initramfs (`cela run --vm -- CMD`)"
         );
+    }
+    for (flag, set) in [
+        ("-d", args.detach),
+        ("--rm", args.rm),
+        ("--name", args.name.is_some()),
+        ("-w", args.workdir.is_some()),
+        ("-u", args.user.is_some()),
+        ("-v", !args.volumes.is_empty()),
+    ] {
+        if set {
+            bail!(
+                "{flag} needs an IMAGE (an instance); `cela run --vm -- CMD` runs once in the foreground"
+            );
+        }
     }
     if let Some(bad) = args
         .env
@@ -106,7 +203,15 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
     }
     // Disks are checked (opened as asked, none shared read-write) before anything else is
     // chosen, fetched or created.
-    let disks: Vec<DiskConfig> = args.disks.iter().map(|d| DiskConfig::parse(d)).collect();
+    let mut disks: Vec<DiskConfig> = args.disks.iter().map(|d| DiskConfig::parse(d)).collect();
+    if let Some(arg) = &args.rootfs {
+        let rootfs = DiskConfig {
+            serial: Some(ROOTFS_SERIAL.to_owned()),
+            ..DiskConfig::parse(arg)
+        };
+        cela_vmm::config::check_rootfs(&rootfs.path)?;
+        disks.push(rootfs);
+    }
     cela_vmm::config::open_disks(&disks)?;
     let launched = Instant::now();
     let (engine, note) =
@@ -118,6 +223,7 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
     let request = BootRequest {
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         env: args.env.clone(),
+        root: args.rootfs.as_ref().map(|_| ROOTFS_SERIAL.to_owned()),
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {
@@ -130,8 +236,8 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
         cmdline.push_str(&params);
     }
     let config = MachineConfig {
-        vcpus: args.cpus,
-        memory_mib: args.memory,
+        vcpus: args.cpus.unwrap_or(1),
+        memory_mib: args.memory.unwrap_or(512),
         kernel,
         initrd: Some(initrd),
         cmdline,

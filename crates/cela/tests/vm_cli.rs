@@ -194,6 +194,117 @@ fn qemu_fallback_gives_the_disks_in_order_and_honours_read_only() {
     assert_eq!(&std::fs::read(&db).unwrap()[..12], b"cela-disk-ok");
 }
 
+#[test]
+fn qemu_fallback_boots_a_rootfs_and_keeps_what_it_writes() {
+    let a = guest_assets();
+    let (k, i) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let image = common::busybox_rootfs(dir.path(), "from-the-rootfs");
+    let img = image.to_str().unwrap();
+    let data = dir.path().join("data.img");
+    std::fs::write(&data, vec![0u8; 1 << 20]).unwrap();
+    let run = |rootfs: &str, script: &str| {
+        let out = run_cela(&[
+            "run",
+            "--vm",
+            "--engine",
+            "qemu",
+            "--kernel",
+            k,
+            "--initrd",
+            i,
+            "--disk",
+            data.to_str().unwrap(),
+            "--rootfs",
+            rootfs,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    // Read-only, an image without the mount points cela-init moves into it cannot be used.
+    let out = run_cela(&[
+        "run",
+        "--vm",
+        "--engine",
+        "qemu",
+        "--kernel",
+        k,
+        "--initrd",
+        i,
+        "--rootfs",
+        &format!("{img},ro"),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stdout).contains("the root filesystem has no /proc directory"),
+        "{}",
+        text(&out.stdout)
+    );
+    // The command runs in the image, on a read-write root; --disk keeps /dev/vda and the
+    // rootfs disk comes after it, each with its serial.
+    let out = run(
+        img,
+        "cat /etc/marker; grep ' / ' /proc/mounts | cut -d' ' -f3,4 | cut -d, -f1; \
+         echo $(cat /sys/block/vda/serial); echo $(cat /sys/block/vdb/serial); echo kept > /written",
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["from-the-rootfs", "ext4 rw", "data.img", "cela-rootfs"],
+        "{out}"
+    );
+    // Written data survives, the image was left clean, and `,ro` mounts it read-only.
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn", img])
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "e2fsck: {}", text(&fsck.stdout));
+    let out = run(
+        &format!("{img},ro"),
+        "cat /written; grep ' / ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1; \
+         (echo x > /new) 2>/dev/null; echo write=$?",
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["kept", "ro", "write=1"],
+        "{out}"
+    );
+}
+
+#[test]
+fn a_rootfs_that_is_not_ext4_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("zeros.img");
+    std::fs::write(&bad, vec![0u8; 8192]).unwrap();
+    assert_error(
+        &[
+            "run",
+            "--vm",
+            "--rootfs",
+            bad.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        "is not an ext4 image (no superblock magic 0xef53 at byte 1080",
+    );
+    assert_error(
+        &[
+            "run",
+            "--vm",
+            "--rootfs",
+            "/nonexistent/root.ext4",
+            "--",
+            "true",
+        ],
+        "--rootfs /nonexistent/root.ext4: no such file",
+    );
+}
+
 /// `--disk` bad input, checked before the engine is chosen or any guest file is looked at.
 #[test]
 fn a_missing_disk_is_named() {
@@ -254,7 +365,7 @@ fn the_same_file_twice_read_write_is_refused() {
             &[
                 "run", "--vm", "--disk", &first, "--disk", &second, "--", "true",
             ],
-            "is the same file as --disk",
+            "is the same file as disk",
         );
     }
     assert_eq!(std::fs::read(a).unwrap(), vec![0u8; 4096]);

@@ -32,6 +32,14 @@ const SCENARIOS: &[(&str, &str)] = &[
         "mkfifo /tmp/out; $CELA -- sh -c 'echo started; sleep 600' > /tmp/out & pid=$!; \
          exec 3</tmp/out; read -r line <&3; kill -INT $pid; wait $pid",
     ),
+    // --rootfs: the command runs in an ext4 image (made on the host with mkfs.ext4 -d) with
+    // a marker the initramfs does not have; what it writes is there on the next boot.
+    (
+        "rootfs",
+        "$CELA --rootfs /lab/root.ext4 -- sh -c 'cat /etc/marker; grep \" / \" /proc/mounts | \
+         cut -d\" \" -f3; echo kept > /written' && \
+         $CELA --rootfs /lab/root.ext4,ro -- cat /written",
+    ),
     // virtio-rng: the guest's hw_random core picked it and /dev/hwrng gives bytes.
     (
         "hwrng",
@@ -73,8 +81,11 @@ fn report() -> &'static LabReport {
     REPORT.get_or_init(|| {
         let assets = guest_assets();
         let lab = Lab::new().unwrap_or_else(|e| panic!("the nested lab is unavailable: {e}"));
+        let rootfs_dir = tempfile::tempdir().unwrap();
+        let rootfs = common::busybox_rootfs(rootfs_dir.path(), "from-the-rootfs");
         let mut run = LabRun::new()
             .file(cela(), "/lab/cela")
+            .file(&rootfs, "/lab/root.ext4")
             .file(&assets.kernel, "/lab/bzImage")
             .file(&assets.initrd, "/lab/initrd.cpio");
         for (name, body) in SCENARIOS {
@@ -202,6 +213,13 @@ fn the_guest_reads_entropy_from_the_virtio_rng() {
     assert_eq!(hex.len(), 64, "32 bytes in hex: {out}");
     assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{out}");
     assert_ne!(hex, "0".repeat(64), "{out}");
+}
+
+#[test]
+fn a_rootfs_image_is_the_commands_root() {
+    let r = report().get("rootfs");
+    r.expect_rc(0);
+    assert_eq!(r.stdout_str(), "from-the-rootfs\next4\nkept\n");
 }
 
 /// The lines of the `disks` scenario, after checking cela itself succeeded.

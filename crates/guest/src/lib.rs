@@ -22,6 +22,11 @@ pub const CMD_PARAM: &str = "cela.cmd";
 /// Kernel parameter carrying the workload's environment, encoded like [`CMD_PARAM`]
 /// (`KEY=VALUE` entries joined with NUL bytes).
 pub const ENV_PARAM: &str = "cela.env";
+/// Kernel parameter naming the disk to use as the root filesystem, by its virtio-blk serial
+/// (see [`ROOTFS_SERIAL`]). Absent: the workload runs in the initramfs.
+pub const ROOT_PARAM: &str = "cela.root";
+/// The serial cela gives the `--rootfs` disk; at most 20 bytes, the virtio-blk ID length.
+pub const ROOTFS_SERIAL: &str = "cela-rootfs";
 /// Path, inside the initramfs, of the file listing kernel modules to load at boot, one
 /// initramfs path per line, already in dependency order.
 pub const MODULE_LOAD_ORDER: &str = "/lib/modules/cela/load.order";
@@ -37,6 +42,9 @@ pub struct BootRequest {
     pub command: Option<Vec<String>>,
     /// Extra environment for the command, as `KEY=VALUE` strings.
     pub env: Vec<String>,
+    /// The serial of the disk holding the root filesystem to switch to before the workload
+    /// starts (1-20 characters of `[A-Za-z0-9._-]`).
+    pub root: Option<String>,
 }
 
 /// Why a `cela.*` parameter on the command line could not be decoded.
@@ -83,6 +91,9 @@ impl BootRequest {
         if !self.env.is_empty() {
             params.push(format!("{ENV_PARAM}={}", encode_list(&self.env)));
         }
+        if let Some(root) = &self.root {
+            params.push(format!("{ROOT_PARAM}={root}"));
+        }
         params.join(" ")
     }
 
@@ -107,6 +118,20 @@ impl BootRequest {
                 .and_then(|r| r.strip_prefix('='))
             {
                 req.env = decode_list(ENV_PARAM, v)?;
+            } else if let Some(v) = word
+                .strip_prefix(ROOT_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                let valid = (1..=20).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !valid {
+                    return Err(DecodeError {
+                        param: ROOT_PARAM,
+                        reason: format!("{v:?} is not a disk serial (1-20 of A-Z a-z 0-9 . _ -)"),
+                    });
+                }
+                req.root = Some(v.to_owned());
             }
         }
         Ok(req)
@@ -178,11 +203,10 @@ mod tests {
         let req = BootRequest {
             command: Some(vec!["sh".into(), "-c".into(), "echo 'a b'; exit 7".into()]),
             env: vec!["A=1".into(), "B=x y".into()],
+            root: Some(ROOTFS_SERIAL.into()),
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
-        assert!(
-            !req.to_kernel_params().contains(' ') || req.to_kernel_params().split(' ').count() == 2
-        );
+        assert_eq!(req.to_kernel_params().split(' ').count(), 3);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 
@@ -199,6 +223,10 @@ mod tests {
         assert_eq!(err.param, CMD_PARAM);
         let err = BootRequest::from_cmdline("cela.cmd=").unwrap_err();
         assert!(err.reason.contains("empty"));
+        let err = BootRequest::from_cmdline("cela.root=../etc").unwrap_err();
+        assert_eq!(err.param, ROOT_PARAM);
+        let err = BootRequest::from_cmdline("cela.root=a-serial-that-is-too-long").unwrap_err();
+        assert!(err.reason.contains("not a disk serial"));
     }
 
     #[test]

@@ -158,6 +158,15 @@ impl Runtime {
             return Err(Error::Exists(id.to_owned()));
         }
         let bundle = spec::load_bundle(&opts.bundle)?;
+        let terminal = bundle.spec.process().as_ref().and_then(|p| p.terminal());
+        if terminal == Some(true) && opts.console_socket.is_none() {
+            return Err(Error::Usage(
+                "process.terminal is set but no --console-socket was given: a container that \
+                 outlives this command needs one to hand its terminal to (or run it in the \
+                 foreground with `run`)"
+                    .into(),
+            ));
+        }
         fs::create_dir_all(&self.root).map_err(|source| Error::Io {
             what: format!("creating state directory {}", self.root.display()),
             source,
@@ -169,9 +178,12 @@ impl Runtime {
             .map(|b| b.with_console_socket(opts.console_socket.as_ref()))
             .map(|b| b.with_preserved_fds(opts.preserve_fds))
             .and_then(|b| {
+                // libcontainer reads `detach` only to check the terminal settings (a terminal
+                // needs a console socket when detached); a foreground terminal also goes
+                // through a console socket, cela-runc's own (crate::console).
                 b.as_init(&bundle.dir)
                     .with_systemd(self.systemd_cgroup)
-                    .with_detach(opts.detach)
+                    .with_detach(opts.detach || opts.console_socket.is_some())
                     .with_no_pivot(opts.no_pivot)
                     .build()
             });
@@ -379,6 +391,11 @@ impl Runtime {
                 hint: "",
             });
         }
+        if opts.tty && opts.detach && opts.console_socket.is_none() {
+            return Err(Error::Usage(
+                "exec --tty --detach needs --console-socket to hand the terminal to".into(),
+            ));
+        }
         // A terminal is asked for through the process object; write one if the caller gave
         // only arguments.
         let process = match (&opts.process, opts.tty) {
@@ -397,7 +414,7 @@ impl Runtime {
             .map(|b| b.with_preserved_fds(opts.preserve_fds))
             .map(|b| {
                 b.as_tenant()
-                    .with_detach(opts.detach)
+                    .with_detach(opts.detach || opts.console_socket.is_some())
                     .with_cwd(opts.cwd.as_ref())
                     .with_env(opts.env.clone())
                     .with_container_args(opts.args.clone())

@@ -54,11 +54,66 @@ pub enum ConfigError {
         err: std::io::Error,
     },
     #[error(
-        "--disk {second} is the same file as --disk {first}; a file can be given twice only if every use is read-only (,ro)"
+        "disk {second} is the same file as disk {first}; a file can be given twice only if every use is read-only (,ro)"
     )]
     DiskTwice { first: String, second: String },
     #[error("{0} disks are more than {MAX_DISKS}, the most cela gives a VM")]
     TooManyDisks(usize),
+    #[error("--rootfs {0}: no such file")]
+    RootfsMissing(String),
+    #[error("--rootfs {path}: {err}")]
+    RootfsOpen { path: String, err: std::io::Error },
+    #[error(
+        "--rootfs {path} is not an ext4 image ({why}); make one with `mkfs.ext4 -d DIR IMAGE SIZE`"
+    )]
+    RootfsNotExt4 { path: String, why: String },
+}
+
+/// Where the ext2/3/4 superblock keeps its magic number: `s_magic`, 56 bytes into the
+/// superblock, which starts 1024 bytes into the filesystem.
+const EXT4_MAGIC_OFFSET: u64 = 1024 + 56;
+const EXT4_MAGIC: u16 = 0xef53;
+
+/// Checks that `path` (for `--rootfs`) is a regular file holding an ext2/3/4 filesystem, the
+/// guest's root (its kernel has ext4 built in and mounts all three).
+pub fn check_rootfs(path: &Path) -> Result<(), ConfigError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let shown = path.display().to_string();
+    let open_err = |err| ConfigError::RootfsOpen {
+        path: shown.clone(),
+        err,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ConfigError::RootfsMissing(shown.clone()),
+        _ => open_err(e),
+    })?;
+    if !meta.is_file() {
+        return Err(ConfigError::RootfsNotExt4 {
+            path: shown,
+            why: "not a regular file".into(),
+        });
+    }
+    let mut file = std::fs::File::open(path).map_err(open_err)?;
+    let mut magic = [0u8; 2];
+    file.seek(SeekFrom::Start(EXT4_MAGIC_OFFSET))
+        .and_then(|_| file.read_exact(&mut magic))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ConfigError::RootfsNotExt4 {
+                path: shown.clone(),
+                why: format!("{} bytes is too small to hold a superblock", meta.len()),
+            },
+            _ => open_err(e),
+        })?;
+    let found = u16::from_le_bytes(magic);
+    if found != EXT4_MAGIC {
+        return Err(ConfigError::RootfsNotExt4 {
+            path: shown,
+            why: format!(
+                "no superblock magic 0xef53 at byte {EXT4_MAGIC_OFFSET}, found {found:#06x}"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Total RAM of the host in MiB, from /proc/meminfo.
@@ -170,7 +225,11 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<DiskImage>, ConfigError> {
             });
         }
         seen.push((key.0, key.1, disk));
-        images.push(DiskImage::new(file, &disk.path, disk.read_only).map_err(open_err)?);
+        let image = DiskImage::new(file, &disk.path, disk.read_only).map_err(open_err)?;
+        images.push(match &disk.serial {
+            Some(serial) => image.with_serial(serial.as_bytes()),
+            None => image,
+        });
     }
     Ok(images)
 }
@@ -280,7 +339,46 @@ mod tests {
         DiskConfig {
             path: path.to_owned(),
             read_only,
+            serial: None,
         }
+    }
+
+    #[test]
+    fn rootfs_must_be_an_ext4_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.img");
+        std::fs::write(&small, [0u8; 100]).unwrap();
+        assert!(
+            check_rootfs(&small)
+                .unwrap_err()
+                .to_string()
+                .contains("too small")
+        );
+        let zeros = dir.path().join("zeros.img");
+        std::fs::write(&zeros, vec![0u8; 4096]).unwrap();
+        assert!(
+            check_rootfs(&zeros)
+                .unwrap_err()
+                .to_string()
+                .contains("no superblock magic 0xef53 at byte 1080, found 0x0000")
+        );
+        let mut ext = vec![0u8; 4096];
+        ext[1080..1082].copy_from_slice(&[0x53, 0xef]);
+        let fake = dir.path().join("ext.img");
+        std::fs::write(&fake, ext).unwrap();
+        check_rootfs(&fake).unwrap();
+        assert!(
+            check_rootfs(&dir.path().join("missing"))
+                .unwrap_err()
+                .to_string()
+                .starts_with("--rootfs ")
+        );
+        assert!(
+            check_rootfs(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("not a regular file")
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// The guest cannot write to it (VIRTIO_BLK_F_RO) and cela opens it read-only.
     pub read_only: bool,
+    /// The serial the guest reads (virtio-blk GET_ID, /sys/block/vdX/serial; at most 20
+    /// bytes); `None` gives the file name.
+    pub serial: Option<String>,
 }
 
 impl DiskConfig {
@@ -44,10 +47,12 @@ impl DiskConfig {
             Some(path) => DiskConfig {
                 path: path.into(),
                 read_only: true,
+                serial: None,
             },
             None => DiskConfig {
                 path: arg.into(),
                 read_only: false,
+                serial: None,
             },
         }
     }
@@ -117,14 +122,16 @@ mod tests {
             DiskConfig::parse("/a/b.img"),
             DiskConfig {
                 path: "/a/b.img".into(),
-                read_only: false
+                read_only: false,
+                serial: None,
             }
         );
         assert_eq!(
             DiskConfig::parse("/a/b,c.img,ro"),
             DiskConfig {
                 path: "/a/b,c.img".into(),
-                read_only: true
+                read_only: true,
+                serial: None,
             }
         );
     }

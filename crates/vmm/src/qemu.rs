@@ -219,7 +219,23 @@ pub fn qemu_args(
             "-drive",
             &format!("file={path},format=raw,if=none,id=d{n},readonly={readonly}"),
         ]);
-        push(&["-device", &format!("virtio-blk-device,drive=d{n}")]);
+        // The serial the guest reads, as cela's own block device gives it: the one asked
+        // for, or the file name; at most 20 bytes.
+        let serial = disk.serial.clone().unwrap_or_else(|| {
+            disk.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let serial: String = serial
+            .chars()
+            .take(20)
+            .collect::<String>()
+            .replace(',', ",,");
+        push(&[
+            "-device",
+            &format!("virtio-blk-device,drive=d{n},serial={serial}"),
+        ]);
     }
     Ok(args)
 }
@@ -666,6 +682,10 @@ mod tests {
         c.disks = vec![
             crate::DiskConfig::parse("/d/a.img"),
             crate::DiskConfig::parse("/d/b,c.img,ro"),
+            crate::DiskConfig {
+                serial: Some("cela-rootfs".into()),
+                ..crate::DiskConfig::parse("/d/root.ext4")
+            },
         ];
         let args = qemu_args(&c, FDS, 1).unwrap();
         assert_eq!(
@@ -676,12 +696,17 @@ mod tests {
             values(&args, "-drive"),
             [
                 "file=/d/a.img,format=raw,if=none,id=d0,readonly=off",
-                "file=/d/b,,c.img,format=raw,if=none,id=d1,readonly=on"
+                "file=/d/b,,c.img,format=raw,if=none,id=d1,readonly=on",
+                "file=/d/root.ext4,format=raw,if=none,id=d2,readonly=off"
             ]
         );
         assert_eq!(
             &values(&args, "-device")[2..],
-            ["virtio-blk-device,drive=d0", "virtio-blk-device,drive=d1"]
+            [
+                "virtio-blk-device,drive=d0,serial=a.img",
+                "virtio-blk-device,drive=d1,serial=b,,c.img",
+                "virtio-blk-device,drive=d2,serial=cela-rootfs"
+            ]
         );
     }
 
@@ -778,7 +803,7 @@ mod tests {
         let boot = |argv: &[&str]| {
             let request = cela_guest::BootRequest {
                 command: Some(argv.iter().map(|s| s.to_string()).collect()),
-                env: vec![],
+                ..Default::default()
             };
             let config = MachineConfig {
                 vcpus: 1,

@@ -58,3 +58,35 @@ pub fn run_cela(args: &[&str]) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Makes an ext4 image (`mkfs.ext4 -d`, e2fsprogs) in `dir` holding busybox-static with its
+/// applets in /bin and `marker` in /etc/marker: a root filesystem for `--rootfs` that is
+/// recognisably not the initramfs.
+pub fn busybox_rootfs(dir: &std::path::Path, marker: &str) -> PathBuf {
+    let tree = dir.join("rootfs-tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
+        .expect("/bin/busybox (busybox-static, scripts/deps)");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+        }
+    }
+    std::fs::write(tree.join("etc/marker"), format!("{marker}\n")).unwrap();
+    let image = dir.join("root.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("16M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs, scripts/deps)");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 failed: {}",
+        text(&out.stderr)
+    );
+    image
+}

@@ -1,7 +1,8 @@
 //! The boot sequence of `cela-init`, from the kernel handing over PID 1 to the power-off.
 //!
 //! 1. mount the pseudo-filesystems, load the initramfs's kernel modules;
-//! 2. decode the [`BootRequest`] from `/proc/cmdline` and say `ready` on the control channel;
+//! 2. decode the [`BootRequest`] from `/proc/cmdline`, switch to the root disk if it names one,
+//!    and say `ready` on the control channel;
 //! 3. run the command with its output on the raw console, or an interactive shell;
 //! 4. report its status on the control channel and power off.
 //!
@@ -19,7 +20,7 @@ use super::control::ControlChannel;
 use super::supervise::{Outcome, Pid1Events, PowerRequest, supervise};
 use super::tty::{TtyMode, open_tty};
 use super::workload::{ChildIo, SHELL, Session, build_env, spawn, split_env_entry};
-use super::{modules, mounts, power, say};
+use super::{modules, mounts, power, rootfs, say};
 
 /// The status reported when the host's request cannot be decoded (as a command the host got
 /// wrong, not the workload's own failure).
@@ -56,6 +57,14 @@ pub fn run() -> ! {
             power::power_off();
         }
     };
+    if let Some(serial) = &request.root
+        && let Err(e) = rootfs::switch_to(serial)
+    {
+        say!("{e}");
+        control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
+        power::silence_kernel_console();
+        power::power_off();
+    }
     for entry in request.env.iter().filter(|e| split_env_entry(e).is_none()) {
         say!("warning: ignoring environment entry {entry:?} (not KEY=VALUE)");
     }

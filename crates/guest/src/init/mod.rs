@@ -1,5 +1,6 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
-//! [`mounts`], [`modules`], [`tty`] and [`control`], [`workload`], [`supervise`], [`power`];
+//! [`mounts`], [`modules`], [`tty`] and [`control`], [`rootfs`], [`workload`], [`supervise`],
+//! [`power`];
 //! [`boot`] strings them together.
 
 pub mod boot;
@@ -7,6 +8,7 @@ pub mod control;
 pub mod modules;
 pub mod mounts;
 pub mod power;
+pub mod rootfs;
 pub mod supervise;
 pub mod tty;
 pub mod workload;

@@ -1,7 +1,12 @@
 //! Ending the machine. The VMM sees an ACPI power-off (S5) or a reset and ends the VM.
 
+use std::time::{Duration, Instant};
+
+use nix::mount::{MsFlags, mount};
 use nix::sys::reboot::{RebootMode, reboot};
-use nix::unistd::sync;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Pid, sync};
 
 use super::say;
 
@@ -26,7 +31,7 @@ pub fn restart() -> ! {
 }
 
 fn end(mode: RebootMode) -> ! {
-    sync();
+    quiesce();
     let Err(e) = reboot(mode);
     say!("reboot({mode:?}): {e}");
     // Only reached if the kernel refused; halting is the last resort, then wait forever
@@ -35,4 +40,35 @@ fn end(mode: RebootMode) -> ! {
     loop {
         nix::unistd::pause();
     }
+}
+
+/// How long the other processes get to die before the machine ends anyway (one stuck in the
+/// kernel must not keep the VM running).
+const QUIESCE_BOUND: Duration = Duration::from_secs(2);
+
+/// Kills every other process, reaps them, flushes, and remounts the root read-only, so that a
+/// root disk (`--rootfs`) is left clean: its journal needs no replay and a later read-only
+/// boot can mount it. On the initramfs root the remount is harmless.
+fn quiesce() {
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    let deadline = Instant::now() + QUIESCE_BOUND;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(WaitStatus::StillAlive) => break,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // ECHILD: nothing left.
+            Err(_) => break,
+        }
+    }
+    sync();
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
+use cela_runtime::console::{ConsoleSocket, TerminalProxy};
 use cela_runtime::{CreateOptions, DEFAULT_ROOT, ExecOptions, Runtime, spec};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
@@ -235,7 +236,7 @@ fn wait_forwarding(pid: Pid) -> Result<u8> {
 }
 
 fn run(rt: &Runtime, a: liboci_cli::Run) -> Result<u8> {
-    let opts = CreateOptions {
+    let mut opts = CreateOptions {
         bundle: absolute(&a.bundle)?,
         console_socket: absolute_opt(&a.console_socket)?,
         pid_file: absolute_opt(&a.pid_file)?,
@@ -243,29 +244,84 @@ fn run(rt: &Runtime, a: liboci_cli::Run) -> Result<u8> {
         preserve_fds: a.preserve_fds,
         detach: a.detach,
     };
+    let terminal = spec::load_bundle(&opts.bundle)?
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    let console = own_console(rt, terminal && !a.detach, &mut opts.console_socket)?;
     let id = &a.container_id;
     let container = rt.create(id, &opts)?;
-    let pid = container
-        .pid()
-        .map(|p| Pid::from_raw(p.as_raw()))
-        .ok_or_else(|| anyhow!("container {id} has no init pid"))?;
-    if let Err(e) = rt.start(id) {
-        let _ = rt.delete(id, true);
-        return Err(e.into());
-    }
+    let started = (|| -> Result<(Pid, Option<TerminalProxy>)> {
+        let pid = container
+            .pid()
+            .map(|p| Pid::from_raw(p.as_raw()))
+            .ok_or_else(|| anyhow!("container {id} has no init pid"))?;
+        let proxy = attach(console.as_ref())?;
+        rt.start(id)?;
+        Ok((pid, proxy))
+    })();
+    let (pid, proxy) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = rt.delete(id, true);
+            return Err(e);
+        }
+    };
     if a.detach {
         return Ok(0);
     }
     let code = wait_forwarding(pid)?;
+    if let Some(p) = proxy {
+        p.finish();
+    }
     if !a.keep {
         rt.delete(id, true)?;
     }
     Ok(code)
 }
 
+/// For a foreground process with a terminal and no `--console-socket`, cela-runc takes the
+/// terminal itself: listens on a console socket of its own and points `console_socket` at it.
+fn own_console(
+    rt: &Runtime,
+    foreground_terminal: bool,
+    console_socket: &mut Option<PathBuf>,
+) -> Result<Option<ConsoleSocket>> {
+    if !foreground_terminal || console_socket.is_some() {
+        return Ok(None);
+    }
+    let console = ConsoleSocket::listen(rt.root())?;
+    *console_socket = Some(console.path().to_owned());
+    Ok(Some(console))
+}
+
+/// Receives the terminal on cela-runc's own console socket and starts copying it.
+fn attach(console: Option<&ConsoleSocket>) -> Result<Option<TerminalProxy>> {
+    console
+        .map(|c| {
+            let master = c.receive_master()?;
+            TerminalProxy::start(master).context("copying the container's terminal")
+        })
+        .transpose()
+}
+
 fn exec(rt: &Runtime, a: liboci_cli::Exec) -> Result<u8> {
-    let opts = ExecOptions {
-        process: absolute_opt(&a.process)?,
+    let process = absolute_opt(&a.process)?;
+    let terminal = a.tty
+        || match &process {
+            Some(p) => {
+                let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_slice::<oci_spec::runtime::Process>(&text)
+                    .with_context(|| format!("{} is not an OCI process object", p.display()))?
+                    .terminal()
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+    let mut opts = ExecOptions {
+        process,
         args: a.command,
         env: a.env.into_iter().collect::<HashMap<_, _>>(),
         cwd: a.cwd,
@@ -281,11 +337,24 @@ fn exec(rt: &Runtime, a: liboci_cli::Exec) -> Result<u8> {
         ignore_paused: a.ignore_paused,
         cgroup: a.cgroup,
     };
+    let console = own_console(rt, terminal && !a.detach, &mut opts.console_socket)?;
     let pid = Pid::from_raw(rt.exec(&a.container_id, &opts)?);
     if a.detach {
         return Ok(0);
     }
-    wait_forwarding(pid)
+    let proxy = match attach(console.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(e);
+        }
+    };
+    let code = wait_forwarding(pid)?;
+    if let Some(p) = proxy {
+        p.finish();
+    }
+    Ok(code)
 }
 
 fn ps(rt: &Runtime, a: liboci_cli::Ps) -> Result<()> {

@@ -92,6 +92,14 @@ impl DiskImage {
         })
     }
 
+    /// Replaces the serial (the file name by default) with `serial`, cut to 20 bytes.
+    pub fn with_serial(mut self, serial: &[u8]) -> Self {
+        self.id = [0; VIRTIO_BLK_ID_BYTES as usize];
+        let n = serial.len().min(self.id.len());
+        self.id[..n].copy_from_slice(&serial[..n]);
+        self
+    }
+
     /// The capacity in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors

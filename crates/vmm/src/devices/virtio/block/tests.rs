@@ -187,6 +187,8 @@ fn get_id_is_the_file_name_truncated_to_20_bytes() {
     let file = std::fs::File::open(&path).unwrap();
     let disk = DiskImage::new(file, &path, true).unwrap();
     assert_eq!(&disk.id, b"a-rather-long-disk-i");
+    let disk = disk.with_serial(b"cela-rootfs");
+    assert_eq!(&disk.id, b"cela-rootfs\0\0\0\0\0\0\0\0\0");
 
     let short = image(&[0u8; 512]);
     let name = short

@@ -1,0 +1,449 @@
+//! `cela run IMAGE`, `ps`, `logs`, `exec`, `stop`, `start`, `rm`, `inspect`: thin commands over
+//! `cela-instance`. Each instance runs under its own supervisor process (`cela __supervise`,
+//! started here in its own process group), so it outlives the command that started it; a
+//! foreground `cela run` follows the instance's log and exits with its status.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cela_image::{RunConfig, Store};
+use cela_instance::log::{LogReader, Stream};
+use cela_instance::ops::{self, ExecRequest, is_live};
+use cela_instance::{
+    Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
+};
+use clap::Args;
+use serde_json::json;
+
+use crate::EXIT_CELA_ERROR;
+use crate::image_cmd::{Format, progress};
+use crate::paths;
+
+/// What `cela run` asks for when given an IMAGE (the flags shared with `cela run --vm` without
+/// an image are passed in too).
+pub struct RunImage {
+    pub image: String,
+    pub command: Vec<String>,
+    pub vm: bool,
+    pub detach: bool,
+    pub rm: bool,
+    pub name: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<u64>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub volumes: Vec<String>,
+}
+
+/// How long a detached `run`/`start` waits for the supervisor to report the workload running.
+const START_BOUND: Duration = Duration::from_secs(120);
+
+fn instances(data_dir: &Path) -> anyhow::Result<Instances> {
+    Ok(Instances::open(data_dir)?)
+}
+
+pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let store = crate::image_cmd::open(data_dir)?;
+    let image = store.resolve(&req.image).with_context(|| {
+        format!(
+            "no image {} in the store (cela pull or cela image import it first)",
+            req.image
+        )
+    })?;
+    let rc = RunConfig::of(&store, &image)?;
+    let command = rc.argv(&req.command);
+    if command.is_empty() {
+        bail!(
+            "image {} has no command (no Entrypoint or Cmd): give one after the image",
+            req.image
+        );
+    }
+    let volumes = req
+        .volumes
+        .iter()
+        .map(|v| Volume::parse(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    if req.vm && !volumes.is_empty() {
+        bail!(
+            "-v is not supported for --vm yet (mount a disk with `cela run --vm --disk` instead)"
+        );
+    }
+    if let Some(bad) = req
+        .env
+        .iter()
+        .find(|e| !e.contains('=') || e.starts_with('='))
+    {
+        bail!("--env {bad:?} is not KEY=VALUE");
+    }
+    let mut env = rc.env.clone();
+    for e in &req.env {
+        let key = e.split('=').next().unwrap_or_default();
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+    let kind = if req.vm { Kind::Vm } else { Kind::Container };
+    let vm = if req.vm {
+        let init = paths::guest_init()?;
+        let assets = cela_assets::guest_assets(
+            &paths::assets_dir(data_dir),
+            &init,
+            &cela_assets::Progress::new(),
+        )
+        .context("preparing the default guest kernel and initramfs")?;
+        let image_disk = cela_image::rootfs_disk(&store, &image, &progress())?;
+        Some(VmBoot {
+            kernel: assets.kernel,
+            initrd: assets.initrd,
+            image_disk,
+        })
+    } else {
+        // Unpack the layers now (once per layer), not in the supervisor, and check the user
+        // against the image's /etc/passwd (in the highest layer that has one).
+        let layers = cela_image::layer_dirs(&store, &image)?;
+        if let Some(user) = req.user.as_ref().or(rc.user.as_ref()) {
+            let top = layers
+                .iter()
+                .rev()
+                .find(|d| d.join("etc/passwd").is_file())
+                .cloned()
+                .unwrap_or_default();
+            cela_instance::container::resolve_user(&top, user)?;
+        }
+        None
+    };
+    let config = InstanceConfig {
+        id: String::new(),
+        name: req.name.clone().unwrap_or_default(),
+        kind,
+        image: req.image.clone(),
+        image_digest: image.digest.to_string(),
+        command,
+        env,
+        workdir: req.workdir.clone().or(rc.working_dir.clone()),
+        user: req.user.clone().or(rc.user.clone()),
+        cpus: req.cpus,
+        memory_mib: req.memory,
+        volumes,
+        // A foreground run removes the instance itself, after reading all its output.
+        auto_remove: req.rm && req.detach,
+        created: cela_instance::record::now(),
+        vm,
+    };
+    let insts = instances(data_dir)?;
+    let inst = insts.create(config)?;
+    spawn_supervisor(data_dir, &inst)?;
+    if req.detach {
+        let state = ops::wait_state(&inst, START_BOUND, |s| s.status != Status::Created)?;
+        if let Some(err) = state
+            .error
+            .as_ref()
+            .filter(|_| state.status != Status::Running)
+        {
+            bail!("instance {} did not start: {err}", inst.name());
+        }
+        println!("{}", inst.config.id);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let state = follow(&inst, true)?;
+    if req.rm {
+        ops::remove(&inst, true)?;
+    }
+    Ok(exit_of(&inst, &state))
+}
+
+/// The status a foreground run or `cela wait` gives: the workload's, or 125 with the reason.
+fn exit_of(inst: &Instance, state: &InstanceState) -> ExitCode {
+    match (state.status, state.exit_code) {
+        (Status::Exited, Some(code)) => ExitCode::from(code.clamp(0, 255) as u8),
+        _ => {
+            eprintln!(
+                "cela: error: instance {} {}: {}",
+                inst.name(),
+                state.status,
+                state.error.as_deref().unwrap_or("no exit status recorded")
+            );
+            ExitCode::from(EXIT_CELA_ERROR)
+        }
+    }
+}
+
+/// Starts `cela __supervise ID` in its own process group (Ctrl-C at the terminal does not
+/// reach it), stdio on /dev/null.
+fn spawn_supervisor(data_dir: &Path, inst: &Instance) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the cela executable")?;
+    Command::new(exe)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["__supervise", &inst.config.id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the instance's supervisor")?;
+    Ok(())
+}
+
+/// `cela __supervise ID`: runs the instance in this process (see cela_instance::supervise).
+pub fn supervise(id: &str, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let inst = instances(data_dir)?.find(id)?;
+    let store = Store::open(data_dir)?;
+    cela_instance::supervise::supervise(&store, &inst)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Copies the instance's log to stdout/stderr until it has ended (when `until_end`) or until
+/// everything written so far is out; Ctrl-C (with `until_end`) stops the instance.
+fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<InstanceState> {
+    if until_end {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(on_interrupt),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        for sig in [
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+        ] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { nix::sys::signal::sigaction(sig, &action) }
+                .context("installing a signal handler")?;
+        }
+    }
+    let mut reader: Option<LogReader> = None;
+    let mut stopping = false;
+    loop {
+        if reader.is_none() {
+            reader = LogReader::open(&inst.log_path()).ok();
+        }
+        // Read the state first: output written before it ended is then in the log.
+        let state = inst.state()?;
+        let any = match &mut reader {
+            Some(r) => r.read_available(print_record)?,
+            None => false,
+        };
+        if !until_end || !is_live(&state) {
+            if let Some(r) = &mut reader {
+                r.read_available(print_record)?;
+            }
+            return Ok(state);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) && !stopping {
+            stopping = true;
+            let inst = inst.clone();
+            std::thread::spawn(move || ops::stop(&inst, Duration::from_secs(10)));
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn print_record(stream: Stream, data: &[u8]) {
+    let _ = match stream {
+        Stream::Stdout => std::io::stdout()
+            .lock()
+            .write_all(data)
+            .and_then(|_| std::io::stdout().flush()),
+        Stream::Stderr => std::io::stderr().lock().write_all(data),
+    };
+}
+
+/// One instance as `ps --format json` and `inspect` show it.
+fn view(inst: &Instance, state: &InstanceState) -> serde_json::Value {
+    json!({
+        "id": inst.config.id,
+        "name": inst.config.name,
+        "kind": inst.config.kind,
+        "image": inst.config.image,
+        "image_digest": inst.config.image_digest,
+        "command": inst.config.command,
+        "status": state.status,
+        "exit_code": state.exit_code,
+        "pid": state.pid,
+        "created": inst.config.created,
+        "started": state.started,
+        "finished": state.finished,
+        "error": state.error,
+    })
+}
+
+pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let mut rows = Vec::new();
+    for inst in instances(data_dir)?.list()? {
+        let state = inst.state()?;
+        if all || is_live(&state) {
+            rows.push((inst, state));
+        }
+    }
+    match format {
+        Format::Json => {
+            let v: Vec<_> = rows.iter().map(|(i, s)| view(i, s)).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Format::Table => {
+            println!(
+                "{:12}  {:16}  {:9}  {:20}  {:24}  STATUS",
+                "ID", "NAME", "KIND", "IMAGE", "COMMAND"
+            );
+            for (i, s) in rows {
+                let status = match (s.status, s.exit_code) {
+                    (Status::Exited, Some(c)) => format!("exited ({c})"),
+                    (st, _) => st.to_string(),
+                };
+                let mut cmd = i.config.command.join(" ");
+                if cmd.len() > 24 {
+                    cmd.truncate(21);
+                    cmd.push_str("...");
+                }
+                let kind = match i.config.kind {
+                    Kind::Container => "container",
+                    Kind::Vm => "vm",
+                };
+                println!(
+                    "{:12}  {:16}  {:9}  {:20}  {:24}  {status}",
+                    i.config.id, i.config.name, kind, i.config.image, cmd
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(name: &str, follow_it: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let inst = instances(data_dir)?.find(name)?;
+    follow(&inst, follow_it)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inspect(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let insts = instances(data_dir)?;
+    let mut out = Vec::new();
+    for n in names {
+        let inst = insts.find(n)?;
+        let state = inst.state()?;
+        let mut v = view(&inst, &state);
+        v["config"] = serde_json::to_value(&inst.config)?;
+        v["state"] = serde_json::to_value(&state)?;
+        v["dir"] = json!(inst.dir);
+        out.push(v);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stop(names: &[String], timeout: u64, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let insts = instances(data_dir)?;
+    for n in names {
+        let inst = insts.find(n)?;
+        ops::stop(&inst, Duration::from_secs(timeout))?;
+        println!("{}", inst.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn start(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let insts = instances(data_dir)?;
+    for n in names {
+        let inst = insts.find(n)?;
+        let state = inst.state()?;
+        if is_live(&state) {
+            bail!("instance {} is {} already", inst.name(), state.status);
+        }
+        spawn_supervisor(data_dir, &inst)?;
+        let state = ops::wait_state(&inst, START_BOUND, |s| {
+            s.status != Status::Created && s.started != state.started
+        })?;
+        if state.status != Status::Running && state.error.is_some() {
+            bail!(
+                "instance {} did not start: {}",
+                inst.name(),
+                state.error.unwrap_or_default()
+            );
+        }
+        println!("{}", inst.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rm(names: &[String], force: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let insts = instances(data_dir)?;
+    for n in names {
+        let inst = insts.find(n)?;
+        ops::remove(&inst, force)?;
+        println!("{}", inst.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Allocate a pseudo-terminal (with -i: an interactive shell).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep stdin open (the command reads cela's stdin; always so without -t).
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Environment variable (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of the command.
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// The instance (name or id).
+    name: String,
+    /// The command and its arguments.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
+}
+
+pub fn exec(args: ExecArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let inst = instances(data_dir)?.find(&args.name)?;
+    let console = if args.tty {
+        Some(cela_runtime::console::ConsoleSocket::listen(
+            &inst.dir.join("runtime"),
+        )?)
+    } else {
+        None
+    };
+    let command = match args.command.first().map(String::as_str) {
+        Some("--") => args.command[1..].to_vec(),
+        _ => args.command.clone(),
+    };
+    let req = ExecRequest {
+        args: command,
+        env: args.env.clone(),
+        workdir: args.workdir.clone(),
+        tty: args.tty,
+        console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
+    };
+    let pid = ops::exec(&inst, &req)?;
+    let proxy = match &console {
+        Some(c) => Some(cela_runtime::console::TerminalProxy::start(
+            c.receive_master()?,
+        )?),
+        None => None,
+    };
+    let code = cela_instance::supervise::wait_child(pid)?;
+    if let Some(p) = proxy {
+        p.finish();
+    }
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}

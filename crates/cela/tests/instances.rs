@@ -1,0 +1,390 @@
+//! Instances on this host: an image the test builds (busybox-static, an /etc/passwd, a
+//! greeting) run as a container and, through the QEMU fallback engine, as a microVM (the nested
+//! lab runs the KVM engine in vm_lab.rs); the image's config honoured; the detached lifecycle
+//! (run -d, ps, logs, exec, stop, start, rm), a supervisor killed with SIGKILL, bad input, and
+//! nothing left behind. As root.
+
+mod images;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use images::*;
+use serde_json::Value;
+
+/// A data dir with the test image imported as `testimg:latest`, and the shared guest assets.
+struct World {
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "instances need root (mounts, namespaces, cgroups)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("cela-inst-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        // The guest kernel and initramfs cache the other tests use (fetched once).
+        let assets = std::env::var_os("CELA_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/cela-test-cache"))
+            .join("data/assets");
+        std::fs::create_dir_all(&assets).unwrap();
+        std::os::unix::fs::symlink(&assets, data.join("assets")).unwrap();
+        let image = test_image();
+        let layout = dir.path().join("layout");
+        image.write_layout(&layout, "latest");
+        cela_ok(
+            &data,
+            &[
+                "image",
+                "import",
+                layout.to_str().unwrap(),
+                "--name",
+                "testimg:latest",
+            ],
+        );
+        World { dir }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn cela(&self, args: &[&str]) -> std::process::Output {
+        cela_in(&self.data(), args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        cela_ok(&self.data(), args)
+    }
+
+    fn err(&self, args: &[&str], needle: &str) {
+        cela_err(&self.data(), args, needle);
+    }
+
+    fn inspect(&self, name: &str) -> Value {
+        let v: Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        v[0].clone()
+    }
+
+    fn status(&self, name: &str) -> String {
+        self.inspect(name)["status"].as_str().unwrap().to_owned()
+    }
+
+    fn wait_status(&self, name: &str, want: &str) {
+        let start = Instant::now();
+        while self.status(name) != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name} never became {want}: {}",
+                self.inspect(name)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Nothing of instance `id` is left: its directory, mounts, cgroups, processes.
+    fn assert_gone(&self, id: &str, pids: &[i64]) {
+        assert!(!self.data().join("instances").join(id).exists());
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(id), "mounts of {id} left:\n{mounts}");
+        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let p = h.path().join("cela").join(id);
+            assert!(!p.exists(), "cgroup {} left", p.display());
+        }
+        for pid in pids {
+            let start = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists() && !zombie(*pid) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "process {pid} left"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn zombie(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// busybox with every applet, a passwd with an unprivileged user, a greeting; the image's
+/// config runs `sh -c 'echo default-cmd'` with PATH=/bin in /.
+fn test_image() -> TestImage {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/deps)");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    let applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|a| *a != "busybox")
+        .map(|a| format!("bin/{a}"))
+        .collect();
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", &busybox),
+        Entry::Dir("etc"),
+        Entry::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nwww:x:33:34:www:/var/www:/bin/sh\n",
+        ),
+        Entry::File("etc/group", b"root:x:0:\nwww:x:34:\n"),
+        Entry::File("etc/greeting", b"the-test-image\n"),
+        Entry::Dir("srv"),
+        Entry::Dir("tmp"),
+    ];
+    for a in &applets {
+        entries.push(Entry::Symlink(a, "busybox"));
+    }
+    TestImage::new(vec![layer(&entries)], &["sh", "-c", "echo default-cmd"])
+}
+
+#[test]
+fn the_same_image_gives_the_same_output_as_a_container_and_as_a_vm() {
+    let w = World::new();
+    let script = "echo hello from $(cat /etc/greeting); echo $GREETING; exit 5";
+    let mut outputs = Vec::new();
+    for vm in [false, true] {
+        let mut args = vec!["run", "--rm", "-e", "GREETING=hi-there"];
+        if vm {
+            args.push("--vm");
+        }
+        args.extend(["testimg", "sh", "-c", script]);
+        let out = w.cela(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "vm={vm}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    assert_eq!(outputs[0], "hello from the-test-image\nhi-there\n");
+    assert_eq!(outputs[0], outputs[1], "container and VM output differ");
+    // --rm: nothing listed afterwards.
+    let ps: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
+    assert_eq!(ps, Value::Array(vec![]), "--rm left instances");
+}
+
+#[test]
+fn the_image_config_and_the_flags_are_honoured() {
+    let w = World::new();
+    // The image's own command when none is given.
+    assert_eq!(w.ok(&["run", "--rm", "testimg"]), "default-cmd\n");
+    // -w, -u by name (uid/gid from the image's passwd), -e over the image's env, the hostname.
+    let out = w.ok(&[
+        "run",
+        "--rm",
+        "--name",
+        "cfg",
+        "-w",
+        "/srv",
+        "-u",
+        "www",
+        "-e",
+        "PATH=/bin:/sbin",
+        "testimg",
+        "sh",
+        "-c",
+        "pwd; id -u; id -g; echo $PATH; hostname",
+    ]);
+    assert_eq!(out, "/srv\n33\n34\n/bin:/sbin\ncfg\n");
+    // -v: a host directory inside, read-only with :ro.
+    let host = w.dir.path().join("shared");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("f"), "from-host\n").unwrap();
+    let vol = format!("{}:/mnt/shared:ro", host.display());
+    let out = w.cela(&[
+        "run",
+        "--rm",
+        "-v",
+        &vol,
+        "testimg",
+        "sh",
+        "-c",
+        "cat /mnt/shared/f; (echo x > /mnt/shared/g) 2>/dev/null; echo write=$?",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-host\nwrite=1\n");
+    assert!(!host.join("g").exists());
+}
+
+#[test]
+fn detached_container_lifecycle() {
+    let w = World::new();
+    let id = w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "testimg",
+        "sh",
+        "-c",
+        "echo started; echo to-stderr >&2; exec sleep 600",
+    ]);
+    let id = id.trim().to_owned();
+    assert_eq!(id.len(), 12, "run -d prints the id: {id}");
+    assert_eq!(w.status("web"), "running");
+    let ps = w.ok(&["ps"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.contains("web") && l.contains("running")),
+        "{ps}"
+    );
+    // Logs keep stdout and stderr apart.
+    let start = Instant::now();
+    loop {
+        let out = w.cela(&["logs", "web"]);
+        if String::from_utf8_lossy(&out.stdout) == "started\n"
+            && String::from_utf8_lossy(&out.stderr) == "to-stderr\n"
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "logs: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = w.cela(&[
+        "exec",
+        "web",
+        "sh",
+        "-c",
+        "echo in-exec; cat /etc/greeting; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "in-exec\nthe-test-image\n"
+    );
+    // A second instance with the same name, rm without -f: refused.
+    w.err(
+        &["run", "--name", "web", "testimg", "true"],
+        "exists already",
+    );
+    w.err(&["rm", "web"], "is running");
+    let pid = w.inspect("web")["pid"].as_i64().unwrap();
+    // `exec sleep` is the container's init: SIGTERM is ignored by a pid-1 without a handler,
+    // so stop kills after its timeout.
+    w.ok(&["stop", "-t", "1", "web"]);
+    let v = w.inspect("web");
+    assert_eq!(v["status"], "exited");
+    assert_eq!(v["exit_code"], 137);
+    w.err(&["exec", "web", "true"], "exec needs a running instance");
+    // start runs it again.
+    w.ok(&["start", "web"]);
+    assert_eq!(w.status("web"), "running");
+    let out = w.ok(&["logs", "web"]);
+    assert!(out.starts_with("started\n"), "{out}");
+    let pid2 = w.inspect("web")["pid"].as_i64().unwrap();
+    assert_ne!(pid, pid2);
+    w.ok(&["rm", "-f", "web"]);
+    w.assert_gone(&id, &[pid, pid2]);
+    w.err(&["logs", "web"], "no such instance");
+}
+
+#[test]
+fn a_killed_supervisor_shows_as_crashed_and_rm_cleans_up() {
+    let w = World::new();
+    let id = w.ok(&["run", "-d", "--name", "victim", "testimg", "sleep", "600"]);
+    let id = id.trim().to_owned();
+    let v = w.inspect("victim");
+    let supervisor = v["state"]["supervisor"]["pid"].as_i64().unwrap();
+    let pid = v["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    w.wait_status("victim", "crashed");
+    let ps = w.ok(&["ps", "-a"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.contains("victim") && l.contains("crashed")),
+        "{ps}"
+    );
+    w.ok(&["rm", "victim"]);
+    w.assert_gone(&id, &[supervisor, pid]);
+}
+
+#[test]
+fn detached_vm_lifecycle() {
+    let w = World::new();
+    let id = w.ok(&[
+        "run",
+        "-d",
+        "--vm",
+        "--name",
+        "vm1",
+        "testimg",
+        "sh",
+        "-c",
+        "echo vm-started; sleep 600",
+    ]);
+    let id = id.trim().to_owned();
+    let start = Instant::now();
+    while !w.ok(&["logs", "vm1"]).contains("vm-started") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the VM never printed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = w.inspect("vm1");
+    assert_eq!(
+        (v["status"].as_str(), v["kind"].as_str()),
+        (Some("running"), Some("vm"))
+    );
+    w.err(&["exec", "vm1", "true"], "not supported yet");
+    let supervisor = v["state"]["supervisor"]["pid"].as_i64().unwrap();
+    w.ok(&["stop", "-t", "20", "vm1"]);
+    assert_eq!(w.status("vm1"), "exited");
+    w.ok(&["rm", "vm1"]);
+    w.assert_gone(&id, &[supervisor]);
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let w = World::new();
+    w.err(
+        &["run", "no-such-image"],
+        "no image no-such-image in the store",
+    );
+    w.err(
+        &["run", "--name", "bad name", "testimg", "true"],
+        "not a valid instance name",
+    );
+    w.err(
+        &["run", "-v", "relative:/x", "testimg", "true"],
+        "both paths must be absolute",
+    );
+    w.err(
+        &["run", "-v", "/nonexistent-dir:/x", "testimg", "true"],
+        "does not exist",
+    );
+    w.err(
+        &["run", "--vm", "-v", "/tmp:/x", "testimg", "true"],
+        "not supported for --vm",
+    );
+    w.err(
+        &["run", "-u", "nobody", "testimg", "true"],
+        "no user nobody",
+    );
+    w.err(&["logs", "nothing-here"], "no such instance");
+    w.err(&["rm", "nothing-here"], "no such instance");
+    w.err(
+        &["run", "--disk", "/tmp/x", "testimg", "true"],
+        "--disk is not supported with an IMAGE",
+    );
+    // No instance is left by any of them.
+    let ps: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
+    assert_eq!(ps, Value::Array(vec![]), "bad input left instances");
+}

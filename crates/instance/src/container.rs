@@ -1,0 +1,283 @@
+//! Containers made from images: the image's layers (unpacked once per layer by the image store)
+//! stacked with OverlayFS under a fresh upper layer per instance, and an OCI bundle whose
+//! `config.json` comes from `cela-runc`'s template plus the image's run config and the user's
+//! flags. The container itself is created, started and waited for through `cela-runtime`,
+//! with its state in the instance directory.
+//!
+//! In the instance directory: `rootfs/` (the overlay mount point), `upper/` and `work/` (the
+//! overlay's writable layer, kept across `stop` and `start`, removed by `rm`), `bundle/` (the
+//! OCI bundle's `config.json`) and `runtime/` (the runtime's state root).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cela_image::{ImageRecord, Store};
+use cela_runtime::{CreateOptions, Runtime};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use serde_json::{Value, json};
+
+use crate::error::{InstanceError, IoContext};
+use crate::record::{Instance, InstanceConfig};
+
+/// The cgroup parent of cela's containers (`/cela/<id>` in each hierarchy).
+pub const CGROUP_PARENT: &str = "/cela";
+
+/// The runtime whose state root is in the instance directory.
+pub fn runtime(inst: &Instance) -> Runtime {
+    Runtime::new(inst.dir.join("runtime"), false)
+}
+
+fn rootfs_dir(inst: &Instance) -> PathBuf {
+    inst.dir.join("rootfs")
+}
+
+/// Mounts the instance's root: the image's layers under its own upper layer.
+pub fn mount_rootfs(
+    store: &Store,
+    image: &ImageRecord,
+    inst: &Instance,
+) -> Result<PathBuf, InstanceError> {
+    let lower = cela_image::layer_dirs(store, image)?;
+    let (root, upper, work) = (
+        rootfs_dir(inst),
+        inst.dir.join("upper"),
+        inst.dir.join("work"),
+    );
+    for d in [&root, &upper, &work] {
+        fs::create_dir_all(d).doing(|| format!("creating {}", d.display()))?;
+    }
+    // OverlayFS lists lower directories highest first; an image with no layers gets an empty one.
+    let lowers: Vec<String> = if lower.is_empty() {
+        let empty = inst.dir.join("empty");
+        fs::create_dir_all(&empty).doing(|| format!("creating {}", empty.display()))?;
+        vec![empty.display().to_string()]
+    } else {
+        lower
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect()
+    };
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
+    if is_mounted(&root) {
+        return Ok(root);
+    }
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| InstanceError::Io {
+        what: format!(
+            "mounting the image layers (OverlayFS) on {}",
+            root.display()
+        ),
+        source: e.into(),
+    })?;
+    Ok(root)
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// Unmounts the instance's root if it is mounted.
+pub fn unmount_rootfs(inst: &Instance) {
+    let root = rootfs_dir(inst);
+    if is_mounted(&root)
+        && let Err(e) = umount2(&root, MntFlags::MNT_DETACH)
+    {
+        tracing::warn!("unmounting {}: {e}", root.display());
+    }
+}
+
+/// Resolves `user` (`uid[:gid]`, or names from the image's /etc/passwd and /etc/group) to ids.
+pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), InstanceError> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    // An entry of /etc/passwd or /etc/group by name (or, with `by_id`, by its id): (id, gid).
+    let lookup = |file: &str, key: &str, by_id: bool| -> Option<(u32, u32)> {
+        let text = fs::read_to_string(rootfs.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let id: u32 = f.get(2)?.parse().ok()?;
+            let hit = if by_id {
+                f.get(2) == Some(&key)
+            } else {
+                f.first() == Some(&key)
+            };
+            hit.then(|| (id, f.get(3).and_then(|g| g.parse().ok()).unwrap_or(id)))
+        })
+    };
+    let not_found = |what: &str, name: &str| {
+        InstanceError::Other(format!(
+            "user {user}: no {what} {name} in the image's /etc/{}",
+            if what == "user" { "passwd" } else { "group" }
+        ))
+    };
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(uid) => (uid, lookup("etc/passwd", u, true).map_or(uid, |(_, g)| g)),
+        Err(_) => lookup("etc/passwd", u, false).ok_or_else(|| not_found("user", u))?,
+    };
+    let gid = match g {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("etc/group", g, false)
+                .map(|(id, _)| id)
+                .ok_or_else(|| not_found("group", g))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The bundle's `config.json` for `config`, rooted at `rootfs`.
+pub fn spec(config: &InstanceConfig, rootfs: &Path) -> Result<Value, InstanceError> {
+    let mut v =
+        serde_json::to_value(cela_runtime::spec::default_spec()).expect("a spec serializes");
+    v["root"] = json!({"path": rootfs, "readonly": false});
+    v["hostname"] = json!(config.name);
+    let p = &mut v["process"];
+    p["terminal"] = json!(false);
+    p["args"] = json!(config.command);
+    let mut env = config.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+    }
+    if !env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        env.push(format!("HOSTNAME={}", config.name));
+    }
+    p["env"] = json!(env);
+    p["cwd"] = json!(config.workdir.as_deref().unwrap_or("/"));
+    if let Some(user) = &config.user {
+        let (uid, gid) = resolve_user(rootfs, user)?;
+        p["user"] = json!({"uid": uid, "gid": gid});
+    }
+    v["linux"]["cgroupsPath"] = json!(format!("{CGROUP_PARENT}/{}", config.id));
+    let mut resources = json!({});
+    if let Some(mib) = config.memory_mib {
+        let bytes = (mib as i64) << 20;
+        resources["memory"] = json!({"limit": bytes, "swap": bytes});
+    }
+    if let Some(cpus) = config.cpus {
+        resources["cpu"] = json!({"quota": i64::from(cpus) * 100_000, "period": 100_000});
+    }
+    // Keep the template's device rules (deny all, then the usual nodes).
+    if let Some(devices) = v["linux"]["resources"]["devices"].as_array() {
+        resources["devices"] = json!(devices);
+    }
+    v["linux"]["resources"] = resources;
+    let mounts = v["mounts"].as_array_mut().expect("the template has mounts");
+    for vol in &config.volumes {
+        let mut options = vec!["rbind", "rprivate"];
+        if vol.read_only {
+            options.push("ro");
+        }
+        mounts.push(json!({
+            "destination": vol.dest,
+            "type": "bind",
+            "source": vol.host,
+            "options": options,
+        }));
+    }
+    Ok(v)
+}
+
+/// Writes the bundle and creates the container (its init waits for `start`); its stdio are
+/// the caller's. Returns the init's pid.
+pub fn create(store: &Store, image: &ImageRecord, inst: &Instance) -> Result<i32, InstanceError> {
+    let rootfs = mount_rootfs(store, image, inst)?;
+    let made = (|| {
+        let bundle = inst.dir.join("bundle");
+        fs::create_dir_all(&bundle).doing(|| format!("creating {}", bundle.display()))?;
+        let v = spec(&inst.config, &rootfs)?;
+        crate::record::write_json(&bundle.join("config.json"), &v)?;
+        let rt = runtime(inst);
+        // A container left by an earlier run (stop, then start) is replaced.
+        let _ = rt.delete(&inst.config.id, true);
+        let c = rt.create(
+            &inst.config.id,
+            &CreateOptions {
+                bundle,
+                detach: true,
+                ..Default::default()
+            },
+        )?;
+        c.pid().map(|p| p.as_raw()).ok_or_else(|| {
+            InstanceError::Other(format!("container {} has no init pid", inst.config.id))
+        })
+    })();
+    if made.is_err() {
+        unmount_rootfs(inst);
+    }
+    made
+}
+
+/// Removes the container (killing what runs in it) and unmounts its root; keeps the upper
+/// layer unless `purge`.
+pub fn destroy(inst: &Instance, purge: bool) {
+    let rt = runtime(inst);
+    if let Err(e) = rt.delete(&inst.config.id, true) {
+        tracing::warn!("deleting container {}: {e}", inst.config.id);
+    }
+    unmount_rootfs(inst);
+    if purge {
+        for d in ["upper", "work"] {
+            let _ = fs::remove_dir_all(inst.dir.join(d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_resolve_by_number_and_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nwww:x:33:34::/var/www:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let r = |u: &str| resolve_user(dir.path(), u);
+        assert_eq!(r("0").unwrap(), (0, 0));
+        assert_eq!(r("www").unwrap(), (33, 34));
+        assert_eq!(r("33").unwrap(), (33, 34));
+        assert_eq!(r("1000").unwrap(), (1000, 1000));
+        assert_eq!(r("www:staff").unwrap(), (33, 50));
+        assert_eq!(r("1000:7").unwrap(), (1000, 7));
+        assert!(
+            r("nobody")
+                .unwrap_err()
+                .to_string()
+                .contains("no user nobody")
+        );
+        assert!(
+            r("www:nogroup")
+                .unwrap_err()
+                .to_string()
+                .contains("no group nogroup")
+        );
+    }
+}

@@ -1,0 +1,52 @@
+//! Errors of instance operations: each names the instance or file and what went wrong.
+
+/// What went wrong with an instance operation.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("no such instance: {0}")]
+    NotFound(String),
+    #[error(
+        "an instance named {0} exists already (remove it with `cela rm {0}`, or choose another --name)"
+    )]
+    NameTaken(String),
+    #[error(
+        "{0:?} is not a valid instance name: use 1-64 of a-z A-Z 0-9 _ . - , starting with a letter or digit"
+    )]
+    BadName(String),
+    #[error("instance {name} is {status}: {hint}")]
+    WrongState {
+        name: String,
+        status: String,
+        hint: &'static str,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {why}")]
+    Corrupt { what: String, why: String },
+    #[error(transparent)]
+    Image(#[from] cela_image::ImageError),
+    #[error(transparent)]
+    Runtime(#[from] cela_runtime::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Attaches "what was being done" to an I/O error.
+pub(crate) trait IoContext<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, InstanceError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, InstanceError> {
+        self.map_err(|source| InstanceError::Io {
+            what: what(),
+            source,
+        })
+    }
+}

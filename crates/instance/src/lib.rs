@@ -1,0 +1,22 @@
+//! cela's instances: the one model behind `cela run`, `ps`, `logs`, `exec`, `stop`, `start`,
+//! `rm` and `inspect`, for containers and microVMs alike.
+//!
+//! * [`record`]: an instance's directory, its config and state on disk (atomic writes, unique
+//!   names, crash detection by supervisor liveness).
+//! * [`supervise`]: the process that runs an instance's workload and records its end.
+//! * [`container`]: containers from images (OverlayFS over the image's layers, an OCI bundle
+//!   from the image config, `cela-runtime` underneath).
+//! * [`log`]: the output log, stdout and stderr kept apart in arrival order.
+//! * [`ops`]: stop, remove, exec, waiting on state.
+
+pub mod container;
+mod error;
+pub mod log;
+pub mod ops;
+pub mod record;
+pub mod supervise;
+
+pub use error::InstanceError;
+pub use record::{
+    Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
+};

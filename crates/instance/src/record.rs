@@ -1,0 +1,458 @@
+//! Instances on disk: each has a directory under `<data>/instances/<id>/` holding what was
+//! asked (`config.json`, written once) and what is happening (`state.json`, rewritten by the
+//! supervisor at each change). Both are written atomically (a temp file, then rename), so a
+//! crash never leaves half a record; names are made unique under a lock on the instances
+//! directory. The state is the truth on disk, checked against the kernel when read: a state
+//! that says "running" whose supervisor process is gone is reported as crashed.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InstanceError, IoContext};
+
+/// What kind of isolation runs an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Container,
+    Vm,
+}
+
+/// A bind mount into a container (`-v HOST:DEST[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub dest: String,
+    pub read_only: bool,
+}
+
+impl Volume {
+    /// Parses `HOST:DEST[:ro]`; HOST must be an absolute path that exists, DEST absolute.
+    pub fn parse(arg: &str) -> Result<Volume, InstanceError> {
+        let bad = |why: &str| InstanceError::Other(format!("-v {arg}: {why}"));
+        let (rest, read_only) = match arg.strip_suffix(":ro") {
+            Some(r) => (r, true),
+            None => (arg.strip_suffix(":rw").unwrap_or(arg), false),
+        };
+        let (host, dest) = rest
+            .split_once(':')
+            .ok_or_else(|| bad("expected HOST:DEST[:ro]"))?;
+        if !host.starts_with('/') || !dest.starts_with('/') {
+            return Err(bad("both paths must be absolute"));
+        }
+        if !Path::new(host).exists() {
+            return Err(bad(&format!("{host} does not exist")));
+        }
+        Ok(Volume {
+            host: host.into(),
+            dest: dest.into(),
+            read_only,
+        })
+    }
+}
+
+/// What a microVM instance boots (resolved when the instance is created).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The image flattened into an ext4 disk (cached by image digest, shared, read-only).
+    pub image_disk: PathBuf,
+}
+
+/// What the user asked for; written once when the instance is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceConfig {
+    pub id: String,
+    pub name: String,
+    pub kind: Kind,
+    /// The image as the user named it, and its manifest digest.
+    pub image: String,
+    pub image_digest: String,
+    /// The full command line (the image's entrypoint and cmd, or the user's command).
+    pub command: Vec<String>,
+    /// `KEY=VALUE`: the image's environment, then the user's.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// `uid[:gid]` or a user name of the image.
+    pub user: Option<String>,
+    /// vCPUs of a VM; CPU limit (in CPUs) of a container.
+    pub cpus: Option<u32>,
+    /// Guest RAM of a VM; memory limit of a container.
+    pub memory_mib: Option<u64>,
+    pub volumes: Vec<Volume>,
+    /// Removed when it ends (`--rm`).
+    pub auto_remove: bool,
+    /// RFC 3339.
+    pub created: String,
+    pub vm: Option<VmBoot>,
+}
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Recorded, its supervisor not yet running the workload.
+    Created,
+    Running,
+    /// The workload ended (its exit code is in the state).
+    Exited,
+    /// The supervisor died without recording an end (killed, or the machine went down).
+    Crashed,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Exited => "exited",
+            Status::Crashed => "crashed",
+        })
+    }
+}
+
+/// A process, told apart from a later one with the same pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat (clock ticks since boot).
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    pub fn of(pid: i32) -> Option<ProcessId> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the command name: state is field 3, starttime field 22.
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        Some(ProcessId {
+            pid,
+            start_time: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    pub fn current() -> ProcessId {
+        ProcessId::of(std::process::id() as i32).expect("/proc/self/stat is readable")
+    }
+
+    /// The same process still exists (and is not a zombie).
+    pub fn alive(&self) -> bool {
+        ProcessId::of(self.pid) == Some(*self)
+    }
+}
+
+/// What is happening; rewritten by the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceState {
+    pub status: Status,
+    /// The process that runs the workload and records its end.
+    pub supervisor: Option<ProcessId>,
+    /// The workload's main process on the host (a container's init; the VMM for a VM).
+    pub pid: Option<i32>,
+    pub exit_code: Option<i32>,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    /// Why the instance could not run or ended abnormally, if it says.
+    pub error: Option<String>,
+}
+
+impl InstanceState {
+    fn created() -> Self {
+        InstanceState {
+            status: Status::Created,
+            supervisor: None,
+            pid: None,
+            exit_code: None,
+            started: None,
+            finished: None,
+            error: None,
+        }
+    }
+}
+
+/// The current time in RFC 3339, as every record writes it.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The instances directory of a data dir.
+#[derive(Debug, Clone)]
+pub struct Instances {
+    root: PathBuf,
+}
+
+/// One instance: its directory and its config.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub dir: PathBuf,
+    pub config: InstanceConfig,
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// 12 random hex digits (the ids `cela ps` shows in full).
+fn new_id() -> Result<String, InstanceError> {
+    let mut bytes = [0u8; 6];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .doing(|| "reading /dev/urandom".into())?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `value` as JSON to `path` atomically.
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), InstanceError> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(value).expect("records serialize");
+    (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })()
+    .doing(|| format!("writing {}", path.display()))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, InstanceError> {
+    let bytes = fs::read(path).doing(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
+        what: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+impl Instances {
+    pub fn open(data_dir: &Path) -> Result<Instances, InstanceError> {
+        let root = data_dir.join("instances");
+        fs::create_dir_all(&root).doing(|| format!("creating {}", root.display()))?;
+        Ok(Instances { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Records a new instance (state `created`). `config.id` is filled in; an empty
+    /// `config.name` gets one made from the id.
+    pub fn create(&self, mut config: InstanceConfig) -> Result<Instance, InstanceError> {
+        let _lock = self.lock()?;
+        config.id = new_id()?;
+        if config.name.is_empty() {
+            config.name = format!(
+                "{}-{}",
+                match config.kind {
+                    Kind::Container => "ct",
+                    Kind::Vm => "vm",
+                },
+                &config.id[..6]
+            );
+        }
+        if !valid_name(&config.name) {
+            return Err(InstanceError::BadName(config.name));
+        }
+        if self.list()?.iter().any(|i| i.config.name == config.name) {
+            return Err(InstanceError::NameTaken(config.name));
+        }
+        let dir = self.root.join(&config.id);
+        fs::create_dir(&dir).doing(|| format!("creating {}", dir.display()))?;
+        let inst = Instance { dir, config };
+        let written = write_json(&inst.dir.join("config.json"), &inst.config)
+            .and_then(|_| inst.save_state(&InstanceState::created()));
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&inst.dir);
+            return Err(e);
+        }
+        Ok(inst)
+    }
+
+    fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, InstanceError> {
+        let path = self.root.join(".lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .doing(|| format!("opening {}", path.display()))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+            InstanceError::Io {
+                what: format!("locking {}", path.display()),
+                source: e.into(),
+            }
+        })
+    }
+
+    /// Every instance, oldest first. Directories without a readable config (being created
+    /// or removed) are skipped.
+    pub fn list(&self) -> Result<Vec<Instance>, InstanceError> {
+        let mut all = Vec::new();
+        for entry in
+            fs::read_dir(&self.root).doing(|| format!("reading {}", self.root.display()))?
+        {
+            let Ok(entry) = entry else { continue };
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            if let Ok(config) = read_json::<InstanceConfig>(&dir.join("config.json")) {
+                all.push(Instance { dir, config });
+            }
+        }
+        all.sort_by(|a, b| a.config.created.cmp(&b.config.created));
+        Ok(all)
+    }
+
+    /// The instance named `key`, or whose id is or starts with `key`.
+    pub fn find(&self, key: &str) -> Result<Instance, InstanceError> {
+        let all = self.list()?;
+        if let Some(i) = all
+            .iter()
+            .find(|i| i.config.name == key || i.config.id == key)
+        {
+            return Ok(i.clone());
+        }
+        let mut by_prefix = all
+            .into_iter()
+            .filter(|i| !key.is_empty() && i.config.id.starts_with(key));
+        match (by_prefix.next(), by_prefix.next()) {
+            (Some(i), None) => Ok(i),
+            (Some(_), Some(_)) => Err(InstanceError::Other(format!(
+                "{key} matches several instance ids; give more of it, or the name"
+            ))),
+            _ => Err(InstanceError::NotFound(key.to_owned())),
+        }
+    }
+}
+
+impl Instance {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The recorded state, with a running or created instance whose supervisor is gone shown
+    /// as crashed.
+    pub fn state(&self) -> Result<InstanceState, InstanceError> {
+        let mut state: InstanceState = read_json(&self.dir.join("state.json"))?;
+        if matches!(state.status, Status::Running | Status::Created)
+            && let Some(sup) = state.supervisor
+            && !sup.alive()
+        {
+            state.status = Status::Crashed;
+            state.error.get_or_insert_with(|| {
+                format!(
+                    "its supervisor (pid {}) died without recording an end",
+                    sup.pid
+                )
+            });
+        }
+        Ok(state)
+    }
+
+    pub fn save_state(&self, state: &InstanceState) -> Result<(), InstanceError> {
+        write_json(&self.dir.join("state.json"), state)
+    }
+
+    /// The instance's output log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("output.log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(name: &str) -> InstanceConfig {
+        InstanceConfig {
+            id: String::new(),
+            name: name.into(),
+            kind: Kind::Container,
+            image: "busybox".into(),
+            image_digest: "sha256:00".into(),
+            command: vec!["true".into()],
+            env: vec![],
+            workdir: None,
+            user: None,
+            cpus: None,
+            memory_mib: None,
+            volumes: vec![],
+            auto_remove: false,
+            created: now(),
+            vm: None,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_valid_and_found_by_id_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let insts = Instances::open(dir.path()).unwrap();
+        let a = insts.create(config("web")).unwrap();
+        assert_eq!(a.config.id.len(), 12);
+        assert!(matches!(
+            insts.create(config("web")),
+            Err(InstanceError::NameTaken(_))
+        ));
+        assert!(matches!(
+            insts.create(config("-x")),
+            Err(InstanceError::BadName(_))
+        ));
+        assert!(matches!(
+            insts.create(config("a b")),
+            Err(InstanceError::BadName(_))
+        ));
+        let b = insts.create(config("")).unwrap();
+        assert!(b.config.name.starts_with("ct-"));
+        assert_eq!(insts.find("web").unwrap().config.id, a.config.id);
+        assert_eq!(insts.find(&a.config.id[..5]).unwrap().config.name, "web");
+        assert!(matches!(
+            insts.find("nope"),
+            Err(InstanceError::NotFound(_))
+        ));
+        assert_eq!(a.state().unwrap().status, Status::Created);
+        assert_eq!(insts.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_running_state_whose_supervisor_is_gone_reads_as_crashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let insts = Instances::open(dir.path()).unwrap();
+        let a = insts.create(config("c")).unwrap();
+        let mut st = a.state().unwrap();
+        st.status = Status::Running;
+        st.supervisor = Some(ProcessId::current());
+        a.save_state(&st).unwrap();
+        assert_eq!(a.state().unwrap().status, Status::Running);
+        st.supervisor = Some(ProcessId {
+            pid: i32::MAX,
+            start_time: 1,
+        });
+        a.save_state(&st).unwrap();
+        let read = a.state().unwrap();
+        assert_eq!(read.status, Status::Crashed);
+        assert!(read.error.unwrap().contains("died"));
+    }
+
+    #[test]
+    fn volumes_parse_and_are_checked() {
+        let v = Volume::parse("/tmp:/data:ro").unwrap();
+        assert_eq!(
+            (v.host.to_str().unwrap(), v.dest.as_str(), v.read_only),
+            ("/tmp", "/data", true)
+        );
+        assert!(!Volume::parse("/tmp:/data").unwrap().read_only);
+        assert!(Volume::parse("tmp:/data").is_err());
+        assert!(Volume::parse("/nonexistent-x:/data").is_err());
+        assert!(Volume::parse("/tmp").is_err());
+    }
+}

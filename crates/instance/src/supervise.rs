@@ -1,0 +1,212 @@
+//! The supervisor: the process that runs one instance's workload to its end and records it.
+//! For a container it creates, starts and waits for the container (whose init is its child);
+//! for a microVM it *is* the VMM (or drives the QEMU fallback), as Firecracker's one process per
+//! VM. Either way the workload's stdout and stderr are this process's fds 1 and 2, pipes that a
+//! thread copies into the instance's log ([`crate::log`]), and every change of state is written
+//! to `state.json` with this process named as the supervisor, so `cela ps` can tell a live
+//! instance from one whose supervisor was killed.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use cela_image::Store;
+use cela_vmm::{ConsoleMode, DiskConfig, Engine, MachineConfig};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::container;
+use crate::error::{InstanceError, IoContext};
+use crate::log::{LogWriter, pump};
+use crate::record::{Instance, InstanceState, Kind, ProcessId, Status, now};
+
+/// Runs `inst` to its end in this process; returns the workload's exit code. The state says
+/// `running` (with this process as supervisor) while it runs and `exited` after.
+pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
+    let me = ProcessId::current();
+    let mut state = inst.state()?;
+    state.status = Status::Created;
+    state.supervisor = Some(me);
+    state.pid = None;
+    state.exit_code = None;
+    state.error = None;
+    state.started = Some(now());
+    state.finished = None;
+    inst.save_state(&state)?;
+
+    let (pump_thread, saved) = capture_output(inst)?;
+    let result = match inst.config.kind {
+        Kind::Container => run_container(store, inst, &mut state),
+        Kind::Vm => run_vm(inst, &mut state),
+    };
+    restore_output(saved);
+    let _ = pump_thread.join();
+
+    state.finished = Some(now());
+    match &result {
+        Ok(code) => {
+            state.status = Status::Exited;
+            state.exit_code = Some(*code);
+        }
+        Err(e) => {
+            state.status = Status::Exited;
+            state.exit_code = None;
+            state.error = Some(e.to_string());
+        }
+    }
+    state.pid = None;
+    inst.save_state(&state)?;
+    if inst.config.kind == Kind::Container {
+        container::destroy(inst, false);
+    }
+    if inst.config.auto_remove {
+        crate::ops::remove_dir(inst);
+    }
+    result
+}
+
+/// Points fds 1 and 2 at pipes copied into the log; returns the copier and the old fds.
+fn capture_output(
+    inst: &Instance,
+) -> Result<(std::thread::JoinHandle<()>, [OwnedFd; 2]), InstanceError> {
+    let log = LogWriter::open(&inst.log_path())
+        .doing(|| format!("opening {}", inst.log_path().display()))?;
+    let pipe = || {
+        nix::unistd::pipe()
+            .map_err(std::io::Error::from)
+            .doing(|| "making a pipe".into())
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let saved = [dup(1)?, dup(2)?];
+    dup2(&out_w, 1)?;
+    dup2(&err_w, 2)?;
+    drop((out_w, err_w));
+    let thread = std::thread::spawn(move || {
+        if let Err(e) = pump(out_r, err_r, log) {
+            tracing::warn!("copying the workload's output to its log: {e}");
+        }
+    });
+    Ok((thread, saved))
+}
+
+/// Puts the old fds 1 and 2 back, which closes the pipes' last write ends in this process.
+fn restore_output(saved: [OwnedFd; 2]) {
+    for (fd, target) in saved.iter().zip([1, 2]) {
+        let _ = dup2(fd, target);
+    }
+}
+
+fn dup(fd: i32) -> Result<OwnedFd, InstanceError> {
+    // SAFETY: fds 0-2 are open for the life of the process; the borrow ends with the call.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    borrowed
+        .try_clone_to_owned()
+        .doing(|| format!("duplicating fd {fd}"))
+}
+
+fn dup2(from: &OwnedFd, to: i32) -> Result<(), InstanceError> {
+    // SAFETY: dup2 only manipulates the descriptor table; `from` is open and `to` is a
+    // standard stream this process owns.
+    if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
+        return Err(InstanceError::Io {
+            what: format!("redirecting fd {to}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn run_container(
+    store: &Store,
+    inst: &Instance,
+    state: &mut InstanceState,
+) -> Result<i32, InstanceError> {
+    let image = store.resolve(&inst.config.image_digest)?;
+    let pid = container::create(store, &image, inst)?;
+    container::runtime(inst).start(&inst.config.id)?;
+    state.status = Status::Running;
+    state.pid = Some(pid);
+    inst.save_state(state)?;
+    wait_child(pid)
+}
+
+/// Waits for child `pid`; its status as a shell reports it (128+N for signal N).
+pub fn wait_child(pid: i32) -> Result<i32, InstanceError> {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(InstanceError::Other(format!(
+                    "waiting for the workload (pid {pid}): {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// The instance's own copy of the image disk (its writable root), made on first start.
+fn instance_disk(inst: &Instance) -> Result<std::path::PathBuf, InstanceError> {
+    let vm = inst
+        .config
+        .vm
+        .as_ref()
+        .expect("a VM instance has its boot files");
+    let disk = inst.dir.join("root.ext4");
+    if !disk.exists() {
+        let tmp = inst.dir.join("root.ext4.tmp");
+        let st = std::process::Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(&vm.image_disk)
+            .arg(&tmp)
+            .status()
+            .doing(|| "running cp".into())?;
+        if !st.success() {
+            return Err(InstanceError::Other(format!(
+                "copying the image disk {} for the instance failed",
+                vm.image_disk.display()
+            )));
+        }
+        std::fs::rename(&tmp, &disk).doing(|| format!("renaming {}", tmp.display()))?;
+    }
+    Ok(disk)
+}
+
+fn run_vm(inst: &Instance, state: &mut InstanceState) -> Result<i32, InstanceError> {
+    let vm = inst
+        .config
+        .vm
+        .as_ref()
+        .expect("a VM instance has its boot files");
+    let disk = instance_disk(inst)?;
+    let request = cela_guest::BootRequest {
+        command: Some(inst.config.command.clone()),
+        env: inst.config.env.clone(),
+        root: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
+    };
+    let config = MachineConfig {
+        vcpus: inst.config.cpus.unwrap_or(1),
+        memory_mib: inst.config.memory_mib.unwrap_or(512),
+        kernel: vm.kernel.clone(),
+        initrd: Some(vm.initrd.clone()),
+        cmdline: format!("{} {}", cela_vmm::BASE_CMDLINE, request.to_kernel_params()),
+        disks: vec![DiskConfig {
+            serial: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
+            ..DiskConfig::parse(&disk.display().to_string())
+        }],
+    };
+    let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
+    state.status = Status::Running;
+    state.pid = Some(std::process::id() as i32);
+    inst.save_state(state)?;
+    let exit = match engine {
+        Engine::Kvm => {
+            cela_vmm::run(&config, ConsoleMode::Stream)
+                .map_err(|e| InstanceError::Other(e.to_string()))?
+                .exit
+        }
+        Engine::Qemu => cela_vmm::qemu::run(&config, ConsoleMode::Stream)
+            .map_err(|e| InstanceError::Other(e.to_string()))?,
+    };
+    Ok(exit.exit_code())
+}
