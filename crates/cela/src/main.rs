@@ -93,7 +93,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let data_dir = paths::data_dir(cli.data_dir);
     let filter = tracing_subscriber::EnvFilter::try_from_env("CELA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libcgroups=error"));
+        // rustls' verifier logs each refused certificate as an error of its own; cela reports
+        // the failed pull in its one error line.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,libcgroups=error,rustls_platform_verifier=off")
+        });
     // A supervisor's stderr is its instance's output: its own messages go to a file beside it.
     let supervisor_log = match &cli.command {
         Command::Supervise { id } => std::fs::OpenOptions::new()

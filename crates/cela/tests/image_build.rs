@@ -34,15 +34,10 @@ fn a_debian_image_built_with_debootstrap_runs_and_becomes_an_ext4_disk() {
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
     cela_image::flatten(&store, &image, &root).unwrap();
-    let out = Command::new("chroot")
-        .arg(&root)
-        .args([
-            "/bin/sh",
-            "-c",
-            "cat /etc/debian_version; dpkg-query -W -f='${Package}\\n' apt",
-        ])
-        .output()
-        .unwrap();
+    let out = chroot(
+        &root,
+        "cat /etc/debian_version; dpkg-query -W -f='${Package}\\n' apt",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -59,16 +54,7 @@ fn a_debian_image_built_with_debootstrap_runs_and_becomes_an_ext4_disk() {
         std::fs::metadata(&disk).unwrap().len(),
         started.elapsed()
     );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&disk);
     let version = Command::new("debugfs")
         .args(["-R", "cat /etc/debian_version"])
         .arg(&disk)

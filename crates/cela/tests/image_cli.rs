@@ -7,6 +7,7 @@ mod images;
 use std::fs;
 use std::time::Instant;
 
+use base64::Engine;
 use images::*;
 
 fn busybox_image() -> TestImage {
@@ -209,7 +210,11 @@ fn registry_errors_are_one_line_and_leave_no_blob() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let closed = format!("127.0.0.1:{}/busybox:latest", free_port());
-    cela_err(&data, &["pull", &closed], "Connection refused");
+    cela_err(
+        &data,
+        &["pull", &closed],
+        "cannot be reached (Connection refused",
+    );
     assert!(stored_blobs(&data).is_empty());
     assert_eq!(tmp_entries(&data), 0);
 
@@ -534,4 +539,46 @@ fn a_docker_archive_written_by_skopeo_imports() {
         ls[0]["config"],
         cela_image::Digest::of(&image.config).to_string()
     );
+}
+
+#[test]
+fn a_registry_that_wants_a_password_gets_the_docker_login_one() {
+    let registry = Registry::start_with_password();
+    let work = tempfile::tempdir().unwrap();
+    let image = busybox_image();
+    let layout = work.path().join("layout");
+    image.write_layout(&layout, "latest");
+    let creds = format!("--dest-creds={REGISTRY_USER}:{REGISTRY_PASSWORD}");
+    registry.push_args(&layout, "latest", "private:1", &[&creds]);
+    let reference = registry.reference("private:1");
+
+    // No docker config: anonymous, refused.
+    let data = work.path().join("data");
+    let empty = work.path().join("no-docker-config");
+    fs::create_dir(&empty).unwrap();
+    let out = cela_env(&data, &[("DOCKER_CONFIG", &empty)], &["pull", &reference]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("Not authorized"), "{err}");
+    assert!(stored_blobs(&data).is_empty());
+
+    // What `docker login` writes: auths.<registry>.auth = base64(user:password).
+    let docker = work.path().join("docker");
+    fs::create_dir(&docker).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD
+        .encode(format!("{REGISTRY_USER}:{REGISTRY_PASSWORD}"));
+    let config =
+        serde_json::json!({"auths": {format!("127.0.0.1:{}", registry.port): {"auth": auth}}});
+    fs::write(
+        docker.join("config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    let out = cela_env(&data, &[("DOCKER_CONFIG", &docker)], &["pull", &reference]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ls_json(&data)[0]["digest"], image.digest().to_string());
 }

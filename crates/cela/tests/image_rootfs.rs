@@ -5,6 +5,7 @@
 mod images;
 
 use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -58,11 +59,7 @@ fn check_view(root: &Path) {
         fs::read(root.join("hello")).unwrap(),
         b"from the top layer\n"
     );
-    let out = Command::new("chroot")
-        .arg(root)
-        .args(["/bin/sh", "-c", "cat /hello; echo ok"])
-        .output()
-        .unwrap();
+    let out = chroot(root, "cat /hello; echo ok");
     assert!(
         out.status.success(),
         "{}",
@@ -144,18 +141,9 @@ fn layer_directories_stack_with_overlayfs_into_the_same_view() {
 
 #[test]
 fn the_ext4_disk_holds_the_flattened_tree_and_is_cached() {
-    let (_work, store, image) = setup();
+    let (work, store, image) = setup();
     let disk = cela_image::rootfs_disk(&store, &image, &Progress::hidden()).unwrap();
-    let fsck = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&disk)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    assert_fsck_clean(&disk);
     let debugfs = |req: &str| {
         let out = Command::new("debugfs")
             .args(["-R", req])
@@ -177,6 +165,24 @@ fn the_ext4_disk_holds_the_flattened_tree_and_is_cached() {
         mtime,
         "rebuilt instead of cached"
     );
+    // An instance's copy is its own and stays sparse.
+    let copy = work.path().join("instance.ext4");
+    cela_image::instance_disk(&store, &image, &copy, &Progress::hidden()).unwrap();
+    let (meta, copy_meta) = (fs::metadata(&disk).unwrap(), fs::metadata(&copy).unwrap());
+    assert_eq!(copy_meta.len(), meta.len());
+    assert!(
+        copy_meta.blocks() * 512 < copy_meta.len() / 2,
+        "the copy is not sparse"
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .write_all_at(&[0xff; 4096], 0)
+        .unwrap();
+    assert_eq!(fs::metadata(&disk).unwrap().modified().unwrap(), mtime);
+    assert_fsck_clean(&disk); // writing the copy left the cached disk alone
+
     store.remove("layered").unwrap();
     assert!(!disk.exists(), "the disk outlived its image");
 }

@@ -34,7 +34,7 @@ pub enum ImageError {
     },
 
     /// The registry could not be reached or answered with an error.
-    #[error("registry {registry}: {message}")]
+    #[error("registry {registry} {message}")]
     Registry { registry: String, message: String },
 
     /// No stored image matches a name or digest prefix.

@@ -18,7 +18,8 @@ use crate::{ImageError, ImageRecord, Store};
 
 const MIB: u64 = 1 << 20;
 
-/// The ext4 disk of `image`, built on first use.
+/// The ext4 disk of `image`, built on first use. It is shared: open it read-only, or give each
+/// instance its own copy with [`instance_disk`].
 pub fn rootfs_disk(
     store: &Store,
     image: &ImageRecord,
@@ -56,6 +57,36 @@ pub fn rootfs_disk(
         .at("storing", &dest)?;
     step.done();
     Ok(dest)
+}
+
+/// A private, writable copy of `image`'s ext4 disk at `dest` for one instance (the cached disk
+/// is shared by every instance of the image and must only ever be opened read-only). The copy
+/// keeps the disk sparse, and shares blocks where the file system can (`cp --reflink=auto`).
+pub fn instance_disk(
+    store: &Store,
+    image: &ImageRecord,
+    dest: &Path,
+    progress: &Progress,
+) -> Result<(), ImageError> {
+    let cached = rootfs_disk(store, image, progress)?;
+    let out = Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always", "--no-preserve=all"])
+        .arg(&cached)
+        .arg(dest)
+        .output()
+        .map_err(|e| ImageError::Tool {
+            command: "cp".into(),
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            command: format!("cp {} {}", cached.display(), dest.display()),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Runs `mkfs.ext4` to make `disk` (`size_mib` MiB, `inodes` inodes) holding the tree `dir`.

@@ -4,7 +4,8 @@
 //! * [`reference`]: `[registry/]repository[:tag][@digest]`, normalized as Docker does.
 //! * [`digest`]: sha256 digests and verification while streaming.
 //! * [`store`]: blobs, the image index, locks and garbage collection ([`Store`]).
-//! * [`pull`]: from an OCI/Docker v2 registry ([`pull()`]).
+//! * [`pull`]: from an OCI/Docker v2 registry ([`pull()`]), with [`credentials`] from
+//!   `docker login`'s config.
 //! * [`import`]: OCI layouts, `docker save` archives and rootfs tarballs ([`import()`]).
 //! * [`manifest`]: OCI and Docker schema 2 manifests and indexes, platform choice.
 //! * [`unpack`]: layers into directory trees with whiteouts applied, safely.
@@ -14,6 +15,7 @@
 //! * [`config`]: how the image asks to be run ([`RunConfig`]).
 
 pub mod config;
+pub mod credentials;
 pub mod debootstrap;
 pub mod digest;
 mod error;
@@ -31,7 +33,7 @@ pub use config::RunConfig;
 pub use debootstrap::build_debian;
 pub use digest::Digest;
 pub use error::ImageError;
-pub use ext4::rootfs_disk;
+pub use ext4::{instance_disk, rootfs_disk};
 pub use import::import;
 pub use progress::Progress;
 pub use pull::pull;

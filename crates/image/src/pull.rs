@@ -10,13 +10,15 @@
 //!
 //! Registries on this machine (`localhost`, 127.0.0.0/8, `::1`) are spoken to over plain HTTP, as
 //! Docker does by default; all others over HTTPS (rustls with the ring provider, the system's
-//! trust roots). Access is anonymous.
+//! trust roots). Credentials come from `docker login`'s config file ([`crate::credentials`]);
+//! without an entry for the registry, access is anonymous.
 
 use std::io::Write;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_spec::image::Descriptor;
@@ -42,7 +44,11 @@ pub fn pull(
         .enable_all()
         .build()
         .at("starting the network runtime for", "pull")?;
-    rt.block_on(Puller::new(store, &r, progress).run())
+    let auth = match crate::credentials::docker_config_path() {
+        Some(path) => crate::credentials::for_registry(&path, &r.registry)?,
+        None => RegistryAuth::Anonymous,
+    };
+    rt.block_on(Puller::new(store, &r, auth, progress).run())
 }
 
 struct Puller<'a> {
@@ -51,10 +57,11 @@ struct Puller<'a> {
     progress: &'a Progress,
     client: oci_client::Client,
     oref: oci_client::Reference,
+    auth: RegistryAuth,
 }
 
 impl<'a> Puller<'a> {
-    fn new(store: &'a Store, r: &'a Reference, progress: &'a Progress) -> Self {
+    fn new(store: &'a Store, r: &'a Reference, auth: RegistryAuth, progress: &'a Progress) -> Self {
         let protocol = if r.is_loopback_registry() {
             ClientProtocol::HttpsExcept(vec![r.registry.clone()])
         } else {
@@ -84,23 +91,41 @@ impl<'a> Puller<'a> {
             progress,
             client,
             oref,
+            auth,
         }
     }
 
     fn registry_error(&self, e: &(dyn std::error::Error + 'static)) -> ImageError {
-        let mut message = e.to_string();
+        // A connection that never happened is said plainly, with the innermost cause.
+        let unreachable = match e.downcast_ref::<OciDistributionError>() {
+            Some(OciDistributionError::RequestError(r)) => r.is_connect() || r.is_timeout(),
+            _ => false,
+        };
+        let mut chain = vec![e.to_string()];
         let mut source = e.source();
         while let Some(s) = source {
-            let s_text = s.to_string();
-            if !message.contains(&s_text) {
-                message.push_str(": ");
-                message.push_str(&s_text);
+            let text = s.to_string();
+            if !chain.iter().any(|c| c.contains(&text)) {
+                chain.push(text);
             }
             source = s.source();
         }
+        let message = if unreachable {
+            format!(
+                "cannot be reached ({}) while pulling {}; is it running, and is the address right?",
+                chain.last().expect("at least one"),
+                self.r.familiar()
+            )
+        } else {
+            format!(
+                "failed while pulling {}: {}",
+                self.r.familiar(),
+                chain.join(": ")
+            )
+        };
         ImageError::Registry {
             registry: self.r.registry.clone(),
-            message: format!("pulling {}: {message}", self.r.familiar()),
+            message,
         }
     }
 
@@ -109,7 +134,7 @@ impl<'a> Puller<'a> {
         let step = self.progress.step(format!("resolving {what}"));
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(&self.oref, &RegistryAuth::Anonymous, &ACCEPTED)
+            .pull_manifest_raw(&self.oref, &self.auth, &ACCEPTED)
             .await
             .map_err(|e| self.registry_error(&e))?;
         let mut digest = Digest::of(&bytes);
@@ -134,7 +159,7 @@ impl<'a> Puller<'a> {
                 );
                 let (bytes, _) = self
                     .client
-                    .pull_manifest_raw(&by_digest, &RegistryAuth::Anonymous, &ACCEPTED)
+                    .pull_manifest_raw(&by_digest, &self.auth, &ACCEPTED)
                     .await
                     .map_err(|e| self.registry_error(&e))?;
                 let actual = Digest::of(&bytes);

@@ -23,6 +23,18 @@ pub fn cela_in(data: &Path, args: &[&str]) -> Output {
         .expect("cela runs")
 }
 
+/// Runs `cela` with extra environment variables.
+pub fn cela_env(data: &Path, env: &[(&str, &Path)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cela"));
+    cmd.args(args)
+        .env("CELA_DATA_DIR", data)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("cela runs")
+}
+
 /// Runs `cela` and insists on success; returns stdout.
 pub fn cela_ok(data: &Path, args: &[&str]) -> String {
     let out = cela_in(data, args);
@@ -277,8 +289,24 @@ pub struct Registry {
     dir: tempfile::TempDir,
 }
 
+/// The user and password of [`Registry::start_with_password`] (its htpasswd holds this bcrypt
+/// hash of the password, made once with Python's `crypt`).
+pub const REGISTRY_USER: &str = "tester";
+pub const REGISTRY_PASSWORD: &str = "cela-test-pw";
+const REGISTRY_BCRYPT: &str = "$2b$12$74kKlhDQ7nAEq6LJqv6CrO6HLVFPYl26TxSxd.Tu/ups06Z7AH3Xy";
+
 impl Registry {
+    /// A registry anyone may pull from and push to.
     pub fn start() -> Registry {
+        Registry::start_with(false)
+    }
+
+    /// A registry that wants [`REGISTRY_USER`] and [`REGISTRY_PASSWORD`] (HTTP basic auth).
+    pub fn start_with_password() -> Registry {
+        Registry::start_with(true)
+    }
+
+    fn start_with(password: bool) -> Registry {
         assert!(
             which("docker-registry"),
             "the registry tests need docker-registry: install it (scripts/deps)"
@@ -288,14 +316,19 @@ impl Registry {
         for _ in 0..5 {
             let port = free_port();
             let config = dir.path().join("config.yml");
-            fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                    dir.path().join("data").display()
-                ),
-            )
-            .unwrap();
+            let mut yaml = format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            );
+            if password {
+                let htpasswd = dir.path().join("htpasswd");
+                fs::write(&htpasswd, format!("{REGISTRY_USER}:{REGISTRY_BCRYPT}\n")).unwrap();
+                yaml.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: cela-test\n    path: {}\n",
+                    htpasswd.display()
+                ));
+            }
+            fs::write(&config, yaml).unwrap();
             let log = fs::File::create(dir.path().join("registry.log")).unwrap();
             let mut child = Command::new("docker-registry")
                 .arg("serve")
@@ -310,7 +343,8 @@ impl Registry {
                 if child.try_wait().unwrap().is_some() {
                     break; // it exited: most likely the port was taken
                 }
-                if http_status(port, "/v2/") == Some(200) {
+                // 401 is the answer of a registry that wants a password.
+                if matches!(http_status(port, "/v2/"), Some(200 | 401)) {
                     return Registry { child, port, dir };
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -408,6 +442,40 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a shell command in `root` with chroot. A freshly written /bin/busybox can be briefly
+/// "text file busy": a process forked by another test thread at the moment it was being written
+/// holds a copy of the writing descriptor until that process execs. Retried, within a bound.
+pub fn chroot(root: &Path, script: &str) -> std::process::Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = Command::new("chroot")
+            .arg(root)
+            .args(["/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+        let busy = String::from_utf8_lossy(&out.stderr).contains("Text file busy");
+        if !busy || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Checks an ext4 image with `e2fsck -fn` (read-only, forced).
+pub fn assert_fsck_clean(disk: &Path) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck {}: {}",
+        disk.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// The status of `GET path` on the loopback port, if anything answers.
