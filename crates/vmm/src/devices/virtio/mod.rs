@@ -24,6 +24,7 @@ pub mod block;
 pub mod event_loop;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
