@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use cela_guest::BootRequest;
-use cela_vmm::{BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig};
+use cela_vmm::{
+    BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig, VsockConfig,
+};
 use clap::{Args, ValueEnum};
 
 use crate::paths;
@@ -41,6 +43,11 @@ pub struct RunArgs {
     /// guest sees them as /dev/vda, /dev/vdb, … in this order).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// A vsock host side: the Unix socket PATH (host processes connect and send
+    /// `CONNECT <port>\n`; guest connections to host port P reach the socket PATH_P). Without
+    /// PATH, a socket in the run directory, printed on stderr. Removed when the VM ends.
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    vsock: Option<Option<PathBuf>>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -108,9 +115,32 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
     // chosen, fetched or created.
     let disks: Vec<DiskConfig> = args.disks.iter().map(|d| DiskConfig::parse(d)).collect();
     cela_vmm::config::open_disks(&disks)?;
+    let vsock = match &args.vsock {
+        None => None,
+        Some(path) => {
+            let path = match path {
+                Some(p) => p.clone(),
+                None => paths::default_vsock_socket()?,
+            };
+            let v = VsockConfig {
+                path,
+                guest_cid: cela_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID,
+            };
+            cela_vmm::config::check_vsock(&v)?;
+            Some(v)
+        }
+    };
     let launched = Instant::now();
     let (engine, note) =
         cela_vmm::engine::choose(args.engine.map(Engine::from)).map_err(anyhow::Error::msg)?;
+    if vsock.is_some() && engine == Engine::Qemu {
+        bail!(
+            "--vsock needs cela's KVM engine; the QEMU engine has no vsock here (no /dev/vhost-vsock)"
+        );
+    }
+    if let (Some(v), Some(None)) = (&vsock, &args.vsock) {
+        eprintln!("cela: vsock socket: {}", v.path.display());
+    }
     if let Some(note) = note {
         eprintln!("cela: {note}");
     }
@@ -136,6 +166,7 @@ pub fn run(args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode
         initrd: Some(initrd),
         cmdline,
         disks,
+        vsock,
     };
     let console = if request.command.is_some() {
         ConsoleMode::Stream

@@ -1,14 +1,17 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
-//! [`mounts`], [`modules`], [`tty`] and [`control`], [`workload`], [`supervise`], [`power`];
-//! [`boot`] strings them together.
+//! [`mounts`], [`modules`], [`tty`], [`vsock`] and [`control`], [`workload`], [`supervise`],
+//! [`power`];
+//! [`boot`] strings them together. [`nc`] is an applet (`cela-init nc`), not part of a boot.
 
 pub mod boot;
 pub mod control;
 pub mod modules;
 pub mod mounts;
+pub mod nc;
 pub mod power;
 pub mod supervise;
 pub mod tty;
+pub mod vsock;
 pub mod workload;
 
 use std::fmt;

@@ -197,8 +197,23 @@ impl Muxer {
         conn.update_peer_credit(h);
         match h.op {
             OP_RESPONSE => conn.guest_responded(),
-            OP_RST => conn.guest_reset(),
-            OP_SHUTDOWN => conn.guest_shutdown(h.flags),
+            OP_RST => {
+                tracing::debug!(
+                    "virtio-vsock: the guest reset {}→{}",
+                    h.src_port,
+                    h.dst_port
+                );
+                conn.guest_reset();
+            }
+            OP_SHUTDOWN => {
+                tracing::debug!(
+                    "virtio-vsock: the guest shut {}→{} (flags {})",
+                    h.src_port,
+                    h.dst_port,
+                    h.flags
+                );
+                conn.guest_shutdown(h.flags);
+            }
             OP_RW => {
                 if conn.state != super::conn::State::Established
                     || conn.guest_data(payload).is_err()
@@ -236,6 +251,11 @@ impl Muxer {
                     self.queue_reset(h.reset_reply());
                     return;
                 }
+                tracing::debug!(
+                    "virtio-vsock: guest port {} connected to host port {}",
+                    h.src_port,
+                    h.dst_port
+                );
                 self.conns.insert(key, Connection::accepted(stream, h));
             }
             Err(e) => {
@@ -327,6 +347,7 @@ impl Muxer {
             return;
         }
         let local = self.allocate_local_port();
+        tracing::debug!("virtio-vsock: host connection {local} to guest port {port}");
         self.conns.insert(
             (local, port),
             Connection::connecting(hs.stream, local, port, self.guest_cid),
@@ -366,6 +387,17 @@ impl Muxer {
                 continue;
             };
             let packet = conn.next_packet(room, data);
+            if let Some(h) = &packet
+                && h.op != super::packet::OP_RW
+            {
+                tracing::debug!(
+                    "virtio-vsock: to the guest: op {} flags {} {}→{}",
+                    h.op,
+                    h.flags,
+                    h.src_port,
+                    h.dst_port
+                );
+            }
             if conn.is_dead() {
                 self.conns.remove(&key);
             }
