@@ -137,6 +137,13 @@ impl Vsock {
                 return 0;
             }
             let header = Header::parse(&raw).expect("a whole header");
+            tracing::trace!(
+                "virtio-vsock: from the guest: op {} len {} {}→{}",
+                header.op,
+                header.len,
+                header.src_port,
+                header.dst_port
+            );
             match header.check_from_guest(*guest_cid, reader.available_bytes()) {
                 Verdict::Drop => {}
                 Verdict::Reset => muxer.reject(&header),
