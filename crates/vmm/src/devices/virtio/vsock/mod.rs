@@ -156,6 +156,7 @@ impl Vsock {
             }
             0
         });
+        muxer.flush_all();
     }
 
     /// Fills the guest's receive buffers with whatever the host side has for it.

@@ -293,6 +293,11 @@ impl Muxer {
         }
         self.accept();
         self.read_handshakes();
+        self.flush_all();
+    }
+
+    /// Hands the guest bytes of the last transmit batch to their host ends.
+    pub fn flush_all(&mut self) {
         for conn in self.conns.values_mut() {
             conn.flush();
         }
