@@ -13,14 +13,25 @@
 //! All counters are free-running `u32`s (wrapping), as the spec defines them.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{MsgFlags, UnixAddr, sendmsg};
 
 use super::packet::{
     HOST_CID, Header, MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
     OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
+
+/// Writes to a host end with MSG_NOSIGNAL: a host end whose reader is gone gives EPIPE rather
+/// than a SIGPIPE that would kill the monitor unless the process happens to ignore it (found
+/// by the `vsock_packets` fuzz target, whose process does not).
+fn send(stream: &UnixStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    sendmsg::<UnixAddr>(stream.as_raw_fd(), bufs, &[], MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
+}
 
 /// The receive buffer cela offers the guest per connection.
 pub const BUF_ALLOC: u32 = 256 << 10;
@@ -161,8 +172,10 @@ impl Connection {
         }
         self.state = State::Established;
         let line = format!("OK {}\n", self.local_port);
-        if self.stream.write_all(line.as_bytes()).is_err() {
-            self.reset();
+        // A fresh socket's buffer always holds these few bytes; anything less is a broken peer.
+        match send(&self.stream, &[IoSlice::new(line.as_bytes())]) {
+            Ok(n) if n == line.len() => {}
+            _ => self.reset(),
         }
     }
 
@@ -201,10 +214,7 @@ impl Connection {
         }
         while !self.pending.is_empty() {
             let (front, back) = self.pending.as_slices();
-            match self
-                .stream
-                .write_vectored(&[IoSlice::new(front), IoSlice::new(back)])
-            {
+            match send(&self.stream, &[IoSlice::new(front), IoSlice::new(back)]) {
                 Ok(0) => return,
                 Ok(n) => {
                     self.pending.drain(..n);
@@ -324,6 +334,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn pair() -> (UnixStream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
