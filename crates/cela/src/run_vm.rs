@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use cela_guest::{BootRequest, ROOTFS_SERIAL};
 use cela_vmm::net::NetMode;
-use cela_vmm::{BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig};
+use cela_vmm::{
+    BASE_CMDLINE, ConsoleMode, DiskConfig, Engine, GuestExit, MachineConfig, VsockConfig,
+};
 use clap::{Args, ValueEnum};
 
 use crate::paths;
@@ -69,6 +71,11 @@ pub struct RunArgs {
     /// TAP device, left as it is).
     #[arg(long, value_name = "auto|tap=NAME")]
     net: Option<String>,
+    /// A vsock host side: the Unix socket PATH (host processes connect and send
+    /// `CONNECT <port>\n`; guest connections to host port P reach the socket PATH_P). Without
+    /// PATH, a socket in the run directory, printed on stderr. Removed when the VM ends.
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    vsock: Option<Option<PathBuf>>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -223,9 +230,32 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
     // The TAP (and for `auto` its address) exists from here on; it goes away with this
     // process, however the run ends.
     let net = net_mode.as_ref().map(cela_vmm::net::setup).transpose()?;
+    let vsock = match &args.vsock {
+        None => None,
+        Some(path) => {
+            let path = match path {
+                Some(p) => p.clone(),
+                None => paths::default_vsock_socket()?,
+            };
+            let v = VsockConfig {
+                path,
+                guest_cid: cela_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID,
+            };
+            cela_vmm::config::check_vsock(&v)?;
+            Some(v)
+        }
+    };
     let launched = Instant::now();
     let (engine, note) =
         cela_vmm::engine::choose(args.engine.map(Engine::from)).map_err(anyhow::Error::msg)?;
+    if vsock.is_some() && engine == Engine::Qemu {
+        bail!(
+            "--vsock needs cela's KVM engine; the QEMU engine has no vsock here (no /dev/vhost-vsock)"
+        );
+    }
+    if let (Some(v), Some(None)) = (&vsock, &args.vsock) {
+        eprintln!("cela: vsock socket: {}", v.path.display());
+    }
     if let Some(note) = note {
         eprintln!("cela: {note}");
     }
@@ -254,6 +284,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         cmdline,
         disks,
         net: net.map(|n| n.nic),
+        vsock,
     };
     let console = if request.command.is_some() {
         ConsoleMode::Stream

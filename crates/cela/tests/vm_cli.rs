@@ -113,6 +113,52 @@ fn a_malformed_env_flag_is_refused() {
 }
 
 #[test]
+fn a_vsock_path_that_exists_or_has_no_directory_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = dir.path().join("taken");
+    std::fs::write(&taken, "keep").unwrap();
+    assert_error(
+        &[
+            "run",
+            "--vm",
+            "--vsock",
+            taken.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        "already there",
+    );
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep");
+    let missing = dir.path().join("no/dir/v.sock");
+    assert_error(
+        &[
+            "run",
+            "--vm",
+            "--vsock",
+            missing.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        "its directory does not exist",
+    );
+    assert!(!dir.path().join("no").exists());
+}
+
+#[test]
+fn vsock_on_the_qemu_engine_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let p = path.to_str().unwrap();
+    assert_error(
+        &[
+            "run", "--vm", "--engine", "qemu", "--vsock", p, "--", "true",
+        ],
+        "--vsock needs cela's KVM engine",
+    );
+    assert!(!path.exists());
+}
+
+#[test]
 fn forcing_an_unusable_kvm_is_a_clear_error() {
     // This host's /dev/kvm is PVM (or absent in some CI sandboxes): either way, not usable for
     // a stock kernel, and cela must say why rather than try.

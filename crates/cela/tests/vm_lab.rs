@@ -69,6 +69,57 @@ echo "c=$(head -c 16 /tmp/c.img)"
 echo "b_size=$(wc -c < /tmp/b.img | tr -d ' ')"
 echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d ' ')""#,
     ),
+    // cela-init's channel on vsock: standard output and error apart, bytes untouched.
+    (
+        "stdio_split",
+        "$CELA -- sh -c 'echo out; echo err >&2; printf \"a\\r\\nb\\000c\\377\"; exit 5'",
+    ),
+    // A large output, timed (busybox `time` prints "real …" on stderr).
+    (
+        "big_output",
+        "time sh -c \"$CELA -- head -c 52428800 /dev/zero | wc -c\"",
+    ),
+    // `--vsock` with no path: a socket in the run directory, gone afterwards.
+    (
+        "vsock_default_path",
+        "CELA_RUN_DIR=/tmp/celarun $CELA --vsock -- true; echo rc=$?; ls -A /tmp/celarun | wc -l",
+    ),
+    // vsock between guest and host, several ports each way, data both ways on each. Host
+    // listeners on PATH_6000 and PATH_6001 take the guest's connections; the guest listens on
+    // 5000 and 5001 and the host connects through PATH with `CONNECT <port>`.
+    (
+        "vsock",
+        r#"NC=/lab/cela-init; rm -f /tmp/v.sock*
+listeners=
+for p in 6000 6001; do
+  (echo host-reply-$p | $NC nc -l unix:/tmp/v.sock_$p > /tmp/g2h_$p) & listeners="$listeners $!"
+done
+while [ ! -S /tmp/v.sock_6000 ] || [ ! -S /tmp/v.sock_6001 ]; do :; done
+$CELA --vsock /tmp/v.sock -- sh -c '
+for p in 5000 5001; do (echo guest-reply-$p | /init nc -l vsock:$p > /run/h2g_$p) & done
+for p in 6000 6001; do echo guest-data-$p | /init nc vsock:2:$p; done
+wait
+for p in 5000 5001; do echo "h2g_$p=$(cat /run/h2g_$p)"; done' > /tmp/guest_out 2>/tmp/guest_err &
+cela_pid=$!
+# The guest connects to the host listeners after starting its own: wait for that, then
+# connect (a few tries: a listener started in the background may not be up yet).
+wait $listeners
+for p in 5000 5001; do
+  i=0; out=
+  while [ $i -lt 300 ]; do
+    out=$( (printf 'CONNECT %s
+' $p; echo host-data-$p) | $NC nc unix:/tmp/v.sock)
+    case "$out" in OK*) break;; esac
+    i=$((i+1)); usleep 20000
+  done
+  echo "ok_$p=$(echo "$out" | head -n 1 | cut -d' ' -f1) tries=$i"
+  echo "reply_$p=$(echo "$out" | tail -n +2)"
+done
+wait $cela_pid; echo cela_rc=$?
+cat /tmp/guest_out; cat /tmp/guest_err >&2
+for p in 6000 6001; do echo "g2h_$p=$(cat /tmp/g2h_$p)"; done
+if [ -e /tmp/v.sock ]; then echo socket_left; else echo socket_removed; fi"#,
+    ),
     // No command: an interactive shell on the console, here fed from a pipe.
     (
         "shell",
@@ -84,7 +135,10 @@ fn report() -> &'static LabReport {
         let rootfs = common::busybox_rootfs(rootfs_dir.path(), "from-the-rootfs");
         run_lab_batch(
             SCENARIOS,
-            &[(&rootfs, "/lab/root.ext4")],
+            &[
+                (&rootfs, "/lab/root.ext4"),
+                (&common::cela_init(), "/lab/cela-init"),
+            ],
             Duration::from_secs(120),
             Duration::from_secs(420),
         )
@@ -109,10 +163,73 @@ fn an_unknown_command_gives_127() {
     let r = report().get("not_found");
     r.expect_rc(127);
     assert!(
-        r.stdout_str().contains("no-such-command"),
+        r.stderr_str()
+            .contains("no-such-command: command not found"),
         "{}",
-        r.stdout_str()
+        r.stderr_str()
     );
+}
+
+#[test]
+fn stdout_and_stderr_arrive_apart_and_byte_exact_over_vsock() {
+    let r = report().get("stdio_split");
+    r.expect_rc(5);
+    assert_eq!(r.stdout, b"out\na\r\nb\0c\xff", "{:?}", r.stdout_str());
+    assert_eq!(r.stderr_str(), "err\n");
+}
+
+#[test]
+fn a_large_output_arrives_whole() {
+    let r = report().get("big_output");
+    r.expect_rc(0);
+    assert_eq!(r.stdout_str().trim(), (50u64 << 20).to_string());
+    eprintln!("50 MiB of output: {}", r.stderr_str().trim());
+}
+
+#[test]
+fn vsock_without_a_path_uses_the_run_directory_and_cleans_up() {
+    let r = report().get("vsock_default_path");
+    r.expect_rc(0);
+    assert_eq!(r.stdout_str(), "rc=0\n0\n");
+    assert!(
+        r.stderr_str()
+            .contains("cela: vsock socket: /tmp/celarun/vsock-"),
+        "{}",
+        r.stderr_str()
+    );
+}
+
+#[test]
+fn vsock_connections_both_ways_on_several_ports_carry_data_both_ways() {
+    let r = report().get("vsock");
+    r.expect_rc(0);
+    let out = r.stdout_str();
+    for want in [
+        "cela_rc=0",
+        // host → guest: the host got OK and the guest's reply; the guest got the host's data
+        "reply_5000=guest-reply-5000",
+        "reply_5001=guest-reply-5001",
+        "h2g_5000=host-data-5000",
+        "h2g_5001=host-data-5001",
+        // guest → host: each side got the other's bytes
+        "host-reply-6000",
+        "host-reply-6001",
+        "g2h_6000=guest-data-6000",
+        "g2h_6001=guest-data-6001",
+        "socket_removed",
+    ] {
+        assert!(
+            out.lines().any(|l| l == want),
+            "{want:?} in: {out}\n{}",
+            r.stderr_str()
+        );
+    }
+    for p in [5000, 5001] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("ok_{p}=OK "))),
+            "{out}"
+        );
+    }
 }
 
 #[test]

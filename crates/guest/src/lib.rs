@@ -7,9 +7,17 @@
 //! * **Host → guest**: kernel command-line parameters in the `cela.` namespace, read by the init
 //!   from `/proc/cmdline` (dotted parameters are not handed to init as argv or environment by
 //!   the kernel, so they never leak into the workload). See [`BootRequest`].
-//! * **Guest → host**: the second serial port (COM2, `/dev/ttyS1`) is a control channel that
-//!   carries nothing but [`ControlMessage`] lines; the first serial port (COM1) is the console and
-//!   carries the workload's output untouched.
+//! * **Guest → host, with a virtio-vsock device** (cela's KVM engine always has one): the init
+//!   connects to the host (CID 2) on three ports: [`VSOCK_CONTROL_PORT`] carries
+//!   [`ControlMessage`] lines, [`VSOCK_STDOUT_PORT`] and [`VSOCK_STDERR_PORT`] the command's
+//!   standard output and error, byte for byte. After the command ends the init shuts the two
+//!   output streams, sends `exit N`, and waits until the host closes the control connection:
+//!   the host does so once it has written out both streams, so no output is lost to the
+//!   power-off. The serial console then carries only the console (kernel messages, a shell).
+//! * **Guest → host, without vsock** (the QEMU engine): the second serial port (COM2,
+//!   `/dev/ttyS1`) is a control channel that carries nothing but [`ControlMessage`] lines; the
+//!   first serial port (COM1) is the console and carries the workload's output untouched
+//!   (standard output and error together).
 //! * **Ending the VM**: the init powers the machine off (ACPI S5) after reporting; a guest reboot
 //!   or kernel panic ends the VM too and is reported by the engine, not by the init.
 
@@ -40,6 +48,15 @@ pub const MODULE_LOAD_ORDER: &str = "/lib/modules/cela/load.order";
 pub const CONTROL_TTY: &str = "/dev/ttyS1";
 /// The guest device node of the console.
 pub const CONSOLE_TTY: &str = "/dev/ttyS0";
+/// The host's vsock CID (virtio 1.2 §5.10.4).
+pub const VSOCK_HOST_CID: u32 = 2;
+/// The host vsock port of the control channel (`ready`, `exit N`); `CEL\0` in ASCII. These
+/// three ports are served by the monitor itself, never by a `--vsock` socket.
+pub const VSOCK_CONTROL_PORT: u32 = 0x4345_4c00;
+/// The host vsock port of the command's standard output.
+pub const VSOCK_STDOUT_PORT: u32 = 0x4345_4c01;
+/// The host vsock port of the command's standard error.
+pub const VSOCK_STDERR_PORT: u32 = 0x4345_4c02;
 
 /// What the host asks the init to do, decoded from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -35,7 +35,7 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     let (pump_thread, saved) = capture_output(inst)?;
     let result = match inst.config.kind {
         Kind::Container => run_container(store, inst, &mut state),
-        Kind::Vm => run_vm(inst, &mut state),
+        Kind::Vm => run_vm(store, inst, &mut state),
     };
     restore_output(saved);
     let _ = pump_thread.join();
@@ -146,39 +146,24 @@ pub fn wait_child(pid: i32) -> Result<i32, InstanceError> {
 }
 
 /// The instance's own copy of the image disk (its writable root), made on first start.
-fn instance_disk(inst: &Instance) -> Result<std::path::PathBuf, InstanceError> {
-    let vm = inst
-        .config
-        .vm
-        .as_ref()
-        .expect("a VM instance has its boot files");
+fn instance_disk(store: &Store, inst: &Instance) -> Result<std::path::PathBuf, InstanceError> {
     let disk = inst.dir.join("root.ext4");
     if !disk.exists() {
+        let image = store.resolve(&inst.config.image_digest)?;
         let tmp = inst.dir.join("root.ext4.tmp");
-        let st = std::process::Command::new("cp")
-            .args(["--sparse=always", "--reflink=auto"])
-            .arg(&vm.image_disk)
-            .arg(&tmp)
-            .status()
-            .doing(|| "running cp".into())?;
-        if !st.success() {
-            return Err(InstanceError::Other(format!(
-                "copying the image disk {} for the instance failed",
-                vm.image_disk.display()
-            )));
-        }
+        cela_image::ext4::instance_disk(store, &image, &tmp, &cela_image::Progress::hidden())?;
         std::fs::rename(&tmp, &disk).doing(|| format!("renaming {}", tmp.display()))?;
     }
     Ok(disk)
 }
 
-fn run_vm(inst: &Instance, state: &mut InstanceState) -> Result<i32, InstanceError> {
+fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i32, InstanceError> {
     let vm = inst
         .config
         .vm
         .as_ref()
         .expect("a VM instance has its boot files");
-    let disk = instance_disk(inst)?;
+    let disk = instance_disk(store, inst)?;
     let request = cela_guest::BootRequest {
         command: Some(inst.config.command.clone()),
         env: inst.config.env.clone(),
@@ -196,6 +181,7 @@ fn run_vm(inst: &Instance, state: &mut InstanceState) -> Result<i32, InstanceErr
             ..DiskConfig::parse(&disk.display().to_string())
         }],
         net: None,
+        vsock: None,
     };
     let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
     state.status = Status::Running;

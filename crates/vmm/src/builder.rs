@@ -11,7 +11,7 @@
 //! | i8042 (reset line only) | ports 0x60, 0x64 | — |
 //! | ACPI PM registers (sleep control/status, reset) | ports 0x600..0x602 | — |
 //! | pvpanic | port 0x505 | — |
-//! | virtio-mmio devices: virtio-rng, one virtio-blk per disk in order, then virtio-net (`--net`) | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … (not 9, the SCI) |
+//! | virtio-mmio devices: virtio-rng, one virtio-blk per disk in order, then virtio-net (`--net`), then virtio-vsock | MMIO 0xd000_0000 + 0x1000·n | GSI 5, 6, … (not 9, the SCI) |
 //!
 //! virtio devices are served by one device event-loop thread; their queue notifications are
 //! KVM ioeventfds and their interrupts KVM irqfds.
@@ -40,6 +40,9 @@ use crate::devices::virtio::event_loop::{EventLoop, EventLoopHandle};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, VirtioMmioAml};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{
+    DEFAULT_GUEST_CID, HostSocket, PortHandler, Vsock, VsockError,
+};
 use crate::machine::MachineConfig;
 use crate::stop::{StopReason, StopSignal};
 use crate::vstate::memory::{MemoryError, create_guest_memory};
@@ -71,6 +74,8 @@ pub enum BuildError {
     TooManyVirtioDevices(usize),
     #[error("cannot start the device event loop: {0}")]
     DeviceLoop(std::io::Error),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
 }
 
 /// Where the guest's two serial ports lead on the host.
@@ -256,11 +261,14 @@ fn virtio_devices(
     })
 }
 
-/// Builds the machine for `config` and starts it. `stop` receives everything that ends it.
+/// Builds the machine for `config` and starts it. `stop` receives everything that ends it;
+/// `vsock_ports` are the vsock ports the caller serves itself (see
+/// [`crate::devices::virtio::vsock::muxer`]).
 pub fn boot_linux(
     config: &MachineConfig,
     sinks: SerialSinks,
     stop: Arc<StopSignal>,
+    vsock_ports: Vec<(u32, PortHandler)>,
 ) -> Result<RunningMachine, BuildError> {
     let memory = create_guest_memory(config.memory_mib << 20)?;
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
@@ -285,6 +293,17 @@ pub fn boot_linux(
             Arc::new(Mutex::new(Net::new(nic.tap.clone(), nic.mac)));
         virtio_list.push(net);
     }
+    let host_socket = match &config.vsock {
+        Some(v) => Some(HostSocket::bind(&v.path)?),
+        None => None,
+    };
+    let guest_cid = config
+        .vsock
+        .as_ref()
+        .map_or(DEFAULT_GUEST_CID, |v| v.guest_cid);
+    let vsock: Arc<Mutex<dyn VirtioDevice>> =
+        Arc::new(Mutex::new(Vsock::new(guest_cid, host_socket, vsock_ports)?));
+    virtio_list.push(vsock);
     let virtio = virtio_devices(&vm, virtio_list)?;
     let aml: Vec<&dyn Aml> = devices
         .aml

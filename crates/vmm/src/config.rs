@@ -7,16 +7,17 @@ use std::path::Path;
 
 use crate::arch::x86_64::boot::{BootError, read_setup_header};
 use crate::devices::virtio::block::DiskImage;
-use crate::machine::{DiskConfig, MachineConfig};
+use crate::machine::{DiskConfig, MachineConfig, VsockConfig};
 
 /// The most vCPUs cela's machine describes: APIC IDs and MADT processor UIDs are 8-bit, and
 /// 0xff is the broadcast ID.
 pub const MAX_VCPUS: u32 = 254;
 /// The least memory a cela guest can boot in: a Debian kernel with its initramfs needs this.
 pub const MIN_MEMORY_MIB: u64 = 64;
-/// The most disks a machine gets: each is a virtio-mmio device with its own IOAPIC line, and
-/// the virtio-rng takes one more.
-pub const MAX_DISKS: usize = 16;
+/// The most disks a machine gets (a `--rootfs` counts as one): each is a virtio-mmio device
+/// with its own IOAPIC line, and the virtio-rng, virtio-net and virtio-vsock take three more
+/// (18 lines in all, GSI 5-23 without the SCI's 9; `layout::virtio_mmio_slot`).
+pub const MAX_DISKS: usize = 15;
 
 /// What is wrong with a machine configuration.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,14 @@ pub enum ConfigError {
         "disk {second} is the same file as disk {first}; a file can be given twice only if every use is read-only (,ro)"
     )]
     DiskTwice { first: String, second: String },
+    #[error(
+        "--vsock {0}: a file is already there (cela creates the socket; remove it or choose another path)"
+    )]
+    VsockExists(String),
+    #[error("--vsock {0}: its directory does not exist")]
+    VsockNoDirectory(String),
+    #[error("vsock guest CID {0} is reserved or too large (a guest CID is 3 to 4294967294)")]
+    VsockCid(u64),
     #[error("{0} disks are more than {MAX_DISKS}, the most cela gives a VM")]
     TooManyDisks(usize),
     #[error("--rootfs {0}: no such file")]
@@ -169,6 +178,30 @@ pub fn validate(config: &MachineConfig) -> Result<(), ConfigError> {
         check_file("initramfs", initrd, ConfigError::InitrdMissing)?;
     }
     open_disks(&config.disks)?;
+    if let Some(vsock) = &config.vsock {
+        check_vsock(vsock)?;
+    }
+    Ok(())
+}
+
+/// Checks a `--vsock` socket before anything is created: the path must not exist (cela
+/// creates the socket and removes it when the VM ends), its directory must, and the guest CID
+/// must be one a guest may have (3 ..= 0xffff_fffe: 0-2 are reserved, `u32::MAX` means "any").
+pub fn check_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
+    let path = vsock.path.display().to_string();
+    if vsock.path.symlink_metadata().is_ok() {
+        return Err(ConfigError::VsockExists(path));
+    }
+    let dir = match vsock.path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(ConfigError::VsockNoDirectory(path));
+    }
+    if !(3..u64::from(u32::MAX)).contains(&vsock.guest_cid) {
+        return Err(ConfigError::VsockCid(vsock.guest_cid));
+    }
     Ok(())
 }
 
@@ -261,6 +294,7 @@ mod tests {
             cmdline: String::new(),
             disks: vec![],
             net: None,
+            vsock: None,
         }
     }
 
@@ -380,6 +414,27 @@ mod tests {
                 .to_string()
                 .contains("not a regular file")
         );
+    }
+
+    #[test]
+    fn vsock_sockets_must_be_new_in_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = |path: PathBuf, guest_cid| VsockConfig { path, guest_cid };
+        assert!(check_vsock(&v(dir.path().join("v.sock"), 3)).is_ok());
+        let taken = dir.path().join("taken");
+        std::fs::write(&taken, "").unwrap();
+        let err = check_vsock(&v(taken, 3)).unwrap_err().to_string();
+        assert!(err.contains("already there"), "{err}");
+        let err = check_vsock(&v(dir.path().join("no/v.sock"), 3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no/v.sock: its directory does not exist"),
+            "{err}"
+        );
+        for cid in [0, 2, u64::from(u32::MAX)] {
+            assert!(check_vsock(&v(dir.path().join("c.sock"), cid)).is_err());
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod engine;
+pub mod guest_channel;
 pub mod machine;
 pub mod net;
 pub mod qemu;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use engine::Engine;
-pub use machine::{BASE_CMDLINE, ConsoleMode, DiskConfig, GuestExit, MachineConfig};
+pub use machine::{BASE_CMDLINE, ConsoleMode, DiskConfig, GuestExit, MachineConfig, VsockConfig};
 
 use builder::{BuildError, SerialSinks};
 use cela_guest::{ControlMessage, ControlParser};
@@ -96,7 +97,12 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
         ConsoleMode::Interactive => console::RawTerminal::stdin(),
         ConsoleMode::Stream => None,
     };
-    let mut machine = builder::boot_linux(config, sinks, stop.clone())?;
+    let vsock_ports = guest_channel::ports(
+        stop.clone(),
+        Box::new(|| Box::new(io::stdout())),
+        Box::new(|| Box::new(io::stderr())),
+    );
+    let mut machine = builder::boot_linux(config, sinks, stop.clone(), vsock_ports)?;
     if console == ConsoleMode::Interactive {
         let input = machine.console_input();
         console::spawn_stdin_forwarder(stop.clone(), move |b| input.send(b));

@@ -28,6 +28,20 @@ pub struct MachineConfig {
     pub disks: Vec<DiskConfig>,
     /// The NIC (`--net`): a virtio-net device plugged into this TAP.
     pub net: Option<crate::net::NicConfig>,
+    /// The user's vsock socket (`--vsock PATH`). cela's KVM engine always gives the guest a
+    /// virtio-vsock device (cela-init's status and output travel on it); this adds the
+    /// user's host side to it. The QEMU engine has no vsock.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The host side of the guest's vsock device (Firecracker's hybrid model): a Unix socket
+/// PATH that host processes connect to (`CONNECT <port>\n`), and `PATH_<port>` sockets the
+/// guest's connections to the host (CID 2) reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub path: PathBuf,
+    /// The guest's context ID (3 or more; 3 by default).
+    pub guest_cid: u64,
 }
 
 /// A raw disk image the guest sees as a virtio block device (`--disk PATH[,ro]`).

@@ -69,6 +69,10 @@ pub enum QemuError {
         "{QEMU_BINARY} was not found on PATH; install it with `apt-get install qemu-system-x86`"
     )]
     NotInstalled,
+    #[error(
+        "--vsock needs cela's KVM engine: the QEMU engine has no vsock here (no /dev/vhost-vsock)"
+    )]
+    NoVsock,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{what} {path} is not valid UTF-8, which QEMU's command line cannot carry")]
@@ -430,6 +434,9 @@ fn spawn_named<T: Send + 'static>(
 
 /// Boots the machine under `qemu-system-x86_64 -accel tcg -M microvm` and waits for it to end.
 pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, QemuError> {
+    if config.vsock.is_some() {
+        return Err(QemuError::NoVsock);
+    }
     crate::config::validate(config)?;
     let binary = available()?;
     let channels = Channels::new()?;
@@ -623,6 +630,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet cela.cmd=c2gA ".into(),
             disks: vec![],
             net: None,
+            vsock: None,
         }
     }
 
@@ -853,6 +861,7 @@ mod tests {
                 cmdline: format!("{} {}", crate::BASE_CMDLINE, request.to_kernel_params()),
                 disks: vec![],
                 net: None,
+                vsock: None,
             };
             run(&config, ConsoleMode::Stream).unwrap()
         };

@@ -1,14 +1,18 @@
 //! The boot sequence of `cela-init`, from the kernel handing over PID 1 to the power-off.
 //!
 //! 1. mount the pseudo-filesystems, load the initramfs's kernel modules;
-//! 2. decode the [`BootRequest`] from `/proc/cmdline`, switch to the root disk if it names one,
-//!    configure the network it describes, and say `ready` on the control channel;
-//! 3. run the command with its output on the raw console, or an interactive shell;
-//! 4. report its status on the control channel and power off.
+//! 2. open the control channel (vsock, with the command's output streams, or COM2), decode the
+//!    [`BootRequest`] from `/proc/cmdline`, switch to the root disk if it names one, configure
+//!    the network it describes, and say `ready`;
+//! 3. run the command with its output on vsock (or on the raw console), or an interactive
+//!    shell;
+//! 4. report its status on the control channel, wait for the host to have the output, and
+//!    power off.
 //!
 //! A power signal (busybox `poweroff`/`reboot`/`halt`) ends the machine at once, without a
 //! status. Anything unexpected is printed as one `cela-init: ...` line and powers off.
 
+use std::io::Write as _;
 use std::os::fd::{AsFd as _, AsRawFd as _, IntoRawFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 
@@ -16,7 +20,7 @@ use cela_guest::{BootRequest, CONSOLE_TTY, CONTROL_TTY, ControlMessage, MODULE_L
 use nix::fcntl::OFlag;
 use nix::sys::termios::tcdrain;
 
-use super::control::ControlChannel;
+use super::control::{VsockOutput, open_channels};
 use super::supervise::{Outcome, Pid1Events, PowerRequest, supervise};
 use super::tty::{TtyMode, open_tty};
 use super::workload::{ChildIo, SHELL, Session, build_env, spawn, split_env_entry};
@@ -47,12 +51,16 @@ pub fn run() -> ! {
     };
     modules::load_all(std::path::Path::new(MODULE_LOAD_ORDER));
 
-    let mut control = ControlChannel::open(CONTROL_TTY);
+    let (mut control, vsock_output) = open_channels(CONTROL_TTY);
     let request = match read_request() {
         Ok(request) => request,
         Err(e) => {
             say!("{e}");
             control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
+            if let Some(output) = &vsock_output {
+                output.shutdown();
+            }
+            control.finish();
             power::silence_kernel_console();
             power::power_off();
         }
@@ -79,7 +87,13 @@ pub fn run() -> ! {
     control.send(ControlMessage::Ready);
 
     let (console, outcome) = match &request.command {
-        Some(argv) => run_command(argv, &request.env, &mut events),
+        Some(argv) => match &vsock_output {
+            Some(output) => (
+                None,
+                run_command_on_vsock(argv, &request.env, &mut events, output),
+            ),
+            None => run_command(argv, &request.env, &mut events),
+        },
         None => run_shell(&request.env, &mut events),
     };
     if let Some(console) = &console {
@@ -90,7 +104,11 @@ pub fn run() -> ! {
     }
     match outcome {
         Outcome::Exited(status) => {
+            if let Some(output) = &vsock_output {
+                output.shutdown();
+            }
             control.send(ControlMessage::Exit(status));
+            control.finish();
             power::power_off()
         }
         Outcome::Power(PowerRequest::PowerOff) => power::power_off(),
@@ -154,6 +172,32 @@ fn run_command(
         }
     };
     (console, outcome)
+}
+
+/// Runs the command with its standard output and error on their vsock streams.
+fn run_command_on_vsock(
+    argv: &[String],
+    request_env: &[String],
+    events: &mut Pid1Events,
+    output: &VsockOutput,
+) -> Outcome {
+    let io = (|| {
+        Ok::<_, std::io::Error>(ChildIo {
+            stdin: None,
+            stdout: output.stdout.try_clone()?.into(),
+            stderr: output.stderr.try_clone()?.into(),
+        })
+    })()
+    .unwrap_or_else(|e| fatal(format_args!("preparing the command's output: {e}")));
+    let env = build_env(request_env, false);
+    match spawn(argv, &env, io, Session::Inherit) {
+        Ok(pid) => supervise_or_die(pid, events),
+        Err(e) => {
+            // On the command's standard error, where a shell would have put it.
+            let _ = (&output.stderr).write_all(format!("cela-init: {e}\n").as_bytes());
+            Outcome::Exited(e.status())
+        }
+    }
 }
 
 /// Runs an interactive shell on the console (cooked mode, its controlling terminal).

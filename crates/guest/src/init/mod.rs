@@ -1,17 +1,19 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
-//! [`mounts`], [`modules`], [`net`], [`tty`] and [`control`], [`rootfs`], [`workload`],
+//! [`mounts`], [`modules`], [`net`], [`tty`], [`vsock`] and [`control`], [`rootfs`], [`workload`],
 //! [`supervise`], [`power`];
-//! [`boot`] strings them together.
+//! [`boot`] strings them together. [`nc`] is an applet (`cela-init nc`), not part of a boot.
 
 pub mod boot;
 pub mod control;
 pub mod modules;
 pub mod mounts;
+pub mod nc;
 pub mod net;
 pub mod power;
 pub mod rootfs;
 pub mod supervise;
 pub mod tty;
+pub mod vsock;
 pub mod workload;
 
 use std::fmt;

@@ -145,8 +145,8 @@ pub enum Session {
 }
 
 /// Starts `argv` with exactly the environment `env`, resolving `argv[0]` on the `PATH` in
-/// `env`. The child starts with an empty signal mask and default dispositions (std resets
-/// them), whatever init blocks. Returns its pid; the caller reaps it.
+/// `env`. The child starts with an empty signal mask (cleared before exec) and default
+/// dispositions, whatever init blocks. Returns its pid; the caller reaps it.
 pub fn spawn(
     argv: &[String],
     env: &[(String, String)],
@@ -175,6 +175,21 @@ pub fn spawn(
         .stdin(io.stdin.map_or_else(Stdio::null, Stdio::from))
         .stdout(Stdio::from(io.stdout))
         .stderr(Stdio::from(io.stderr));
+    // std does not always clear the signal mask (seen in the guest: the workload inherited
+    // init's blocked SIGCHLD, SIGTERM, SIGUSR1/2, and busybox sh's `wait` then never
+    // returned), so clear it here.
+    // SAFETY: the closure runs in the forked child before exec and only calls sigemptyset
+    // and sigprocmask (async-signal-safe) on a set on its own stack.
+    unsafe {
+        command.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     if session == Session::ControllingTerminal {
         // SAFETY: the closure runs in the forked child before exec and only makes two
         // async-signal-safe system calls (setsid, ioctl), touching no memory of the parent.

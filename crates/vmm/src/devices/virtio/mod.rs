@@ -25,6 +25,7 @@ pub mod event_loop;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
