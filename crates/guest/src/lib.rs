@@ -321,7 +321,7 @@ mod tests {
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
         // One word per parameter: the kernel splits its command line on spaces.
-        assert_eq!(req.to_kernel_params().split(' ').count(), 3);
+        assert_eq!(req.to_kernel_params().split(' ').count(), 4);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 
