@@ -473,7 +473,7 @@ mod tests {
             open_disks(&too_many)
                 .unwrap_err()
                 .to_string()
-                .contains("more than 16")
+                .contains(&format!("more than {MAX_DISKS}"))
         );
     }
 
