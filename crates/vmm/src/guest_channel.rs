@@ -10,9 +10,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
-use cela_guest::{
-    ControlMessage, ControlParser, VSOCK_CONTROL_PORT, VSOCK_STDERR_PORT, VSOCK_STDOUT_PORT,
-};
+use cela_guest::{VSOCK_CONTROL_PORT, VSOCK_STDERR_PORT, VSOCK_STDOUT_PORT};
 
 use crate::devices::virtio::vsock::PortHandler;
 use crate::stop::StopSignal;
@@ -113,28 +111,14 @@ fn copy_out(mut stream: UnixStream, mut sink: Box<dyn Write + Send>) {
     }
 }
 
-fn serve_control(mut stream: UnixStream, stop: &StopSignal, outputs: &Outputs) {
-    let mut parser = ControlParser::default();
-    let mut buf = [0u8; 256];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        for message in parser.feed(&buf[..n]) {
-            match message {
-                ControlMessage::Ready => stop.report_ready(),
-                ControlMessage::Exit(code) => {
-                    stop.report_status(code);
-                    outputs.wait_all_finished();
-                    let _ = stream.shutdown(Shutdown::Both);
-                    return;
-                }
-            }
-        }
-    }
+/// The control port: `ready` and `exit N` to the stop signal; after the exit, once both output
+/// streams are written out, the connection is closed, which tells the init it may power off.
+fn serve_control(stream: UnixStream, stop: &StopSignal, outputs: &Outputs) {
+    stop.follow_control(&stream, || {
+        outputs.wait_all_finished();
+        let _ = stream.shutdown(Shutdown::Both);
+        true
+    });
 }
 
 #[cfg(test)]

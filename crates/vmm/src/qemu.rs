@@ -42,8 +42,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use cela_guest::{ControlMessage, ControlParser};
-
 use crate::config::ConfigError;
 use crate::console::{self, HostStdout, RawTerminal};
 use crate::machine::{ConsoleMode, GuestExit, MachineConfig};
@@ -562,23 +560,7 @@ fn copy_console(mut channel: UnixStream) {
 
 /// Control channel → the stop signal's reported status and ready time.
 fn read_control(channel: UnixStream, stop: &StopSignal) {
-    let mut parser = ControlParser::default();
-    let mut buf = [0u8; 256];
-    let mut channel = channel;
-    loop {
-        let n = match channel.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        };
-        for message in parser.feed(&buf[..n]) {
-            match message {
-                ControlMessage::Ready => stop.report_ready(),
-                ControlMessage::Exit(code) => stop.report_status(code),
-            }
-        }
-    }
+    stop.follow_control(&channel, || false);
 }
 
 /// QMP events → stop requests. The monitor closing means QEMU is gone; if nothing said why

@@ -6,8 +6,11 @@
 //! The guest's init may also *report* the workload's exit status beforehand on the control
 //! channel; the final [`GuestExit`] combines the two.
 
+use std::io::{self, Read};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use cela_guest::{ControlMessage, ControlParser};
 
 use crate::machine::GuestExit;
 
@@ -39,6 +42,33 @@ pub struct StopSignal {
 }
 
 impl StopSignal {
+    /// Reads cela-init's control lines (`ready`, `exit N`) from `channel` (COM2 under QEMU,
+    /// the vsock control port under KVM) and reports them, until the channel closes or a reported
+    /// exit's `after_exit` returns true.
+    pub fn follow_control(&self, mut channel: impl Read, mut after_exit: impl FnMut() -> bool) {
+        let mut parser = ControlParser::default();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match channel.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for message in parser.feed(&buf[..n]) {
+                match message {
+                    ControlMessage::Ready => self.report_ready(),
+                    ControlMessage::Exit(code) => {
+                        self.report_status(code);
+                        if after_exit() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
