@@ -83,6 +83,7 @@ pub fn pump(stdout: OwnedFd, stderr: OwnedFd, mut log: LogWriter) -> io::Result<
 pub struct LogReader {
     file: File,
     pending: Vec<u8>,
+    chunk: Vec<u8>,
 }
 
 impl LogReader {
@@ -90,19 +91,19 @@ impl LogReader {
         Ok(LogReader {
             file: File::open(path)?,
             pending: Vec::new(),
+            chunk: vec![0u8; 64 * 1024],
         })
     }
 
     /// Hands every complete record written so far to `out`; returns whether there was any.
     /// A record being written stays pending until it is whole.
     pub fn read_available(&mut self, mut out: impl FnMut(Stream, &[u8])) -> io::Result<bool> {
-        let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            let n = self.file.read(&mut chunk)?;
+            let n = self.file.read(&mut self.chunk)?;
             if n == 0 {
                 break;
             }
-            self.pending.extend_from_slice(&chunk[..n]);
+            self.pending.extend_from_slice(&self.chunk[..n]);
         }
         let mut at = 0;
         let mut any = false;
