@@ -74,10 +74,11 @@ echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d '
         "stdio_split",
         "$CELA -- sh -c 'echo out; echo err >&2; printf \"a\\r\\nb\\000c\\377\"; exit 5'",
     ),
-    // A large output, timed (busybox `time` prints "real …" on stderr).
+    // A large output, timed (busybox `time` prints "real …" on stderr); with pipefail, a
+    // failing `cela` fails the scenario and its own message is in the report.
     (
         "big_output",
-        "time sh -c \"$CELA -- head -c 52428800 /dev/zero | wc -c\"",
+        "time sh -c \"set -o pipefail; $CELA -- head -c 52428800 /dev/zero | wc -c\"",
     ),
     // `--vsock` with no path: a socket in the run directory, gone afterwards.
     (
@@ -182,7 +183,12 @@ fn stdout_and_stderr_arrive_apart_and_byte_exact_over_vsock() {
 fn a_large_output_arrives_whole() {
     let r = report().get("big_output");
     r.expect_rc(0);
-    assert_eq!(r.stdout_str().trim(), (50u64 << 20).to_string());
+    assert_eq!(
+        r.stdout_str().trim(),
+        (50u64 << 20).to_string(),
+        "stderr: {}",
+        r.stderr_str()
+    );
     eprintln!("50 MiB of output: {}", r.stderr_str().trim());
 }
 
