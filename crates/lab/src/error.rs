@@ -61,6 +61,21 @@ pub enum LabError {
         console: String,
     },
 
+    /// L1's console (which carries a heartbeat) stayed silent for the silence bound: L1
+    /// froze. QEMU was killed.
+    #[error(
+        "the L1 guest printed nothing for {}s (no heartbeat: it froze){}; QEMU was killed. L1 \
+         console tail:\n{}",
+        silent_for.as_secs_f64(),
+        during(scenario),
+        tail(console)
+    )]
+    Frozen {
+        silent_for: Duration,
+        scenario: Option<String>,
+        console: String,
+    },
+
     /// L1 did not get ready (boot, modules, /dev/kvm) within the boot bound; QEMU was killed.
     #[error(
         "the L1 guest was not ready after {}s (a hung boot: its console shows where it stopped); \
@@ -102,6 +117,7 @@ impl LabError {
     pub fn console(&self) -> Option<&str> {
         match self {
             LabError::Timeout { console, .. }
+            | LabError::Frozen { console, .. }
             | LabError::NotReady { console, .. }
             | LabError::L1 { console, .. }
             | LabError::Exited { console, .. }

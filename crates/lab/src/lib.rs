@@ -402,6 +402,7 @@ impl Lab {
         let bounds = qemu::Bounds {
             deadline,
             ready: Some((protocol::READY_MARK, Instant::now() + READY_TIMEOUT)),
+            silence: Some(protocol::SILENCE_BOUND),
         };
         let outcome = qemu::run(cmd, &bounds, run.echo_console)?;
         let wall = start.elapsed();
@@ -512,6 +513,14 @@ fn report(
             let scenario = parsed.as_ref().ok().and_then(|t| name_of(t.running));
             return Err(LabError::Timeout {
                 timeout: run.timeout,
+                scenario,
+                console,
+            });
+        }
+        qemu::End::Silent => {
+            let scenario = parsed.as_ref().ok().and_then(|t| name_of(t.running));
+            return Err(LabError::Frozen {
+                silent_for: protocol::SILENCE_BOUND,
                 scenario,
                 console,
             });

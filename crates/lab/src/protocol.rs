@@ -35,6 +35,12 @@ const MARK: &str = "@@LAB";
 
 /// The line `/init` prints when L1 has booted, loaded its modules and found /dev/kvm.
 pub(crate) const READY_MARK: &[u8] = b"\n@@LAB ready ";
+/// Seconds between L1's heartbeat lines (`@@LAB tick`), from `ready` to the power-off.
+pub(crate) const TICK_SECS: u64 = 15;
+/// How long the console may stay silent after `ready` before the host calls L1 frozen: eight
+/// missed heartbeats. (QEMU-TCG L1s have been seen to stop making progress altogether, now and
+/// then; see docs/TESTING.md.)
+pub(crate) const SILENCE_BOUND: std::time::Duration = std::time::Duration::from_secs(8 * TICK_SECS);
 
 /// The directory (relative to the initramfs root) holding the scenario scripts and outputs.
 pub(crate) const WORK_DIR: &str = ".lab";
@@ -88,6 +94,8 @@ lab_fatal() {{
         r#"[ -c /dev/kvm ] || lab_fatal "no /dev/kvm in L1 after loading kvm-amd: QEMU's CPU model must offer AMD SVM (-cpu max does under TCG)"
 read up _ </proc/uptime
 echo "{MARK} ready $up"
+# A heartbeat, so that the host tells a frozen L1 from a slow scenario in a minute or two.
+( while :; do sleep {TICK_SECS}; echo "{MARK} tick"; done ) &
 lab_run() {{
   echo "{MARK} $1 begin"
   read t0 _ </proc/uptime
@@ -165,6 +173,7 @@ pub(crate) fn parse(console: &str, count: usize) -> Result<Transcript, String> {
             "ready" => t.ready = Some(number(words.next(), &bad)?),
             "fatal" => t.fatal = Some(rest["fatal".len()..].trim().to_owned()),
             "done" => t.done = true,
+            "tick" => {}
             _ => {
                 let index: usize = first.parse().map_err(|_| bad("unknown marker"))?;
                 if index >= count {

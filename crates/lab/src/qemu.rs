@@ -111,6 +111,9 @@ pub(crate) enum End {
     Exited(ExitStatus),
     /// Killed at the run's deadline.
     Deadline,
+    /// Killed because the console stayed silent (after readiness) for the silence bound: the
+    /// guest froze.
+    Silent,
     /// Killed because the console had not shown the readiness marker by its deadline.
     NotReady,
 }
@@ -130,6 +133,9 @@ pub(crate) struct Bounds {
     /// QEMU is also killed if this marker has not appeared on the console by this instant: a
     /// guest that hangs while booting is found out in minutes, not at the run's deadline.
     pub ready: Option<(&'static [u8], Instant)>,
+    /// Once ready, QEMU is also killed when the console stays silent this long (the guest
+    /// prints a heartbeat).
+    pub silence: Option<Duration>,
 }
 
 /// Runs `cmd` to completion or until a bound in `bounds` is passed, and returns what it
@@ -159,8 +165,11 @@ pub(crate) fn run(mut cmd: Command, bounds: &Bounds, echo: bool) -> Result<Outco
     let mut waiting_for = bounds.ready;
     let mut killed = None;
     loop {
-        let (deadline, on_timeout) = match waiting_for {
-            Some((_, ready)) if ready < bounds.deadline => (ready, End::NotReady),
+        let (deadline, on_timeout) = match (waiting_for, bounds.silence) {
+            (Some((_, ready)), _) if ready < bounds.deadline => (ready, End::NotReady),
+            (None, Some(silence)) if Instant::now() + silence < bounds.deadline => {
+                (Instant::now() + silence, End::Silent)
+            }
             _ => (bounds.deadline, End::Deadline),
         };
         let left = deadline.saturating_duration_since(Instant::now());
@@ -301,6 +310,7 @@ mod tests {
         Bounds {
             deadline: Instant::now() + limit,
             ready: None,
+            silence: None,
         }
     }
 
@@ -311,6 +321,7 @@ mod tests {
         let bounds = Bounds {
             deadline: Instant::now() + Duration::from_secs(600),
             ready: Some((b"READY", Instant::now() + Duration::from_millis(500))),
+            silence: None,
         };
         let out = run(c, &bounds, false).unwrap();
         assert_eq!(out.end, End::NotReady);
@@ -328,9 +339,26 @@ mod tests {
         let bounds = Bounds {
             deadline: Instant::now() + Duration::from_secs(60),
             ready: Some((b"READY", Instant::now() + Duration::from_secs(3))),
+            silence: Some(Duration::from_secs(30)),
         };
         let out = run(c, &bounds, false).unwrap();
         assert!(matches!(out.end, End::Exited(_)), "{:?}", out.end);
         assert_eq!(out.console, b"READY\nend\n");
+    }
+
+    #[test]
+    fn a_guest_that_falls_silent_after_ready_is_killed_early() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo READY; sleep 0.2; echo tick; exec sleep 600"]);
+        let bounds = Bounds {
+            deadline: Instant::now() + Duration::from_secs(600),
+            ready: Some((b"READY", Instant::now() + Duration::from_secs(30))),
+            silence: Some(Duration::from_millis(700)),
+        };
+        let begin = Instant::now();
+        let out = run(c, &bounds, false).unwrap();
+        assert_eq!(out.end, End::Silent);
+        assert_eq!(out.console, b"READY\ntick\n");
+        assert!(begin.elapsed() < Duration::from_secs(30));
     }
 }

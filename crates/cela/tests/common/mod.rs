@@ -121,7 +121,7 @@ pub fn run_lab_batch(
     }
     run.timeout = batch;
     match lab.run(&run) {
-        Err(e @ LabError::Timeout { .. }) => {
+        Err(e @ (LabError::Timeout { .. } | LabError::Frozen { .. })) => {
             eprintln!("the nested lab stopped responding ({e}); running the batch once more");
             lab.run(&run)
         }
