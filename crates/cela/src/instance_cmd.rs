@@ -39,6 +39,9 @@ pub struct RunImage {
     pub workdir: Option<String>,
     pub user: Option<String>,
     pub volumes: Vec<String>,
+    /// A microVM's own kernel and initramfs instead of cela's defaults.
+    pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
 }
 
 /// How long a detached `run`/`start` waits for the supervisor to report the workload running.
@@ -88,18 +91,37 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         env.push(e.clone());
     }
     let kind = if req.vm { Kind::Vm } else { Kind::Container };
+    if !req.vm && (req.kernel.is_some() || req.initrd.is_some()) {
+        bail!("--kernel and --initrd are for microVMs: add --vm");
+    }
     let vm = if req.vm {
-        let init = paths::guest_init()?;
-        let assets = cela_assets::guest_assets(
-            &paths::assets_dir(data_dir),
-            &init,
-            &cela_assets::Progress::new(),
-        )
-        .context("preparing the default guest kernel and initramfs")?;
+        let (kernel, initrd) = match (&req.kernel, &req.initrd) {
+            (Some(kernel), Some(initrd)) => {
+                for (flag, p) in [("--kernel", kernel), ("--initrd", initrd)] {
+                    if !p.is_file() {
+                        bail!("{flag} {}: no such file", p.display());
+                    }
+                }
+                (std::path::absolute(kernel)?, std::path::absolute(initrd)?)
+            }
+            (None, None) => {
+                let init = paths::guest_init()?;
+                let assets = cela_assets::guest_assets(
+                    &paths::assets_dir(data_dir),
+                    &init,
+                    &cela_assets::Progress::new(),
+                )
+                .context("preparing the default guest kernel and initramfs")?;
+                (assets.kernel, assets.initrd)
+            }
+            _ => bail!(
+                "--kernel and --initrd go together with an IMAGE (cela-init must be in the initramfs)"
+            ),
+        };
         let image_disk = cela_image::rootfs_disk(&store, &image, &progress())?;
         Some(VmBoot {
-            kernel: assets.kernel,
-            initrd: assets.initrd,
+            kernel,
+            initrd,
             image_disk,
         })
     } else {
@@ -402,6 +424,9 @@ pub struct ExecArgs {
     /// Working directory of the command.
     #[arg(short = 'w', long, value_name = "DIR")]
     workdir: Option<String>,
+    /// Run as this user (`USER[:GROUP]`, names or numbers of the image).
+    #[arg(short = 'u', long, value_name = "USER")]
+    user: Option<String>,
     /// The instance (name or id).
     name: String,
     /// The command and its arguments.
@@ -416,7 +441,8 @@ pub struct ExecArgs {
 
 pub fn exec(args: ExecArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(&args.name)?;
-    let console = if args.tty {
+    // A microVM's terminal is the guest agent's; a container's comes through a console socket.
+    let console = if args.tty && inst.config.kind == Kind::Container {
         Some(cela_runtime::console::ConsoleSocket::listen(
             &inst.dir.join("runtime"),
         )?)
@@ -431,10 +457,15 @@ pub fn exec(args: ExecArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         args: command,
         env: args.env.clone(),
         workdir: args.workdir.clone(),
+        user: args.user.clone(),
         tty: args.tty,
         console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
+        stdin: args.interactive || !args.tty,
     };
-    let pid = ops::exec(&inst, &req)?;
+    let pid = match ops::exec(&inst, &req)? {
+        ops::Exec::Child(pid) => pid,
+        ops::Exec::Finished(code) => return Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+    };
     let proxy = match &console {
         Some(c) => Some(cela_runtime::console::TerminalProxy::start(
             c.receive_master()?,

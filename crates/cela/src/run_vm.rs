@@ -148,10 +148,13 @@ fn split_image(args: &mut RunArgs, raw: &[String]) {
 pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
     let raw: Vec<String> = std::env::args().collect();
     split_image(&mut args, &raw);
+    if let Some(dir) = &args.workdir
+        && !dir.starts_with('/')
+    {
+        bail!("-w {dir:?}: the working directory must be an absolute path");
+    }
     if let Some(image) = args.image.take() {
         let unsupported = [
-            ("--kernel", args.kernel.is_some()),
-            ("--initrd", args.initrd.is_some()),
             ("--cmdline", args.cmdline.is_some()),
             ("--engine", args.engine.is_some()),
             ("--disk", !args.disks.is_empty()),
@@ -177,6 +180,8 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
                 workdir: args.workdir,
                 user: args.user,
                 volumes: args.volumes,
+                kernel: args.kernel,
+                initrd: args.initrd,
             },
             data_dir,
         );
@@ -190,8 +195,6 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         ("-d", args.detach),
         ("--rm", args.rm),
         ("--name", args.name.is_some()),
-        ("-w", args.workdir.is_some()),
-        ("-u", args.user.is_some()),
         ("-v", !args.volumes.is_empty()),
     ] {
         if set {
@@ -265,6 +268,8 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         env: args.env.clone(),
         root: args.rootfs.as_ref().map(|_| ROOTFS_SERIAL.to_owned()),
         net: net.as_ref().and_then(|n| n.guest),
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {

@@ -7,7 +7,6 @@
 mod images;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use images::*;
@@ -121,35 +120,6 @@ fn zombie(pid: i64) -> bool {
         .unwrap_or(true)
 }
 
-/// busybox with every applet, a passwd with an unprivileged user, a greeting; the image's
-/// config runs `sh -c 'echo default-cmd'` with PATH=/bin in /.
-fn test_image() -> TestImage {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/deps)");
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    let applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|a| *a != "busybox")
-        .map(|a| format!("bin/{a}"))
-        .collect();
-    let mut entries = vec![
-        Entry::Dir("bin"),
-        Entry::File("bin/busybox", &busybox),
-        Entry::Dir("etc"),
-        Entry::File(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\nwww:x:33:34:www:/var/www:/bin/sh\n",
-        ),
-        Entry::File("etc/group", b"root:x:0:\nwww:x:34:\n"),
-        Entry::File("etc/greeting", b"the-test-image\n"),
-        Entry::Dir("srv"),
-        Entry::Dir("tmp"),
-    ];
-    for a in &applets {
-        entries.push(Entry::Symlink(a, "busybox"));
-    }
-    TestImage::new(vec![layer(&entries)], &["sh", "-c", "echo default-cmd"])
-}
-
 #[test]
 fn the_same_image_gives_the_same_output_as_a_container_and_as_a_vm() {
     let w = World::new();
@@ -200,6 +170,23 @@ fn the_image_config_and_the_flags_are_honoured() {
         "pwd; id -u; id -g; echo $PATH; hostname",
     ]);
     assert_eq!(out, "/srv\n33\n34\n/bin:/sbin\ncfg\n");
+    // The same for a microVM: cela-init resolves the user in the image's own /etc/passwd.
+    let out = w.ok(&[
+        "run",
+        "--rm",
+        "--vm",
+        "-w",
+        "/srv",
+        "-u",
+        "www",
+        "-e",
+        "PATH=/bin:/sbin",
+        "testimg",
+        "sh",
+        "-c",
+        "pwd; id -u; id -g; echo $PATH",
+    ]);
+    assert_eq!(out, "/srv\n33\n34\n/bin:/sbin\n");
     // -v: a host directory inside, read-only with :ro.
     let host = w.dir.path().join("shared");
     std::fs::create_dir_all(&host).unwrap();

@@ -14,14 +14,21 @@
 //!   output streams, sends `exit N`, and waits until the host closes the control connection:
 //!   the host does so once it has written out both streams, so no output is lost to the
 //!   power-off. The serial console then carries only the console (kernel messages, a shell).
+//!   The host may write [`HostRequest`] lines on the same control connection (`signal N`: pass
+//!   signal N to the workload, how a graceful `cela stop` reaches a VM).
+//! * **Exec** (with vsock): the init starts an agent listening on [`VSOCK_AGENT_PORT`] of the
+//!   guest; each connection runs one command in the guest ([`exec`] has the protocol), which is
+//!   how `cela exec` reaches a running microVM.
 //! * **Guest → host, without vsock** (the QEMU engine): the second serial port (COM2,
 //!   `/dev/ttyS1`) is a control channel that carries nothing but [`ControlMessage`] lines; the
 //!   first serial port (COM1) is the console and carries the workload's output untouched
-//!   (standard output and error together).
+//!   (standard output and error together). The host may write [`HostRequest`] lines on COM2.
 //! * **Ending the VM**: the init powers the machine off (ACPI S5) after reporting; a guest reboot
 //!   or kernel panic ends the VM too and is reported by the engine, not by the init.
 
+pub mod exec;
 pub mod netif;
+pub mod users;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -41,6 +48,13 @@ pub const ROOTFS_SERIAL: &str = "cela-rootfs";
 /// entries `ADDRESS/PREFIX`, `GATEWAY` and `MAC` (the interface to configure, found by its
 /// address). Absent: the init leaves network interfaces alone.
 pub const NET_PARAM: &str = "cela.net";
+/// Kernel parameter carrying the workload's working directory (encoded like [`CMD_PARAM`], one
+/// entry). Absent: `/`.
+pub const WORKDIR_PARAM: &str = "cela.workdir";
+/// Kernel parameter carrying the user the workload runs as, `USER[:GROUP]` by name or number
+/// as in an OCI image config (encoded like [`CMD_PARAM`], one entry), resolved by the init in
+/// the root filesystem's `/etc/passwd` and `/etc/group`. Absent: root.
+pub const USER_PARAM: &str = "cela.user";
 /// Path, inside the initramfs, of the file listing kernel modules to load at boot, one
 /// initramfs path per line, already in dependency order.
 pub const MODULE_LOAD_ORDER: &str = "/lib/modules/cela/load.order";
@@ -57,6 +71,8 @@ pub const VSOCK_CONTROL_PORT: u32 = 0x4345_4c00;
 pub const VSOCK_STDOUT_PORT: u32 = 0x4345_4c01;
 /// The host vsock port of the command's standard error.
 pub const VSOCK_STDERR_PORT: u32 = 0x4345_4c02;
+/// The *guest* vsock port the init's exec agent listens on (see [`exec`]).
+pub const VSOCK_AGENT_PORT: u32 = 0x4345_4c03;
 
 /// What the host asks the init to do, decoded from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -70,6 +86,10 @@ pub struct BootRequest {
     pub root: Option<String>,
     /// The network interface the init configures before running the command.
     pub net: Option<NetRequest>,
+    /// The command's working directory (absolute); `None` is `/`.
+    pub workdir: Option<String>,
+    /// `USER[:GROUP]` (names or numbers) the command runs as; `None` is root.
+    pub user: Option<String>,
 }
 
 /// The guest side of a point-to-point IPv4 link to the host: the init gives the interface
@@ -181,6 +201,17 @@ fn decode_list(param: &'static str, value: &str) -> Result<Vec<String>, DecodeEr
     Ok(text.split('\0').map(str::to_owned).collect())
 }
 
+/// Decodes a parameter that holds exactly one non-empty entry.
+fn decode_one(param: &'static str, value: &str) -> Result<String, DecodeError> {
+    match decode_list(param, value)?.as_slice() {
+        [one] if !one.is_empty() => Ok(one.clone()),
+        other => Err(DecodeError {
+            param,
+            reason: format!("expected one non-empty entry, got {}", other.len()),
+        }),
+    }
+}
+
 impl BootRequest {
     /// The `cela.*` parameters for this request, to append to the kernel command line.
     pub fn to_kernel_params(&self) -> String {
@@ -196,6 +227,12 @@ impl BootRequest {
         }
         if let Some(net) = &self.net {
             params.push(format!("{NET_PARAM}={}", net.encode()));
+        }
+        if let Some(dir) = &self.workdir {
+            params.push(format!("{WORKDIR_PARAM}={}", encode_list(std::slice::from_ref(dir))));
+        }
+        if let Some(user) = &self.user {
+            params.push(format!("{USER_PARAM}={}", encode_list(std::slice::from_ref(user))));
         }
         params.join(" ")
     }
@@ -240,6 +277,23 @@ impl BootRequest {
                 .and_then(|r| r.strip_prefix('='))
             {
                 req.net = Some(NetRequest::decode(v)?);
+            } else if let Some(v) = word
+                .strip_prefix(WORKDIR_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                let dir = decode_one(WORKDIR_PARAM, v)?;
+                if !dir.starts_with('/') {
+                    return Err(DecodeError {
+                        param: WORKDIR_PARAM,
+                        reason: format!("{dir:?} is not an absolute path"),
+                    });
+                }
+                req.workdir = Some(dir);
+            } else if let Some(v) = word
+                .strip_prefix(USER_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                req.user = Some(decode_one(USER_PARAM, v)?);
             }
         }
         Ok(req)
@@ -276,22 +330,73 @@ impl ControlMessage {
     }
 }
 
-/// Accumulates control-channel bytes and yields complete messages.
-#[derive(Debug, Default)]
-pub struct ControlParser {
-    pending: Vec<u8>,
+/// One line on the control channel in the other direction (host → guest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRequest {
+    /// Send this signal to the workload (`cela stop` sends SIGTERM, then SIGKILL).
+    Signal(i32),
 }
 
-impl ControlParser {
+impl HostRequest {
+    /// The line to write on the control channel, newline included.
+    pub fn to_line(self) -> String {
+        match self {
+            HostRequest::Signal(n) => format!("signal {n}\n"),
+        }
+    }
+
+    /// Parses one line (without its newline); unknown lines and signal numbers outside 1..=64
+    /// give `None`.
+    pub fn parse(line: &str) -> Option<Self> {
+        let n: i32 = line.trim().strip_prefix("signal ")?.parse().ok()?;
+        (1..=64).contains(&n).then_some(HostRequest::Signal(n))
+    }
+}
+
+/// A control-channel message type: one line of text.
+pub trait ControlLine: Sized {
+    fn parse_line(line: &str) -> Option<Self>;
+}
+
+impl ControlLine for ControlMessage {
+    fn parse_line(line: &str) -> Option<Self> {
+        ControlMessage::parse(line)
+    }
+}
+
+impl ControlLine for HostRequest {
+    fn parse_line(line: &str) -> Option<Self> {
+        HostRequest::parse(line)
+    }
+}
+
+/// Accumulates control-channel bytes and yields complete messages (guest → host
+/// [`ControlMessage`]s by default, or host → guest [`HostRequest`]s).
+#[derive(Debug)]
+pub struct ControlParser<T = ControlMessage> {
+    pending: Vec<u8>,
+    _kind: std::marker::PhantomData<T>,
+}
+
+impl<T> Default for ControlParser<T> {
+    fn default() -> Self {
+        ControlParser {
+            pending: Vec::new(),
+            _kind: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: ControlLine> ControlParser<T> {
     /// Feeds bytes read from the channel; returns the messages completed by them. Bytes that do
-    /// not form a known message are dropped (the channel is guest-controlled input). A line
+    /// not form a known message are dropped (the channel is the other side's input). A line
     /// longer than 256 bytes is discarded rather than buffered without bound.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<ControlMessage> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<T> {
         let mut out = Vec::new();
         for &b in bytes {
             if b == b'\n' {
                 if let Ok(line) = std::str::from_utf8(&self.pending) {
-                    out.extend(ControlMessage::parse(line));
+                    out.extend(T::parse_line(line));
                 }
                 self.pending.clear();
             } else if self.pending.len() < 256 {
@@ -318,10 +423,12 @@ mod tests {
                 gateway: [10, 0, 0, 1].into(),
                 mac: [0x02, 0xce, 0x1a, 0, 0xab, 0xff],
             }),
+            workdir: Some("/srv/a b".into()),
+            user: Some("nobody:nogroup".into()),
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
         // One word per parameter: the kernel splits its command line on spaces.
-        assert_eq!(req.to_kernel_params().split(' ').count(), 4);
+        assert_eq!(req.to_kernel_params().split(' ').count(), 6);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 
@@ -382,11 +489,30 @@ mod tests {
         assert_eq!(err.param, ROOT_PARAM);
         let err = BootRequest::from_cmdline("cela.root=a-serial-that-is-too-long").unwrap_err();
         assert!(err.reason.contains("not a disk serial"));
+        let relative = format!("{WORKDIR_PARAM}={}", encode_list(&["srv".into()]));
+        let err = BootRequest::from_cmdline(&relative).unwrap_err();
+        assert!(err.reason.contains("absolute"), "{err}");
+        let two = format!("{USER_PARAM}={}", encode_list(&["a".into(), "b".into()]));
+        let err = BootRequest::from_cmdline(&two).unwrap_err();
+        assert_eq!(err.param, USER_PARAM);
+    }
+
+    #[test]
+    fn host_requests_parse_and_garbage_is_dropped() {
+        let mut p = ControlParser::<HostRequest>::default();
+        assert_eq!(
+            p.feed(b"signal 15\nsignal 0\nsignal 99\nsignal x\nexit 1\nsignal 9\n"),
+            vec![HostRequest::Signal(15), HostRequest::Signal(9)]
+        );
+        assert_eq!(
+            HostRequest::parse(&HostRequest::Signal(2).to_line()),
+            Some(HostRequest::Signal(2))
+        );
     }
 
     #[test]
     fn control_lines_parse_and_garbage_is_dropped() {
-        let mut p = ControlParser::default();
+        let mut p = ControlParser::<ControlMessage>::default();
         assert_eq!(p.feed(b"rea"), vec![]);
         assert_eq!(
             p.feed(b"dy\nexit 7\nexit 300\nnoise\n"),

@@ -104,46 +104,11 @@ pub fn unmount_rootfs(inst: &Instance) {
     }
 }
 
-/// Resolves `user` (`uid[:gid]`, or names from the image's /etc/passwd and /etc/group) to ids.
+/// Resolves `user` (`uid[:gid]`, or names from the image's /etc/passwd and /etc/group) to ids,
+/// as the init of a microVM does for the same image ([`cela_guest::users`]).
 pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), InstanceError> {
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    // An entry of /etc/passwd or /etc/group by name (or, with `by_id`, by its id): (id, gid).
-    let lookup = |file: &str, key: &str, by_id: bool| -> Option<(u32, u32)> {
-        let text = fs::read_to_string(rootfs.join(file)).ok()?;
-        text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            let id: u32 = f.get(2)?.parse().ok()?;
-            let hit = if by_id {
-                f.get(2) == Some(&key)
-            } else {
-                f.first() == Some(&key)
-            };
-            hit.then(|| (id, f.get(3).and_then(|g| g.parse().ok()).unwrap_or(id)))
-        })
-    };
-    let not_found = |what: &str, name: &str| {
-        InstanceError::Other(format!(
-            "user {user}: no {what} {name} in the image's /etc/{}",
-            if what == "user" { "passwd" } else { "group" }
-        ))
-    };
-    let (uid, primary) = match u.parse::<u32>() {
-        Ok(uid) => (uid, lookup("etc/passwd", u, true).map_or(uid, |(_, g)| g)),
-        Err(_) => lookup("etc/passwd", u, false).ok_or_else(|| not_found("user", u))?,
-    };
-    let gid = match g {
-        None => primary,
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup("etc/group", g, false)
-                .map(|(id, _)| id)
-                .ok_or_else(|| not_found("group", g))?,
-        },
-    };
-    Ok((uid, gid))
+    let id = cela_guest::users::resolve(rootfs, user).map_err(InstanceError::Other)?;
+    Ok((id.uid, id.gid))
 }
 
 /// The bundle's `config.json` for `config`, rooted at `rootfs`.
@@ -243,41 +208,5 @@ pub fn destroy(inst: &Instance, purge: bool) {
         for d in ["upper", "work"] {
             let _ = fs::remove_dir_all(inst.dir.join(d));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn users_resolve_by_number_and_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join("etc")).unwrap();
-        fs::write(
-            dir.path().join("etc/passwd"),
-            "root:x:0:0::/root:/bin/sh\nwww:x:33:34::/var/www:/bin/sh\n",
-        )
-        .unwrap();
-        fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
-        let r = |u: &str| resolve_user(dir.path(), u);
-        assert_eq!(r("0").unwrap(), (0, 0));
-        assert_eq!(r("www").unwrap(), (33, 34));
-        assert_eq!(r("33").unwrap(), (33, 34));
-        assert_eq!(r("1000").unwrap(), (1000, 1000));
-        assert_eq!(r("www:staff").unwrap(), (33, 50));
-        assert_eq!(r("1000:7").unwrap(), (1000, 7));
-        assert!(
-            r("nobody")
-                .unwrap_err()
-                .to_string()
-                .contains("no user nobody")
-        );
-        assert!(
-            r("www:nogroup")
-                .unwrap_err()
-                .to_string()
-                .contains("no group nogroup")
-        );
     }
 }

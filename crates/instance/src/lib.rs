@@ -8,6 +8,7 @@
 //!   from the image config, `cela-runtime` underneath).
 //! * [`log`]: the output log, stdout and stderr kept apart in arrival order.
 //! * [`ops`]: stop, remove, exec, waiting on state.
+//! * [`vm_exec`]: `cela exec` into a microVM, the host end of the guest agent's protocol.
 
 pub mod container;
 mod error;
@@ -15,6 +16,7 @@ pub mod log;
 pub mod ops;
 pub mod record;
 pub mod supervise;
+pub mod vm_exec;
 
 pub use error::InstanceError;
 pub use record::{

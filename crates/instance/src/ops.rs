@@ -35,9 +35,11 @@ pub fn is_live(state: &InstanceState) -> bool {
     matches!(state.status, Status::Created | Status::Running)
 }
 
-/// Stops a running instance: SIGTERM to the workload (a container's init; a VM's monitor,
-/// which ends the VM), then SIGKILL once `timeout` has passed. Returns once the supervisor has
-/// recorded the end (or is gone).
+/// Stops a running instance: SIGTERM to the workload, then SIGKILL once `timeout` has passed.
+/// A container's init gets the signals directly. A microVM's monitor passes SIGTERM on to the
+/// guest's workload (through cela-init's control channel), so the VM powers off cleanly when
+/// the workload ends; at the timeout the monitor itself is killed, and the end is recorded
+/// here as status 137, as for a container. Returns once the end is recorded.
 pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, InstanceError> {
     let state = inst.state()?;
     if !is_live(&state) {
@@ -52,19 +54,31 @@ pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, Instanc
             let _ = kill(Pid::from_raw(pid), sig);
         }
     };
-    signal_target(Signal::SIGTERM);
-    let state = wait_state(inst, timeout, |s| !is_live(s))?;
-    if !is_live(&state) {
-        return Ok(state);
+    if !timeout.is_zero() {
+        signal_target(Signal::SIGTERM);
+        let state = wait_state(inst, timeout, |s| !is_live(s))?;
+        if !is_live(&state) {
+            return Ok(state);
+        }
     }
     signal_target(Signal::SIGKILL);
-    let state = wait_state(inst, Duration::from_secs(20), |s| !is_live(s))?;
+    let mut state = wait_state(inst, Duration::from_secs(20), |s| !is_live(s))?;
     if is_live(&state) {
         return Err(InstanceError::Other(format!(
             "instance {} did not stop within {}s of SIGKILL",
             inst.name(),
             20
         )));
+    }
+    if inst.config.kind == Kind::Vm && state.status == Status::Crashed {
+        // The monitor was this kill's target: its end is a stop, not a crash.
+        state.status = Status::Exited;
+        state.exit_code = Some(128 + Signal::SIGKILL as i32);
+        state.error = None;
+        state.pid = None;
+        state.finished = Some(crate::record::now());
+        inst.save_state(&state)?;
+        let _ = std::fs::remove_file(inst.vsock_path());
     }
     Ok(state)
 }
@@ -107,14 +121,28 @@ pub struct ExecRequest {
     pub args: Vec<String>,
     pub env: Vec<String>,
     pub workdir: Option<String>,
-    /// A pseudo-terminal, handed to `console_socket`.
+    /// `USER[:GROUP]`; `None`: the instance's user.
+    pub user: Option<String>,
+    /// A pseudo-terminal (a container's is handed to `console_socket`).
     pub tty: bool,
     pub console_socket: Option<std::path::PathBuf>,
+    /// Whether the command reads the caller's stdin (a microVM's; a container's always does
+    /// without a terminal).
+    pub stdin: bool,
 }
 
-/// Starts `req` in the running instance with the caller's stdio (or the terminal of
-/// `console_socket`); returns its host pid, a child of the caller to wait for.
-pub fn exec(inst: &Instance, req: &ExecRequest) -> Result<i32, InstanceError> {
+/// What [`exec`] started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    /// A container's exec: its host pid, a child of the caller to wait for.
+    Child(i32),
+    /// A microVM's exec ran to its end with this status.
+    Finished(i32),
+}
+
+/// Runs `req` in the running instance with the caller's stdio (or, for a container, the
+/// terminal of `console_socket`).
+pub fn exec(inst: &Instance, req: &ExecRequest) -> Result<Exec, InstanceError> {
     let state = inst.state()?;
     if state.status != Status::Running {
         return Err(InstanceError::WrongState {
@@ -124,11 +152,16 @@ pub fn exec(inst: &Instance, req: &ExecRequest) -> Result<i32, InstanceError> {
         });
     }
     if inst.config.kind == Kind::Vm {
-        return Err(InstanceError::Unsupported(
-            "cela exec into a microVM is not supported yet (it needs the guest agent over vsock)"
-                .into(),
-        ));
+        return crate::vm_exec::exec(inst, req, req.stdin).map(Exec::Finished);
     }
+    let user = match &req.user {
+        Some(user) => {
+            let rootfs = inst.dir.join("rootfs");
+            let (uid, gid) = container::resolve_user(&rootfs, user)?;
+            Some((uid, Some(gid)))
+        }
+        None => None,
+    };
     let env = req
         .env
         .iter()
@@ -143,8 +176,9 @@ pub fn exec(inst: &Instance, req: &ExecRequest) -> Result<i32, InstanceError> {
             cwd: req.workdir.as_ref().map(Into::into),
             tty: req.tty,
             console_socket: req.console_socket.clone(),
+            user,
             ..Default::default()
         },
     )?;
-    Ok(pid)
+    Ok(Exec::Child(pid))
 }

@@ -161,6 +161,9 @@ pub struct InstanceState {
     pub finished: Option<String>,
     /// Why the instance could not run or ended abnormally, if it says.
     pub error: Option<String>,
+    /// A microVM's engine in its last run: `kvm` (cela's monitor) or `qemu` (the fallback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 impl InstanceState {
@@ -173,6 +176,7 @@ impl InstanceState {
             started: None,
             finished: None,
             error: None,
+            engine: None,
         }
     }
 }
@@ -366,6 +370,12 @@ impl Instance {
     /// The instance's output log.
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("output.log")
+    }
+
+    /// A microVM's vsock socket (the hybrid Unix-socket front of its vsock device), present
+    /// while it runs on cela's KVM engine; `cela exec` reaches the guest's agent through it.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
     }
 }
 

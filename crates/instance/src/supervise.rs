@@ -169,7 +169,17 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         env: inst.config.env.clone(),
         root: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
         net: None,
+        workdir: inst.config.workdir.clone(),
+        user: inst.config.user.clone(),
     };
+    let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
+    // The socket of a previous run (its monitor was killed) would stop the device binding.
+    let vsock_path = inst.vsock_path();
+    let _ = std::fs::remove_file(&vsock_path);
+    let vsock = (engine == Engine::Kvm).then_some(cela_vmm::VsockConfig {
+        path: vsock_path,
+        guest_cid: cela_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID,
+    });
     let config = MachineConfig {
         vcpus: inst.config.cpus.unwrap_or(1),
         memory_mib: inst.config.memory_mib.unwrap_or(512),
@@ -181,11 +191,11 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
             ..DiskConfig::parse(&disk.display().to_string())
         }],
         net: None,
-        vsock: None,
+        vsock,
     };
-    let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
     state.status = Status::Running;
     state.pid = Some(std::process::id() as i32);
+    state.engine = Some(engine.to_string());
     inst.save_state(state)?;
     let exit = match engine {
         Engine::Kvm => {

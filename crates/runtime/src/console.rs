@@ -153,13 +153,14 @@ impl TerminalProxy {
 }
 
 /// Stdin in raw mode while this lives.
-struct RawStdin {
+pub struct RawStdin {
     stdin: OwnedFd,
     saved: Termios,
 }
 
 impl RawStdin {
-    fn enable() -> Option<Self> {
+    /// Puts stdin in raw mode; `None` when it is not a terminal.
+    pub fn enable() -> Option<Self> {
         let stdin = io::stdin().as_fd().try_clone_to_owned().ok()?;
         let saved = termios::tcgetattr(&stdin).ok()?;
         let mut raw = saved.clone();
@@ -178,7 +179,8 @@ impl Drop for RawStdin {
 nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
 nix::ioctl_write_ptr_bad!(tiocswinsz, libc::TIOCSWINSZ, libc::winsize);
 
-fn window_size(tty: &impl AsRawFd) -> nix::Result<libc::winsize> {
+/// The window size of the terminal `tty`.
+pub fn window_size(tty: &impl AsRawFd) -> nix::Result<libc::winsize> {
     let mut size = libc::winsize {
         ws_row: 0,
         ws_col: 0,

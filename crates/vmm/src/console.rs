@@ -151,8 +151,10 @@ extern "C" fn on_host_signal(signum: libc::c_int, _: *mut libc::siginfo_t, _: *m
     }
 }
 
-/// Turns SIGINT, SIGTERM and SIGHUP into [`GuestExit::Interrupted`] stop requests on `stop`.
-/// Only the first call per process installs the handlers.
+/// Turns SIGINT and SIGHUP into [`GuestExit::Interrupted`] stop requests on `stop`; SIGTERM
+/// goes on to the guest's workload when cela-init's control channel is up (a graceful stop),
+/// and stops the machine like the others when it is not. Only the first call per process
+/// installs the handlers.
 pub fn stop_on_host_signals(stop: Arc<StopSignal>) {
     static ONCE: Once = Once::new();
     let mut installed = false;
@@ -181,8 +183,16 @@ pub fn stop_on_host_signals(stop: Arc<StopSignal>) {
         .spawn(move || {
             let mut file = std::fs::File::from(read_end);
             let mut b = [0u8; 1];
-            if file.read_exact(&mut b).is_ok() {
-                stop.request(StopReason::Guest(GuestExit::Interrupted(b[0])));
+            while file.read_exact(&mut b).is_ok() {
+                // SIGTERM is a graceful stop: the workload gets it (as `docker stop` gives a
+                // container's init), and the VM ends when the workload does.
+                let forward = i32::from(b[0]) == libc::SIGTERM
+                    && stop.send_to_guest(cela_guest::HostRequest::Signal(libc::SIGTERM));
+                if !forward {
+                    stop.request(StopReason::Guest(GuestExit::Interrupted(b[0])));
+                    return;
+                }
+                tracing::debug!("SIGTERM passed on to the guest's workload");
             }
         });
 }

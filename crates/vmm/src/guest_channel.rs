@@ -113,8 +113,13 @@ fn copy_out(mut stream: UnixStream, mut sink: Box<dyn Write + Send>) {
 
 /// The control port: `ready` and `exit N` to the stop signal; after the exit, once both output
 /// streams are written out, the connection is closed, which tells the init it may power off.
+/// Meanwhile the host may send requests on it ([`StopSignal::send_to_guest`]).
 fn serve_control(stream: UnixStream, stop: &StopSignal, outputs: &Outputs) {
+    if let Ok(writer) = stream.try_clone() {
+        stop.attach_guest_channel(writer);
+    }
     stop.follow_control(&stream, || {
+        stop.detach_guest_channel();
         outputs.wait_all_finished();
         let _ = stream.shutdown(Shutdown::Both);
         true

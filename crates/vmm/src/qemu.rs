@@ -559,8 +559,16 @@ fn copy_console(mut channel: UnixStream) {
 }
 
 /// Control channel → the stop signal's reported status and ready time.
+/// The host's requests go the other way on the same port.
 fn read_control(channel: UnixStream, stop: &StopSignal) {
-    stop.follow_control(&channel, || false);
+    if let Ok(writer) = channel.try_clone() {
+        stop.attach_guest_channel(writer);
+    }
+    stop.follow_control(&channel, || {
+        stop.detach_guest_channel();
+        false
+    });
+    stop.detach_guest_channel();
 }
 
 /// QMP events → stop requests. The monitor closing means QEMU is gone; if nothing said why

@@ -10,7 +10,10 @@ use std::io::{self, Read};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use cela_guest::{ControlMessage, ControlParser};
+use std::io::Write as _;
+use std::os::unix::net::UnixStream;
+
+use cela_guest::{ControlMessage, ControlParser, HostRequest};
 
 use crate::machine::GuestExit;
 
@@ -39,6 +42,8 @@ struct State {
 pub struct StopSignal {
     state: Mutex<State>,
     changed: Condvar,
+    /// The host's end of cela-init's control channel, for [`HostRequest`]s, while it is open.
+    guest_channel: Mutex<Option<UnixStream>>,
 }
 
 impl StopSignal {
@@ -71,6 +76,30 @@ impl StopSignal {
 
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Lets [`StopSignal::send_to_guest`] write on `channel` (a second handle of the control
+    /// connection) until [`StopSignal::detach_guest_channel`].
+    pub fn attach_guest_channel(&self, channel: UnixStream) {
+        *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+    }
+
+    pub fn detach_guest_channel(&self) {
+        *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Sends `request` to the guest's init; false when there is no control channel to send it
+    /// on (the init has not connected yet, or has reported its exit) or the write failed.
+    pub fn send_to_guest(&self, request: HostRequest) -> bool {
+        let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(channel) = slot.as_mut() else {
+            return false;
+        };
+        let sent = channel.write_all(request.to_line().as_bytes()).is_ok();
+        if !sent {
+            *slot = None;
+        }
+        sent
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

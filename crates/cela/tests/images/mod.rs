@@ -495,3 +495,32 @@ fn which(tool: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
 }
+
+/// busybox with every applet, a passwd with an unprivileged user, a greeting; the image's
+/// config runs `sh -c 'echo default-cmd'` with PATH=/bin in /.
+pub fn test_image() -> TestImage {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (scripts/deps)");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    let applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|a| *a != "busybox")
+        .map(|a| format!("bin/{a}"))
+        .collect();
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", &busybox),
+        Entry::Dir("etc"),
+        Entry::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nwww:x:33:34:www:/var/www:/bin/sh\n",
+        ),
+        Entry::File("etc/group", b"root:x:0:\nwww:x:34:\n"),
+        Entry::File("etc/greeting", b"the-test-image\n"),
+        Entry::Dir("srv"),
+        Entry::Dir("tmp"),
+    ];
+    for a in &applets {
+        entries.push(Entry::Symlink(a, "busybox"));
+    }
+    TestImage::new(vec![layer(&entries)], &["sh", "-c", "echo default-cmd"])
+}

@@ -4,8 +4,9 @@
 //! 2. open the control channel (vsock, with the command's output streams, or COM2), decode the
 //!    [`BootRequest`] from `/proc/cmdline`, switch to the root disk if it names one, configure
 //!    the network it describes, and say `ready`;
-//! 3. run the command with its output on vsock (or on the raw console), or an interactive
-//!    shell;
+//! 3. start the exec agent (with vsock), run the command as the requested user in its working
+//!    directory with its output on vsock (or on the raw console), or an interactive shell;
+//!    meanwhile pass the host's `signal N` requests on to it;
 //! 4. report its status on the control channel, wait for the host to have the output, and
 //!    power off.
 //!
@@ -23,8 +24,8 @@ use nix::sys::termios::tcdrain;
 use super::control::{VsockOutput, open_channels};
 use super::supervise::{Outcome, Pid1Events, PowerRequest, supervise};
 use super::tty::{TtyMode, open_tty};
-use super::workload::{ChildIo, SHELL, Session, build_env, spawn, split_env_entry};
-use super::{modules, mounts, power, rootfs, say};
+use super::workload::{ChildIo, RunAs, SHELL, Session, build_env, spawn, split_env_entry};
+use super::{agent, modules, mounts, power, rootfs, say};
 
 /// The status reported when the host's request cannot be decoded (as a command the host got
 /// wrong, not the workload's own failure).
@@ -85,16 +86,51 @@ pub fn run() -> ! {
         say!("warning: ignoring environment entry {entry:?} (not KEY=VALUE)");
     }
     control.send(ControlMessage::Ready);
+    if let Some(output) = &vsock_output {
+        let mut close: Vec<_> = [&output.stdout, &output.stderr]
+            .iter()
+            .map(|f| f.as_raw_fd())
+            .collect();
+        close.extend(control.raw_fd());
+        agent::start(
+            agent::Defaults {
+                env: request.env.clone(),
+                user: request.user.clone(),
+                workdir: request.workdir.clone(),
+            },
+            &close,
+        );
+    }
+    if let Some(channel) = control.requests() {
+        events.watch_requests(channel);
+    }
+    let mut env = build_env(&request.env, request.command.is_none());
+    let run_as = RunAs::resolve(
+        request.user.as_deref(),
+        request.workdir.as_deref(),
+        &mut env,
+        &request.env,
+    );
 
-    let (console, outcome) = match &request.command {
-        Some(argv) => match &vsock_output {
+    let (console, outcome) = match (&request.command, run_as) {
+        (_, Err(e)) => {
+            let message = format!("cela-init: {e}\n");
+            match &vsock_output {
+                Some(output) => {
+                    let _ = (&output.stderr).write_all(message.as_bytes());
+                }
+                None => say!("{e}"),
+            }
+            (None, Outcome::Exited(BAD_REQUEST_STATUS))
+        }
+        (Some(argv), Ok(run_as)) => match &vsock_output {
             Some(output) => (
                 None,
-                run_command_on_vsock(argv, &request.env, &mut events, output),
+                run_command_on_vsock(argv, &env, &run_as, &mut events, output),
             ),
-            None => run_command(argv, &request.env, &mut events),
+            None => run_command(argv, &env, &run_as, &mut events),
         },
-        None => run_shell(&request.env, &mut events),
+        (None, Ok(run_as)) => run_shell(&env, &run_as, &mut events),
     };
     if let Some(console) = &console {
         let _ = tcdrain(console);
@@ -133,7 +169,8 @@ fn read_request() -> Result<BootRequest, String> {
 /// how the run ended.
 fn run_command(
     argv: &[String],
-    request_env: &[String],
+    env: &[(String, String)],
+    run_as: &RunAs,
     events: &mut Pid1Events,
 ) -> (Option<OwnedFd>, Outcome) {
     let console = match open_tty(CONSOLE_TTY, OFlag::O_RDWR, TtyMode::Raw) {
@@ -159,8 +196,7 @@ fn run_command(
         Ok(io) => io,
         Err(e) => fatal(format_args!("preparing the command's output: {e}")),
     };
-    let env = build_env(request_env, false);
-    let outcome = match spawn(argv, &env, io, Session::Inherit) {
+    let outcome = match spawn(argv, env, io, Session::Inherit, run_as) {
         Ok(pid) => supervise_or_die(pid, events),
         Err(e) => {
             match &console {
@@ -177,7 +213,8 @@ fn run_command(
 /// Runs the command with its standard output and error on their vsock streams.
 fn run_command_on_vsock(
     argv: &[String],
-    request_env: &[String],
+    env: &[(String, String)],
+    run_as: &RunAs,
     events: &mut Pid1Events,
     output: &VsockOutput,
 ) -> Outcome {
@@ -189,8 +226,7 @@ fn run_command_on_vsock(
         })
     })()
     .unwrap_or_else(|e| fatal(format_args!("preparing the command's output: {e}")));
-    let env = build_env(request_env, false);
-    match spawn(argv, &env, io, Session::Inherit) {
+    match spawn(argv, env, io, Session::Inherit, run_as) {
         Ok(pid) => supervise_or_die(pid, events),
         Err(e) => {
             // On the command's standard error, where a shell would have put it.
@@ -201,7 +237,11 @@ fn run_command_on_vsock(
 }
 
 /// Runs an interactive shell on the console (cooked mode, its controlling terminal).
-fn run_shell(request_env: &[String], events: &mut Pid1Events) -> (Option<OwnedFd>, Outcome) {
+fn run_shell(
+    env: &[(String, String)],
+    run_as: &RunAs,
+    events: &mut Pid1Events,
+) -> (Option<OwnedFd>, Outcome) {
     let console = match open_tty(CONSOLE_TTY, OFlag::O_RDWR, TtyMode::Sane) {
         Ok(file) => OwnedFd::from(file),
         Err(e) => fatal(format_args!(
@@ -216,8 +256,13 @@ fn run_shell(request_env: &[String], events: &mut Pid1Events) -> (Option<OwnedFd
         })
     })()
     .unwrap_or_else(|e| fatal(format_args!("console {CONSOLE_TTY}: {e}")));
-    let env = build_env(request_env, true);
-    let outcome = match spawn(&[SHELL.to_owned()], &env, io, Session::ControllingTerminal) {
+    let outcome = match spawn(
+        &[SHELL.to_owned()],
+        env,
+        io,
+        Session::ControllingTerminal,
+        run_as,
+    ) {
         Ok(pid) => supervise_or_die(pid, events),
         Err(e) => {
             say!("{e}");

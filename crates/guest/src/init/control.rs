@@ -78,9 +78,10 @@ pub fn open_channels(serial_path: &str) -> (ControlChannel, Option<VsockOutput>)
 }
 
 impl ControlChannel {
-    /// Opens the serial control port in raw mode, or warns and carries on without one.
+    /// Opens the serial control port in raw mode (both ways: the host may send requests), or
+    /// warns and carries on without one.
     pub fn open(path: &str) -> Self {
-        match open_tty(path, OFlag::O_WRONLY, TtyMode::Raw) {
+        match open_tty(path, OFlag::O_RDWR, TtyMode::Raw) {
             Ok(port) => ControlChannel {
                 port: Some(port),
                 kind: Kind::Serial,
@@ -102,6 +103,19 @@ impl ControlChannel {
             port: Some(port),
             kind: Kind::Serial,
         }
+    }
+
+    /// The channel's descriptor, if open.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd as _;
+        self.port.as_ref().map(|p| p.as_raw_fd())
+    }
+
+    /// A second descriptor of the channel, to read the host's [`cela_guest::HostRequest`]s
+    /// from while the workload runs.
+    pub fn requests(&self) -> Option<std::os::fd::OwnedFd> {
+        let port = self.port.as_ref()?;
+        port.try_clone().ok().map(Into::into)
     }
 
     /// Writes one message and waits until the port has transmitted it, so a power-off that

@@ -1,8 +1,9 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
 //! [`mounts`], [`modules`], [`net`], [`tty`], [`vsock`] and [`control`], [`rootfs`], [`workload`],
-//! [`supervise`], [`power`];
+//! [`supervise`], [`agent`], [`power`];
 //! [`boot`] strings them together. [`nc`] is an applet (`cela-init nc`), not part of a boot.
 
+pub mod agent;
 pub mod boot;
 pub mod control;
 pub mod modules;

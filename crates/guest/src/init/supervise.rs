@@ -6,13 +6,17 @@
 //! off, `SIGTERM` reboots, `SIGUSR1` halts. Init blocks those signals and `SIGCHLD` and reads
 //! them from a `signalfd`, so no work happens in a signal handler and none is missed: a blocked
 //! signal is queued even for PID 1, which the kernel otherwise shields from signals it has no
-//! handler for. The loop itself ([`supervise`]) takes its events from an [`EventSource`], so
-//! its logic is tested without being PID 1.
+//! handler for. It also reads the host's requests on the control channel (`signal N`, how a
+//! graceful `cela stop` reaches the workload). The loop itself ([`supervise`]) takes its events
+//! from an [`EventSource`], so its logic is tested without being PID 1.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsFd as _, OwnedFd};
 
+use cela_guest::{ControlParser, HostRequest};
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, Signal};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -48,6 +52,8 @@ pub enum Event {
         status: u8,
     },
     Power(PowerRequest),
+    /// The host asked that the workload get this signal.
+    HostSignal(i32),
 }
 
 /// Where [`supervise`] gets its events from.
@@ -74,6 +80,11 @@ pub fn supervise(workload: Pid, events: &mut impl EventSource) -> Result<Outcome
             }
             Event::ChildExited { .. } => {}
             Event::Power(request) => return Ok(Outcome::Power(request)),
+            Event::HostSignal(n) => {
+                if let Ok(signal) = Signal::try_from(n) {
+                    let _ = kill(workload, signal);
+                }
+            }
         }
     }
 }
@@ -84,6 +95,8 @@ pub fn supervise(workload: Pid, events: &mut impl EventSource) -> Result<Outcome
 pub struct Pid1Events {
     signals: SignalFd,
     queue: VecDeque<Event>,
+    /// The control channel, read for host requests until it ends.
+    requests: Option<(OwnedFd, ControlParser<HostRequest>)>,
 }
 
 impl Pid1Events {
@@ -105,7 +118,56 @@ impl Pid1Events {
         Ok(Pid1Events {
             signals,
             queue: VecDeque::new(),
+            requests: None,
         })
+    }
+
+    /// Also reads host requests from `channel` (a descriptor of the control channel).
+    pub fn watch_requests(&mut self, channel: OwnedFd) {
+        self.requests = Some((channel, ControlParser::default()));
+    }
+
+    /// Waits until a signal is pending, reading host requests that arrive meanwhile.
+    fn wait_for_signal(&mut self) -> Result<(), Errno> {
+        while self.queue.is_empty() {
+            let Some((channel, _)) = &self.requests else {
+                return Ok(());
+            };
+            let mut fds = [
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(channel.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            let (signal_ready, request_ready) = (ready(&fds[0]), ready(&fds[1]));
+            if request_ready {
+                self.read_requests();
+            }
+            if signal_ready {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the channel has; a channel that ended or failed is no longer watched.
+    fn read_requests(&mut self) {
+        let Some((channel, parser)) = &mut self.requests else {
+            return;
+        };
+        let mut buf = [0u8; 256];
+        match nix::unistd::read(&*channel, &mut buf) {
+            Ok(0) | Err(_) => self.requests = None,
+            Ok(n) => {
+                for HostRequest::Signal(n) in parser.feed(&buf[..n]) {
+                    self.queue.push_back(Event::HostSignal(n));
+                }
+            }
+        }
     }
 
     /// Reaps every child that has ended (one `SIGCHLD` may stand for several).
@@ -132,6 +194,10 @@ impl EventSource for Pid1Events {
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
             }
+            self.wait_for_signal()?;
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(event);
+            }
             let info = match self.signals.read_signal() {
                 Ok(Some(info)) => info,
                 Ok(None) | Err(Errno::EINTR) => continue,
@@ -152,7 +218,7 @@ impl EventSource for Pid1Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::workload::{ChildIo, Session, build_env, spawn};
+    use crate::init::workload::{ChildIo, RunAs, Session, build_env, spawn};
     use std::fs::File;
     use std::io::Read as _;
     use std::os::fd::OwnedFd;
@@ -238,7 +304,7 @@ mod tests {
             stdout: writer,
             stderr,
         };
-        let pid = spawn(&argv, &env, io, Session::Inherit).unwrap();
+        let pid = spawn(&argv, &env, io, Session::Inherit, &RunAs::default()).unwrap();
         let outcome = supervise(pid, &mut OneChild(pid)).unwrap();
         (outcome, read_all(reader))
     }
@@ -303,6 +369,7 @@ mod tests {
             &env,
             io(),
             Session::Inherit,
+            &RunAs::default(),
         )
         .unwrap_err();
         assert_eq!(
@@ -322,12 +389,69 @@ mod tests {
             &env,
             io(),
             Session::Inherit,
+            &RunAs::default(),
         )
         .unwrap_err();
         assert_eq!(err.status(), 126, "{err}");
         assert!(
             err.to_string().contains("No such file or directory"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_host_signal_reaches_the_workload() {
+        let argv = ["sleep".to_owned(), "600".to_owned()];
+        let env = build_env(&[], false);
+        let (_, w) = nix::unistd::pipe().unwrap();
+        let io = ChildIo {
+            stdin: None,
+            stdout: w.try_clone().unwrap(),
+            stderr: w,
+        };
+        let pid = spawn(&argv, &env, io, Session::Inherit, &RunAs::default()).unwrap();
+        // The host's `signal 15`, then the child's end as the real event source reports it.
+        struct ThenChild(Option<Event>, Pid);
+        impl EventSource for ThenChild {
+            fn next_event(&mut self) -> Result<Event, Errno> {
+                if let Some(e) = self.0.take() {
+                    return Ok(e);
+                }
+                OneChild(self.1).next_event()
+            }
+        }
+        let outcome = supervise(pid, &mut ThenChild(Some(Event::HostSignal(15)), pid)).unwrap();
+        assert_eq!(outcome, Outcome::Exited(143));
+    }
+
+    #[test]
+    fn the_workload_runs_as_the_user_in_the_working_directory() {
+        let dir = crate::init::TestDir::new();
+        let work = dir.path().join("made/by/init");
+        let run_as = RunAs {
+            uid: 65534,
+            gid: 65534,
+            workdir: work.clone(),
+        };
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        let io = ChildIo {
+            stdin: None,
+            stdout: writer.try_clone().unwrap(),
+            stderr: writer,
+        };
+        let argv = [
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "id -u; id -g; id -G; pwd".to_owned(),
+        ];
+        let pid = spawn(&argv, &build_env(&[], false), io, Session::Inherit, &run_as).unwrap();
+        assert_eq!(
+            supervise(pid, &mut OneChild(pid)).unwrap(),
+            Outcome::Exited(0)
+        );
+        assert_eq!(
+            read_all(reader),
+            format!("65534\n65534\n65534\n{}\n", work.display())
         );
     }
 }

@@ -6,8 +6,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use nix::sys::socket::{
-    AddressFamily, Backlog, Shutdown, SockFlag, SockType, VsockAddr, accept, bind, connect, listen,
-    shutdown, socket,
+    AddressFamily, Backlog, Shutdown, SockFlag, SockType, VsockAddr, accept4, bind, connect,
+    listen, shutdown, socket,
 };
 
 /// "Any CID" for a listening socket (`VMADDR_CID_ANY`).
@@ -38,9 +38,9 @@ pub fn listen_on(port: u32) -> nix::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Accepts one connection on a listening socket.
+/// Accepts one connection on a listening socket (close-on-exec).
 pub fn accept_one(listener: &OwnedFd) -> nix::Result<File> {
-    let fd = accept(listener.as_raw_fd())?;
+    let fd = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
     // SAFETY: `accept` returned a new descriptor that nothing else owns.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }

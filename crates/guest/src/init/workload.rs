@@ -105,6 +105,8 @@ pub enum SpawnError {
     NotExecutable(PathBuf),
     /// `execve` failed (status 126): not a valid executable, missing interpreter…
     Exec { program: PathBuf, error: io::Error },
+    /// The working directory could not be made (status 126).
+    Workdir { dir: PathBuf, error: io::Error },
 }
 
 impl SpawnError {
@@ -112,7 +114,9 @@ impl SpawnError {
     pub fn status(&self) -> u8 {
         match self {
             SpawnError::NotFound(_) => 127,
-            SpawnError::NotExecutable(_) | SpawnError::Exec { .. } => 126,
+            SpawnError::NotExecutable(_) | SpawnError::Exec { .. } | SpawnError::Workdir { .. } => {
+                126
+            }
         }
     }
 }
@@ -123,6 +127,9 @@ impl fmt::Display for SpawnError {
             SpawnError::NotFound(program) => write!(f, "{program}: command not found"),
             SpawnError::NotExecutable(path) => write!(f, "{}: Permission denied", path.display()),
             SpawnError::Exec { program, error } => write!(f, "{}: {error}", program.display()),
+            SpawnError::Workdir { dir, error } => {
+                write!(f, "working directory {}: {error}", dir.display())
+            }
         }
     }
 }
@@ -144,14 +151,64 @@ pub enum Session {
     ControllingTerminal,
 }
 
+/// Who the workload runs as and where: the image's `USER` and `WORKDIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub workdir: PathBuf,
+}
+
+impl Default for RunAs {
+    /// Root, in `/`.
+    fn default() -> Self {
+        RunAs {
+            uid: 0,
+            gid: 0,
+            workdir: PathBuf::from("/"),
+        }
+    }
+}
+
+impl RunAs {
+    /// Resolves the request's `user` in the current root (its `/etc/passwd` and `/etc/group`)
+    /// and takes its `workdir`; sets `HOME` in `env` to the user's home unless the request
+    /// gave one.
+    pub fn resolve(
+        user: Option<&str>,
+        workdir: Option<&str>,
+        env: &mut [(String, String)],
+        request_env: &[String],
+    ) -> Result<RunAs, String> {
+        let mut run_as = RunAs::default();
+        if let Some(user) = user {
+            let id = cela_guest::users::resolve(Path::new("/"), user)?;
+            run_as.uid = id.uid;
+            run_as.gid = id.gid;
+            let home_asked = request_env.iter().any(|e| e.starts_with("HOME="));
+            if let (Some(home), false) = (id.home, home_asked)
+                && let Some(slot) = env.iter_mut().find(|(k, _)| k == "HOME")
+            {
+                slot.1 = home;
+            }
+        }
+        if let Some(dir) = workdir {
+            run_as.workdir = PathBuf::from(dir);
+        }
+        Ok(run_as)
+    }
+}
+
 /// Starts `argv` with exactly the environment `env`, resolving `argv[0]` on the `PATH` in
-/// `env`. The child starts with an empty signal mask (cleared before exec) and default
-/// dispositions, whatever init blocks. Returns its pid; the caller reaps it.
+/// `env`, as `run_as`'s user in its working directory (created if missing, as Docker does).
+/// The child starts with an empty signal mask (cleared before exec) and default dispositions,
+/// whatever init blocks. Returns its pid; the caller reaps it.
 pub fn spawn(
     argv: &[String],
     env: &[(String, String)],
     io: ChildIo,
     session: Session,
+    run_as: &RunAs,
 ) -> Result<Pid, SpawnError> {
     let Some(program) = argv.first() else {
         return Err(SpawnError::NotFound(String::new()));
@@ -165,13 +222,21 @@ pub fn spawn(
         Lookup::NotExecutable(path) => return Err(SpawnError::NotExecutable(path)),
         Lookup::NotFound => return Err(SpawnError::NotFound(program.clone())),
     };
+    if !run_as.workdir.is_dir()
+        && let Err(error) = std::fs::create_dir_all(&run_as.workdir)
+    {
+        return Err(SpawnError::Workdir {
+            dir: run_as.workdir.clone(),
+            error,
+        });
+    }
     let mut command = Command::new(&resolved);
     command
         .arg0(program)
         .args(&argv[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
+        .current_dir(&run_as.workdir)
         .stdin(io.stdin.map_or_else(Stdio::null, Stdio::from))
         .stdout(Stdio::from(io.stdout))
         .stderr(Stdio::from(io.stderr));
@@ -189,6 +254,11 @@ pub fn spawn(
             }
             Ok(())
         });
+    }
+    if (run_as.uid, run_as.gid) != (0, 0) {
+        // std sets the group, drops the supplementary groups and then sets the user in the
+        // child (the order that leaves no way back to root).
+        command.uid(run_as.uid).gid(run_as.gid);
     }
     if session == Session::ControllingTerminal {
         // SAFETY: the closure runs in the forked child before exec and only makes two

@@ -1,0 +1,154 @@
+//! microVM instances on cela's KVM engine, in the nested lab: an image imported in L1 and run
+//! with `cela run --vm` (foreground and detached), `cela exec` through the guest agent on
+//! vsock (output, status, stdin, a terminal, environment, user), the image's user and working
+//! directory, a graceful `cela stop` (the workload gets SIGTERM and the VM powers off), a stop
+//! that has to kill, `start` again, and nothing left after `rm`. See docs/TESTING.md.
+
+mod common;
+mod images;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cela_lab::LabReport;
+use common::run_lab_batch;
+
+/// In L1: `$C` is cela with a data dir in /tmp, `$VM` the flags that boot the lab's kernel and
+/// initramfs; the test image is imported as `img`. GNU cp and mkfs.ext4 (for the image's disk)
+/// come from the host.
+const PRELUDE: &str = "export PATH=/lab/bin:$PATH CELA_DATA_DIR=/tmp/cela-data
+C=./cela
+VM='--vm --kernel /lab/bzImage --initrd /lab/initrd.cpio'
+$C image import /lab/img.tar --name img:latest >/dev/null || exit 99
+";
+
+const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "foreground",
+        "$C run --rm $VM -w /srv -u www img sh -c 'echo hello from $(cat /etc/greeting); pwd; id -u; id -g; exit 4'; echo rc=$?",
+    ),
+    (
+        "exec",
+        r#"$C run -d $VM --name v img sh -c 'echo started; exec sleep 600' >/dev/null || exit 98
+$C exec v sh -c 'echo out; echo err >&2; exit 3' 2>/tmp/err; echo "rc=$? err=$(cat /tmp/err)"
+printf 'line1\nline2\n' | $C exec -i v sh -c 'wc -l; cat /etc/greeting'
+$C exec -e X=from-exec -w /srv -u www v sh -c 'echo $X $(pwd) $(id -u)'
+$C exec -t v sh -c 'tty; stty size'
+$C exec v no-such-command 2>/tmp/err; echo "rc=$? $(cat /tmp/err)"
+$C exec v sh -c 'ps -o comm | grep -c sleep'
+$C stop v >/dev/null; echo stop_rc=$?
+$C inspect v | grep -E '"(status|exit_code)"' | tr -d ' ,' | sort -u
+$C exec v true 2>/tmp/err; echo "rc=$? $(cat /tmp/err)"
+$C logs v
+$C rm v >/dev/null; echo rm_rc=$?; ls /tmp/cela-data/instances | wc -l"#,
+    ),
+    (
+        "stop_kills",
+        r#"$C run -d $VM --name k img sh -c 'trap "" TERM; echo ready; while :; do sleep 1; done' >/dev/null || exit 98
+until $C logs k | grep -q ready; do sleep 0.1; done
+$C stop -t 2 k >/dev/null; echo stop_rc=$?
+$C inspect k | grep -E '"(status|exit_code)"' | tr -d ' ,' | sort -u
+$C start k >/dev/null; echo start_rc=$?
+$C exec k cat /etc/greeting
+$C rm -f k >/dev/null; echo rm_rc=$?
+ls /tmp/cela-data/instances | wc -l; ps | grep -c '[_]_supervise'; true"#,
+    ),
+];
+
+fn report() -> &'static LabReport {
+    static REPORT: OnceLock<LabReport> = OnceLock::new();
+    REPORT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("layout");
+        images::test_image().write_layout(&layout, "latest");
+        let tar = dir.path().join("img.tar");
+        images::tar_dir(&layout, &tar);
+        let scenarios: Vec<(&str, String)> = SCENARIOS
+            .iter()
+            .map(|(name, body)| (*name, format!("{PRELUDE}{body}")))
+            .collect();
+        let scenarios: Vec<(&str, &str)> =
+            scenarios.iter().map(|(n, b)| (*n, b.as_str())).collect();
+        run_lab_batch(
+            &scenarios,
+            &[
+                (&tar, "/lab/img.tar"),
+                (std::path::Path::new("/usr/bin/cp"), "/lab/bin/cp"),
+                (
+                    std::path::Path::new("/usr/sbin/mkfs.ext4"),
+                    "/lab/bin/mkfs.ext4",
+                ),
+            ],
+            Duration::from_secs(240),
+            Duration::from_secs(600),
+        )
+    })
+}
+
+#[test]
+fn an_image_runs_as_a_vm_with_its_user_and_working_directory() {
+    let r = report().get("foreground");
+    r.expect_rc(0);
+    assert_eq!(
+        r.stdout_str(),
+        "hello from the-test-image\n/srv\n33\n34\nrc=4\n",
+        "{}",
+        r.stderr_str()
+    );
+}
+
+#[test]
+fn exec_into_a_running_vm_and_a_graceful_stop() {
+    let r = report().get("exec");
+    r.expect_rc(0);
+    let out = r.stdout_str();
+    let lines: Vec<&str> = out.lines().collect();
+    let expected = [
+        "out",
+        "rc=3 err=err",
+        "2",
+        "the-test-image",
+        "from-exec /srv 33",
+        "/dev/pts/0",
+        "24 80",
+        "rc=127 cela-init: no-such-command: command not found",
+        "1",
+        "stop_rc=0",
+        "\"exit_code\":143",
+        "\"status\":\"exited\"",
+    ];
+    assert!(
+        lines.len() > expected.len(),
+        "{out}\n--- stderr ---\n{}",
+        r.stderr_str()
+    );
+    // A terminal turns \n into \r\n.
+    let got: Vec<String> = lines
+        .iter()
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .collect();
+    assert_eq!(
+        got[..expected.len()],
+        expected,
+        "{out}\n--- stderr ---\n{}",
+        r.stderr_str()
+    );
+    let rest = &got[expected.len()..];
+    assert!(
+        rest[0].starts_with("rc=125") && rest[0].contains("running instance"),
+        "exec into a stopped VM: {rest:?}"
+    );
+    assert_eq!(rest[1..], ["started", "rm_rc=0", "0"], "{out}");
+}
+
+#[test]
+fn a_stop_that_times_out_kills_the_vm_and_start_boots_it_again() {
+    let r = report().get("stop_kills");
+    r.expect_rc(0);
+    assert_eq!(
+        r.stdout_str(),
+        "stop_rc=0\n\"exit_code\":137\n\"status\":\"exited\"\nstart_rc=0\nthe-test-image\nrm_rc=0\n0\n0\n",
+        "{}",
+        r.stderr_str()
+    );
+}
