@@ -167,9 +167,13 @@ fn make_netns(path: &Path) -> Result<(), InstanceError> {
                 });
             }
             cela_guest::netif::set_up("lo").map_err(netif)?;
-            // /proc/sys/net is the opening thread's namespace's.
-            std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
-                .doing(|| "opening ping to every group (net.ipv4.ping_group_range)".into())?;
+            // /proc/sys/net is the opening thread's namespace's. A nicety: not fatal.
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647") {
+                tracing::warn!(
+                    "setting net.ipv4.ping_group_range in {}: {e}",
+                    path.display()
+                );
+            }
             mount(
                 Some("/proc/thread-self/ns/net"),
                 path,
