@@ -15,7 +15,7 @@ use cela_image::{RunConfig, Store};
 use cela_instance::log::{LogReader, Stream};
 use cela_instance::ops::{self, ExecRequest, is_live};
 use cela_instance::{
-    Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
+    Instance, InstanceConfig, InstanceState, Instances, Kind, NetMode, Status, VmBoot, Volume,
 };
 use clap::Args;
 use serde_json::json;
@@ -42,6 +42,8 @@ pub struct RunImage {
     /// A microVM's own kernel and initramfs instead of cela's defaults.
     pub kernel: Option<std::path::PathBuf>,
     pub initrd: Option<std::path::PathBuf>,
+    /// `--net`: none, host or auto.
+    pub net: Option<String>,
 }
 
 /// How long a detached `run`/`start` waits for the supervisor to report the workload running.
@@ -52,6 +54,11 @@ fn instances(data_dir: &Path) -> anyhow::Result<Instances> {
 }
 
 pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let kind = if req.vm { Kind::Vm } else { Kind::Container };
+    let net = match &req.net {
+        Some(arg) => NetMode::parse(arg, kind)?,
+        None => NetMode::None,
+    };
     let store = crate::image_cmd::open(data_dir)?;
     let image = store.resolve(&req.image).with_context(|| {
         format!(
@@ -90,7 +97,6 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         env.retain(|x| x.split('=').next() != Some(key));
         env.push(e.clone());
     }
-    let kind = if req.vm { Kind::Vm } else { Kind::Container };
     if !req.vm && (req.kernel.is_some() || req.initrd.is_some()) {
         bail!("--kernel and --initrd are for microVMs: add --vm");
     }
@@ -156,6 +162,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         auto_remove: req.rm && req.detach,
         created: cela_instance::record::now(),
         vm,
+        net,
     };
     let insts = instances(data_dir)?;
     let inst = insts.create(config)?;
@@ -299,6 +306,7 @@ fn view(inst: &Instance, state: &InstanceState) -> serde_json::Value {
         "started": state.started,
         "finished": state.finished,
         "error": state.error,
+        "network": cela_instance::network::view(inst.config.net, state.network.as_ref()),
     })
 }
 

@@ -66,10 +66,11 @@ pub struct RunArgs {
     /// with `,ro`). It is one more disk after the `--disk` ones, found by its serial.
     #[arg(long, value_name = "IMAGE[,ro]")]
     rootfs: Option<String>,
-    /// A network interface for the guest: `auto` (a TAP device and a private /30 set up by
-    /// cela, the guest configured, all removed when the VM ends) or `tap=NAME` (an existing
-    /// TAP device, left as it is).
-    #[arg(long, value_name = "auto|tap=NAME")]
+    /// The network. With an IMAGE: `none` (default: loopback only; a microVM has no NIC),
+    /// `host` (containers: the host's network) or `auto` (a private /30 link to the host: a
+    /// veth for a container, a TAP for a microVM; removed with the instance). Without one
+    /// (`--vm -- CMD`): `auto` or `tap=NAME` (an existing TAP device, left as it is).
+    #[arg(long, value_name = "none|host|auto|tap=NAME")]
     net: Option<String>,
     /// A vsock host side: the Unix socket PATH (host processes connect and send
     /// `CONNECT <port>\n`; guest connections to host port P reach the socket PATH_P). Without
@@ -182,6 +183,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
                 volumes: args.volumes,
                 kernel: args.kernel,
                 initrd: args.initrd,
+                net: args.net,
             },
             data_dir,
         );

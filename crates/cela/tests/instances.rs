@@ -1,12 +1,14 @@
 //! Instances on this host: an image the test builds (busybox-static, an /etc/passwd, a
 //! greeting) run as a container and, through the QEMU fallback engine, as a microVM (the nested
 //! lab runs the KVM engine in vm_lab.rs); the image's config honoured; the detached lifecycle
-//! (run -d, ps, logs, exec, stop, start, rm), a supervisor killed with SIGKILL, bad input, and
-//! nothing left behind. As root.
+//! (run -d, ps, logs, exec, stop, start, rm), a supervisor killed with SIGKILL, bad input,
+//! `--net none|host|auto` (loopback only, the host's namespace, a veth or TAP link pinged both
+//! ways), and nothing left behind (no mounts, veths or addresses either). As root.
 
 mod images;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use images::*;
@@ -118,6 +120,40 @@ fn zombie(pid: i64) -> bool {
                 .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
         })
         .unwrap_or(true)
+}
+
+/// `readlink /proc/self/ns/net` of this process: `net:[INODE]`.
+fn host_netns() -> String {
+    std::fs::read_link("/proc/self/ns/net")
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+/// The interface index of host interface `name`, if there is one.
+fn ifindex(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs a host command, expecting success; its stdout.
+fn host_ok(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The address part of `A.B.C.D/P`.
+fn addr(cidr: &Value) -> String {
+    cidr.as_str().unwrap().split('/').next().unwrap().to_owned()
 }
 
 #[test]
@@ -371,7 +407,189 @@ fn bad_input_is_refused_clearly() {
         &["run", "--disk", "/tmp/x", "testimg", "true"],
         "--disk is not supported with an IMAGE",
     );
+    w.err(
+        &["run", "--net", "bogus", "testimg", "true"],
+        "--net \"bogus\": expected none, host or auto",
+    );
+    w.err(
+        &["run", "--vm", "--net", "host", "testimg", "true"],
+        "--net host is for containers",
+    );
     // No instance is left by any of them.
     let ps: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
     assert_eq!(ps, Value::Array(vec![]), "bad input left instances");
+}
+
+#[test]
+fn container_networks_none_and_host() {
+    let w = World::new();
+    let script = "ip -o link; readlink /proc/self/ns/net";
+    for net in [None, Some("none")] {
+        let mut args = vec!["run", "--rm"];
+        if let Some(n) = net {
+            args.extend(["--net", n]);
+        }
+        args.extend(["testimg", "sh", "-c", script]);
+        let out = w.ok(&args);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "--net {net:?}: only lo: {out}");
+        assert!(
+            lines[0].starts_with("1: lo: <LOOPBACK,UP"),
+            "--net {net:?}: lo is up: {out}"
+        );
+        assert_ne!(
+            lines[1],
+            host_netns(),
+            "--net {net:?}: a namespace of its own"
+        );
+    }
+    // host: the host's namespace, so the interface of its default route too.
+    let out = w.ok(&[
+        "run", "--rm", "--net", "host", "testimg", "sh", "-c", script,
+    ]);
+    assert_eq!(out.lines().last(), Some(host_netns().as_str()), "{out}");
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap();
+    if let Some(default) = routes
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("00000000"))
+    {
+        let iface = default.split_whitespace().next().unwrap();
+        assert!(out.contains(&format!(": {iface}:")), "{iface} in {out}");
+    }
+}
+
+#[test]
+fn container_net_auto_links_the_container_and_the_host() {
+    let w = World::new();
+    let id = w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "netc",
+        "--net",
+        "auto",
+        "testimg",
+        "sh",
+        "-c",
+        "nc -l -p 7000 -e sh -c 'read l; echo got-$l' & exec sleep 600",
+    ]);
+    let id = id.trim().to_owned();
+    let v = w.inspect("netc");
+    assert_eq!(v["config"]["net"], "auto");
+    let net = &v["network"];
+    assert_eq!(net["mode"], "auto", "{v}");
+    let iface = net["interface"].as_str().unwrap().to_owned();
+    assert!(iface.starts_with("cela"), "{net}");
+    let (host, guest) = (addr(&net["host_address"]), addr(&net["address"]));
+    assert!(
+        host.starts_with("10.213.") && guest.starts_with("10.213."),
+        "{net}"
+    );
+    assert!(net["address"].as_str().unwrap().ends_with("/30"), "{net}");
+    let index = v["state"]["network"]["ifindex"].as_u64().unwrap();
+    assert_eq!(ifindex(&iface), Some(index));
+    // The host's end has the first address, the container's eth0 the second and a default
+    // route through the host.
+    let shown = host_ok(&["ip", "-4", "-o", "addr", "show", "dev", &iface]);
+    assert!(shown.contains(&format!("inet {host}/30")), "{shown}");
+    let inside = w.ok(&[
+        "exec",
+        "netc",
+        "sh",
+        "-c",
+        "ip -4 -o addr show dev eth0; ip route",
+    ]);
+    assert!(inside.contains(&format!("inet {guest}/30")), "{inside}");
+    assert!(
+        inside.contains(&format!("default via {host} dev eth0")),
+        "{inside}"
+    );
+    // Ping both ways.
+    host_ok(&["busybox", "ping", "-c", "1", "-W", "2", &guest]);
+    w.ok(&["exec", "netc", "ping", "-c", "1", "-W", "2", &host]);
+    // A TCP round trip to the container's nc (bounded wait for it to listen).
+    let start = Instant::now();
+    let reply = loop {
+        use std::io::{Read, Write};
+        let attempt = std::net::TcpStream::connect((guest.as_str(), 7000)).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            c.write_all(b"hello\n")?;
+            let mut s = String::new();
+            c.read_to_string(&mut s)?;
+            Ok(s)
+        });
+        match attempt {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(20), "connect: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(reply, "got-hello\n");
+    let pid = v["pid"].as_i64().unwrap();
+    w.ok(&["rm", "-f", "netc"]);
+    w.assert_gone(&id, &[pid]);
+    assert_ne!(ifindex(&iface), Some(index), "{iface} left behind");
+}
+
+#[test]
+fn a_killed_supervisor_leaves_its_veth_and_namespace_to_rm() {
+    let w = World::new();
+    let id = w.ok(&[
+        "run", "-d", "--name", "netk", "--net", "auto", "testimg", "sleep", "600",
+    ]);
+    let id = id.trim().to_owned();
+    let v = w.inspect("netk");
+    let iface = v["network"]["interface"].as_str().unwrap().to_owned();
+    let index = v["state"]["network"]["ifindex"].as_u64().unwrap();
+    let supervisor = v["state"]["supervisor"]["pid"].as_i64().unwrap();
+    let pid = v["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    w.wait_status("netk", "crashed");
+    assert_eq!(
+        ifindex(&iface),
+        Some(index),
+        "the veth outlives the supervisor"
+    );
+    w.ok(&["rm", "netk"]);
+    w.assert_gone(&id, &[supervisor, pid]);
+    assert_ne!(ifindex(&iface), Some(index), "{iface} left behind");
+}
+
+#[test]
+fn a_vm_with_net_auto_has_its_address_and_reaches_the_host() {
+    let w = World::new();
+    let out = w.ok(&[
+        "run",
+        "--rm",
+        "--vm",
+        "--net",
+        "auto",
+        "testimg",
+        "sh",
+        "-c",
+        "ip -4 -o addr show dev eth0; gw=$(ip route | awk '/^default/ {print $3}'); \
+         ping -c 1 -W 5 $gw > /dev/null && echo ping-ok",
+    ]);
+    let inet = out
+        .split_whitespace()
+        .skip_while(|t| *t != "inet")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no inet address: {out}"))
+        .to_owned();
+    assert!(
+        inet.starts_with("10.213.") && inet.ends_with("/30"),
+        "{out}"
+    );
+    assert!(out.contains("ping-ok"), "{out}");
+    // The host's end (the /30's first address) went with the VM.
+    let guest: std::net::Ipv4Addr = inet.split('/').next().unwrap().parse().unwrap();
+    let host = std::net::Ipv4Addr::from(u32::from(guest) - 1);
+    let addrs = host_ok(&["ip", "-4", "-o", "addr"]);
+    assert!(!addrs.contains(&format!("inet {host}/")), "{addrs}");
 }

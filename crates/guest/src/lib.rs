@@ -229,10 +229,16 @@ impl BootRequest {
             params.push(format!("{NET_PARAM}={}", net.encode()));
         }
         if let Some(dir) = &self.workdir {
-            params.push(format!("{WORKDIR_PARAM}={}", encode_list(std::slice::from_ref(dir))));
+            params.push(format!(
+                "{WORKDIR_PARAM}={}",
+                encode_list(std::slice::from_ref(dir))
+            ));
         }
         if let Some(user) = &self.user {
-            params.push(format!("{USER_PARAM}={}", encode_list(std::slice::from_ref(user))));
+            params.push(format!(
+                "{USER_PARAM}={}",
+                encode_list(std::slice::from_ref(user))
+            ));
         }
         params.join(" ")
     }

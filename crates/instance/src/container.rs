@@ -173,7 +173,8 @@ pub fn create(store: &Store, image: &ImageRecord, inst: &Instance) -> Result<i32
     let made = (|| {
         let bundle = inst.dir.join("bundle");
         fs::create_dir_all(&bundle).doing(|| format!("creating {}", bundle.display()))?;
-        let v = spec(&inst.config, &rootfs)?;
+        let mut v = spec(&inst.config, &rootfs)?;
+        crate::network::apply_to_spec(&mut v, inst);
         crate::record::write_json(&bundle.join("config.json"), &v)?;
         let rt = runtime(inst);
         // A container left by an earlier run (stop, then start) is replaced.

@@ -7,18 +7,22 @@
 //! * [`container`]: containers from images (OverlayFS over the image's layers, an OCI bundle
 //!   from the image config, `cela-runtime` underneath).
 //! * [`log`]: the output log, stdout and stderr kept apart in arrival order.
+//! * [`network`]: `--net none|host|auto`: a container's network namespace and veth link, a
+//!   microVM's TAP, and their removal.
 //! * [`ops`]: stop, remove, exec, waiting on state.
 //! * [`vm_exec`]: `cela exec` into a microVM, the host end of the guest agent's protocol.
 
 pub mod container;
 mod error;
 pub mod log;
+pub mod network;
 pub mod ops;
 pub mod record;
 pub mod supervise;
 pub mod vm_exec;
 
 pub use error::InstanceError;
+pub use network::NetMode;
 pub use record::{
     Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
 };

@@ -105,10 +105,13 @@ pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
     Ok(())
 }
 
-/// Removes the instance directory (what is mounted in it is unmounted first).
+/// Removes the instance directory (what is mounted in it is unmounted first, and a
+/// container's network removed).
 pub fn remove_dir(inst: &Instance) {
     if inst.config.kind == Kind::Container {
         container::unmount_rootfs(inst);
+        let recorded = inst.state().ok().and_then(|s| s.network);
+        crate::network::teardown(inst, recorded.as_ref());
     }
     if let Err(e) = std::fs::remove_dir_all(&inst.dir) {
         tracing::warn!("removing {}: {e}", inst.dir.display());

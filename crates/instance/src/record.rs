@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{InstanceError, IoContext};
+use crate::network::{NetMode, NetworkState};
 
 /// What kind of isolation runs an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +90,9 @@ pub struct InstanceConfig {
     /// RFC 3339.
     pub created: String,
     pub vm: Option<VmBoot>,
+    /// `--net` (configs written before it existed read as `none`, which they had).
+    #[serde(default)]
+    pub net: NetMode,
 }
 
 /// Where an instance is in its life.
@@ -164,6 +168,9 @@ pub struct InstanceState {
     /// A microVM's engine in its last run: `kvm` (cela's monitor) or `qemu` (the fallback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// The link `--net auto` made, while it exists.
+    #[serde(default)]
+    pub network: Option<NetworkState>,
 }
 
 impl InstanceState {
@@ -177,6 +184,7 @@ impl InstanceState {
             finished: None,
             error: None,
             engine: None,
+            network: None,
         }
     }
 }
@@ -400,6 +408,7 @@ mod tests {
             auto_remove: false,
             created: now(),
             vm: None,
+            net: NetMode::None,
         }
     }
 
@@ -451,6 +460,18 @@ mod tests {
         let read = a.state().unwrap();
         assert_eq!(read.status, Status::Crashed);
         assert!(read.error.unwrap().contains("died"));
+    }
+
+    #[test]
+    fn records_written_before_net_existed_read_as_none() {
+        let mut v = serde_json::to_value(config("old")).unwrap();
+        v.as_object_mut().unwrap().remove("net");
+        let c: InstanceConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(c.net, NetMode::None);
+        let mut v = serde_json::to_value(InstanceState::created()).unwrap();
+        v.as_object_mut().unwrap().remove("network");
+        let s: InstanceState = serde_json::from_value(v).unwrap();
+        assert_eq!(s.network, None);
     }
 
     #[test]

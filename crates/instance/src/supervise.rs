@@ -39,6 +39,10 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     };
     restore_output(saved);
     let _ = pump_thread.join();
+    if inst.config.kind == Kind::Container {
+        crate::network::teardown(inst, state.network.as_ref());
+    }
+    state.network = None;
 
     state.finished = Some(now());
     match &result {
@@ -121,6 +125,7 @@ fn run_container(
     state: &mut InstanceState,
 ) -> Result<i32, InstanceError> {
     let image = store.resolve(&inst.config.image_digest)?;
+    state.network = crate::network::setup_container(inst)?;
     let pid = container::create(store, &image, inst)?;
     container::runtime(inst).start(&inst.config.id)?;
     state.status = Status::Running;
@@ -164,11 +169,13 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         .as_ref()
         .expect("a VM instance has its boot files");
     let disk = instance_disk(store, inst)?;
+    // The TAP of `--net auto` lives as long as `host_net` (and QEMU's inherited copy).
+    let host_net = crate::network::setup_vm(inst)?;
     let request = cela_guest::BootRequest {
         command: Some(inst.config.command.clone()),
         env: inst.config.env.clone(),
         root: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
-        net: None,
+        net: host_net.as_ref().and_then(|(h, _)| h.guest),
         workdir: inst.config.workdir.clone(),
         user: inst.config.user.clone(),
     };
@@ -190,12 +197,13 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
             serial: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
             ..DiskConfig::parse(&disk.display().to_string())
         }],
-        net: None,
+        net: host_net.as_ref().map(|(h, _)| h.nic.clone()),
         vsock,
     };
     state.status = Status::Running;
     state.pid = Some(std::process::id() as i32);
     state.engine = Some(engine.to_string());
+    state.network = host_net.as_ref().map(|(_, s)| s.clone());
     inst.save_state(state)?;
     let exit = match engine {
         Engine::Kvm => {

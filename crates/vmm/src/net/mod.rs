@@ -112,7 +112,7 @@ pub fn setup(mode: &NetMode) -> Result<HostNet, NetError> {
                 arg: "auto".into(),
                 err,
             })?;
-            let link = configure_auto(&tap)?;
+            let link = configure_auto(tap.name())?;
             Ok(HostNet {
                 nic: NicConfig {
                     tap: Arc::new(tap),
@@ -129,26 +129,27 @@ pub fn setup(mode: &NetMode) -> Result<HostNet, NetError> {
     }
 }
 
-/// Picks a free /30 for `tap`, gives the host its first address and brings the TAP up.
-/// Another cela starting at the same moment may pick the same /30; the check after
-/// configuring catches that and moves on to the next one.
-fn configure_auto(tap: &Tap) -> Result<Subnet, NetError> {
+/// Picks a free /30 for the host interface `name` (a TAP, or a container's veth end), gives it
+/// the /30's first address and brings it up; the other end gets the second address. Another
+/// cela starting at the same moment may pick the same /30; the check after configuring
+/// catches that and moves on to the next one.
+pub fn configure_auto(name: &str) -> Result<Subnet, NetError> {
     let start = std::process::id() as usize;
     let mut skip: Vec<Subnet> = Vec::new();
     for _ in 0..8 {
-        let mut used = host_networks(Some(tap.name())).map_err(NetError::HostAddresses)?;
+        let mut used = host_networks(Some(name)).map_err(NetError::HostAddresses)?;
         used.extend(skip.iter().copied());
         let link = AUTO_POOL
             .free_slash30(&used, start)
             .ok_or(NetError::NoFreeSubnet)?;
-        cela_guest::netif::set_ipv4(tap.name(), link.host(1), link.prefix)
+        cela_guest::netif::set_ipv4(name, link.host(1), link.prefix)
             .map_err(NetError::Configure)?;
-        let others = host_networks(Some(tap.name())).map_err(NetError::HostAddresses)?;
+        let others = host_networks(Some(name)).map_err(NetError::HostAddresses)?;
         if others.iter().any(|n| n.overlaps(&link)) {
             skip.push(link);
             continue;
         }
-        cela_guest::netif::set_up(tap.name()).map_err(NetError::Configure)?;
+        cela_guest::netif::set_up(name).map_err(NetError::Configure)?;
         return Ok(link);
     }
     Err(NetError::NoFreeSubnet)

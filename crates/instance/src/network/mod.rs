@@ -1,0 +1,395 @@
+//! An instance's network (`cela run [--vm] --net none|host|auto`).
+//!
+//! * `none` (the default): a container gets a network namespace of its own with only the
+//!   loopback interface, up (as Docker's); a microVM gets no NIC.
+//! * `host`: a container shares the host's network namespace. A microVM cannot (its kernel has
+//!   its own network stack), so `--vm --net host` is refused.
+//! * `auto`: a private point-to-point /30 between the host and the instance, from the same
+//!   allocator as `cela run --vm --net auto` (`cela_vmm::net::configure_auto`: 10.213.0.0/16,
+//!   no host address or route overlapping; the host's end gets the first address, the instance
+//!   the second and a default route through the host). A microVM's end is a TAP
+//!   (`cela_vmm::net::setup`, configured in the guest by cela-init); a container's is a veth
+//!   pair: `celaN` on the host, `eth0` in the container.
+//!
+//! A container's network namespace is made by the supervisor before the container: a thread
+//! unshares a new one, brings `lo` up, and bind-mounts it on `netns` in the instance
+//! directory; the veth is created with its peer born in it ([`rtnl::add_veth`]) and configured
+//! from a thread that enters it; the OCI spec then names the file as the namespace's `path`.
+//! Its ping group range is opened (`net.ipv4.ping_group_range`, per namespace, as Docker does)
+//! for pings over ICMP datagram sockets, and the container gets CAP_NET_RAW (in Docker's
+//! default set) for those over raw sockets, such as busybox's — not with `--net host`, where
+//! a raw socket would see the host's traffic.
+//!
+//! Teardown ([`teardown`]) deletes `eth0` inside that namespace (which takes the host's
+//! `celaN` with it, at once), unmounts and removes the file, and as a last resort deletes the
+//! recorded host end if its name and index still match. It runs when the instance ends and on
+//! `rm`, so a supervisor killed with SIGKILL leaves nothing `cela rm` does not remove. A VM's
+//! TAP needs none: it vanishes when the supervisor's descriptor closes.
+
+pub mod rtnl;
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{InstanceError, IoContext};
+use crate::record::{Instance, Kind};
+
+/// What `--net` asked for, as recorded in an instance's config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    /// Loopback only (containers); no NIC (microVMs).
+    #[default]
+    None,
+    /// The host's network namespace (containers only).
+    Host,
+    /// A private /30 link to the host.
+    Auto,
+}
+
+impl NetMode {
+    /// Parses `--net`'s value for an instance of `kind`.
+    pub fn parse(arg: &str, kind: Kind) -> Result<NetMode, InstanceError> {
+        let mode = match arg {
+            "none" => NetMode::None,
+            "host" => NetMode::Host,
+            "auto" => NetMode::Auto,
+            _ => {
+                return Err(InstanceError::Other(format!(
+                    "--net {arg:?}: expected none, host or auto"
+                )));
+            }
+        };
+        if mode == NetMode::Host && kind == Kind::Vm {
+            return Err(InstanceError::Other(
+                "--net host is for containers: a microVM runs its own kernel and cannot share the host's network stack (use --net auto for a link to the host)".into(),
+            ));
+        }
+        Ok(mode)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetMode::None => "none",
+            NetMode::Host => "host",
+            NetMode::Auto => "auto",
+        }
+    }
+}
+
+/// The link `--net auto` made, recorded in the instance's state while it exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkState {
+    /// The host's end: a veth (containers) or TAP (microVMs), `celaN`.
+    pub interface: String,
+    /// Its interface index, so a later teardown never deletes another link of that name.
+    pub ifindex: u32,
+    /// The host end's address, `A.B.C.D/30`.
+    pub host_address: String,
+    /// The instance's address (its `eth0`), `A.B.C.D/30`.
+    pub address: String,
+}
+
+/// The `network` object of `cela inspect` / `ps --format json`.
+pub fn view(mode: NetMode, state: Option<&NetworkState>) -> Value {
+    json!({
+        "mode": mode,
+        "interface": state.map(|s| &s.interface),
+        "host_address": state.map(|s| &s.host_address),
+        "address": state.map(|s| &s.address),
+    })
+}
+
+/// The name of a container's interface inside its namespace.
+const CONTAINER_IFACE: &str = "eth0";
+
+/// The bind mount that holds a container's network namespace.
+pub fn netns_path(inst: &Instance) -> PathBuf {
+    inst.dir.join("netns")
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs `f` on a thread that has entered the network namespace open as `netns`.
+fn in_netns<T: Send>(
+    netns: &File,
+    f: impl FnOnce() -> Result<T, InstanceError> + Send,
+) -> Result<T, InstanceError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on a descriptor this function borrows; CLONE_NEWNET moves only
+            // the calling thread, which ends when `f` returns.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                return Err(InstanceError::Io {
+                    what: "entering the instance's network namespace".into(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(InstanceError::Other("a network thread panicked".into())))
+    })
+}
+
+fn netif(e: cela_guest::netif::NetifError) -> InstanceError {
+    InstanceError::Other(format!("in the container's network namespace: {e}"))
+}
+
+/// Makes a new network namespace with `lo` up and bind-mounts it on `path` (a new file).
+fn make_netns(path: &Path) -> Result<(), InstanceError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(path)
+        .doing(|| format!("creating {}", path.display()))?;
+    let made = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread, which ends here.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+                return Err(InstanceError::Io {
+                    what: "making a network namespace".into(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            cela_guest::netif::set_up("lo").map_err(netif)?;
+            // /proc/sys/net is the opening thread's namespace's. A nicety: not fatal.
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647") {
+                tracing::warn!(
+                    "setting net.ipv4.ping_group_range in {}: {e}",
+                    path.display()
+                );
+            }
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| InstanceError::Io {
+                what: format!("bind-mounting the network namespace on {}", path.display()),
+                source: e.into(),
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(InstanceError::Other("a network thread panicked".into())))
+    });
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// Creates the veth pair `celaN` ↔ `eth0` (in `netns`); returns the host end's name.
+fn create_veth(netns: &File) -> Result<String, InstanceError> {
+    for n in 0..4096 {
+        let name = format!("cela{n}");
+        if Path::new("/sys/class/net").join(&name).exists() {
+            continue;
+        }
+        match rtnl::add_veth(&name, CONTAINER_IFACE, netns.as_fd()) {
+            Ok(()) => return Ok(name),
+            // Taken meanwhile (another instance, or a VM's TAP): try the next.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(e) => {
+                return Err(InstanceError::Io {
+                    what: format!("--net auto: creating the veth pair {name} ↔ {CONTAINER_IFACE}"),
+                    source: e,
+                });
+            }
+        }
+    }
+    Err(InstanceError::Other(
+        "--net auto: no free interface name cela0…cela4095".into(),
+    ))
+}
+
+/// Sets up a container's network before it is created: for `none` and `auto` its namespace
+/// (and for `auto` the veth link); nothing for `host`. What was made is undone on error.
+pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, InstanceError> {
+    if inst.config.net == NetMode::Host {
+        return Ok(None);
+    }
+    let path = netns_path(inst);
+    // What an earlier run left (a killed supervisor).
+    teardown(inst, None);
+    make_netns(&path)?;
+    if inst.config.net == NetMode::None {
+        return Ok(None);
+    }
+    let linked = (|| {
+        let netns = File::open(&path).doing(|| format!("opening {}", path.display()))?;
+        let name = create_veth(&netns)?;
+        let configured = (|| {
+            let index = ifindex(&name).ok_or_else(|| {
+                InstanceError::Other(format!("--net auto: the new veth {name} is not listed"))
+            })?;
+            let link = cela_vmm::net::configure_auto(&name)
+                .map_err(|e| InstanceError::Other(e.to_string()))?;
+            let (addr, gateway) = (link.host(2), link.host(1));
+            in_netns(&netns, || {
+                cela_guest::netif::set_ipv4(CONTAINER_IFACE, addr, link.prefix).map_err(netif)?;
+                cela_guest::netif::set_up(CONTAINER_IFACE).map_err(netif)?;
+                cela_guest::netif::add_default_route(gateway).map_err(netif)
+            })?;
+            Ok(NetworkState {
+                interface: name.clone(),
+                ifindex: index,
+                host_address: format!("{gateway}/{}", link.prefix),
+                address: format!("{addr}/{}", link.prefix),
+            })
+        })();
+        if configured.is_err() {
+            let _ = rtnl::delete_link(&name);
+        }
+        configured
+    })();
+    if linked.is_err() {
+        teardown(inst, None);
+    }
+    linked.map(Some)
+}
+
+/// What a microVM's `--net auto` needs: a TAP with the host's address, and what the guest
+/// must configure (`None` for `--net none`). The TAP goes away when the result is dropped.
+pub fn setup_vm(
+    inst: &Instance,
+) -> Result<Option<(cela_vmm::net::HostNet, NetworkState)>, InstanceError> {
+    if inst.config.net != NetMode::Auto {
+        return Ok(None);
+    }
+    let host = cela_vmm::net::setup(&cela_vmm::net::NetMode::Auto)
+        .map_err(|e| InstanceError::Other(e.to_string()))?;
+    let guest = host.guest.expect("--net auto tells the guest its address");
+    let name = host.nic.tap.name().to_owned();
+    let state = NetworkState {
+        ifindex: ifindex(&name).unwrap_or(0),
+        interface: name,
+        host_address: format!("{}/{}", guest.gateway, guest.prefix),
+        address: format!("{}/{}", guest.address, guest.prefix),
+    };
+    Ok(Some((host, state)))
+}
+
+/// Points the container's spec at its network: the namespace file for `none`/`auto`, the
+/// host's namespace (no network namespace entry) for `host`.
+pub fn apply_to_spec(spec: &mut Value, inst: &Instance) {
+    let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() else {
+        return;
+    };
+    match inst.config.net {
+        NetMode::Host => namespaces.retain(|n| n["type"] != "network"),
+        NetMode::None | NetMode::Auto => {
+            namespaces.retain(|n| n["type"] != "network");
+            namespaces.push(json!({"type": "network", "path": netns_path(inst)}));
+            // Raw sockets (busybox's ping has no other way), as Docker's default set has;
+            // in a namespace of its own they see only the container's traffic.
+            if let Some(caps) = spec["process"]["capabilities"].as_object_mut() {
+                for set in ["bounding", "effective", "permitted"] {
+                    if let Some(list) = caps.get_mut(set).and_then(Value::as_array_mut)
+                        && !list.iter().any(|c| c == "CAP_NET_RAW")
+                    {
+                        list.push(json!("CAP_NET_RAW"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes a container's network: `eth0` in its namespace (with the host's end), the
+/// namespace's bind mount and file, and the `recorded` host end if it is still the same link.
+/// Quiet and idempotent: what is not there is skipped.
+pub fn teardown(inst: &Instance, recorded: Option<&NetworkState>) {
+    let path = netns_path(inst);
+    if let Ok(netns) = File::open(&path) {
+        // Fails (EINVAL) on a plain file: nothing was mounted, so there is no link in it.
+        let _ = in_netns(&netns, || {
+            match rtnl::delete_link(CONTAINER_IFACE) {
+                Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
+                    tracing::warn!("deleting {CONTAINER_IFACE} of {}: {e}", path.display());
+                }
+                _ => {}
+            }
+            Ok(())
+        });
+    }
+    if path.exists() {
+        match umount2(&path, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => tracing::warn!("unmounting {}: {e}", path.display()),
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
+    }
+    if let Some(rec) = recorded
+        && inst.config.kind == Kind::Container
+        && ifindex(&rec.interface) == Some(rec.ifindex)
+        && let Err(e) = rtnl::delete_link(&rec.interface)
+        && e.raw_os_error() != Some(libc::ENODEV)
+    {
+        tracing::warn!("deleting {}: {e}", rec.interface);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_values_parse_per_kind() {
+        assert_eq!(
+            NetMode::parse("none", Kind::Container).unwrap(),
+            NetMode::None
+        );
+        assert_eq!(
+            NetMode::parse("host", Kind::Container).unwrap(),
+            NetMode::Host
+        );
+        assert_eq!(NetMode::parse("auto", Kind::Vm).unwrap(), NetMode::Auto);
+        assert_eq!(NetMode::parse("none", Kind::Vm).unwrap(), NetMode::None);
+        let err = NetMode::parse("host", Kind::Vm).unwrap_err().to_string();
+        assert!(err.contains("--net host is for containers"), "{err}");
+        for bad in ["", "Auto", "bridge", "tap=x", "auto "] {
+            let err = NetMode::parse(bad, Kind::Container)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("expected none, host or auto"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_view_has_every_field() {
+        let s = NetworkState {
+            interface: "cela3".into(),
+            ifindex: 7,
+            host_address: "10.213.0.1/30".into(),
+            address: "10.213.0.2/30".into(),
+        };
+        assert_eq!(
+            view(NetMode::Auto, Some(&s)),
+            json!({"mode": "auto", "interface": "cela3", "host_address": "10.213.0.1/30",
+                   "address": "10.213.0.2/30"})
+        );
+        assert_eq!(
+            view(NetMode::None, None),
+            json!({"mode": "none", "interface": null, "host_address": null, "address": null})
+        );
+    }
+}
