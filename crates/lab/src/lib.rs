@@ -90,7 +90,7 @@ const L1_MODULE_DIR: &str = "lib/modules/lab";
 /// Busybox applets the `/init` script uses; checked when the lab is set up.
 const REQUIRED_APPLETS: &[&str] = &[
     "sh", "mount", "dmesg", "tail", "insmod", "poweroff", "setsid", "timeout", "base64", "sed",
-    "wc",
+    "wc", "usleep",
 ];
 
 /// L1 paths a caller's file may not go to: `/init` and the scenario directory are the lab's,

@@ -94,8 +94,9 @@ lab_fatal() {{
         r#"[ -c /dev/kvm ] || lab_fatal "no /dev/kvm in L1 after loading kvm-amd: QEMU's CPU model must offer AMD SVM (-cpu max does under TCG)"
 read up _ </proc/uptime
 echo "{MARK} ready $up"
-# A heartbeat, so that the host tells a frozen L1 from a slow scenario in a minute or two.
-( while :; do sleep {TICK_SECS}; echo "{MARK} tick"; done ) &
+# A heartbeat, so that the host tells a frozen L1 from a slow scenario in a minute or two
+# (usleep, not sleep: scenarios count their own leftover `sleep`s).
+( while :; do usleep {TICK_SECS}000000; echo "{MARK} tick"; done ) &
 lab_run() {{
   echo "{MARK} $1 begin"
   read t0 _ </proc/uptime
