@@ -188,41 +188,36 @@ fn the_image_config_and_the_flags_are_honoured() {
     let w = World::new();
     // The image's own command when none is given.
     assert_eq!(w.ok(&["run", "--rm", "testimg"]), "default-cmd\n");
-    // -w, -u by name (uid/gid from the image's passwd), -e over the image's env, the hostname.
-    let out = w.ok(&[
-        "run",
-        "--rm",
-        "--name",
-        "cfg",
-        "-w",
-        "/srv",
-        "-u",
-        "www",
-        "-e",
-        "PATH=/bin:/sbin",
-        "testimg",
-        "sh",
-        "-c",
-        "pwd; id -u; id -g; echo $PATH; hostname",
-    ]);
-    assert_eq!(out, "/srv\n33\n34\n/bin:/sbin\ncfg\n");
-    // The same for a microVM: cela-init resolves the user in the image's own /etc/passwd.
-    let out = w.ok(&[
-        "run",
-        "--rm",
-        "--vm",
-        "-w",
-        "/srv",
-        "-u",
-        "www",
-        "-e",
-        "PATH=/bin:/sbin",
-        "testimg",
-        "sh",
-        "-c",
-        "pwd; id -u; id -g; echo $PATH",
-    ]);
-    assert_eq!(out, "/srv\n33\n34\n/bin:/sbin\n");
+    // -w, -u by name (uid/gid from the image's passwd), -e over the image's env; the hostname
+    // (the instance's name) in a container. In a microVM cela-init resolves the user in the
+    // image's own /etc/passwd.
+    for vm in [false, true] {
+        let mut args = vec!["run", "--rm", "--name", "cfg"];
+        if vm {
+            args.push("--vm");
+        }
+        let script = if vm {
+            "pwd; id -u; id -g; echo $PATH"
+        } else {
+            "pwd; id -u; id -g; echo $PATH; hostname"
+        };
+        args.extend([
+            "-w",
+            "/srv",
+            "-u",
+            "www",
+            "-e",
+            "PATH=/bin:/sbin",
+            "testimg",
+        ]);
+        args.extend(["sh", "-c", script]);
+        let expected = if vm {
+            "/srv\n33\n34\n/bin:/sbin\n"
+        } else {
+            "/srv\n33\n34\n/bin:/sbin\ncfg\n"
+        };
+        assert_eq!(w.ok(&args), expected, "vm={vm}");
+    }
     // -v: a host directory inside, read-only with :ro.
     let host = w.dir.path().join("shared");
     std::fs::create_dir_all(&host).unwrap();
