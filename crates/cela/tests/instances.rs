@@ -377,40 +377,44 @@ fn bad_input_is_refused_clearly() {
         &["run", "no-such-image"],
         "no image no-such-image in the store",
     );
-    w.err(
-        &["run", "--name", "bad name", "testimg", "true"],
-        "not a valid instance name",
-    );
-    w.err(
-        &["run", "-v", "relative:/x", "testimg", "true"],
-        "both paths must be absolute",
-    );
-    w.err(
-        &["run", "-v", "/nonexistent-dir:/x", "testimg", "true"],
-        "does not exist",
-    );
-    w.err(
-        &["run", "--vm", "-v", "/tmp:/x", "testimg", "true"],
-        "not supported for --vm",
-    );
-    w.err(
-        &["run", "-u", "nobody", "testimg", "true"],
-        "no user nobody",
-    );
-    w.err(&["logs", "nothing-here"], "no such instance");
-    w.err(&["rm", "nothing-here"], "no such instance");
-    w.err(
-        &["run", "--disk", "/tmp/x", "testimg", "true"],
-        "--disk is not supported with an IMAGE",
-    );
-    w.err(
-        &["run", "--net", "bogus", "testimg", "true"],
-        "--net \"bogus\": expected none, host or auto",
-    );
-    w.err(
-        &["run", "--vm", "--net", "host", "testimg", "true"],
-        "--net host is for containers",
-    );
+    for (args, needle) in [
+        (
+            &["run", "--name", "bad name", "testimg", "true"][..],
+            "not a valid instance name",
+        ),
+        (
+            &["run", "-v", "relative:/x", "testimg", "true"],
+            "both paths must be absolute",
+        ),
+        (
+            &["run", "-v", "/nonexistent-dir:/x", "testimg", "true"],
+            "does not exist",
+        ),
+        (
+            &["run", "--vm", "-v", "/tmp:/x", "testimg", "true"],
+            "not supported for --vm",
+        ),
+        (
+            &["run", "-u", "nobody", "testimg", "true"],
+            "no user nobody",
+        ),
+        (&["logs", "nothing-here"], "no such instance"),
+        (&["rm", "nothing-here"], "no such instance"),
+        (
+            &["run", "--disk", "/tmp/x", "testimg", "true"],
+            "--disk is not supported with an IMAGE",
+        ),
+        (
+            &["run", "--net", "bogus", "testimg", "true"],
+            "--net \"bogus\": expected none, host or auto",
+        ),
+        (
+            &["run", "--vm", "--net", "host", "testimg", "true"],
+            "--net host is for containers",
+        ),
+    ] {
+        w.err(args, needle);
+    }
     // No instance is left by any of them.
     let ps: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
     assert_eq!(ps, Value::Array(vec![]), "bad input left instances");

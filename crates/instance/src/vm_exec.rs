@@ -7,7 +7,6 @@
 
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cela_guest::VSOCK_AGENT_PORT;
@@ -129,8 +128,7 @@ fn handshake(mut stream: UnixStream) -> Result<Option<UnixStream>, InstanceError
     Ok(Some(stream))
 }
 
-fn forward_input(writer: UnixStream) {
-    let writer = Arc::new(Mutex::new(writer));
+fn forward_input(mut writer: UnixStream) {
     let mut buf = vec![0u8; 32 << 10];
     let mut stdin = io::stdin().lock();
     loop {
@@ -139,8 +137,7 @@ fn forward_input(writer: UnixStream) {
             Ok(n) => Frame::Stdin(buf[..n].to_vec()),
         };
         let end = frame == Frame::StdinEnd;
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        if frame.write_to(&mut *w).is_err() || end {
+        if frame.write_to(&mut writer).is_err() || end {
             return;
         }
     }

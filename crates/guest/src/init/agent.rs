@@ -87,9 +87,10 @@ fn send(out: &Mutex<File>, frame: &Frame) -> bool {
 
 /// Runs one connection's command from start to exit status.
 fn run_one(conn: File, defaults: &Defaults) {
-    let Ok(reader) = conn.try_clone() else { return };
+    let Ok(mut reader) = conn.try_clone() else {
+        return;
+    };
     let out = Arc::new(Mutex::new(conn));
-    let mut reader = reader;
     let start = match Frame::read_from(&mut reader) {
         Ok(Some(Frame::Start(start))) => start,
         Ok(Some(_)) => {
