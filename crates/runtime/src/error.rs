@@ -29,7 +29,9 @@ pub enum Error {
     #[error("container {0} does not exist")]
     NotFound(String),
     /// The id would escape the state directory or is empty.
-    #[error("invalid container id {0:?}: use letters, digits, '_', '-', '.' and '+' only")]
+    #[error(
+        "invalid container id {0:?}: use letters, digits, '_', '-', '.' and '+' only, not starting with '.'"
+    )]
     InvalidId(String),
     /// The operation needs another state.
     #[error("cannot {op} container {id}: it is {status}{hint}")]
@@ -42,6 +44,18 @@ pub enum Error {
         status: &'static str,
         /// What to do about it, if anything.
         hint: &'static str,
+    },
+    /// Another cela-runc held the state root's lock for too long.
+    #[error(
+        "gave up after {} s waiting for {}: another cela-runc holds it (/proc/locks names its pid)",
+        waited.as_secs(),
+        path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// How long this process waited.
+        waited: std::time::Duration,
     },
     /// A signal name or number that Linux does not have.
     #[error("unknown signal {0:?}: use a name (KILL, SIGTERM) or a number from 1 to 31")]

@@ -9,6 +9,7 @@
 
 pub mod console;
 pub mod error;
+pub mod lock;
 pub mod runtime;
 pub mod spec;
 

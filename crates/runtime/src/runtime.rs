@@ -22,6 +22,7 @@ use oci_spec::runtime::LinuxResources;
 use serde::Serialize;
 
 use crate::error::{Error, status_name};
+use crate::lock::{Mode, RootLock};
 use crate::spec;
 
 /// Default state directory of `cela-runc` (runc's is /run/runc).
@@ -129,9 +130,9 @@ impl Runtime {
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf, Error> {
+        // No leading '.': that keeps ".", ".." and the lock file (crate::lock) out of reach.
         let ok = !id.is_empty()
-            && id != "."
-            && id != ".."
+            && !id.starts_with('.')
             && id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c));
@@ -141,8 +142,23 @@ impl Runtime {
         Ok(self.root.join(id))
     }
 
+    /// Takes the state root's lock (crate::lock) for one operation; `None` when there is no
+    /// root yet, and so no container to race on.
+    fn lock(&self, mode: Mode) -> Result<Option<RootLock>, Error> {
+        if !self.root.is_dir() {
+            return Ok(None);
+        }
+        RootLock::acquire(&self.root, mode).map(Some)
+    }
+
     /// Loads a container with its status refreshed from the kernel.
     pub fn load(&self, id: &str) -> Result<Container, Error> {
+        let _lock = self.lock(Mode::Shared)?;
+        self.open(id)
+    }
+
+    /// [`Runtime::load`] for a caller that holds the lock.
+    fn open(&self, id: &str) -> Result<Container, Error> {
         let dir = self.dir(id)?;
         if !dir.join("state.json").exists() {
             return Err(Error::NotFound(id.to_owned()));
@@ -171,6 +187,10 @@ impl Runtime {
             what: format!("creating state directory {}", self.root.display()),
             source,
         })?;
+        let _lock = RootLock::acquire(&self.root, Mode::Exclusive)?;
+        if dir.exists() {
+            return Err(Error::Exists(id.to_owned()));
+        }
         let result = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_executor(DefaultExecutor {})
             .with_root_path(&self.root)
@@ -198,7 +218,7 @@ impl Runtime {
 
     /// Removes what a failed create may have left: processes, cgroup, state directory.
     fn remove_leftovers(&self, id: &str, dir: &Path) {
-        if let Ok(mut c) = self.load(id)
+        if let Ok(mut c) = self.open(id)
             && let Err(e) = c.delete(true)
         {
             tracing::warn!(id, "cleaning up after a failed create: {e}");
@@ -210,7 +230,8 @@ impl Runtime {
 
     /// Starts a created container's process.
     pub fn start(&self, id: &str) -> Result<(), Error> {
-        let mut c = self.load(id)?;
+        let _lock = self.lock(Mode::Exclusive)?;
+        let mut c = self.open(id)?;
         if c.status() != ContainerStatus::Created {
             return Err(Error::WrongState {
                 op: "start",
@@ -231,7 +252,8 @@ impl Runtime {
     /// every process of the container.
     pub fn kill(&self, id: &str, signal: &str, all: bool) -> Result<(), Error> {
         let sig = parse_signal(signal)?;
-        let mut c = self.load(id)?;
+        let _lock = self.lock(Mode::Exclusive)?;
+        let mut c = self.open(id)?;
         if c.status() == ContainerStatus::Stopped && !all {
             return Err(Error::WrongState {
                 op: "kill",
@@ -246,7 +268,8 @@ impl Runtime {
     /// Deletes a container: its cgroup and state. A running or paused one needs `force` (its
     /// processes are then killed). With `force`, an unknown id is not an error.
     pub fn delete(&self, id: &str, force: bool) -> Result<(), Error> {
-        let mut c = match self.load(id) {
+        let _lock = self.lock(Mode::Exclusive)?;
+        let mut c = match self.open(id) {
             Ok(c) => c,
             Err(Error::NotFound(_)) if force => {
                 // An aborted create may leave a directory without state.json.
@@ -272,7 +295,8 @@ impl Runtime {
 
     /// Freezes every process of a running container.
     pub fn pause(&self, id: &str) -> Result<(), Error> {
-        let mut c = self.load(id)?;
+        let _lock = self.lock(Mode::Exclusive)?;
+        let mut c = self.open(id)?;
         if c.status() != ContainerStatus::Running {
             return Err(Error::WrongState {
                 op: "pause",
@@ -286,7 +310,8 @@ impl Runtime {
 
     /// Thaws a paused container.
     pub fn resume(&self, id: &str) -> Result<(), Error> {
-        let mut c = self.load(id)?;
+        let _lock = self.lock(Mode::Exclusive)?;
+        let mut c = self.open(id)?;
         if c.status() != ContainerStatus::Paused {
             return Err(Error::WrongState {
                 op: "resume",
@@ -300,7 +325,8 @@ impl Runtime {
 
     /// Host pids of every process in the container's cgroup.
     pub fn pids(&self, id: &str) -> Result<Vec<i32>, Error> {
-        let c = self.load(id)?;
+        let _lock = self.lock(Mode::Shared)?;
+        let c = self.open(id)?;
         let m = self.cgroup(&c)?;
         let mut pids: Vec<i32> = m
             .get_all_pids()
@@ -314,6 +340,7 @@ impl Runtime {
 
     /// States of every container under the root, sorted by id.
     pub fn list(&self) -> Result<Vec<OciState>, Error> {
+        let _lock = self.lock(Mode::Shared)?;
         let entries = match fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -328,7 +355,7 @@ impl Runtime {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             // A container being created or deleted right now may vanish or lack state.json.
-            if let Ok(c) = self.load(&name) {
+            if let Ok(c) = self.open(&name) {
                 out.push(oci_state(&c));
             }
         }
@@ -339,7 +366,8 @@ impl Runtime {
     /// Applies new resource limits to a created, running or paused container, and records them
     /// nowhere else: the cgroup is the truth, as with runc.
     pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), Error> {
-        let c = self.load(id)?;
+        let _lock = self.lock(Mode::Shared)?;
+        let c = self.open(id)?;
         if c.status() == ContainerStatus::Stopped {
             return Err(Error::WrongState {
                 op: "update",
@@ -360,7 +388,8 @@ impl Runtime {
 
     /// Resource statistics of the container's cgroup.
     pub fn stats(&self, id: &str) -> Result<Stats, Error> {
-        let c = self.load(id)?;
+        let _lock = self.lock(Mode::Shared)?;
+        let c = self.open(id)?;
         if c.status() == ContainerStatus::Stopped {
             return Err(Error::WrongState {
                 op: "read statistics of",
@@ -377,7 +406,8 @@ impl Runtime {
     /// Runs another process in a running container; returns its host pid. Unless `detach`, the
     /// process is a child of the caller, to be waited for.
     pub fn exec(&self, id: &str, opts: &ExecOptions) -> Result<i32, Error> {
-        let c = self.load(id)?;
+        let _lock = self.lock(Mode::Shared)?;
+        let c = self.open(id)?;
         let ok = match c.status() {
             ContainerStatus::Running => true,
             ContainerStatus::Paused => opts.ignore_paused,
@@ -525,7 +555,7 @@ mod tests {
     #[test]
     fn ids_cannot_escape_the_root() {
         let rt = Runtime::new("/nonexistent", false);
-        for id in ["", ".", "..", "a/b", "../x", "a b"] {
+        for id in ["", ".", "..", ".lock", "a/b", "../x", "a b"] {
             assert!(matches!(rt.dir(id), Err(Error::InvalidId(_))), "{id:?}");
         }
         assert_eq!(

@@ -60,6 +60,7 @@ fn run_of_a_killed_container_exits_128_plus_signal() {
         .arg(&f.root)
         .args(["run", "--bundle", b.to_str().unwrap(), &id])
         .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     wait_until("the container to run", || {
@@ -68,7 +69,7 @@ fn run_of_a_killed_container_exits_128_plus_signal() {
     let pid = f.state(&id)["pid"].as_i64().unwrap() as i32;
     f.ok(&["kill", &id, "SIGKILL"]);
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(137));
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
     f.assert_nothing_left(&id, Some(pid));
 }
 
@@ -207,4 +208,41 @@ fn pause_freezes_and_resume_thaws() {
     );
     f.ok(&["delete", "--force", &id]);
     f.assert_nothing_left(&id, Some(pid));
+}
+
+/// libcontainer rewrites state.json in place; without the state root's lock a `state` racing
+/// a `pause` or `resume` read an empty file (this is how `run` once exited 1 instead of 137).
+#[test]
+fn state_stays_readable_while_another_cela_runc_writes_it() {
+    let f = Fixture::new("race");
+    let id = f.id("c");
+    let b = f.bundle(&id, false, &["sleep", "1000"], |_| {});
+    f.start_detached(&id, &b);
+    let (root, cid) = (f.root.clone(), id.clone());
+    std::thread::scope(|s| {
+        // The fixture is not Sync: the writer runs cela-runc itself.
+        let writer = s.spawn(move || {
+            for _ in 0..25 {
+                for op in ["pause", "resume"] {
+                    let out = std::process::Command::new(runc_bin())
+                        .arg("--root")
+                        .arg(&root)
+                        .args([op, &cid])
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{op}: {}", stderr(&out));
+                }
+            }
+        });
+        while !writer.is_finished() {
+            let st = f.state(&id);
+            assert!(
+                st["status"] == "running" || st["status"] == "paused",
+                "{st}"
+            );
+        }
+        writer.join().unwrap();
+    });
+    f.ok(&["delete", "--force", &id]);
+    f.assert_nothing_left(&id, None);
 }
