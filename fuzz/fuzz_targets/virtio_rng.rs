@@ -5,24 +5,25 @@
 
 #![no_main]
 
+mod common;
+
 use std::sync::Arc;
 
 use cela_vmm::devices::virtio::rng::Rng;
 use cela_vmm::devices::virtio::{ActiveDevice, Interrupt, VirtioDevice};
+use common::{DESC_BYTES, descriptors, has_indirect};
 use libfuzzer_sys::fuzz_target;
-use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::QueueT;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 0x4_0000;
 const QUEUE_SIZE: u16 = 16;
+/// Guest memory the fuzzer fills (the rings sit below it).
 const DATA_START: u64 = 0x1_0000;
+/// Where the used ring goes: clear of the mock's other rings (see virtio_blk_request).
 const USED_RING: u64 = 0x8000;
-const DESC_BYTES: usize = 16;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else {
@@ -35,21 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let (table, contents) = rest.split_at(count * DESC_BYTES);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let descs: Vec<RawDescriptor> = table
-        .chunks_exact(DESC_BYTES)
-        .map(|d| {
-            let raw = u64::from_le_bytes(d[..8].try_into().unwrap());
-            let addr = if raw >> 63 == 0 {
-                DATA_START + raw % (MEM_SIZE as u64 - DATA_START)
-            } else {
-                raw
-            };
-            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]) % 0x2_0000;
-            let flags = u16::from_le_bytes([d[12], d[13]]);
-            let next = u16::from_le_bytes([d[14], d[15]]);
-            RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-        })
-        .collect();
+    let descs = descriptors(table, DATA_START, MEM_SIZE as u64);
     if vq.add_desc_chains(&descs, 0).is_err() {
         return;
     }
@@ -70,10 +57,8 @@ fuzz_target!(|data: &[u8]| {
     .unwrap();
     rng.process_queue(0);
 
-    let indirect = descs
-        .iter()
-        .any(|d| Descriptor::from(*d).flags() & VRING_DESC_F_INDIRECT as u16 != 0);
-    if !indirect {
+    // Through an indirect table the device's writes can hit the rings: then only "no panic".
+    if !has_indirect(&descs) {
         let avail_idx: u16 = mem.read_obj(vq.avail_addr().unchecked_add(2)).unwrap();
         let used_idx: u16 = mem
             .read_obj(GuestAddress(USED_RING).unchecked_add(2))

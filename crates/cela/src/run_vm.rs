@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// PATH, a socket in the run directory, printed on stderr. Removed when the VM ends.
     #[arg(long, value_name = "PATH", num_args = 0..=1)]
     vsock: Option<Option<PathBuf>>,
+    /// The guest's vsock context id (CID), 3 to 4294967294; default 3. Needs `--vsock`.
+    #[arg(long, value_name = "CID", requires = "vsock")]
+    vsock_cid: Option<u64>,
     /// Environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -244,7 +247,9 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
             };
             let v = VsockConfig {
                 path,
-                guest_cid: cela_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID,
+                guest_cid: args
+                    .vsock_cid
+                    .unwrap_or(cela_vmm::devices::virtio::vsock::DEFAULT_GUEST_CID),
             };
             cela_vmm::config::check_vsock(&v)?;
             Some(v)

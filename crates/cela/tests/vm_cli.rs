@@ -145,6 +145,33 @@ fn a_vsock_path_that_exists_or_has_no_directory_is_refused_and_left_alone() {
 }
 
 #[test]
+fn a_reserved_vsock_cid_or_one_without_vsock_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let p = path.to_str().unwrap();
+    for cid in ["0", "2", "4294967295"] {
+        assert_error(
+            &[
+                "run",
+                "--vm",
+                "--vsock",
+                p,
+                "--vsock-cid",
+                cid,
+                "--",
+                "true",
+            ],
+            "reserved or too large",
+        );
+    }
+    // A usage error, from the argument parser.
+    let out = run_cela(&["run", "--vm", "--vsock-cid", "7", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--vsock"), "{}", text(&out.stderr));
+    assert!(!path.exists());
+}
+
+#[test]
 fn vsock_on_the_qemu_engine_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.sock");

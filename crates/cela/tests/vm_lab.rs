@@ -87,7 +87,8 @@ echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d '
     ),
     // vsock between guest and host, several ports each way, data both ways on each. Host
     // listeners on PATH_6000 and PATH_6001 take the guest's connections; the guest listens on
-    // 5000 and 5001 and the host connects through PATH with `CONNECT <port>`.
+    // 5000 and 5001 and the host connects through PATH with `CONNECT <port>`. The guest has
+    // CID 42, not the default 3: packets must carry the one given.
     (
         "vsock",
         r#"NC=/lab/cela-init; rm -f /tmp/v.sock*
@@ -96,7 +97,7 @@ for p in 6000 6001; do
   (echo host-reply-$p | $NC nc -l unix:/tmp/v.sock_$p > /tmp/g2h_$p) & listeners="$listeners $!"
 done
 while [ ! -S /tmp/v.sock_6000 ] || [ ! -S /tmp/v.sock_6001 ]; do :; done
-$CELA --vsock /tmp/v.sock -- sh -c '
+$CELA --vsock /tmp/v.sock --vsock-cid 42 -- sh -c '
 for p in 5000 5001; do (echo guest-reply-$p | /init nc -l vsock:$p > /run/h2g_$p) & done
 for p in 6000 6001; do echo guest-data-$p | /init nc vsock:2:$p; done
 wait

@@ -122,7 +122,23 @@ pub fn run_lab_batch(
     run.timeout = batch;
     match lab.run(&run) {
         Err(e @ (LabError::Timeout { .. } | LabError::Frozen { .. })) => {
-            eprintln!("the nested lab stopped responding ({e}); running the batch once more");
+            // A passing test's stderr is not shown: keep the failed attempt's console where the
+            // next engineer can look (docs/TESTING.md, "lab flakes").
+            let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("lab-retries");
+            let _ = std::fs::create_dir_all(&dir);
+            let log = dir.join(format!(
+                "{}-{}.log",
+                scenarios.first().map_or("batch", |s| s.0),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+            let console = e.console().unwrap_or_default();
+            let _ = std::fs::write(&log, format!("{e}\n\n{console}"));
+            eprintln!(
+                "the nested lab stopped responding ({e}); its console is in {}; running the batch once more",
+                log.display()
+            );
             lab.run(&run)
         }
         other => other,
