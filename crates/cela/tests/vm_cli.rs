@@ -167,7 +167,11 @@ fn a_reserved_vsock_cid_or_one_without_vsock_is_refused() {
     // A usage error, from the argument parser.
     let out = run_cela(&["run", "--vm", "--vsock-cid", "7", "--", "true"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("--vsock"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--vsock"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!path.exists());
 }
 

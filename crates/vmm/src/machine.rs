@@ -91,9 +91,13 @@ pub enum GuestExit {
     Command(u8),
     /// The guest powered off (ACPI S5) without reporting a status.
     PoweredOff,
-    /// The guest asked for a reset (keyboard controller, ACPI reset register or triple fault);
-    /// cela ends the VM rather than rebooting it.
+    /// The guest asked for a reset (keyboard controller or ACPI reset register); cela ends the
+    /// VM rather than rebooting it.
     Rebooted,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): a reset the guest did not ask for, since
+    /// cela's kernel command line reboots through the keyboard controller. A failure, not a
+    /// reboot: a command that was running never finished.
+    TripleFault,
     /// The guest kernel panicked (reported through the pvpanic device).
     Panicked,
     /// The user left an interactive console with the escape sequence.
@@ -110,7 +114,7 @@ impl GuestExit {
             GuestExit::Command(code) => i32::from(code),
             GuestExit::PoweredOff | GuestExit::Detached => 0,
             GuestExit::Rebooted => 0,
-            GuestExit::Panicked => 125,
+            GuestExit::Panicked | GuestExit::TripleFault => 125,
             GuestExit::Interrupted(sig) => 128 + i32::from(sig),
         }
     }
@@ -122,6 +126,9 @@ impl GuestExit {
             GuestExit::PoweredOff => Some("the guest powered off"),
             GuestExit::Rebooted => Some("the guest rebooted; cela ended the VM"),
             GuestExit::Panicked => Some("the guest kernel panicked"),
+            GuestExit::TripleFault => Some(
+                "a guest CPU triple-faulted (a reset the guest did not ask for); cela ended the VM",
+            ),
             GuestExit::Detached => Some("detached from the console; the VM was stopped"),
             GuestExit::Interrupted(_) => Some("interrupted; the VM was stopped"),
         }
@@ -149,6 +156,18 @@ mod tests {
                 read_only: true,
                 serial: None,
             }
+        );
+    }
+
+    #[test]
+    fn a_triple_fault_is_a_failure_and_a_requested_reset_is_not() {
+        assert_eq!(GuestExit::Rebooted.exit_code(), 0);
+        assert_eq!(GuestExit::TripleFault.exit_code(), 125);
+        assert!(
+            GuestExit::TripleFault
+                .describe()
+                .unwrap()
+                .contains("triple-faulted")
         );
     }
 }

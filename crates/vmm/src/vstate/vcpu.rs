@@ -221,8 +221,8 @@ impl Vcpu {
                 return Ok(false);
             }
             VcpuExit::Shutdown => {
-                tracing::info!("vCPU {}: triple fault; treating it as a reset", self.id);
-                self.stop.request(StopReason::Guest(GuestExit::Rebooted));
+                tracing::info!("vCPU {}: triple fault", self.id);
+                self.stop.request(StopReason::Guest(GuestExit::TripleFault));
                 return Ok(false);
             }
             VcpuExit::SystemEvent(kind, _) => {
