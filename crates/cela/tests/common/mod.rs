@@ -123,7 +123,7 @@ pub fn run_lab_batch(
     match lab.run(&run) {
         Err(e @ (LabError::Timeout { .. } | LabError::Frozen { .. })) => {
             // A passing test's stderr is not shown: keep the failed attempt's console where the
-            // next engineer can look (docs/TESTING.md, "lab flakes").
+            // next engineer can look (docs/TESTING.md, "Known flake").
             let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("lab-retries");
             let _ = std::fs::create_dir_all(&dir);
             let log = dir.join(format!(
