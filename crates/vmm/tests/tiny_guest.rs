@@ -148,10 +148,10 @@ fn several_vcpus_run_and_see_their_own_apic_id() {
 }
 
 #[test]
-fn a_triple_fault_ends_the_vm_as_a_reset() {
+fn a_triple_fault_ends_the_vm_as_a_failure_not_a_reboot() {
     // ud2 with an empty IDT: #UD → #DF → triple fault → KVM_EXIT_SHUTDOWN.
     let r = run(&[0x0f, 0x0b], 1, vec![]);
-    assert_eq!(r.reason, StopReason::Guest(GuestExit::Rebooted));
+    assert_eq!(r.reason, StopReason::Guest(GuestExit::TripleFault));
 }
 
 #[test]
