@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use cela_runtime::ExecOptions;
+use cela_runtime::{ExecOptions, Overrides};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -174,12 +174,15 @@ pub fn exec(inst: &Instance, req: &ExecRequest) -> Result<Exec, InstanceError> {
     let pid = container::runtime(inst).exec(
         &inst.config.id,
         &ExecOptions {
-            args: req.args.clone(),
-            env,
-            cwd: req.workdir.as_ref().map(Into::into),
-            tty: req.tty,
+            overrides: Overrides {
+                args: req.args.clone(),
+                env,
+                cwd: req.workdir.as_ref().map(Into::into),
+                tty: req.tty,
+                user,
+                ..Default::default()
+            },
             console_socket: req.console_socket.clone(),
-            user,
             ..Default::default()
         },
     )?;

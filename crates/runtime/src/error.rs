@@ -71,6 +71,16 @@ pub enum Error {
         /// The system error.
         source: std::io::Error,
     },
+    /// A process could not be started in a running container.
+    #[error("exec in container {id}: {message}")]
+    Exec {
+        /// The container.
+        id: String,
+        /// What failed.
+        message: String,
+        /// The status a shell would give: 127 not found, 126 not executable, 1 otherwise.
+        status: u8,
+    },
     /// A cgroup operation.
     #[error("cgroup: {0}")]
     Cgroup(String),

@@ -9,9 +9,11 @@
 
 pub mod console;
 pub mod error;
+pub mod exec;
 pub mod lock;
 pub mod runtime;
 pub mod spec;
 
 pub use error::Error;
+pub use exec::Overrides;
 pub use runtime::{CreateOptions, DEFAULT_ROOT, ExecOptions, OciState, Runtime};

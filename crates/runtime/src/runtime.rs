@@ -18,10 +18,11 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
-use oci_spec::runtime::LinuxResources;
+use oci_spec::runtime::{LinuxResources, Process};
 use serde::Serialize;
 
 use crate::error::{Error, status_name};
+use crate::exec::{self, Confinement, Overrides};
 use crate::lock::{Mode, RootLock};
 use crate::spec;
 
@@ -74,25 +75,11 @@ pub struct CreateOptions {
 /// How to run a process in a running container (runc's `exec` flags).
 #[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
-    /// A process.json (OCI `process` object); when set, the fields below except `detach`,
-    /// `pid_file`, `console_socket` and `preserve_fds` are ignored.
+    /// A process.json (OCI `process` object) to run; what it leaves out is the container's.
+    /// When set, `overrides` is ignored.
     pub process: Option<PathBuf>,
-    /// Program and arguments.
-    pub args: Vec<String>,
-    /// Extra environment variables.
-    pub env: HashMap<String, String>,
-    /// Working directory.
-    pub cwd: Option<PathBuf>,
-    /// Uid and optional gid.
-    pub user: Option<(u32, Option<u32>)>,
-    /// Additional group ids.
-    pub additional_gids: Vec<u32>,
-    /// Capabilities to add.
-    pub caps: Vec<String>,
-    /// Set no_new_privileges.
-    pub no_new_privs: bool,
-    /// Allocate a pseudo-terminal.
-    pub tty: bool,
+    /// The container's process with these changes (program, env, cwd, user, caps, tty).
+    pub overrides: Overrides,
     /// Unix socket that receives the pty master.
     pub console_socket: Option<PathBuf>,
     /// File to write the process's pid to.
@@ -206,14 +193,10 @@ impl Runtime {
                     .with_detach(opts.detach || opts.console_socket.is_some())
                     .with_no_pivot(opts.no_pivot)
                     .build()
-            });
-        match result {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                self.remove_leftovers(id, &dir);
-                Err(e.into())
-            }
-        }
+            })
+            .map_err(Error::from)
+            .and_then(|c| Confinement::of(&bundle.spec).save(&dir).map(|()| c));
+        result.inspect_err(|_| self.remove_leftovers(id, &dir))
     }
 
     /// Removes what a failed create may have left: processes, cgroup, state directory.
@@ -421,73 +404,96 @@ impl Runtime {
                 hint: "",
             });
         }
-        if opts.tty && opts.detach && opts.console_socket.is_none() {
+        if opts.overrides.tty && opts.detach && opts.console_socket.is_none() {
             return Err(Error::Usage(
                 "exec --tty --detach needs --console-socket to hand the terminal to".into(),
             ));
         }
-        // A terminal is asked for through the process object; write one if the caller gave
-        // only arguments.
-        let process = match (&opts.process, opts.tty) {
-            (Some(p), _) => Some(p.clone()),
-            (None, false) => None,
-            (None, true) => Some(self.write_tty_process(&c, opts)?),
+        let dir = self.dir(id)?;
+        let confinement = match Confinement::load(&dir)? {
+            Some(c) => c,
+            // A container created before confinement records: its bundle is all there is.
+            None => Confinement::of(&spec::load_bundle(c.bundle())?.spec),
         };
-        if process.is_none() && opts.args.is_empty() {
-            return Err(Error::Usage("exec needs a command or --process".into()));
-        }
-        let result = ContainerBuilder::new(id.to_owned(), SyscallType::default())
-            .with_executor(DefaultExecutor {})
-            .with_root_path(&self.root)
-            .and_then(|b| b.with_pid_file(opts.pid_file.as_ref()))
-            .map(|b| b.with_console_socket(opts.console_socket.as_ref()))
-            .map(|b| b.with_preserved_fds(opts.preserve_fds))
-            .map(|b| {
-                b.as_tenant()
-                    .with_detach(opts.detach || opts.console_socket.is_some())
-                    .with_cwd(opts.cwd.as_ref())
-                    .with_env(opts.env.clone())
-                    .with_container_args(opts.args.clone())
-                    .with_process(process.as_ref())
-                    .with_no_new_privs(opts.no_new_privs)
-                    .with_capabilities(opts.caps.clone())
-                    .with_user(opts.user.map(|u| u.0))
-                    .with_group(opts.user.and_then(|u| u.1))
-                    .with_additional_gids(opts.additional_gids.clone())
-                    .with_ignore_paused(opts.ignore_paused)
-                    .with_sub_cgroup(opts.cgroup.clone())
-            })
-            .and_then(|b| b.build());
-        if opts.tty
-            && opts.process.is_none()
-            && let Some(p) = &process
+        if confinement
+            .seccomp
+            .as_ref()
+            .is_some_and(|s| s.listener_path().is_some())
         {
-            let _ = fs::remove_file(p);
+            return Err(Error::Usage(format!(
+                "container {id} has a seccomp notify listener, which exec does not support"
+            )));
         }
-        Ok(result?.as_raw())
+        let given = opts
+            .process
+            .as_deref()
+            .map(exec::read_json::<Process>)
+            .transpose()?;
+        let process = exec::exec_process(&confinement, given, &opts.overrides)?;
+        let init = c.pid().ok_or_else(|| Error::Exec {
+            id: id.to_owned(),
+            message: "the container has no init process".into(),
+            status: 1,
+        })?;
+        let cgroup = self.cgroup(&c)?;
+        let sub = match &opts.cgroup {
+            Some(sub) => Some(self.sub_cgroup(&c, sub)?),
+            None => None,
+        };
+        let is_member = |pid: i32| {
+            cgroup
+                .get_all_pids()
+                .is_ok_and(|pids| pids.iter().any(|p| p.as_raw() == pid))
+        };
+        let join_cgroup = |pid: nix::unistd::Pid| {
+            let pid = nix_lc::unistd::Pid::from_raw(pid.as_raw());
+            sub.as_ref()
+                .map_or_else(|| cgroup.add_task(pid), |s| s.add_task(pid))
+                .map_err(|e| Error::Cgroup(e.to_string()))
+        };
+        let io = exec::Io {
+            console_socket: opts.console_socket.clone(),
+            preserve_fds: opts.preserve_fds,
+            frozen: c.status() == ContainerStatus::Paused,
+        };
+        let pid = exec::spawn(
+            init.as_raw(),
+            is_member,
+            join_cgroup,
+            &process,
+            confinement.seccomp.as_ref(),
+            &io,
+        )
+        .map_err(|f| Error::Exec {
+            id: id.to_owned(),
+            message: f.message,
+            status: f.status,
+        })?;
+        if let Some(path) = &opts.pid_file {
+            write_pid_file(path, pid.as_raw())?;
+        }
+        Ok(pid.as_raw())
     }
 
-    fn write_tty_process(&self, c: &Container, opts: &ExecOptions) -> Result<PathBuf, Error> {
-        let bundle = spec::load_bundle(c.bundle())?;
-        let mut process = bundle.spec.process().clone().unwrap_or_default();
-        process.set_terminal(Some(true));
-        process.set_args(Some(opts.args.clone()));
-        if let Some(cwd) = &opts.cwd {
-            process.set_cwd(cwd.clone());
+    /// The manager of `sub`, a cgroup below the container's (`exec --cgroup`).
+    fn sub_cgroup(
+        &self,
+        c: &Container,
+        sub: &str,
+    ) -> Result<libcgroups::common::AnyCgroupManager, Error> {
+        let sub = sub.rsplit_once(':').map_or(sub, |(_, path)| path);
+        if sub.is_empty() || sub.split('/').any(|p| p == ".." || p == ".") || sub.starts_with('/') {
+            return Err(Error::Usage(format!(
+                "exec --cgroup {sub:?}: give a relative path below the container's cgroup"
+            )));
         }
-        let mut env = process.env().clone().unwrap_or_default();
-        env.extend(opts.env.iter().map(|(k, v)| format!("{k}={v}")));
-        process.set_env(Some(env));
-        let path = self
-            .root
-            .join(c.id())
-            .join(format!("exec-tty-{}.json", std::process::id()));
-        let text = serde_json::to_vec(&process).expect("an OCI process serializes");
-        fs::write(&path, text).map_err(|source| Error::Io {
-            what: format!("writing {}", path.display()),
-            source,
-        })?;
-        Ok(path)
+        let config = c.spec()?;
+        create_cgroup_manager(CgroupConfig {
+            cgroup_path: config.cgroup_path.join(sub),
+            systemd_cgroup: c.systemd(),
+            container_name: c.id().to_owned(),
+        })
+        .map_err(|e| Error::Cgroup(e.to_string()))
     }
 
     fn cgroup(&self, c: &Container) -> Result<libcgroups::common::AnyCgroupManager, Error> {
@@ -533,6 +539,17 @@ fn oci_state(c: &Container) -> OciState {
             .unwrap_or_default(),
         annotations: c.state.annotations.clone().unwrap_or_default(),
     }
+}
+
+/// Writes `pid` to `path` atomically, as runc's `--pid-file` (containerd reads it).
+fn write_pid_file(path: &Path, pid: i32) -> Result<(), Error> {
+    let tmp = path.with_extension("cela-tmp");
+    fs::write(&tmp, pid.to_string())
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|source| Error::Io {
+            what: format!("writing pid file {}", path.display()),
+            source,
+        })
 }
 
 #[cfg(test)]

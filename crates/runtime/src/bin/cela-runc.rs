@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cela_runtime::console::{ConsoleSocket, TerminalProxy};
-use cela_runtime::{CreateOptions, DEFAULT_ROOT, ExecOptions, Runtime, spec};
+use cela_runtime::{CreateOptions, DEFAULT_ROOT, ExecOptions, Overrides, Runtime, spec};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -311,25 +311,23 @@ fn exec(rt: &Runtime, a: liboci_cli::Exec) -> Result<u8> {
     let process = absolute_opt(&a.process)?;
     let terminal = a.tty
         || match &process {
-            Some(p) => {
-                let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                serde_json::from_slice::<oci_spec::runtime::Process>(&text)
-                    .with_context(|| format!("{} is not an OCI process object", p.display()))?
-                    .terminal()
-                    .unwrap_or(false)
-            }
+            Some(p) => cela_runtime::exec::read_json::<oci_spec::runtime::Process>(p)?
+                .terminal()
+                .unwrap_or(false),
             None => false,
         };
     let mut opts = ExecOptions {
         process,
-        args: a.command,
-        env: a.env.into_iter().collect::<HashMap<_, _>>(),
-        cwd: a.cwd,
-        user: a.user,
-        additional_gids: a.additional_gids,
-        caps: a.cap,
-        no_new_privs: a.no_new_privs,
-        tty: a.tty,
+        overrides: Overrides {
+            args: a.command,
+            env: a.env.into_iter().collect::<HashMap<_, _>>(),
+            cwd: a.cwd,
+            user: a.user,
+            additional_gids: a.additional_gids,
+            caps: a.cap,
+            no_new_privs: a.no_new_privs,
+            tty: a.tty,
+        },
         console_socket: absolute_opt(&a.console_socket)?,
         pid_file: absolute_opt(&a.pid_file)?,
         detach: a.detach,
