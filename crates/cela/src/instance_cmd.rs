@@ -222,9 +222,18 @@ fn spawn_supervisor(data_dir: &Path, inst: &Instance) -> anyhow::Result<()> {
 /// `cela __supervise ID`: runs the instance in this process (see cela_instance::supervise).
 pub fn supervise(id: &str, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(id)?;
+    if inst.config.kind == Kind::Container {
+        reexec_sealed()?;
+    }
     let store = Store::open(data_dir)?;
     cela_instance::supervise::supervise(&store, &inst)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A process that puts processes into a container runs from a sealed copy of cela
+/// (`cela_runtime::sealed`, CVE-2019-5736); this re-executes it so, unless it already does.
+fn reexec_sealed() -> anyhow::Result<()> {
+    cela_runtime::sealed::reexec_sealed().context("re-executing from a sealed copy of cela")
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -449,6 +458,9 @@ pub struct ExecArgs {
 
 pub fn exec(args: ExecArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(&args.name)?;
+    if inst.config.kind == Kind::Container {
+        reexec_sealed()?;
+    }
     // A microVM's terminal is the guest agent's; a container's comes through a console socket.
     let console = if args.tty && inst.config.kind == Kind::Container {
         Some(cela_runtime::console::ConsoleSocket::listen(
@@ -470,9 +482,17 @@ pub fn exec(args: ExecArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
         stdin: args.interactive || !args.tty,
     };
-    let pid = match ops::exec(&inst, &req)? {
-        ops::Exec::Child(pid) => pid,
-        ops::Exec::Finished(code) => return Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+    let pid = match ops::exec(&inst, &req) {
+        Ok(ops::Exec::Child(pid)) => pid,
+        Ok(ops::Exec::Finished(code)) => return Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        // A program that is not there or not executable gives a shell's status (127, 126).
+        Err(
+            e @ cela_instance::InstanceError::Runtime(cela_runtime::Error::Exec { status, .. }),
+        ) if status != 1 => {
+            eprintln!("cela: error: {e}");
+            return Ok(ExitCode::from(status));
+        }
+        Err(e) => return Err(e.into()),
     };
     let proxy = match &console {
         Some(c) => Some(cela_runtime::console::TerminalProxy::start(

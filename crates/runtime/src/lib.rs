@@ -12,6 +12,7 @@ pub mod error;
 pub mod exec;
 pub mod lock;
 pub mod runtime;
+pub mod sealed;
 pub mod spec;
 
 pub use error::Error;

@@ -96,6 +96,16 @@ impl Log {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that put a process into a container run from a sealed copy of this binary
+    // (cela_runtime::sealed: CVE-2019-5736).
+    if matches!(
+        cli.command,
+        Command::Create(_) | Command::Run(_) | Command::Exec(_)
+    ) && let Err(e) = cela_runtime::sealed::reexec_sealed()
+    {
+        eprintln!("cela-runc: error: re-executing from a sealed copy of cela-runc: {e}");
+        return ExitCode::from(1);
+    }
     let log = Log {
         file: cli.global.log.clone(),
         json: cli.global.log_format.as_deref() == Some("json"),
