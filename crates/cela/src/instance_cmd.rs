@@ -15,7 +15,8 @@ use cela_image::{RunConfig, Store};
 use cela_instance::log::{LogReader, Stream};
 use cela_instance::ops::{self, ExecRequest, is_live};
 use cela_instance::{
-    Instance, InstanceConfig, InstanceState, Instances, Kind, NetMode, Status, VmBoot, Volume,
+    Instance, InstanceConfig, InstanceState, Instances, Kind, NetMode, Security, Status, VmBoot,
+    Volume,
 };
 use clap::Args;
 use serde_json::json;
@@ -44,6 +45,10 @@ pub struct RunImage {
     pub initrd: Option<std::path::PathBuf>,
     /// `--net`: none, host or auto.
     pub net: Option<String>,
+    /// `--cap-add`, `--cap-drop`, `--security-opt` (containers).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub security_opt: Vec<String>,
 }
 
 /// How long a detached `run`/`start` waits for the supervisor to report the workload running.
@@ -59,6 +64,17 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         Some(arg) => NetMode::parse(arg, kind)?,
         None => NetMode::None,
     };
+    let security_flags =
+        !req.cap_add.is_empty() || !req.cap_drop.is_empty() || !req.security_opt.is_empty();
+    if req.vm && security_flags {
+        bail!(
+            "--cap-add, --cap-drop and --security-opt are for containers (a microVM's guest kernel confines its processes)"
+        );
+    }
+    let security = Security::parse(&req.cap_add, &req.cap_drop, &req.security_opt, net)?;
+    if let (Some(mib), false) = (req.memory, req.vm) {
+        cela_instance::container::memory_limit(mib)?;
+    }
     let store = crate::image_cmd::open(data_dir)?;
     let image = store.resolve(&req.image).with_context(|| {
         format!(
@@ -132,16 +148,10 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         })
     } else {
         // Unpack the layers now (once per layer), not in the supervisor, and check the user
-        // against the image's /etc/passwd (in the highest layer that has one).
+        // against the image's /etc/passwd.
         let layers = cela_image::layer_dirs(&store, &image)?;
         if let Some(user) = req.user.as_ref().or(rc.user.as_ref()) {
-            let top = layers
-                .iter()
-                .rev()
-                .find(|d| d.join("etc/passwd").is_file())
-                .cloned()
-                .unwrap_or_default();
-            cela_instance::container::resolve_user(&top, user)?;
+            cela_instance::container::check_user(&layers, user)?;
         }
         None
     };
@@ -163,6 +173,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         created: cela_instance::record::now(),
         vm,
         net,
+        security,
     };
     let insts = instances(data_dir)?;
     let inst = insts.create(config)?;
@@ -320,40 +331,53 @@ fn view(inst: &Instance, state: &InstanceState) -> serde_json::Value {
 }
 
 pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let (good, broken) = instances(data_dir)?.scan()?;
     let mut rows = Vec::new();
-    for inst in instances(data_dir)?.list()? {
-        let state = inst.state()?;
-        if all || is_live(&state) {
-            rows.push((inst, state));
+    for inst in good {
+        // A record that cannot be read is listed (as unknown, with the error), never fatal.
+        let state = inst.state_or_unknown();
+        if all || is_live(&state) || state.status == Status::Unknown {
+            rows.push(view(&inst, &state));
         }
     }
+    rows.extend(
+        broken
+            .iter()
+            .map(|b| json!({"id": b.id, "status": Status::Unknown, "error": b.error})),
+    );
     match format {
-        Format::Json => {
-            let v: Vec<_> = rows.iter().map(|(i, s)| view(i, s)).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Format::Table => {
             println!(
                 "{:12}  {:16}  {:9}  {:20}  {:24}  STATUS",
                 "ID", "NAME", "KIND", "IMAGE", "COMMAND"
             );
-            for (i, s) in rows {
-                let status = match (s.status, s.exit_code) {
-                    (Status::Exited, Some(c)) => format!("exited ({c})"),
-                    (st, _) => st.to_string(),
+            let cell = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or("?").to_owned();
+            for v in rows {
+                let status = match (v["status"].as_str(), v["exit_code"].as_i64()) {
+                    (Some("exited"), Some(c)) => format!("exited ({c})"),
+                    (Some("unknown"), _) => format!("unknown: {}", cell(&v, "error")),
+                    (st, _) => st.unwrap_or("?").to_owned(),
                 };
-                let mut cmd = i.config.command.join(" ");
-                if cmd.len() > 24 {
-                    cmd.truncate(21);
-                    cmd.push_str("...");
+                let mut cmd = v["command"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                if cmd.chars().count() > 24 {
+                    cmd = cmd.chars().take(21).collect::<String>() + "...";
                 }
-                let kind = match i.config.kind {
-                    Kind::Container => "container",
-                    Kind::Vm => "vm",
-                };
                 println!(
                     "{:12}  {:16}  {:9}  {:20}  {:24}  {status}",
-                    i.config.id, i.config.name, kind, i.config.image, cmd
+                    cell(&v, "id"),
+                    cell(&v, "name"),
+                    cell(&v, "kind"),
+                    cell(&v, "image"),
+                    cmd
                 );
             }
         }
@@ -372,7 +396,7 @@ pub fn inspect(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
     let mut out = Vec::new();
     for n in names {
         let inst = insts.find(n)?;
-        let state = inst.state()?;
+        let state = inst.state_or_unknown();
         let mut v = view(&inst, &state);
         v["config"] = serde_json::to_value(&inst.config)?;
         v["state"] = serde_json::to_value(&state)?;
@@ -420,9 +444,21 @@ pub fn start(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
 pub fn rm(names: &[String], force: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let insts = instances(data_dir)?;
     for n in names {
-        let inst = insts.find(n)?;
-        ops::remove(&inst, force)?;
-        println!("{}", inst.name());
+        match insts.find(n) {
+            Ok(inst) => {
+                ops::remove(&inst, force)?;
+                println!("{}", inst.name());
+            }
+            // An instance whose config cannot be read is known by its id only.
+            Err(e @ cela_instance::InstanceError::NotFound(_)) => match insts.find_broken(n)? {
+                Some(b) => {
+                    ops::remove_broken(&b, force)?;
+                    println!("{}", b.id);
+                }
+                None => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

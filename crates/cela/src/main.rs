@@ -90,13 +90,30 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    if let Command::Supervise { id } = &cli.command
+        && !cela_instance::record::is_id(id)
+    {
+        eprintln!("cela: error: {id:?} is not an instance id");
+        return ExitCode::from(EXIT_CELA_ERROR);
+    }
     let data_dir = paths::data_dir(cli.data_dir);
+    // The data dir holds images' setuid files and device nodes and containers' writable
+    // layers: root's alone, whatever command comes first.
+    if let Err(e) = cela_instance::record::private_dir(&data_dir) {
+        eprintln!("cela: error: {e}");
+        return ExitCode::from(EXIT_CELA_ERROR);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("CELA_LOG")
-        // rustls' verifier logs each refused certificate as an error of its own; cela reports
-        // the failed pull in its one error line.
+        // rustls' verifier logs each refused certificate as an error of its own, libcontainer
+        // each failed step; cela reports the failure in its one error line.
         .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("warn,libcgroups=error,rustls_platform_verifier=off")
+            tracing_subscriber::EnvFilter::new(
+                "warn,libcgroups=error,libcontainer=off,rustls_platform_verifier=off",
+            )
         });
     // A supervisor's stderr is its instance's output: its own messages go to a file beside it.
     let supervisor_log = match &cli.command {
@@ -135,6 +152,37 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cela: error: {e:#}");
+            ExitCode::from(EXIT_CELA_ERROR)
+        }
+    }
+}
+
+/// Help and version go to stdout (status 0); a command line clap refuses becomes one
+/// `cela: error:` line naming the problem, status 125, as every other error of cela's.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(EXIT_CELA_ERROR)
+        }
+        _ => {
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let tip = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("tip: "))
+                .map(|t| format!("; {t}"))
+                .unwrap_or_default();
+            eprintln!("cela: error: {first}{tip} (see cela --help)");
             ExitCode::from(EXIT_CELA_ERROR)
         }
     }

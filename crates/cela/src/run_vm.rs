@@ -86,6 +86,17 @@ pub struct RunArgs {
     /// Print boot timings on stderr when the VM ends.
     #[arg(long)]
     timings: bool,
+    /// Give a container a capability beyond Docker's default set (`ALL` for every one;
+    /// repeatable).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Take a capability from a container's set (`ALL` for every one; repeatable).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    cap_drop: Vec<String>,
+    /// A container's confinement: `seccomp=unconfined` (no filter), `seccomp=PATH` (an OCI
+    /// or Docker seccomp profile instead of cela's default); `no-new-privileges` is always on.
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
     /// The image to run, then the command (default: the image's). Without an IMAGE, `--vm`
     /// boots cela's own initramfs and runs the command given after `--` (or an interactive
     /// shell on the console; leave with Ctrl-A x).
@@ -187,6 +198,9 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
                 kernel: args.kernel,
                 initrd: args.initrd,
                 net: args.net,
+                cap_add: args.cap_add,
+                cap_drop: args.cap_drop,
+                security_opt: args.security_opt,
             },
             data_dir,
         );
@@ -197,6 +211,9 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         );
     }
     for (flag, set) in [
+        ("--cap-add", !args.cap_add.is_empty()),
+        ("--cap-drop", !args.cap_drop.is_empty()),
+        ("--security-opt", !args.security_opt.is_empty()),
         ("-d", args.detach),
         ("--rm", args.rm),
         ("--name", args.name.is_some()),

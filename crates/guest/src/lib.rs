@@ -26,6 +26,7 @@
 //! * **Ending the VM**: the init powers the machine off (ACPI S5) after reporting; a guest reboot
 //!   or kernel panic ends the VM too and is reported by the engine, not by the init.
 
+pub mod beneath;
 pub mod exec;
 pub mod netif;
 pub mod users;

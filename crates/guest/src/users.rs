@@ -14,15 +14,25 @@ pub struct Identity {
     pub home: Option<String>,
 }
 
+/// Largest `/etc/passwd` or `/etc/group` read (a system with many users has a few hundred
+/// KiB).
+const MAX_DB: u64 = 4 << 20;
+
 /// One `/etc/passwd` or `/etc/group` entry: name, id, the fourth field (gid for passwd), and
-/// the sixth (home for passwd).
+/// the sixth (home for passwd). The file is the image's, read beneath `rootfs` and bounded
+/// ([`crate::beneath`]); `Ok(None)` if it or the entry is missing.
+type Entry = (u32, Option<u32>, Option<String>);
+
 fn find_entry(
     rootfs: &Path,
     file: &str,
     matches: impl Fn(&str, &str) -> bool,
-) -> Option<(u32, Option<u32>, Option<String>)> {
-    let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
-    text.lines().find_map(|line| {
+) -> Result<Option<Entry>, String> {
+    let bytes = crate::beneath::read(rootfs, file, MAX_DB)
+        .map_err(|e| format!("reading the image's /{file}: {e}"))?;
+    let Some(bytes) = bytes else { return Ok(None) };
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(text.lines().find_map(|line| {
         let f: Vec<&str> = line.split(':').collect();
         let (name, id) = (*f.first()?, *f.get(2)?);
         matches(name, id).then_some(())?;
@@ -30,7 +40,7 @@ fn find_entry(
         let fourth = f.get(3).and_then(|g| g.parse().ok());
         let home = f.get(5).filter(|h| !h.is_empty()).map(|h| (*h).to_owned());
         Some((id, fourth, home))
-    })
+    }))
 }
 
 /// Resolves `user` (`USER[:GROUP]`, each a name or a number) in `rootfs`; the error names
@@ -44,12 +54,12 @@ pub fn resolve(rootfs: &Path, user: &str) -> Result<Identity, String> {
         format!("user {user}: no {what} {name} in the image's /etc/{file}")
     };
     let (uid, primary, home) = match u.parse::<u32>() {
-        Ok(uid) => match find_entry(rootfs, "etc/passwd", |_, id| id == u) {
+        Ok(uid) => match find_entry(rootfs, "etc/passwd", |_, id| id == u)? {
             Some((_, gid, home)) => (uid, gid.unwrap_or(uid), home),
             None => (uid, uid, None),
         },
         Err(_) => {
-            let (uid, gid, home) = find_entry(rootfs, "etc/passwd", |name, _| name == u)
+            let (uid, gid, home) = find_entry(rootfs, "etc/passwd", |name, _| name == u)?
                 .ok_or_else(|| missing("user", u, "passwd"))?;
             (uid, gid.unwrap_or(uid), home)
         }
@@ -59,7 +69,7 @@ pub fn resolve(rootfs: &Path, user: &str) -> Result<Identity, String> {
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
             Err(_) => {
-                find_entry(rootfs, "etc/group", |name, _| name == g)
+                find_entry(rootfs, "etc/group", |name, _| name == g)?
                     .ok_or_else(|| missing("group", g, "group"))?
                     .0
             }
@@ -108,6 +118,33 @@ mod tests {
                 .contains("no user nosuch in the image's /etc/passwd")
         );
         assert!(id("web:nogroup").unwrap_err().contains("no group nogroup"));
+        // A hostile image: /etc/passwd a link to the host's, or to /dev/zero.
+        std::fs::remove_file(dir.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("etc/passwd")).unwrap();
+        assert!(
+            id("web").unwrap_err().contains("no user web"),
+            "no /dev/zero in the root"
+        );
+        std::fs::create_dir_all(dir.join("dev")).unwrap();
+        nix::unistd::mkfifo(
+            &dir.join("dev/zero"),
+            nix::sys::stat::Mode::from_bits(0o600).unwrap(),
+        )
+        .unwrap();
+        assert!(id("web").unwrap_err().contains("not a regular file"));
+        let outside = dir.with_extension("outside");
+        std::fs::write(&outside, "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::remove_file(dir.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../../..{}", outside.display()),
+            dir.join("etc/passwd"),
+        )
+        .unwrap();
+        assert!(
+            id("root").unwrap_err().contains("no user root"),
+            "a file outside was read"
+        );
+        std::fs::remove_file(&outside).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

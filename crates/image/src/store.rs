@@ -136,6 +136,17 @@ impl Store {
     /// Opens (creating if needed) the store under `data_dir/images`.
     pub fn open(data_dir: &Path) -> Result<Store, ImageError> {
         let root = data_dir.join("images");
+        // Unpacked layers keep images' setuid files and device nodes: root's alone.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&root)
+                .at("creating image store directory", &root)?;
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+                .at("making the image store private", &root)?;
+        }
         for d in ["blobs/sha256", "tmp", "layers", "ext4"] {
             let p = root.join(d);
             fs::create_dir_all(&p).at("creating image store directory", &p)?;

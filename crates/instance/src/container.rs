@@ -18,13 +18,19 @@ use serde_json::{Value, json};
 
 use crate::error::{InstanceError, IoContext};
 use crate::record::{Instance, InstanceConfig};
+use crate::security::Seccomp;
 
 /// The cgroup parent of cela's containers (`/cela/<id>` in each hierarchy).
 pub const CGROUP_PARENT: &str = "/cela";
 
 /// The runtime whose state root is in the instance directory.
 pub fn runtime(inst: &Instance) -> Runtime {
-    Runtime::new(inst.dir.join("runtime"), false)
+    runtime_at(&inst.dir)
+}
+
+/// The runtime of the instance directory `dir`.
+pub fn runtime_at(dir: &Path) -> Runtime {
+    Runtime::new(dir.join("runtime"), false)
 }
 
 fn rootfs_dir(inst: &Instance) -> PathBuf {
@@ -96,11 +102,87 @@ fn is_mounted(path: &Path) -> bool {
 
 /// Unmounts the instance's root if it is mounted.
 pub fn unmount_rootfs(inst: &Instance) {
-    let root = rootfs_dir(inst);
+    unmount_rootfs_at(&inst.dir);
+}
+
+/// [`unmount_rootfs`] of the instance directory `dir`.
+pub fn unmount_rootfs_at(dir: &Path) {
+    let root = dir.join("rootfs");
     if is_mounted(&root)
         && let Err(e) = umount2(&root, MntFlags::MNT_DETACH)
     {
         tracing::warn!("unmounting {}: {e}", root.display());
+    }
+}
+
+/// A container's memory limit in bytes for `--memory MIB`: at least 6 MiB (as Docker: less
+/// cannot start a process) and no more than the kernel's counters hold.
+pub fn memory_limit(mib: u64) -> Result<i64, InstanceError> {
+    const MIN_MIB: u64 = 6;
+    match mib.checked_mul(1 << 20).and_then(|b| i64::try_from(b).ok()) {
+        Some(bytes) if mib >= MIN_MIB => Ok(bytes),
+        _ => Err(InstanceError::Other(format!(
+            "--memory {mib}: a container's memory limit is {MIN_MIB} MiB to {} MiB",
+            i64::MAX >> 20
+        ))),
+    }
+}
+
+/// Kills every process in the cgroup of container `id` (`/cela/<id>` in each cgroup v1
+/// hierarchy, or in the v2 tree) and removes the cgroup directories that are then empty.
+pub fn kill_cgroup(id: &str) {
+    let mut dirs = Vec::new();
+    if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            dirs.push(
+                h.path()
+                    .join(CGROUP_PARENT.trim_start_matches('/'))
+                    .join(id),
+            );
+        }
+    }
+    dirs.push(
+        Path::new("/sys/fs/cgroup")
+            .join(CGROUP_PARENT.trim_start_matches('/'))
+            .join(id),
+    );
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    // The processes are gone once reaped by their parents; rmdir succeeds after that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        while fs::remove_dir(d).is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Checks `user` against an image's layers before its container exists: in the highest layer
+/// that has an `etc/passwd` entry (read beneath the layer's root, never through its links). If
+/// a layer's `etc` is itself a link, the check waits for the supervisor, which resolves the
+/// user in the mounted root where the layers' links mean what they will in the container.
+pub fn check_user(layers: &[PathBuf], user: &str) -> Result<(), InstanceError> {
+    for layer in layers.iter().rev() {
+        match fs::symlink_metadata(layer.join("etc")) {
+            Ok(m) if m.file_type().is_symlink() => return Ok(()),
+            Ok(m) if m.is_dir() => {}
+            _ => continue,
+        }
+        if fs::symlink_metadata(layer.join("etc/passwd")).is_ok() {
+            return resolve_user(layer, user).map(|_| ());
+        }
+    }
+    match layers.last() {
+        Some(top) => resolve_user(top, user).map(|_| ()),
+        None => Ok(()),
     }
 }
 
@@ -119,6 +201,8 @@ pub fn spec(config: &InstanceConfig, rootfs: &Path) -> Result<Value, InstanceErr
     v["hostname"] = json!(config.name);
     let p = &mut v["process"];
     p["terminal"] = json!(false);
+    // Keeps setuid binaries from gaining privileges; Docker's `no-new-privileges`.
+    p["noNewPrivileges"] = json!(true);
     p["args"] = json!(config.command);
     let mut env = config.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -136,10 +220,23 @@ pub fn spec(config: &InstanceConfig, rootfs: &Path) -> Result<Value, InstanceErr
         let (uid, gid) = resolve_user(rootfs, user)?;
         p["user"] = json!({"uid": uid, "gid": gid});
     }
+    let caps = crate::security::capabilities(config)?;
+    let mut names: Vec<Value> = caps.iter().map(|c| json!(c)).collect();
+    names.sort_by_key(|n| n.to_string());
+    p["capabilities"] = json!({"bounding": names, "effective": names, "permitted": names});
+    match &config.security.seccomp {
+        Seccomp::Default => {
+            v["linux"]["seccomp"] = json!(cela_runtime::seccomp::default_profile(&caps));
+        }
+        Seccomp::Unconfined => {
+            v["linux"].as_object_mut().map(|l| l.remove("seccomp"));
+        }
+        Seccomp::Profile(profile) => v["linux"]["seccomp"] = profile.clone(),
+    }
     v["linux"]["cgroupsPath"] = json!(format!("{CGROUP_PARENT}/{}", config.id));
     let mut resources = json!({});
     if let Some(mib) = config.memory_mib {
-        let bytes = (mib as i64) << 20;
+        let bytes = memory_limit(mib)?;
         resources["memory"] = json!({"limit": bytes, "swap": bytes});
     }
     if let Some(cpus) = config.cpus {

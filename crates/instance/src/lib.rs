@@ -7,6 +7,7 @@
 //! * [`container`]: containers from images (OverlayFS over the image's layers, an OCI bundle
 //!   from the image config, `cela-runtime` underneath).
 //! * [`log`]: the output log, stdout and stderr kept apart in arrival order.
+//! * [`security`]: a container's capabilities and seccomp filter.
 //! * [`network`]: `--net none|host|auto`: a container's network namespace and veth link, a
 //!   microVM's TAP, and their removal.
 //! * [`ops`]: stop, remove, exec, waiting on state.
@@ -18,11 +19,13 @@ pub mod log;
 pub mod network;
 pub mod ops;
 pub mod record;
+pub mod security;
 pub mod supervise;
 pub mod vm_exec;
 
 pub use error::InstanceError;
 pub use network::NetMode;
 pub use record::{
-    Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
+    Broken, Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
 };
+pub use security::{Seccomp, Security};

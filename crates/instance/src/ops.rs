@@ -9,7 +9,9 @@ use nix::unistd::Pid;
 
 use crate::container;
 use crate::error::InstanceError;
-use crate::record::{Instance, InstanceState, Kind, Status};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::record::{Broken, Instance, InstanceState, Kind, Status};
 
 /// How often waits on an instance's state look again.
 const POLL: Duration = Duration::from_millis(20);
@@ -84,10 +86,11 @@ pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, Instanc
 }
 
 /// Removes an instance and everything it made (container, mounts, cgroup, its directory). A
-/// live one needs `force` (it is killed first).
+/// live one needs `force` (it is killed first), and so does one whose state cannot be read
+/// (everything of it that can be found is killed: see [`kill_leftovers`]).
 pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
-    let state = inst.state()?;
-    if is_live(&state) {
+    let state = inst.state_or_unknown();
+    if is_live(&state) || state.status == Status::Unknown {
         if !force {
             return Err(InstanceError::WrongState {
                 name: inst.name().to_owned(),
@@ -95,7 +98,11 @@ pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
                 hint: "stop it first, or use rm -f",
             });
         }
-        stop(inst, Duration::ZERO)?;
+        if state.status == Status::Unknown {
+            kill_leftovers(&inst.config.id, &inst.dir);
+        } else {
+            stop(inst, Duration::ZERO)?;
+        }
     }
     if inst.config.kind == Kind::Container {
         // Also what a killed supervisor left: the container, its mount.
@@ -105,16 +112,70 @@ pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
     Ok(())
 }
 
+/// Removes an instance directory whose config cannot be read (needs `force`): kills what can
+/// be found of it, unmounts what is mounted in it, removes its network namespace and the
+/// directory.
+pub fn remove_broken(b: &Broken, force: bool) -> Result<(), InstanceError> {
+    if !force {
+        return Err(InstanceError::Other(format!(
+            "instance {} is unknown ({}): rm -f kills whatever runs of it and removes it",
+            b.id, b.error
+        )));
+    }
+    kill_leftovers(&b.id, &b.dir);
+    let _ = container::runtime_at(&b.dir).delete(&b.id, true);
+    container::unmount_rootfs_at(&b.dir);
+    crate::network::teardown_at(&b.dir, None);
+    let gone = crate::record::retire(&b.dir).unwrap_or_else(|_| b.dir.clone());
+    std::fs::remove_dir_all(&gone).map_err(|source| InstanceError::Io {
+        what: format!("removing {}", gone.display()),
+        source,
+    })
+}
+
+/// Kills, without a record to go by, what may still run of instance `id` in `dir`: its
+/// supervisor (found by its command line, `cela --data-dir DATA __supervise ID`; a microVM's
+/// monitor is the supervisor, QEMU dies with it) and every process in its container's cgroup.
+pub fn kill_leftovers(id: &str, dir: &std::path::Path) {
+    let data_dir = dir.parent().and_then(|p| p.parent());
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let supervises = args
+                .windows(2)
+                .any(|w| w[0] == b"__supervise" && w[1] == id.as_bytes());
+            let same_data = args.windows(2).any(|w| {
+                w[0] == b"--data-dir"
+                    && data_dir.is_some_and(|d| {
+                        std::path::Path::new(std::ffi::OsStr::from_bytes(w[1])) == d
+                    })
+            });
+            if supervises && (same_data || data_dir.is_none()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+    container::kill_cgroup(id);
+}
+
 /// Removes the instance directory (what is mounted in it is unmounted first, and a
-/// container's network removed).
+/// container's network removed). The directory is renamed to a hidden name first, so no
+/// listing sees it half-removed.
 pub fn remove_dir(inst: &Instance) {
     if inst.config.kind == Kind::Container {
         container::unmount_rootfs(inst);
         let recorded = inst.state().ok().and_then(|s| s.network);
         crate::network::teardown(inst, recorded.as_ref());
     }
-    if let Err(e) = std::fs::remove_dir_all(&inst.dir) {
-        tracing::warn!("removing {}: {e}", inst.dir.display());
+    let dir = inst.retire().unwrap_or_else(|_| inst.dir.clone());
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!("removing {}: {e}", dir.display());
     }
 }
 

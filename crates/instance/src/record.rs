@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{InstanceError, IoContext};
 use crate::network::{NetMode, NetworkState};
+use crate::security::Security;
 
 /// What kind of isolation runs an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +44,25 @@ impl Volume {
             .ok_or_else(|| bad("expected HOST:DEST[:ro]"))?;
         if !host.starts_with('/') || !dest.starts_with('/') {
             return Err(bad("both paths must be absolute"));
+        }
+        if dest.split('/').any(|c| c == ".." || c == ".") {
+            return Err(bad("the destination may not contain `.` or `..`"));
+        }
+        // The runtime mounts these itself; a volume over them would hide or replace what
+        // confines the container (runc refuses the same).
+        let normal: String = dest
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .fold(String::new(), |p, c| p + "/" + c);
+        let reserved = normal.is_empty()
+            || ["/proc", "/sys"]
+                .iter()
+                .any(|r| normal == *r || normal.starts_with(&format!("{r}/")))
+            || ["/dev", "/dev/pts", "/dev/shm", "/dev/mqueue"].contains(&normal.as_str());
+        if reserved {
+            return Err(bad(&format!(
+                "{dest} may not be a volume's destination (/, /proc, /sys and /dev are the runtime's)"
+            )));
         }
         if !Path::new(host).exists() {
             return Err(bad(&format!("{host} does not exist")));
@@ -93,6 +113,9 @@ pub struct InstanceConfig {
     /// `--net` (configs written before it existed read as `none`, which they had).
     #[serde(default)]
     pub net: NetMode,
+    /// How a container is confined beyond its namespaces: capabilities and seccomp.
+    #[serde(default)]
+    pub security: Security,
 }
 
 /// Where an instance is in its life.
@@ -106,6 +129,9 @@ pub enum Status {
     Exited,
     /// The supervisor died without recording an end (killed, or the machine went down).
     Crashed,
+    /// The record cannot be read (a corrupt or missing `state.json` or `config.json`): shown
+    /// with the error, removable with `rm -f`; never written.
+    Unknown,
 }
 
 impl std::fmt::Display for Status {
@@ -115,6 +141,7 @@ impl std::fmt::Display for Status {
             Status::Running => "running",
             Status::Exited => "exited",
             Status::Crashed => "crashed",
+            Status::Unknown => "unknown",
         })
     }
 }
@@ -189,6 +216,17 @@ impl InstanceState {
     }
 }
 
+/// Renames an instance directory to `.removing-<id>` beside it (see [`Instance::retire`]).
+pub fn retire(dir: &Path) -> Result<PathBuf, InstanceError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let to = dir.with_file_name(format!(".removing-{name}"));
+    fs::rename(dir, &to).doing(|| format!("renaming {} to {}", dir.display(), to.display()))?;
+    Ok(to)
+}
+
 /// The current time in RFC 3339, as every record writes it.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -198,6 +236,16 @@ pub fn now() -> String {
 #[derive(Debug, Clone)]
 pub struct Instances {
     root: PathBuf,
+}
+
+/// An instance directory whose config cannot be read: listed as `unknown` with the error.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    /// The directory's name, the instance's id.
+    pub id: String,
+    pub dir: PathBuf,
+    /// Why its record cannot be read.
+    pub error: String,
 }
 
 /// One instance: its directory and its config.
@@ -213,6 +261,41 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// Creates `dir` (and its parents) if missing and makes it root's alone (0700): instance
+/// directories hold containers' writable layers, in which a container may plant setuid files
+/// and device nodes, so no other local user may reach them (Docker closes its data root the
+/// same way). A directory another user owns is refused rather than taken over.
+pub fn private_dir(dir: &Path) -> Result<(), InstanceError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .doing(|| format!("creating {}", dir.display()))?;
+    let meta = fs::metadata(dir).doing(|| format!("reading {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(InstanceError::Other(format!(
+            "{} belongs to uid {}, not to this user (uid {me}): cela keeps its data in a directory of its own",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.permissions().mode() & 0o7777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .doing(|| format!("making {} private (0700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether `s` has the shape of an instance id (12 lowercase hex digits), so that it names a
+/// directory under `instances/` and nothing else.
+pub fn is_id(s: &str) -> bool {
+    s.len() == 12
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// 12 random hex digits (the ids `cela ps` shows in full).
@@ -248,7 +331,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, InstanceE
 impl Instances {
     pub fn open(data_dir: &Path) -> Result<Instances, InstanceError> {
         let root = data_dir.join("instances");
-        fs::create_dir_all(&root).doing(|| format!("creating {}", root.display()))?;
+        private_dir(&root)?;
         Ok(Instances { root })
     }
 
@@ -274,7 +357,12 @@ impl Instances {
         if !valid_name(&config.name) {
             return Err(InstanceError::BadName(config.name));
         }
-        if self.list()?.iter().any(|i| i.config.name == config.name) {
+        if self
+            .scan_locked()?
+            .0
+            .iter()
+            .any(|i| i.config.name == config.name)
+        {
             return Err(InstanceError::NameTaken(config.name));
         }
         let dir = self.root.join(&config.id);
@@ -305,24 +393,65 @@ impl Instances {
         })
     }
 
-    /// Every instance, oldest first. Directories without a readable config (being created
-    /// or removed) are skipped.
+    /// Every instance with a readable config, oldest first.
     pub fn list(&self) -> Result<Vec<Instance>, InstanceError> {
-        let mut all = Vec::new();
+        Ok(self.scan()?.0)
+    }
+
+    /// Every instance directory: those with a readable config (oldest first), and those
+    /// without one ([`Broken`]), which `cela ps` lists as unknown and `rm -f` removes. Taken
+    /// under the instances lock, so a directory being created is never seen half-made; one
+    /// being removed was renamed to a hidden name first ([`Instance::retire`]).
+    pub fn scan(&self) -> Result<(Vec<Instance>, Vec<Broken>), InstanceError> {
+        let _lock = self.lock()?;
+        self.scan_locked()
+    }
+
+    /// [`Instances::scan`] for a caller holding the lock.
+    fn scan_locked(&self) -> Result<(Vec<Instance>, Vec<Broken>), InstanceError> {
+        let (mut good, mut broken) = (Vec::new(), Vec::new());
         for entry in
             fs::read_dir(&self.root).doing(|| format!("reading {}", self.root.display()))?
         {
             let Ok(entry) = entry else { continue };
+            let id = entry.file_name().to_string_lossy().into_owned();
             let dir = entry.path();
-            if !dir.is_dir() {
+            if id.starts_with('.') || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            if let Ok(config) = read_json::<InstanceConfig>(&dir.join("config.json")) {
-                all.push(Instance { dir, config });
+            match read_json::<InstanceConfig>(&dir.join("config.json")) {
+                Ok(config) if config.id == id => good.push(Instance { dir, config }),
+                Ok(config) => broken.push(Broken {
+                    error: format!(
+                        "{}: records id {:?}, not its directory's",
+                        dir.join("config.json").display(),
+                        config.id
+                    ),
+                    id,
+                    dir,
+                }),
+                Err(e) => broken.push(Broken {
+                    id,
+                    dir,
+                    error: e.to_string(),
+                }),
             }
         }
-        all.sort_by(|a, b| a.config.created.cmp(&b.config.created));
-        Ok(all)
+        good.sort_by(|a, b| a.config.created.cmp(&b.config.created));
+        broken.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((good, broken))
+    }
+
+    /// The broken instance directory whose id is or starts with `key`.
+    pub fn find_broken(&self, key: &str) -> Result<Option<Broken>, InstanceError> {
+        let broken = self.scan()?.1;
+        let mut hits = broken
+            .into_iter()
+            .filter(|b| !key.is_empty() && b.id.starts_with(key));
+        Ok(match (hits.next(), hits.next()) {
+            (Some(b), None) => Some(b),
+            _ => None,
+        })
     }
 
     /// The instance named `key`, or whose id is or starts with `key`.
@@ -371,6 +500,22 @@ impl Instance {
         Ok(state)
     }
 
+    /// [`Instance::state`], or an `unknown` state carrying the error when the record cannot be
+    /// read, for listing and removal.
+    pub fn state_or_unknown(&self) -> InstanceState {
+        self.state().unwrap_or_else(|e| InstanceState {
+            status: Status::Unknown,
+            error: Some(e.to_string()),
+            ..InstanceState::created()
+        })
+    }
+
+    /// Renames the instance's directory to a hidden name in the same place, so listings no
+    /// longer see it while it is being deleted; returns the new path.
+    pub fn retire(&self) -> Result<PathBuf, InstanceError> {
+        retire(&self.dir)
+    }
+
     pub fn save_state(&self, state: &InstanceState) -> Result<(), InstanceError> {
         write_json(&self.dir.join("state.json"), state)
     }
@@ -409,6 +554,7 @@ mod tests {
             created: now(),
             vm: None,
             net: NetMode::None,
+            security: Default::default(),
         }
     }
 
@@ -463,6 +609,37 @@ mod tests {
     }
 
     #[test]
+    fn a_corrupt_record_is_listed_as_broken_or_unknown_and_hides_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let insts = Instances::open(dir.path()).unwrap();
+        let a = insts.create(config("a")).unwrap();
+        let b = insts.create(config("b")).unwrap();
+        let c = insts.create(config("c")).unwrap();
+        std::fs::write(b.dir.join("config.json"), b"{not json").unwrap();
+        std::fs::write(c.dir.join("state.json"), b"").unwrap();
+        std::fs::create_dir(insts.root().join("stray")).unwrap();
+        let (good, broken) = insts.scan().unwrap();
+        let names: Vec<_> = good.iter().map(|i| i.name()).collect();
+        assert_eq!(names, ["a", "c"]);
+        let ids: Vec<_> = broken.iter().map(|b| b.id.as_str()).collect();
+        let mut want = vec![b.config.id.as_str(), "stray"];
+        want.sort();
+        assert_eq!(ids, want);
+        assert!(broken.iter().all(|b| !b.error.is_empty()));
+        assert_eq!(
+            insts.find_broken(&b.config.id[..6]).unwrap().unwrap().id,
+            b.config.id
+        );
+        assert!(insts.find_broken(&a.config.id).unwrap().is_none());
+        let st = insts.find("c").unwrap().state_or_unknown();
+        assert_eq!(st.status, Status::Unknown);
+        assert!(st.error.unwrap().contains("state.json"));
+        // A retired directory is not listed at all.
+        a.retire().unwrap();
+        assert_eq!(insts.list().unwrap().len(), 1);
+    }
+
+    #[test]
     fn records_written_before_net_existed_read_as_none() {
         let mut v = serde_json::to_value(config("old")).unwrap();
         v.as_object_mut().unwrap().remove("net");
@@ -485,5 +662,20 @@ mod tests {
         assert!(Volume::parse("tmp:/data").is_err());
         assert!(Volume::parse("/nonexistent-x:/data").is_err());
         assert!(Volume::parse("/tmp").is_err());
+        for dest in [
+            "/",
+            "/proc",
+            "/proc/sys",
+            "//proc/",
+            "/sys",
+            "/sys/fs/cgroup",
+            "/dev",
+            "/a/../proc",
+        ] {
+            assert!(Volume::parse(&format!("/tmp:{dest}")).is_err(), "{dest}");
+        }
+        assert!(Volume::parse("/tmp:/dev/fuse").is_ok());
+        assert!(Volume::parse("/tmp:/procedures").is_ok());
+        assert!(is_id("0123456789ab") && !is_id("../../x") && !is_id("0123456789AB"));
     }
 }

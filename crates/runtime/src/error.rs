@@ -84,9 +84,16 @@ pub enum Error {
     /// A cgroup operation.
     #[error("cgroup: {0}")]
     Cgroup(String),
-    /// An error from youki's libcontainer, with its cause chain.
+    /// An error from youki's libcontainer, with its cause chain in the message (and no
+    /// `source`, so a printer of the chain does not repeat it).
     #[error("{}", chain(.0))]
-    Container(#[from] libcontainer::error::LibcontainerError),
+    Container(Box<libcontainer::error::LibcontainerError>),
+}
+
+impl From<libcontainer::error::LibcontainerError> for Error {
+    fn from(e: libcontainer::error::LibcontainerError) -> Self {
+        Error::Container(Box::new(e))
+    }
 }
 
 impl Error {
@@ -123,7 +130,8 @@ pub fn status_name(s: ContainerStatus) -> &'static str {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &libcontainer::error::LibcontainerError) -> String {
+    let e: &dyn std::error::Error = e;
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -13,6 +13,7 @@ pub mod exec;
 pub mod lock;
 pub mod runtime;
 pub mod sealed;
+pub mod seccomp;
 pub mod spec;
 
 pub use error::Error;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{Capability, Spec};
 use serde_json::{Value, json};
 
 use crate::error::Error;
@@ -27,6 +27,86 @@ pub const JAIL_HOSTNAME: &str = "jail";
 
 /// Capabilities runc's template keeps; the jail keeps the same small set.
 const DEFAULT_CAPS: [&str; 3] = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+
+/// The capabilities a container run by `cela run` holds: Docker's default set (file ownership
+/// and modes, setuid/setgid, binding low ports, raw sockets, chroot, mknod, kill, audit write).
+/// Everything else (CAP_SYS_ADMIN above all) is dropped; `--cap-add`/`--cap-drop` change it.
+pub const CONTAINER_CAPS: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Parses a capability name as Docker's `--cap-add` does: any case, `CAP_` optional.
+pub fn parse_capability(name: &str) -> Result<Capability, Error> {
+    serde_json::from_value(Value::String(name.to_owned())).map_err(|_| {
+        Error::Usage(format!(
+            "unknown capability {name:?} (see capabilities(7); e.g. NET_ADMIN or CAP_NET_ADMIN)"
+        ))
+    })
+}
+
+/// Every capability Linux has, for `--cap-add ALL`.
+pub fn all_capabilities() -> Vec<Capability> {
+    // The names of capabilities(7), in the order of their numbers.
+    [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ]
+    .iter()
+    .map(|n| parse_capability(n).expect("capabilities(7) names parse"))
+    .collect()
+}
 
 /// System calls a jail may not make at all, refused with EPERM by its seccomp filter. Capabilities
 /// and the user namespace already refuse them; the filter makes the refusal independent of both.
@@ -275,6 +355,20 @@ mod tests {
                 .any(|m| m.destination() == Path::new("/tmp"))
         );
         assert!(spec.root().as_ref().unwrap().readonly().unwrap());
+    }
+
+    #[test]
+    fn capabilities_parse_as_docker_takes_them() {
+        assert_eq!(parse_capability("net_admin").unwrap(), Capability::NetAdmin);
+        assert_eq!(
+            parse_capability("CAP_SYS_ADMIN").unwrap(),
+            Capability::SysAdmin
+        );
+        assert!(matches!(
+            parse_capability("CAP_BOGUS"),
+            Err(Error::Usage(_))
+        ));
+        assert_eq!(all_capabilities().len(), 41);
     }
 
     #[test]

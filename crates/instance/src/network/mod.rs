@@ -16,9 +16,9 @@
 //! directory; the veth is created with its peer born in it ([`rtnl::add_veth`]) and configured
 //! from a thread that enters it; the OCI spec then names the file as the namespace's `path`.
 //! Its ping group range is opened (`net.ipv4.ping_group_range`, per namespace, as Docker does)
-//! for pings over ICMP datagram sockets, and the container gets CAP_NET_RAW (in Docker's
-//! default set) for those over raw sockets, such as busybox's — not with `--net host`, where
-//! a raw socket would see the host's traffic.
+//! for pings over ICMP datagram sockets; CAP_NET_RAW (Docker's default set has it, see
+//! `container::capabilities`) serves those over raw sockets, such as busybox's — not with
+//! `--net host`, where a raw socket would see the host's traffic.
 //!
 //! Teardown ([`teardown`]) deletes `eth0` inside that namespace (which takes the host's
 //! `celaN` with it, at once), unmounts and removes the file, and as a last resort deletes the
@@ -297,17 +297,6 @@ pub fn apply_to_spec(spec: &mut Value, inst: &Instance) {
         NetMode::None | NetMode::Auto => {
             namespaces.retain(|n| n["type"] != "network");
             namespaces.push(json!({"type": "network", "path": netns_path(inst)}));
-            // Raw sockets (busybox's ping has no other way), as Docker's default set has;
-            // in a namespace of its own they see only the container's traffic.
-            if let Some(caps) = spec["process"]["capabilities"].as_object_mut() {
-                for set in ["bounding", "effective", "permitted"] {
-                    if let Some(list) = caps.get_mut(set).and_then(Value::as_array_mut)
-                        && !list.iter().any(|c| c == "CAP_NET_RAW")
-                    {
-                        list.push(json!("CAP_NET_RAW"));
-                    }
-                }
-            }
         }
     }
 }
@@ -316,7 +305,15 @@ pub fn apply_to_spec(spec: &mut Value, inst: &Instance) {
 /// namespace's bind mount and file, and the `recorded` host end if it is still the same link.
 /// Quiet and idempotent: what is not there is skipped.
 pub fn teardown(inst: &Instance, recorded: Option<&NetworkState>) {
-    let path = netns_path(inst);
+    teardown_at(
+        &inst.dir,
+        recorded.filter(|_| inst.config.kind == Kind::Container),
+    );
+}
+
+/// [`teardown`] of the instance directory `dir` (also one whose config cannot be read).
+pub fn teardown_at(dir: &Path, recorded: Option<&NetworkState>) {
+    let path = dir.join("netns");
     if let Ok(netns) = File::open(&path) {
         // Fails (EINVAL) on a plain file: nothing was mounted, so there is no link in it.
         let _ = in_netns(&netns, || {
@@ -339,7 +336,6 @@ pub fn teardown(inst: &Instance, recorded: Option<&NetworkState>) {
         }
     }
     if let Some(rec) = recorded
-        && inst.config.kind == Kind::Container
         && ifindex(&rec.interface) == Some(rec.ifindex)
         && let Err(e) = rtnl::delete_link(&rec.interface)
         && e.raw_os_error() != Some(libc::ENODEV)
