@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::Digest;
+
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -40,6 +42,12 @@ pub enum ImageError {
     /// No stored image matches a name or digest prefix.
     #[error("no such image: {0} (see `cela image ls`)")]
     UnknownImage(String),
+
+    /// An image that instances are made from, asked to be removed without `force`.
+    #[error(
+        "image {image} ({digest}) is used by instances: remove them first (a forced removal only takes its names off and keeps it for them)"
+    )]
+    InUse { image: String, digest: Digest },
 
     /// A digest prefix that matches several stored images.
     #[error("digest prefix {prefix} matches {count} images; give more digits")]

@@ -296,7 +296,18 @@ impl Store {
 
     /// Removes a name, or an image with all its names when given its digest or its last name,
     /// then deletes the blobs and caches no image needs any more.
-    pub fn remove(&self, input: &str) -> Result<Removed, ImageError> {
+    ///
+    /// `in_use` holds the digests of the images instances are made from. Such an image is not
+    /// removed: without `force` that is an [`ImageError::InUse`]; with `force` all its names
+    /// go but its record (and so its blobs and unpacked layers) stays, listed as `<none>` —
+    /// what `docker rmi -f` does to an image a container uses. Taking one name off an image
+    /// that keeps others is allowed either way.
+    pub fn remove(
+        &self,
+        input: &str,
+        in_use: &HashSet<Digest>,
+        force: bool,
+    ) -> Result<Removed, ImageError> {
         let _gc = self.lock("gc.lock", libc::LOCK_EX)?;
         let (untagged, deleted) = self.update_index(|index| {
             let i = find(&index.images, input)?;
@@ -305,10 +316,20 @@ impl Store {
                 .ok()
                 .and_then(|r| r.name())
                 .filter(|n| index.images[i].names.contains(n));
+            let image = &mut index.images[i];
             match by_name {
-                Some(name) if index.images[i].names.len() > 1 => {
-                    index.images[i].names.retain(|n| *n != name);
+                Some(name) if image.names.len() > 1 => {
+                    image.names.retain(|n| *n != name);
                     Ok((vec![name], None))
+                }
+                _ if in_use.contains(&image.digest) => {
+                    if !force {
+                        return Err(ImageError::InUse {
+                            image: input.to_owned(),
+                            digest: image.digest.clone(),
+                        });
+                    }
+                    Ok((std::mem::take(&mut image.names), None))
                 }
                 _ => {
                     let gone = index.images.remove(i);
@@ -325,7 +346,8 @@ impl Store {
         })
     }
 
-    /// Deletes blobs and caches that no image refers to, and stale temporary files. The caller
+    /// Deletes blobs and caches that no image record refers to (a record without names — an
+    /// image kept for its instances — still counts), and stale temporary files. The caller
     /// holds `gc.lock` exclusively.
     fn collect_garbage(&self) -> Result<(usize, u64), ImageError> {
         let images = self.list()?;
@@ -640,7 +662,7 @@ mod tests {
 
         // Removing the only name of the first image deletes it and its unshared blobs.
         let before = blob_count(&store);
-        let r = store.remove("b:1").unwrap();
+        let r = store.remove("b:1", &HashSet::new(), false).unwrap();
         assert_eq!(r.deleted, Some(a.digest.clone()));
         assert_eq!(r.blobs_freed, 3);
         assert_eq!(blob_count(&store), before - 3);
@@ -688,14 +710,85 @@ mod tests {
             b"l",
         );
         store.commit_image(rec.clone()).unwrap();
-        let r = store.remove("x:1").unwrap();
+        let r = store.remove("x:1", &HashSet::new(), false).unwrap();
         assert_eq!(
             (r.untagged, r.deleted),
             (vec!["docker.io/library/x:1".to_string()], None)
         );
         assert_eq!(store.resolve("x:2").unwrap().digest, rec.digest);
-        let r = store.remove(&rec.digest.to_string()).unwrap();
+        let r = store
+            .remove(&rec.digest.to_string(), &HashSet::new(), false)
+            .unwrap();
         assert_eq!(r.deleted, Some(rec.digest));
         assert_eq!(blob_count(&store), 0);
+    }
+
+    #[test]
+    fn an_image_in_use_is_refused_or_only_untagged_and_its_blobs_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let used = store
+            .commit_image(record(
+                &store,
+                &["docker.io/library/u:1", "docker.io/library/u:2"],
+                b"used",
+            ))
+            .unwrap();
+        let other = store
+            .commit_image(record(&store, &["docker.io/library/o:1"], b"other"))
+            .unwrap();
+        // An unpacked layer and an ext4 disk of the image in use, as instances leave them.
+        let layer_dir = store.layers_dir().join(used.layers[0].digest.hex());
+        fs::create_dir(&layer_dir).unwrap();
+        fs::write(layer_dir.join("f"), b"x").unwrap();
+        let disk = store.ext4_dir().join(format!("{}.ext4", used.digest.hex()));
+        fs::write(&disk, b"disk").unwrap();
+        let in_use: HashSet<Digest> = [used.digest.clone()].into();
+        let blobs = blob_count(&store);
+
+        // Taking one of two names off is allowed.
+        let r = store.remove("u:1", &in_use, false).unwrap();
+        assert_eq!(r.untagged, ["docker.io/library/u:1"]);
+        // The last name, or the digest, is refused in one line naming the image.
+        for input in [
+            "u:2".to_owned(),
+            used.digest.to_string(),
+            used.digest.hex()[..8].to_owned(),
+        ] {
+            let e = store.remove(&input, &in_use, false).unwrap_err();
+            assert!(matches!(e, ImageError::InUse { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&input) && msg.contains("used by instances"),
+                "{msg}"
+            );
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        assert_eq!(store.resolve("u:2").unwrap().digest, used.digest);
+
+        // Forced: its names go, the record and everything it needs stay.
+        let r = store.remove("u:2", &in_use, true).unwrap();
+        assert_eq!(
+            (r.untagged, r.deleted),
+            (vec!["docker.io/library/u:2".to_owned()], None)
+        );
+        let kept = store.resolve(&used.digest.to_string()).unwrap();
+        assert!(kept.names.is_empty() && kept.familiar_names().is_empty());
+        assert_eq!(blob_count(&store), blobs);
+        assert!(layer_dir.join("f").is_file() && disk.is_file());
+
+        // Garbage collection caused by another removal keeps them too.
+        let r = store.remove("o:1", &in_use, false).unwrap();
+        assert_eq!(r.deleted, Some(other.digest));
+        assert!(used.blobs().all(|d| store.has_blob(d)));
+        assert!(layer_dir.join("f").is_file() && disk.is_file());
+
+        // Once no instance uses it, the nameless image is removed by its digest.
+        let r = store
+            .remove(&used.digest.to_string(), &HashSet::new(), false)
+            .unwrap();
+        assert_eq!(r.deleted, Some(used.digest));
+        assert_eq!(blob_count(&store), 0);
+        assert!(!layer_dir.exists() && !disk.exists());
     }
 }
