@@ -526,10 +526,9 @@ impl Unpacker<'_> {
                 Some(_) => {
                     let mut inside: PathBuf = stack.iter().map(|(_, n)| n).collect();
                     inside.push(&c);
-                    return Err(self.hostile(
-                        raw,
-                        format!("{} is not a directory", inside.display()),
-                    ));
+                    return Err(
+                        self.hostile(raw, format!("{} is not a directory", inside.display()))
+                    );
                 }
                 None => {
                     if !create {
@@ -562,10 +561,13 @@ impl Unpacker<'_> {
     /// Sets the deferred directory modes and times, innermost first, on the directories
     /// themselves (see [`tree::apply_deferred`]).
     fn finish_dirs(&mut self) -> Result<(), ImageError> {
-        self.dirs
-            .sort_by_key(|d| std::cmp::Reverse(d.path.len()));
+        self.dirs.sort_by_key(|d| std::cmp::Reverse(d.path.len()));
         for d in self.dirs.drain(..) {
-            let path: PathBuf = self.root_path.iter().chain(d.path.iter().map(|c| c.as_os_str())).collect();
+            let path: PathBuf = self
+                .root_path
+                .iter()
+                .chain(d.path.iter().map(|c| c.as_os_str()))
+                .collect();
             if !tree::apply_deferred(self.root.as_fd(), &d).at("setting mode of", path)? {
                 tracing::debug!("{}: a deferred directory was replaced", self.label);
             }
@@ -605,5 +607,7 @@ fn dev(v: io::Result<Option<u32>>) -> u32 {
     v.ok().flatten().unwrap_or(0)
 }
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

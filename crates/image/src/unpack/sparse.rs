@@ -142,7 +142,9 @@ fn read_map(data: &mut dyn Read, data_len: u64) -> io::Result<(Vec<(u64, u64)>, 
             match b {
                 b'0'..=b'9' if digits.len() < 20 => digits.push(b as char),
                 b'\n' if !digits.is_empty() => {
-                    let n: u64 = digits.parse().map_err(|_| bad("a sparse map number overflows"))?;
+                    let n: u64 = digits
+                        .parse()
+                        .map_err(|_| bad("a sparse map number overflows"))?;
                     digits.clear();
                     if want.is_none() {
                         if n as usize > MAX_REGIONS {
@@ -227,7 +229,10 @@ mod tests {
 
     #[test]
     fn the_three_pax_versions_parse_and_bad_maps_are_refused() {
-        assert_eq!(PaxSparse::from_records(recs(&[("path", "x")])).unwrap(), None);
+        assert_eq!(
+            PaxSparse::from_records(recs(&[("path", "x")])).unwrap(),
+            None
+        );
         let v00 = PaxSparse::from_records(recs(&[
             ("GNU.sparse.size", "100"),
             ("GNU.sparse.numblocks", "2"),
@@ -246,7 +251,10 @@ mod tests {
         ]))
         .unwrap()
         .unwrap();
-        assert_eq!((v01.map, v01.name), (Some(vec![(0, 3), (50, 4)]), Some(b"f".to_vec())));
+        assert_eq!(
+            (v01.map, v01.name),
+            (Some(vec![(0, 3), (50, 4)]), Some(b"f".to_vec()))
+        );
         let v10 = PaxSparse::from_records(recs(&[
             ("GNU.sparse.major", "1"),
             ("GNU.sparse.minor", "0"),

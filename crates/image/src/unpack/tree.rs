@@ -129,7 +129,10 @@ pub fn clear_dir(dir: BorrowedFd<'_>, depth: usize) -> io::Result<()> {
 
 /// Sets the owner of the entry itself (a symlink's own owner, not its target's).
 pub fn chown_at(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
-    let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+    let (u, g) = (
+        rustix::fs::Uid::from_raw(uid),
+        rustix::fs::Gid::from_raw(gid),
+    );
     Ok(rustix::fs::chownat(
         dir,
         name,
@@ -141,7 +144,10 @@ pub fn chown_at(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Re
 
 /// Sets the owner through an open descriptor.
 pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
-    let (u, g) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+    let (u, g) = (
+        rustix::fs::Uid::from_raw(uid),
+        rustix::fs::Gid::from_raw(gid),
+    );
     Ok(rustix::fs::fchown(fd, Some(u), Some(g))?)
 }
 
