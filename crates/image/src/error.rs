@@ -35,6 +35,10 @@ pub enum ImageError {
         actual: u64,
     },
 
+    /// Content that goes on past the length it was announced with; reading stopped there.
+    #[error("{what} is longer than the {expected} bytes it was announced with; nothing was stored")]
+    TooLong { what: String, expected: u64 },
+
     /// The registry could not be reached or answered with an error.
     #[error("registry {registry} {message}")]
     Registry { registry: String, message: String },

@@ -24,6 +24,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
@@ -103,6 +104,8 @@ pub struct Removed {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Blobs this handle added, when it is a [`Store::journaled`] one.
+    journal: Option<Arc<Mutex<Vec<Digest>>>>,
 }
 
 /// A held flock, released when dropped (or when the process dies).
@@ -113,6 +116,41 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
+    /// Undoes what a failed pull or import through the journaled `store` added: every blob it
+    /// stored that no image record names. Waits for `gc.lock` exclusively first, so that a
+    /// concurrent pull that found one of these blobs already there has recorded its image
+    /// (and so keeps it) before anything is deleted. Failures are logged: the error that
+    /// caused the roll-back is the one to report.
+    pub fn roll_back(&self, store: &Store) {
+        let Some(journal) = &store.journal else {
+            return;
+        };
+        let added = std::mem::take(&mut *journal.lock().unwrap_or_else(|e| e.into_inner()));
+        if added.is_empty() {
+            return;
+        }
+        if let Err(e) = self.relock(libc::LOCK_EX) {
+            tracing::warn!("rolling back: {e}");
+            return;
+        }
+        let named: HashSet<Digest> = match store.list() {
+            Ok(images) => images.iter().flat_map(|i| i.blobs().cloned()).collect(),
+            Err(e) => {
+                tracing::warn!("rolling back: {e}");
+                return;
+            }
+        };
+        for d in added.iter().filter(|d| !named.contains(d)) {
+            let p = store.blob_path(d);
+            if let Err(e) = fs::remove_file(&p) {
+                tracing::warn!("rolling back: removing {}: {e}", p.display());
+            }
+        }
+        if let Err(e) = self.relock(libc::LOCK_SH) {
+            tracing::warn!("rolling back: {e}");
+        }
+    }
+
     fn relock(&self, how: libc::c_int) -> Result<(), ImageError> {
         loop {
             match flock(&self.file, how) {
@@ -140,7 +178,19 @@ impl Store {
             let p = root.join(d);
             fs::create_dir_all(&p).at("creating image store directory", &p)?;
         }
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            journal: None,
+        })
+    }
+
+    /// A handle on the same store that remembers every blob it adds, so that a pull or an
+    /// import that fails can take them out again ([`StoreLock::roll_back`]).
+    pub(crate) fn journaled(&self) -> Store {
+        Store {
+            root: self.root.clone(),
+            journal: Some(Arc::default()),
+        }
     }
 
     /// The store's directory.
@@ -236,7 +286,8 @@ impl Store {
         Ok(w.commit(what, expected, Some(bytes.len() as u64))?.0)
     }
 
-    /// Copies everything from `r` into a blob, verified against `expected` and `size`.
+    /// Copies `r` into a blob, verified against `expected` and `size`; reading stops one byte
+    /// past `size` ([`ImageError::TooLong`]).
     pub fn put_reader(
         &self,
         what: &str,
@@ -245,7 +296,9 @@ impl Store {
         size: Option<u64>,
     ) -> Result<(Digest, u64), ImageError> {
         let mut w = self.blob_writer()?;
-        io::copy(r, &mut w).map_err(|e| ImageError::BadArchive {
+        // One byte past the announced size is enough to know it is too long.
+        let limit = size.map_or(u64::MAX, |s| s.saturating_add(1));
+        io::copy(&mut r.take(limit), &mut w).map_err(|e| ImageError::BadArchive {
             path: what.into(),
             why: format!("reading: {e}"),
         })?;
@@ -511,6 +564,14 @@ impl BlobWriter<'_> {
         expected: Option<&Digest>,
         size: Option<u64>,
     ) -> Result<(Digest, u64), ImageError> {
+        if let Some(s) = size
+            && self.hasher.len() > s
+        {
+            return Err(ImageError::TooLong {
+                what: what.to_owned(),
+                expected: s,
+            });
+        }
         let ((digest, len), buf) = self.hasher.finish_into();
         let tmp = buf
             .into_inner()
@@ -540,6 +601,11 @@ impl BlobWriter<'_> {
             .map_err(|e| e.error)
             .at("storing blob", &tmp_path)?;
         let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        if let Some(j) = &self.store.journal {
+            j.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(digest.clone());
+        }
         Ok((digest, len))
     }
 }
