@@ -209,6 +209,14 @@ impl<'a> Puller<'a> {
                 }
                 body.extend_from_slice(&chunk);
             }
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                return Err(refuse(format!(
+                    "answered {status}: Not authorized to read {what} ({}); are the credentials of `docker login` for it right?",
+                    error_text(&body)
+                )));
+            }
             if !status.is_success() {
                 return Err(refuse(format!(
                     "answered {status} for {what}: {}",
