@@ -11,6 +11,17 @@
 //! size for layouts, against the config's `diff_ids` (the digest of the uncompressed layer) and
 //! the config's file name for `docker save` archives. A tar archive is read in place: its
 //! members are indexed by offset, never extracted.
+//!
+//! What is imported is untrusted. The path given must be a regular file or a directory. Inside
+//! a layout or an extracted archive, every file is opened beneath its top (`openat2` with
+//! `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS`, never blocking) and must be a regular file: a blob
+//! that is a symlink (to `/dev/zero`, to a host file), a FIFO or a device is refused. Inside a
+//! tar, links resolve only to other members. Manifests, indexes and configs are read up to
+//! [`MAX_METADATA`]; a blob whose length differs from its descriptor's is refused before it is
+//! read, and reading stops one byte past the declared size; declared sizes are checked as for a
+//! pull. A compressed archive is decompressed into `tmp/` no further than the free space of the
+//! store's file system less 256 MiB. An import that fails takes out the blobs it stored that no
+//! image record names, so the store is left as it was.
 
 use std::collections::HashMap;
 use std::fs::{self, File};

@@ -5,8 +5,16 @@
 //! reference's digest when it pins one. An index yields its linux/amd64 manifest, fetched by
 //! digest and verified. The config and each layer not already in the store stream into a
 //! [`BlobWriter`](crate::store::BlobWriter) and are stored only when their digest and size match
-//! the manifest's descriptor; a failed pull leaves no blob behind (only complete, verified blobs,
-//! which a later pull reuses). Layers download three at a time.
+//! the manifest's descriptor. Layers download three at a time.
+//!
+//! A registry is untrusted. Manifests are requested here rather than by `oci-client` (which
+//! reads a reply whole, however long): with the token `oci-client` negotiates (or basic
+//! credentials), reading at most [`MAX_METADATA`] bytes within 60 s — a registry that sends an
+//! endless body or drips is cut off. Declared sizes are checked before anything is fetched
+//! ([`manifest::check_image`]: a config over 8 MiB, a layer over 1 TiB, more than 500 layers),
+//! and a blob stream is stopped the moment it passes its descriptor's size. A pull that fails
+//! after storing some blobs takes out those no image record names
+//! ([`StoreLock::roll_back`](crate::store::StoreLock::roll_back)): the store is left as it was.
 //!
 //! Registries on this machine (`localhost`, 127.0.0.0/8, `::1`) are spoken to over plain HTTP, as
 //! Docker does by default; all others over HTTPS (rustls with the ring provider, the system's

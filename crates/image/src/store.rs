@@ -18,6 +18,10 @@
 //! * Everything that adds content (pull, import, unpack, ext4) holds `gc.lock` shared for its
 //!   whole run; `remove` holds it exclusively, so garbage collection never deletes a blob that a
 //!   running pull has stored but not yet recorded, and may clear `tmp/`.
+//! * A pull or an import that fails takes out the blobs it stored that no record names
+//!   ([`StoreLock::roll_back`], under `gc.lock` exclusively): it leaves the store as it was.
+//! * Garbage collection keeps everything any record names, named or not: an image that
+//!   instances use is never removed, only untagged when forced ([`Store::remove`]).
 
 use std::collections::HashSet;
 use std::fs::{self, File};

@@ -16,8 +16,32 @@
 //! dropped, `..` is refused), every parent directory is resolved inside the root — a symlink on
 //! the way is followed as if the root were `/`, so it can never lead out — and the entry itself
 //! replaces whatever is at its place instead of being written through it. Hard-link targets are
-//! resolved the same way. Device nodes, ownership and extended attributes are applied only when
-//! running as root (device nodes are skipped otherwise, and counted).
+//! resolved the same way and must be non-directories already in the tree.
+//!
+//! Every file-system call acts on the entry itself, never through a link (the `tree` submodule holds them):
+//! the walk goes from a descriptor of the root through descriptors of each directory
+//! (`openat(O_DIRECTORY|O_NOFOLLOW)`), and creation, removal, links, owners, modes, times and
+//! xattrs are `*at` calls on (directory descriptor, one name) with no link followed, or calls on
+//! the entry's own descriptor. Directory modes and times are applied last (a read-only mode
+//! would stop later writes into them); each is found again by its path without following any
+//! link and applied only if it is still the same inode, so a later entry that swaps the
+//! directory for a symlink to a host path (`a/` with mode 04755, then `a -> /usr/bin/passwd`)
+//! changes nothing outside the root. Removal descends by descriptors too, at most
+//! `tree::MAX_DEPTH` (1024) levels.
+//!
+//! Device nodes and owners are applied only when running as root (device nodes are skipped
+//! otherwise, and counted). Extended attributes (PAX `SCHILY.xattr.*`) are applied only as
+//! root and only if [`xattr_allowed`]: `security.capability` (file capabilities, as Docker
+//! keeps them) and `user.*` except `user.overlay.*`. Everything else is dropped and counted —
+//! `trusted.*` (`trusted.overlay.*` would steer OverlayFS: opaque directories, redirects,
+//! metacopy), `user.overlay.*` (the same for unprivileged overlay mounts), `security.selinux`
+//! and other LSM labels (chosen by the host, not the image), `system.*` (ACLs). The only
+//! `trusted.overlay.opaque` cela writes is the one an opaque whiteout asks for.
+//!
+//! Sparse files (GNU `S` entries and PAX sparse formats 0.0, 0.1 and 1.0; the `sparse` submodule) are
+//! written with their holes; a sparse map that does not add up is refused. Entry types cela
+//! does not know (volume labels, multi-volume continuations, …) refuse the layer, as Docker's
+//! and containerd's unpackers do, instead of being dropped silently.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -559,7 +583,7 @@ impl Unpacker<'_> {
     }
 
     /// Sets the deferred directory modes and times, innermost first, on the directories
-    /// themselves (see [`tree::apply_deferred`]).
+    /// themselves (see `tree::apply_deferred`).
     fn finish_dirs(&mut self) -> Result<(), ImageError> {
         self.dirs.sort_by_key(|d| std::cmp::Reverse(d.path.len()));
         for d in self.dirs.drain(..) {
