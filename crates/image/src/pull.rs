@@ -102,7 +102,7 @@ pub fn pull(
         None => RegistryAuth::Anonymous,
     };
     let store = store.journaled();
-    rt.block_on(Puller::new(&store, &r, auth, progress).run())
+    rt.block_on(Puller::new(&store, &r, auth, progress)?.run())
 }
 
 struct Puller<'a> {
@@ -117,7 +117,12 @@ struct Puller<'a> {
 }
 
 impl<'a> Puller<'a> {
-    fn new(store: &'a Store, r: &'a Reference, auth: RegistryAuth, progress: &'a Progress) -> Self {
+    fn new(
+        store: &'a Store,
+        r: &'a Reference,
+        auth: RegistryAuth,
+        progress: &'a Progress,
+    ) -> Result<Self, ImageError> {
         let protocol = if r.is_loopback_registry() {
             ClientProtocol::HttpsExcept(vec![r.registry.clone()])
         } else {
@@ -130,13 +135,16 @@ impl<'a> Puller<'a> {
             user_agent: USER_AGENT,
             ..Default::default()
         });
-        // Built as oci-client builds its own; a failure here is the same failure later.
+        // Built as oci-client builds its own.
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .user_agent(USER_AGENT)
             .build()
-            .unwrap_or_default();
+            .map_err(|e| ImageError::Registry {
+                registry: r.registry.clone(),
+                message: format!("cannot be spoken to: no HTTP client ({e})"),
+            })?;
         let oref = match (&r.tag, &r.digest) {
             (_, Some(d)) => oci_client::Reference::with_digest(
                 r.registry.clone(),
@@ -148,7 +156,7 @@ impl<'a> Puller<'a> {
             }
             (None, None) => unreachable!("a parsed reference has a tag or a digest"),
         };
-        Puller {
+        Ok(Puller {
             store,
             r,
             progress,
@@ -156,7 +164,7 @@ impl<'a> Puller<'a> {
             http,
             oref,
             auth,
-        }
+        })
     }
 
     /// Fetches a manifest or index (`oref` names it by tag or digest), reading no more than

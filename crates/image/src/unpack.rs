@@ -410,8 +410,17 @@ impl Unpacker<'_> {
             self.xattrs(entry, raw, |k, v| n.setxattr(k, v));
             tree::set_times_at(d, name, mtime).map_err(|e| fail("setting time of", e))?;
         } else {
-            let mut f = tree::create_file_at(d, name).map_err(|e| fail("creating", e))?;
             let size = entry.size();
+            if kind == T::GNUSparse && size > sparse::MAX_REAL_SIZE {
+                return Err(self.hostile(
+                    raw,
+                    format!(
+                        "a sparse file of {size} bytes, more than the {} cela unpacks",
+                        sparse::MAX_REAL_SIZE
+                    ),
+                ));
+            }
+            let mut f = tree::create_file_at(d, name).map_err(|e| fail("creating", e))?;
             match (sparse, kind) {
                 (Some(sp), _) => sp.write(entry, size, &mut f),
                 (None, T::GNUSparse) => sparse::copy_holey(entry, &mut f).map(drop),

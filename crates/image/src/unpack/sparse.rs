@@ -16,6 +16,11 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
+/// The largest a sparse file may be, holes included. The `tar` crate hands a GNU sparse file
+/// over as a stream with its holes as zeros, so a hostile size costs time to read through; and
+/// a disk image in a layer is rarely larger.
+pub const MAX_REAL_SIZE: u64 = 64 << 30;
+
 /// The most regions one sparse file may have (a map of 16 MiB).
 const MAX_REGIONS: usize = 1 << 20;
 const BLOCK: u64 = 512;
@@ -80,6 +85,11 @@ impl PaxSparse {
             return Ok(None);
         }
         let real_size = size.ok_or("a PAX sparse file without GNU.sparse.realsize or .size")?;
+        if real_size > MAX_REAL_SIZE {
+            return Err(format!(
+                "a sparse file of {real_size} bytes, more than the {MAX_REAL_SIZE} cela unpacks"
+            ));
+        }
         let flat = match (major, map) {
             (Some(1), _) => None,
             (Some(m), _) if m != 0 => return Err(format!("PAX sparse format {m}.x is unknown")),
@@ -269,6 +279,10 @@ mod tests {
             &[("GNU.sparse.size", "x")],
             &[("GNU.sparse.size", "9"), ("GNU.sparse.major", "7")],
             &[("GNU.sparse.size", "9"), ("GNU.sparse.evil", "1")],
+            &[
+                ("GNU.sparse.size", "99999999999999"),
+                ("GNU.sparse.map", "0,1"),
+            ],
         ] {
             assert!(PaxSparse::from_records(recs(bad)).is_err(), "{bad:?}");
         }
