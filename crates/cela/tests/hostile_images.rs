@@ -44,6 +44,8 @@ fn layers_aiming_modes_owners_and_times_at_host_paths_change_nothing_outside() {
     let climb = "../../../../../../../../..".to_owned() + &victim;
     let variants: Vec<(&str, Vec<Layer>)> = vec![
         // The reported one: a directory, then a link in its place; its mode applied last.
+        // Docker's and containerd's unpackers apply modes with lchmod-like calls on the entry
+        // itself; a user expects the link to win and the host file to stay as it was.
         (
             "setuid-file",
             vec![hostile_layer(&[dir("a/", 0o4755), link("a", &victim)])],
@@ -126,6 +128,9 @@ fn xattrs_that_would_steer_overlayfs_are_dropped_and_file_capabilities_kept() {
     for w in [1u32 << 13, 0, 0, 0] {
         cap.extend_from_slice(&w.to_le_bytes());
     }
+    // Docker's unpacker keeps `security.capability` (ping without setuid) and drops `trusted.*`;
+    // cela follows it, and also drops `user.overlay.*` (the same steering for unprivileged
+    // overlay mounts) and LSM labels.
     let steering: Vec<(&str, &[u8])> = vec![
         ("trusted.overlay.opaque", b"y"),
         ("trusted.overlay.redirect", b"/etc"),
