@@ -1,8 +1,9 @@
 //! Fuzzes layer unpacking (cela-image's `unpack`) with hostile tars: names and link targets
 //! built from `..`, `.`, absolute paths, whiteout names and a path to a directory outside the
-//! root, as files, directories, symlinks, hard links and FIFOs, over two stacked layers, in both
-//! whiteout modes. Whatever the layers hold, unpacking must not panic and nothing outside the
-//! root may change. Run: `cargo +nightly fuzz run image_layer` in this directory (as root, so
+//! root, as files, directories, symlinks, hard links and FIFOs with plain or setuid/0777 modes,
+//! over two stacked layers, in both whiteout modes. Whatever the layers hold, unpacking must not
+//! panic and nothing outside the root may change: names, content, modes or times (a directory
+//! entry followed by a symlink in its place must not carry its mode to the link's target). Run: `cargo +nightly fuzz run image_layer` in this directory (as root, so
 //! the OverlayFS mode can make its markers).
 
 #![no_main]
@@ -57,7 +58,8 @@ fn tar(bytes: &[u8], outside: &str) -> Vec<u8> {
         let n = link.len().min(l.len());
         l[..n].copy_from_slice(&link.as_bytes()[..n]);
         h.set_entry_type(kind);
-        h.set_mode(0o755);
+        h.set_mode(if e[11] & 0x80 != 0 { 0o4777 } else { 0o755 });
+        h.set_mtime(1_700_000_000);
         let data: &[u8] = if kind == tar::EntryType::Regular { &data } else { &[] };
         h.set_size(data.len() as u64);
         h.set_cksum();
@@ -66,11 +68,15 @@ fn tar(bytes: &[u8], outside: &str) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-fn untouched(outside: &Path) -> bool {
+fn untouched(outside: &Path, before: &[(u32, i64); 2]) -> bool {
+    use std::os::unix::fs::MetadataExt;
     let names: Vec<_> = fs::read_dir(outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let meta = |p: &Path| fs::symlink_metadata(p).map(|m| (m.mode(), m.mtime())).ok();
     names.len() == 1
         && fs::symlink_metadata(outside.join("victim")).is_ok_and(|m| m.is_file())
         && fs::read(outside.join("victim")).unwrap() == b"victim"
+        && meta(&outside.join("victim")) == Some(before[0])
+        && meta(outside) == Some(before[1])
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -78,6 +84,12 @@ fuzz_target!(|data: &[u8]| {
     let outside = dir.path().join("outside");
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("victim"), b"victim").unwrap();
+    let snap = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(p).unwrap();
+        (m.mode(), m.mtime())
+    };
+    let before = [snap(&outside.join("victim")), snap(&outside)];
     let out_str = outside.display().to_string();
     let half = (data.len() / 24) * 12;
     let layers = [tar(&data[..half], &out_str), tar(&data[half..], &out_str)];
@@ -91,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
             let blob = dir.path().join(format!("layer{i}"));
             // Errors are fine (hostile entries are refused); escapes and panics are not.
             let _ = apply_layer(&blob, "fuzz", &root, mode);
-            assert!(untouched(&outside), "{mode:?}: a write escaped the root");
+            assert!(untouched(&outside, &before), "{mode:?}: a write escaped the root");
         }
     }
     let top: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();

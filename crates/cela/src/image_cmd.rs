@@ -150,7 +150,8 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
         }
         ImageCommand::Rm { references } => {
             for r in references {
-                let removed = store.remove(&r)?;
+                // TODO(instances): the digests of the images instances use, and `--force`.
+                let removed = store.remove(&r, &std::collections::HashSet::new(), false)?;
                 for n in &removed.untagged {
                     println!("untagged {}", cela_image::reference::familiar_name(n));
                 }

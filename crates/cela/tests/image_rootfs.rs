@@ -135,7 +135,9 @@ fn layer_directories_stack_with_overlayfs_into_the_same_view() {
     result.unwrap();
 
     // Removing the image collects its unpacked layers too.
-    store.remove("layered").unwrap();
+    store
+        .remove("layered", &std::collections::HashSet::new(), false)
+        .unwrap();
     assert!(lowers.iter().all(|d| !d.exists()));
 }
 
@@ -183,6 +185,8 @@ fn the_ext4_disk_holds_the_flattened_tree_and_is_cached() {
     assert_eq!(fs::metadata(&disk).unwrap().modified().unwrap(), mtime);
     assert_fsck_clean(&disk); // writing the copy left the cached disk alone
 
-    store.remove("layered").unwrap();
+    store
+        .remove("layered", &std::collections::HashSet::new(), false)
+        .unwrap();
     assert!(!disk.exists(), "the disk outlived its image");
 }

@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::Digest;
+
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -33,6 +35,10 @@ pub enum ImageError {
         actual: u64,
     },
 
+    /// Content that goes on past the length it was announced with; reading stopped there.
+    #[error("{what} is longer than the {expected} bytes it was announced with; nothing was stored")]
+    TooLong { what: String, expected: u64 },
+
     /// The registry could not be reached or answered with an error.
     #[error("registry {registry} {message}")]
     Registry { registry: String, message: String },
@@ -40,6 +46,12 @@ pub enum ImageError {
     /// No stored image matches a name or digest prefix.
     #[error("no such image: {0} (see `cela image ls`)")]
     UnknownImage(String),
+
+    /// An image that instances are made from, asked to be removed without `force`.
+    #[error(
+        "image {image} ({digest}) is used by instances: remove them first (a forced removal only takes its names off and keeps it for them)"
+    )]
+    InUse { image: String, digest: Digest },
 
     /// A digest prefix that matches several stored images.
     #[error("digest prefix {prefix} matches {count} images; give more digits")]

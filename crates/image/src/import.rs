@@ -11,6 +11,17 @@
 //! size for layouts, against the config's `diff_ids` (the digest of the uncompressed layer) and
 //! the config's file name for `docker save` archives. A tar archive is read in place: its
 //! members are indexed by offset, never extracted.
+//!
+//! What is imported is untrusted. The path given must be a regular file or a directory. Inside
+//! a layout or an extracted archive, every file is opened beneath its top (`openat2` with
+//! `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS`, never blocking) and must be a regular file: a blob
+//! that is a symlink (to `/dev/zero`, to a host file), a FIFO or a device is refused. Inside a
+//! tar, links resolve only to other members. Manifests, indexes and configs are read up to
+//! [`MAX_METADATA`]; a blob whose length differs from its descriptor's is refused before it is
+//! read, and reading stops one byte past the declared size; declared sizes are checked as for a
+//! pull. A compressed archive is decompressed into `tmp/` no further than the free space of the
+//! store's file system less 256 MiB. An import that fails takes out the blobs it stored that no
+//! image record names, so the store is left as it was.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -46,8 +57,29 @@ pub fn import(
         }
         None => None,
     };
-    let _lock = store.content_lock()?;
+    let store = &store.journaled();
+    let lock = store.content_lock()?;
+    let result = import_locked(store, path, name, progress);
+    if result.is_err() {
+        lock.roll_back(store);
+    }
+    result
+}
+
+/// [`import`] under the content lock, through a journaled store.
+fn import_locked(
+    store: &Store,
+    path: &Path,
+    name: Option<String>,
+    progress: &Progress,
+) -> Result<Vec<ImageRecord>, ImageError> {
     let meta = fs::metadata(path).at("reading", path)?;
+    if !meta.is_dir() && !meta.is_file() {
+        return Err(bad_archive(
+            path,
+            "not a regular file or a directory (cela reads archives and layouts only from those)",
+        ));
+    }
     let source = format!("import {}", path.display());
     let imp = Importer {
         store,
@@ -79,8 +111,18 @@ pub fn import(
         let tmp = NamedTempFile::with_prefix_in("import-", store.tmp_dir())
             .at("creating a temporary file in", store.tmp_dir())?;
         let mut h = Hasher::new(io::BufWriter::new(tmp.as_file()));
-        io::copy(&mut open_layer(path)?, &mut h)
+        // A compression bomb stops where it would fill the store's file system.
+        let room = free_bytes(&store.tmp_dir())?.saturating_sub(RESERVE);
+        io::copy(&mut open_layer(path)?.take(room.saturating_add(1)), &mut h)
             .map_err(|e| bad_archive(path, format!("cannot decompress: {e}")))?;
+        if h.len() > room {
+            return Err(bad_archive(
+                path,
+                format!(
+                    "decompressed, it is larger than the {room} bytes free for the store (keeping {RESERVE} in reserve)"
+                ),
+            ));
+        }
         let ((d, _), w) = h.finish_into();
         w.into_inner()
             .map_err(|e| e.into_error())
@@ -170,6 +212,7 @@ impl Importer<'_> {
     ) -> Result<(Digest, ImageManifest, Vec<u8>), ImageError> {
         let what = format!("{} in {}", desc.digest(), self.label.display());
         let digest = manifest::digest_of(&what, desc)?;
+        manifest::check_metadata_size(&what, desc)?;
         let bytes = src.read_small(self, &blob_name(&digest))?;
         let (actual, len) = Digest::of_reader(&bytes[..]).at("hashing", self.label)?;
         crate::digest::verify(
@@ -318,7 +361,14 @@ impl Importer<'_> {
         if self.store.has_blob(d) {
             return Ok(());
         }
-        let (mut r, _) = src.open(self, &blob_name(d))?;
+        let (mut r, len) = src.open(self, &blob_name(d))?;
+        if len != size {
+            return Err(ImageError::SizeMismatch {
+                what: what.to_owned(),
+                expected: size,
+                actual: len,
+            });
+        }
         self.put_counted(what, &mut r, Some(d), size)?;
         Ok(())
     }
@@ -405,7 +455,7 @@ enum Member {
 impl Source {
     fn has(&self, name: &str) -> bool {
         match self {
-            Source::Dir(d) => d.join(name).exists(),
+            Source::Dir(d) => fs::symlink_metadata(d.join(name)).is_ok(),
             Source::Tar { members, .. } => members.contains_key(name),
         }
     }
@@ -417,17 +467,25 @@ impl Source {
         let missing = || imp.bad(format!("{name} is missing from the archive"));
         match self {
             Source::Dir(d) => {
-                let p = d.join(rel);
-                let f = File::open(&p).map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => missing(),
+                let f = open_beneath(d, &rel).map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENOENT) => missing(),
+                    Some(libc::ELOOP | libc::EXDEV) => imp.bad(format!(
+                        "{name} is a symbolic link (or passes through one); an image layout must hold its files itself"
+                    )),
                     _ => ImageError::Io {
                         action: "opening",
-                        path: p.clone(),
+                        path: d.join(&rel),
                         source: e,
                     },
                 })?;
-                let len = f.metadata().at("reading", &p)?.len();
-                Ok((Box::new(f), len))
+                let meta = f.metadata().at("reading", d.join(&rel))?;
+                if !meta.is_file() {
+                    return Err(imp.bad(format!(
+                        "{name} is not a regular file (it is {})",
+                        file_kind(&meta)
+                    )));
+                }
+                Ok((Box::new(f), meta.len()))
             }
             Source::Tar { file, members } => {
                 let mut key = rel.to_string_lossy().into_owned();
@@ -528,4 +586,53 @@ fn normalize(p: &Path) -> Option<String> {
     }
     let joined: PathBuf = out.iter().collect();
     Some(joined.to_string_lossy().into_owned())
+}
+
+/// Room kept free on the store's file system when decompressing an archive.
+const RESERVE: u64 = 256 << 20;
+
+/// Bytes an unprivileged writer may still use on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, ImageError> {
+    let st = rustix::fs::statvfs(dir)
+        .map_err(io::Error::from)
+        .at("inspecting the file system of", dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Opens `rel` beneath `dir` for reading, refusing any symlink on the way or at the end and
+/// anything that would leave `dir`; never blocks on a FIFO.
+fn open_beneath(dir: &Path, rel: &Path) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let root = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &root,
+        rel,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    Ok(File::from(fd))
+}
+
+/// What a file is, in words, for errors.
+fn file_kind(m: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
 }

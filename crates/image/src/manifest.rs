@@ -23,6 +23,13 @@ pub const ACCEPTED: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKE
 /// The largest manifest, index or config cela reads (registries cap manifests at 4 MiB).
 pub const MAX_METADATA: u64 = 8 << 20;
 
+/// The largest layer a manifest may declare. Far above any real layer, far below what would
+/// overflow an arithmetic on sizes or be taken for a fill-the-disk attempt unnoticed.
+pub const MAX_LAYER: u64 = 1 << 40;
+
+/// The most layers an image may have (OverlayFS stacks at most 500 lower directories).
+pub const MAX_LAYERS: usize = 500;
+
 /// A manifest or an index.
 #[derive(Debug)]
 pub enum Parsed {
@@ -70,6 +77,21 @@ pub fn parse(what: &str, bytes: &[u8]) -> Result<Parsed, ImageError> {
     }
 }
 
+/// Refuses a descriptor of a manifest or index that declares more than [`MAX_METADATA`].
+pub fn check_metadata_size(what: &str, d: &Descriptor) -> Result<(), ImageError> {
+    if d.size() > MAX_METADATA {
+        return Err(ImageError::BadManifest {
+            what: what.to_owned(),
+            why: format!(
+                "{} declares {} bytes, more than the {MAX_METADATA} a manifest may have",
+                d.digest(),
+                d.size()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The linux/amd64 manifest of an index.
 pub fn pick_platform<'a>(what: &str, index: &'a ImageIndex) -> Result<&'a Descriptor, ImageError> {
     let found = index.manifests().iter().find(|d| {
@@ -77,6 +99,9 @@ pub fn pick_platform<'a>(what: &str, index: &'a ImageIndex) -> Result<&'a Descri
             .as_ref()
             .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
     });
+    if let Some(d) = found {
+        check_metadata_size(what, d)?;
+    }
     found.ok_or_else(|| {
         let have: Vec<String> = index
             .manifests()
@@ -110,7 +135,26 @@ pub fn check_image(what: &str, m: &ImageManifest) -> Result<(), ImageError> {
             "not a container image (its config is {cfg}, an artifact rather than an image)"
         )));
     }
+    if m.config().size() > MAX_METADATA {
+        return Err(bad(format!(
+            "its config declares {} bytes, more than the {MAX_METADATA} a config may have",
+            m.config().size()
+        )));
+    }
+    if m.layers().len() > MAX_LAYERS {
+        return Err(bad(format!(
+            "{} layers, more than the {MAX_LAYERS} cela stacks",
+            m.layers().len()
+        )));
+    }
     for (i, l) in m.layers().iter().enumerate() {
+        if l.size() > MAX_LAYER {
+            return Err(bad(format!(
+                "layer {} declares {} bytes, more than the {MAX_LAYER} a layer may have",
+                i + 1,
+                l.size()
+            )));
+        }
         let t = l.media_type().to_string();
         let ok = (t.starts_with("application/vnd.oci.image.layer.v1.tar")
             || t.starts_with("application/vnd.docker.image.rootfs.diff.tar"))
@@ -329,5 +373,46 @@ mod tests {
             panic!()
         };
         check_image("s", &m).unwrap();
+    }
+
+    #[test]
+    fn absurd_declared_sizes_are_refused() {
+        let m = |cfg_size: u64, layer_size: u64| {
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"{OCI_CONFIG}","digest":"{}","size":{cfg_size}}},
+                "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{layer_size}}}]}}"#,
+                d(1),
+                d(2)
+            )
+        };
+        for (json, needle) in [
+            (
+                m(10, i64::MAX as u64),
+                "layer 1 declares 9223372036854775807 bytes",
+            ),
+            (m(10, u64::MAX), "layer 1 declares"),
+            (m(1 << 40, 10), "its config declares"),
+        ] {
+            let Parsed::Manifest(man) = parse("huge", json.as_bytes()).unwrap() else {
+                panic!()
+            };
+            let e = check_image("huge", &man).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let Parsed::Manifest(ok) = parse("ok", m(10, MAX_LAYER).as_bytes()).unwrap() else {
+            panic!()
+        };
+        check_image("ok", &ok).unwrap();
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[
+              {{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+            d(1),
+            u64::MAX
+        );
+        let Parsed::Index(i) = parse("i", index.as_bytes()).unwrap() else {
+            panic!()
+        };
+        let e = pick_platform("i", &i).unwrap_err().to_string();
+        assert!(e.contains("a manifest may have"), "{e}");
     }
 }

@@ -18,12 +18,17 @@
 //! * Everything that adds content (pull, import, unpack, ext4) holds `gc.lock` shared for its
 //!   whole run; `remove` holds it exclusively, so garbage collection never deletes a blob that a
 //!   running pull has stored but not yet recorded, and may clear `tmp/`.
+//! * A pull or an import that fails takes out the blobs it stored that no record names
+//!   ([`StoreLock::roll_back`], under `gc.lock` exclusively): it leaves the store as it was.
+//! * Garbage collection keeps everything any record names, named or not: an image that
+//!   instances use is never removed, only untagged when forced ([`Store::remove`]).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
@@ -103,6 +108,8 @@ pub struct Removed {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Blobs this handle added, when it is a [`Store::journaled`] one.
+    journal: Option<Arc<Mutex<Vec<Digest>>>>,
 }
 
 /// A held flock, released when dropped (or when the process dies).
@@ -113,6 +120,41 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
+    /// Undoes what a failed pull or import through the journaled `store` added: every blob it
+    /// stored that no image record names. Waits for `gc.lock` exclusively first, so that a
+    /// concurrent pull that found one of these blobs already there has recorded its image
+    /// (and so keeps it) before anything is deleted. Failures are logged: the error that
+    /// caused the roll-back is the one to report.
+    pub fn roll_back(&self, store: &Store) {
+        let Some(journal) = &store.journal else {
+            return;
+        };
+        let added = std::mem::take(&mut *journal.lock().unwrap_or_else(|e| e.into_inner()));
+        if added.is_empty() {
+            return;
+        }
+        if let Err(e) = self.relock(libc::LOCK_EX) {
+            tracing::warn!("rolling back: {e}");
+            return;
+        }
+        let named: HashSet<Digest> = match store.list() {
+            Ok(images) => images.iter().flat_map(|i| i.blobs().cloned()).collect(),
+            Err(e) => {
+                tracing::warn!("rolling back: {e}");
+                return;
+            }
+        };
+        for d in added.iter().filter(|d| !named.contains(d)) {
+            let p = store.blob_path(d);
+            if let Err(e) = fs::remove_file(&p) {
+                tracing::warn!("rolling back: removing {}: {e}", p.display());
+            }
+        }
+        if let Err(e) = self.relock(libc::LOCK_SH) {
+            tracing::warn!("rolling back: {e}");
+        }
+    }
+
     fn relock(&self, how: libc::c_int) -> Result<(), ImageError> {
         loop {
             match flock(&self.file, how) {
@@ -151,7 +193,19 @@ impl Store {
             let p = root.join(d);
             fs::create_dir_all(&p).at("creating image store directory", &p)?;
         }
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            journal: None,
+        })
+    }
+
+    /// A handle on the same store that remembers every blob it adds, so that a pull or an
+    /// import that fails can take them out again ([`StoreLock::roll_back`]).
+    pub(crate) fn journaled(&self) -> Store {
+        Store {
+            root: self.root.clone(),
+            journal: Some(Arc::default()),
+        }
     }
 
     /// The store's directory.
@@ -247,7 +301,8 @@ impl Store {
         Ok(w.commit(what, expected, Some(bytes.len() as u64))?.0)
     }
 
-    /// Copies everything from `r` into a blob, verified against `expected` and `size`.
+    /// Copies `r` into a blob, verified against `expected` and `size`; reading stops one byte
+    /// past `size` ([`ImageError::TooLong`]).
     pub fn put_reader(
         &self,
         what: &str,
@@ -256,7 +311,9 @@ impl Store {
         size: Option<u64>,
     ) -> Result<(Digest, u64), ImageError> {
         let mut w = self.blob_writer()?;
-        io::copy(r, &mut w).map_err(|e| ImageError::BadArchive {
+        // One byte past the announced size is enough to know it is too long.
+        let limit = size.map_or(u64::MAX, |s| s.saturating_add(1));
+        io::copy(&mut r.take(limit), &mut w).map_err(|e| ImageError::BadArchive {
             path: what.into(),
             why: format!("reading: {e}"),
         })?;
@@ -307,7 +364,18 @@ impl Store {
 
     /// Removes a name, or an image with all its names when given its digest or its last name,
     /// then deletes the blobs and caches no image needs any more.
-    pub fn remove(&self, input: &str) -> Result<Removed, ImageError> {
+    ///
+    /// `in_use` holds the digests of the images instances are made from. Such an image is not
+    /// removed: without `force` that is an [`ImageError::InUse`]; with `force` all its names
+    /// go but its record (and so its blobs and unpacked layers) stays, listed as `<none>` —
+    /// what `docker rmi -f` does to an image a container uses. Taking one name off an image
+    /// that keeps others is allowed either way.
+    pub fn remove(
+        &self,
+        input: &str,
+        in_use: &HashSet<Digest>,
+        force: bool,
+    ) -> Result<Removed, ImageError> {
         let _gc = self.lock("gc.lock", libc::LOCK_EX)?;
         let (untagged, deleted) = self.update_index(|index| {
             let i = find(&index.images, input)?;
@@ -316,10 +384,20 @@ impl Store {
                 .ok()
                 .and_then(|r| r.name())
                 .filter(|n| index.images[i].names.contains(n));
+            let image = &mut index.images[i];
             match by_name {
-                Some(name) if index.images[i].names.len() > 1 => {
-                    index.images[i].names.retain(|n| *n != name);
+                Some(name) if image.names.len() > 1 => {
+                    image.names.retain(|n| *n != name);
                     Ok((vec![name], None))
+                }
+                _ if in_use.contains(&image.digest) => {
+                    if !force {
+                        return Err(ImageError::InUse {
+                            image: input.to_owned(),
+                            digest: image.digest.clone(),
+                        });
+                    }
+                    Ok((std::mem::take(&mut image.names), None))
                 }
                 _ => {
                     let gone = index.images.remove(i);
@@ -336,7 +414,8 @@ impl Store {
         })
     }
 
-    /// Deletes blobs and caches that no image refers to, and stale temporary files. The caller
+    /// Deletes blobs and caches that no image record refers to (a record without names — an
+    /// image kept for its instances — still counts), and stale temporary files. The caller
     /// holds `gc.lock` exclusively.
     fn collect_garbage(&self) -> Result<(usize, u64), ImageError> {
         let images = self.list()?;
@@ -500,6 +579,14 @@ impl BlobWriter<'_> {
         expected: Option<&Digest>,
         size: Option<u64>,
     ) -> Result<(Digest, u64), ImageError> {
+        if let Some(s) = size
+            && self.hasher.len() > s
+        {
+            return Err(ImageError::TooLong {
+                what: what.to_owned(),
+                expected: s,
+            });
+        }
         let ((digest, len), buf) = self.hasher.finish_into();
         let tmp = buf
             .into_inner()
@@ -529,6 +616,11 @@ impl BlobWriter<'_> {
             .map_err(|e| e.error)
             .at("storing blob", &tmp_path)?;
         let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        if let Some(j) = &self.store.journal {
+            j.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(digest.clone());
+        }
         Ok((digest, len))
     }
 }
@@ -544,169 +636,4 @@ impl Write for BlobWriter<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(store: &Store, names: &[&str], layer: &[u8]) -> ImageRecord {
-        let l = store.put_bytes("layer", layer, None).unwrap();
-        let config = store
-            .put_bytes("config", format!("{{\"layer\":\"{l}\"}}").as_bytes(), None)
-            .unwrap();
-        let manifest = store
-            .put_bytes(
-                "manifest",
-                format!("{{\"config\":\"{config}\"}}").as_bytes(),
-                None,
-            )
-            .unwrap();
-        ImageRecord {
-            digest: manifest,
-            names: names.iter().map(|n| n.to_string()).collect(),
-            config,
-            layers: vec![LayerRecord {
-                digest: l,
-                size: layer.len() as u64,
-                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            }],
-            size: layer.len() as u64,
-            created: None,
-            added: "2026-01-01T00:00:00Z".into(),
-            source: "test".into(),
-        }
-    }
-
-    fn blob_count(store: &Store) -> usize {
-        fs::read_dir(store.root().join("blobs/sha256"))
-            .unwrap()
-            .count()
-    }
-
-    #[test]
-    fn a_blob_that_does_not_match_is_not_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let good = Digest::of(b"hello");
-        let e = store
-            .put_bytes("layer x", b"hellp", Some(&good))
-            .unwrap_err();
-        assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
-        let mut w = store.blob_writer().unwrap();
-        w.write_all(b"hell").unwrap();
-        let e = w.commit("layer y", Some(&good), Some(5)).unwrap_err();
-        assert!(matches!(e, ImageError::SizeMismatch { .. }), "{e}");
-        assert_eq!(blob_count(&store), 0);
-        assert_eq!(
-            fs::read_dir(store.tmp_dir()).unwrap().count(),
-            0,
-            "temp files left"
-        );
-        assert_eq!(store.put_bytes("ok", b"hello", Some(&good)).unwrap(), good);
-        assert_eq!(fs::read(store.blob_path(&good)).unwrap(), b"hello");
-    }
-
-    #[test]
-    fn names_move_digests_resolve_and_shared_blobs_outlive_one_image() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let a = store
-            .commit_image(record(&store, &["docker.io/library/a:latest"], b"shared"))
-            .unwrap();
-        let b = store
-            .commit_image(record(&store, &["docker.io/library/b:1"], b"shared"))
-            .unwrap();
-        // Same layer and config → same manifest → one image with two names.
-        assert_eq!(a.digest, b.digest);
-        assert_eq!(store.list().unwrap().len(), 1);
-        assert_eq!(store.resolve("a").unwrap().digest, a.digest);
-        assert_eq!(
-            store.resolve(&a.digest.hex()[..8]).unwrap().digest,
-            a.digest
-        );
-        assert_eq!(
-            store.resolve(&a.digest.to_string()).unwrap().digest,
-            a.digest
-        );
-        assert!(matches!(
-            store.resolve("nope"),
-            Err(ImageError::UnknownImage(_))
-        ));
-        assert!(matches!(
-            store.resolve("Bad!"),
-            Err(ImageError::BadReference { .. })
-        ));
-
-        let c = store
-            .commit_image(record(&store, &["docker.io/library/a:latest"], b"other"))
-            .unwrap();
-        assert_ne!(c.digest, a.digest);
-        assert_eq!(
-            store.resolve("a").unwrap().digest,
-            c.digest,
-            "the name moved"
-        );
-        assert_eq!(
-            store.resolve("b:1").unwrap().names,
-            vec!["docker.io/library/b:1"]
-        );
-
-        // Removing the only name of the first image deletes it and its unshared blobs.
-        let before = blob_count(&store);
-        let r = store.remove("b:1").unwrap();
-        assert_eq!(r.deleted, Some(a.digest.clone()));
-        assert_eq!(r.blobs_freed, 3);
-        assert_eq!(blob_count(&store), before - 3);
-        assert!(store.has_blob(&c.layers[0].digest));
-        assert!(matches!(
-            store.resolve("b:1"),
-            Err(ImageError::UnknownImage(_))
-        ));
-    }
-
-    #[test]
-    fn concurrent_writers_lose_no_record_and_stale_temp_files_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        fs::write(store.tmp_dir().join("blob-left-by-a-killed-pull"), b"x").unwrap();
-        drop(store.content_lock().unwrap());
-        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
-        std::thread::scope(|s| {
-            for t in 0..8 {
-                let store = Store::open(dir.path()).unwrap();
-                s.spawn(move || {
-                    let _lock = store.content_lock().unwrap();
-                    let name = format!("docker.io/library/t{t}:latest");
-                    let rec = record(&store, &[&name], format!("layer {t}").as_bytes());
-                    store.commit_image(rec).unwrap();
-                });
-            }
-        });
-        assert_eq!(store.list().unwrap().len(), 8);
-        // A holder of the content lock keeps tmp/ from being cleared by another.
-        let held = store.content_lock().unwrap();
-        fs::write(store.tmp_dir().join("in-progress"), b"x").unwrap();
-        drop(store.content_lock().unwrap());
-        assert!(store.tmp_dir().join("in-progress").exists());
-        drop(held);
-    }
-
-    #[test]
-    fn removing_one_of_two_names_only_untags() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let rec = record(
-            &store,
-            &["docker.io/library/x:1", "docker.io/library/x:2"],
-            b"l",
-        );
-        store.commit_image(rec.clone()).unwrap();
-        let r = store.remove("x:1").unwrap();
-        assert_eq!(
-            (r.untagged, r.deleted),
-            (vec!["docker.io/library/x:1".to_string()], None)
-        );
-        assert_eq!(store.resolve("x:2").unwrap().digest, rec.digest);
-        let r = store.remove(&rec.digest.to_string()).unwrap();
-        assert_eq!(r.deleted, Some(rec.digest));
-        assert_eq!(blob_count(&store), 0);
-    }
-}
+mod tests;

@@ -16,19 +16,52 @@
 //! dropped, `..` is refused), every parent directory is resolved inside the root — a symlink on
 //! the way is followed as if the root were `/`, so it can never lead out — and the entry itself
 //! replaces whatever is at its place instead of being written through it. Hard-link targets are
-//! resolved the same way. Device nodes, ownership and extended attributes are applied only when
-//! running as root (device nodes are skipped otherwise, and counted).
+//! resolved the same way and must be non-directories already in the tree.
+//!
+//! Every file-system call acts on the entry itself, never through a link (the `tree` submodule holds them):
+//! the walk goes from a descriptor of the root through descriptors of each directory
+//! (`openat(O_DIRECTORY|O_NOFOLLOW)`), and creation, removal, links, owners, modes, times and
+//! xattrs are `*at` calls on (directory descriptor, one name) with no link followed, or calls on
+//! the entry's own descriptor. Directory modes and times are applied last (a read-only mode
+//! would stop later writes into them); each is found again by its path without following any
+//! link and applied only if it is still the same inode, so a later entry that swaps the
+//! directory for a symlink to a host path (`a/` with mode 04755, then `a -> /usr/bin/passwd`)
+//! changes nothing outside the root. Removal descends by descriptors too, at most
+//! `tree::MAX_DEPTH` (1024) levels.
+//!
+//! Device nodes and owners are applied only when running as root (device nodes are skipped
+//! otherwise, and counted). Extended attributes (PAX `SCHILY.xattr.*`) are applied only as
+//! root and only if [`xattr_allowed`]: `security.capability` (file capabilities, as Docker
+//! keeps them) and `user.*` except `user.overlay.*`. Everything else is dropped and counted —
+//! `trusted.*` (`trusted.overlay.*` would steer OverlayFS: opaque directories, redirects,
+//! metacopy), `user.overlay.*` (the same for unprivileged overlay mounts), `security.selinux`
+//! and other LSM labels (chosen by the host, not the image), `system.*` (ACLs). The only
+//! `trusted.overlay.opaque` cela writes is the one an opaque whiteout asks for.
+//!
+//! Sparse files (GNU `S` entries and PAX sparse formats 0.0, 0.1 and 1.0; the `sparse` submodule) are
+//! written with their holes; a sparse map that does not add up is refused. Entry types cela
+//! does not know (volume labels, multi-volume continuations, …) refuse the layer, as Docker's
+//! and containerd's unpackers do, instead of being dropped silently.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
-use std::ffi::{CString, OsStr, OsString};
-use std::fs::{self, File};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{self, BufReader, Read};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::FileType;
 
 use crate::ImageError;
 use crate::error::IoContext;
+
+mod sparse;
+mod tree;
+
+use sparse::PaxSparse;
+use tree::{Deferred, DirHandle};
 
 /// How whiteout entries are laid out; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +79,8 @@ pub struct UnpackStats {
     pub whiteouts: u64,
     /// Device nodes skipped because cela does not run as root.
     pub skipped_devices: u64,
+    /// Extended attributes not applied: outside the allow-list, or not running as root.
+    pub dropped_xattrs: u64,
 }
 
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -107,10 +142,12 @@ pub fn apply_layer(
     mode: Whiteouts,
 ) -> Result<UnpackStats, ImageError> {
     let mut u = Unpacker {
-        root,
+        root: tree::open_root(root).at("opening", root)?,
+        root_path: root,
         label,
         is_root: nix::unistd::geteuid().is_root(),
         stats: UnpackStats::default(),
+        dropped_xattrs: Cell::new(0),
         dirs: Vec::new(),
     };
     match mode {
@@ -121,7 +158,14 @@ pub fn apply_layer(
         Whiteouts::Overlay => u.pass(blob, Pass::Overlay)?,
     }
     u.finish_dirs()?;
+    u.stats.dropped_xattrs = u.dropped_xattrs.get();
     Ok(u.stats)
+}
+
+/// Whether a layer may set the extended attribute `name` (see the module documentation).
+pub fn xattr_allowed(name: &str) -> bool {
+    name == "security.capability"
+        || (name.starts_with("user.") && !name.starts_with("user.overlay."))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,14 +179,18 @@ enum Pass {
 }
 
 struct Unpacker<'a> {
-    root: &'a Path,
+    root: OwnedFd,
+    root_path: &'a Path,
     label: &'a str,
     is_root: bool,
     stats: UnpackStats,
+    dropped_xattrs: Cell<u64>,
     /// Directories whose mode and time are set last (writing into them changes the time, and a
     /// read-only mode would stop the writes of a non-root user).
-    dirs: Vec<(PathBuf, u32, u64)>,
+    dirs: Vec<Deferred>,
 }
+
+type LayerEntry<'e> = tar::Entry<'e, Box<dyn Read>>;
 
 impl Unpacker<'_> {
     fn hostile(&self, entry: &Path, why: impl Into<String>) -> ImageError {
@@ -160,11 +208,26 @@ impl Unpacker<'_> {
         }
     }
 
+    /// An I/O failure on an entry, named by its path in the tree.
+    fn io(&self, action: &'static str, dir: &DirHandle, name: &OsStr, e: io::Error) -> ImageError {
+        let mut p = self.root_path.to_path_buf();
+        p.extend(dir.path.iter().chain(std::iter::once(&name.to_owned())));
+        ImageError::Io {
+            action,
+            path: p,
+            source: e,
+        }
+    }
+
     fn pass(&mut self, blob: &Path, pass: Pass) -> Result<(), ImageError> {
         let mut archive = tar::Archive::new(open_layer(blob)?);
         for entry in archive.entries().map_err(|e| self.damaged(e))? {
             let mut entry = entry.map_err(|e| self.damaged(e))?;
-            let raw = entry.path().map_err(|e| self.damaged(e))?.into_owned();
+            let sparse = self.pax_sparse(&mut entry)?;
+            let raw = match sparse.as_ref().and_then(|s| s.name.as_ref()) {
+                Some(name) => PathBuf::from(OsStr::from_bytes(name)),
+                None => entry.path().map_err(|e| self.damaged(e))?.into_owned(),
+            };
             let rel = safe_relative(&raw).map_err(|why| self.hostile(&raw, why))?;
             let (Some(name), Some(parent)) = (rel.file_name(), rel.parent()) else {
                 continue; // the root itself
@@ -176,11 +239,25 @@ impl Unpacker<'_> {
                 (Pass::Delete, true) => self.delete(&raw, parent, &name)?,
                 (Pass::Overlay, true) => self.mark(&raw, parent, &name)?,
                 (Pass::Extract | Pass::Overlay, false) => {
-                    self.write(&mut entry, &raw, parent, &name)?
+                    self.write(&mut entry, sparse.as_ref(), &raw, parent, &name)?
                 }
             }
         }
         Ok(())
+    }
+
+    /// The PAX sparse description of an entry, if it is one.
+    fn pax_sparse(&self, entry: &mut LayerEntry<'_>) -> Result<Option<PaxSparse>, ImageError> {
+        let raw = entry.path_bytes().into_owned();
+        let Ok(Some(exts)) = entry.pax_extensions() else {
+            return Ok(None);
+        };
+        let records: Vec<(String, Vec<u8>)> = exts
+            .flatten()
+            .filter_map(|e| Some((e.key().ok()?.to_owned(), e.value_bytes().to_vec())))
+            .collect();
+        PaxSparse::from_records(records.iter().map(|(k, v)| (k.as_str(), &v[..])))
+            .map_err(|why| self.hostile(Path::new(OsStr::from_bytes(&raw)), why))
     }
 
     /// Applies a whiteout to the tree.
@@ -189,11 +266,11 @@ impl Unpacker<'_> {
             return Ok(()); // nothing below to hide
         };
         if name == OPAQUE {
-            for e in fs::read_dir(&dir).at("listing", &dir)? {
-                crate::store::remove_any(&e.at("listing", &dir)?.path())?;
-            }
+            tree::clear_dir(dir.fd.as_fd(), 0)
+                .map_err(|e| self.io("clearing", &dir, OsStr::new(""), e))?;
         } else if let Some(target) = whited_out(name) {
-            crate::store::remove_any(&dir.join(target))?;
+            tree::remove_at(dir.fd.as_fd(), target)
+                .map_err(|e| self.io("removing", &dir, target, e))?;
         } else {
             return Ok(()); // .wh..wh.* bookkeeping of aufs: nothing to do
         }
@@ -205,11 +282,13 @@ impl Unpacker<'_> {
     fn mark(&mut self, raw: &Path, parent: &Path, name: &OsStr) -> Result<(), ImageError> {
         let dir = self.resolve(raw, parent, true)?.expect("created");
         if name == OPAQUE {
-            setxattr(&dir, "trusted.overlay.opaque", b"y").at("marking opaque", &dir)?;
+            tree::fsetxattr(dir.fd.as_fd(), "trusted.overlay.opaque", b"y")
+                .map_err(|e| self.io("marking opaque", &dir, OsStr::new(""), e))?;
         } else if let Some(target) = whited_out(name) {
-            let path = dir.join(target);
-            crate::store::remove_any(&path)?;
-            mknod(&path, libc::S_IFCHR, 0, 0).at("creating whiteout", &path)?;
+            let fd = dir.fd.as_fd();
+            tree::remove_at(fd, target)
+                .and_then(|()| tree::mknod_at(fd, target, FileType::CharacterDevice, 0))
+                .map_err(|e| self.io("creating whiteout", &dir, target, e))?;
         } else {
             return Ok(());
         }
@@ -219,39 +298,70 @@ impl Unpacker<'_> {
 
     fn write(
         &mut self,
-        entry: &mut tar::Entry<'_, Box<dyn Read>>,
+        entry: &mut LayerEntry<'_>,
+        sparse: Option<&PaxSparse>,
         raw: &Path,
         parent: &Path,
         name: &OsStr,
     ) -> Result<(), ImageError> {
+        use tar::EntryType as T;
         let dir = self.resolve(raw, parent, true)?.expect("created");
-        let dest = dir.join(name);
+        let d = dir.fd.as_fd();
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
+        let ids = (u32::try_from(uid), u32::try_from(gid));
+        let (Ok(uid), Ok(gid)) = ids else {
+            return Err(self.hostile(raw, format!("owner {uid}:{gid} is not a 32-bit id")));
+        };
         let mtime = header.mtime().unwrap_or(0);
-        let existing = fs::symlink_metadata(&dest).ok();
+        let fail = |action, e| self.io(action, &dir, name, e);
+        let existing = tree::lstat_at(d, name).map_err(|e| fail("inspecting", e))?;
         if kind.is_dir() {
-            match existing {
-                Some(m) if m.is_dir() => {}
+            match existing.as_ref().map(tree::kind) {
+                Some(FileType::Directory) => {}
                 other => {
                     if other.is_some() {
-                        fs::remove_file(&dest).at("replacing", &dest)?;
+                        tree::remove_at(d, name).map_err(|e| fail("replacing", e))?;
                     }
-                    fs::create_dir(&dest).at("creating directory", &dest)?;
+                    tree::mkdir_at(d, name, 0o700).map_err(|e| fail("creating directory", e))?;
                 }
             }
-            self.own(&dest, uid, gid)?;
-            self.xattrs(entry, &dest);
-            self.dirs.push((dest, mode, mtime));
+            let fd = tree::open_dir_at(d, name).map_err(|e| fail("opening directory", e))?;
+            if self.is_root {
+                tree::fchown(fd.as_fd(), uid, gid).map_err(|e| fail("setting owner of", e))?;
+            }
+            self.xattrs(entry, raw, |n, v| tree::fsetxattr(fd.as_fd(), n, v));
+            let st = rustix::fs::fstat(&fd).map_err(|e| fail("inspecting", e.into()))?;
+            let mut path = dir.path.clone();
+            path.push(name.to_owned());
+            self.dirs.push(Deferred {
+                path,
+                dev: st.st_dev,
+                ino: st.st_ino,
+                mode,
+                mtime,
+            });
             self.stats.entries += 1;
             return Ok(());
         }
-        use tar::EntryType as T;
-        let is_special = matches!(kind, T::Char | T::Block | T::Fifo);
-        if !(kind.is_file() || kind.is_symlink() || kind.is_hard_link() || is_special) {
-            return Ok(()); // global pax headers and the like carry no file
+        let is_file = matches!(kind, T::Regular | T::Continuous | T::GNUSparse);
+        let node = match kind {
+            T::Char => Some(FileType::CharacterDevice),
+            T::Block => Some(FileType::BlockDevice),
+            T::Fifo => Some(FileType::Fifo),
+            _ => None,
+        };
+        if !(is_file || kind.is_symlink() || kind.is_hard_link() || node.is_some()) {
+            if kind == T::XGlobalHeader {
+                return Ok(()); // global PAX records carry no file
+            }
+            // Docker and containerd refuse these too ("unhandled tar header type").
+            return Err(self.hostile(
+                raw,
+                format!("entry type {:?} is not supported", kind.as_byte() as char),
+            ));
         }
         if matches!(kind, T::Char | T::Block) && !self.is_root {
             self.stats.skipped_devices += 1;
@@ -264,66 +374,82 @@ impl Unpacker<'_> {
             None
         };
         if existing.is_some() {
-            crate::store::remove_any(&dest)?;
+            tree::remove_at(d, name).map_err(|e| fail("replacing", e))?;
         }
-        match kind {
-            _ if kind.is_symlink() => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| self.damaged(e))?
-                    .ok_or_else(|| self.hostile(raw, "symlink without a target"))?;
-                symlink(&target, &dest).at("creating symlink", &dest)?;
+        if let Some((from, from_name)) = link_target {
+            tree::link_at(from.fd.as_fd(), &from_name, d, name)
+                .map_err(|e| fail("creating hard link", e))?;
+            self.stats.entries += 1;
+            return Ok(()); // a hard link shares its target's owner, mode and time
+        }
+        if kind.is_symlink() {
+            let target = entry
+                .link_name()
+                .map_err(|e| self.damaged(e))?
+                .ok_or_else(|| self.hostile(raw, "symlink without a target"))?;
+            tree::symlink_at(target.as_os_str(), d, name)
+                .map_err(|e| fail("creating symlink", e))?;
+            if self.is_root {
+                tree::chown_at(d, name, uid, gid).map_err(|e| fail("setting owner of", e))?;
             }
-            _ if kind.is_hard_link() => {
-                let target = link_target.expect("checked above");
-                fs::hard_link(&target, &dest).at("creating hard link", &dest)?;
-                self.stats.entries += 1;
-                return Ok(()); // a hard link shares its target's owner, mode and time
+            // No extended attributes on symlinks: none that a layer may set applies to them.
+            tree::set_times_at(d, name, mtime).map_err(|e| fail("setting time of", e))?;
+        } else if let Some(t) = node {
+            let (major, minor) = (dev(header.device_major()), dev(header.device_minor()));
+            let rdev = if t == FileType::Fifo {
+                0
+            } else {
+                rustix::fs::makedev(major, minor)
+            };
+            tree::mknod_at(d, name, t, rdev).map_err(|e| fail("creating node", e))?;
+            if self.is_root {
+                tree::chown_at(d, name, uid, gid).map_err(|e| fail("setting owner of", e))?;
             }
-            T::Char | T::Block | T::Fifo => {
-                let (fmt, major, minor) = match kind {
-                    T::Char => (
-                        libc::S_IFCHR,
-                        dev(header.device_major()),
-                        dev(header.device_minor()),
+            let n = tree::NodeRef::open(d, name, t).map_err(|e| fail("opening node", e))?;
+            n.chmod(mode).map_err(|e| fail("setting mode of", e))?;
+            self.xattrs(entry, raw, |k, v| n.setxattr(k, v));
+            tree::set_times_at(d, name, mtime).map_err(|e| fail("setting time of", e))?;
+        } else {
+            let size = entry.size();
+            if kind == T::GNUSparse && size > sparse::MAX_REAL_SIZE {
+                return Err(self.hostile(
+                    raw,
+                    format!(
+                        "a sparse file of {size} bytes, more than the {} cela unpacks",
+                        sparse::MAX_REAL_SIZE
                     ),
-                    T::Block => (
-                        libc::S_IFBLK,
-                        dev(header.device_major()),
-                        dev(header.device_minor()),
-                    ),
-                    _ => (libc::S_IFIFO, 0, 0),
-                };
-                mknod(&dest, fmt | mode, major, minor).at("creating node", &dest)?;
+                ));
             }
-            _ => {
-                let mut f = File::options()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&dest)
-                    .at("creating", &dest)?;
-                io::copy(entry, &mut f).map_err(|e| self.damaged(e))?;
+            let mut f = tree::create_file_at(d, name).map_err(|e| fail("creating", e))?;
+            match (sparse, kind) {
+                (Some(sp), _) => sp.write(entry, size, &mut f),
+                (None, T::GNUSparse) => sparse::copy_holey(entry, &mut f).map(drop),
+                (None, _) => io::copy(entry, &mut f).map(drop),
             }
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::InvalidData => self.hostile(raw, format!("sparse file: {e}")),
+                _ => self.damaged(e),
+            })?;
+            let fd = f.as_fd();
+            if self.is_root {
+                tree::fchown(fd, uid, gid).map_err(|e| fail("setting owner of", e))?;
+            }
+            // After the owner: chown clears the setuid and setgid bits.
+            tree::fchmod(fd, mode).map_err(|e| fail("setting mode of", e))?;
+            self.xattrs(entry, raw, |k, v| tree::fsetxattr(fd, k, v));
+            tree::set_times(fd, mtime).map_err(|e| fail("setting time of", e))?;
         }
-        self.own(&dest, uid, gid)?;
-        if !kind.is_symlink() {
-            fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
-                .at("setting mode of", &dest)?;
-        }
-        self.xattrs(entry, &dest);
-        set_mtime(&dest, mtime).at("setting time of", &dest)?;
         self.stats.entries += 1;
         Ok(())
     }
 
-    /// Where a hard link entry points, resolved inside the root; it must exist.
+    /// Where a hard link entry points, resolved inside the root: its directory and name. It
+    /// must exist and not be a directory.
     fn hard_link_target(
         &self,
-        entry: &tar::Entry<'_, Box<dyn Read>>,
+        entry: &LayerEntry<'_>,
         raw: &Path,
-    ) -> Result<PathBuf, ImageError> {
+    ) -> Result<(DirHandle, OsString), ImageError> {
         let link = entry
             .link_name()
             .map_err(|e| self.damaged(e))?
@@ -333,60 +459,65 @@ impl Unpacker<'_> {
         let (Some(name), Some(parent)) = (rel.file_name(), rel.parent()) else {
             return Err(self.hostile(raw, "hard link to the root"));
         };
-        let target = self
-            .resolve(raw, parent, false)?
-            .map(|d| d.join(name))
-            .filter(|t| fs::symlink_metadata(t).is_ok_and(|m| !m.is_dir()))
-            .ok_or_else(|| {
-                self.hostile(
-                    raw,
-                    format!(
-                        "hard link target {} is not a file in the layer",
-                        link.display()
-                    ),
-                )
-            })?;
-        Ok(target)
+        let not_there = || {
+            self.hostile(
+                raw,
+                format!(
+                    "hard link target {} is not a file in the layer",
+                    link.display()
+                ),
+            )
+        };
+        let dir = self.resolve(raw, parent, false)?.ok_or_else(not_there)?;
+        match tree::lstat_at(dir.fd.as_fd(), name) {
+            Ok(Some(st)) if tree::kind(&st) != FileType::Directory => Ok((dir, name.to_owned())),
+            _ => Err(not_there()),
+        }
     }
 
-    fn own(&self, path: &Path, uid: u64, gid: u64) -> Result<(), ImageError> {
-        if self.is_root {
-            let id = |v: u64| u32::try_from(v).ok();
-            std::os::unix::fs::lchown(path, id(uid), id(gid)).at("setting owner of", path)?;
-        }
-        Ok(())
-    }
-
-    /// Extended attributes from PAX `SCHILY.xattr.*` records (file capabilities, SELinux
-    /// labels); only as root, and a refused one is logged, not fatal.
-    fn xattrs(&self, entry: &mut tar::Entry<'_, Box<dyn Read>>, path: &Path) {
-        if !self.is_root {
-            return;
-        }
+    /// Extended attributes from PAX `SCHILY.xattr.*` records, those [`xattr_allowed`] lets
+    /// through, only as root; `set` applies one to the entry. A refused one is logged, not
+    /// fatal (file systems without xattrs refuse them all).
+    fn xattrs(
+        &self,
+        entry: &mut LayerEntry<'_>,
+        raw: &Path,
+        set: impl Fn(&str, &[u8]) -> io::Result<()>,
+    ) {
         let Ok(Some(exts)) = entry.pax_extensions() else {
             return;
         };
         for ext in exts.flatten() {
             let Ok(key) = ext.key() else { continue };
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.")
-                && let Err(e) = setxattr(path, name, ext.value_bytes())
-            {
-                tracing::debug!("{}: xattr {name}: {e}", path.display());
+            let Some(name) = key.strip_prefix("SCHILY.xattr.") else {
+                continue;
+            };
+            if !self.is_root || !xattr_allowed(name) {
+                tracing::debug!("{}: dropped xattr {name}", raw.display());
+                self.dropped_xattrs.set(self.dropped_xattrs.get() + 1);
+            } else if let Err(e) = set(name, ext.value_bytes()) {
+                tracing::debug!("{}: xattr {name}: {e}", raw.display());
             }
         }
     }
 
     /// Resolves `parent` (relative to the root) inside the root, following symlinks as if the
-    /// root were `/`. Missing directories are created when `create`, else `None` is returned.
+    /// root were `/`, through directory descriptors only. Missing directories are created when
+    /// `create`, else `None` is returned.
     fn resolve(
         &self,
         raw: &Path,
         parent: &Path,
         create: bool,
-    ) -> Result<Option<PathBuf>, ImageError> {
-        let mut stack: Vec<OsString> = Vec::new();
+    ) -> Result<Option<DirHandle>, ImageError> {
+        let mut stack: Vec<(OwnedFd, OsString)> = Vec::new();
         let mut pending: VecDeque<OsString> = parent.iter().map(|c| c.to_owned()).collect();
         let mut links = 0;
+        let here_path = |stack: &[(OwnedFd, OsString)]| {
+            let mut p = self.root_path.to_path_buf();
+            p.extend(stack.iter().map(|(_, n)| n));
+            p
+        };
         while let Some(c) = pending.pop_front() {
             if c == ".." {
                 stack.pop();
@@ -395,19 +526,17 @@ impl Unpacker<'_> {
             if c == "." || c.is_empty() {
                 continue;
             }
-            let here: PathBuf = self
-                .root
-                .iter()
-                .chain(stack.iter().map(|s| s.as_os_str()))
-                .collect();
-            let candidate = here.join(&c);
-            match fs::symlink_metadata(&candidate) {
-                Ok(m) if m.file_type().is_symlink() => {
+            let cur = stack.last().map_or(self.root.as_fd(), |(fd, _)| fd.as_fd());
+            let st = tree::lstat_at(cur, &c).at("inspecting", here_path(&stack).join(&c))?;
+            match st.as_ref().map(tree::kind) {
+                Some(FileType::Symlink) => {
                     links += 1;
                     if links > MAX_SYMLINKS {
                         return Err(self.hostile(raw, "too many levels of symbolic links"));
                     }
-                    let target = fs::read_link(&candidate).at("reading symlink", &candidate)?;
+                    let target = tree::readlink_at(cur, &c)
+                        .at("reading symlink", here_path(&stack).join(&c))?;
+                    let target = Path::new(&target);
                     if target.is_absolute() {
                         stack.clear();
                     }
@@ -422,45 +551,59 @@ impl Unpacker<'_> {
                     next.extend(pending);
                     pending = next;
                 }
-                Ok(m) if m.is_dir() => stack.push(c),
-                Ok(_) => {
-                    return Err(self.hostile(
-                        raw,
-                        format!(
-                            "{} is not a directory",
-                            candidate
-                                .strip_prefix(self.root)
-                                .unwrap_or(&candidate)
-                                .display()
-                        ),
-                    ));
+                Some(FileType::Directory) => {
+                    let fd = tree::open_dir_at(cur, &c)
+                        .at("opening directory", here_path(&stack).join(&c))?;
+                    stack.push((fd, c));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Some(_) => {
+                    let mut inside: PathBuf = stack.iter().map(|(_, n)| n).collect();
+                    inside.push(&c);
+                    return Err(
+                        self.hostile(raw, format!("{} is not a directory", inside.display()))
+                    );
+                }
+                None => {
                     if !create {
                         return Ok(None);
                     }
-                    fs::create_dir(&candidate).at("creating directory", &candidate)?;
-                    stack.push(c);
+                    let p = here_path(&stack).join(&c);
+                    tree::mkdir_at(cur, &c, 0o755).at("creating directory", &p)?;
+                    let fd = tree::open_dir_at(cur, &c).at("opening directory", &p)?;
+                    stack.push((fd, c));
                 }
-                Err(e) => return Err(e).at("inspecting", candidate),
+            }
+            if stack.len() > tree::MAX_DEPTH {
+                return Err(self.hostile(
+                    raw,
+                    format!("directories nested deeper than {}", tree::MAX_DEPTH),
+                ));
             }
         }
-        Ok(Some(
-            self.root
-                .iter()
-                .chain(stack.iter().map(|s| s.as_os_str()))
-                .collect(),
-        ))
+        let path = stack.iter().map(|(_, n)| n.clone()).collect();
+        let fd = match stack.pop() {
+            Some((fd, _)) => fd,
+            None => self
+                .root
+                .try_clone()
+                .at("duplicating descriptor of", self.root_path)?,
+        };
+        Ok(Some(DirHandle { fd, path }))
     }
 
-    /// Sets the deferred directory modes and times, innermost first.
+    /// Sets the deferred directory modes and times, innermost first, on the directories
+    /// themselves (see `tree::apply_deferred`).
     fn finish_dirs(&mut self) -> Result<(), ImageError> {
-        self.dirs
-            .sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
-        for (path, mode, mtime) in self.dirs.drain(..) {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                .at("setting mode of", &path)?;
-            set_mtime(&path, mtime).at("setting time of", &path)?;
+        self.dirs.sort_by_key(|d| std::cmp::Reverse(d.path.len()));
+        for d in self.dirs.drain(..) {
+            let path: PathBuf = self
+                .root_path
+                .iter()
+                .chain(d.path.iter().map(|c| c.as_os_str()))
+                .collect();
+            if !tree::apply_deferred(self.root.as_fd(), &d).at("setting mode of", path)? {
+                tracing::debug!("{}: a deferred directory was replaced", self.label);
+            }
         }
         Ok(())
     }
@@ -497,63 +640,7 @@ fn dev(v: io::Result<Option<u32>>) -> u32 {
     v.ok().flatten().unwrap_or(0)
 }
 
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn mknod(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
-    let c = cpath(path)?;
-    // SAFETY: a valid C string; mknod does not retain it.
-    let r = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn setxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c = cpath(path)?;
-    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: valid C strings and a value buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn set_mtime(path: &Path, mtime: u64) -> io::Result<()> {
-    let c = cpath(path)?;
-    let t = libc::timespec {
-        tv_sec: mtime.min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: 0,
-    };
-    let times = [t, t];
-    // SAFETY: a valid C string and two timespecs; the link itself is changed, not its target.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 //! Unpacking tests: whiteouts, hostile names and links, compression.
 
+use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
@@ -253,19 +254,10 @@ fn overlay_layers_carry_whiteouts_as_overlayfs_markers() {
     let m = fs::symlink_metadata(w.root.join("etc/motd")).unwrap();
     assert!(m.file_type().is_char_device());
     assert_eq!(m.rdev(), 0);
-    let c = cpath(&w.root.join("var/cache")).unwrap();
     let mut buf = [0u8; 4];
-    let name = CString::new("trusted.overlay.opaque").unwrap();
-    // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    assert_eq!(n, 1, "opaque xattr: {}", io::Error::last_os_error());
+    let n = rustix::fs::lgetxattr(w.root.join("var/cache"), "trusted.overlay.opaque", &mut buf)
+        .unwrap();
+    assert_eq!(n, 1);
     assert_eq!(buf[0], b'y');
     assert!(w.root.join("var/cache/kept").is_file());
 }
