@@ -50,9 +50,12 @@ pub enum ImageCommand {
         format: Format,
     },
     /// Remove an image name, or an image (by digest or its last name); blobs no image uses
-    /// any more are deleted.
+    /// any more are deleted. An image an instance uses is refused.
     #[command(alias = "remove")]
     Rm {
+        /// Take the names off an image instances use (it stays, as <none>, until none does).
+        #[arg(short = 'f', long)]
+        force: bool,
         /// NAME[:TAG], a digest, or a unique digest prefix.
         #[arg(value_name = "REF", required = true)]
         references: Vec<String>,
@@ -148,10 +151,16 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 Format::Table => print_table(&images),
             }
         }
-        ImageCommand::Rm { references } => {
+        ImageCommand::Rm { force, references } => {
+            let instances = cela_instance::Instances::open(data_dir)?;
             for r in references {
-                // TODO(instances): the digests of the images instances use, and `--force`.
-                let removed = store.remove(&r, &std::collections::HashSet::new(), false)?;
+                let removed = cela_instance::images::remove(&store, &instances, &r, force)
+                    .map_err(|e| match e {
+                        e @ cela_instance::InstanceError::ImageInUse { .. } => {
+                            anyhow::anyhow!("{e} (--force untags it)")
+                        }
+                        e => e.into(),
+                    })?;
                 for n in &removed.untagged {
                     println!("untagged {}", cela_image::reference::familiar_name(n));
                 }

@@ -76,6 +76,8 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         cela_instance::container::memory_limit(mib)?;
     }
     let store = crate::image_cmd::open(data_dir)?;
+    // Held until the instance is recorded: an `image rm` then sees it (cela_instance::images).
+    let content = store.content_lock()?;
     let image = store.resolve(&req.image).with_context(|| {
         format!(
             "no image {} in the store (cela pull or cela image import it first)",
@@ -177,6 +179,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
     };
     let insts = instances(data_dir)?;
     let inst = insts.create(config)?;
+    drop(content);
     spawn_supervisor(data_dir, &inst)?;
     if req.detach {
         let state = ops::wait_state(&inst, START_BOUND, |s| s.status != Status::Created)?;

@@ -455,3 +455,53 @@ fn bad_input_is_one_line_and_status_125_and_leaves_nothing() {
     }
     assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
 }
+
+#[test]
+fn an_image_an_instance_uses_is_not_removed_from_under_it() {
+    let w = World::new();
+    let id = w.ok(&["run", "-d", "--name", "user", "testimg", "sleep", "1000"]);
+    let id = id.trim().to_owned();
+    let layers_before = std::fs::read_dir(w.data().join("images/layers"))
+        .unwrap()
+        .count();
+    let out = w.cela(&["image", "rm", "testimg"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("used by instance user") && err.contains("--force"),
+        "{err}"
+    );
+    // Forced: the name goes, the image and its layers stay for the running container.
+    w.ok(&["image", "rm", "--force", "testimg"]);
+    let images: Value = serde_json::from_str(&w.ok(&["image", "ls", "--format", "json"])).unwrap();
+    assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
+    assert_eq!(images[0]["names"], serde_json::json!([]), "{images}");
+    assert_eq!(
+        std::fs::read_dir(w.data().join("images/layers"))
+            .unwrap()
+            .count(),
+        layers_before
+    );
+    assert!(w.ok(&["exec", "user", "ls", "/bin"]).contains("busybox"));
+    // Stopped and started again, it still has its image.
+    w.ok(&["stop", "-t", "0", "user"]);
+    w.ok(&["start", "user"]);
+    assert!(
+        w.ok(&["exec", "user", "cat", "/etc/greeting"])
+            .contains("the-test-image")
+    );
+    // By digest, still refused while the instance exists; gone once it is.
+    let digest = images[0]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(w.cela(&["image", "rm", &digest]).status.code(), Some(125));
+    w.ok(&["rm", "-f", "user"]);
+    w.assert_gone(&id, &[]);
+    w.ok(&["image", "rm", &digest]);
+    assert_eq!(
+        std::fs::read_dir(w.data().join("images/layers"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(w.ok(&["image", "ls", "--format", "json"]).trim(), "[]");
+}

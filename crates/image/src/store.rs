@@ -365,7 +365,8 @@ impl Store {
     /// Removes a name, or an image with all its names when given its digest or its last name,
     /// then deletes the blobs and caches no image needs any more.
     ///
-    /// `in_use` holds the digests of the images instances are made from. Such an image is not
+    /// `in_use` gives the digests of the images instances are made from (asked for once the
+    /// store's gc lock is held exclusively). Such an image is not
     /// removed: without `force` that is an [`ImageError::InUse`]; with `force` all its names
     /// go but its record (and so its blobs and unpacked layers) stays, listed as `<none>` —
     /// what `docker rmi -f` does to an image a container uses. Taking one name off an image
@@ -373,10 +374,13 @@ impl Store {
     pub fn remove(
         &self,
         input: &str,
-        in_use: &HashSet<Digest>,
+        in_use: impl FnOnce() -> HashSet<Digest>,
         force: bool,
     ) -> Result<Removed, ImageError> {
         let _gc = self.lock("gc.lock", libc::LOCK_EX)?;
+        // Asked for under the lock: a `cela run` holds the content lock from resolving its
+        // image to recording its instance, so no new user slips in between.
+        let in_use = in_use();
         let (untagged, deleted) = self.update_index(|index| {
             let i = find(&index.images, input)?;
             let by_name = input

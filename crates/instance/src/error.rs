@@ -21,6 +21,14 @@ pub enum InstanceError {
     },
     #[error("{0}")]
     Unsupported(String),
+    /// An image that instances use; a forced removal only untags it.
+    #[error(
+        "image {image} is used by instance{} {}: remove {} first (a forced removal only takes its names off and keeps it for them)",
+        if users.len() == 1 { "" } else { "s" },
+        users.join(", "),
+        if users.len() == 1 { "it" } else { "them" }
+    )]
+    ImageInUse { image: String, users: Vec<String> },
     #[error("{what}: {source}")]
     Io {
         what: String,

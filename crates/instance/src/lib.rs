@@ -4,6 +4,7 @@
 //! * [`record`]: an instance's directory, its config and state on disk (atomic writes, unique
 //!   names, crash detection by supervisor liveness).
 //! * [`supervise`]: the process that runs an instance's workload and records its end.
+//! * [`images`]: images instances use are not removed.
 //! * [`container`]: containers from images (OverlayFS over the image's layers, an OCI bundle
 //!   from the image config, `cela-runtime` underneath).
 //! * [`log`]: the output log, stdout and stderr kept apart in arrival order.
@@ -15,6 +16,7 @@
 
 pub mod container;
 mod error;
+pub mod images;
 pub mod log;
 pub mod network;
 pub mod ops;
