@@ -113,7 +113,7 @@ fn attack(f: &Fixture, runtime: &str, binary: &Path) -> String {
 
     // Through exec: the victim's error message blocks on a full pipe until the attacker has
     // opened its executable.
-    let victims: [(&str, Box<dyn Fn(OwnedFd) -> Child>); 2] = [
+    let victims: [(&str, StartVictim); 2] = [
         (
             "exec",
             Box::new(|w: OwnedFd| {
@@ -205,6 +205,9 @@ fn attack(f: &Fixture, runtime: &str, binary: &Path) -> String {
     );
     log(f)
 }
+
+/// Starts the runtime command that runs the victim, its stderr the given pipe.
+type StartVictim<'a> = Box<dyn Fn(OwnedFd) -> Child + 'a>;
 
 /// A runtime command blocked on the test's pipe is killed if the test fails before releasing it
 /// (it would otherwise hold the pipe, and whatever descriptors it inherited, for ever).
