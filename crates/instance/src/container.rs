@@ -271,7 +271,7 @@ pub fn create(store: &Store, image: &ImageRecord, inst: &Instance) -> Result<i32
         let bundle = inst.dir.join("bundle");
         fs::create_dir_all(&bundle).doing(|| format!("creating {}", bundle.display()))?;
         let mut v = spec(&inst.config, &rootfs)?;
-        crate::network::apply_to_spec(&mut v, inst);
+        crate::network::apply_to_spec(&mut v, inst)?;
         crate::record::write_json(&bundle.join("config.json"), &v)?;
         let rt = runtime(inst);
         // A container left by an earlier run (stop, then start) is replaced.

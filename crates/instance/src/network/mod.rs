@@ -29,6 +29,7 @@
 pub mod rtnl;
 
 use std::fs::File;
+use std::io::Read as _;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -287,18 +288,33 @@ pub fn setup_vm(
 }
 
 /// Points the container's spec at its network: the namespace file for `none`/`auto`, the
-/// host's namespace (no network namespace entry) for `host`.
-pub fn apply_to_spec(spec: &mut Value, inst: &Instance) {
-    let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() else {
-        return;
-    };
-    match inst.config.net {
-        NetMode::Host => namespaces.retain(|n| n["type"] != "network"),
-        NetMode::None | NetMode::Auto => {
-            namespaces.retain(|n| n["type"] != "network");
+/// host's namespace (no network namespace entry) for `host`. With a network beyond loopback
+/// the container also gets the host's name servers, as Docker gives them: a copy of the host's
+/// `/etc/resolv.conf` in the instance directory, bind-mounted read-only on the container's.
+pub fn apply_to_spec(spec: &mut Value, inst: &Instance) -> Result<(), InstanceError> {
+    if let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() {
+        namespaces.retain(|n| n["type"] != "network");
+        if inst.config.net != NetMode::Host {
             namespaces.push(json!({"type": "network", "path": netns_path(inst)}));
         }
     }
+    if matches!(inst.config.net, NetMode::Host | NetMode::Auto) {
+        let copy = inst.dir.join("resolv.conf");
+        let mut text = Vec::new();
+        // The host's own file, but still bounded: it is copied into a container.
+        let _ = File::open("/etc/resolv.conf")
+            .and_then(|f| std::io::Read::take(f, 64 << 10).read_to_end(&mut text));
+        std::fs::write(&copy, &text).doing(|| format!("writing {}", copy.display()))?;
+        if let Some(mounts) = spec["mounts"].as_array_mut() {
+            mounts.push(json!({
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": copy,
+                "options": ["rbind", "ro", "rprivate", "nosuid", "nodev", "noexec"],
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// Removes a container's network: `eth0` in its namespace (with the host's end), the
