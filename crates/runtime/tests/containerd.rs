@@ -1,7 +1,8 @@
 //! A real client drives `cela-runc`: Debian's containerd, started by the test with its own
 //! root, state directory and socket in a temp dir, imports a busybox image the test builds (a
 //! `docker save`-style archive) and runs it with `ctr run --runc-binary <cela-runc>`, through
-//! containerd's stock runc shim (containerd-shim-runc-v2). Output, exit codes, `ctr task exec`,
+//! containerd's stock runc shim (containerd-shim-runc-v2). Output, exit codes, `ctr task exec`
+//! (under containerd's default seccomp profile, kept by the exec'd process),
 //! a TTY, kill and delete must all work, and nothing of a deleted container may be left.
 
 mod common;
@@ -11,8 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use common::{process_alive, runc_bin, stderr, stdout, wait_until};
 
-/// The image the test builds and imports.
-const IMAGE: &str = "cela.test/busybox:latest";
+use common::{IMAGE, build_image};
 
 /// A containerd daemon private to one test.
 struct Containerd {
@@ -178,62 +178,6 @@ impl Drop for Containerd {
     }
 }
 
-/// Writes a `docker save`-style archive of a one-layer image holding busybox-static and its
-/// applet links, and returns its path.
-fn build_image(dir: &Path) -> PathBuf {
-    let layer = dir.join("layer");
-    std::fs::create_dir_all(layer.join("bin")).unwrap();
-    std::fs::create_dir_all(layer.join("tmp")).unwrap();
-    std::fs::copy("/bin/busybox", layer.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
-        }
-    }
-    let archive = dir.join("archive");
-    std::fs::create_dir_all(&archive).unwrap();
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&layer)
-            .arg("-cf")
-            .arg(archive.join("layer.tar"))
-            .arg("."),
-    );
-    let sum = run_ok(Command::new("sha256sum").arg(archive.join("layer.tar")));
-    let diff_id = stdout(&sum).split_whitespace().next().unwrap().to_owned();
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
-    });
-    std::fs::write(archive.join("config.json"), config.to_string()).unwrap();
-    let manifest = serde_json::json!([{
-        "Config": "config.json",
-        "RepoTags": [IMAGE],
-        "Layers": ["layer.tar"],
-    }]);
-    std::fs::write(archive.join("manifest.json"), manifest.to_string()).unwrap();
-    let tar = dir.join("image.tar");
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&archive)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."),
-    );
-    tar
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed: {}", stderr(&out));
-    out
-}
-
 #[test]
 fn containerd_runs_images_through_cela_runc() {
     let c = Containerd::start();
@@ -265,9 +209,11 @@ fn containerd_runs_images_through_cela_runc() {
 
     // A detached task: it runs under cela-runc (its state is cela-runc's), exec works with
     // its own exit code, ps lists the init, SIGKILL stops it, delete removes it all.
+    // With containerd's default seccomp profile (`--seccomp`), which exec'd processes keep.
     c.ok(&[
         "run",
         "-d",
+        "--seccomp",
         "--runc-binary",
         runtime,
         IMAGE,
@@ -299,12 +245,15 @@ fn containerd_runs_images_through_cela_runc() {
         "bg",
         "sh",
         "-c",
-        "echo exec-out; exit 4",
+        "grep '^Seccomp:' /proc/1/status /proc/self/status; echo exec-out; exit 4",
     ]);
     assert_eq!(
         (exec.status.code(), stdout(&exec).as_str()),
-        (Some(4), "exec-out\n"),
-        "ctr task exec: {}",
+        (
+            Some(4),
+            "/proc/1/status:Seccomp:\t2\n/proc/self/status:Seccomp:\t2\nexec-out\n"
+        ),
+        "ctr task exec (the init and the exec'd process both filtered): {}",
         stderr(&exec)
     );
     let ps = c.ok(&["task", "ps", "bg"]);

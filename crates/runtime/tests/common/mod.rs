@@ -296,3 +296,62 @@ fn chmod(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+/// The image [`build_image`] writes, as it is tagged.
+pub const IMAGE: &str = "cela.test/busybox:latest";
+
+/// Writes a `docker save`-style archive of a one-layer image holding busybox-static and its
+/// applet links, and returns its path.
+pub fn build_image(dir: &Path) -> PathBuf {
+    let layer = dir.join("layer");
+    std::fs::create_dir_all(layer.join("bin")).unwrap();
+    std::fs::create_dir_all(layer.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", layer.join("bin/busybox")).unwrap();
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
+        }
+    }
+    let archive = dir.join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layer)
+            .arg("-cf")
+            .arg(archive.join("layer.tar"))
+            .arg("."),
+    );
+    let sum = run_ok(Command::new("sha256sum").arg(archive.join("layer.tar")));
+    let diff_id = stdout(&sum).split_whitespace().next().unwrap().to_owned();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
+    });
+    std::fs::write(archive.join("config.json"), config.to_string()).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [IMAGE],
+        "Layers": ["layer.tar"],
+    }]);
+    std::fs::write(archive.join("manifest.json"), manifest.to_string()).unwrap();
+    let tar = dir.join("image.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&archive)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    );
+    tar
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}", stderr(&out));
+    out
+}
