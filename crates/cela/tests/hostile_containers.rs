@@ -55,6 +55,19 @@ fn the_default_profile_refuses_namespaces_and_mounts_in_run_and_exec() {
     for key in ["userns", "mountns", "netns", "mount"] {
         assert_ne!(field(&out, key), "0", "{key} succeeded in exec:\n{out}");
     }
+    // Everything that confines the init confines the exec'd process: the status fields, the
+    // cgroup, the limits.
+    let out = w.ok(&[
+        "exec",
+        "target",
+        "sh",
+        "-c",
+        "for f in status cgroup limits; do \
+           a=$(grep -E '^(Seccomp|NoNewPrivs|Cap[A-Za-z]+|Uid|Gid):' /proc/1/$f 2>/dev/null || cat /proc/1/$f); \
+           b=$(grep -E '^(Seccomp|NoNewPrivs|Cap[A-Za-z]+|Uid|Gid):' /proc/self/$f 2>/dev/null || cat /proc/self/$f); \
+           [ \"$a\" = \"$b\" ] && echo $f=same || echo \"$f differs: $a /// $b\"; done",
+    ]);
+    assert_eq!(out, "status=same\ncgroup=same\nlimits=same\n", "{out}");
     w.ok(&["rm", "-f", "target"]);
     w.assert_gone(id.trim(), &[]);
 
