@@ -6,6 +6,17 @@
 //! limit is OOM-killed, a fork loop stops at the pids limit, the jail profile runs with its
 //! limits, and every cgroup is gone after delete.
 //!
+//! Device rules, in the same L1 boot (scenario `devices`): on cgroup v2 only an eBPF program
+//! of type BPF_PROG_TYPE_CGROUP_DEVICE attached to the container's cgroup enforces them (v1 had
+//! the `devices` controller), so a runtime that forgets it lets a container read and write the
+//! host's disks. L1 backs a loop device with a file (its "disk") and the containers attack it:
+//! a block node made with `mknod` (CAP_MKNOD, as in Docker's default set), nodes the image
+//! carries (mode 0666, also in the jail), `/dev/kmsg` and `/dev/kvm`, through `run`, and
+//! through `exec` after an `update`. Every open must fail with EPERM while mknod itself
+//! succeeds, the allowed nodes (/dev/null, zero, full, random, urandom, tty) must still work,
+//! a rule in the spec must allow exactly the access it names, and L1's disk and kernel log must
+//! be untouched.
+//!
 //! L1's root is an initramfs, which pivot_root cannot leave, so the containers use
 //! `--no-pivot` (the other isolation is unchanged).
 
@@ -14,7 +25,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cela_lab::{Lab, LabError, LabRun, Scenario};
+use cela_lab::{Lab, LabError, LabRun, Scenario, ScenarioResult};
 use serde_json::{Value, json};
 
 const MIB: i64 = 1 << 20;
@@ -70,7 +81,7 @@ echo "procs_left=$(ps -o comm | grep -c -x sleep)"
 "#;
 
 /// A bundle config from `cela-runc spec` (or `spec --jail`) for L1's /tmp/<name>/rootfs.
-fn config(name: &str, jail: bool, args: &[&str], resources: Option<Value>) -> Vec<u8> {
+fn config(name: &str, jail: bool, args: &[&str], resources: Option<Value>) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cela-runc"));
     cmd.args(["spec", "--bundle"]).arg(dir.path());
@@ -87,16 +98,166 @@ fn config(name: &str, jail: bool, args: &[&str], resources: Option<Value>) -> Ve
     if let Some(r) = resources {
         v["linux"]["resources"] = r;
     }
-    serde_json::to_vec_pretty(&v).unwrap()
+    v
 }
 
-/// The script's `key=value` lines, and its whole output for messages.
+/// The `devices` scenario: a loop device over a file in L1's /tmp stands for the host's disk
+/// (`HOSTDISK-SECRET` at 0, zeros at 512); four containers attack it and L1's kernel log
+/// through the device nodes of [`ATTACK`], then L1 reads back its disk and log. Device rules
+/// are enforced at open, so the nodes are made (or shipped) freely and opened in the container.
+const DEVICES_SCRIPT: &str = r#"
+D="/lab/cela-runc --root /tmp/devstate"
+grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup || { echo "cannot mount cgroup2"; exit 90; }
+for m in /lab/devmod-*.ko; do [ -e "$m" ] || continue; insmod "$m" || { echo "cannot load $m"; exit 91; }; done
+dd if=/dev/zero of=/tmp/disk.img bs=1024 count=1024 2>/dev/null
+printf HOSTDISK-SECRET | dd of=/tmp/disk.img conv=notrunc 2>/dev/null
+losetup /dev/loop0 /tmp/disk.img || { echo "losetup /dev/loop0 failed"; exit 92; }
+echo "loop0=$(cat /sys/block/loop0/dev)"
+echo "l1_read=$(head -c 15 /dev/loop0)"
+for b in devs devjail devallow devupd; do
+  r=/tmp/$b/rootfs
+  mkdir -p $r/bin $r/proc $r/dev $r/sys $r/tmp
+  cp /bin/busybox $r/bin/
+  for a in sh head dd od tr wc sleep cat; do ln -s busybox $r/bin/$a; done
+  tr ':' ' ' < /sys/block/loop0/dev > $r/devnum
+  # What a hostile image ships: the disk and the kernel log, open to everyone.
+  mknod -m 666 $r/imgdisk b $(cat $r/devnum)
+  mknod -m 666 $r/imgkmsg c 1 11
+  cp /lab/attack.sh $r/attack.sh
+  cp /lab/$b.json /tmp/$b/config.json
+done
+for b in devs devjail devallow; do
+  $D run --no-pivot --bundle /tmp/$b $b </dev/null; echo ${b}_run=$?
+done
+$D run -d --no-pivot --bundle /tmp/devupd devupd </dev/null >/dev/null 2>&1; echo devupd_run=$?
+$D update --pids-limit 50 devupd; echo devupd_update=$?
+$D exec devupd sh /attack.sh devupd </dev/null; echo devupd_exec=$?
+$D delete --force devupd; echo devupd_delete=$?
+sync; blockdev --flushbufs /dev/loop0
+echo "disk_head=$(head -c 15 /tmp/disk.img)"
+echo "disk_512_nonzero=$(dd if=/tmp/disk.img bs=1 skip=512 count=15 2>/dev/null | tr -d '\000' | wc -c)"
+echo "kmsg_probes=$(dmesg | grep -c cela-devprobe)"
+echo "dev_cgroups_left=$(ls /sys/fs/cgroup | grep -c '^cela-dev')"
+echo "dev_state_left=$(ls /tmp/devstate | wc -l)"
+"#;
+
+/// Run in the container as `sh /attack.sh NAME`: prints `NAME_<probe>=<result>`, where the
+/// result is `EPERM`, `ENXIO`, `ENOSPC`, `missing` (no such node), or `ok:<output>`.
+/// `mk_*` probe nodes made here with mknod (`/devnum` holds L1's loop0 as `MAJOR MINOR`),
+/// `img_*` the nodes the image carries.
+const ATTACK: &str = r#"
+P=$1
+read maj min < /devnum
+probe() {
+  n=$1; shift
+  out=$("$@" 2>&1); rc=$?
+  case "$out" in
+    *"Operation not permitted"*) r=EPERM ;;
+    *"No such device or address"*) r=ENXIO ;;
+    *"No space left on device"*) r=ENOSPC ;;
+    missing) r=missing ;;
+    *) if [ $rc = 0 ]; then r="ok:$(printf %s "$out" | tr -d '\n')"; else r="rc$rc:$(printf %s "$out" | tr '\n' ' ')"; fi ;;
+  esac
+  echo "${P}_$n=$r"
+}
+node() { [ -b "$1" ] || [ -c "$1" ] || { echo missing; return 1; }; }
+rd() { node "$1" && head -c 15 "$1"; }
+wr() { node "$1" || return; e=$(printf CONTAINER-WROTE | dd of="$1" bs=1 seek="$2" conv=notrunc 2>&1) && echo written || { echo "$e"; return 1; }; }
+log() { node "$1" && echo "cela-devprobe-$P" > "$1" && echo written; }
+opn() { node "$1" && exec 3<"$1" && echo opened; }
+mknod /dev/mkdisk b $maj $min; echo ${P}_mk_mknod=$?
+mknod /dev/kmsg c 1 11; echo ${P}_kmsg_mknod=$?
+mknod /dev/kvm c 10 232; echo ${P}_kvm_mknod=$?
+probe mk_read rd /dev/mkdisk
+probe mk_write wr /dev/mkdisk 0
+probe img_read rd /imgdisk
+probe img_write wr /imgdisk 512
+probe kmsg_write log /dev/kmsg
+probe img_kmsg_write log /imgkmsg
+probe kvm_open opn /dev/kvm
+probe null_write sh -c 'echo x > /dev/null && echo written'
+probe zero_read sh -c 'head -c 4 /dev/zero | od -An -tx1 | tr -d " "'
+probe full_write sh -c 'echo x > /dev/full'
+probe urandom_read sh -c 'head -c 8 /dev/urandom | wc -c'
+probe random_read sh -c 'head -c 8 /dev/random | wc -c'
+probe tty_open sh -c 'echo x > /dev/tty'
+"#;
+
+/// The device-attack containers: `devs` (the default template plus CAP_MKNOD), `devjail` (the
+/// jail, whose seccomp filter refuses mknod: only the image's nodes), `devallow` (a spec rule
+/// allowing reads of L1's loop0, 7:0) and `devupd` (as `devs`, attacked through `exec` after
+/// an `update` has rewritten its cgroup).
+fn device_configs() -> [(&'static str, Value); 4] {
+    let with_mknod = |mut v: Value| {
+        for set in ["bounding", "effective", "permitted"] {
+            v["process"]["capabilities"][set]
+                .as_array_mut()
+                .unwrap()
+                .push("CAP_MKNOD".into());
+        }
+        v
+    };
+    let allow_read = json!({"devices": [
+        {"allow": false, "access": "rwm"},
+        {"allow": true, "type": "b", "major": 7, "minor": 0, "access": "r"}]});
+    [
+        (
+            "devs",
+            with_mknod(config("devs", false, &["sh", "/attack.sh", "devs"], None)),
+        ),
+        (
+            "devjail",
+            config("devjail", true, &["sh", "/attack.sh", "devjail"], None),
+        ),
+        (
+            "devallow",
+            with_mknod(config(
+                "devallow",
+                false,
+                &["sh", "/attack.sh", "devallow"],
+                Some(allow_read),
+            )),
+        ),
+        (
+            "devupd",
+            with_mknod(config("devupd", false, &["sleep", "1000"], None)),
+        ),
+    ]
+}
+
+/// A scenario's `key=value` lines, and its whole output for messages.
 struct Outcome {
     values: HashMap<String, String>,
     text: String,
+    rc: i32,
 }
 
 impl Outcome {
+    fn new(r: &ScenarioResult) -> Outcome {
+        let values = r
+            .stdout_str()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let text = format!("{}{}", r.stdout_str(), r.stderr_str());
+        Outcome {
+            values,
+            text,
+            rc: r.rc,
+        }
+    }
+
+    /// The outcome, if its script ran to the end.
+    fn checked(&self, name: &str) -> &Outcome {
+        assert_eq!(
+            self.rc, 0,
+            "the {name} scenario failed in L1:\n{}",
+            self.text
+        );
+        self
+    }
+
     fn get(&self, key: &str) -> &str {
         self.values
             .get(key)
@@ -111,16 +272,31 @@ impl Outcome {
     }
 }
 
+/// The `v2` scenario's outcome (limits, OOM, pids, the jail).
 fn outcome() -> &'static Outcome {
-    static OUTCOME: OnceLock<Outcome> = OnceLock::new();
-    OUTCOME.get_or_init(|| {
+    batch().0.checked("v2")
+}
+
+/// The `devices` scenario's outcome, after checking that L1 had its disk (loop0, 7:0, which
+/// the `devallow` rule names) and could read it itself.
+fn devices() -> &'static Outcome {
+    let o = batch().1.checked("devices");
+    assert_eq!(o.get("loop0"), "7:0", "{}", o.text);
+    assert_eq!(o.get("l1_read"), "HOSTDISK-SECRET", "{}", o.text);
+    o
+}
+
+/// One L1 boot for both scenarios.
+fn batch() -> &'static (Outcome, Outcome) {
+    static BATCH: OnceLock<(Outcome, Outcome)> = OnceLock::new();
+    BATCH.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, bytes: Vec<u8>| {
+        let write = |name: &str, v: Value| {
             let p = dir.path().join(format!("{name}.json"));
-            std::fs::write(&p, bytes).unwrap();
+            std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
             p
         };
-        let configs = [
+        let mut configs = vec![
             write(
                 "lim",
                 config(
@@ -160,14 +336,33 @@ fn outcome() -> &'static Outcome {
             ),
             write("jail", config("jail", true, &["sleep", "1000"], None)),
         ];
+        for (name, v) in device_configs() {
+            configs.push(write(name, v));
+        }
+        let attack = dir.path().join("attack.sh");
+        std::fs::write(&attack, ATTACK).unwrap();
         let lab = Lab::new().unwrap_or_else(|e| panic!("the nested lab is unavailable: {e}"));
-        let mut run = LabRun::new().file(env!("CARGO_BIN_EXE_cela-runc"), "/lab/cela-runc");
+        // The loop driver is a module of L1's kernel (none if it is built in).
+        let loop_modules = lab
+            .kernel()
+            .module_closure(&["loop"])
+            .unwrap_or_else(|e| panic!("L1's kernel has no loop driver: {e}"));
+        let mut run = LabRun::new()
+            .file(env!("CARGO_BIN_EXE_cela-runc"), "/lab/cela-runc")
+            .file(&attack, "/lab/attack.sh");
         for p in &configs {
             let name = p.file_name().unwrap().to_str().unwrap().to_owned();
             run = run.file(p, format!("/lab/{name}"));
         }
-        run = run.scenario(Scenario::new("v2", SCRIPT).with_timeout(Duration::from_secs(240)));
-        run.timeout = Duration::from_secs(360);
+        for (i, m) in loop_modules.iter().enumerate() {
+            run = run.file(m, format!("/lab/devmod-{i}.ko"));
+        }
+        run = run
+            .scenario(Scenario::new("v2", SCRIPT).with_timeout(Duration::from_secs(240)))
+            .scenario(
+                Scenario::new("devices", DEVICES_SCRIPT).with_timeout(Duration::from_secs(180)),
+            );
+        run.timeout = Duration::from_secs(540);
         // A frozen QEMU-TCG L1 (docs/TESTING.md) is the lab's failure, not cela's: once more.
         let report = match lab.run(&run) {
             Err(e @ (LabError::Frozen { .. } | LabError::Timeout { .. })) => {
@@ -177,16 +372,10 @@ fn outcome() -> &'static Outcome {
             other => other,
         }
         .unwrap_or_else(|e| panic!("the lab run failed: {e}"));
-        let r = report.get("v2");
-        let text = format!("{}{}", r.stdout_str(), r.stderr_str());
-        r.expect_rc(0);
-        let values = r
-            .stdout_str()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Outcome { values, text }
+        (
+            Outcome::new(report.get("v2")),
+            Outcome::new(report.get("devices")),
+        )
     })
 }
 
@@ -273,4 +462,151 @@ fn nothing_is_left_after_delete() {
     assert_eq!(o.get("left"), "0", "cgroups left: {}", o.text);
     assert_eq!(o.get("state_left"), "0", "state left: {}", o.text);
     assert_eq!(o.get("procs_left"), "0", "processes left: {}", o.text);
+}
+
+/// Asserts each `key` of the devices outcome is `want`.
+fn expect_all(o: &Outcome, keys: &[&str], want: &str, why: &str) {
+    for key in keys {
+        assert_eq!(o.get(key), want, "{key}: {why}:\n{}", o.text);
+    }
+}
+
+#[test]
+fn a_block_device_made_with_mknod_cannot_be_opened() {
+    let o = devices();
+    assert_eq!(o.get("devs_run"), "0", "{}", o.text);
+    // CAP_MKNOD and the default rules' `b *:* m` let the node be made; opening it is refused.
+    assert_eq!(o.get("devs_mk_mknod"), "0", "{}", o.text);
+    expect_all(
+        o,
+        &["devs_mk_read", "devs_mk_write"],
+        "EPERM",
+        "the host's disk through a node made with mknod",
+    );
+}
+
+#[test]
+fn a_block_device_the_image_carries_cannot_be_opened() {
+    let o = devices();
+    assert_eq!(o.get("devjail_run"), "0", "{}", o.text);
+    expect_all(
+        o,
+        &[
+            "devs_img_read",
+            "devs_img_write",
+            "devjail_img_read",
+            "devjail_img_write",
+        ],
+        "EPERM",
+        "the host's disk through a 0666 node in the image",
+    );
+    // The jail's seccomp filter refuses mknod, so only the image's nodes exist there.
+    assert_ne!(o.get("devjail_mk_mknod"), "0", "{}", o.text);
+    assert_eq!(o.get("devjail_mk_read"), "missing", "{}", o.text);
+}
+
+#[test]
+fn char_devices_outside_the_allowed_list_cannot_be_opened() {
+    let o = devices();
+    assert_eq!(o.get("devs_kmsg_mknod"), "0", "{}", o.text);
+    assert_eq!(o.get("devs_kvm_mknod"), "0", "{}", o.text);
+    expect_all(
+        o,
+        &[
+            "devs_kmsg_write",
+            "devs_img_kmsg_write",
+            "devs_kvm_open",
+            "devjail_img_kmsg_write",
+        ],
+        "EPERM",
+        "/dev/kmsg (1:11) or /dev/kvm (10:232)",
+    );
+    assert_eq!(
+        o.get("kmsg_probes"),
+        "0",
+        "the kernel log was written: {}",
+        o.text
+    );
+}
+
+#[test]
+fn the_allowed_devices_still_work() {
+    let o = devices();
+    for c in ["devs", "devjail", "devallow", "devupd"] {
+        let key = |probe: &str| format!("{c}_{probe}");
+        for (probe, want) in [
+            ("null_write", "ok:written"),
+            ("zero_read", "ok:00000000"),
+            ("full_write", "ENOSPC"),
+            ("urandom_read", "ok:8"),
+            ("random_read", "ok:8"),
+            // Allowed, and then refused by the tty driver: the process has no terminal.
+            ("tty_open", "ENXIO"),
+        ] {
+            assert_eq!(o.get(&key(probe)), want, "{}: {}", key(probe), o.text);
+        }
+    }
+}
+
+#[test]
+fn a_rule_in_the_spec_allows_exactly_its_access() {
+    let o = devices();
+    assert_eq!(o.get("devallow_run"), "0", "{}", o.text);
+    // `b 7:0 r`: the same nodes the other containers cannot open are read here...
+    assert_eq!(
+        o.get("devallow_mk_read"),
+        "ok:HOSTDISK-SECRET",
+        "{}",
+        o.text
+    );
+    assert_eq!(
+        o.get("devallow_img_read"),
+        "ok:HOSTDISK-SECRET",
+        "{}",
+        o.text
+    );
+    // ...but not written, and nothing else is opened.
+    expect_all(
+        o,
+        &[
+            "devallow_mk_write",
+            "devallow_img_write",
+            "devallow_kmsg_write",
+            "devallow_kvm_open",
+        ],
+        "EPERM",
+        "beyond the spec's `b 7:0 r`",
+    );
+}
+
+#[test]
+fn exec_after_update_is_still_filtered() {
+    let o = devices();
+    assert_eq!(o.get("devupd_run"), "0", "{}", o.text);
+    assert_eq!(o.get("devupd_update"), "0", "{}", o.text);
+    assert_eq!(o.get("devupd_exec"), "0", "{}", o.text);
+    assert_eq!(o.get("devupd_mk_mknod"), "0", "{}", o.text);
+    expect_all(
+        o,
+        &[
+            "devupd_mk_read",
+            "devupd_mk_write",
+            "devupd_img_read",
+            "devupd_img_write",
+            "devupd_kmsg_write",
+            "devupd_kvm_open",
+        ],
+        "EPERM",
+        "exec'd after update",
+    );
+    assert_eq!(o.get("devupd_delete"), "0", "{}", o.text);
+}
+
+#[test]
+fn the_host_disk_is_untouched_and_nothing_is_left() {
+    let o = devices();
+    assert_eq!(o.get("disk_head"), "HOSTDISK-SECRET", "{}", o.text);
+    assert_eq!(o.get("disk_512_nonzero"), "0", "written at 512: {}", o.text);
+    assert_eq!(o.get("dev_cgroups_left"), "0", "{}", o.text);
+    assert_eq!(o.get("dev_state_left"), "0", "{}", o.text);
 }
