@@ -186,25 +186,10 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// The container's attacker: for every process whose executable is not busybox, open
-/// `/proc/PID/exe`, wait for the process to end, then try to append to the file.
-const ATTACKER: &str = r#"
-touch /tmp/log
-while :; do
-  for p in /proc/[0-9]*; do
-    e=$(readlink "$p/exe" 2>/dev/null) || continue
-    case "$e" in /bin/busybox|"") continue;; esac
-    grep -qx "$p" /tmp/seen 2>/dev/null && continue
-    echo "$p" >> /tmp/seen
-    {
-      echo "opened $e" >> /tmp/log
-      while [ -e "$p" ]; do usleep 10000; done
-      if (echo PWNED >> /proc/self/fd/3) 2>/dev/null; then r=wrote; else r=refused; fi
-      echo "$r $e" >> /tmp/log
-    } 3<"$p/exe"
-  done
-done
-"#;
+/// The container's attacker (cela-runtime's CVE-2019-5736 test has the same): for every
+/// process whose executable is not busybox, open `/proc/PID/exe`, wait for the process to end,
+/// then try to append to the file.
+const ATTACKER: &str = include_str!("../../runtime/tests/attacks/proc-self-exe.sh");
 
 #[test]
 fn cve_2019_5736_through_cela_exec_and_run_leaves_cela_unchanged() {

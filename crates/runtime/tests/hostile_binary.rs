@@ -15,7 +15,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 use common::{Fixture, wait_until};
 use serde_json::json;
@@ -23,23 +23,7 @@ use sha2::{Digest, Sha256};
 
 /// The container's attacker, its init: for every process whose executable is not busybox,
 /// open `/proc/PID/exe`, wait for the process to end, then try to append to the file.
-const ATTACKER: &str = r#"
-touch /tmp/log
-while :; do
-  for p in /proc/[0-9]*; do
-    e=$(readlink "$p/exe" 2>/dev/null) || continue
-    case "$e" in /bin/busybox|"") continue;; esac
-    grep -qx "$p" /tmp/seen 2>/dev/null && continue
-    echo "$p" >> /tmp/seen
-    {
-      echo "opened $e" >> /tmp/log
-      while [ -e "$p" ]; do usleep 10000; done
-      if (echo PWNED >> /proc/self/fd/3) 2>/dev/null; then r=wrote; else r=refused; fi
-      echo "$r $e" >> /tmp/log
-    } 3<"$p/exe"
-  done
-done
-"#;
+const ATTACKER: &str = include_str!("attacks/proc-self-exe.sh");
 
 fn sha256(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
@@ -65,6 +49,34 @@ fn full_pipe() -> (OwnedFd, OwnedFd) {
     (r, w)
 }
 
+/// `runtime --root ROOT ARGS`, stdin closed, its output collected.
+fn command(runtime: &str, f: &Fixture, args: &[&str]) -> Output {
+    Command::new(runtime)
+        .arg("--root")
+        .arg(&f.root)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `runtime run -d` of `bundle` as `id`. A detached container keeps the runtime's stdout and
+/// stderr open, so they go to a file (`ID.out` in the fixture's directory), not to a pipe the
+/// test would wait on.
+fn run_detached(runtime: &str, f: &Fixture, bundle: &Path, id: &str) {
+    let out = std::fs::File::create(f.dir.path().join(format!("{id}.out"))).unwrap();
+    let st = Command::new(runtime)
+        .arg("--root")
+        .arg(&f.root)
+        .args(["run", "-d", "--bundle", bundle.to_str().unwrap(), id])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "{runtime} run -d {id} failed");
+}
+
 fn log(f: &Fixture) -> String {
     std::fs::read_to_string(f.rootfs.join("tmp/log")).unwrap_or_default()
 }
@@ -80,26 +92,8 @@ fn attack(f: &Fixture, runtime: &str, binary: &Path) -> String {
     });
     let _ = std::fs::remove_file(f.rootfs.join("tmp/log"));
     let _ = std::fs::remove_file(f.rootfs.join("tmp/seen"));
-    let runc = |args: &[&str]| {
-        Command::new(runtime)
-            .arg("--root")
-            .arg(&f.root)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let out = std::fs::File::create(f.dir.path().join("attacker.out")).unwrap();
-    let st = Command::new(runtime)
-        .arg("--root")
-        .arg(&f.root)
-        .args(["run", "-d", "--bundle", bundle.to_str().unwrap(), &attacker])
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "{runtime} run -d the attacker failed");
+    let runc = |args: &[&str]| command(runtime, f, args);
+    run_detached(runtime, f, &bundle, &attacker);
     wait_until("the attacker to start", || {
         f.rootfs.join("tmp/log").exists()
     });
@@ -259,26 +253,8 @@ fn runc_refuses_the_same_attack() {
     let before = sha256(Path::new(runc));
     let id = f.id("target");
     let bundle = f.bundle(&id, false, &["sleep", "100"], |_| {});
-    let run = |args: &[&str]| {
-        Command::new(runc)
-            .arg("--root")
-            .arg(&f.root)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let out = std::fs::File::create(f.dir.path().join("runc.out")).unwrap();
-    let st = Command::new(runc)
-        .arg("--root")
-        .arg(&f.root)
-        .args(["run", "-d", "--bundle", bundle.to_str().unwrap(), &id])
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .status()
-        .unwrap();
-    assert!(st.success(), "runc run -d failed");
+    let run = |args: &[&str]| command(runc, &f, args);
+    run_detached(runc, &f, &bundle, &id);
     let exec = run(&["exec", &id, "/bin/victim"]);
     let _ = run(&["delete", "--force", &id]);
     assert!(!exec.status.success());
