@@ -32,10 +32,13 @@ use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest}
 use serde::Deserialize;
 use tempfile::NamedTempFile;
 
+use cela_guest::beneath::{self, Resolve};
+
 use crate::digest::Hasher;
 use crate::error::{IoContext, bad_archive};
 use crate::manifest::{self, MAX_METADATA, Parsed};
 use crate::progress::{Counting, Progress};
+use crate::tar_limits::{self, LimitError, Limited};
 use crate::unpack::{Compression, open_layer, safe_relative};
 use crate::{Digest, ImageError, ImageRecord, Reference, Store};
 
@@ -112,14 +115,16 @@ fn import_locked(
             .at("creating a temporary file in", store.tmp_dir())?;
         let mut h = Hasher::new(io::BufWriter::new(tmp.as_file()));
         // A compression bomb stops where it would fill the store's file system.
-        let room = free_bytes(&store.tmp_dir())?.saturating_sub(RESERVE);
+        let room =
+            tar_limits::room(tmp.as_file()).at("inspecting the file system of", store.tmp_dir())?;
         io::copy(&mut open_layer(path)?.take(room.saturating_add(1)), &mut h)
             .map_err(|e| bad_archive(path, format!("cannot decompress: {e}")))?;
         if h.len() > room {
             return Err(bad_archive(
                 path,
                 format!(
-                    "decompressed, it is larger than the {room} bytes free for the store (keeping {RESERVE} in reserve)"
+                    "decompressed, it is larger than the {room} bytes free for the store (keeping {} in reserve)",
+                    tar_limits::RESERVE
                 ),
             ));
         }
@@ -173,16 +178,22 @@ impl Importer<'_> {
         }
         let index = ImageIndex::from_reader(&src.read_small(self, "index.json")?[..])
             .map_err(|e| self.bad(format!("index.json is not an image index: {e}")))?;
+        // Counted before anything is read: each manifest is kept in memory until the end.
+        self.check_count(index.manifests().len())?;
         let mut found = Vec::new();
         for desc in index.manifests() {
             let (digest, m, bytes) = self.layout_manifest(src, desc, 0)?;
-            found.push((digest, m, bytes, annotated_name(desc)));
-        }
-        self.check_count(found.len())?;
-        let mut out = Vec::new();
-        for (digest, m, bytes, annotated) in found {
             let what = format!("image {digest} in {}", self.label.display());
             manifest::check_image(&what, &m)?;
+            self.store
+                .put_bytes(&format!("manifest of {what}"), &bytes, Some(&digest))?;
+            found.push((digest, m, annotated_name(desc)));
+        }
+        // Every blob of every image is stored before any image is recorded: a refused image
+        // leaves no other image of the archive behind (the blobs are rolled back).
+        let mut ready = Vec::new();
+        for (digest, m, annotated) in found {
+            let what = format!("image {digest} in {}", self.label.display());
             let config = manifest::digest_of(&what, m.config())?;
             self.copy_blob(
                 src,
@@ -194,12 +205,21 @@ impl Importer<'_> {
                 let d = manifest::digest_of(&what, l)?;
                 self.copy_blob(src, &format!("layer {} of {what}", i + 1), &d, l.size())?;
             }
-            self.store
-                .put_bytes(&format!("manifest of {what}"), &bytes, Some(&digest))?;
             let names = self.name.clone().or(annotated).into_iter().collect();
-            out.push(self.commit(digest, &m, names)?);
+            ready.push((digest, m, names));
         }
-        Ok(out)
+        self.commit_all(ready)
+    }
+
+    /// Records the images whose blobs are all stored.
+    fn commit_all(
+        &self,
+        ready: Vec<(Digest, ImageManifest, Vec<String>)>,
+    ) -> Result<Vec<ImageRecord>, ImageError> {
+        ready
+            .into_iter()
+            .map(|(digest, m, names)| self.commit(digest, &m, names))
+            .collect()
     }
 
     /// Reads and verifies the manifest a layout descriptor points at, descending into a nested
@@ -250,7 +270,7 @@ impl Importer<'_> {
             self.bad(format!("manifest.json is not a docker save manifest: {e}"))
         })?;
         self.check_count(entries.len())?;
-        let mut out = Vec::new();
+        let mut ready = Vec::new();
         for e in entries {
             let what = format!("image {} in {}", e.config, self.label.display());
             let cfg_bytes = src.read_small(self, &e.config)?;
@@ -307,6 +327,7 @@ impl Importer<'_> {
             let Parsed::Manifest(m) = manifest::parse(&what, &bytes)? else {
                 unreachable!("a synthesized manifest is a manifest")
             };
+            manifest::check_image(&what, &m)?;
             let names = match &self.name {
                 Some(n) => vec![n.clone()],
                 None => e
@@ -316,9 +337,9 @@ impl Importer<'_> {
                     .map(|t| t.parse::<Reference>().map(|r| r.name().unwrap_or_default()))
                     .collect::<Result<Vec<_>, _>>()?,
             };
-            out.push(self.commit(digest, &m, names)?);
+            ready.push((digest, *m, names));
         }
-        Ok(out)
+        self.commit_all(ready)
     }
 
     /// A plain rootfs tarball: one layer, stored as the file is.
@@ -348,6 +369,11 @@ impl Importer<'_> {
     fn check_count(&self, n: usize) -> Result<(), ImageError> {
         if n == 0 {
             return Err(self.bad("the archive lists no images"));
+        }
+        if n > MAX_IMAGES {
+            return Err(self.bad(format!(
+                "the archive lists {n} images; at most {MAX_IMAGES} are imported at once"
+            )));
         }
         if n > 1 && self.name.is_some() {
             return Err(self.bad(format!(
@@ -467,24 +493,27 @@ impl Source {
         let missing = || imp.bad(format!("{name} is missing from the archive"));
         match self {
             Source::Dir(d) => {
-                let f = open_beneath(d, &rel).map_err(|e| match e.raw_os_error() {
-                    Some(libc::ENOENT) => missing(),
-                    Some(libc::ELOOP | libc::EXDEV) => imp.bad(format!(
-                        "{name} is a symbolic link (or passes through one); an image layout must hold its files itself"
-                    )),
-                    _ => ImageError::Io {
-                        action: "opening",
-                        path: d.join(&rel),
-                        source: e,
-                    },
+                let io_err = |e: io::Error| ImageError::Io {
+                    action: "opening",
+                    path: d.join(&rel),
+                    source: e,
+                };
+                let found = beneath::find(d, &rel, Resolve::NoLinks)
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ELOOP | libc::EXDEV) => imp.bad(format!(
+                            "{name} is a symbolic link (or passes through one); an image layout must hold its files itself"
+                        )),
+                        _ => io_err(e),
+                    })?
+                    .ok_or_else(missing)?;
+                // Only a regular file is opened: a device node in a layout is never touched.
+                let (f, meta) = found.open_regular(name).map_err(|e| {
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        imp.bad(e.to_string())
+                    } else {
+                        io_err(e)
+                    }
                 })?;
-                let meta = f.metadata().at("reading", d.join(&rel))?;
-                if !meta.is_file() {
-                    return Err(imp.bad(format!(
-                        "{name} is not a regular file (it is {})",
-                        file_kind(&meta)
-                    )));
-                }
                 Ok((Box::new(f), meta.len()))
             }
             Source::Tar { file, members } => {
@@ -521,22 +550,34 @@ impl Source {
     }
 }
 
+/// The most images one archive may hold.
+const MAX_IMAGES: usize = 64;
+
+/// The most entries an image archive may hold (a `docker save` of 500 layers has ~1,500).
+const MAX_MEMBERS: usize = 100_000;
+
 /// Indexes a tar's members by name (`./` and `/` prefixes dropped, symlinks resolved to the
 /// member they name). `label` is the user's path, for errors.
 fn index_tar(tar: &Path, label: &Path) -> Result<HashMap<String, Member>, ImageError> {
     let bad = |why: String| bad_archive(label, why);
-    let not_tar = |e: io::Error| {
-        bad(format!(
+    let not_tar = |e: io::Error| match LimitError::of(&e) {
+        Some(limit) => bad(format!("refused: {limit}")),
+        None => bad(format!(
             "not a tar archive, OCI image layout or docker save archive ({e})"
-        ))
+        )),
     };
     let f = File::open(tar).at("opening", tar)?;
-    let mut archive = tar::Archive::new(f);
+    let mut archive = tar::Archive::new(Limited::new(f, None));
     let mut members = HashMap::new();
     let mut count = 0usize;
     for entry in archive.entries_with_seek().map_err(not_tar)? {
         let entry = entry.map_err(not_tar)?;
         count += 1;
+        if count > MAX_MEMBERS {
+            return Err(bad(format!(
+                "more than {MAX_MEMBERS} tar entries: not an image archive"
+            )));
+        }
         let path = entry.path().map_err(not_tar)?.into_owned();
         let Ok(rel) = safe_relative(&path) else {
             continue; // a `..` name can never be a member a layout refers to
@@ -586,53 +627,4 @@ fn normalize(p: &Path) -> Option<String> {
     }
     let joined: PathBuf = out.iter().collect();
     Some(joined.to_string_lossy().into_owned())
-}
-
-/// Room kept free on the store's file system when decompressing an archive.
-const RESERVE: u64 = 256 << 20;
-
-/// Bytes an unprivileged writer may still use on the file system of `dir`.
-fn free_bytes(dir: &Path) -> Result<u64, ImageError> {
-    let st = rustix::fs::statvfs(dir)
-        .map_err(io::Error::from)
-        .at("inspecting the file system of", dir)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// Opens `rel` beneath `dir` for reading, refusing any symlink on the way or at the end and
-/// anything that would leave `dir`; never blocks on a FIFO.
-fn open_beneath(dir: &Path, rel: &Path) -> io::Result<File> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let root = rustix::fs::open(
-        dir,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let fd = rustix::fs::openat2(
-        &root,
-        rel,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )?;
-    Ok(File::from(fd))
-}
-
-/// What a file is, in words, for errors.
-fn file_kind(m: &fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a file"
-    }
 }
