@@ -8,7 +8,8 @@
 //!   `docker login`'s config.
 //! * [`import`]: OCI layouts, `docker save` archives and rootfs tarballs ([`import()`]).
 //! * [`manifest`]: OCI and Docker schema 2 manifests and indexes, platform choice.
-//! * [`unpack`]: layers into directory trees with whiteouts applied, safely.
+//! * [`unpack`]: layers into directory trees with whiteouts applied, safely; [`tar_limits`]
+//!   bounds what a tar stream may make cela read or write.
 //! * [`rootfs`]: an image's layers as OverlayFS lower directories, or flattened ([`flatten`]).
 //! * [`ext4`]: an image flattened into a cached ext4 disk for microVMs.
 //! * [`debootstrap`]: Debian images built with debootstrap ([`build_debian`]).
@@ -27,6 +28,7 @@ pub mod pull;
 pub mod reference;
 pub mod rootfs;
 pub mod store;
+pub mod tar_limits;
 pub mod unpack;
 
 pub use config::RunConfig;

@@ -27,6 +27,7 @@ pub fn flatten(store: &Store, image: &ImageRecord, dest: &Path) -> Result<Unpack
         total.entries += s.entries;
         total.whiteouts += s.whiteouts;
         total.skipped_devices += s.skipped_devices;
+        total.dropped_xattrs += s.dropped_xattrs;
     }
     Ok(total)
 }

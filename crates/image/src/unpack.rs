@@ -56,6 +56,7 @@ use rustix::fs::FileType;
 
 use crate::ImageError;
 use crate::error::IoContext;
+use crate::tar_limits::{self, LimitError, Limited};
 
 mod sparse;
 mod tree;
@@ -86,6 +87,9 @@ pub struct UnpackStats {
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 const MAX_SYMLINKS: usize = 40;
+/// What the directories a layer defers may take in memory (their paths); a real layer of
+/// 100,000 directories takes about 20 MiB.
+const MAX_DEFERRED_BYTES: u64 = 256 << 20;
 
 /// Opens a layer blob for reading as a tar, undoing gzip or zstd compression.
 pub fn open_layer(path: &Path) -> Result<Box<dyn Read>, ImageError> {
@@ -141,8 +145,14 @@ pub fn apply_layer(
     root: &Path,
     mode: Whiteouts,
 ) -> Result<UnpackStats, ImageError> {
+    let root_fd = tree::open_root(root).at("opening", root)?;
+    // What this layer may write: the free space of its file system, less a reserve, counted
+    // as decompressed tar bytes (never less than what is written: holes are not counted).
+    let budget = tar_limits::room(&root_fd).at("inspecting the file system of", root)?;
     let mut u = Unpacker {
-        root: tree::open_root(root).at("opening", root)?,
+        root: root_fd,
+        budget,
+        deferred_bytes: 0,
         root_path: root,
         label,
         is_root: nix::unistd::geteuid().is_root(),
@@ -180,6 +190,10 @@ enum Pass {
 
 struct Unpacker<'a> {
     root: OwnedFd,
+    /// The most bytes a pass may read from the decompressed layer.
+    budget: u64,
+    /// What the paths of `dirs` take in memory, roughly.
+    deferred_bytes: u64,
     root_path: &'a Path,
     label: &'a str,
     is_root: bool,
@@ -190,7 +204,7 @@ struct Unpacker<'a> {
     dirs: Vec<Deferred>,
 }
 
-type LayerEntry<'e> = tar::Entry<'e, Box<dyn Read>>;
+type LayerEntry<'e> = tar::Entry<'e, Limited<Box<dyn Read>>>;
 
 impl Unpacker<'_> {
     fn hostile(&self, entry: &Path, why: impl Into<String>) -> ImageError {
@@ -202,9 +216,13 @@ impl Unpacker<'_> {
     }
 
     fn damaged(&self, e: io::Error) -> ImageError {
+        let why = match LimitError::of(&e) {
+            Some(limit) => format!("refused: {limit}"),
+            None => format!("not a readable layer tar: {e}"),
+        };
         ImageError::BadArchive {
             path: self.label.into(),
-            why: format!("not a readable layer tar: {e}"),
+            why,
         }
     }
 
@@ -220,7 +238,7 @@ impl Unpacker<'_> {
     }
 
     fn pass(&mut self, blob: &Path, pass: Pass) -> Result<(), ImageError> {
-        let mut archive = tar::Archive::new(open_layer(blob)?);
+        let mut archive = tar::Archive::new(Limited::new(open_layer(blob)?, Some(self.budget)));
         for entry in archive.entries().map_err(|e| self.damaged(e))? {
             let mut entry = entry.map_err(|e| self.damaged(e))?;
             let sparse = self.pax_sparse(&mut entry)?;
@@ -336,6 +354,16 @@ impl Unpacker<'_> {
             let st = rustix::fs::fstat(&fd).map_err(|e| fail("inspecting", e.into()))?;
             let mut path = dir.path.clone();
             path.push(name.to_owned());
+            // Each directory's path is kept until the end: bound what they may take.
+            self.deferred_bytes += path.iter().map(|c| c.len() as u64 + 32).sum::<u64>();
+            if self.deferred_bytes > MAX_DEFERRED_BYTES {
+                return Err(self.hostile(
+                    raw,
+                    format!(
+                        "the layer's directories and their paths pass {MAX_DEFERRED_BYTES} bytes of bookkeeping (too many, or nested too deep)"
+                    ),
+                ));
+            }
             self.dirs.push(Deferred {
                 path,
                 dev: st.st_dev,
