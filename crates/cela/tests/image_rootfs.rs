@@ -136,7 +136,7 @@ fn layer_directories_stack_with_overlayfs_into_the_same_view() {
 
     // Removing the image collects its unpacked layers too.
     store
-        .remove("layered", std::collections::HashSet::new, false)
+        .remove("layered", || Ok(std::collections::HashSet::new()), false)
         .unwrap();
     assert!(lowers.iter().all(|d| !d.exists()));
 }
@@ -186,7 +186,7 @@ fn the_ext4_disk_holds_the_flattened_tree_and_is_cached() {
     assert_fsck_clean(&disk); // writing the copy left the cached disk alone
 
     store
-        .remove("layered", std::collections::HashSet::new, false)
+        .remove("layered", || Ok(std::collections::HashSet::new()), false)
         .unwrap();
     assert!(!disk.exists(), "the disk outlived its image");
 }

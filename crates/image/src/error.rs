@@ -53,6 +53,12 @@ pub enum ImageError {
     )]
     InUse { image: String, digest: Digest },
 
+    /// Whether instances use an image cannot be told (a record cannot be read).
+    #[error(
+        "image {image}: cannot tell whether instances use it ({why}); remove or repair those instances first, or untag it with --force"
+    )]
+    InUseUnknown { image: String, why: String },
+
     /// A digest prefix that matches several stored images.
     #[error("digest prefix {prefix} matches {count} images; give more digits")]
     AmbiguousImage { prefix: String, count: usize },

@@ -374,12 +374,13 @@ impl Store {
     pub fn remove(
         &self,
         input: &str,
-        in_use: impl FnOnce() -> HashSet<Digest>,
+        in_use: impl FnOnce() -> Result<HashSet<Digest>, String>,
         force: bool,
     ) -> Result<Removed, ImageError> {
         let _gc = self.lock("gc.lock", libc::LOCK_EX)?;
         // Asked for under the lock: a `cela run` holds the content lock from resolving its
-        // image to recording its instance, so no new user slips in between.
+        // image to recording its instance, so no new user slips in between. If it cannot be
+        // told, the image counts as in use: nothing is deleted that an instance might need.
         let in_use = in_use();
         let (untagged, deleted) = self.update_index(|index| {
             let i = find(&index.images, input)?;
@@ -394,19 +395,21 @@ impl Store {
                     image.names.retain(|n| *n != name);
                     Ok((vec![name], None))
                 }
-                _ if in_use.contains(&image.digest) => {
-                    if !force {
-                        return Err(ImageError::InUse {
-                            image: input.to_owned(),
-                            digest: image.digest.clone(),
-                        });
-                    }
-                    Ok((std::mem::take(&mut image.names), None))
-                }
-                _ => {
+                _ if in_use.as_ref().is_ok_and(|u| !u.contains(&image.digest)) => {
                     let gone = index.images.remove(i);
                     Ok((gone.names, Some(gone.digest)))
                 }
+                _ if force => Ok((std::mem::take(&mut image.names), None)),
+                _ => Err(match &in_use {
+                    Ok(_) => ImageError::InUse {
+                        image: input.to_owned(),
+                        digest: image.digest.clone(),
+                    },
+                    Err(why) => ImageError::InUseUnknown {
+                        image: input.to_owned(),
+                        why: why.clone(),
+                    },
+                }),
             }
         })?;
         let (blobs_freed, bytes_freed) = self.collect_garbage()?;

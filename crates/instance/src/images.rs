@@ -33,13 +33,20 @@ pub fn remove(
             .map(|i| i.config.name)
             .collect()
     };
-    let in_use = || -> HashSet<Digest> {
-        instances
-            .list()
-            .unwrap_or_default()
+    // An instance whose record cannot be read may use any image: then none is deleted.
+    let in_use = || -> Result<HashSet<Digest>, String> {
+        let (good, broken) = instances.scan().map_err(|e| e.to_string())?;
+        if !broken.is_empty() {
+            let ids: Vec<&str> = broken.iter().map(|b| b.id.as_str()).collect();
+            return Err(format!(
+                "the records of instances {} cannot be read",
+                ids.join(", ")
+            ));
+        }
+        Ok(good
             .iter()
             .filter_map(|i| i.config.image_digest.parse().ok())
-            .collect()
+            .collect())
     };
     match store.remove(input, in_use, force) {
         Err(ImageError::InUse { image, digest }) => Err(InstanceError::ImageInUse {

@@ -106,7 +106,7 @@ fn names_move_digests_resolve_and_shared_blobs_outlive_one_image() {
 
     // Removing the only name of the first image deletes it and its unshared blobs.
     let before = blob_count(&store);
-    let r = store.remove("b:1", HashSet::new, false).unwrap();
+    let r = store.remove("b:1", || Ok(HashSet::new()), false).unwrap();
     assert_eq!(r.deleted, Some(a.digest.clone()));
     assert_eq!(r.blobs_freed, 3);
     assert_eq!(blob_count(&store), before - 3);
@@ -154,14 +154,14 @@ fn removing_one_of_two_names_only_untags() {
         b"l",
     );
     store.commit_image(rec.clone()).unwrap();
-    let r = store.remove("x:1", HashSet::new, false).unwrap();
+    let r = store.remove("x:1", || Ok(HashSet::new()), false).unwrap();
     assert_eq!(
         (r.untagged, r.deleted),
         (vec!["docker.io/library/x:1".to_string()], None)
     );
     assert_eq!(store.resolve("x:2").unwrap().digest, rec.digest);
     let r = store
-        .remove(&rec.digest.to_string(), HashSet::new, false)
+        .remove(&rec.digest.to_string(), || Ok(HashSet::new()), false)
         .unwrap();
     assert_eq!(r.deleted, Some(rec.digest));
     assert_eq!(blob_count(&store), 0);
@@ -191,7 +191,7 @@ fn an_image_in_use_is_refused_or_only_untagged_and_its_blobs_stay() {
     let blobs = blob_count(&store);
 
     // Taking one of two names off is allowed.
-    let r = store.remove("u:1", || in_use.clone(), false).unwrap();
+    let r = store.remove("u:1", || Ok(in_use.clone()), false).unwrap();
     assert_eq!(r.untagged, ["docker.io/library/u:1"]);
     // The last name, or the digest, is refused in one line naming the image.
     for input in [
@@ -199,7 +199,9 @@ fn an_image_in_use_is_refused_or_only_untagged_and_its_blobs_stay() {
         used.digest.to_string(),
         used.digest.hex()[..8].to_owned(),
     ] {
-        let e = store.remove(&input, || in_use.clone(), false).unwrap_err();
+        let e = store
+            .remove(&input, || Ok(in_use.clone()), false)
+            .unwrap_err();
         assert!(matches!(e, ImageError::InUse { .. }), "{e}");
         let msg = e.to_string();
         assert!(
@@ -211,7 +213,7 @@ fn an_image_in_use_is_refused_or_only_untagged_and_its_blobs_stay() {
     assert_eq!(store.resolve("u:2").unwrap().digest, used.digest);
 
     // Forced: its names go, the record and everything it needs stay.
-    let r = store.remove("u:2", || in_use.clone(), true).unwrap();
+    let r = store.remove("u:2", || Ok(in_use.clone()), true).unwrap();
     assert_eq!(
         (r.untagged, r.deleted),
         (vec!["docker.io/library/u:2".to_owned()], None)
@@ -222,14 +224,26 @@ fn an_image_in_use_is_refused_or_only_untagged_and_its_blobs_stay() {
     assert!(layer_dir.join("f").is_file() && disk.is_file());
 
     // Garbage collection caused by another removal keeps them too.
-    let r = store.remove("o:1", || in_use.clone(), false).unwrap();
+    let r = store.remove("o:1", || Ok(in_use.clone()), false).unwrap();
     assert_eq!(r.deleted, Some(other.digest));
     assert!(used.blobs().all(|d| store.has_blob(d)));
     assert!(layer_dir.join("f").is_file() && disk.is_file());
 
+    // If the instances cannot be told (a record is unreadable), nothing is deleted.
+    let e = store
+        .remove(
+            &used.digest.to_string(),
+            || Err("record x is corrupt".into()),
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ImageError::InUseUnknown { .. }), "{e}");
+    assert!(e.to_string().contains("record x is corrupt"), "{e}");
+    assert!(used.blobs().all(|d| store.has_blob(d)));
+
     // Once no instance uses it, the nameless image is removed by its digest.
     let r = store
-        .remove(&used.digest.to_string(), HashSet::new, false)
+        .remove(&used.digest.to_string(), || Ok(HashSet::new()), false)
         .unwrap();
     assert_eq!(r.deleted, Some(used.digest));
     assert_eq!(blob_count(&store), 0);
