@@ -9,6 +9,7 @@
 //! OCI bundle's `config.json`) and `runtime/` (the runtime's state root).
 
 use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use cela_image::{ImageRecord, Store};
@@ -100,6 +101,19 @@ fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
+/// Whether anything is mounted at `dir` or below it.
+pub fn mounted_below(dir: &Path) -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") else {
+        return true; // cannot tell: assume so
+    };
+    let p = dir.display().to_string();
+    mounts.lines().filter_map(|l| l.split(' ').nth(4)).any(|m| {
+        m == p
+            || m.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
 /// Unmounts the instance's root if it is mounted.
 pub fn unmount_rootfs(inst: &Instance) {
     unmount_rootfs_at(&inst.dir);
@@ -129,39 +143,62 @@ pub fn memory_limit(mib: u64) -> Result<i64, InstanceError> {
 }
 
 /// Kills every process in the cgroup of container `id` (`/cela/<id>` in each cgroup v1
-/// hierarchy, or in the v2 tree) and removes the cgroup directories that are then empty.
-pub fn kill_cgroup(id: &str) {
+/// hierarchy, or in the v2 tree) and removes the cgroup directories once empty. A fork loop
+/// cannot outrun it: on v2 `cgroup.kill` kills the whole cgroup at once, on v1 the freezer
+/// stops the processes before they are listed and killed; and it goes on until the cgroups
+/// are empty (10 s at most: then an error says what is left).
+pub fn kill_cgroup(id: &str) -> Result<(), InstanceError> {
+    let parent = CGROUP_PARENT.trim_start_matches('/');
     let mut dirs = Vec::new();
     if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
         for h in hierarchies.flatten() {
-            dirs.push(
-                h.path()
-                    .join(CGROUP_PARENT.trim_start_matches('/'))
-                    .join(id),
+            dirs.push(h.path().join(parent).join(id));
+        }
+    }
+    dirs.push(Path::new("/sys/fs/cgroup").join(parent).join(id));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        dirs.retain(|d| d.is_dir());
+        for d in &dirs {
+            kill_all_in(d);
+            // Empty once the killed processes are reaped by their parents.
+            let _ = fs::remove_dir(d);
+        }
+        dirs.retain(|d| d.is_dir());
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let left: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            return Err(InstanceError::Other(format!(
+                "the processes of container {id} could not all be killed: {} still hold processes",
+                left.join(", ")
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGKILL to every process of the cgroup directory `d`.
+fn kill_all_in(d: &Path) {
+    let kill_file = d.join("cgroup.kill");
+    if kill_file.exists() {
+        let _ = fs::write(&kill_file, "1");
+        return;
+    }
+    let freezer = d.join("freezer.state");
+    let frozen = freezer.exists() && fs::write(&freezer, "FROZEN").is_ok();
+    if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
             );
         }
     }
-    dirs.push(
-        Path::new("/sys/fs/cgroup")
-            .join(CGROUP_PARENT.trim_start_matches('/'))
-            .join(id),
-    );
-    for d in dirs.iter().filter(|d| d.is_dir()) {
-        if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-    // The processes are gone once reaped by their parents; rmdir succeeds after that.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    for d in dirs.iter().filter(|d| d.is_dir()) {
-        while fs::remove_dir(d).is_err() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    if frozen {
+        // Frozen processes take their SIGKILL once thawed.
+        let _ = fs::write(&freezer, "THAWED");
     }
 }
 
@@ -176,14 +213,28 @@ pub fn check_user(layers: &[PathBuf], user: &str) -> Result<(), InstanceError> {
             Ok(m) if m.is_dir() => {}
             _ => continue,
         }
-        if fs::symlink_metadata(layer.join("etc/passwd")).is_ok() {
-            return resolve_user(layer, user).map(|_| ());
+        match fs::symlink_metadata(layer.join("etc/passwd")) {
+            // An OverlayFS whiteout (a 0:0 character device): deleted in this layer. What the
+            // merged root then holds is the supervisor's to resolve.
+            Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => return Ok(()),
+            Ok(_) => return resolve_user(layer, user).map(|_| ()),
+            Err(_) => {}
+        }
+        // An opaque `etc` hides the layers below it: likewise left to the supervisor.
+        if xattr_is(&layer.join("etc"), "trusted.overlay.opaque", b"y") {
+            return Ok(());
         }
     }
     match layers.last() {
         Some(top) => resolve_user(top, user).map(|_| ()),
         None => Ok(()),
     }
+}
+
+/// Whether the extended attribute `name` of `path` (not followed if a link) is `value`.
+fn xattr_is(path: &Path, name: &str, value: &[u8]) -> bool {
+    let mut buf = [0u8; 8];
+    rustix::fs::lgetxattr(path, name, &mut buf).is_ok_and(|n| &buf[..n] == value)
 }
 
 /// Resolves `user` (`uid[:gid]`, or names from the image's /etc/passwd and /etc/group) to ids,

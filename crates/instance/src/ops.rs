@@ -99,7 +99,7 @@ pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
             });
         }
         if state.status == Status::Unknown {
-            kill_leftovers(&inst.config.id, &inst.dir);
+            kill_leftovers(&inst.config.id, &inst.dir)?;
         } else {
             stop(inst, Duration::ZERO)?;
         }
@@ -122,7 +122,7 @@ pub fn remove_broken(b: &Broken, force: bool) -> Result<(), InstanceError> {
             b.id, b.error
         )));
     }
-    kill_leftovers(&b.id, &b.dir);
+    kill_leftovers(&b.id, &b.dir)?;
     let _ = container::runtime_at(&b.dir).delete(&b.id, true);
     container::unmount_rootfs_at(&b.dir);
     crate::network::teardown_at(&b.dir, None);
@@ -130,13 +130,17 @@ pub fn remove_broken(b: &Broken, force: bool) -> Result<(), InstanceError> {
     std::fs::remove_dir_all(&gone).map_err(|source| InstanceError::Io {
         what: format!("removing {}", gone.display()),
         source,
-    })
+    })?;
+    if let Some(root) = gone.parent() {
+        sweep_retired(root);
+    }
+    Ok(())
 }
 
 /// Kills, without a record to go by, what may still run of instance `id` in `dir`: its
 /// supervisor (found by its command line, `cela --data-dir DATA __supervise ID`; a microVM's
 /// monitor is the supervisor, QEMU dies with it) and every process in its container's cgroup.
-pub fn kill_leftovers(id: &str, dir: &std::path::Path) {
+pub fn kill_leftovers(id: &str, dir: &std::path::Path) -> Result<(), InstanceError> {
     let data_dir = dir.parent().and_then(|p| p.parent());
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
@@ -161,7 +165,7 @@ pub fn kill_leftovers(id: &str, dir: &std::path::Path) {
             }
         }
     }
-    container::kill_cgroup(id);
+    container::kill_cgroup(id)
 }
 
 /// Removes the instance directory (what is mounted in it is unmounted first, and a
@@ -176,6 +180,37 @@ pub fn remove_dir(inst: &Instance) {
     let dir = inst.retire().unwrap_or_else(|_| inst.dir.clone());
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         tracing::warn!("removing {}: {e}", dir.display());
+    }
+    if let Some(root) = dir.parent() {
+        sweep_retired(root);
+    }
+}
+
+/// Finishes the removals that stopped half-way in the instances directory `root`: each
+/// `.removing-<id>` directory an `rm` renamed and then failed (or was killed) to remove.
+/// What is mounted in it is unmounted first, and it is removed only once nothing is mounted
+/// below it (a recursive removal would otherwise descend into a mounted file system).
+pub fn sweep_retired(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let retired = entry.file_name().as_bytes().starts_with(b".removing-");
+        if !retired || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = entry.path();
+        container::unmount_rootfs_at(&dir);
+        crate::network::teardown_at(&dir, None);
+        if container::mounted_below(&dir) {
+            tracing::warn!("{} still has mounts; left for a later rm", dir.display());
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
     }
 }
 
