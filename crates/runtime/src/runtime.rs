@@ -389,7 +389,7 @@ impl Runtime {
     /// Runs another process in a running container; returns its host pid. Unless `detach`, the
     /// process is a child of the caller, to be waited for.
     pub fn exec(&self, id: &str, opts: &ExecOptions) -> Result<i32, Error> {
-        let _lock = self.lock(Mode::Shared)?;
+        let lock = self.lock(Mode::Shared)?;
         let c = self.open(id)?;
         let ok = match c.status() {
             ContainerStatus::Running => true,
@@ -456,7 +456,12 @@ impl Runtime {
             preserve_fds: opts.preserve_fds,
             frozen: c.status() == ContainerStatus::Paused,
         };
-        let pid = exec::spawn(
+        let failed = |f: exec::Failure| Error::Exec {
+            id: id.to_owned(),
+            message: f.message,
+            status: f.status,
+        };
+        let started = exec::spawn(
             init.as_raw(),
             is_member,
             join_cgroup,
@@ -464,11 +469,11 @@ impl Runtime {
             confinement.seccomp.as_ref(),
             &io,
         )
-        .map_err(|f| Error::Exec {
-            id: id.to_owned(),
-            message: f.message,
-            status: f.status,
-        })?;
+        .map_err(failed)?;
+        // The process is in the container: from here the container may hold it up, and
+        // nothing else of the runtime may wait for that.
+        drop(lock);
+        let pid = started.finish().map_err(failed)?;
         if let Some(path) = &opts.pid_file {
             write_pid_file(path, pid.as_raw())?;
         }

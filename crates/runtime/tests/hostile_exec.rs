@@ -248,3 +248,66 @@ fn runc_confines_exec_the_same_way() {
         .args(["delete", "--force", &id])
         .output();
 }
+
+/// CVE-2024-21626: a working directory reached through a descriptor of a host directory
+/// (`/proc/self/fd/3`, handed in with `--preserve-fds`) would put the exec'd program outside
+/// the container's root, on the host's file system. The runtime must refuse it after `chdir`.
+/// Returns the exec's status, stdout and stderr.
+fn exec_with_host_cwd(f: &Fixture, runtime: &str, id: &str, host_dir: &Path) -> (bool, String) {
+    let script = format!(
+        "exec 3<'{}'; exec '{runtime}' --root '{}' exec --preserve-fds 1 --cwd /proc/self/fd/3 {id} sh -c 'ls; ls ..'",
+        host_dir.display(),
+        f.root.display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+#[test]
+fn exec_cannot_start_outside_the_root_through_a_host_directory_descriptor() {
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("host-canary"), "x").unwrap();
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("runc is not installed (scripts/deps installs it): the comparison needs it");
+    for runtime in [common::runc_bin(), runc] {
+        let f = Fixture::new("execcwd");
+        let id = f.id("c");
+        let bundle = f.bundle(&id, false, &["sleep", "1000"], |_| {});
+        let started = std::process::Command::new(runtime)
+            .arg("--root")
+            .arg(&f.root)
+            .args(["run", "-d", "--bundle", bundle.to_str().unwrap(), &id])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(started.success(), "{runtime} run -d failed");
+        let (ok, out) = exec_with_host_cwd(&f, runtime, &id, host.path());
+        let _ = std::process::Command::new(runtime)
+            .arg("--root")
+            .arg(&f.root)
+            .args(["delete", "--force", &id])
+            .output();
+        assert!(
+            !out.contains("host-canary"),
+            "{runtime}: the exec'd program listed the host directory:\n{out}"
+        );
+        assert!(
+            !ok,
+            "{runtime}: exec with a cwd outside the root succeeded:\n{out}"
+        );
+        if runtime == common::runc_bin() {
+            assert!(out.contains("outside the container's root"), "{out}");
+        }
+    }
+}

@@ -32,7 +32,7 @@ use crate::error::Error;
 
 mod spawn;
 
-pub use spawn::{Io, spawn};
+pub use spawn::{Failure, Io, Started, spawn};
 
 /// The file in a container's state directory that holds its [`Confinement`].
 pub const CONFINEMENT_FILE: &str = "cela-confinement.json";

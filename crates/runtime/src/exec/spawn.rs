@@ -62,6 +62,17 @@ const NAMESPACES: [(&str, libc::c_int); 8] = [
     ("user", libc::CLONE_NEWUSER),
 ];
 
+/// How many threads this process has (`Threads:` of /proc/self/status).
+fn threads() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Largest error message a child reports.
 const MAX_REPORT: u64 = 64 << 10;
 
@@ -75,7 +86,10 @@ pub struct Failure {
 
 /// Starts `process` in the container whose init is `init` (a live process in it, checked by
 /// `is_member` after its pidfd is taken, so a reused pid is never joined). `join_cgroup` puts
-/// a pid into the container's cgroup. Returns the program's pid, a child of the caller.
+/// a pid into the container's cgroup. The program's process is a child of the caller.
+///
+/// The caller must be single-threaded (the forked child takes locks, e.g. the allocator's and
+/// tracing's, that another thread might hold): checked, and refused otherwise.
 pub fn spawn(
     init: i32,
     is_member: impl Fn(i32) -> bool,
@@ -83,8 +97,19 @@ pub fn spawn(
     process: &Process,
     seccomp: Option<&LinuxSeccomp>,
     io: &Io,
-) -> Result<Pid, Failure> {
+) -> Result<Started, Failure> {
     let fail = |message: String| Failure { message, status: 1 };
+    match threads() {
+        Some(1) => {}
+        n => {
+            return Err(fail(format!(
+                "exec must start from a single-threaded process (this one has {})",
+                n.map_or("an unknown number of threads".into(), |n| format!(
+                    "{n} threads"
+                ))
+            )));
+        }
+    }
     let pidfd = rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(init).ok_or_else(|| fail(format!("bad pid {init}")))?,
         rustix::process::PidfdFlags::empty(),
@@ -153,22 +178,44 @@ pub fn spawn(
     File::from(go_w)
         .write_all(b"g")
         .map_err(|e| abort(fail(format!("starting the process: {e}"))))?;
-    if io.frozen {
-        return Ok(pid);
-    }
-    let report = read_bounded(err_r);
-    match report.split_first() {
-        None => Ok(pid),
-        Some((&code, why)) => {
-            let _ = waitpid(pid, None);
-            Err(Failure {
-                message: String::from_utf8_lossy(why).into_owned(),
-                status: match code {
-                    b'N' => 127,
-                    b'X' => 126,
-                    _ => 1,
-                },
-            })
+    Ok(Started {
+        pid,
+        // A frozen process reports once thawed: nobody waits for it.
+        report: (!io.frozen).then_some(err_r),
+    })
+}
+
+/// A process started in the container that has been told to go: [`Started::finish`] waits
+/// until it has exec'd its program (or failed to). Waiting needs no lock of the runtime's: a
+/// process of the container can stop the program before its exec, and that must not stop
+/// `kill` or `delete` of the container.
+#[derive(Debug)]
+pub struct Started {
+    pub pid: Pid,
+    report: Option<OwnedFd>,
+}
+
+impl Started {
+    /// The program's pid once it runs; a failure to exec it (127: not found, 126: not
+    /// executable) reaps it.
+    pub fn finish(self) -> Result<Pid, Failure> {
+        let Some(err_r) = self.report else {
+            return Ok(self.pid);
+        };
+        let report = read_bounded(err_r);
+        match report.split_first() {
+            None => Ok(self.pid),
+            Some((&code, why)) => {
+                let _ = waitpid(self.pid, None);
+                Err(Failure {
+                    message: String::from_utf8_lossy(why).into_owned(),
+                    status: match code {
+                        b'N' => 127,
+                        b'X' => 126,
+                        _ => 1,
+                    },
+                })
+            }
         }
     }
 }
@@ -276,6 +323,17 @@ impl Child<'_> {
             libcontainer::tty::setup_console(syscall.as_ref(), console.as_raw_fd(), false)
                 .map_err(|e| Exit::other(format!("setting up the terminal: {e}")))?;
         }
+        if let Some(io) = p.io_priority() {
+            use oci_spec::runtime::IOPriorityClass as C;
+            let class = match io.class() {
+                C::IoprioClassRt => 1,
+                C::IoprioClassBe => 2,
+                C::IoprioClassIdle => 3,
+            };
+            syscall
+                .set_io_priority(class, io.priority())
+                .map_err(|e| Exit::other(format!("setting the I/O priority: {e}")))?;
+        }
         let user = p.user();
         set_groups(user.additional_gids().as_deref().unwrap_or_default())?;
         syscall
@@ -293,6 +351,14 @@ impl Child<'_> {
         if let Some(profile) = p.apparmor_profile() {
             libcontainer::apparmor::apply_profile(profile)
                 .map_err(|e| Exit::other(format!("applying AppArmor profile {profile}: {e}")))?;
+        }
+        // The SELinux label the program runs with, as runc sets it; ignored where SELinux is
+        // off (as runc does).
+        if let Some(label) = p.selinux_label()
+            && Path::new("/sys/fs/selinux/enforce").exists()
+        {
+            std::fs::write("/proc/thread-self/attr/exec", label)
+                .map_err(|e| Exit::other(format!("setting SELinux label {label}: {e}")))?;
         }
         let nnp = p.no_new_privileges() == Some(true);
         if nnp {
@@ -315,6 +381,21 @@ impl Child<'_> {
                 p.cwd().display()
             ))
         })?;
+        // CVE-2024-21626: a cwd such as /proc/self/fd/N through a descriptor of a host
+        // directory would leave the program outside the container's root. The kernel's
+        // getcwd then answers with no absolute path (glibc turns it into ENOENT).
+        match std::env::current_dir() {
+            Ok(d) if d.is_absolute() => {}
+            _ => {
+                return Err(Exit::other(format!(
+                    "working directory {} is outside the container's root",
+                    p.cwd().display()
+                )));
+            }
+        }
+        if let Some(mask) = user.umask() {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+        }
         syscall
             .close_range(self.preserve_fds)
             .map_err(|e| Exit::other(format!("closing descriptors: {e}")))?;
