@@ -172,11 +172,23 @@ fn usage_error(e: clap::Error) -> ExitCode {
         }
         _ => {
             let text = e.render().to_string();
-            let first = text
+            // The message's first paragraph: its first line, and the indented lines under it
+            // (the missing arguments, one a line) folded into that line.
+            let mut para = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("bad arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty());
+            let head = para.next().unwrap_or("bad arguments");
+            let head = head.strip_prefix("error: ").unwrap_or(head);
+            let items: Vec<&str> = para
+                .map(str::trim)
+                .filter(|l| !l.starts_with("tip: "))
+                .collect();
+            let first = if items.is_empty() {
+                head.to_owned()
+            } else {
+                format!("{head} {}", items.join(", "))
+            };
             let tip = text
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("tip: "))

@@ -301,6 +301,22 @@ fn image_files_are_read_beneath_the_image_root_and_bounded() {
         text(&out.stderr)
     );
     assert!(start.elapsed() < Duration::from_secs(30));
+    // Then a device node in its place (root in the container has CAP_MKNOD): the host looks
+    // at what it is and never opens it (opening a device can act, as a watchdog arms).
+    w.ok(&[
+        "exec",
+        "swapper",
+        "sh",
+        "-c",
+        "rm /etc/passwd && mknod /etc/passwd c 1 7",
+    ]);
+    let out = w.cela(&["exec", "-u", "www", "swapper", "id"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/etc/passwd is not a regular file (it is a character device)"),
+        "{}",
+        text(&out.stderr)
+    );
     w.ok(&["rm", "-f", "swapper"]);
     w.assert_gone(id.trim(), &[]);
 }
@@ -325,14 +341,17 @@ fn a_corrupt_record_is_listed_as_unknown_and_rm_f_removes_what_runs() {
     let dir = w.data().join("instances").join(&id);
     std::fs::write(dir.join("state.json"), b"{\"status\": ").unwrap();
     // A corrupt config.json of another running one.
+    // It forks on and on: rm -f must not be outrun (its children are re-parented to the
+    // container's init, and new ones keep coming).
     let id2 = w.ok(&[
         "run",
         "-d",
         "--name",
         "badconfig",
         "testimg",
-        "sleep",
-        "1000",
+        "sh",
+        "-c",
+        "while :; do (sleep 1000 &); usleep 20000; done",
     ]);
     let id2 = id2.trim().to_owned();
     let v2 = inspect(&w, "badconfig");
@@ -369,6 +388,17 @@ fn a_corrupt_record_is_listed_as_unknown_and_rm_f_removes_what_runs() {
         "{table}"
     );
 
+    // While records cannot be read, no image is removed: any might be theirs.
+    import_with(&w, "spare", raw_layer(|_| {}));
+    let out = w.cela(&["image", "rm", "spare"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot tell whether instances use it") && err.contains(&id2),
+        "{err}"
+    );
+    assert!(w.ok(&["image", "ls"]).contains("spare"));
+
     // Without -f, refused; with it, what runs is killed and nothing is left.
     for key in [&id, &id2] {
         let out = w.cela(&["rm", key]);
@@ -384,6 +414,7 @@ fn a_corrupt_record_is_listed_as_unknown_and_rm_f_removes_what_runs() {
     w.ok(&["rm", "-f", &id2[..8]]);
     w.assert_gone(&id2, &[init2, supervisor2]);
     w.ok(&["rm", "-f", "healthy"]);
+    w.ok(&["image", "rm", "spare"]);
 }
 
 #[test]

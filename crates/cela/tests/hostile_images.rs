@@ -592,13 +592,18 @@ fn docker_save_archives_with_hostile_members_are_refused_and_leave_nothing() {
     );
 }
 
-#[test]
-fn a_compression_bomb_stops_before_it_fills_the_store() {
-    root_required();
-    let work = tempfile::tempdir().unwrap();
-    let canary = Canary::new(work.path());
-    // A data dir on a 300 MiB tmpfs: cela keeps 256 MiB free, so some 44 MiB may be used.
-    let data = work.path().join("data");
+/// Unmounts its path when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A data dir on a 300 MiB tmpfs: cela keeps 256 MiB free, so some 44 MiB may be used.
+fn small_store(work: &Path) -> (PathBuf, Unmount) {
+    let data = work.join("data");
     fs::create_dir(&data).unwrap();
     let st = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"])
@@ -606,14 +611,23 @@ fn a_compression_bomb_stops_before_it_fills_the_store() {
         .status()
         .unwrap();
     assert!(st.success(), "mounting a tmpfs failed");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(data.clone());
+    let unmount = Unmount(data.clone());
     cela_ok(&data, &["image", "ls"]);
+    (data, unmount)
+}
+
+/// A layer of one file of `size` zeros (gzip makes it about a thousandth of that).
+fn zeros_layer(size: usize) -> Layer {
+    let zeros = vec![0u8; size];
+    hostile_layer(&[file("zeros", &zeros, 0o644)])
+}
+
+#[test]
+fn a_compression_bomb_stops_before_it_fills_the_store() {
+    root_required();
+    let work = tempfile::tempdir().unwrap();
+    let canary = Canary::new(work.path());
+    let (data, _unmount) = small_store(work.path());
     // 200 MiB of zeros in a tar member, gzipped to some 200 KiB.
     let bomb = work.path().join("bomb.tar.gz");
     {
@@ -637,4 +651,80 @@ fn a_compression_bomb_stops_before_it_fills_the_store() {
         &["image", "import", bomb.to_str().unwrap()],
         "bytes free for the store",
     );
+
+    // The same bomb as a layer of an image: stored compressed (some 200 KiB), it is refused
+    // when `cela run` unpacks it, and leaves no layer, no instance, nothing in tmp/.
+    let image = TestImage::new(vec![busybox_layer(), zeros_layer(200 << 20)], &["/bin/sh"]);
+    let layout = work.path().join("bomb-layout");
+    image.write_layout(&layout, "bomb");
+    cela_ok(
+        &data,
+        &[
+            "image",
+            "import",
+            "--name",
+            "bomb",
+            layout.to_str().unwrap(),
+        ],
+    );
+    let bomb_dir = data
+        .join("images/layers")
+        .join(image.layers[1].digest().hex());
+    refused(
+        &data,
+        &canary,
+        &["run", "--rm", "bomb", "true"],
+        "refused: it unpacks to more than",
+    );
+    assert!(!bomb_dir.exists(), "the bomb's layer was left half-unpacked");
+    let ps: serde_json::Value =
+        serde_json::from_str(&cela_ok(&data, &["ps", "-a", "--format", "json"])).unwrap();
+    assert_eq!(ps, serde_json::json!([]), "an instance was left");
+}
+
+#[test]
+fn layers_with_giant_long_names_or_pax_headers_are_refused_when_unpacked() {
+    // The `tar` crate reads a GNU long name or a PAX header whole into memory: 64 MiB of
+    // either (gzipped to some 64 KiB) is refused at 1 MiB, as Go's archive/tar does.
+    root_required();
+    let work = tempfile::tempdir().unwrap();
+    let canary = Canary::new(work.path());
+    let data = seeded_store(work.path(), "data");
+    let big = vec![b'a'; 64 << 20];
+    for (kind, what) in [
+        (
+            tar::EntryType::GNULongName,
+            "GNU long name of 67108864 bytes",
+        ),
+        (
+            tar::EntryType::XHeader,
+            "PAX extended header of 67108864 bytes",
+        ),
+    ] {
+        let giant = H {
+            data: &big,
+            ..h("././@LongLink", kind, 0o644)
+        };
+        let image = TestImage::new(
+            vec![
+                busybox_layer(),
+                hostile_layer(&[giant, file("after", b"x", 0o644)]),
+            ],
+            &["/bin/sh"],
+        );
+        let layout = work.path().join(format!("layout-{}", kind.as_byte()));
+        image.write_layout(&layout, "giant");
+        cela_ok(
+            &data,
+            &[
+                "image",
+                "import",
+                "--name",
+                "giant",
+                layout.to_str().unwrap(),
+            ],
+        );
+        refused(&data, &canary, &["run", "--rm", "giant", "true"], what);
+        cela_ok(&data, &["image", "rm", "giant"]);
+    }
 }

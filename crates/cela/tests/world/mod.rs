@@ -88,7 +88,12 @@ impl World {
 
     /// Nothing of instance `id` is left: its directory, mounts, cgroups, processes.
     pub fn assert_gone(&self, id: &str, pids: &[i64]) {
-        assert!(!self.data().join("instances").join(id).exists());
+        let instances = self.data().join("instances");
+        assert!(!instances.join(id).exists());
+        assert!(
+            !instances.join(format!(".removing-{id}")).exists(),
+            "the removal of {id} stopped half-way"
+        );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(id), "mounts of {id} left:\n{mounts}");
         for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
