@@ -676,7 +676,10 @@ fn a_compression_bomb_stops_before_it_fills_the_store() {
         &["run", "--rm", "bomb", "true"],
         "refused: it unpacks to more than",
     );
-    assert!(!bomb_dir.exists(), "the bomb's layer was left half-unpacked");
+    assert!(
+        !bomb_dir.exists(),
+        "the bomb's layer was left half-unpacked"
+    );
     let ps: serde_json::Value =
         serde_json::from_str(&cela_ok(&data, &["ps", "-a", "--format", "json"])).unwrap();
     assert_eq!(ps, serde_json::json!([]), "an instance was left");
