@@ -49,6 +49,8 @@ pub struct RunImage {
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
     pub security_opt: Vec<String>,
+    /// `--no-confine`: a microVM's monitor without its seccomp filters.
+    pub no_confine: bool,
 }
 
 /// How long a detached `run`/`start` waits for the supervisor to report the workload running.
@@ -66,6 +68,9 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
     };
     let security_flags =
         !req.cap_add.is_empty() || !req.cap_drop.is_empty() || !req.security_opt.is_empty();
+    if req.no_confine && !req.vm {
+        bail!("--no-confine is for microVMs (a container's confinement is --security-opt)");
+    }
     if req.vm && security_flags {
         bail!(
             "--cap-add, --cap-drop and --security-opt are for containers (a microVM's guest kernel confines its processes)"
@@ -147,6 +152,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
             kernel,
             initrd,
             image_disk,
+            confine: !req.no_confine,
         })
     } else {
         // Unpack the layers now (once per layer), not in the supervisor, and check the user

@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// Print boot timings on stderr when the VM ends.
     #[arg(long)]
     timings: bool,
+    /// Run a microVM's monitor without its seccomp filters. For debugging only: a guest that
+    /// breaks a device emulation then has the monitor's full privileges.
+    #[arg(long)]
+    no_confine: bool,
     /// Give a container a capability beyond Docker's default set (`ALL` for every one;
     /// repeatable).
     #[arg(long = "cap-add", value_name = "CAP")]
@@ -201,6 +205,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
                 cap_add: args.cap_add,
                 cap_drop: args.cap_drop,
                 security_opt: args.security_opt,
+                no_confine: args.no_confine,
             },
             data_dir,
         );
@@ -314,6 +319,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         disks,
         net: net.map(|n| n.nic),
         vsock,
+        confine: !args.no_confine,
     };
     let console = if request.command.is_some() {
         ConsoleMode::Stream

@@ -82,6 +82,13 @@ pub struct VmBoot {
     pub initrd: PathBuf,
     /// The image flattened into an ext4 disk (cached by image digest, shared, read-only).
     pub image_disk: PathBuf,
+    /// The monitor runs under its seccomp filters (`--no-confine` turns them off).
+    #[serde(default = "confined")]
+    pub confine: bool,
+}
+
+fn confined() -> bool {
+    true
 }
 
 /// What the user asked for; written once when the instance is created.

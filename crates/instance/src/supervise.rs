@@ -199,6 +199,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         }],
         net: host_net.as_ref().map(|(h, _)| h.nic.clone()),
         vsock,
+        confine: vm.confine,
     };
     state.status = Status::Running;
     state.pid = Some(std::process::id() as i32);

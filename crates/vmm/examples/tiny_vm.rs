@@ -2,7 +2,9 @@
 //! which times process start → first serial byte → exit against QEMU on the same code.
 //!
 //! The guest writes "X\n" to COM1, then powers off through the ACPI sleep-control register.
-//! With a path argument, the guest code is read from that file instead.
+//! With a path argument, the guest code is read from that file instead. The vCPU runs under
+//! the monitor's seccomp filter, as in cela; `--no-confine` (first) leaves it out, to measure
+//! what confinement costs.
 
 use std::sync::Arc;
 
@@ -19,16 +21,32 @@ const CODE: &[u8] = &[
 ];
 
 fn main() -> std::process::ExitCode {
-    let code = match std::env::args_os().nth(1) {
-        Some(path) => std::fs::read(&path).expect("read the guest code"),
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let confine = args.first().is_none_or(|a| a != "--no-confine");
+    if !confine {
+        args.remove(0);
+    }
+    let code = match args.first() {
+        Some(path) => std::fs::read(path).expect("read the guest code"),
         None => CODE.to_vec(),
+    };
+    let filters = if confine {
+        match cela_vmm::seccomp::Filters::new() {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("tiny_vm: {e}");
+                return std::process::ExitCode::from(125);
+            }
+        }
+    } else {
+        None
     };
     let sinks = SerialSinks {
         console: Box::new(HostStdout),
         control: Box::new(std::io::sink()),
     };
     let stop = Arc::new(StopSignal::new());
-    let mut machine = match boot_bare(&code, 0x10000, 1, vec![], sinks, stop) {
+    let mut machine = match boot_bare(&code, 0x10000, 1, vec![], sinks, stop, filters) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("tiny_vm: {e}");

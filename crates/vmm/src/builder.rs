@@ -44,6 +44,7 @@ use crate::devices::virtio::vsock::{
     DEFAULT_GUEST_CID, HostSocket, PortHandler, Vsock, VsockError,
 };
 use crate::machine::MachineConfig;
+use crate::seccomp::Filters;
 use crate::stop::{StopReason, StopSignal};
 use crate::vstate::memory::{MemoryError, create_guest_memory};
 use crate::vstate::vcpu::{ExitStats, Vcpu, VcpuContext, VcpuHandle};
@@ -76,6 +77,8 @@ pub enum BuildError {
     DeviceLoop(std::io::Error),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Where the guest's two serial ports lead on the host.
@@ -97,6 +100,11 @@ pub struct RunningMachine {
     console_input: SerialInput,
     started: Instant,
     stats: Arc<Mutex<ExitStats>>,
+    filters: Option<Filters>,
+    /// The buses the vCPUs dispatch to, held here so the devices on them are dropped on
+    /// this (unfiltered) thread after the vCPU threads are joined, never on a vCPU thread
+    /// (a vsock device removes its socket file when dropped, which no filter allows).
+    _buses: (Arc<Bus>, Arc<Bus>),
 }
 
 impl RunningMachine {
@@ -109,6 +117,12 @@ impl RunningMachine {
     /// The exits counted so far; complete once the machine has stopped.
     pub fn exit_stats(&self) -> Arc<Mutex<ExitStats>> {
         self.stats.clone()
+    }
+
+    /// The system-call filters its threads run under (`None`: unconfined), for the threads
+    /// the caller starts around the machine (the console's).
+    pub fn filters(&self) -> Option<Filters> {
+        self.filters.clone()
     }
 
     /// The stop signal: request a stop on it to end the machine from the host.
@@ -263,12 +277,14 @@ fn virtio_devices(
 
 /// Builds the machine for `config` and starts it. `stop` receives everything that ends it;
 /// `vsock_ports` are the vsock ports the caller serves itself (see
-/// [`crate::devices::virtio::vsock::muxer`]).
+/// [`crate::devices::virtio::vsock::muxer`]); the device and vCPU threads run under
+/// `filters` (`None`: unconfined).
 pub fn boot_linux(
     config: &MachineConfig,
     sinks: SerialSinks,
     stop: Arc<StopSignal>,
     vsock_ports: Vec<(u32, PortHandler)>,
+    filters: Option<Filters>,
 ) -> Result<RunningMachine, BuildError> {
     let memory = create_guest_memory(config.memory_mib << 20)?;
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
@@ -312,13 +328,17 @@ pub fn boot_linux(
         .map(|a| a.as_ref())
         .collect();
     acpi::write_tables(vm.memory(), config.vcpus, &aml)?;
-    let device_loop = virtio.event_loop.start().map_err(BuildError::DeviceLoop)?;
+    let device_loop = virtio
+        .event_loop
+        .start(filters.clone())
+        .map_err(BuildError::DeviceLoop)?;
 
     let ctx = VcpuContext {
         pio: Arc::new(devices.pio),
         mmio: Arc::new(virtio.mmio),
         stop: stop.clone(),
         stats: Arc::default(),
+        filters,
     };
     let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::new();
@@ -347,6 +367,7 @@ pub fn boot_bare(
     mmio: Vec<Placement>,
     sinks: SerialSinks,
     stop: Arc<StopSignal>,
+    filters: Option<Filters>,
 ) -> Result<RunningMachine, BuildError> {
     use vm_memory::{Bytes, GuestAddress};
     let memory = create_guest_memory(16 << 20)?;
@@ -367,6 +388,7 @@ pub fn boot_bare(
         mmio: Arc::new(mmio_bus),
         stop: stop.clone(),
         stats: Arc::default(),
+        filters,
     };
     let cpuid = vm.supported_cpuid()?;
     let mut handles = Vec::new();
@@ -383,7 +405,13 @@ fn start(
     console_input: SerialInput,
     device_loop: Option<EventLoopHandle>,
 ) -> Result<RunningMachine, BuildError> {
-    let VcpuContext { stop, stats, .. } = ctx;
+    let VcpuContext {
+        stop,
+        stats,
+        filters,
+        pio,
+        mmio,
+    } = ctx;
     let started = Instant::now();
     let mut machine = RunningMachine {
         vcpus: Vec::new(),
@@ -393,6 +421,8 @@ fn start(
         console_input,
         started,
         stats,
+        filters,
+        _buses: (pio, mmio),
     };
     for vcpu in vcpus {
         // On failure, dropping `machine` stops the vCPUs already started.

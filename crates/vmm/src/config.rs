@@ -295,6 +295,7 @@ mod tests {
             disks: vec![],
             net: None,
             vsock: None,
+            confine: true,
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Once};
 use nix::sys::termios::{self, SetArg, Termios};
 
 use crate::machine::GuestExit;
+use crate::seccomp::{Filters, ThreadKind};
 use crate::stop::{StopReason, StopSignal};
 
 /// The escape prefix (Ctrl-A) and the key that, after it, leaves the console.
@@ -108,11 +109,13 @@ impl EscapeFilter {
 /// read on stdin cannot be interrupted, and the process ends with the machine anyway.
 pub fn spawn_stdin_forwarder(
     stop: Arc<StopSignal>,
+    filters: Option<Filters>,
     send: impl Fn(&[u8]) -> io::Result<()> + Send + 'static,
 ) {
     let spawned = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Console);
             if !stop.wait_ready() {
                 return;
             }
@@ -155,7 +158,7 @@ extern "C" fn on_host_signal(signum: libc::c_int, _: *mut libc::siginfo_t, _: *m
 /// goes on to the guest's workload when cela-init's control channel is up (a graceful stop),
 /// and stops the machine like the others when it is not. Only the first call per process
 /// installs the handlers.
-pub fn stop_on_host_signals(stop: Arc<StopSignal>) {
+pub fn stop_on_host_signals(stop: Arc<StopSignal>, filters: Option<Filters>) {
     static ONCE: Once = Once::new();
     let mut installed = false;
     ONCE.call_once(|| installed = true);
@@ -181,6 +184,7 @@ pub fn stop_on_host_signals(stop: Arc<StopSignal>) {
     let _ = std::thread::Builder::new()
         .name("host-signals".into())
         .spawn(move || {
+            crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Console);
             let mut file = std::fs::File::from(read_end);
             let mut b = [0u8; 1];
             while file.read_exact(&mut b).is_ok() {

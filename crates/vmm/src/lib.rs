@@ -6,7 +6,8 @@
 //! Map: [`machine`] is the engine-neutral contract; [`config`] validates it; [`builder`]
 //! assembles a KVM machine from [`arch`] (memory map, boot protocol, CPU state, ACPI),
 //! [`vstate`] (KVM VM, vCPUs, memory) and [`devices`]; [`stop`] carries how a run ends;
-//! [`console`] is the host side of the console; [`engine`] picks KVM or [`qemu`].
+//! [`console`] is the host side of the console; [`engine`] picks KVM or [`qemu`]; [`seccomp`]
+//! holds the system-call filters each thread of the monitor runs under.
 
 pub mod arch;
 pub mod builder;
@@ -18,6 +19,7 @@ pub mod guest_channel;
 pub mod machine;
 pub mod net;
 pub mod qemu;
+pub mod seccomp;
 pub mod stop;
 pub mod vstate;
 
@@ -84,6 +86,14 @@ impl io::Write for ControlSink {
 /// and waits for it to end.
 pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, VmmError> {
     config::validate(config).map_err(BuildError::from)?;
+    let filters = if config.confine {
+        Some(seccomp::Filters::new().map_err(BuildError::from)?)
+    } else {
+        eprintln!(
+            "cela: warning: the monitor runs unconfined (--no-confine): a guest that breaks a device emulation gets the monitor's full privileges"
+        );
+        None
+    };
     let stop = Arc::new(StopSignal::new());
     let sinks = SerialSinks {
         console: Box::new(console::HostStdout),
@@ -92,7 +102,7 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
             stop: stop.clone(),
         }),
     };
-    console::stop_on_host_signals(stop.clone());
+    console::stop_on_host_signals(stop.clone(), filters.clone());
     let raw = match console {
         ConsoleMode::Interactive => console::RawTerminal::stdin(),
         ConsoleMode::Stream => None,
@@ -102,10 +112,10 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
         Box::new(|| Box::new(io::stdout())),
         Box::new(|| Box::new(io::stderr())),
     );
-    let mut machine = builder::boot_linux(config, sinks, stop.clone(), vsock_ports)?;
+    let mut machine = builder::boot_linux(config, sinks, stop.clone(), vsock_ports, filters)?;
     if console == ConsoleMode::Interactive {
         let input = machine.console_input();
-        console::spawn_stdin_forwarder(stop.clone(), move |b| input.send(b));
+        console::spawn_stdin_forwarder(stop.clone(), machine.filters(), move |b| input.send(b));
     }
     let started = machine.started();
     let stats = machine.exit_stats();

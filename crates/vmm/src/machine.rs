@@ -32,6 +32,9 @@ pub struct MachineConfig {
     /// virtio-vsock device (cela-init's status and output travel on it); this adds the
     /// user's host side to it. The QEMU engine has no vsock.
     pub vsock: Option<VsockConfig>,
+    /// The monitor's threads run under their seccomp filters ([`crate::seccomp`]); off only
+    /// for debugging (`--no-confine`).
+    pub confine: bool,
 }
 
 /// The host side of the guest's vsock device (Firecracker's hybrid model): a Unix socket

@@ -473,7 +473,7 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
     };
 
     let stop = Arc::new(StopSignal::new());
-    console::stop_on_host_signals(stop.clone());
+    console::stop_on_host_signals(stop.clone(), None);
     let raw_terminal = match console {
         ConsoleMode::Interactive => RawTerminal::stdin(),
         ConsoleMode::Stream => None,
@@ -484,7 +484,9 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
                 what: "console input",
                 source,
             })?;
-            console::spawn_stdin_forwarder(stop.clone(), move |bytes| (&input).write_all(bytes));
+            console::spawn_stdin_forwarder(stop.clone(), None, move |bytes| {
+                (&input).write_all(bytes)
+            });
         }
         let output = spawn_named("qemu-console", move || copy_console(console_io))?;
         let stop_c = stop.clone();
@@ -621,6 +623,7 @@ mod tests {
             disks: vec![],
             net: None,
             vsock: None,
+            confine: true,
         }
     }
 
@@ -852,6 +855,7 @@ mod tests {
                 disks: vec![],
                 net: None,
                 vsock: None,
+                confine: true,
             };
             run(&config, ConsoleMode::Stream).unwrap()
         };

@@ -36,8 +36,10 @@ fn run(code: &[u8], vcpus: u32, mmio: Vec<Placement>) -> Run {
         control: Box::new(std::io::sink()),
     };
     let stop = Arc::new(StopSignal::new());
-    let mut machine =
-        boot_bare(code, ENTRY, vcpus, mmio, sinks, stop).expect("the bare machine builds");
+    // Every tiny guest runs under the monitor's filters, as real machines do.
+    let filters = cela_vmm::seccomp::Filters::new().expect("the filters build");
+    let mut machine = boot_bare(code, ENTRY, vcpus, mmio, sinks, stop, Some(filters))
+        .expect("the bare machine builds");
     let reason = machine.wait(LIMIT);
     let console = console.0.lock().unwrap().clone();
     Run { reason, console }

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
+use crate::seccomp::{Filters, ThreadKind};
+
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
@@ -48,6 +50,7 @@ pub struct Vcpu {
     stop: Arc<StopSignal>,
     shared_stats: Arc<Mutex<ExitStats>>,
     stats: ExitStats,
+    filters: Option<Filters>,
 }
 
 /// What every vCPU of a machine shares: the buses it dispatches exits to, the stop signal, and
@@ -58,6 +61,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub stop: Arc<StopSignal>,
     pub stats: Arc<Mutex<ExitStats>>,
+    /// The monitor's system-call filters; `None` runs unconfined (`--no-confine`).
+    pub filters: Option<Filters>,
 }
 
 /// How many exits reached the monitor, by I/O port and by MMIO page. In a nested VM every such
@@ -151,6 +156,7 @@ impl Vcpu {
             mmio,
             stop,
             stats: shared_stats,
+            filters,
         } = ctx;
         Ok(Vcpu {
             id,
@@ -161,6 +167,7 @@ impl Vcpu {
             stop,
             shared_stats,
             stats: ExitStats::default(),
+            filters,
         })
     }
 
@@ -177,6 +184,8 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        // Before the guest runs a single instruction on this vCPU.
+        crate::seccomp::confine_thread(self.filters.as_ref(), ThreadKind::Vcpu);
         while !self.stop.is_requested() {
             match self.run_once() {
                 Ok(true) => {}

@@ -19,6 +19,8 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Filters, ThreadKind};
+
 /// What runs when an eventfd is signalled.
 pub type Handler = Box<dyn FnMut() + Send>;
 
@@ -55,8 +57,9 @@ impl EventLoop {
         self.sources.push((Source::Fd(fd), handler));
     }
 
-    /// Starts the loop on its own thread.
-    pub fn start(self) -> io::Result<EventLoopHandle> {
+    /// Starts the loop on its own thread, which first puts itself under `filters`' device
+    /// filter (none: unconfined).
+    pub fn start(self, filters: Option<Filters>) -> io::Result<EventLoopHandle> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_token = self.sources.len() as u64;
@@ -80,7 +83,13 @@ impl EventLoop {
         let mut sources = self.sources;
         let thread = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || run(epoll, &mut sources, stop_token, stop_clone))?;
+            .spawn(move || {
+                crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Device);
+                run(epoll, &mut sources, stop_token, stop_clone);
+                // Handed back to whoever stops the loop: the devices are dropped there, not
+                // here (a vsock device removes its socket file, which the filter forbids).
+                sources
+            })?;
         Ok(EventLoopHandle {
             stop,
             thread: Some(thread),
@@ -121,7 +130,7 @@ fn run(epoll: Epoll, sources: &mut [(Source, Handler)], stop_token: u64, _stop: 
 /// A running event loop; dropping it stops and joins the thread.
 pub struct EventLoopHandle {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vec<(Source, Handler)>>>,
 }
 
 impl Drop for EventLoopHandle {
@@ -131,7 +140,7 @@ impl Drop for EventLoopHandle {
             return;
         }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            drop(t.join());
         }
     }
 }
@@ -156,7 +165,7 @@ mod tests {
                 Box::new(move || tx.send(i).unwrap()),
             );
         }
-        let handle = el.start().unwrap();
+        let handle = el.start(None).unwrap();
         evts[1].write(1).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(1));
         evts[0].write(1).unwrap();
@@ -189,7 +198,7 @@ mod tests {
                 }
             }),
         );
-        let handle = el.start().unwrap();
+        let handle = el.start(None).unwrap();
         host.write_all(b"ping").unwrap();
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)),
