@@ -562,3 +562,40 @@ fn qemu_fallback_connects_the_guest_with_net_auto() {
     assert!(lines.contains(&"ping=ok"), "{stdout}");
     assert_eq!(net_auto_leftovers(), before);
 }
+
+#[test]
+fn qemu_fallback_runs_qemu_under_its_sandbox() {
+    // `-sandbox on,...`: QEMU's own seccomp filter, seen in its /proc status while it runs.
+    let a = guest_assets();
+    let (k, i) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cela"))
+        .args([
+            "run", "--vm", "--engine", "qemu", "--kernel", k, "--initrd", i, "--",
+        ])
+        .args(["sh", "-c", "echo up; read x; exit 0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "up\n", "the guest never came up");
+    let cela = child.id().to_string();
+    let qemu = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read_to_string(p.path().join("status")).ok())
+        .find(|s| {
+            s.lines().any(|l| l.starts_with("Name:\tqemu-system"))
+                && s.lines().any(|l| l == format!("PPid:\t{cela}"))
+        })
+        .expect("no QEMU child of cela found");
+    // The guest's `read` ends at EOF on its stdin: the VM ends.
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert!(qemu.contains("Seccomp:\t2"), "{qemu}");
+    assert!(qemu.contains("NoNewPrivs:\t1"), "{qemu}");
+    assert!(status.success(), "{status}");
+}

@@ -245,10 +245,7 @@ pub fn load_bundle(bundle: &Path) -> Result<Bundle, Error> {
         source,
     })?;
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        what: format!("reading {}", path.display()),
-        source,
-    })?;
+    let text = read_config_file(&path)?;
     let spec = parse_config(&text).map_err(|e| e.in_file(&path))?;
     let root = spec
         .root()
@@ -263,7 +260,83 @@ pub fn load_bundle(bundle: &Path) -> Result<Bundle, Error> {
     if !rootfs.is_dir() {
         return Err(Error::MissingRootfs(rootfs));
     }
+    check_masked_paths(&spec, &rootfs).map_err(|e| e.in_file(&path))?;
     Ok(Bundle { dir, spec, rootfs })
+}
+
+/// The largest `config.json` read (a bundle is untrusted input; real ones are a few KiB).
+const MAX_CONFIG: u64 = 4 << 20;
+
+/// Reads a bundle's `config.json`: a regular file of at most [`MAX_CONFIG`] bytes (never a
+/// FIFO that blocks, or a device such as /dev/zero that never ends).
+fn read_config_file(path: &Path) -> Result<String, Error> {
+    let io = |source| Error::Io {
+        what: format!("reading {}", path.display()),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() || meta.len() > MAX_CONFIG {
+        return Err(Error::invalid(
+            "config.json",
+            &format!(
+                "{} must be a regular file of at most {MAX_CONFIG} bytes",
+                path.display()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(path).map_err(io)?, MAX_CONFIG),
+        &mut text,
+    )
+    .map_err(io)?;
+    Ok(text)
+}
+
+/// Refuses a masked path that is a symbolic link in the root filesystem, as runc does: the
+/// mask (a bind mount of /dev/null or a tmpfs) would land wherever the link points.
+fn check_masked_paths(spec: &Spec, rootfs: &Path) -> Result<(), Error> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    let masked = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.masked_paths().clone())
+        .unwrap_or_default();
+    if masked.is_empty() {
+        return Ok(());
+    }
+    let root = rustix::fs::open(
+        rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::Io {
+        what: format!("opening {}", rootfs.display()),
+        source: e.into(),
+    })?;
+    for m in &masked {
+        let found = rustix::fs::openat2(
+            &root,
+            m.trim_start_matches('/'),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        );
+        let Ok(fd) = found else { continue }; // not in the image: masked after the mounts
+        let st = rustix::fs::fstat(&fd).map_err(|e| Error::Io {
+            what: format!("inspecting {m} in {}", rootfs.display()),
+            source: e.into(),
+        })?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            return Err(Error::invalid(
+                "linux.maskedPaths",
+                &format!(
+                    "{m} is a symbolic link in the root filesystem; a masked path must not be one"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses and checks a `config.json` text (see [`load_bundle`]).

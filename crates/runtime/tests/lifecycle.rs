@@ -246,3 +246,62 @@ fn state_stays_readable_while_another_cela_runc_writes_it() {
     f.ok(&["delete", "--force", &id]);
     f.assert_nothing_left(&id, None);
 }
+
+/// `exec --ignore-paused` into a paused container: the new process waits frozen in the
+/// container's cgroup, but the runtime itself never joins that cgroup (it once froze there,
+/// in state D, for good), and `state` and `resume` work meanwhile; once resumed, the exec
+/// finishes with the program's status and output.
+#[test]
+fn exec_ignore_paused_never_freezes_the_runtime() {
+    let f = Fixture::new("ignorepaused");
+    let id = f.id("c");
+    let b = f.bundle(&id, false, &["sleep", "1000"], |_| {});
+    let init = f.start_detached(&id, &b);
+    f.ok(&["pause", &id]);
+    let mut exec = std::process::Command::new(runc_bin())
+        .arg("--root")
+        .arg(&f.root)
+        .args(["exec", "--ignore-paused", &id, "sh", "-c", "echo resumed"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let procs = || -> Vec<i32> {
+        f.cgroup_dirs(&id)
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect()
+    };
+    wait_until("the exec'd process to join the frozen cgroup", || {
+        procs().iter().any(|p| *p != init)
+    });
+    let runtime = exec.id() as i32;
+    assert!(
+        !procs().contains(&runtime),
+        "the runtime joined the container's cgroup"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{runtime}/stat")).unwrap();
+    let state = stat.rsplit_once(')').unwrap().1.trim_start().as_bytes()[0];
+    assert_ne!(state, b'D', "the runtime is frozen: {stat}");
+    assert_eq!(f.status(&id), "paused");
+    f.ok(&["resume", &id]);
+    let start = std::time::Instant::now();
+    while exec.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "exec did not finish after resume"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = exec.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "resumed\n");
+    f.ok(&["delete", "--force", &id]);
+    f.assert_nothing_left(&id, Some(init));
+}

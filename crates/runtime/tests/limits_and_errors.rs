@@ -163,6 +163,24 @@ fn bad_config_is_refused_naming_the_field_and_leaves_nothing() {
         "config.json",
     );
     f.assert_nothing_left(&id, None);
+    // A config.json that never ends (a link to /dev/zero) is refused without reading it.
+    std::fs::remove_file(b.join("config.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", b.join("config.json")).unwrap();
+    assert_refused(
+        &f.runc(&["create", "--bundle", b.to_str().unwrap(), &id]),
+        "must be a regular file of at most",
+    );
+    f.assert_nothing_left(&id, None);
+    // A masked path that is a symbolic link in the image: the mask would land where it
+    // points. Refused, as runc does.
+    std::os::unix::fs::symlink("/etc", f.rootfs.join("masked-link")).unwrap();
+    let b = f.bundle(&id, false, &["true"], |v| {
+        v["linux"]["maskedPaths"] = json!(["/proc/kcore", "/masked-link"]);
+    });
+    let out = f.runc(&["create", "--bundle", b.to_str().unwrap(), &id]);
+    std::fs::remove_file(f.rootfs.join("masked-link")).unwrap();
+    assert_refused(&out, "/masked-link is a symbolic link");
+    f.assert_nothing_left(&id, None);
 }
 
 #[test]

@@ -171,6 +171,9 @@ fn utf8<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, QemuError> {
     })
 }
 
+/// QEMU's `-sandbox` setting when the monitor is confined.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// QEMU's command line (without the program name) for `config`, with the channels on `fds`
 /// and the guest told its TSC runs at `tsc_khz`.
 pub fn qemu_args(
@@ -193,6 +196,12 @@ pub fn qemu_args(
         "-S",
     ]);
     push(&["-action", "panic=shutdown"]);
+    if config.confine {
+        // QEMU's own seccomp filter: no obsolete calls, no setuid/setgid, no fork or exec,
+        // no scheduler or affinity changes. A guest that breaks an emulated device gets no
+        // further than what QEMU itself needs.
+        push(&["-sandbox", SANDBOX]);
+    }
     push(&["-kernel", utf8("kernel", &config.kernel)?]);
     if let Some(initrd) = &config.initrd {
         push(&["-initrd", utf8("initramfs", initrd)?]);
@@ -669,6 +678,15 @@ mod tests {
             assert!(args.iter().any(|a| a == flag), "{flag} missing");
         }
         assert_eq!(value(&args, "-action"), Some("panic=shutdown"));
+        assert_eq!(value(&args, "-sandbox"), Some(SANDBOX));
+        let mut unconfined = config(None);
+        unconfined.confine = false;
+        let args = qemu_args(&unconfined, FDS, 1).unwrap();
+        assert_eq!(
+            value(&args, "-sandbox"),
+            None,
+            "--no-confine leaves QEMU unfiltered"
+        );
     }
 
     #[test]
