@@ -8,15 +8,17 @@
 //!
 //! As root.
 
+#[path = "../../runtime/tests/attacks/full_pipe.rs"]
+mod full_pipe;
 mod images;
 mod world;
 
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use full_pipe::full_pipe;
 use world::World;
 
 /// `grep Seccomp`, then the status of each attempt to leave the container's confinement.
@@ -155,24 +157,6 @@ fn capabilities_are_dockers_default_set_and_follow_cap_add_and_drop() {
 
 fn sha256(path: &Path) -> String {
     cela_image::Digest::of(&std::fs::read(path).unwrap()).to_string()
-}
-
-/// A pipe whose buffer is full: whoever writes to its write end blocks until it is read.
-fn full_pipe() -> (OwnedFd, OwnedFd) {
-    let (r, w) = nix::unistd::pipe().unwrap();
-    nix::fcntl::fcntl(
-        &w,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    let mut f = std::fs::File::from(w.try_clone().unwrap());
-    while f.write(&[b'.'; 4096]).is_ok() {}
-    nix::fcntl::fcntl(
-        &w,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-    )
-    .unwrap();
-    (r, w)
 }
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

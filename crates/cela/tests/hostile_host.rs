@@ -15,7 +15,6 @@
 mod images;
 mod world;
 
-use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -30,13 +29,7 @@ use world::World;
 fn raw_layer(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Layer {
     let mut b = tar::Builder::new(Vec::new());
     build(&mut b);
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    Layer {
-        tar,
-        gz: gz.finish().unwrap(),
-    }
+    Layer::gzipped(b.into_inner().unwrap())
 }
 
 fn entry(

@@ -11,6 +11,8 @@
 //! the attacker has its descriptor. The same attack runs against runc where it is installed.
 
 mod common;
+#[path = "attacks/full_pipe.rs"]
+mod full_pipe;
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use common::{Fixture, wait_until};
+use full_pipe::full_pipe;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -28,25 +31,6 @@ const ATTACKER: &str = include_str!("attacks/proc-self-exe.sh");
 fn sha256(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     format!("{:x}", Sha256::digest(bytes))
-}
-
-/// A pipe whose buffer is full: whoever writes to its write end blocks until it is read.
-fn full_pipe() -> (OwnedFd, OwnedFd) {
-    let (r, w) = nix::unistd::pipe().unwrap();
-    nix::fcntl::fcntl(
-        &w,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    let mut f = std::fs::File::from(w.try_clone().unwrap());
-    let chunk = [b'.'; 4096];
-    while f.write(&chunk).is_ok() {}
-    nix::fcntl::fcntl(
-        &w,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-    )
-    .unwrap();
-    (r, w)
 }
 
 /// `runtime --root ROOT ARGS`, stdin closed, its output collected.
@@ -244,10 +228,7 @@ fn runc_refuses_the_same_attack() {
     // What users expect, from runc on the same bundle: its `runc init` runs from a sealed copy
     // too, and the interpreter `/proc/self/exe` is not even found there, so the script never
     // runs and the binary is unchanged.
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("runc is not installed (scripts/deps installs it): the comparison needs it");
+    let runc = common::system_runc();
     let f = Fixture::new("cve20195736runc");
     victim_script(&f);
     let before = sha256(Path::new(runc));

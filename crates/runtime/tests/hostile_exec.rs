@@ -233,10 +233,7 @@ fn exec_in_a_jail_keeps_its_filter() {
 fn runc_confines_exec_the_same_way() {
     // What users expect, on the same bundle: runc applies the container's filter to exec'd
     // processes too. Without runc this comparison cannot be made, and says so.
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("runc is not installed (scripts/deps installs it): the comparison needs it");
+    let runc = common::system_runc();
     let f = Fixture::new("execrunc");
     let id = f.id("r");
     let bundle = f.bundle(&id, false, &["sleep", "1000"], deny_hostname);
@@ -274,10 +271,7 @@ fn exec_with_host_cwd(f: &Fixture, runtime: &str, id: &str, host_dir: &Path) -> 
 fn exec_cannot_start_outside_the_root_through_a_host_directory_descriptor() {
     let host = tempfile::tempdir().unwrap();
     std::fs::write(host.path().join("host-canary"), "x").unwrap();
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("runc is not installed (scripts/deps installs it): the comparison needs it");
+    let runc = common::system_runc();
     for runtime in [common::runc_bin(), runc] {
         let f = Fixture::new("execcwd");
         let id = f.id("c");

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -232,13 +231,7 @@ pub fn hostile_layer(entries: &[H]) -> Layer {
         hd.set_cksum();
         b.append(&hd, e.data).unwrap();
     }
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    Layer {
-        tar,
-        gz: gz.finish().unwrap(),
-    }
+    Layer::gzipped(b.into_inner().unwrap())
 }
 
 /// Imports an image of `layers` through the CLI and unpacks it both ways the instance code

@@ -110,6 +110,16 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// The layer of this uncompressed tar, gzipped.
+    pub fn gzipped(tar: Vec<u8>) -> Layer {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        Layer {
+            tar,
+            gz: gz.finish().unwrap(),
+        }
+    }
+
     pub fn diff_id(&self) -> Digest {
         Digest::of(&self.tar)
     }
@@ -156,13 +166,7 @@ pub fn layer(entries: &[Entry]) -> Layer {
             }
         }
     }
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    Layer {
-        tar,
-        gz: gz.finish().unwrap(),
-    }
+    Layer::gzipped(b.into_inner().unwrap())
 }
 
 /// /bin/busybox from busybox-static and links for a few applets.

@@ -39,6 +39,15 @@ pub struct Fixture {
     ids: std::cell::RefCell<Vec<String>>,
 }
 
+/// Debian's runc, the peer the hostile-input tests run the same attack against; the test
+/// fails saying so where it is missing.
+pub fn system_runc() -> &'static str {
+    ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("runc is not installed (scripts/deps installs it): the comparison needs it")
+}
+
 /// Path of the binary under test.
 pub fn runc_bin() -> &'static str {
     env!("CARGO_BIN_EXE_cela-runc")
