@@ -284,13 +284,30 @@ fn read_config_file(path: &Path) -> Result<String, Error> {
             ),
         ));
     }
-    let mut text = String::new();
-    std::io::Read::read_to_string(
-        &mut std::io::Read::take(std::fs::File::open(path).map_err(io)?, MAX_CONFIG),
-        &mut text,
-    )
-    .map_err(io)?;
-    Ok(text)
+    String::from_utf8(read_bounded(path, MAX_CONFIG)?)
+        .map_err(|_| Error::invalid("config.json", &format!("{} is not UTF-8", path.display())))
+}
+
+/// Reads at most `max` bytes of `path`; more is an error naming the file.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        what: format!("reading {}", path.display()),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(Error::invalid(
+            &path.display().to_string(),
+            &format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Refuses a masked path that is a symbolic link in the root filesystem, as runc does: the

@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp, Process, Spec};
@@ -81,22 +80,7 @@ impl Confinement {
 
 /// Reads a small JSON file, refusing one larger than [`MAX_PROCESS_JSON`].
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
-    let io = |source| Error::Io {
-        what: format!("reading {}", path.display()),
-        source,
-    };
-    let mut text = Vec::new();
-    fs::File::open(path)
-        .map_err(io)?
-        .take(MAX_PROCESS_JSON + 1)
-        .read_to_end(&mut text)
-        .map_err(io)?;
-    if text.len() as u64 > MAX_PROCESS_JSON {
-        return Err(Error::invalid(
-            &path.display().to_string(),
-            &format!("larger than {MAX_PROCESS_JSON} bytes"),
-        ));
-    }
+    let text = crate::spec::read_bounded(path, MAX_PROCESS_JSON)?;
     serde_json::from_slice(&text)
         .map_err(|e| Error::invalid(&path.display().to_string(), &e.to_string()))
 }
