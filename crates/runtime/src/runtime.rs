@@ -223,7 +223,13 @@ impl Runtime {
                 hint: "; only a created container can be started",
             });
         }
-        Ok(c.start()?)
+        let pid = c.pid().map(|p| p.as_raw());
+        let before = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
+        c.start()?;
+        if let (Some(pid), Some(before)) = (pid, before) {
+            wait_for_exec(pid, &before);
+        }
+        Ok(())
     }
 
     /// The container's OCI state.
@@ -511,6 +517,34 @@ impl Runtime {
         .map_err(|e| Error::Cgroup(e.to_string()))
     }
 }
+
+/// Waits (at most [`EXEC_WAIT`]) until the init `pid`, told to start, has executed the
+/// container's program: its executable is no longer `before` (the sealed copy of cela-runc), or
+/// it has ended. runc's `start` returns at the same point (it reads the exec FIFO, which the
+/// exec closes). Returning earlier let a `kill` right after `start` reach a pid 1 that had no
+/// handler yet, and the kernel drops a signal a namespace's init does not handle: the
+/// program's own trap for it never ran (runtime-tools' `killsig`).
+fn wait_for_exec(pid: i32, before: &Path) {
+    let deadline = std::time::Instant::now() + EXEC_WAIT;
+    loop {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+        let ended = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+        });
+        if ended || exe.is_ok_and(|e| e != before) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            tracing::warn!("the container's init (pid {pid}) has not executed its program yet");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// How long `start` waits for the init to execute the container's program.
+const EXEC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Parses a signal as runc does: a name with or without `SIG`, any case, or a number.
 pub fn parse_signal(s: &str) -> Result<Signal, Error> {

@@ -34,6 +34,56 @@ fn lifecycle_create_start_kill_delete_leaves_nothing() {
     assert!(!out.status.success() && stderr(&out).contains("does not exist"));
 }
 
+/// runtime-tools' `killsig`: `start` returns once the init has executed the program (as
+/// runc's does, through its exec FIFO), and a signal sent then reaches the program's own
+/// handler. Before, `start` returned while the init could still be cela-runc's code, a
+/// namespace's pid 1 without a handler, and the kernel dropped the signal.
+#[test]
+fn start_returns_once_the_program_runs_and_its_handler_gets_kill() {
+    let f = Fixture::new("killsig");
+    for (sig, bit) in [("TERM", 15), ("USR1", 10), ("USR2", 12)] {
+        let id = f.id(&format!("k{}", sig.to_lowercase()));
+        let script = format!("trap 'echo got-{sig}; exit 3' {sig}; sleep 10 & wait $!");
+        let b = f.bundle(&id, false, &["sh", "-c", &script], |_| {});
+        f.create(&id, &b);
+        let pid = f.state(&id)["pid"].as_i64().unwrap();
+        f.ok(&["start", &id]);
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(
+            !exe.to_string_lossy().contains("memfd") && !exe.to_string_lossy().contains("cela"),
+            "start returned while the init was still {}",
+            exe.display()
+        );
+        // The shell sets its trap a moment after it starts: wait for the handler (SigCgt).
+        wait_until(&format!("{sig}'s handler in the container"), || {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    let hex = s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("SigCgt:"))?
+                        .trim()
+                        .to_owned();
+                    u64::from_str_radix(&hex, 16).ok()
+                })
+                .is_some_and(|mask| mask & (1 << (bit - 1)) != 0)
+        });
+        f.ok(&["kill", &id, sig]);
+        // Well before the sleep would end on its own.
+        let start = std::time::Instant::now();
+        while f.status(&id) != "stopped" {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "{sig}: the container is still {} after kill",
+                f.status(&id)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(f.output_of(&id).trim(), format!("got-{sig}"));
+        f.ok(&["delete", &id]);
+    }
+}
+
 #[test]
 fn exit_codes_propagate_from_run() {
     let f = Fixture::new("exit");
