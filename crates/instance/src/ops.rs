@@ -64,6 +64,9 @@ pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, Instanc
         }
     }
     signal_target(Signal::SIGKILL);
+    if inst.config.kind == Kind::Vm {
+        kill_vm_processes(inst)?;
+    }
     let mut state = wait_state(inst, Duration::from_secs(20), |s| !is_live(s))?;
     if is_live(&state) {
         return Err(InstanceError::Other(format!(
@@ -87,8 +90,17 @@ pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, Instanc
 
 /// Removes an instance and everything it made (container, mounts, cgroup, its directory). A
 /// live one needs `force` (it is killed first), and so does one whose state cannot be read
-/// (everything of it that can be found is killed: see [`kill_leftovers`]).
+/// (everything of it that can be found is killed: see [`kill_leftovers`]). When another
+/// removal of the same instance wins the race, this one answers that there is no such
+/// instance (as `docker rm` does), not with the file that vanished under it.
 pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
+    match remove_instance(inst, force) {
+        Err(_) if !inst.dir.exists() => Err(InstanceError::NotFound(inst.name().to_owned())),
+        other => other,
+    }
+}
+
+fn remove_instance(inst: &Instance, force: bool) -> Result<(), InstanceError> {
     let state = inst.state_or_unknown();
     if is_live(&state) || state.status == Status::Unknown {
         if !force {
@@ -138,34 +150,79 @@ pub fn remove_broken(b: &Broken, force: bool) -> Result<(), InstanceError> {
 }
 
 /// Kills, without a record to go by, what may still run of instance `id` in `dir`: its
-/// supervisor (found by its command line, `cela --data-dir DATA __supervise ID`; a microVM's
-/// monitor is the supervisor, QEMU dies with it) and every process in its container's cgroup.
+/// supervisor and a microVM's monitor ([`supervisor_processes`]; QEMU dies with the supervisor)
+/// and every process in its container's cgroup.
 pub fn kill_leftovers(id: &str, dir: &std::path::Path) -> Result<(), InstanceError> {
-    let data_dir = dir.parent().and_then(|p| p.parent());
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let supervises = args
-                .windows(2)
-                .any(|w| w[0] == b"__supervise" && w[1] == id.as_bytes());
-            let same_data = args.windows(2).any(|w| {
-                w[0] == b"--data-dir"
-                    && data_dir.is_some_and(|d| {
-                        std::path::Path::new(std::ffi::OsStr::from_bytes(w[1])) == d
-                    })
-            });
-            if supervises && (same_data || data_dir.is_none()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
+    for pid in supervisor_processes(id, dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     container::kill_cgroup(id)
+}
+
+/// The processes of instance `id` (in `dir`) that run cela's supervisor code, found by their
+/// command line, `cela --data-dir DATA __supervise ID`: the supervisor and, for a microVM, the
+/// reaper and the jailed monitor it forked (copies of it, with its command line).
+fn supervisor_processes(id: &str, dir: &std::path::Path) -> Vec<i32> {
+    let data_dir = dir.parent().and_then(|p| p.parent());
+    let mut found = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let supervises = args
+            .windows(2)
+            .any(|w| w[0] == b"__supervise" && w[1] == id.as_bytes());
+        let same_data = args.windows(2).any(|w| {
+            w[0] == b"--data-dir"
+                && data_dir
+                    .is_some_and(|d| std::path::Path::new(std::ffi::OsStr::from_bytes(w[1])) == d)
+        });
+        if supervises && (same_data || data_dir.is_none()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills what runs of microVM `inst` (supervisor, reaper, monitor) and waits, bounded, until
+/// none of them runs: a killed supervisor's monitor dies with it (PR_SET_PDEATHSIG), but only
+/// soon after, and a stop returns once the VM is gone.
+fn kill_vm_processes(inst: &Instance) -> Result<(), InstanceError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<i32> = supervisor_processes(&inst.config.id, &inst.dir)
+            .into_iter()
+            .filter(|pid| !zombie(*pid))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        for pid in &left {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(InstanceError::Other(format!(
+                "the monitor of {} (pids {left:?}) did not end within 20s of SIGKILL",
+                inst.name()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` has ended and waits to be reaped (or is gone).
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+    })
 }
 
 /// Removes the instance directory (what is mounted in it is unmounted first, and a
