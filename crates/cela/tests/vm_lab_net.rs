@@ -79,6 +79,8 @@ for sig in KILL INT; do
   echo "$sig: up=$line links=$(ip -o link | grep -c ' cela[0-9]')"
   kill -$sig $pid; wait $pid; echo "$sig: rc=$?"
   exec 3<&-
+  # The jailed monitor holds the TAP and dies with cela, a moment after it: wait for that.
+  i=0; while [ $(ip -o link | grep -c ' cela[0-9]') != 0 ] && [ $i -lt 500 ]; do usleep 20000; i=$((i+1)); done
   echo "$sig: left_links=$(ip -o link | grep -c ' cela[0-9]') left_addrs=$(ip -4 -o addr | grep -c ' 10\.213\.')"
 done
 "#;

@@ -1,7 +1,8 @@
 //! The supervisor: the process that runs one instance's workload to its end and records it.
 //! For a container it creates, starts and waits for the container (whose init is its child);
-//! for a microVM it *is* the VMM (or drives the QEMU fallback), as Firecracker's one process per
-//! VM. Either way the workload's stdout and stderr are this process's fds 1 and 2, pipes that a
+//! for a microVM it forks the VMM into its jail (`cela_vmm::jail`) and waits for it (or drives
+//! the QEMU fallback), so it keeps the records, the log and the TAP while the monitor holds
+//! nothing but the machine. Either way the workload's stdout and stderr are this process's fds 1 and 2, pipes that a
 //! thread copies into the instance's log ([`crate::log`]), and every change of state is written
 //! to `state.json` with this process named as the supervisor, so `cela ps` can tell a live
 //! instance from one whose supervisor was killed.

@@ -72,6 +72,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# cgroup2, as a systemd host has it: cela's jailed monitors get their cgroups there.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 read up _ </proc/uptime
 echo "{MARK} init $up"
 # From here on only emergencies reach the console: no kernel message inside a result line.

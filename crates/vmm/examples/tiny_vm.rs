@@ -2,9 +2,9 @@
 //! which times process start → first serial byte → exit against QEMU on the same code.
 //!
 //! The guest writes "X\n" to COM1, then powers off through the ACPI sleep-control register.
-//! With a path argument, the guest code is read from that file instead. The vCPU runs under
-//! the monitor's seccomp filter, as in cela; `--no-confine` (first) leaves it out, to measure
-//! what confinement costs.
+//! With a path argument, the guest code is read from that file instead. The monitor runs
+//! jailed under its seccomp filters, as in cela; `--no-confine` (first) runs it in this process
+//! without either, to measure what confinement costs.
 
 use std::sync::Arc;
 
@@ -30,23 +30,40 @@ fn main() -> std::process::ExitCode {
         Some(path) => std::fs::read(path).expect("read the guest code"),
         None => CODE.to_vec(),
     };
-    let filters = if confine {
-        match cela_vmm::seccomp::Filters::new() {
-            Ok(f) => Some(f),
-            Err(e) => {
-                eprintln!("tiny_vm: {e}");
-                return std::process::ExitCode::from(125);
-            }
-        }
-    } else {
-        None
+    if !confine {
+        return boot(&code, None);
+    }
+    // As `cela run --vm` does: a jailed monitor process of its own (`cela_vmm::jail`).
+    let config = cela_vmm::jail::JailConfig {
+        vcpus: 1,
+        memory_mib: 16,
+        vsock: None,
+        largest_file: 0,
+        keep_fds: Vec::new(),
     };
+    let result = cela_vmm::jail::run(&config, |jail| {
+        let filters = cela_vmm::seccomp::Filters::new()
+            .map_err(|e| e.to_string())?
+            .with_jail(jail);
+        Ok(boot(&code, Some(filters)) == std::process::ExitCode::SUCCESS)
+    });
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tiny_vm: {e}");
+            std::process::ExitCode::from(125)
+        }
+    }
+}
+
+fn boot(code: &[u8], filters: Option<cela_vmm::seccomp::Filters>) -> std::process::ExitCode {
     let sinks = SerialSinks {
         console: Box::new(HostStdout),
         control: Box::new(std::io::sink()),
     };
     let stop = Arc::new(StopSignal::new());
-    let mut machine = match boot_bare(&code, 0x10000, 1, vec![], sinks, stop, filters) {
+    let mut machine = match boot_bare(code, 0x10000, 1, vec![], sinks, stop, filters) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("tiny_vm: {e}");

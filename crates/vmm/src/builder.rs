@@ -79,6 +79,8 @@ pub enum BuildError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// Where the guest's two serial ports lead on the host.
@@ -142,8 +144,14 @@ impl RunningMachine {
 
     /// Waits until something requests a stop (or `timeout` passes, which requests one), then
     /// stops every vCPU thread and returns the outcome. The machine's memory stays mapped
-    /// until it is dropped, so it can still be inspected.
+    /// until it is dropped, so it can still be inspected. In a jailed monitor the calling
+    /// thread takes the main thread's filter first: call it on the main thread once every
+    /// thread of the caller's own has started.
     pub fn wait(&mut self, timeout: Option<Duration>) -> StopReason {
+        // From here the main thread of a jailed monitor only waits, stops and reports.
+        if let Some(f) = &self.filters {
+            f.confine_main();
+        }
         if self.stop.wait(timeout).is_none() {
             self.stop.request(StopReason::Fault(format!(
                 "the machine did not stop within {:?}",
@@ -157,11 +165,18 @@ impl RunningMachine {
     fn shutdown(&mut self) {
         // A kick can land just before a vCPU enters KVM_RUN and be lost, so kick until every
         // thread has left its loop (each pass is bounded by the short wait on the signal).
+        // Waiting on the count of threads that left their loops, not for "another" one: a
+        // thread that left just before the first wait would otherwise cost a whole timeout.
         while self.vcpus.iter().any(|v| !v.is_finished()) {
             for v in &self.vcpus {
                 v.kick();
             }
-            self.stop.wait_vcpu_exit(Duration::from_millis(5));
+            if self
+                .stop
+                .wait_vcpus_exited(self.vcpus.len(), Duration::from_millis(5))
+            {
+                break;
+            }
         }
         for v in &mut self.vcpus {
             v.join();
@@ -328,10 +343,6 @@ pub fn boot_linux(
         .map(|a| a.as_ref())
         .collect();
     acpi::write_tables(vm.memory(), config.vcpus, &aml)?;
-    let device_loop = virtio
-        .event_loop
-        .start(filters.clone())
-        .map_err(BuildError::DeviceLoop)?;
 
     let ctx = VcpuContext {
         pio: Arc::new(devices.pio),
@@ -353,7 +364,13 @@ pub fn boot_linux(
             ctx.clone(),
         )?);
     }
-    start(vm, vcpus, ctx, devices.console_input, Some(device_loop))
+    start(
+        vm,
+        vcpus,
+        ctx,
+        devices.console_input,
+        Some(virtio.event_loop),
+    )
 }
 
 /// Builds a bare machine for tests and tiny payloads: `memory_size` bytes of RAM holding
@@ -398,12 +415,15 @@ pub fn boot_bare(
     start(vm, handles, ctx, devices.console_input, None)
 }
 
+/// Starts a built machine: enters the monitor's jail if it has one (everything the machine
+/// needs is open by now, and no other thread runs yet), then the device event loop and the
+/// vCPUs, each thread under its filter.
 fn start(
     vm: Vm,
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
     console_input: SerialInput,
-    device_loop: Option<EventLoopHandle>,
+    device_loop: Option<EventLoop>,
 ) -> Result<RunningMachine, BuildError> {
     let VcpuContext {
         stop,
@@ -412,6 +432,13 @@ fn start(
         pio,
         mmio,
     } = ctx;
+    if let Some(f) = &filters {
+        f.enter_jail()?;
+    }
+    let device_loop = device_loop
+        .map(|l| l.start(filters.clone()))
+        .transpose()
+        .map_err(BuildError::DeviceLoop)?;
     let started = Instant::now();
     let mut machine = RunningMachine {
         vcpus: Vec::new(),

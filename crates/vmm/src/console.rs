@@ -159,46 +159,69 @@ extern "C" fn on_host_signal(signum: libc::c_int, _: *mut libc::siginfo_t, _: *m
 /// and stops the machine like the others when it is not. Only the first call per process
 /// installs the handlers.
 pub fn stop_on_host_signals(stop: Arc<StopSignal>, filters: Option<Filters>) {
-    static ONCE: Once = Once::new();
-    let mut installed = false;
-    ONCE.call_once(|| installed = true);
-    if !installed {
-        return;
+    if let Some(signals) = HostSignals::install() {
+        signals.watch(stop, filters);
     }
-    let (read_end, write_end) = match nix::unistd::pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!("cannot watch for Ctrl-C: {e}");
-            return;
+}
+
+/// SIGINT, SIGTERM and SIGHUP caught into a pipe: installed while the machine is built (a
+/// jailed monitor may not change handlers later), watched by a thread started with the
+/// machine (a jailed monitor starts no thread before it enters its jail).
+pub struct HostSignals {
+    read_end: std::os::fd::OwnedFd,
+}
+
+impl HostSignals {
+    /// Installs the handlers; `None` if this process did already, or cannot.
+    pub fn install() -> Option<HostSignals> {
+        static ONCE: Once = Once::new();
+        let mut installed = false;
+        ONCE.call_once(|| installed = true);
+        if !installed {
+            return None;
         }
-    };
-    SIGNAL_PIPE.store(
-        std::os::fd::IntoRawFd::into_raw_fd(write_end),
-        Ordering::Relaxed,
-    );
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_host_signal) {
-            tracing::warn!("cannot handle signal {sig}: {e}");
-        }
-    }
-    let _ = std::thread::Builder::new()
-        .name("host-signals".into())
-        .spawn(move || {
-            crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Console);
-            let mut file = std::fs::File::from(read_end);
-            let mut b = [0u8; 1];
-            while file.read_exact(&mut b).is_ok() {
-                // SIGTERM is a graceful stop: the workload gets it (as `docker stop` gives a
-                // container's init), and the VM ends when the workload does.
-                let forward = i32::from(b[0]) == libc::SIGTERM
-                    && stop.send_to_guest(cela_guest::HostRequest::Signal(libc::SIGTERM));
-                if !forward {
-                    stop.request(StopReason::Guest(GuestExit::Interrupted(b[0])));
-                    return;
-                }
-                tracing::debug!("SIGTERM passed on to the guest's workload");
+        let (read_end, write_end) = match nix::unistd::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("cannot watch for Ctrl-C: {e}");
+                return None;
             }
-        });
+        };
+        SIGNAL_PIPE.store(
+            std::os::fd::IntoRawFd::into_raw_fd(write_end),
+            Ordering::Relaxed,
+        );
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_host_signal) {
+                tracing::warn!("cannot handle signal {sig}: {e}");
+            }
+        }
+        Some(HostSignals { read_end })
+    }
+
+    /// Starts the thread that turns the caught signals into stop requests on `stop` (see
+    /// [`stop_on_host_signals`]).
+    pub fn watch(self, stop: Arc<StopSignal>, filters: Option<Filters>) {
+        let read_end = self.read_end;
+        let _ = std::thread::Builder::new()
+            .name("host-signals".into())
+            .spawn(move || {
+                crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Console);
+                let mut file = std::fs::File::from(read_end);
+                let mut b = [0u8; 1];
+                while file.read_exact(&mut b).is_ok() {
+                    // SIGTERM is a graceful stop: the workload gets it (as `docker stop` gives
+                    // a container's init), and the VM ends when the workload does.
+                    let forward = i32::from(b[0]) == libc::SIGTERM
+                        && stop.send_to_guest(cela_guest::HostRequest::Signal(libc::SIGTERM));
+                    if !forward {
+                        stop.request(StopReason::Guest(GuestExit::Interrupted(b[0])));
+                        return;
+                    }
+                    tracing::debug!("SIGTERM passed on to the guest's workload");
+                }
+            });
+    }
 }
 
 #[cfg(test)]

@@ -88,7 +88,7 @@ pub enum ConsoleMode {
 }
 
 /// How a microVM run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GuestExit {
     /// The guest's init reported the workload's exit status, then powered off.
     Command(u8),

@@ -9,6 +9,7 @@
 //! | [`ThreadKind::Vcpu`] | `vcpu<N>` | `KVM_RUN`, port and MMIO exits into the devices |
 //! | [`ThreadKind::Device`] | `virtio-devices`, and the `guest-*` threads it starts | virtio queues: disk I/O, TAP frames, vsock's Unix sockets, entropy |
 //! | [`ThreadKind::Console`] | `console-in`, `host-signals` | host stdin into COM1; SIGINT/SIGTERM into stop requests |
+//! | [`ThreadKind::Main`] | the jailed monitor's main thread | starting the other threads, waiting for the machine to stop, stopping it, the report |
 //!
 //! Each thread installs its filter itself as the first thing it does, before it handles
 //! anything the guest made (a vCPU before its first `KVM_RUN`), with no_new_privs. Threads a
@@ -17,8 +18,11 @@
 //! killed by its seccomp filter: syscall ptrace on a vCPU thread") and ends the process with
 //! status 159 (128 + SIGSYS), never a hang.
 //!
-//! The main thread (building the machine, waiting for it, and the supervisor's bookkeeping
-//! after it) is not filtered yet: that comes with the monitor's own jailed process.
+//! The main thread gets its filter in a jailed monitor ([`crate::jail`]) once it has started
+//! every other thread (filters are inherited and only add up); a monitor that is not jailed
+//! (the seccomp tests, `boot_bare` callers) leaves its main thread unfiltered. In a jailed
+//! monitor the SIGSYS report also goes to the caller on the report pipe, so the instance
+//! records it.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -40,6 +44,7 @@ pub enum ThreadKind {
     Vcpu = 1,
     Device = 2,
     Console = 3,
+    Main = 4,
 }
 
 impl ThreadKind {
@@ -48,6 +53,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "a vCPU thread",
             ThreadKind::Device => "the device thread",
             ThreadKind::Console => "a console thread",
+            ThreadKind::Main => "the main thread",
         }
     }
 
@@ -56,6 +62,7 @@ impl ThreadKind {
             1 => Some(ThreadKind::Vcpu),
             2 => Some(ThreadKind::Device),
             3 => Some(ThreadKind::Console),
+            4 => Some(ThreadKind::Main),
             _ => None,
         }
     }
@@ -84,6 +91,12 @@ pub struct Filters {
     vcpu: Arc<BpfProgram>,
     device: Arc<BpfProgram>,
     console: Arc<BpfProgram>,
+    main: Arc<BpfProgram>,
+    /// The jail the main thread enters before it starts the machine's threads (a jailed
+    /// monitor only); taken once.
+    jail: Arc<std::sync::Mutex<Option<crate::jail::Jail>>>,
+    /// Set once the jail is entered, until the main thread is filtered.
+    jailed: Arc<std::sync::atomic::AtomicBool>,
     /// Stacked on the device thread's: `clone3` fails with ENOSYS. Its flags sit in memory
     /// a filter cannot read, so it could make a process; the C library then falls back to
     /// `clone`, whose flags the device filter checks. (With two filters the stricter answer
@@ -92,7 +105,7 @@ pub struct Filters {
 }
 
 impl Filters {
-    /// Compiles the three filters.
+    /// Compiles the filters of every thread kind.
     pub fn new() -> Result<Filters, SeccompError> {
         let build = |kind: ThreadKind, rules: Rules| -> Result<Arc<BpfProgram>, SeccompError> {
             let err = |source| SeccompError::Build {
@@ -123,8 +136,46 @@ impl Filters {
             vcpu: build(ThreadKind::Vcpu, vcpu_rules())?,
             device: build(ThreadKind::Device, device_rules())?,
             console: build(ThreadKind::Console, console_rules())?,
+            main: build(ThreadKind::Main, main_rules())?,
+            jail: Arc::default(),
+            jailed: Arc::default(),
             no_clone3: Arc::new(no_clone3),
         })
+    }
+
+    /// These filters, with `jail` to enter before the machine's threads start (see
+    /// [`Filters::enter_jail`]).
+    pub fn with_jail(self, jail: crate::jail::Jail) -> Filters {
+        *self.jail.lock().unwrap_or_else(|e| e.into_inner()) = Some(jail);
+        self
+    }
+
+    /// Called by the builder on the main thread once the machine is built, before it starts
+    /// a thread: enters the jail, if there is one. Without a jail it does nothing.
+    pub fn enter_jail(&self) -> Result<(), crate::jail::JailError> {
+        let jail = self.jail.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(jail) = jail else {
+            return Ok(());
+        };
+        if jail.enter()? == crate::jail::Landlock::Absent {
+            tracing::warn!("this kernel has no Landlock: the monitor's jail has one wall fewer");
+        }
+        self.jailed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Filters the calling (main) thread of a jailed monitor, once it has started every other
+    /// thread and only waits for the machine ([`crate::builder::RunningMachine::wait`]);
+    /// nothing in a monitor that is not jailed. A failure ends the process, as a violation
+    /// would.
+    pub fn confine_main(&self) {
+        if self
+            .jailed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            confine_thread(Some(self), ThreadKind::Main);
+        }
     }
 
     /// Installs the filter of `kind` on the calling thread (and the SIGSYS handler, once per
@@ -135,6 +186,7 @@ impl Filters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::Device => &self.device,
             ThreadKind::Console => &self.console,
+            ThreadKind::Main => &self.main,
         };
         THREAD_KIND.with(|k| k.set(kind as u8));
         let err = |source| SeccompError::Apply {
@@ -398,6 +450,35 @@ fn console_rules() -> Rules {
     r
 }
 
+/// A jailed monitor's main thread once every other thread has started (a thread inherits its
+/// starter's filter, and filters only add up, so the main thread cannot be filtered before
+/// it starts the others): waits for the machine to stop, kicks and joins the vCPUs, drops the
+/// machine and writes the report.
+fn main_rules() -> Rules {
+    let mut r = Rules::common();
+    for (nr, _why) in MAIN {
+        r.allow(*nr);
+    }
+    // The vCPU kick (pthread_kill to a thread of this process).
+    r.allow_if(
+        libc::SYS_tgkill,
+        &[(2, SeccompCmpOp::Eq, vmm_sys_util::signal::SIGRTMIN() as u64)],
+    );
+    r
+}
+
+/// What the main thread needs beyond the common list.
+const MAIN: &[(i64, &str)] = &[
+    (
+        libc::SYS_mincore,
+        "measuring how much guest RAM is resident, for the report",
+    ),
+    (
+        libc::SYS_getrusage,
+        "the monitor's peak RSS, for the report",
+    ),
+];
+
 /// The ioctl request numbers the filters allow.
 mod ioctls {
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
@@ -417,6 +498,14 @@ mod ioctls {
     pub fn tun_set_offload() -> u64 {
         TUNSETOFFLOAD() as u64
     }
+}
+
+/// A jailed monitor's report pipe (-1: none), where the SIGSYS report goes too.
+static REPORT_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Sends the SIGSYS report to `fd` as well as to stderr (a jailed monitor's report pipe).
+pub fn set_report_fd(fd: i32) {
+    REPORT_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
 }
 
 thread_local! {
@@ -460,6 +549,10 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // the buffer is valid for its length.
     unsafe {
         libc::write(2, msg.buf.as_ptr().cast(), msg.len);
+        let report = REPORT_FD.load(std::sync::atomic::Ordering::Relaxed);
+        if report >= 0 {
+            libc::write(report, msg.buf.as_ptr().cast(), msg.len);
+        }
         libc::syscall(libc::SYS_exit_group, KILLED_STATUS);
     }
 }

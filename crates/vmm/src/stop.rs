@@ -149,13 +149,15 @@ impl StopSignal {
         self.changed.notify_all();
     }
 
-    /// Waits up to `timeout` for another vCPU thread to leave its run loop.
-    pub fn wait_vcpu_exit(&self, timeout: Duration) {
+    /// Waits up to `timeout` until `count` vCPU threads in all have left their run loops;
+    /// whether they have.
+    pub fn wait_vcpus_exited(&self, count: usize, timeout: Duration) -> bool {
         let guard = self.lock();
-        let seen = guard.exited_vcpus;
-        let _ = self
+        let (guard, _) = self
             .changed
-            .wait_timeout_while(guard, timeout, |s| s.exited_vcpus == seen);
+            .wait_timeout_while(guard, timeout, |s| (s.exited_vcpus as usize) < count)
+            .unwrap_or_else(|e| e.into_inner());
+        guard.exited_vcpus as usize >= count
     }
 
     /// Records that one more vCPU halted for good; stops the machine with

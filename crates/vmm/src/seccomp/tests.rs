@@ -20,6 +20,7 @@ fn name(kind: ThreadKind) -> &'static str {
         ThreadKind::Vcpu => "vcpu",
         ThreadKind::Device => "device",
         ThreadKind::Console => "console",
+        ThreadKind::Main => "main",
     }
 }
 

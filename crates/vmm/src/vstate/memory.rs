@@ -61,15 +61,11 @@ pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     total
 }
 
-/// The monitor process's peak RSS in bytes (VmHWM), if /proc says.
+/// The monitor process's peak RSS in bytes (ru_maxrss).
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kib| kib * 1024)
+    // getrusage rather than /proc/self/status: a jailed monitor has no /proc.
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok()?;
+    u64::try_from(usage.max_rss()).ok().map(|kib| kib * 1024)
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ pub struct VcpuContext {
 
 /// How many exits reached the monitor, by I/O port and by MMIO page. In a nested VM every such
 /// exit costs a trip through two hypervisors, so these counts explain boot times.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitStats {
     pub pio: BTreeMap<u16, u64>,
     pub mmio: BTreeMap<u64, u64>,
@@ -124,6 +124,9 @@ impl Vcpu {
         entry: Option<u64>,
         ctx: VcpuContext,
     ) -> Result<Vcpu, VmError> {
+        // Here, while the machine is built, not when it starts: a jailed monitor's main
+        // thread may no longer change signal handlers then.
+        install_kick_handler();
         let err = |what| move |source| VmError::Kvm { what, source };
         let fd = vm
             .fd()
@@ -173,7 +176,6 @@ impl Vcpu {
 
     /// Starts the vCPU on its own thread.
     pub fn start(self) -> std::io::Result<VcpuHandle> {
-        install_kick_handler();
         let name = format!("vcpu{}", self.id);
         let thread = std::thread::Builder::new()
             .name(name)
