@@ -564,8 +564,9 @@ fn qemu_fallback_connects_the_guest_with_net_auto() {
 }
 
 #[test]
-fn qemu_fallback_runs_qemu_under_its_sandbox() {
-    // `-sandbox on,...`: QEMU's own seccomp filter, seen in its /proc status while it runs.
+fn qemu_fallback_runs_qemu_under_its_sandbox_in_the_monitors_jail() {
+    // `-sandbox on,...`: QEMU's own seccomp filter; and around it the jail cela's own monitor
+    // runs in (cela_vmm::jail), all seen from the host while it runs.
     let a = guest_assets();
     let (k, i) = (a.kernel.to_str().unwrap(), a.initrd.to_str().unwrap());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cela"))
@@ -583,19 +584,85 @@ fn qemu_fallback_runs_qemu_under_its_sandbox() {
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert_eq!(line, "up\n", "the guest never came up");
     let cela = child.id().to_string();
-    let qemu = std::fs::read_dir("/proc")
+    let field = |status: &str, name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:\t")))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let ppid = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map(|s| field(&s, "PPid"))
+            .unwrap_or_default()
+    };
+    // cela → the jail's reaper → QEMU.
+    let (qemu_pid, qemu) = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|p| std::fs::read_to_string(p.path().join("status")).ok())
-        .find(|s| {
-            s.lines().any(|l| l.starts_with("Name:\tqemu-system"))
-                && s.lines().any(|l| l == format!("PPid:\t{cela}"))
+        .filter_map(|p| {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            let status = std::fs::read_to_string(p.path().join("status")).ok()?;
+            Some((pid, status))
         })
-        .expect("no QEMU child of cela found");
+        .find(|(_, s)| {
+            field(s, "Name").starts_with("qemu-system") && ppid(&field(s, "PPid")) == cela
+        })
+        .expect("no QEMU grandchild of cela found");
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+    let own_ns: Vec<&str> = ["mnt", "pid", "net", "ipc", "uts"]
+        .into_iter()
+        .filter(|kind| ns(&qemu_pid, kind) != ns(&cela, kind))
+        .collect();
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{qemu_pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    let passwd = std::path::Path::new(&format!("/proc/{qemu_pid}/root/etc/passwd")).exists();
+    let dev: Vec<String> = std::fs::read_dir(format!("/proc/{qemu_pid}/root/dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     // The guest's `read` ends at EOF on its stdin: the VM ends.
     drop(child.stdin.take());
     let status = child.wait().unwrap();
-    assert!(qemu.contains("Seccomp:\t2"), "{qemu}");
-    assert!(qemu.contains("NoNewPrivs:\t1"), "{qemu}");
     assert!(status.success(), "{status}");
+    assert_eq!(field(&qemu, "Seccomp"), "2", "{qemu}");
+    assert_eq!(field(&qemu, "NoNewPrivs"), "1", "{qemu}");
+    let uid: u32 = field(&qemu, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (cela_vmm::jail::uid::FIRST..cela_vmm::jail::uid::FIRST + cela_vmm::jail::uid::COUNT)
+            .contains(&uid),
+        "QEMU runs as uid {uid}"
+    );
+    for caps in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(field(&qemu, caps), "0000000000000000", "{caps}: {qemu}");
+    }
+    assert_eq!(
+        own_ns,
+        ["mnt", "pid", "net", "ipc", "uts"],
+        "QEMU's own namespaces"
+    );
+    // /usr and the host's top-level links into it, /dev/null, the loader's cache, and the
+    // kernel and initramfs at their paths: nothing else.
+    let kernel_top = a.kernel.components().nth(1).unwrap();
+    let kernel_top = kernel_top.as_os_str().to_string_lossy().into_owned();
+    for name in &root {
+        assert!(
+            [
+                "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev"
+            ]
+            .contains(&name.as_str())
+                || *name == kernel_top,
+            "the jail holds /{name}: {root:?}"
+        );
+    }
+    assert!(!passwd, "the host's /etc/passwd is visible to QEMU");
+    assert_eq!(dev, ["null"], "the jail's /dev");
 }

@@ -34,7 +34,7 @@ const MIB: i64 = 1 << 20;
 /// `key=value` lines the tests check.
 const SCRIPT: &str = r#"
 R="/lab/cela-runc --root /tmp/state"
-mount -t cgroup2 cgroup2 /sys/fs/cgroup || { echo "cannot mount cgroup2"; exit 90; }
+grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup || { echo "cannot mount cgroup2"; exit 90; }
 echo "fs=$(grep ' /sys/fs/cgroup ' /proc/mounts | cut -d' ' -f3)"
 echo "v1_dirs=$(ls /sys/fs/cgroup | grep -c -x -e memory -e pids -e cpu)"
 for b in lim oom pids jail; do

@@ -34,13 +34,7 @@ fn main() -> std::process::ExitCode {
         return boot(&code, None);
     }
     // As `cela run --vm` does: a jailed monitor process of its own (`cela_vmm::jail`).
-    let config = cela_vmm::jail::JailConfig {
-        vcpus: 1,
-        memory_mib: 16,
-        vsock: None,
-        largest_file: 0,
-        keep_fds: Vec::new(),
-    };
+    let config = cela_vmm::jail::JailConfig::monitor(1, 16);
     let result = cela_vmm::jail::run(&config, |jail| {
         let filters = cela_vmm::seccomp::Filters::new()
             .map_err(|e| e.to_string())?

@@ -280,6 +280,16 @@ pub fn validate_for_kvm(config: &MachineConfig, kvm_max_vcpus: usize) -> Result<
     Ok(())
 }
 
+/// The size of the largest of `disks` (0 without any): the monitor's RLIMIT_FSIZE.
+pub fn largest_disk(disks: &[DiskConfig]) -> u64 {
+    disks
+        .iter()
+        .filter_map(|d| std::fs::metadata(&d.path).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

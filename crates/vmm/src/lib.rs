@@ -104,21 +104,14 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
         return outcome.into_result();
     }
     let jail_config = jail::JailConfig {
-        vcpus: config.vcpus,
-        memory_mib: config.memory_mib,
         vsock: config.vsock.as_ref().map(|v| v.path.clone()),
-        largest_file: config
-            .disks
-            .iter()
-            .filter_map(|d| std::fs::metadata(&d.path).ok())
-            .map(|m| m.len())
-            .max()
-            .unwrap_or(0),
+        largest_file: config::largest_disk(&config.disks),
         keep_fds: config
             .net
             .iter()
             .map(|n| std::os::fd::AsRawFd::as_raw_fd(n.tap.as_ref()))
             .collect(),
+        ..jail::JailConfig::monitor(config.vcpus, config.memory_mib)
     };
     let epoch = Instant::now();
     let outcome = jail::run(&jail_config, |jail| {

@@ -37,7 +37,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -181,6 +181,20 @@ pub fn qemu_args(
     fds: ChannelFds,
     tsc_khz: u64,
 ) -> Result<Vec<String>, QemuError> {
+    qemu_args_with_disks(config, fds, tsc_khz, None)
+}
+
+/// [`qemu_args`], with the disks given as descriptors QEMU inherits rather than paths: a
+/// jailed QEMU can open no path of the host's, and runs as a uid that could not open them
+/// anyway. `disk_fds` has, per disk in order, the descriptors of its fd set: one opened
+/// read-only, and for a writable disk a second opened read-write (QEMU opens an image
+/// read-only first, and takes from a set only a descriptor of the access mode it asks for).
+pub fn qemu_args_with_disks(
+    config: &MachineConfig,
+    fds: ChannelFds,
+    tsc_khz: u64,
+    disk_fds: Option<&[Vec<RawFd>]>,
+) -> Result<Vec<String>, QemuError> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     push(&["-M", MACHINE, "-accel", "tcg,thread=multi", "-cpu", "max"]);
@@ -224,7 +238,16 @@ pub fn qemu_args(
         push(&["-global", "virtio-mmio.force-legacy=false"]);
     }
     for (n, disk) in config.disks.iter().enumerate() {
-        let path = utf8("disk", &disk.path)?.replace(',', ",,");
+        let path = match disk_fds.and_then(|f| f.get(n)) {
+            // An fd set of QEMU's monitor, one per disk: `/dev/fdset/N` names it.
+            Some(set) => {
+                for fd in set {
+                    push(&["-add-fd", &format!("fd={fd},set={}", n + 1)]);
+                }
+                format!("/dev/fdset/{}", n + 1)
+            }
+            None => utf8("disk", &disk.path)?.replace(',', ",,"),
+        };
         let readonly = if disk.read_only { "on" } else { "off" };
         push(&[
             "-drive",
@@ -263,9 +286,15 @@ pub fn qemu_args(
     Ok(args)
 }
 
-/// A running QEMU, killed and reaped when dropped unless it was already waited for.
-struct QemuProcess {
-    child: Child,
+/// Memory a jailed QEMU may use beyond guest RAM: TCG's translation cache alone may grow to
+/// 1 GiB, plus QEMU's own heap and threads.
+pub const MEMORY_OVERHEAD_MIB: u64 = 1024;
+
+/// A running QEMU, killed and reaped when dropped unless it was already waited for: a plain
+/// child (`--no-confine`), or a jailed one ([`crate::jail`]).
+enum QemuProcess {
+    Plain(Child),
+    Jailed(Option<Box<crate::jail::Spawned>>),
 }
 
 impl QemuProcess {
@@ -304,27 +333,127 @@ impl QemuProcess {
             path: binary.to_owned(),
             source,
         })?;
-        Ok(QemuProcess { child })
+        Ok(QemuProcess::Plain(child))
+    }
+
+    /// Starts QEMU in the same jail as cela's own monitor (its namespaces, an empty root with
+    /// only the host's /usr and libraries, the kernel and initramfs read-only, a uid of its
+    /// own, no capability, Landlock, a cgroup sized from the VM), on top of its own seccomp
+    /// sandbox. The disks are opened before the jail and passed as fd sets. Its stderr goes to
+    /// `stderr`.
+    fn spawn_jailed(
+        binary: &Path,
+        config: &MachineConfig,
+        fds: ChannelFds,
+        tsc_khz: u64,
+        stderr: RawFd,
+    ) -> Result<Self, QemuError> {
+        let mut inherited = vec![fds.console, fds.control, fds.monitor];
+        inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
+        let jail_config = crate::jail::JailConfig {
+            memory_overhead_mib: MEMORY_OVERHEAD_MIB,
+            tasks: u64::from(config.vcpus) + 128,
+            largest_file: crate::config::largest_disk(&config.disks),
+            keep_fds: inherited.iter().copied().chain([stderr]).collect(),
+            forward_signals: false,
+            own_process_group: true,
+            ..crate::jail::JailConfig::monitor(config.vcpus, config.memory_mib)
+        };
+        let spawned = crate::jail::spawn(&jail_config, |jail| -> Result<(), String> {
+            // SAFETY: dup2 only changes this process's descriptor table; `stderr` is the
+            // caller's pipe, kept open here.
+            if unsafe { libc::dup2(stderr, 2) } < 0 {
+                return Err(format!(
+                    "redirecting QEMU's stderr: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            let mut inherit = inherited.clone();
+            let mut disk_fds = Vec::new();
+            for disk in &config.disks {
+                let open = |write: bool| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(write)
+                        .open(&disk.path)
+                        .map(std::os::fd::IntoRawFd::into_raw_fd)
+                        .map_err(|e| format!("opening the disk {}: {e}", disk.path.display()))
+                };
+                let mut set = vec![open(false)?];
+                if !disk.read_only {
+                    set.push(open(true)?);
+                }
+                inherit.extend(&set);
+                disk_fds.push(set);
+            }
+            let args = qemu_args_with_disks(config, fds, tsc_khz, Some(&disk_fds))
+                .map_err(|e| e.to_string())?;
+            let mut files = vec![config.kernel.clone()];
+            files.extend(config.initrd.clone());
+            Err(jail.exec(binary, &args, &inherit, &files).to_string())
+        })
+        .map_err(|e| QemuError::Setup {
+            what: "QEMU's jail",
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(QemuProcess::Jailed(Some(Box::new(spawned))))
     }
 
     fn kill(&mut self) {
         // An error means it has already exited, which is what was wanted.
-        let _ = self.child.kill();
+        match self {
+            QemuProcess::Plain(child) => {
+                let _ = child.kill();
+            }
+            QemuProcess::Jailed(Some(s)) => s.kill(),
+            QemuProcess::Jailed(None) => {}
+        }
     }
 
     fn wait(&mut self) -> String {
-        match self.child.wait() {
-            Ok(status) => describe_status(status),
-            Err(e) => format!("could not be waited for: {e}"),
+        match self {
+            QemuProcess::Plain(child) => match child.wait() {
+                Ok(status) => describe_status(status),
+                Err(e) => format!("could not be waited for: {e}"),
+            },
+            QemuProcess::Jailed(spawned) => {
+                let Some(s) = spawned.take() else {
+                    return "was already waited for".into();
+                };
+                let (report, status) = s.wait_status();
+                // What the jail reported before QEMU ran (it failed to start), as JSON.
+                let said = match serde_json::from_str::<Result<(), String>>(&report) {
+                    Ok(Err(why)) => Some(why),
+                    Ok(Ok(())) => None,
+                    Err(_) => Some(report.trim().to_owned()).filter(|s| !s.is_empty()),
+                };
+                let code = match status {
+                    nix::sys::wait::WaitStatus::Exited(_, c) => c,
+                    nix::sys::wait::WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+                    _ => 1,
+                };
+                let how = if code > 128 {
+                    format!("was killed by signal {}", code - 128)
+                } else {
+                    format!("exited with status {code}")
+                };
+                match said {
+                    Some(why) => format!("{how} ({why})"),
+                    None => how,
+                }
+            }
         }
     }
 }
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        // Both are no-ops once the child has been reaped (std keeps its status).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Both are no-ops once the child has been reaped (std keeps its status); a jailed
+        // QEMU not waited for is killed and reaped by its handle's own drop.
+        if let QemuProcess::Plain(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -456,9 +585,28 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
     tracing::debug!("starting {} {}", binary.display(), args.join(" "));
 
     let launched = Instant::now();
-    let mut inherited = vec![fds.console, fds.control, fds.monitor];
-    inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
-    let mut qemu = QemuProcess::spawn(&binary, &args, inherited)?;
+    let (mut qemu, stderr_source): (QemuProcess, Option<Box<dyn Read + Send>>) = if config.confine {
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| QemuError::Setup {
+                what: "QEMU's stderr",
+                source: e.into(),
+            })?;
+        let qemu = QemuProcess::spawn_jailed(&binary, config, fds, tsc_khz, w.as_raw_fd())?;
+        drop(w);
+        (qemu, Some(Box::new(std::fs::File::from(r))))
+    } else {
+        let mut inherited = vec![fds.console, fds.control, fds.monitor];
+        inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
+        let mut qemu = QemuProcess::spawn(&binary, &args, inherited)?;
+        let stderr = match &mut qemu {
+            QemuProcess::Plain(child) => child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            QemuProcess::Jailed(_) => None,
+        };
+        (qemu, stderr)
+    };
     let Channels {
         console: (console_io, qemu_console),
         control: (control_in, qemu_control),
@@ -466,7 +614,7 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
     } = channels;
     // Close QEMU's ends here, so that ours see EOF when QEMU exits.
     drop((qemu_console, qemu_control, qemu_monitor));
-    let stderr = collect_stderr(qemu.child.stderr.take())?;
+    let stderr = collect_stderr(stderr_source)?;
 
     let events = match qmp_handshake(monitor) {
         Ok(events) => events,
@@ -601,7 +749,7 @@ type StderrThread = Option<JoinHandle<String>>;
 
 /// Collects QEMU's stderr (its error messages) on a thread, up to [`STDERR_LIMIT`] bytes; the
 /// rest is read and dropped so QEMU never blocks writing it.
-fn collect_stderr(stderr: Option<ChildStderr>) -> Result<StderrThread, QemuError> {
+fn collect_stderr(stderr: Option<Box<dyn Read + Send>>) -> Result<StderrThread, QemuError> {
     let Some(mut stderr) = stderr else {
         return Ok(None);
     };
@@ -740,6 +888,28 @@ mod tests {
                 "virtio-blk-device,drive=d0,serial=a.img",
                 "virtio-blk-device,drive=d1,serial=b,,c.img",
                 "virtio-blk-device,drive=d2,serial=cela-rootfs"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_jailed_qemus_disks_are_fd_sets_of_inherited_descriptors() {
+        let mut c = config(None);
+        c.disks = vec![
+            crate::DiskConfig::parse("/d/a.img"),
+            crate::DiskConfig::parse("/d/b.img,ro"),
+        ];
+        let sets = [vec![20, 21], vec![22]];
+        let args = qemu_args_with_disks(&c, FDS, 1, Some(&sets)).unwrap();
+        assert_eq!(
+            values(&args, "-add-fd"),
+            ["fd=20,set=1", "fd=21,set=1", "fd=22,set=2"]
+        );
+        assert_eq!(
+            values(&args, "-drive"),
+            [
+                "file=/dev/fdset/1,format=raw,if=none,id=d0,readonly=off",
+                "file=/dev/fdset/2,format=raw,if=none,id=d1,readonly=on"
             ]
         );
     }

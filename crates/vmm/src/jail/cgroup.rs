@@ -3,10 +3,10 @@
 //!
 //! | limit | value |
 //! |---|---|
-//! | memory | guest RAM + [`super::MEMORY_OVERHEAD_MIB`] |
+//! | memory | guest RAM + [`super::MEMORY_OVERHEAD_MIB`] (QEMU: + [`crate::qemu::MEMORY_OVERHEAD_MIB`]) |
 //! | CPU | vCPUs + 1 (the device thread), as a CFS quota |
-//! | tasks | vCPUs + 64 (device, console and guest-output threads) |
-//! | devices | /dev/kvm only |
+//! | tasks | vCPUs + 64 (device, console and guest-output threads; QEMU: + 128) |
+//! | devices | /dev/kvm and /dev/null only |
 //!
 //! A guest cannot make its monitor take more of the host than that, whatever it makes the
 //! devices do. The reaper is put in it before the monitor is forked, so every byte the
@@ -22,7 +22,7 @@ use oci_spec::runtime::{
     LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources, LinuxResourcesBuilder,
 };
 
-use super::{JailError, MEMORY_OVERHEAD_MIB};
+use super::JailError;
 
 /// CFS period of the CPU quota, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -44,8 +44,9 @@ impl MonitorCgroup {
     /// without these limits, and a warning says so).
     pub fn create(
         id: u32,
-        vcpus: u32,
-        memory_mib: u64,
+        cpus: u64,
+        memory: u64,
+        tasks: u64,
     ) -> Result<Option<MonitorCgroup>, JailError> {
         let err = |e: &dyn std::fmt::Display| JailError::Cgroup(e.to_string());
         let manager = match create_cgroup_manager(CgroupConfig {
@@ -62,17 +63,16 @@ impl MonitorCgroup {
             }
             Err(e) => return Err(err(&e)),
         };
-        let memory = ((memory_mib + MEMORY_OVERHEAD_MIB) << 20) as i64;
         let resources = LinuxResourcesBuilder::default()
             .memory(
                 LinuxMemoryBuilder::default()
-                    .limit(memory)
+                    .limit(memory as i64)
                     .build()
                     .map_err(|e| err(&e))?,
             )
             .cpu(
                 LinuxCpuBuilder::default()
-                    .quota((u64::from(vcpus) + 1) as i64 * CPU_PERIOD_US as i64)
+                    .quota((cpus * CPU_PERIOD_US) as i64)
                     .period(CPU_PERIOD_US)
                     .build()
                     .map_err(|e| err(&e))?,
@@ -80,7 +80,7 @@ impl MonitorCgroup {
             .devices(monitor_devices().map_err(|e| err(&e))?)
             .pids(
                 LinuxPidsBuilder::default()
-                    .limit(i64::from(vcpus) + 64)
+                    .limit(tasks as i64)
                     .build()
                     .map_err(|e| err(&e))?,
             )
@@ -107,8 +107,9 @@ impl MonitorCgroup {
 }
 
 /// The device rules: none but /dev/kvm (character 10:232), the one device node the monitor
-/// opens (disks are regular files; the TAP is opened by the caller). A v2 host enforces them
-/// with an eBPF program, which denies everything the list does not allow.
+/// opens (disks are regular files; the TAP is opened by the caller), and /dev/null (1:3, a
+/// QEMU's stdin and stdout). A v2 host enforces them with an eBPF program, which denies
+/// everything the list does not allow.
 fn monitor_devices() -> Result<Vec<LinuxDeviceCgroup>, oci_spec::OciSpecError> {
     Ok(vec![
         LinuxDeviceCgroupBuilder::default()
@@ -121,6 +122,13 @@ fn monitor_devices() -> Result<Vec<LinuxDeviceCgroup>, oci_spec::OciSpecError> {
             .typ(LinuxDeviceType::C)
             .major(10)
             .minor(232)
+            .access("rw")
+            .build()?,
+        LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(1)
+            .minor(3)
             .access("rw")
             .build()?,
     ])

@@ -6,13 +6,15 @@
 //! started afterwards.
 
 use std::io::Read;
-use std::os::fd::{AsFd, FromRawFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use caps::CapSet;
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, RestrictionStatus, Ruleset, RulesetAttr, RulesetStatus, Scope,
+    ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, RestrictionStatus, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::CloneFlags;
@@ -88,7 +90,7 @@ pub struct Jail {
     /// monitor's own mount namespace only).
     mount_point: PathBuf,
     largest_file: u64,
-    vcpus: u32,
+    tasks: u64,
     /// Readable once the reaper has put the monitor in its cgroup.
     go: RawFd,
 }
@@ -108,7 +110,7 @@ impl Jail {
             id,
             mount_point,
             largest_file: config.largest_file,
-            vcpus: config.vcpus,
+            tasks: config.tasks,
             go,
         }
     }
@@ -121,12 +123,110 @@ impl Jail {
     /// Enters the jail: call with one thread, after every file the monitor needs is open.
     pub fn enter(self) -> Result<Landlock, JailError> {
         self.wait_for_cgroup()?;
-        self.pivot()?;
+        self.pivot(&[])?;
         self.limit()?;
         self.drop_privileges()?;
-        let landlock = restrict()?;
+        let landlock = restrict(&[], &[])?;
         ENTERED.store(true, Ordering::Relaxed);
         Ok(landlock)
+    }
+
+    /// Enters the jail as [`Jail::enter`] does, but with the host's system directories
+    /// (`/usr` and the top-level library and binary directories or their links) and `files`
+    /// visible read-only at their own paths (a file others may not read is copied in
+    /// instead), and executes `program` with `args`, which keeps `inherit` open. The program
+    /// runs under its own seccomp filter, not cela's (QEMU's `-sandbox`). Returns only on
+    /// failure.
+    pub fn exec(
+        self,
+        program: &Path,
+        args: &[String],
+        inherit: &[RawFd],
+        files: &[PathBuf],
+    ) -> JailError {
+        match self.exec_program(program, args, inherit, files) {
+            Err(e) => e,
+            Ok(never) => match never {},
+        }
+    }
+
+    fn exec_program(
+        self,
+        program: &Path,
+        args: &[String],
+        inherit: &[RawFd],
+        files: &[PathBuf],
+    ) -> Result<std::convert::Infallible, JailError> {
+        let err = |what| {
+            move |e: nix::errno::Errno| JailError::Enter {
+                what,
+                source: e.into(),
+            }
+        };
+        let c = |s: &std::ffi::OsStr| {
+            std::ffi::CString::new(s.as_bytes()).map_err(|_| JailError::Enter {
+                what: "a program argument",
+                source: std::io::Error::other("it holds a NUL byte"),
+            })
+        };
+        let c_program = c(program.as_os_str())?;
+        let mut c_args = vec![c_program.clone()];
+        for a in args {
+            c_args.push(c(std::ffi::OsStr::new(a))?);
+        }
+        // No terminal, no stdout: the program talks through the descriptors it is given.
+        let null = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(err("opening /dev/null"))?;
+        for target in [0, 1] {
+            // SAFETY: dup2 only changes this process's descriptor table.
+            if unsafe { libc::dup2(null.as_raw_fd(), target) } < 0 {
+                return Err(err("redirecting stdin and stdout")(
+                    nix::errno::Errno::last(),
+                ));
+            }
+        }
+        drop(null);
+        self.wait_for_cgroup()?;
+        let mut entries = system_entries(program);
+        for f in files {
+            entries.push(Entry::file(f)?);
+        }
+        self.pivot(&entries)?;
+        self.limit()?;
+        self.drop_privileges()?;
+        let readable: Vec<&Path> = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Dir | EntryKind::File | EntryKind::Copy))
+            .map(|e| e.path.as_path())
+            .collect();
+        let writable: Vec<&Path> = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Device))
+            .map(|e| e.path.as_path())
+            .collect();
+        let landlock = restrict(&readable, &writable)?;
+        if landlock == Landlock::Absent {
+            tracing::warn!("this kernel has no Landlock: the jail has one wall fewer");
+        }
+        ENTERED.store(true, Ordering::Relaxed);
+        for fd in inherit {
+            nix::fcntl::fcntl(
+                // SAFETY: `fd` is open in this process (the caller's list of what the program
+                // inherits); the borrow ends with the call.
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) },
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(err("keeping a descriptor open across exec"))?;
+        }
+        let e = nix::unistd::execv(&c_program, &c_args).unwrap_err();
+        Err(JailError::Enter {
+            what: "executing the program",
+            source: e.into(),
+        })
     }
 
     /// Waits for the reaper's word that this process is in its cgroup (it moved it while the
@@ -148,8 +248,8 @@ impl Jail {
         }
     }
 
-    /// The root becomes an empty, read-only tmpfs; the host's tree is detached.
-    fn pivot(&self) -> Result<(), JailError> {
+    /// The root becomes a read-only tmpfs holding only `entries`; the host's tree is detached.
+    fn pivot(&self, entries: &[Entry]) -> Result<(), JailError> {
         let err = |what| {
             move |e: nix::errno::Errno| JailError::Enter {
                 what,
@@ -157,14 +257,28 @@ impl Jail {
             }
         };
         let hidden = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        let copied: u64 = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Copy))
+            .filter_map(|e| std::fs::metadata(&e.path).ok())
+            .map(|m| m.len())
+            .sum();
+        let options = format!(
+            "size={},nr_inodes={},mode=0555",
+            copied + (64 << 10),
+            16 + 8 * entries.len()
+        );
         mount(
             Some("cela-jail"),
             &self.mount_point,
             Some("tmpfs"),
             hidden,
-            Some("size=4k,nr_inodes=4,mode=0555"),
+            Some(options.as_str()),
         )
         .map_err(err("mounting the jail's root"))?;
+        for entry in entries {
+            entry.place(&self.mount_point)?;
+        }
         nix::unistd::chdir(&self.mount_point).map_err(err("entering the jail's root"))?;
         match nix::unistd::pivot_root(".", ".") {
             Ok(()) => {
@@ -218,11 +332,7 @@ impl Jail {
         if !grows {
             set("RLIMIT_FSIZE", Resource::RLIMIT_FSIZE, self.largest_file)?;
         }
-        set(
-            "RLIMIT_NPROC",
-            Resource::RLIMIT_NPROC,
-            u64::from(self.vcpus) + 64,
-        )?;
+        set("RLIMIT_NPROC", Resource::RLIMIT_NPROC, self.tasks)?;
         Ok(())
     }
 
@@ -274,14 +384,15 @@ impl Jail {
     }
 }
 
-/// Landlock, the second wall: every file-system access, TCP bind and connect, abstract Unix
-/// socket and signal outside the monitor is refused, so even a monitor whose pivot had failed
-/// would open nothing. (A Unix socket connect by path is not a Landlock right before ABI 6's
-/// scopes; the monitor makes none: see [`super::broker`].)
-fn restrict() -> Result<Landlock, JailError> {
+/// Landlock, the second wall: every file-system access but reading (and executing) beneath
+/// `readable` and reading and writing `writable` files, every TCP bind and connect, abstract Unix socket and signal outside the
+/// process is refused, so even a process whose pivot had failed would open nothing else.
+/// (A Unix socket connect by path is not a Landlock right before ABI 6's scopes; the monitor
+/// makes none: see [`super::broker`].)
+fn restrict(readable: &[&Path], writable: &[&Path]) -> Result<Landlock, JailError> {
     let abi = ABI::V6;
     let err = |e: landlock::RulesetError| JailError::Landlock(e.to_string());
-    let status: RestrictionStatus = Ruleset::default()
+    let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .map_err(err)?
         .handle_access(AccessNet::from_all(abi))
@@ -289,12 +400,166 @@ fn restrict() -> Result<Landlock, JailError> {
         .scope(Scope::from_all(abi))
         .map_err(err)?
         .create()
-        .map_err(err)?
-        .restrict_self()
         .map_err(err)?;
+    let rules = readable
+        .iter()
+        .map(|p| (p, AccessFs::from_read(abi)))
+        .chain(
+            writable
+                .iter()
+                .map(|p| (p, AccessFs::ReadFile | AccessFs::WriteFile)),
+        );
+    for (path, access) in rules {
+        let fd = PathFd::new(path).map_err(|e| JailError::Landlock(e.to_string()))?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(err)?;
+    }
+    let status: RestrictionStatus = ruleset.restrict_self().map_err(err)?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => Landlock::Full,
         RulesetStatus::PartiallyEnforced => Landlock::Partial,
         _ => Landlock::Absent,
     })
+}
+
+/// One thing a program's jail holds, at its host path.
+#[derive(Debug)]
+struct Entry {
+    path: PathBuf,
+    kind: EntryKind,
+}
+
+#[derive(Debug)]
+enum EntryKind {
+    /// A directory, bind-mounted read-only.
+    Dir,
+    /// A file, bind-mounted read-only.
+    File,
+    /// A file others may not read, copied in (the program runs as an unprivileged uid).
+    Copy,
+    /// A symbolic link, made again with the same target (`/lib` → `usr/lib`).
+    Link(PathBuf),
+    /// A device node, bind-mounted read-write (`/dev/null`; the cgroup allows no other).
+    Device,
+}
+
+impl Entry {
+    fn file(path: &Path) -> Result<Entry, JailError> {
+        let meta = std::fs::metadata(path).map_err(|source| JailError::Enter {
+            what: "a file the program reads",
+            source,
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let kind = if meta.permissions().mode() & 0o004 != 0 {
+            EntryKind::File
+        } else {
+            EntryKind::Copy
+        };
+        Ok(Entry {
+            path: path.to_owned(),
+            kind,
+        })
+    }
+
+    /// Makes the entry beneath `root` (the jail's tmpfs, still reached by its host path).
+    fn place(&self, root: &Path) -> Result<(), JailError> {
+        let io = |what| move |source| JailError::Enter { what, source };
+        let target = root.join(self.path.strip_prefix("/").unwrap_or(&self.path));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io("making the jail's directories"))?;
+        }
+        let bind = |target: &Path, extra: MsFlags| {
+            let err = |e: nix::errno::Errno| JailError::Enter {
+                what: "bind-mounting into the jail",
+                source: e.into(),
+            };
+            mount(
+                Some(&self.path),
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(err)?;
+            mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | extra,
+                None::<&str>,
+            )
+            .map_err(err)
+        };
+        let read_only = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
+        match &self.kind {
+            EntryKind::Dir => {
+                std::fs::create_dir_all(&target).map_err(io("making a mount point"))?;
+                bind(&target, read_only)
+            }
+            EntryKind::File => {
+                std::fs::File::create(&target).map_err(io("making a mount point"))?;
+                bind(&target, read_only)
+            }
+            EntryKind::Device => {
+                std::fs::File::create(&target).map_err(io("making a mount point"))?;
+                bind(&target, MsFlags::MS_NOEXEC)
+            }
+            EntryKind::Copy => std::fs::copy(&self.path, &target)
+                .map(drop)
+                .map_err(io("copying a file into the jail")),
+            EntryKind::Link(to) => {
+                std::os::unix::fs::symlink(to, &target).map_err(io("making a link in the jail"))
+            }
+        }
+    }
+}
+
+/// The host's system directories a dynamically linked program needs: `/usr`, and each of
+/// `/bin`, `/sbin`, `/lib*` as the host has it (a link into `/usr` on a merged-/usr host, else
+/// a directory), the loader's cache, and the program itself when it lives elsewhere.
+fn system_entries(program: &Path) -> Vec<Entry> {
+    let mut out = vec![Entry {
+        path: "/usr".into(),
+        kind: EntryKind::Dir,
+    }];
+    for top in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let path = Path::new("/").join(top);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(to) = std::fs::read_link(&path) {
+                    out.push(Entry {
+                        path,
+                        kind: EntryKind::Link(to),
+                    });
+                }
+            }
+            Ok(m) if m.is_dir() => out.push(Entry {
+                path,
+                kind: EntryKind::Dir,
+            }),
+            _ => {}
+        }
+    }
+    // QEMU probes file locking on /dev/null.
+    out.push(Entry {
+        path: "/dev/null".into(),
+        kind: EntryKind::Device,
+    });
+    if Path::new("/etc/ld.so.cache").is_file() {
+        out.push(Entry {
+            path: "/etc/ld.so.cache".into(),
+            kind: EntryKind::File,
+        });
+    }
+    let covered = out
+        .iter()
+        .any(|e| matches!(e.kind, EntryKind::Dir) && program.starts_with(&e.path));
+    if !covered {
+        out.push(Entry {
+            path: program.to_owned(),
+            kind: EntryKind::File,
+        });
+    }
+    out
 }

@@ -55,6 +55,10 @@ const MAX_REPORT: usize = 1 << 20;
 pub struct JailConfig {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Memory beyond guest RAM the cgroup allows.
+    pub memory_overhead_mib: u64,
+    /// Threads the monitor may have (RLIMIT_NPROC of its uid, the cgroup's task limit).
+    pub tasks: u64,
     /// The `--vsock` socket: the caller removes it when the monitor ends, and connects its
     /// `PATH_<port>` siblings for the guest.
     pub vsock: Option<PathBuf>,
@@ -62,6 +66,30 @@ pub struct JailConfig {
     pub largest_file: u64,
     /// Descriptors the caller opened for the monitor (a TAP), kept open in it.
     pub keep_fds: Vec<RawFd>,
+    /// The caller passes SIGINT, SIGTERM and SIGHUP on to the monitor (cela's own monitor
+    /// turns them into stops); off when the caller stops it itself (QEMU, through QMP).
+    pub forward_signals: bool,
+    /// The monitor gets a process group of its own, so the terminal's Ctrl-C reaches only
+    /// the caller (QEMU, whose console the caller serves); cela's own monitor stays in the
+    /// terminal's foreground group, as it reads the terminal.
+    pub own_process_group: bool,
+}
+
+impl JailConfig {
+    /// The jail of cela's own monitor for a machine of `vcpus` vCPUs and `memory_mib` MiB.
+    pub fn monitor(vcpus: u32, memory_mib: u64) -> JailConfig {
+        JailConfig {
+            vcpus,
+            memory_mib,
+            memory_overhead_mib: MEMORY_OVERHEAD_MIB,
+            tasks: u64::from(vcpus) + 64,
+            vsock: None,
+            largest_file: 0,
+            keep_fds: Vec::new(),
+            forward_signals: true,
+            own_process_group: false,
+        }
+    }
 }
 
 /// Why a jailed monitor could not run, or how it failed.
@@ -116,13 +144,43 @@ where
     T: Serialize + DeserializeOwned,
     F: FnOnce(Jail) -> Result<T, String>,
 {
+    spawn(config, monitor)?.wait()
+}
+
+/// A jailed monitor running; [`Spawned::wait`] for its report. Dropped without a wait, it is
+/// killed and reaped.
+pub struct Spawned {
+    reaper: Option<Pid>,
+    forwarding: Option<Forwarding>,
+    cgroup: Option<cgroup::MonitorCgroup>,
+    lease: Option<uid::Lease>,
+    report: Option<OwnedFd>,
+    broker: Option<OwnedFd>,
+    vsock: Option<PathBuf>,
+}
+
+/// Starts `monitor` in a jailed monitor process (see [`run`]) and returns at once.
+pub fn spawn<T, F>(config: &JailConfig, monitor: F) -> Result<Spawned, JailError>
+where
+    T: Serialize,
+    F: FnOnce(Jail) -> Result<T, String>,
+{
     let base = run_dir();
     let lease = uid::Lease::take(&base.join("monitor-ids"))?;
     let root = base.join("jail");
     std::fs::create_dir_all(&root)
         .map_err(JailError::prepare(format!("creating {}", root.display())))?;
-    let cgroup = cgroup::MonitorCgroup::create(lease.id(), config.vcpus, config.memory_mib)?;
-    let pipe = || nix::unistd::pipe().map_err(|e| JailError::prepare("making a pipe")(e.into()));
+    let cgroup = cgroup::MonitorCgroup::create(
+        lease.id(),
+        u64::from(config.vcpus) + 1,
+        (config.memory_mib + config.memory_overhead_mib) << 20,
+        config.tasks,
+    )?;
+    // Close-on-exec: a monitor that executes a program (QEMU) does not hand it these.
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| JailError::prepare("making a pipe")(e.into()))
+    };
     let (report_r, report_w) = pipe()?;
     // The reaper's word to the monitor that it is in its cgroup (see `reaper`).
     let (go_r, go_w) = pipe()?;
@@ -142,6 +200,9 @@ where
     let reaper_pid = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop((report_r, broker_caller));
+            if config.own_process_group {
+                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+            }
             let spec = ReaperSpec {
                 parent: me,
                 keep: &keep,
@@ -163,16 +224,74 @@ where
         Err(e) => return Err(JailError::prepare("forking the monitor")(e.into())),
     };
     drop((report_w, go_r, go_w, broker_monitor));
-    let forwarding = Forwarding::start(reaper_pid);
-    let report = broker::serve_until_eof(broker_caller, report_r, config.vsock.as_deref());
-    let status = wait_for(reaper_pid);
-    drop(forwarding);
-    drop(cgroup);
-    if let Some(path) = &config.vsock {
-        let _ = std::fs::remove_file(path);
+    Ok(Spawned {
+        reaper: Some(reaper_pid),
+        forwarding: config
+            .forward_signals
+            .then(|| Forwarding::start(reaper_pid)),
+        cgroup,
+        lease: Some(lease),
+        report: Some(report_r),
+        broker: Some(broker_caller),
+        vsock: config.vsock.clone(),
+    })
+}
+
+impl Spawned {
+    /// The reaper's pid: the process to signal (it passes signals on when asked to).
+    pub fn pid(&self) -> Option<Pid> {
+        self.reaper
     }
-    drop(lease);
-    decode(&report, status)
+
+    /// Kills the monitor (through its reaper, whose death kills it).
+    pub fn kill(&self) {
+        if let Some(p) = self.reaper {
+            let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+        }
+    }
+
+    /// Serves the monitor until it ends, then cleans up after it (cgroup, vsock socket, id)
+    /// and returns its report, or how it ended.
+    pub fn wait<T: DeserializeOwned>(mut self) -> Result<T, JailError> {
+        let (report, status) = self.finish();
+        decode(&report, status)
+    }
+
+    /// Like [`Spawned::wait`], for a monitor that reports nothing once it runs (a program it
+    /// executed): how it ended, as its status, or what it reported before.
+    pub fn wait_status(mut self) -> (String, WaitStatus) {
+        let (report, status) = self.finish();
+        (String::from_utf8_lossy(&report).into_owned(), status)
+    }
+
+    fn finish(&mut self) -> (Vec<u8>, WaitStatus) {
+        let report = match (self.broker.take(), self.report.take()) {
+            (Some(b), Some(r)) => broker::serve_until_eof(b, r, self.vsock.as_deref()),
+            _ => Vec::new(),
+        };
+        let status = match self.reaper.take() {
+            Some(p) => wait_for(p),
+            None => WaitStatus::Exited(Pid::from_raw(0), 1),
+        };
+        self.forwarding.take();
+        self.cgroup.take();
+        if let Some(path) = self.vsock.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        self.lease.take();
+        (report, status)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.reaper.is_some() {
+            self.kill();
+            self.report.take();
+            self.broker.take();
+            self.finish();
+        }
+    }
 }
 
 /// What the reaper needs from the caller.
