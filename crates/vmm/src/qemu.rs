@@ -386,7 +386,13 @@ impl QemuProcess {
                 inherit.extend(&set);
                 disk_fds.push(set);
             }
-            let args = qemu_args_with_disks(config, fds, tsc_khz, Some(&disk_fds))
+            // The kernel and initramfs by their real paths, where the jail shows them.
+            let real =
+                |p: &Path| std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()));
+            let mut config = config.clone();
+            config.kernel = real(&config.kernel)?;
+            config.initrd = config.initrd.as_deref().map(real).transpose()?;
+            let args = qemu_args_with_disks(&config, fds, tsc_khz, Some(&disk_fds))
                 .map_err(|e| e.to_string())?;
             let mut files = vec![config.kernel.clone()];
             files.extend(config.initrd.clone());

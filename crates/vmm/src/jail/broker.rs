@@ -143,9 +143,24 @@ fn answer(broker: &OwnedFd, vsock: Option<&Path>) -> bool {
         return true;
     };
     let port = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-    match UnixStream::connect(super::port_path(vsock, port)) {
+    match connect_nonblocking(&super::port_path(vsock, port)) {
         Ok(stream) => reply(0, Some(stream.as_raw_fd())),
         Err(e) => reply(e.raw_os_error().unwrap_or(libc::EIO), None),
     }
     true
+}
+
+/// Connects the Unix socket at `path` without blocking: a listener whose backlog is full
+/// answers EAGAIN at once (the guest gets a reset), instead of stalling this loop, and with
+/// it the monitor's device thread that waits for the answer.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = nix::sys::socket::UnixAddr::new(path)?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr)?;
+    Ok(UnixStream::from(fd))
 }

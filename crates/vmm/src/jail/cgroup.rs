@@ -86,11 +86,14 @@ impl MonitorCgroup {
             )
             .build()
             .map_err(|e| err(&e))?;
+        // A cgroup of this id left by a caller that was killed: nothing runs in it any more
+        // (its lease was free), so it goes.
+        let _ = manager.remove();
         Ok(Some(MonitorCgroup { manager, resources }))
     }
 
-    /// Moves process `pid` into the cgroup (libcgroups makes it then, in every v1 hierarchy),
-    /// and sets the limits; `pid` is the reaper, which has not forked the monitor yet.
+    /// Moves process `pid` (the monitor) into the cgroup (libcgroups makes it then, in every
+    /// v1 hierarchy), and sets the limits.
     pub fn add(&self, pid: Pid) -> Result<(), JailError> {
         self.manager
             .add_task(nix_lc::unistd::Pid::from_raw(pid.as_raw()))

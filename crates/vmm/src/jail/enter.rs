@@ -5,8 +5,7 @@
 //! one thread: credentials and the root are per thread until then shared by the threads
 //! started afterwards.
 
-use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +28,9 @@ pub(super) static ENTERED: AtomicBool = AtomicBool::new(false);
 /// The highest number of descriptors a jailed monitor may hold.
 const MAX_FILES: u64 = 1024;
 
+/// How long the monitor waits for the reaper to put it in its cgroup (a few ms normally).
+const GO_WAIT_MS: u16 = 30_000;
+
 /// The monitor's host name, in its own UTS namespace.
 const HOSTNAME: &str = "cela-monitor";
 
@@ -36,7 +38,7 @@ const HOSTNAME: &str = "cela-monitor";
 /// descriptor but stdio and `keep`, and moves into new mount, IPC, UTS and network
 /// namespaces, with mounts private so nothing it mounts reaches the host.
 pub(super) fn prepare(keep: &[RawFd]) -> Result<(), JailError> {
-    close_all_but(keep);
+    close_all_but(keep)?;
     let err = |what| {
         move |e: nix::errno::Errno| JailError::Enter {
             what,
@@ -62,8 +64,10 @@ pub(super) fn prepare(keep: &[RawFd]) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Closes every descriptor from 3 up except `keep`.
-fn close_all_but(keep: &[RawFd]) {
+/// Closes every descriptor from 3 up except `keep`: with close_range(2), or on a kernel
+/// without it (before 5.9), one by one as /proc/self/fd lists them. A descriptor it cannot
+/// close is an error: the monitor must hold nothing of the caller's it was not given.
+fn close_all_but(keep: &[RawFd]) -> Result<(), JailError> {
     let mut keep: Vec<u32> = keep
         .iter()
         .filter(|fd| **fd > 2)
@@ -71,15 +75,39 @@ fn close_all_but(keep: &[RawFd]) {
         .collect();
     keep.sort_unstable();
     let mut first = 3u32;
-    for fd in keep.into_iter().chain([u32::MAX]) {
+    let mut ranges_closed = true;
+    for fd in keep.iter().copied().chain([u32::MAX]) {
         if fd > first {
             // SAFETY: close_range only closes descriptors; none in [first, fd) is used by
             // anything in this freshly forked, single-threaded process but what is dropped
             // with it (the caller's files, which it does not touch here).
-            unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0) };
+            ranges_closed &= unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0) } == 0;
         }
         first = fd.saturating_add(1);
     }
+    if ranges_closed {
+        return Ok(());
+    }
+    let open: Vec<u32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|source| JailError::Enter {
+            what: "listing the descriptors to close",
+            source,
+        })?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
+        // SAFETY: as above; the directory's own descriptor, closed already, fails with EBADF.
+        if unsafe { libc::close(fd as i32) } != 0
+            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EBADF)
+        {
+            return Err(JailError::Enter {
+                what: "closing the caller's descriptors",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What the monitor becomes when it enters the jail, decided by the caller.
@@ -193,8 +221,18 @@ impl Jail {
         self.wait_for_cgroup()?;
         let mut entries = system_entries(program);
         for f in files {
-            entries.push(Entry::file(f)?);
+            // By its real path, which has no link in it: the jail's tree is made before the
+            // pivot, as root, so a path through a link could reach the host's files.
+            let real = std::fs::canonicalize(f).map_err(|source| JailError::Enter {
+                what: "a file the program reads",
+                source,
+            })?;
+            if !entries.iter().any(|e| e.covers(&real)) {
+                entries.push(Entry::file(&real)?);
+            }
         }
+        // Links last: none may stand in a path the others are made through.
+        entries.sort_by_key(|e| matches!(e.kind, EntryKind::Link(_)));
         self.pivot(&entries)?;
         self.limit()?;
         self.drop_privileges()?;
@@ -233,19 +271,44 @@ impl Jail {
     /// machine was built), before the guest can make it allocate anything.
     fn wait_for_cgroup(&self) -> Result<(), JailError> {
         // SAFETY: `go` is the read end of the reaper's pipe, kept open for this process
-        // (`prepare` keeps it) and owned from here on.
-        let go = unsafe { std::os::fd::OwnedFd::from_raw_fd(self.go) };
+        // (`prepare` keeps it) for its whole life; the borrow ends with this function.
+        let go = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.go) };
+        let mut fds = [nix::poll::PollFd::new(go, nix::poll::PollFlags::POLLIN)];
+        let ready =
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(GO_WAIT_MS)).map_err(|e| {
+                JailError::Enter {
+                    what: "waiting for the cgroup",
+                    source: e.into(),
+                }
+            })?;
+        if ready == 0 {
+            return Err(JailError::Cgroup(format!(
+                "the reaper did not put the monitor in its cgroup within {} s",
+                GO_WAIT_MS / 1000
+            )));
+        }
         let mut byte = [0u8; 1];
-        match std::fs::File::from(go).read(&mut byte) {
+        match nix::unistd::read(go, &mut byte) {
             Ok(1) => Ok(()),
             Ok(_) => Err(JailError::Cgroup(
                 "the reaper could not put the monitor in its cgroup".into(),
             )),
-            Err(source) => Err(JailError::Enter {
+            Err(e) => Err(JailError::Enter {
                 what: "waiting for the cgroup",
-                source,
+                source: e.into(),
             }),
         }
+    }
+
+    /// Whether the reaper is gone: it holds the write end of `go` for its whole life.
+    fn reaper_gone(&self) -> bool {
+        // SAFETY: as in `wait_for_cgroup`.
+        let go = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.go) };
+        let mut fds = [nix::poll::PollFd::new(go, nix::poll::PollFlags::POLLIN)];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok()
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLHUP))
     }
 
     /// The root becomes a read-only tmpfs holding only `entries`; the host's tree is detached.
@@ -357,15 +420,19 @@ impl Jail {
         nix::unistd::setresgid(gid, gid, gid).map_err(err("setresgid"))?;
         nix::unistd::setresuid(uid, uid, uid).map_err(err("setresuid"))?;
         // A change of credentials clears the parent-death signal: ask again, or a killed
-        // caller (and so reaper) would leave the VM running. (Were the reaper to die in
-        // between, the monitor would run on until stopped; no parent can be checked from
-        // pid 1 of a namespace. The window is these two calls.)
+        // caller (and so reaper) would leave the VM running. A reaper that died in between
+        // is seen by its end of `go` hanging up (pid 1 of a namespace has no parent to ask).
         // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
         if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
             return Err(JailError::Enter {
                 what: "PR_SET_PDEATHSIG",
                 source: std::io::Error::last_os_error(),
             });
+        }
+        if self.reaper_gone() {
+            return Err(JailError::Monitor(
+                "the monitor's reaper (and so its caller) is gone".into(),
+            ));
         }
         for set in [CapSet::Inheritable, CapSet::Ambient] {
             caps::clear(None, set).map_err(caps_err("clearing capabilities"))?;
@@ -445,6 +512,11 @@ enum EntryKind {
 }
 
 impl Entry {
+    /// Whether this entry already shows `path` (a directory bind above it).
+    fn covers(&self, path: &Path) -> bool {
+        matches!(self.kind, EntryKind::Dir) && path.starts_with(&self.path)
+    }
+
     fn file(path: &Path) -> Result<Entry, JailError> {
         let meta = std::fs::metadata(path).map_err(|source| JailError::Enter {
             what: "a file the program reads",
@@ -465,7 +537,29 @@ impl Entry {
     /// Makes the entry beneath `root` (the jail's tmpfs, still reached by its host path).
     fn place(&self, root: &Path) -> Result<(), JailError> {
         let io = |what| move |source| JailError::Enter { what, source };
+        // Absolute paths without `..` only (entries are canonical or the host's fixed
+        // directories), so the target stays beneath `root`.
+        if !self.path.is_absolute()
+            || self
+                .path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(JailError::Enter {
+                what: "a path for the jail",
+                source: std::io::Error::other(format!("{} is not canonical", self.path.display())),
+            });
+        }
         let target = root.join(self.path.strip_prefix("/").unwrap_or(&self.path));
+        // A mount point made here, new (never a file that exists, which could be the host's).
+        let new_file = |target: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .map(drop)
+                .map_err(io("making a mount point"))
+        };
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(io("making the jail's directories"))?;
         }
@@ -498,16 +592,22 @@ impl Entry {
                 bind(&target, read_only)
             }
             EntryKind::File => {
-                std::fs::File::create(&target).map_err(io("making a mount point"))?;
+                new_file(&target)?;
                 bind(&target, read_only)
             }
             EntryKind::Device => {
-                std::fs::File::create(&target).map_err(io("making a mount point"))?;
+                new_file(&target)?;
                 bind(&target, MsFlags::MS_NOEXEC)
             }
-            EntryKind::Copy => std::fs::copy(&self.path, &target)
-                .map(drop)
-                .map_err(io("copying a file into the jail")),
+            EntryKind::Copy => {
+                new_file(&target)?;
+                std::fs::copy(&self.path, &target).map_err(io("copying a file into the jail"))?;
+                // The program runs as the jail's uid: the copy is for reading, by anyone in
+                // here (copy keeps the original's mode, 0600 for Ubuntu's kernels).
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o444))
+                    .map_err(io("making the copy readable"))
+            }
             EntryKind::Link(to) => {
                 std::os::unix::fs::symlink(to, &target).map_err(io("making a link in the jail"))
             }

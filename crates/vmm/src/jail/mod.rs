@@ -157,9 +157,12 @@ pub struct Spawned {
     report: Option<OwnedFd>,
     broker: Option<OwnedFd>,
     vsock: Option<PathBuf>,
+    vsock_existed: bool,
 }
 
-/// Starts `monitor` in a jailed monitor process (see [`run`]) and returns at once.
+/// Starts `monitor` in a jailed monitor process (see [`run`]) and returns at once. The
+/// monitor dies with the calling *thread* (`PR_SET_PDEATHSIG` follows the thread that
+/// forked): call it from a thread that outlives the VM, as cela's main threads do.
 pub fn spawn<T, F>(config: &JailConfig, monitor: F) -> Result<Spawned, JailError>
 where
     T: Serialize,
@@ -233,6 +236,10 @@ where
         lease: Some(lease),
         report: Some(report_r),
         broker: Some(broker_caller),
+        vsock_existed: config
+            .vsock
+            .as_ref()
+            .is_some_and(|p| p.symlink_metadata().is_ok()),
         vsock: config.vsock.clone(),
     })
 }
@@ -269,13 +276,18 @@ impl Spawned {
             (Some(b), Some(r)) => broker::serve_until_eof(b, r, self.vsock.as_deref()),
             _ => Vec::new(),
         };
+        // No more forwarding before the reaper is reaped: its pid could be reused after.
+        self.forwarding.take();
         let status = match self.reaper.take() {
             Some(p) => wait_for(p),
             None => WaitStatus::Exited(Pid::from_raw(0), 1),
         };
-        self.forwarding.take();
         self.cgroup.take();
-        if let Some(path) = self.vsock.take() {
+        // The monitor's socket, if it made one: a path that was there before it started is
+        // someone else's (the monitor failed to bind it).
+        if let Some(path) = self.vsock.take()
+            && !self.vsock_existed
+        {
             let _ = std::fs::remove_file(path);
         }
         self.lease.take();
@@ -313,8 +325,9 @@ struct ReaperSpec<'a> {
 fn reaper(spec: ReaperSpec, monitor: impl FnOnce()) -> ! {
     die_with_parent(Some(spec.parent));
     let fail = |what: String| -> ! {
+        // On the report pipe only: a reaper in a background process group writing to a
+        // terminal with `tostop` would be stopped, and its caller wait forever.
         let line = format!("cela: error: {what}\n");
-        eprint!("{line}");
         // SAFETY: the report pipe is open for this process's life; the buffer is valid.
         unsafe { libc::write(spec.report, line.as_ptr().cast(), line.len()) };
         // SAFETY: _exit ends the process without running the parent's atexit handlers.
@@ -350,8 +363,9 @@ fn reaper(spec: ReaperSpec, monitor: impl FnOnce()) -> ! {
                 wait_for(child);
                 fail(e.to_string());
             }
+            // `go` stays open while this process lives: the monitor sees it hang up if the
+            // reaper dies (see `Jail::enter`).
             let _ = nix::unistd::write(&spec.go, b"g");
-            drop(spec.go);
             let code = match wait_for(child) {
                 WaitStatus::Exited(_, code) => code,
                 WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,

@@ -1,23 +1,25 @@
 //! The ids jailed monitors run as: each live monitor has a uid (and the gid of the same
 //! number) of its own from [`FIRST`]..[`FIRST`]+[`COUNT`], so no two monitors can signal,
 //! trace or share files with each other, and none is an id a host user or a container's user
-//! namespace mapping uses (Debian's /etc/subuid ranges start at 100000 and grow by 65536 per
-//! user; this range sits near the top of the 31-bit space). A lease is an exclusive `flock`
+//! namespace mapping uses: Debian's /etc/subuid ranges start at 100000 and grow by 65536 per
+//! user, systemd gives containers 0x80000..0x6FFFFFFF and its "foreign" range is 0x7FFE0000..
+//! 0x7FFEFFFF; this range sits between them, below 2^31 (tools mishandle uids above). A lease is an exclusive `flock`
 //! on the file named after the id in the run directory's `monitor-ids/`: held by the caller,
 //! the reaper and the monitor, so it ends only when all three have, and a killed monitor
 //! leaves nothing to clean up.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::Mode;
 
 use super::JailError;
 
-/// The first uid/gid of the monitors' range (0x6365_0000, "ce").
-pub const FIRST: u32 = 0x6365_0000;
+/// The first uid/gid of the monitors' range (0x7E63_0000).
+pub const FIRST: u32 = 0x7E63_0000;
 /// How many monitors can run at once.
 pub const COUNT: u32 = 65_536;
 
@@ -37,18 +39,17 @@ impl Lease {
             .create(dir)
             .map_err(JailError::prepare(format!("creating {}", dir.display())))?;
         for id in FIRST..FIRST + COUNT {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(dir.join(id.to_string()))
-                .map_err(JailError::prepare(format!(
-                    "opening a lease in {}",
-                    dir.display()
-                )))?;
+            // Read-only (flock needs no more): the monitor keeps it open, and must not be able
+            // to write to a file of the host's through it.
+            let fd = nix::fcntl::open(
+                &dir.join(id.to_string()),
+                OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(|e| {
+                JailError::prepare(format!("opening a lease in {}", dir.display()))(e.into())
+            })?;
+            let file = File::from(fd);
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok(Lease { id, lock }),
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
