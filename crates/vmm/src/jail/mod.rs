@@ -168,6 +168,11 @@ where
     T: Serialize,
     F: FnOnce(Jail) -> Result<T, String>,
 {
+    // Whether the socket path is taken before the monitor can bind it (see `Spawned::finish`).
+    let vsock_existed = config
+        .vsock
+        .as_ref()
+        .is_some_and(|p| p.symlink_metadata().is_ok());
     let base = run_dir();
     let lease = uid::Lease::take(&base.join("monitor-ids"))?;
     let root = base.join("jail");
@@ -236,10 +241,7 @@ where
         lease: Some(lease),
         report: Some(report_r),
         broker: Some(broker_caller),
-        vsock_existed: config
-            .vsock
-            .as_ref()
-            .is_some_and(|p| p.symlink_metadata().is_ok()),
+        vsock_existed,
         vsock: config.vsock.clone(),
     })
 }
