@@ -197,6 +197,12 @@ impl Jail {
                 source: std::io::Error::other("it holds a NUL byte"),
             })
         };
+        // The program by its real path too (it may have been found through a link such as
+        // /bin → usr/bin, which the jail makes only after everything else).
+        let program = &std::fs::canonicalize(program).map_err(|source| JailError::Enter {
+            what: "the program",
+            source,
+        })?;
         let c_program = c(program.as_os_str())?;
         let mut c_args = vec![c_program.clone()];
         for a in args {
