@@ -11,7 +11,7 @@ use crate::container;
 use crate::error::InstanceError;
 use std::os::unix::ffi::OsStrExt;
 
-use crate::record::{Broken, Instance, InstanceState, Kind, Status};
+use crate::record::{Broken, Instance, InstanceState, Kind, ProcessId, Status};
 
 /// How often waits on an instance's state look again.
 const POLL: Duration = Duration::from_millis(20);
@@ -199,7 +199,7 @@ fn kill_vm_processes(inst: &Instance) -> Result<(), InstanceError> {
     loop {
         let left: Vec<i32> = supervisor_processes(&inst.config.id, &inst.dir)
             .into_iter()
-            .filter(|pid| !zombie(*pid))
+            .filter(|pid| ProcessId::of(*pid).is_some())
             .collect();
         if left.is_empty() {
             return Ok(());
@@ -215,14 +215,6 @@ fn kill_vm_processes(inst: &Instance) -> Result<(), InstanceError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Whether `pid` has ended and waits to be reaped (or is gone).
-fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
-    })
 }
 
 /// Removes the instance directory (what is mounted in it is unmounted first, and a

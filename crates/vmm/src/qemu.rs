@@ -433,11 +433,7 @@ impl QemuProcess {
                     Ok(Ok(())) => None,
                     Err(_) => Some(report.trim().to_owned()).filter(|s| !s.is_empty()),
                 };
-                let code = match status {
-                    nix::sys::wait::WaitStatus::Exited(_, c) => c,
-                    nix::sys::wait::WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-                    _ => 1,
-                };
+                let code = crate::jail::exit_code(status);
                 let how = if code > 128 {
                     format!("was killed by signal {}", code - 128)
                 } else {

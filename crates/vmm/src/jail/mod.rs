@@ -368,11 +368,7 @@ fn reaper(spec: ReaperSpec, monitor: impl FnOnce()) -> ! {
             // `go` stays open while this process lives: the monitor sees it hang up if the
             // reaper dies (see `Jail::enter`).
             let _ = nix::unistd::write(&spec.go, b"g");
-            let code = match wait_for(child) {
-                WaitStatus::Exited(_, code) => code,
-                WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-                _ => 1,
-            };
+            let code = exit_code(wait_for(child));
             // SAFETY: as above.
             unsafe { libc::_exit(code) };
         }
@@ -392,6 +388,15 @@ fn die_with_parent(expected: Option<Pid>) {
     {
         // SAFETY: _exit ends the process without running atexit handlers.
         unsafe { libc::_exit(1) };
+    }
+}
+
+/// How a process ended, as a shell's status: its exit code, or 128 + the signal that killed it.
+pub(crate) fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 1,
     }
 }
 
@@ -484,11 +489,7 @@ pub(crate) fn send_report<T: Serialize>(fd: RawFd, result: &Result<T, String>) {
 /// one, else the line its SIGSYS handler wrote, else its status. The bytes are the monitor's
 /// and so not trusted: bounded, parsed, only ever shown.
 fn decode<T: DeserializeOwned>(report: &[u8], status: WaitStatus) -> Result<T, JailError> {
-    let code = match status {
-        WaitStatus::Exited(_, c) => c,
-        WaitStatus::Signaled(_, s, _) => 128 + s as i32,
-        _ => 1,
-    };
+    let code = exit_code(status);
     if report.first() == Some(&b'{')
         && let Ok(result) = serde_json::from_slice::<Result<T, String>>(report)
     {
