@@ -485,21 +485,26 @@ pub(crate) fn send_report<T: Serialize>(fd: RawFd, result: &Result<T, String>) {
     }
 }
 
+/// The longest message of the monitor's that is shown, in characters.
+pub const MAX_MESSAGE: usize = 4096;
+
 /// Turns what the monitor wrote and how it ended into the result: its report when it sent
 /// one, else the line its SIGSYS handler wrote, else its status. The bytes are the monitor's
-/// and so not trusted: bounded, parsed, only ever shown.
-fn decode<T: DeserializeOwned>(report: &[u8], status: WaitStatus) -> Result<T, JailError> {
+/// and so not trusted: bounded, parsed, and any text of theirs only ever shown, as one line
+/// of at most [`MAX_MESSAGE`] printable characters (a terminal never gets their escapes).
+/// Public for the fuzz target `monitor_report`; the caller is [`Spawned::wait`].
+pub fn decode<T: DeserializeOwned>(report: &[u8], status: WaitStatus) -> Result<T, JailError> {
     let code = exit_code(status);
     if report.first() == Some(&b'{')
         && let Ok(result) = serde_json::from_slice::<Result<T, String>>(report)
     {
-        return result.map_err(JailError::Monitor);
+        return result.map_err(|m| JailError::Monitor(printable(&m)));
     }
-    let text = String::from_utf8_lossy(&report[..report.len().min(4096)]);
+    let text = String::from_utf8_lossy(&report[..report.len().min(MAX_MESSAGE)]);
     let line = text.lines().next().unwrap_or("").trim();
     let line = line.strip_prefix("cela: error: ").unwrap_or(line);
     Err(JailError::Monitor(match (code, line.is_empty()) {
-        (_, false) => line.to_owned(),
+        (_, false) => printable(line),
         (crate::seccomp::KILLED_STATUS, true) => {
             "the monitor was killed by its seccomp filter".into()
         }
@@ -510,6 +515,26 @@ fn decode<T: DeserializeOwned>(report: &[u8], status: WaitStatus) -> Result<T, J
         ),
         (c, true) => format!("the monitor ended with status {c} without a report"),
     }))
+}
+
+/// `text` as one line to show, each control character (escape, newline, carriage return, …)
+/// written as `\u{..}`, cut to at most [`MAX_MESSAGE`] characters.
+fn printable(text: &str) -> String {
+    let mut out = String::new();
+    let mut len = 0;
+    for c in text.chars() {
+        let shown: Vec<char> = if c.is_control() {
+            c.escape_unicode().collect()
+        } else {
+            vec![c]
+        };
+        len += shown.len();
+        if len > MAX_MESSAGE {
+            break;
+        }
+        out.extend(shown);
+    }
+    out
 }
 
 /// Where the vsock broker's caller side finds `PATH_<port>`.

@@ -69,4 +69,23 @@ fn a_hostile_report_is_only_text() {
     let junk = [b"{\"Ok\":\"not a number\"}".as_slice(), &[0xff; 10_000]].concat();
     let m = monitor_error(decode(&junk, exited(0)));
     assert!(m.len() <= 4096 * 3, "{}", m.len());
+    // A terminal escape, in a report or a line, reaches the user as text.
+    let m = monitor_error(decode(
+        b"{\"Err\":\"\\u001b]0;owned\\u0007\\nsecond line\"}",
+        exited(0),
+    ));
+    assert_eq!(m, "\\u{1b}]0;owned\\u{7}\\u{a}second line");
+    let m = monitor_error(decode(b"cela: error: \x1b[2Jcleared\r\n", exited(1)));
+    assert_eq!(m, "\\u{1b}[2Jcleared");
+    // Escaping cannot grow a message past the bound (fuzz/regressions/monitor_report).
+    let m = monitor_error(decode(&[0x7f; 10_000], exited(1)));
+    assert_eq!(
+        m.chars().count(),
+        super::MAX_MESSAGE - super::MAX_MESSAGE % 6
+    );
+    let long = format!("{{\"Err\":\"{}\"}}", "x".repeat(100_000));
+    assert_eq!(
+        monitor_error(decode(long.as_bytes(), exited(0))).len(),
+        super::MAX_MESSAGE
+    );
 }
