@@ -124,16 +124,25 @@ fn main() -> ExitCode {
             .ok(),
         _ => None,
     };
-    match supervisor_log {
-        Some(file) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(std::sync::Mutex::new(file))
-            .init(),
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
+    {
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let log = match supervisor_log {
+            Some(file) => tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .boxed(),
+            None => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .boxed(),
+        };
+        // libcontainer's errors also go to cela_runtime::cause, from which a failed
+        // container create takes its cause (they are logged only in the container's processes).
+        tracing_subscriber::registry()
+            .with(log.with_filter(filter))
+            .with(cela_runtime::cause::layer())
+            .init();
     }
     let result = match cli.command {
         Command::Run(args) => run_vm::run(*args, &data_dir),

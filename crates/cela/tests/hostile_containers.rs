@@ -253,3 +253,37 @@ fn cve_2019_5736_through_cela_exec_and_run_leaves_cela_unchanged() {
 fn common_cela() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_BIN_EXE_cela"))
 }
+
+/// An image whose /proc or /sys is a link would have the kernel's file systems mounted where
+/// the link points. The runtime refuses it in the container's own set-up; `cela run` says why
+/// (the cause libcontainer logged there, cela_runtime::cause) and leaves no instance behind.
+#[test]
+fn an_image_whose_proc_or_sys_is_a_link_is_refused_naming_why_and_leaves_nothing() {
+    use images::{Entry, TestImage, busybox_layer, layer};
+    let w = World::new();
+    let work = tempfile::tempdir().unwrap();
+    for (dir, fs) in [("proc", "proc"), ("sys", "sysfs")] {
+        let layout = work.path().join(dir);
+        TestImage::new(
+            vec![busybox_layer(), layer(&[Entry::Symlink(dir, "/tmp")])],
+            &["true"],
+        )
+        .write_layout(&layout, "linked");
+        let name = format!("linked-{dir}:1");
+        w.ok(&["image", "import", "--name", &name, layout.to_str().unwrap()]);
+        w.err(
+            &["run", "--rm", &name, "true"],
+            &format!("filesystem {fs} must be mounted on ordinary directory"),
+        );
+        let left: Vec<serde_json::Value> =
+            serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
+        assert!(left.is_empty(), "{dir}: instances left: {left:?}");
+        let dirs: Vec<_> = std::fs::read_dir(w.data().join("instances"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert!(dirs.is_empty(), "{dir}: left in instances/: {dirs:?}");
+    }
+}

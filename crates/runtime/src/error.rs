@@ -85,14 +85,15 @@ pub enum Error {
     #[error("cgroup: {0}")]
     Cgroup(String),
     /// An error from youki's libcontainer, with its cause chain in the message (and no
-    /// `source`, so a printer of the chain does not repeat it).
-    #[error("{}", chain(.0))]
-    Container(Box<libcontainer::error::LibcontainerError>),
+    /// `source`, so a printer of the chain does not repeat it), and the cause libcontainer
+    /// logged in the process that met it, where [`crate::cause`] caught one.
+    #[error("{}", crate::cause::with_cause(chain(.0), .1.clone()))]
+    Container(Box<libcontainer::error::LibcontainerError>, Option<String>),
 }
 
 impl From<libcontainer::error::LibcontainerError> for Error {
     fn from(e: libcontainer::error::LibcontainerError) -> Self {
-        Error::Container(Box::new(e))
+        Error::Container(Box::new(e), None)
     }
 }
 

@@ -7,6 +7,7 @@
 //! typed errors ([`error`]). The runc-compatible command line, `cela-runc`, is the crate's
 //! binary and holds no mechanism.
 
+pub mod cause;
 pub mod console;
 pub mod error;
 pub mod exec;

@@ -178,6 +178,8 @@ impl Runtime {
         if dir.exists() {
             return Err(Error::Exists(id.to_owned()));
         }
+        // What an earlier operation logged is not this create's cause.
+        let _ = crate::cause::take();
         let result = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_executor(DefaultExecutor {})
             .with_root_path(&self.root)
@@ -194,7 +196,7 @@ impl Runtime {
                     .with_no_pivot(opts.no_pivot)
                     .build()
             })
-            .map_err(Error::from)
+            .map_err(|e| Error::Container(Box::new(e), crate::cause::take()))
             .and_then(|c| Confinement::of(&bundle.spec).save(&dir).map(|()| c));
         result.inspect_err(|_| self.remove_leftovers(id, &dir))
     }
@@ -473,6 +475,7 @@ impl Runtime {
             join_cgroup,
             &process,
             confinement.seccomp.as_ref(),
+            confinement.personality.as_ref(),
             &io,
         )
         .map_err(failed)?;
@@ -492,10 +495,19 @@ impl Runtime {
         c: &Container,
         sub: &str,
     ) -> Result<libcgroups::common::AnyCgroupManager, Error> {
-        let sub = sub.rsplit_once(':').map_or(sub, |(_, path)| path);
-        if sub.is_empty() || sub.split('/').any(|p| p == ".." || p == ".") || sub.starts_with('/') {
+        let arg = sub;
+        let sub = exec_sub_cgroup(arg)?;
+        if sub.as_os_str().is_empty() {
+            return self.cgroup(c);
+        }
+        let controllers: Vec<&str> = arg
+            .split_once(':')
+            .map_or(vec![], |(c, _)| c.split(',').collect());
+        if let Some(missing) = missing_sub_cgroup(c, &sub, &controllers) {
             return Err(Error::Usage(format!(
-                "exec --cgroup {sub:?}: give a relative path below the container's cgroup"
+                "exec --cgroup {arg:?}: {} does not exist (exec joins a sub-cgroup, it does not \
+                 make one)",
+                missing.display()
             )));
         }
         let config = c.spec()?;
@@ -516,6 +528,121 @@ impl Runtime {
         })
         .map_err(|e| Error::Cgroup(e.to_string()))
     }
+}
+
+/// The cgroup controllers `exec --cgroup CONTROLLERS:PATH` may name (cgroup v1's; `name=…`
+/// hierarchies too).
+const CONTROLLERS: [&str; 15] = [
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "pids",
+    "blkio",
+    "io",
+    "devices",
+    "freezer",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "hugetlb",
+    "rdma",
+    "misc",
+];
+
+/// The path below the container's cgroup that `exec --cgroup [CONTROLLERS:]PATH` names, as
+/// runc reads it: relative to the container's cgroup even with a leading `/` (so `/` is the
+/// container's cgroup itself, the empty path returned), never above it (`..`), and with only
+/// known controllers before the colon. The sub-cgroup must already exist: joining writes to
+/// its `cgroup.procs`, which fails for one that does not.
+fn exec_sub_cgroup(arg: &str) -> Result<PathBuf, Error> {
+    let bad = |why: &str| Error::Usage(format!("exec --cgroup {arg:?}: {why}"));
+    let path = match arg.split_once(':') {
+        Some((controllers, path)) => {
+            for c in controllers.split(',') {
+                if !(CONTROLLERS.contains(&c)
+                    || c.strip_prefix("name=").is_some_and(|n| !n.is_empty()))
+                {
+                    return Err(bad(&format!("{c:?} is not a cgroup controller")));
+                }
+            }
+            path
+        }
+        None => arg,
+    };
+    if path.is_empty() {
+        return Err(bad(
+            "give a path below the container's cgroup (`/` is the container's own)",
+        ));
+    }
+    let mut out = PathBuf::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        if part == ".." || part == "." {
+            return Err(bad(
+                "the path must stay below the container's cgroup (no `.` or `..`)",
+            ));
+        }
+        out.push(part);
+    }
+    Ok(out)
+}
+
+/// The first directory of `sub` below the container's cgroup that does not exist, in the
+/// hierarchies of `controllers` (cgroup v1; every one libcgroups knows, else `devices`) or in
+/// the unified one. Found from where the container's init is (`/proc/PID/cgroup`); `None`
+/// when all exist or when that cannot be told (then joining itself fails or succeeds).
+fn missing_sub_cgroup(c: &Container, sub: &Path, controllers: &[&str]) -> Option<PathBuf> {
+    use libcgroups::common::CgroupSetup;
+    use libcgroups::v1::ControllerType;
+    let pid = c.pid()?;
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let setup = libcgroups::common::get_cgroup_setup().ok()?;
+    if matches!(setup, CgroupSetup::Unified) {
+        let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let dir = Path::new(libcgroups::common::DEFAULT_CGROUP_ROOT)
+            .join(path.trim_start_matches('/'))
+            .join(sub);
+        return (!dir.is_dir()).then_some(dir);
+    }
+    const KNOWN: [ControllerType; 12] = [
+        ControllerType::Cpu,
+        ControllerType::CpuAcct,
+        ControllerType::CpuSet,
+        ControllerType::Devices,
+        ControllerType::HugeTlb,
+        ControllerType::Pids,
+        ControllerType::PerfEvent,
+        ControllerType::Memory,
+        ControllerType::Blkio,
+        ControllerType::NetworkPriority,
+        ControllerType::NetworkClassifier,
+        ControllerType::Freezer,
+    ];
+    let mut wanted: Vec<ControllerType> = KNOWN
+        .into_iter()
+        .filter(|k| controllers.contains(&k.to_string().as_str()))
+        .collect();
+    if wanted.is_empty() {
+        wanted.push(ControllerType::Devices);
+    }
+    for ctrl in wanted {
+        let name = ctrl.to_string();
+        let Some(path) = own.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls.split(',').any(|c| c == name).then_some(path)
+        }) else {
+            continue;
+        };
+        let Ok(mount) = libcgroups::v1::util::get_subsystem_mount_point(&ctrl) else {
+            continue;
+        };
+        let dir = mount.join(path.trim_start_matches('/')).join(sub);
+        if !dir.is_dir() {
+            return Some(dir);
+        }
+    }
+    None
 }
 
 /// Waits (at most [`EXEC_WAIT`]) until the init `pid`, told to start, has executed the
@@ -604,6 +731,36 @@ mod tests {
             assert!(
                 matches!(parse_signal(s), Err(Error::UnknownSignal(_))),
                 "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn exec_cgroups_stay_below_the_containers() {
+        for (arg, want) in [
+            ("/", ""),
+            ("sub", "sub"),
+            ("/a/b/", "a/b"),
+            ("cpu:sub", "sub"),
+            ("cpu,cpuacct:/", ""),
+            ("name=systemd:x", "x"),
+        ] {
+            assert_eq!(exec_sub_cgroup(arg).unwrap(), Path::new(want), "{arg:?}");
+        }
+        for arg in [
+            "",
+            "..",
+            "a/../b",
+            "./a",
+            "waaaaat:/",
+            "cpu,bogus:a",
+            ":a",
+            "name=:a",
+            "cpu:",
+        ] {
+            assert!(
+                matches!(exec_sub_cgroup(arg), Err(Error::Usage(_))),
+                "{arg:?}"
             );
         }
     }

@@ -155,6 +155,22 @@ fn exec_into_a_running_container() {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert_eq!(stdout(&out), "from-exec\nsleep\u{0}1000\u{0}");
 
+    // --cgroup, as runc reads it: relative to the container's cgroup even with a leading `/`
+    // (`/` is the container's own), an existing one only, known controllers only.
+    let plain = f.ok(&["exec", &id, "cat", "/proc/self/cgroup"]);
+    let top = f.ok(&["exec", "--cgroup", "/", &id, "cat", "/proc/self/cgroup"]);
+    assert_eq!(stdout(&top), stdout(&plain));
+    for (arg, needle) in [
+        ("waaaaat:/", "\"waaaaat\" is not a cgroup controller"),
+        ("../up", "must stay below the container's cgroup"),
+    ] {
+        let out = f.runc(&["exec", "--cgroup", arg, &id, "true"]);
+        assert!(!out.status.success(), "--cgroup {arg} was accepted");
+        assert!(stderr(&out).contains(needle), "{arg}: {}", stderr(&out));
+    }
+    let out = f.runc(&["exec", "--cgroup", "not-there", &id, "true"]);
+    assert!(!out.status.success(), "a missing sub-cgroup was joined");
+
     // --process with a process.json, detached, with a pid file.
     let pj = f.dir.path().join("process.json");
     let process = serde_json::json!({
@@ -187,6 +203,23 @@ fn exec_into_a_running_container() {
     f.ok(&["delete", "--force", &id]);
     f.assert_nothing_left(&id, Some(pid));
     wait_until("the exec'd process to be gone", || !process_alive(epid));
+}
+
+#[test]
+fn exec_runs_in_the_containers_personality() {
+    // A LINUX32 container: its init and a process exec'd into it both see an i686 machine.
+    let f = Fixture::new("personality");
+    let id = f.id("c");
+    let b = f.bundle(&id, false, &["sleep", "1000"], |v| {
+        v["linux"]["personality"] = serde_json::json!({"domain": "LINUX32"});
+    });
+    let pid = f.start_detached(&id, &b);
+    let out = f.ok(&["exec", &id, "uname", "-m"]);
+    assert_eq!(stdout(&out).trim(), "i686");
+    let init = std::fs::read_to_string(format!("/proc/{pid}/personality")).unwrap();
+    assert_eq!(init.trim(), "00000008", "the init's personality");
+    f.ok(&["delete", "--force", &id]);
+    f.assert_nothing_left(&id, Some(pid));
 }
 
 #[test]

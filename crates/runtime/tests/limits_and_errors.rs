@@ -184,6 +184,34 @@ fn bad_config_is_refused_naming_the_field_and_leaves_nothing() {
 }
 
 #[test]
+fn a_failure_inside_the_container_set_up_names_its_cause() {
+    // libcontainer meets these in the container's own processes and tells its parent only a
+    // summary; the message still says why (cela_runtime::cause).
+    let f = Fixture::new("cause");
+    let id = f.id("c");
+    // /proc in the image is a link: mounting there would mount where it points.
+    std::fs::remove_dir(f.rootfs.join("proc")).unwrap();
+    std::os::unix::fs::symlink("/tmp", f.rootfs.join("proc")).unwrap();
+    let b = f.bundle(&id, false, &["true"], |_| {});
+    let out = f.runc(&["create", "--bundle", b.to_str().unwrap(), &id]);
+    std::fs::remove_file(f.rootfs.join("proc")).unwrap();
+    std::fs::create_dir(f.rootfs.join("proc")).unwrap();
+    assert_refused(&out, "proc must be mounted on ordinary directory");
+    f.assert_nothing_left(&id, None);
+    // Inheritable capabilities outside an empty bounding set: the kernel's capset refuses.
+    let b = f.bundle(&id, false, &["true"], |v| {
+        let caps = &mut v["process"]["capabilities"];
+        caps["bounding"] = json!([]);
+        caps["inheritable"] = json!(["CAP_SYS_ADMIN"]);
+    });
+    assert_refused(
+        &f.runc(&["create", "--bundle", b.to_str().unwrap(), &id]),
+        "Operation not permitted",
+    );
+    f.assert_nothing_left(&id, None);
+}
+
+#[test]
 fn wrong_state_duplicate_id_and_unknown_signal_are_refused() {
     let f = Fixture::new("state");
     let id = f.id("c");

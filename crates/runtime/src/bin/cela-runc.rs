@@ -130,28 +130,37 @@ fn main() -> ExitCode {
 }
 
 /// libcontainer reports through `tracing`. Its records go to `--log` (text format only: a JSON
-/// log must hold only runc-shaped records), and to stderr only with `--debug`.
+/// log must hold only runc-shaped records), and to stderr only with `--debug`; its errors also
+/// go to [`cela_runtime::cause`], from which a failed create's message takes its cause.
 fn init_tracing(g: &liboci_cli::GlobalOpts, json_log: bool) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = if g.debug { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::new(level);
-    match (&g.log, json_log) {
-        (Some(path), false) => {
-            if let Ok(f) = OpenOptions::new().create(true).append(true).open(path) {
-                tracing_subscriber::fmt()
-                    .with_env_filter(filter)
+    let log = match (&g.log, json_log) {
+        (Some(path), false) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+            .map(|f| {
+                tracing_subscriber::fmt::layer()
                     .with_ansi(false)
                     .with_writer(std::sync::Mutex::new(f))
-                    .init();
-            }
-        }
-        _ if g.debug => {
-            tracing_subscriber::fmt()
-                .with_env_filter(filter)
+                    .boxed()
+            }),
+        _ if g.debug => Some(
+            tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .init();
-        }
-        _ => {}
-    }
+                .boxed(),
+        ),
+        _ => None,
+    };
+    tracing_subscriber::registry()
+        .with(log.map(|l| l.with_filter(filter)))
+        .with(cela_runtime::cause::layer())
+        .init();
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

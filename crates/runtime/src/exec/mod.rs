@@ -24,7 +24,9 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp, Process, Spec};
+use oci_spec::runtime::{
+    Capability, LinuxCapabilities, LinuxPersonality, LinuxSeccomp, Process, Spec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -46,6 +48,10 @@ pub struct Confinement {
     pub process: Option<Process>,
     /// The container's seccomp filter.
     pub seccomp: Option<LinuxSeccomp>,
+    /// The container's execution domain (`linux.personality`): an exec'd process runs in the
+    /// same one (`uname -m` says i686 in a `LINUX32` container). Absent in older records.
+    #[serde(default)]
+    pub personality: Option<LinuxPersonality>,
 }
 
 impl Confinement {
@@ -54,6 +60,7 @@ impl Confinement {
         Confinement {
             process: spec.process().clone(),
             seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
+            personality: spec.linux().as_ref().and_then(|l| l.personality().clone()),
         }
     }
 
@@ -226,6 +233,7 @@ mod tests {
             } else {
                 None
             },
+            personality: None,
         }
     }
 

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::OFlag;
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Gid, Pid};
-use oci_spec::runtime::{LinuxSeccomp, Process};
+use oci_spec::runtime::{LinuxPersonality, LinuxSeccomp, Process};
 
 use crate::error::Error;
 
@@ -96,6 +96,7 @@ pub fn spawn(
     join_cgroup: impl FnOnce(Pid) -> Result<(), Error>,
     process: &Process,
     seccomp: Option<&LinuxSeccomp>,
+    personality: Option<&LinuxPersonality>,
     io: &Io,
 ) -> Result<Started, Failure> {
     let fail = |message: String| Failure { message, status: 1 };
@@ -148,6 +149,7 @@ pub fn spawn(
         flags,
         process,
         seccomp,
+        personality,
         console,
         preserve_fds: io.preserve_fds,
     };
@@ -254,6 +256,7 @@ struct Child<'a> {
     flags: rustix::thread::ThreadNameSpaceType,
     process: &'a Process,
     seccomp: Option<&'a LinuxSeccomp>,
+    personality: Option<&'a LinuxPersonality>,
     console: Option<UnixStream>,
     preserve_fds: i32,
 }
@@ -322,6 +325,19 @@ impl Child<'_> {
             nix::unistd::setsid().map_err(|e| Exit::other(format!("setsid: {e}")))?;
             libcontainer::tty::setup_console(syscall.as_ref(), console.as_raw_fd(), false)
                 .map_err(|e| Exit::other(format!("setting up the terminal: {e}")))?;
+        }
+        // The container's execution domain, as its init got it (before the seccomp filter,
+        // which allows only a few personality values).
+        if let Some(personality) = self.personality {
+            use libcontainer::config::PersonalityDomain as D;
+            use oci_spec::runtime::LinuxPersonalityDomain as L;
+            let domain = match personality.domain() {
+                L::PerLinux => D::Linux,
+                L::PerLinux32 => D::Linux32,
+            };
+            syscall
+                .personality(domain)
+                .map_err(|e| Exit::other(format!("setting the personality: {e}")))?;
         }
         if let Some(io) = p.io_priority() {
             use oci_spec::runtime::IOPriorityClass as C;
