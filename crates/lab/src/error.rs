@@ -62,10 +62,10 @@ pub enum LabError {
     },
 
     /// L1's console (which carries a heartbeat) stayed silent for the silence bound: L1
-    /// froze. QEMU was killed.
+    /// froze. QEMU was asked what L1's vCPUs were doing, then killed.
     #[error(
         "the L1 guest printed nothing for {}s (no heartbeat: it froze){}; QEMU was killed. L1 \
-         console tail:\n{}",
+         console tail:\n{}\nL1's vCPUs when it was killed:\n{qemu_state}",
         silent_for.as_secs_f64(),
         during(scenario),
         tail(console)
@@ -74,6 +74,8 @@ pub enum LabError {
         silent_for: Duration,
         scenario: Option<String>,
         console: String,
+        /// QEMU's `info cpus` and `info registers -a`, or why it did not answer.
+        qemu_state: String,
     },
 
     /// L1 did not get ready (boot, modules, /dev/kvm) within the boot bound; QEMU was killed.

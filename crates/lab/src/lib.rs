@@ -392,19 +392,21 @@ impl Lab {
         let initrd = work.path().join("l1.cpio");
         self.initramfs(run)?.write_cpio(&initrd)?;
 
+        let qmp = work.path().join("qmp.sock");
         let cmd = qemu::command(
             &self.qemu,
             &self.kernel.bzimage,
             &initrd,
             run.mem_mib,
             run.smp,
+            &qmp,
         );
         let bounds = qemu::Bounds {
             deadline,
             ready: Some((protocol::READY_MARK, Instant::now() + READY_TIMEOUT)),
             silence: Some(protocol::SILENCE_BOUND),
         };
-        let outcome = qemu::run(cmd, &bounds, run.echo_console)?;
+        let outcome = qemu::run(cmd, &bounds, run.echo_console, Some(&qmp))?;
         let wall = start.elapsed();
         let console = String::from_utf8_lossy(&outcome.console).replace("\r\n", "\n");
         report(run, outcome, console, wall)
@@ -523,6 +525,7 @@ fn report(
                 silent_for: protocol::SILENCE_BOUND,
                 scenario,
                 console,
+                qemu_state: outcome.frozen_state.unwrap_or_default(),
             });
         }
     };
@@ -699,6 +702,7 @@ mod tests {
             console: console.as_bytes().to_vec(),
             stderr: Vec::new(),
             end,
+            frozen_state: None,
         };
         (out, console.to_owned())
     }

@@ -56,13 +56,14 @@ pub fn l1_cmdline() -> String {
     words.join(" ")
 }
 
-/// The QEMU invocation for one lab run.
+/// The QEMU invocation for one lab run; QEMU's machine protocol (QMP) listens on `qmp`.
 pub(crate) fn command(
     qemu: &Path,
     kernel: &Path,
     initrd: &Path,
     mem_mib: u32,
     smp: u32,
+    qmp: &Path,
 ) -> Command {
     let mut c = Command::new(qemu);
     // TCG, not KVM: this host's /dev/kvm (PVM) cannot run a stock kernel. `thread=multi` gives
@@ -87,7 +88,75 @@ pub(crate) fn command(
     // reset that panic=-1 asks for is not enough on its own: seen here under load, L1 printed
     // its panic and then sat with both vCPUs halted, and QEMU never exited.
     c.args(["-device", "pvpanic", "-action", "panic=exit-failure"]);
+    // The monitor, for a frozen L1: where its vCPUs are (`info registers`), asked before QEMU
+    // is killed ([`frozen_state`]). Not waited for: QEMU starts whether or not anyone connects.
+    c.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     c
+}
+
+/// How long [`frozen_state`] waits for each of QEMU's answers.
+const QMP_WAIT: Duration = Duration::from_secs(5);
+
+/// The most of QEMU's answers kept.
+const QMP_MAX: usize = 256 << 10;
+
+/// What a frozen L1's vCPUs were doing, asked of QEMU through QMP before it is killed: `info
+/// cpus` and `info registers -a` (the instruction pointer of each vCPU: in L1's kernel, at an
+/// L2 guest's entry, or halted). A QEMU that does not answer is itself stuck (its main loop
+/// holds the big lock), which says as much. Bounded in time and size.
+pub(crate) fn frozen_state(qmp: &Path) -> String {
+    match ask_qmp(qmp, &["info cpus", "info registers -a"]) {
+        Ok(text) => text,
+        Err(e) => format!(
+            "QEMU's monitor did not answer ({e}): QEMU itself is stuck, not only the L1 guest"
+        ),
+    }
+}
+
+fn ask_qmp(qmp: &Path, commands: &[&str]) -> io::Result<String> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let stream = UnixStream::connect(qmp)?;
+    stream.set_read_timeout(Some(QMP_WAIT))?;
+    stream.set_write_timeout(Some(QMP_WAIT))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream.take(QMP_MAX as u64));
+    // Each answer is one JSON object on a line; events (`{"event": …}`) come in between.
+    let answer = |reader: &mut BufReader<_>| -> io::Result<serde_json::Value> {
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed"));
+            }
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    };
+    answer(&mut reader)?; // the greeting
+    writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    answer(&mut reader)?;
+    let mut out = String::new();
+    for command in commands {
+        let request = serde_json::json!({
+            "execute": "human-monitor-command",
+            "arguments": {"command-line": command},
+        });
+        writer.write_all(format!("{request}\n").as_bytes())?;
+        let v = answer(&mut reader)?;
+        let text = v["return"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string());
+        out.push_str(&format!(
+            "(qemu) {command}\n{}\n",
+            text.replace("\r\n", "\n")
+        ));
+    }
+    Ok(out)
 }
 
 /// A running QEMU, killed and reaped when dropped unless it already exited.
@@ -124,6 +193,8 @@ pub(crate) struct Outcome {
     pub console: Vec<u8>,
     pub stderr: Vec<u8>,
     pub end: End,
+    /// For an L1 that froze ([`End::Silent`]): what its vCPUs were doing ([`frozen_state`]).
+    pub frozen_state: Option<String>,
 }
 
 /// The time limits of a QEMU run.
@@ -139,8 +210,14 @@ pub(crate) struct Bounds {
 }
 
 /// Runs `cmd` to completion or until a bound in `bounds` is passed, and returns what it
-/// printed. With `echo`, the console is also copied to our stderr as it arrives.
-pub(crate) fn run(mut cmd: Command, bounds: &Bounds, echo: bool) -> Result<Outcome, LabError> {
+/// printed. With `echo`, the console is also copied to our stderr as it arrives. `qmp` is the
+/// QMP socket `cmd` listens on, asked about a frozen L1 before QEMU is killed.
+pub(crate) fn run(
+    mut cmd: Command,
+    bounds: &Bounds,
+    echo: bool,
+    qmp: Option<&Path>,
+) -> Result<Outcome, LabError> {
     let program = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -195,6 +272,10 @@ pub(crate) fn run(mut cmd: Command, bounds: &Bounds, echo: bool) -> Result<Outco
             }
         }
     }
+    let frozen_state = match (killed, qmp) {
+        (Some(End::Silent), Some(qmp)) => Some(frozen_state(qmp)),
+        _ => None,
+    };
     let end = if let Some(end) = killed {
         let _ = qemu.child.kill();
         let _ = qemu.child.wait();
@@ -220,6 +301,7 @@ pub(crate) fn run(mut cmd: Command, bounds: &Bounds, echo: bool) -> Result<Outco
         console,
         stderr,
         end,
+        frozen_state,
     })
 }
 
@@ -269,6 +351,7 @@ mod tests {
             Path::new("/i"),
             2048,
             2,
+            Path::new("/w/qmp.sock"),
         );
         let args: Vec<String> = c
             .get_args()
@@ -285,7 +368,7 @@ mod tests {
     fn captures_output_and_exit_status() {
         let mut c = Command::new("sh");
         c.args(["-c", "printf 'a\\r\\nb'; echo err >&2; exit 7"]);
-        let out = run(c, &within(Duration::from_secs(60)), false).unwrap();
+        let out = run(c, &within(Duration::from_secs(60)), false, None).unwrap();
         assert_eq!(out.console, b"a\r\nb");
         assert_eq!(out.stderr, b"err\n");
         let End::Exited(status) = out.end else {
@@ -300,7 +383,7 @@ mod tests {
         // exec: the shell becomes sleep, so killing the child closes the pipe.
         c.args(["-c", "echo started; exec sleep 600"]);
         let begin = Instant::now();
-        let out = run(c, &within(Duration::from_millis(500)), false).unwrap();
+        let out = run(c, &within(Duration::from_millis(500)), false, None).unwrap();
         assert_eq!(out.end, End::Deadline);
         assert_eq!(out.console, b"started\n");
         assert!(begin.elapsed() < Duration::from_secs(30));
@@ -323,7 +406,7 @@ mod tests {
             ready: Some((b"READY", Instant::now() + Duration::from_millis(500))),
             silence: None,
         };
-        let out = run(c, &bounds, false).unwrap();
+        let out = run(c, &bounds, false, None).unwrap();
         assert_eq!(out.end, End::NotReady);
         assert_eq!(out.console, b"booting\n");
     }
@@ -341,7 +424,7 @@ mod tests {
             ready: Some((b"READY", Instant::now() + Duration::from_secs(3))),
             silence: Some(Duration::from_secs(30)),
         };
-        let out = run(c, &bounds, false).unwrap();
+        let out = run(c, &bounds, false, None).unwrap();
         assert!(matches!(out.end, End::Exited(_)), "{:?}", out.end);
         assert_eq!(out.console, b"READY\nend\n");
     }
@@ -356,7 +439,7 @@ mod tests {
             silence: Some(Duration::from_millis(700)),
         };
         let begin = Instant::now();
-        let out = run(c, &bounds, false).unwrap();
+        let out = run(c, &bounds, false, None).unwrap();
         assert_eq!(out.end, End::Silent);
         assert_eq!(out.console, b"READY\ntick\n");
         assert!(begin.elapsed() < Duration::from_secs(30));

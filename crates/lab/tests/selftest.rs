@@ -145,3 +145,23 @@ fn an_l1_crash_is_an_error_naming_the_scenario_with_the_console() {
         "the console tail shows the crash: {text}"
     );
 }
+
+#[test]
+fn a_frozen_l1_is_reported_with_what_its_vcpus_were_doing() {
+    let lab = lab();
+    // Every process of L1 but its init and the scenario stops, the heartbeat with them: the
+    // console goes silent as when L1 froze, and the error must say so and carry QEMU's view
+    // of L1's vCPUs (asked through QMP before QEMU is killed), where the cause of a real
+    // freeze would show.
+    let run = LabRun::new().scenario(Scenario::new("silence", "kill -STOP -1; sleep 600"));
+    let err = lab.run(&run).expect_err("a silent L1 has no results");
+    let text = err.to_string();
+    assert!(
+        matches!(err, cela_lab::LabError::Frozen { .. }),
+        "expected Frozen, got: {text}"
+    );
+    assert!(text.contains("during scenario \"silence\""), "{text}");
+    assert!(text.contains("(qemu) info cpus"), "{text}");
+    assert!(text.contains("CPU #0"), "no vCPU list: {text}");
+    assert!(text.contains("RIP="), "no registers: {text}");
+}
