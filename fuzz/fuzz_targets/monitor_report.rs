@@ -26,6 +26,10 @@ fuzz_target!(|data: &[u8]| {
             Err(JailError::Monitor(m)) => {
                 assert!(m.chars().count() <= MAX_MESSAGE, "{} chars", m.len());
                 assert!(!m.chars().any(char::is_control), "a control character: {m:?}");
+                assert!(
+                    !m.chars().any(|c| matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')),
+                    "a bidirectional override: {m:?}"
+                );
             }
             Err(e) => panic!("not a monitor error: {e:?}"),
         }

@@ -392,21 +392,21 @@ impl Lab {
         let initrd = work.path().join("l1.cpio");
         self.initramfs(run)?.write_cpio(&initrd)?;
 
-        let qmp = work.path().join("qmp.sock");
+        let qmp = Some(work.path().join("qmp.sock")).filter(|p| qemu::usable_socket_path(p));
         let cmd = qemu::command(
             &self.qemu,
             &self.kernel.bzimage,
             &initrd,
             run.mem_mib,
             run.smp,
-            &qmp,
+            qmp.as_deref(),
         );
         let bounds = qemu::Bounds {
             deadline,
             ready: Some((protocol::READY_MARK, Instant::now() + READY_TIMEOUT)),
             silence: Some(protocol::SILENCE_BOUND),
         };
-        let outcome = qemu::run(cmd, &bounds, run.echo_console, Some(&qmp))?;
+        let outcome = qemu::run(cmd, &bounds, run.echo_console, qmp.as_deref())?;
         let wall = start.elapsed();
         let console = String::from_utf8_lossy(&outcome.console).replace("\r\n", "\n");
         report(run, outcome, console, wall)

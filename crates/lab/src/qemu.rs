@@ -56,14 +56,23 @@ pub fn l1_cmdline() -> String {
     words.join(" ")
 }
 
-/// The QEMU invocation for one lab run; QEMU's machine protocol (QMP) listens on `qmp`.
+/// Whether `path` can be QMP's socket: short enough for a Unix socket address and free of
+/// the comma QEMU's option syntax splits on. A run whose temp dir fails this goes without
+/// QMP (and without [`frozen_state`]) rather than not at all.
+pub(crate) fn usable_socket_path(path: &Path) -> bool {
+    let s = path.as_os_str().as_encoded_bytes();
+    s.len() < 100 && !s.contains(&b',')
+}
+
+/// The QEMU invocation for one lab run; QEMU's machine protocol (QMP) listens on `qmp`
+/// when given.
 pub(crate) fn command(
     qemu: &Path,
     kernel: &Path,
     initrd: &Path,
     mem_mib: u32,
     smp: u32,
-    qmp: &Path,
+    qmp: Option<&Path>,
 ) -> Command {
     let mut c = Command::new(qemu);
     // TCG, not KVM: this host's /dev/kvm (PVM) cannot run a stock kernel. `thread=multi` gives
@@ -90,8 +99,10 @@ pub(crate) fn command(
     c.args(["-device", "pvpanic", "-action", "panic=exit-failure"]);
     // The monitor, for a frozen L1: where its vCPUs are (`info registers`), asked before QEMU
     // is killed ([`frozen_state`]). Not waited for: QEMU starts whether or not anyone connects.
-    c.arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(qmp) = qmp {
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
     c
 }
 
@@ -114,7 +125,20 @@ pub(crate) fn frozen_state(qmp: &Path) -> String {
     }
 }
 
-fn ask_qmp(qmp: &Path, commands: &[&str]) -> io::Result<String> {
+/// Asks QEMU `commands` through QMP; what it answered before an error is kept, with the error.
+fn ask_qmp(qmp: &Path, commands: &[&str]) -> Result<String, String> {
+    let mut out = String::new();
+    ask_qmp_into(qmp, commands, &mut out).map_err(|e| {
+        if out.is_empty() {
+            e.to_string()
+        } else {
+            format!("{e}; it had answered:\n{out}")
+        }
+    })?;
+    Ok(out)
+}
+
+fn ask_qmp_into(qmp: &Path, commands: &[&str], out: &mut String) -> io::Result<()> {
     use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
     let stream = UnixStream::connect(qmp)?;
@@ -139,7 +163,6 @@ fn ask_qmp(qmp: &Path, commands: &[&str]) -> io::Result<String> {
     answer(&mut reader)?; // the greeting
     writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
     answer(&mut reader)?;
-    let mut out = String::new();
     for command in commands {
         let request = serde_json::json!({
             "execute": "human-monitor-command",
@@ -156,7 +179,7 @@ fn ask_qmp(qmp: &Path, commands: &[&str]) -> io::Result<String> {
             text.replace("\r\n", "\n")
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A running QEMU, killed and reaped when dropped unless it already exited.
@@ -351,7 +374,7 @@ mod tests {
             Path::new("/i"),
             2048,
             2,
-            Path::new("/w/qmp.sock"),
+            Some(Path::new("/w/qmp.sock")),
         );
         let args: Vec<String> = c
             .get_args()

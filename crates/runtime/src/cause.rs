@@ -74,10 +74,11 @@ impl Causes {
             }
         }
         let text = String::from_utf8_lossy(&buf[..len]);
+        // Cleaned again on this side: whatever else holds the write end is not trusted.
         text.lines()
             .map(str::trim)
             .find(|l| !l.is_empty())
-            .map(str::to_owned)
+            .map(printable)
     }
 }
 
@@ -118,7 +119,7 @@ impl<S: Subscriber> Layer<S> for Causes {
 fn printable(text: &str) -> String {
     let mut out = String::new();
     for c in text.chars() {
-        let piece: String = if c.is_control() {
+        let piece: String = if c.is_control() || is_invisible_format(c) {
             c.escape_default().collect()
         } else {
             c.to_string()
@@ -142,6 +143,13 @@ pub fn with_cause(message: String, cause: Option<String>) -> String {
         Some((summary, fields)) if message.ends_with(summary) => format!("{message}: {fields}"),
         _ => format!("{message} (cause: {c})"),
     }
+}
+
+/// Unicode format characters that change how the text around them is shown without being
+/// shown themselves (bidirectional overrides and isolates, zero-width characters): escaped
+/// like control characters, so a message reads as it is.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 #[cfg(test)]

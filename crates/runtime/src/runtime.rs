@@ -445,7 +445,7 @@ impl Runtime {
         })?;
         let cgroup = self.cgroup(&c)?;
         let sub = match &opts.cgroup {
-            Some(sub) => Some(self.sub_cgroup(&c, sub)?),
+            Some(sub) => Some(self.sub_cgroup_dirs(&c, sub)?),
             None => None,
         };
         let is_member = |pid: i32| {
@@ -453,11 +453,18 @@ impl Runtime {
                 .get_all_pids()
                 .is_ok_and(|pids| pids.iter().any(|p| p.as_raw() == pid))
         };
-        let join_cgroup = |pid: nix::unistd::Pid| {
-            let pid = nix_lc::unistd::Pid::from_raw(pid.as_raw());
-            sub.as_ref()
-                .map_or_else(|| cgroup.add_task(pid), |s| s.add_task(pid))
-                .map_err(|e| Error::Cgroup(e.to_string()))
+        let join_cgroup = |pid: nix::unistd::Pid| match &sub {
+            None => cgroup
+                .add_task(nix_lc::unistd::Pid::from_raw(pid.as_raw()))
+                .map_err(|e| Error::Cgroup(e.to_string())),
+            Some(dirs) => {
+                for dir in dirs {
+                    let procs = dir.join("cgroup.procs");
+                    fs::write(&procs, pid.as_raw().to_string())
+                        .map_err(|e| Error::Cgroup(format!("joining {}: {e}", dir.display())))?;
+                }
+                Ok(())
+            }
         };
         let io = exec::Io {
             console_socket: opts.console_socket.clone(),
@@ -489,34 +496,76 @@ impl Runtime {
         Ok(pid.as_raw())
     }
 
-    /// The manager of `sub`, a cgroup below the container's (`exec --cgroup`).
-    fn sub_cgroup(
-        &self,
-        c: &Container,
-        sub: &str,
-    ) -> Result<libcgroups::common::AnyCgroupManager, Error> {
-        let arg = sub;
+    /// The cgroup directories `exec --cgroup ARG` puts a process in, one per hierarchy, as
+    /// runc does: on cgroup v1 the named controllers' hierarchies get the sub-cgroup and the
+    /// others the container's own cgroup (all of them get the sub-cgroup when none is named);
+    /// on v2 the one hierarchy gets it. Each must exist already (exec joins a sub-cgroup, it
+    /// does not make one), and is found from the container's configured cgroup path, not from
+    /// where its processes are now (they may have moved themselves).
+    fn sub_cgroup_dirs(&self, c: &Container, arg: &str) -> Result<Vec<PathBuf>, Error> {
+        use libcgroups::common::CgroupSetup;
         let sub = exec_sub_cgroup(arg)?;
-        if sub.as_os_str().is_empty() {
-            return self.cgroup(c);
-        }
-        let controllers: Vec<&str> = arg
+        let named: Vec<&str> = arg
             .split_once(':')
             .map_or(vec![], |(c, _)| c.split(',').collect());
-        if let Some(missing) = missing_sub_cgroup(c, &sub, &controllers) {
+        if c.systemd() {
+            return Err(Error::Usage(format!(
+                "exec --cgroup {arg:?}: not supported for a container whose cgroup systemd manages"
+            )));
+        }
+        let base = c.spec()?.cgroup_path;
+        let base = base.strip_prefix("/").unwrap_or(&base).to_owned();
+        let setup =
+            libcgroups::common::get_cgroup_setup().map_err(|e| Error::Cgroup(e.to_string()))?;
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        if matches!(setup, CgroupSetup::Unified) {
+            if !named.is_empty() {
+                return Err(Error::Usage(format!(
+                    "exec --cgroup {arg:?}: cgroup v2 has one hierarchy; give a path without \
+                     controllers"
+                )));
+            }
+            dirs.push(
+                Path::new(libcgroups::common::DEFAULT_CGROUP_ROOT)
+                    .join(&base)
+                    .join(&sub),
+            );
+        } else {
+            let mounts = libcgroups::v1::util::list_supported_mount_points()
+                .map_err(|e| Error::Cgroup(e.to_string()))?;
+            for name in &named {
+                if CONTROLLERS.contains(name) && !mounts.keys().any(|k| k.to_string() == *name) {
+                    return Err(Error::Usage(format!(
+                        "exec --cgroup {arg:?}: the {name} controller is not mounted here"
+                    )));
+                }
+            }
+            // Hierarchies that hold several controllers (cpu,cpuacct) appear under each
+            // name: one directory per hierarchy, the sub-cgroup if any of its controllers
+            // was named.
+            let mut by_hierarchy: Vec<(PathBuf, bool)> = Vec::new();
+            for (ctrl, mount) in &mounts {
+                let real = fs::canonicalize(mount).unwrap_or_else(|_| mount.clone());
+                let wants_sub = named.is_empty() || named.contains(&ctrl.to_string().as_str());
+                match by_hierarchy.iter_mut().find(|(m, _)| *m == real) {
+                    Some((_, w)) => *w |= wants_sub,
+                    None => by_hierarchy.push((real, wants_sub)),
+                }
+            }
+            by_hierarchy.sort();
+            for (mount, wants_sub) in by_hierarchy {
+                let dir = mount.join(&base);
+                dirs.push(if wants_sub { dir.join(&sub) } else { dir });
+            }
+        }
+        if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
             return Err(Error::Usage(format!(
                 "exec --cgroup {arg:?}: {} does not exist (exec joins a sub-cgroup, it does not \
                  make one)",
                 missing.display()
             )));
         }
-        let config = c.spec()?;
-        create_cgroup_manager(CgroupConfig {
-            cgroup_path: config.cgroup_path.join(sub),
-            systemd_cgroup: c.systemd(),
-            container_name: c.id().to_owned(),
-        })
-        .map_err(|e| Error::Cgroup(e.to_string()))
+        Ok(dirs)
     }
 
     fn cgroup(&self, c: &Container) -> Result<libcgroups::common::AnyCgroupManager, Error> {
@@ -585,64 +634,6 @@ fn exec_sub_cgroup(arg: &str) -> Result<PathBuf, Error> {
         out.push(part);
     }
     Ok(out)
-}
-
-/// The first directory of `sub` below the container's cgroup that does not exist, in the
-/// hierarchies of `controllers` (cgroup v1; every one libcgroups knows, else `devices`) or in
-/// the unified one. Found from where the container's init is (`/proc/PID/cgroup`); `None`
-/// when all exist or when that cannot be told (then joining itself fails or succeeds).
-fn missing_sub_cgroup(c: &Container, sub: &Path, controllers: &[&str]) -> Option<PathBuf> {
-    use libcgroups::common::CgroupSetup;
-    use libcgroups::v1::ControllerType;
-    let pid = c.pid()?;
-    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let setup = libcgroups::common::get_cgroup_setup().ok()?;
-    if matches!(setup, CgroupSetup::Unified) {
-        let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let dir = Path::new(libcgroups::common::DEFAULT_CGROUP_ROOT)
-            .join(path.trim_start_matches('/'))
-            .join(sub);
-        return (!dir.is_dir()).then_some(dir);
-    }
-    const KNOWN: [ControllerType; 12] = [
-        ControllerType::Cpu,
-        ControllerType::CpuAcct,
-        ControllerType::CpuSet,
-        ControllerType::Devices,
-        ControllerType::HugeTlb,
-        ControllerType::Pids,
-        ControllerType::PerfEvent,
-        ControllerType::Memory,
-        ControllerType::Blkio,
-        ControllerType::NetworkPriority,
-        ControllerType::NetworkClassifier,
-        ControllerType::Freezer,
-    ];
-    let mut wanted: Vec<ControllerType> = KNOWN
-        .into_iter()
-        .filter(|k| controllers.contains(&k.to_string().as_str()))
-        .collect();
-    if wanted.is_empty() {
-        wanted.push(ControllerType::Devices);
-    }
-    for ctrl in wanted {
-        let name = ctrl.to_string();
-        let Some(path) = own.lines().find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-            ctrls.split(',').any(|c| c == name).then_some(path)
-        }) else {
-            continue;
-        };
-        let Ok(mount) = libcgroups::v1::util::get_subsystem_mount_point(&ctrl) else {
-            continue;
-        };
-        let dir = mount.join(path.trim_start_matches('/')).join(sub);
-        if !dir.is_dir() {
-            return Some(dir);
-        }
-    }
-    None
 }
 
 /// Waits (at most [`EXEC_WAIT`]) until the init `pid`, told to start, has executed the

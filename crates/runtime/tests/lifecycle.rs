@@ -170,6 +170,46 @@ fn exec_into_a_running_container() {
     }
     let out = f.runc(&["exec", "--cgroup", "not-there", &id, "true"]);
     assert!(!out.status.success(), "a missing sub-cgroup was joined");
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(
+        f.cgroup_dirs(&id)
+            .iter()
+            .all(|d| !d.join("not-there").exists()),
+        "a refused sub-cgroup was made"
+    );
+    // An existing sub-cgroup: every hierarchy's, or only the named controllers'.
+    let subs: Vec<_> = f.cgroup_dirs(&id).iter().map(|d| d.join("sub")).collect();
+    for d in &subs {
+        std::fs::create_dir(d).unwrap();
+        // A new v1 cpuset cgroup has no CPUs or memory nodes until given some (joining one
+        // is ENOSPC): its parent's, as a user making it would.
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            if let Ok(v) = std::fs::read_to_string(d.parent().unwrap().join(f)) {
+                std::fs::write(d.join(f), v.trim()).unwrap();
+            }
+        }
+    }
+    let all = stdout(&f.ok(&["exec", "--cgroup", "sub", &id, "cat", "/proc/self/cgroup"]));
+    let in_sub = |text: &str, ctrl: &str| {
+        text.lines().any(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            ctrls.split(',').any(|c| c == ctrl) && path.ends_with("/sub")
+        })
+    };
+    assert!(in_sub(&all, "memory") && in_sub(&all, "pids"), "{all}");
+    let mem = stdout(&f.ok(&[
+        "exec",
+        "--cgroup",
+        "memory:sub",
+        &id,
+        "cat",
+        "/proc/self/cgroup",
+    ]));
+    assert!(in_sub(&mem, "memory") && !in_sub(&mem, "pids"), "{mem}");
+    for d in &subs {
+        std::fs::remove_dir(d).unwrap();
+    }
 
     // --process with a process.json, detached, with a pid file.
     let pj = f.dir.path().join("process.json");

@@ -491,7 +491,9 @@ pub const MAX_MESSAGE: usize = 4096;
 /// Turns what the monitor wrote and how it ended into the result: its report when it sent
 /// one, else the line its SIGSYS handler wrote, else its status. The bytes are the monitor's
 /// and so not trusted: bounded, parsed, and any text of theirs only ever shown, as one line
-/// of at most [`MAX_MESSAGE`] printable characters (a terminal never gets their escapes).
+/// of at most [`MAX_MESSAGE`] printable characters (defence in depth: this message carries no
+/// terminal escapes of theirs, though a monitor that serves the console writes to the
+/// terminal anyway).
 /// Public for the fuzz target `monitor_report`; the caller is [`Spawned::wait`].
 pub fn decode<T: DeserializeOwned>(report: &[u8], status: WaitStatus) -> Result<T, JailError> {
     let code = exit_code(status);
@@ -523,7 +525,7 @@ fn printable(text: &str) -> String {
     let mut out = String::new();
     let mut len = 0;
     for c in text.chars() {
-        let shown: Vec<char> = if c.is_control() {
+        let shown: Vec<char> = if c.is_control() || is_invisible_format(c) {
             c.escape_unicode().collect()
         } else {
             vec![c]
@@ -546,3 +548,10 @@ fn port_path(vsock: &Path, port: u32) -> PathBuf {
 
 #[cfg(test)]
 mod tests;
+
+/// Unicode format characters that change how the text around them is shown without being
+/// shown themselves (bidirectional overrides and isolates, zero-width characters): escaped
+/// like control characters, so a message reads as it is.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}

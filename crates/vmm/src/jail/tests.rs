@@ -77,6 +77,12 @@ fn a_hostile_report_is_only_text() {
     assert_eq!(m, "\\u{1b}]0;owned\\u{7}\\u{a}second line");
     let m = monitor_error(decode(b"cela: error: \x1b[2Jcleared\r\n", exited(1)));
     assert_eq!(m, "\\u{1b}[2Jcleared");
+    // A right-to-left override would make the message read differently than it is.
+    let m = monitor_error(decode(
+        "cela: error: ok\u{202e}txt.exe".as_bytes(),
+        exited(1),
+    ));
+    assert_eq!(m, "ok\\u{202e}txt.exe");
     // Escaping cannot grow a message past the bound (fuzz/regressions/monitor_report).
     let m = monitor_error(decode(&[0x7f; 10_000], exited(1)));
     assert_eq!(

@@ -232,7 +232,17 @@ impl Vcpu {
                 return Ok(false);
             }
             VcpuExit::Shutdown => {
-                tracing::info!("vCPU {}: triple fault", self.id);
+                // Where it happened, for whoever has to find out why (the user sees one line).
+                match self.fd.get_regs() {
+                    Ok(r) => tracing::warn!(
+                        "vCPU {}: triple fault at guest RIP {:#x} (RSP {:#x}, RFLAGS {:#x})",
+                        self.id,
+                        r.rip,
+                        r.rsp,
+                        r.rflags
+                    ),
+                    Err(e) => tracing::warn!("vCPU {}: triple fault (registers: {e})", self.id),
+                }
                 self.stop.request(StopReason::Guest(GuestExit::TripleFault));
                 return Ok(false);
             }
