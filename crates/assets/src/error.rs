@@ -67,6 +67,13 @@ pub enum AssetError {
     #[error("kernel modules depend on each other in a cycle: {0}")]
     ModuleCycle(String),
 
+    /// The guest init binary that goes into the initramfs is not where cela looks for it.
+    #[error(
+        "the guest init {} is missing: build it with `cargo build --release` (it is built with cela), or set CELA_INIT",
+        path.display()
+    )]
+    MissingInit { path: PathBuf },
+
     /// The kernel image is not a bzImage.
     #[error("kernel image {} is not a bzImage ({reason})", path.display())]
     NotBzImage { path: PathBuf, reason: String },

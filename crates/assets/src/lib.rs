@@ -61,6 +61,25 @@ const INITRAMFS_FORMAT: u32 = 1;
 /// release build side by side) from being removed between its lookup and its boot.
 const STALE_AFTER: Duration = Duration::from_secs(10 * 60);
 
+/// The `cela-init` binary that goes into guest initramfs images: $CELA_INIT, else the file
+/// next to the running executable (cargo builds both into the same directory).
+pub fn guest_init() -> Result<PathBuf, AssetError> {
+    if let Some(p) = std::env::var_os("CELA_INIT") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().at("locating the running executable", "/proc/self/exe")?;
+    let candidate = exe.with_file_name("cela-init");
+    if !candidate.is_file() {
+        return Err(AssetError::MissingInit { path: candidate });
+    }
+    Ok(candidate)
+}
+
+/// [`guest_assets`] with cela's own init ([`guest_init`]).
+pub fn default_guest_assets(cache: &Path, progress: &Progress) -> Result<GuestAssets, AssetError> {
+    guest_assets(cache, &guest_init()?, progress)
+}
+
 /// Everything a default microVM needs, fetched/built on first use into `cache` (e.g.
 /// `/var/lib/cela/assets`), reused afterwards.
 ///

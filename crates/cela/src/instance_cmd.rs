@@ -4,18 +4,18 @@
 //! foreground `cela run` follows the instance's log and exits with its status.
 
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cela_image::{RunConfig, Store};
+use cela_image::Store;
 use cela_instance::log::{LogReader, Stream};
 use cela_instance::ops::{self, ExecRequest, is_live};
+use cela_instance::run::START_BOUND;
 use cela_instance::{
-    Instance, InstanceConfig, InstanceState, Instances, Kind, NetMode, Security, Status, VmBoot,
+    GuestFiles, Instance, InstanceState, Instances, Kind, NetMode, RunRequest, Security, Status,
     Volume,
 };
 use clap::Args;
@@ -23,7 +23,6 @@ use serde_json::json;
 
 use crate::EXIT_CELA_ERROR;
 use crate::image_cmd::{Format, progress};
-use crate::paths;
 
 /// What `cela run` asks for when given an IMAGE (the flags shared with `cela run --vm` without
 /// an image are passed in too).
@@ -53,9 +52,6 @@ pub struct RunImage {
     pub no_confine: bool,
 }
 
-/// How long a detached `run`/`start` waits for the supervisor to report the workload running.
-const START_BOUND: Duration = Duration::from_secs(120);
-
 fn instances(data_dir: &Path) -> anyhow::Result<Instances> {
     Ok(Instances::open(data_dir)?)
 }
@@ -76,33 +72,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
             "--cap-add, --cap-drop and --security-opt are for containers (a microVM's guest kernel confines its processes)"
         );
     }
-    let security = Security::parse(&req.cap_add, &req.cap_drop, &req.security_opt, net)?;
-    if let (Some(mib), false) = (req.memory, req.vm) {
-        cela_instance::container::memory_limit(mib)?;
-    }
-    let store = crate::image_cmd::open(data_dir)?;
-    // Held until the instance is recorded: an `image rm` then sees it (cela_instance::images).
-    let content = store.content_lock()?;
-    let image = store.resolve(&req.image).with_context(|| {
-        format!(
-            "no image {} in the store (cela pull or cela image import it first)",
-            req.image
-        )
-    })?;
-    let rc = RunConfig::of(&store, &image)?;
-    let command = rc.argv(&req.command);
-    if command.is_empty() {
-        bail!(
-            "image {} has no command (no Entrypoint or Cmd): give one after the image",
-            req.image
-        );
-    }
-    let volumes = req
-        .volumes
-        .iter()
-        .map(|v| Volume::parse(v))
-        .collect::<Result<Vec<_>, _>>()?;
-    if req.vm && !volumes.is_empty() {
+    if req.vm && !req.volumes.is_empty() {
         bail!(
             "-v is not supported for --vm yet (mount a disk with `cela run --vm --disk` instead)"
         );
@@ -114,91 +84,54 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
     {
         bail!("--env {bad:?} is not KEY=VALUE");
     }
-    let mut env = rc.env.clone();
-    for e in &req.env {
-        let key = e.split('=').next().unwrap_or_default();
-        env.retain(|x| x.split('=').next() != Some(key));
-        env.push(e.clone());
-    }
     if !req.vm && (req.kernel.is_some() || req.initrd.is_some()) {
         bail!("--kernel and --initrd are for microVMs: add --vm");
     }
-    let vm = if req.vm {
-        let (kernel, initrd) = match (&req.kernel, &req.initrd) {
-            (Some(kernel), Some(initrd)) => {
-                for (flag, p) in [("--kernel", kernel), ("--initrd", initrd)] {
-                    if !p.is_file() {
-                        bail!("{flag} {}: no such file", p.display());
-                    }
+    let guest = match (req.kernel, req.initrd) {
+        (Some(kernel), Some(initrd)) => {
+            for (flag, p) in [("--kernel", &kernel), ("--initrd", &initrd)] {
+                if !p.is_file() {
+                    bail!("{flag} {}: no such file", p.display());
                 }
-                (std::path::absolute(kernel)?, std::path::absolute(initrd)?)
             }
-            (None, None) => {
-                let init = paths::guest_init()?;
-                let assets = cela_assets::guest_assets(
-                    &paths::assets_dir(data_dir),
-                    &init,
-                    &cela_assets::Progress::new(),
-                )
-                .context("preparing the default guest kernel and initramfs")?;
-                (assets.kernel, assets.initrd)
-            }
-            _ => bail!(
-                "--kernel and --initrd go together with an IMAGE (cela-init must be in the initramfs)"
-            ),
-        };
-        let image_disk = cela_image::rootfs_disk(&store, &image, &progress())?;
-        Some(VmBoot {
-            kernel,
-            initrd,
-            image_disk,
-            confine: !req.no_confine,
-        })
-    } else {
-        // Unpack the layers now (once per layer), not in the supervisor, and check the user
-        // against the image's /etc/passwd.
-        let layers = cela_image::layer_dirs(&store, &image)?;
-        if let Some(user) = req.user.as_ref().or(rc.user.as_ref()) {
-            cela_instance::container::check_user(&layers, user)?;
+            GuestFiles::Custom { kernel, initrd }
         }
-        None
+        (None, None) => GuestFiles::Default,
+        _ => bail!(
+            "--kernel and --initrd go together with an IMAGE (cela-init must be in the initramfs)"
+        ),
     };
-    let config = InstanceConfig {
-        id: String::new(),
-        name: req.name.clone().unwrap_or_default(),
-        kind,
-        image: req.image.clone(),
-        image_digest: image.digest.to_string(),
-        command,
-        env,
-        workdir: req.workdir.clone().or(rc.working_dir.clone()),
-        user: req.user.clone().or(rc.user.clone()),
+    let request = RunRequest {
+        command: req.command,
+        name: req.name,
+        env: req.env,
+        workdir: req.workdir,
+        user: req.user,
+        volumes: req
+            .volumes
+            .iter()
+            .map(|v| Volume::parse(v))
+            .collect::<Result<Vec<_>, _>>()?,
         cpus: req.cpus,
         memory_mib: req.memory,
-        volumes,
+        net,
+        security: Security::parse(&req.cap_add, &req.cap_drop, &req.security_opt, net)?,
+        guest,
+        confine: !req.no_confine,
         // A foreground run removes the instance itself, after reading all its output.
         auto_remove: req.rm && req.detach,
-        created: cela_instance::record::now(),
-        vm,
-        net,
-        security,
+        ..RunRequest::new(req.image, kind)
     };
-    let insts = instances(data_dir)?;
-    let inst = insts.create(config)?;
-    drop(content);
-    spawn_supervisor(data_dir, &inst)?;
+    let store = crate::image_cmd::open(data_dir)?;
+    let inst = cela_instance::run::create(data_dir, &store, &request, &progress())?;
     if req.detach {
-        let state = ops::wait_state(&inst, START_BOUND, |s| s.status != Status::Created)?;
-        if let Some(err) = state
-            .error
-            .as_ref()
-            .filter(|_| state.status != Status::Running)
-        {
-            bail!("instance {} did not start: {err}", inst.name());
-        }
+        cela_instance::run::start(data_dir, &inst)?;
         println!("{}", inst.config.id);
         return Ok(ExitCode::SUCCESS);
     }
+    cela_instance::run::spawn_supervisor(data_dir, &inst)?;
+    // Followed once its supervisor has claimed it (before that it is created, not live).
+    ops::wait_state(&inst, START_BOUND, |s| s.supervisor.is_some())?;
     let state = follow(&inst, true)?;
     if req.rm {
         ops::remove(&inst, true)?;
@@ -220,23 +153,6 @@ fn exit_of(inst: &Instance, state: &InstanceState) -> ExitCode {
             ExitCode::from(EXIT_CELA_ERROR)
         }
     }
-}
-
-/// Starts `cela __supervise ID` in its own process group (Ctrl-C at the terminal does not
-/// reach it), stdio on /dev/null.
-fn spawn_supervisor(data_dir: &Path, inst: &Instance) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the cela executable")?;
-    Command::new(exe)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["__supervise", &inst.config.id])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("starting the instance's supervisor")?;
-    Ok(())
 }
 
 /// `cela __supervise ID`: runs the instance in this process (see cela_instance::supervise).
@@ -319,26 +235,6 @@ fn print_record(stream: Stream, data: &[u8]) {
     };
 }
 
-/// One instance as `ps --format json` and `inspect` show it.
-fn view(inst: &Instance, state: &InstanceState) -> serde_json::Value {
-    json!({
-        "id": inst.config.id,
-        "name": inst.config.name,
-        "kind": inst.config.kind,
-        "image": inst.config.image,
-        "image_digest": inst.config.image_digest,
-        "command": inst.config.command,
-        "status": state.status,
-        "exit_code": state.exit_code,
-        "pid": state.pid,
-        "created": inst.config.created,
-        "started": state.started,
-        "finished": state.finished,
-        "error": state.error,
-        "network": cela_instance::network::view(inst.config.net, state.network.as_ref()),
-    })
-}
-
 pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let (good, broken) = instances(data_dir)?.scan()?;
     let mut rows = Vec::new();
@@ -346,7 +242,7 @@ pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode
         // A record that cannot be read is listed (as unknown, with the error), never fatal.
         let state = inst.state_or_unknown();
         if all || is_live(&state) || state.status == Status::Unknown {
-            rows.push(view(&inst, &state));
+            rows.push(cela_instance::view::summary(&inst, &state));
         }
     }
     rows.extend(
@@ -406,11 +302,7 @@ pub fn inspect(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
     for n in names {
         let inst = insts.find(n)?;
         let state = inst.state_or_unknown();
-        let mut v = view(&inst, &state);
-        v["config"] = serde_json::to_value(&inst.config)?;
-        v["state"] = serde_json::to_value(&state)?;
-        v["dir"] = json!(inst.dir);
-        out.push(v);
+        out.push(cela_instance::view::detail(&inst, &state));
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
@@ -430,21 +322,7 @@ pub fn start(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
     let insts = instances(data_dir)?;
     for n in names {
         let inst = insts.find(n)?;
-        let state = inst.state()?;
-        if is_live(&state) {
-            bail!("instance {} is {} already", inst.name(), state.status);
-        }
-        spawn_supervisor(data_dir, &inst)?;
-        let state = ops::wait_state(&inst, START_BOUND, |s| {
-            s.status != Status::Created && s.started != state.started
-        })?;
-        if state.status != Status::Running && state.error.is_some() {
-            bail!(
-                "instance {} did not start: {}",
-                inst.name(),
-                state.error.unwrap_or_default()
-            );
-        }
+        cela_instance::run::start(data_dir, &inst)?;
         println!("{}", inst.name());
     }
     Ok(ExitCode::SUCCESS)

@@ -84,6 +84,15 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Serve the Docker Engine API and cela's own API on Unix sockets (see docs/API.md).
+    Serve {
+        /// cela's own API (`/cela/v1`); the Docker API is served here too.
+        #[arg(long, value_name = "PATH", default_value = "/run/cela/api.sock")]
+        socket: std::path::PathBuf,
+        /// The socket for Docker clients: `DOCKER_HOST=unix://PATH docker ...`.
+        #[arg(long, value_name = "PATH", default_value = "/run/cela/docker.sock")]
+        docker_socket: std::path::PathBuf,
+    },
     /// Run an instance's workload in this process (started by cela itself).
     #[command(name = "__supervise", hide = true)]
     Supervise { id: String },
@@ -156,6 +165,16 @@ fn main() -> ExitCode {
         Command::Rm { force, names } => instance_cmd::rm(&names, force, &data_dir),
         Command::Inspect { names } => instance_cmd::inspect(&names, &data_dir),
         Command::Supervise { id } => instance_cmd::supervise(&id, &data_dir),
+        Command::Serve {
+            socket,
+            docker_socket,
+        } => cela_api::serve(&cela_api::ServeOptions {
+            data_dir: data_dir.clone(),
+            socket,
+            docker_socket,
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 /// The data directory: `--data-dir`, else $CELA_DATA_DIR, else /var/lib/cela.
 pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
@@ -30,19 +30,8 @@ pub fn assets_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("assets")
 }
 
-/// The `cela-init` binary that goes into guest initramfs images: $CELA_INIT, else next to
-/// the running `cela` executable (cargo builds both into the same directory).
+/// The `cela-init` binary that goes into guest initramfs images (see
+/// [`cela_assets::guest_init`]).
 pub fn guest_init() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CELA_INIT") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("cannot locate the running cela executable")?;
-    let candidate = exe.with_file_name("cela-init");
-    if !candidate.is_file() {
-        bail!(
-            "the guest init {} is missing: build it with `cargo build --release` (it is built with cela), or set CELA_INIT",
-            candidate.display()
-        );
-    }
-    Ok(candidate)
+    Ok(cela_assets::guest_init()?)
 }

@@ -21,6 +21,14 @@ pub enum InstanceError {
     },
     #[error("{0}")]
     Unsupported(String),
+    /// A request that cannot be carried out as asked (a relative working directory, an
+    /// environment entry without `=`, …).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no image {0} in the store (cela pull or cela image import it first)")]
+    NoImage(String),
+    #[error("instance {name} did not start: {why}")]
+    NotStarted { name: String, why: String },
     /// An image that instances use; a forced removal only untags it.
     #[error(
         "image {image} is used by instance{} {}: remove {} first (a forced removal only takes its names off and keeps it for them)",
@@ -41,6 +49,12 @@ pub enum InstanceError {
     Image(#[from] cela_image::ImageError),
     #[error(transparent)]
     Runtime(#[from] cela_runtime::Error),
+    #[error("preparing the default guest kernel and initramfs: {0}")]
+    Assets(#[from] cela_assets::AssetError),
+    #[error(transparent)]
+    Vmm(#[from] cela_vmm::VmmError),
+    #[error(transparent)]
+    Qemu(#[from] cela_vmm::qemu::QemuError),
     #[error("{0}")]
     Other(String),
 }

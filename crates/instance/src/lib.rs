@@ -11,7 +11,10 @@
 //! * [`security`]: a container's capabilities and seccomp filter.
 //! * [`network`]: `--net none|host|auto`: a container's network namespace and veth link, a
 //!   microVM's TAP, and their removal.
+//! * [`run`]: a typed [`run::RunRequest`] made into an instance, and starting it; the one
+//!   path every front end (CLI, HTTP APIs) takes.
 //! * [`ops`]: stop, remove, exec, waiting on state.
+//! * [`view`]: the JSON an instance is shown as, by the CLI and the APIs alike.
 //! * [`vm_exec`]: `cela exec` into a microVM, the host end of the guest agent's protocol.
 
 pub mod container;
@@ -21,8 +24,10 @@ pub mod log;
 pub mod network;
 pub mod ops;
 pub mod record;
+pub mod run;
 pub mod security;
 pub mod supervise;
+pub mod view;
 pub mod vm_exec;
 
 pub use error::InstanceError;
@@ -30,4 +35,5 @@ pub use network::NetMode;
 pub use record::{
     Broken, Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
 };
+pub use run::{GuestFiles, RunRequest};
 pub use security::{Seccomp, Security};

@@ -1,7 +1,12 @@
 //! An instance's output log (`output.log`): the workload's stdout and stderr as they arrive,
 //! interleaved in arrival order and kept apart, as Docker's json-file log does, in a compact
-//! binary framing: each record is one stream byte (1 stdout, 2 stderr), a little-endian u32
-//! length, then that many bytes. The supervisor appends ([`pump`]); `cela logs` and a
+//! binary framing: each record is one kind byte, a little-endian u32 length, then that many
+//! bytes. Output records are kinds 0x11 (stdout) and 0x12 (stderr), whose bytes start with
+//! the time they arrived (little-endian i64 nanoseconds since the epoch, for `logs
+//! --timestamps`); kinds 1 and 2 are the same without a time (logs written before times were
+//! kept). When a run ends, the supervisor appends an end record
+//! (stream byte 3, a JSON [`LogEnd`]), so a reader learns how the run ended even when the
+//! instance removes itself right after (`--rm`, the Docker API's `AutoRemove`). The supervisor appends ([`pump`]); `cela logs` and a
 //! foreground `cela run` read it back ([`LogReader`]), following it while the instance runs.
 
 use std::fs::{File, OpenOptions};
@@ -20,6 +25,29 @@ pub enum Stream {
 
 const HEADER: usize = 5;
 
+/// The kind byte of an end record.
+const END: u8 = 3;
+/// Added to a stream's byte for a record that starts with its arrival time.
+const TIMED: u8 = 0x10;
+
+/// One piece of output as the log kept it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub stream: Stream,
+    /// When it arrived, in nanoseconds since the epoch (absent in old logs).
+    pub time: Option<i64>,
+    pub data: &'a [u8],
+}
+
+/// How a run ended, as its end record says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogEnd {
+    /// The workload's status (128+N for signal N); absent when it could not run.
+    pub exit_code: Option<i32>,
+    /// Why it could not run or ended abnormally.
+    pub error: Option<String>,
+}
+
 /// Appends records to a log.
 pub struct LogWriter {
     file: File,
@@ -32,8 +60,26 @@ impl LogWriter {
     }
 
     pub fn write(&mut self, stream: Stream, data: &[u8]) -> io::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        let mut timed = Vec::with_capacity(8 + data.len());
+        timed.extend_from_slice(&now.to_le_bytes());
+        timed.extend_from_slice(data);
+        self.record(stream as u8 | TIMED, &timed)
+    }
+
+    /// Appends the end record of a run.
+    pub fn end(&mut self, end: &LogEnd) -> io::Result<()> {
+        self.record(
+            END,
+            &serde_json::to_vec(end).expect("an end record serializes"),
+        )
+    }
+
+    fn record(&mut self, kind: u8, data: &[u8]) -> io::Result<()> {
         let mut record = Vec::with_capacity(HEADER + data.len());
-        record.push(stream as u8);
+        record.push(kind);
         record.extend_from_slice(&(data.len() as u32).to_le_bytes());
         record.extend_from_slice(data);
         self.file.write_all(&record)
@@ -84,6 +130,7 @@ pub struct LogReader {
     file: File,
     pending: Vec<u8>,
     chunk: Vec<u8>,
+    end: Option<LogEnd>,
 }
 
 impl LogReader {
@@ -92,12 +139,30 @@ impl LogReader {
             file: File::open(path)?,
             pending: Vec::new(),
             chunk: vec![0u8; 64 * 1024],
+            end: None,
         })
     }
 
-    /// Hands every complete record written so far to `out`; returns whether there was any.
-    /// A record being written stays pending until it is whole.
+    /// A reader of what is appended from now on (the next run's output and end).
+    pub fn open_at_end(path: &Path) -> io::Result<LogReader> {
+        let mut reader = LogReader::open(path)?;
+        io::Seek::seek(&mut reader.file, io::SeekFrom::End(0))?;
+        Ok(reader)
+    }
+
+    /// The last end record read: how the run whose output was read last ended.
+    pub fn end(&self) -> Option<&LogEnd> {
+        self.end.as_ref()
+    }
+
+    /// Hands every complete output record written so far to `out` as stream and bytes;
+    /// returns whether there was any. A record being written stays pending until it is whole.
     pub fn read_available(&mut self, mut out: impl FnMut(Stream, &[u8])) -> io::Result<bool> {
+        self.read_records(|r| out(r.stream, r.data))
+    }
+
+    /// [`LogReader::read_available`] with each record's arrival time.
+    pub fn read_records(&mut self, mut out: impl FnMut(Record<'_>)) -> io::Result<bool> {
         loop {
             let n = self.file.read(&mut self.chunk)?;
             if n == 0 {
@@ -113,14 +178,28 @@ impl LogReader {
             if self.pending.len() - at - HEADER < len {
                 break;
             }
-            let stream = if self.pending[at] == 2 {
-                Stream::Stderr
-            } else {
-                Stream::Stdout
-            };
-            out(stream, &self.pending[at + HEADER..at + HEADER + len]);
+            let data = &self.pending[at + HEADER..at + HEADER + len];
+            match self.pending[at] {
+                END => self.end = serde_json::from_slice(data).ok(),
+                kind => {
+                    // A new run's output follows an end record when the instance restarts.
+                    self.end = None;
+                    let stream = if kind & !TIMED == 2 {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    };
+                    let (time, data) = match data.split_first_chunk::<8>() {
+                        Some((t, rest)) if kind & TIMED != 0 => {
+                            (Some(i64::from_le_bytes(*t)), rest)
+                        }
+                        _ => (None, data),
+                    };
+                    out(Record { stream, time, data });
+                    any = true;
+                }
+            }
             at += HEADER + len;
-            any = true;
         }
         self.pending.drain(..at);
         Ok(any)
@@ -148,7 +227,7 @@ mod tests {
                 (Stream::Stderr, b"err\n".to_vec())
             ]
         );
-        // Half a record: nothing until the rest arrives.
+        // Half a record (of the untimed kind old logs have): nothing until the rest arrives.
         let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
         raw.write_all(&[1, 3, 0, 0, 0, b'a']).unwrap();
         assert!(!r.read_available(|_, _| panic!("partial")).unwrap());
@@ -156,6 +235,23 @@ mod tests {
         let mut got = Vec::new();
         r.read_available(|s, d| got.push((s, d.to_vec()))).unwrap();
         assert_eq!(got, [(Stream::Stdout, b"abc".to_vec())]);
+        // An end record is no output; it is kept until more output comes.
+        let end = LogEnd {
+            exit_code: Some(3),
+            error: None,
+        };
+        w.end(&end).unwrap();
+        let mut later = LogReader::open_at_end(&path).unwrap();
+        assert!(!r.read_available(|_, _| panic!("no output")).unwrap());
+        assert_eq!(r.end(), Some(&end));
+        w.write(Stream::Stderr, b"again").unwrap();
+        r.read_available(|_, _| {}).unwrap();
+        assert_eq!(r.end(), None);
+        let mut got = Vec::new();
+        later
+            .read_available(|s, d| got.push((s, d.to_vec())))
+            .unwrap();
+        assert_eq!(got, [(Stream::Stderr, b"again".to_vec())]);
     }
 
     #[test]

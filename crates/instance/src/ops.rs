@@ -32,9 +32,15 @@ pub fn wait_state(
     }
 }
 
-/// An instance is live while it is created or running with a live supervisor.
+/// An instance is live while it runs, or while a supervisor is starting it. One created and
+/// never started (no supervisor yet, as the Docker API's create leaves it) is not: it can be
+/// started or removed as it is.
 pub fn is_live(state: &InstanceState) -> bool {
-    matches!(state.status, Status::Created | Status::Running)
+    match state.status {
+        Status::Running => true,
+        Status::Created => state.supervisor.is_some(),
+        _ => false,
+    }
 }
 
 /// Stops a running instance: SIGTERM to the workload, then SIGKILL once `timeout` has passed.
@@ -88,6 +94,43 @@ pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, Instanc
     Ok(state)
 }
 
+/// Sends `signal` to a running instance: to a container's init, or, for a microVM, SIGTERM
+/// to the monitor (passed on to the guest's workload as by [`stop`]) and SIGKILL as a stop
+/// without grace. Other signals have no way into a guest yet.
+pub fn send_signal(inst: &Instance, signal: Signal) -> Result<(), InstanceError> {
+    let state = inst.state()?;
+    if state.status != Status::Running {
+        return Err(InstanceError::WrongState {
+            name: inst.name().to_owned(),
+            status: state.status.to_string(),
+            hint: "only a running instance can be signalled",
+        });
+    }
+    match (inst.config.kind, signal) {
+        (Kind::Container, _) => {
+            if let Some(pid) = state.pid {
+                kill(Pid::from_raw(pid), signal).map_err(|e| {
+                    InstanceError::Other(format!("signalling {}: {e}", inst.name()))
+                })?;
+            }
+        }
+        (Kind::Vm, Signal::SIGKILL) => {
+            stop(inst, Duration::ZERO)?;
+        }
+        (Kind::Vm, Signal::SIGTERM) => {
+            if let Some(sup) = state.supervisor {
+                let _ = kill(Pid::from_raw(sup.pid), Signal::SIGTERM);
+            }
+        }
+        (Kind::Vm, other) => {
+            return Err(InstanceError::Unsupported(format!(
+                "a microVM takes SIGTERM and SIGKILL only, not {other}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Removes an instance and everything it made (container, mounts, cgroup, its directory). A
 /// live one needs `force` (it is killed first), and so does one whose state cannot be read
 /// (everything of it that can be found is killed: see [`kill_leftovers`]). When another
@@ -101,8 +144,13 @@ pub fn remove(inst: &Instance, force: bool) -> Result<(), InstanceError> {
 }
 
 fn remove_instance(inst: &Instance, force: bool) -> Result<(), InstanceError> {
-    let state = inst.state_or_unknown();
-    if is_live(&state) || state.status == Status::Unknown {
+    // Marked (so that no supervisor starts it any more) once it is not live; a live one is
+    // stopped first, which needs `force`, and marked then.
+    loop {
+        let state = inst.mark_removing()?;
+        if !is_live(&state) && state.status != Status::Unknown {
+            break;
+        }
         if !force {
             return Err(InstanceError::WrongState {
                 name: inst.name().to_owned(),
@@ -112,9 +160,9 @@ fn remove_instance(inst: &Instance, force: bool) -> Result<(), InstanceError> {
         }
         if state.status == Status::Unknown {
             kill_leftovers(&inst.config.id, &inst.dir)?;
-        } else {
-            stop(inst, Duration::ZERO)?;
+            break;
         }
+        stop(inst, Duration::ZERO)?;
     }
     if inst.config.kind == Kind::Container {
         // Also what a killed supervisor left: the container, its mount.

@@ -123,6 +123,9 @@ pub struct InstanceConfig {
     /// How a container is confined beyond its namespaces: capabilities and seccomp.
     #[serde(default)]
     pub security: Security,
+    /// The caller's key/value labels (the Docker API's `Labels`), for filtering.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Where an instance is in its life.
@@ -234,6 +237,10 @@ pub fn retire(dir: &Path) -> Result<PathBuf, InstanceError> {
     Ok(to)
 }
 
+/// The marker a removal leaves in an instance directory before it takes it apart: no
+/// supervisor claims an instance that has it.
+const REMOVING: &str = "removing";
+
 /// The current time in RFC 3339, as every record writes it.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -314,6 +321,24 @@ fn new_id() -> Result<String, InstanceError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Takes the lock of the instances directory `root` (`root/.lock`), held while names are
+/// chosen and while a supervisor claims an instance or a removal marks one.
+fn lock_in(root: &Path) -> Result<nix::fcntl::Flock<fs::File>, InstanceError> {
+    let path = root.join(".lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .doing(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        InstanceError::Io {
+            what: format!("locking {}", path.display()),
+            source: e.into(),
+        }
+    })
+}
+
 /// Writes `value` as JSON to `path` atomically.
 pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), InstanceError> {
     let tmp = path.with_extension("json.tmp");
@@ -385,19 +410,7 @@ impl Instances {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, InstanceError> {
-        let path = self.root.join(".lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .doing(|| format!("opening {}", path.display()))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            InstanceError::Io {
-                what: format!("locking {}", path.display()),
-                source: e.into(),
-            }
-        })
+        lock_in(&self.root)
     }
 
     /// Every instance with a readable config, oldest first.
@@ -527,6 +540,48 @@ impl Instance {
         write_json(&self.dir.join("state.json"), state)
     }
 
+    /// Claims the instance for the supervisor `me`: under the instances lock, refuses an
+    /// instance being removed or one another live supervisor runs, and records `me` as its
+    /// supervisor (status `created`). A removal either marks the instance first (and no
+    /// supervisor runs it) or sees the supervisor recorded (and stops it).
+    pub fn claim(&self, me: ProcessId) -> Result<InstanceState, InstanceError> {
+        let root = self.dir.parent().unwrap_or(Path::new("/"));
+        let _lock = lock_in(root)?;
+        if self.dir.join(REMOVING).exists() || !self.dir.join("config.json").exists() {
+            return Err(InstanceError::NotFound(self.name().to_owned()));
+        }
+        let mut state = self.state()?;
+        if crate::ops::is_live(&state) {
+            return Err(InstanceError::WrongState {
+                name: self.name().to_owned(),
+                status: state.status.to_string(),
+                hint: "another supervisor runs it",
+            });
+        }
+        state.status = Status::Created;
+        state.supervisor = Some(me);
+        state.pid = None;
+        state.exit_code = None;
+        state.error = None;
+        state.started = Some(now());
+        state.finished = None;
+        self.save_state(&state)?;
+        Ok(state)
+    }
+
+    /// Marks the instance as being removed unless it is live, under the instances lock (see
+    /// [`Instance::claim`]); returns the state it had. A live one is left as it is.
+    pub fn mark_removing(&self) -> Result<InstanceState, InstanceError> {
+        let root = self.dir.parent().unwrap_or(Path::new("/"));
+        let _lock = lock_in(root)?;
+        let state = self.state_or_unknown();
+        if !crate::ops::is_live(&state) {
+            fs::write(self.dir.join(REMOVING), b"")
+                .doing(|| format!("marking {} for removal", self.dir.display()))?;
+        }
+        Ok(state)
+    }
+
     /// The instance's output log.
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("output.log")
@@ -562,6 +617,7 @@ mod tests {
             vm: None,
             net: NetMode::None,
             security: Default::default(),
+            labels: Default::default(),
         }
     }
 

@@ -16,22 +16,13 @@ use nix::unistd::Pid;
 
 use crate::container;
 use crate::error::{InstanceError, IoContext};
-use crate::log::{LogWriter, pump};
+use crate::log::{LogEnd, LogWriter, pump};
 use crate::record::{Instance, InstanceState, Kind, ProcessId, Status, now};
 
 /// Runs `inst` to its end in this process; returns the workload's exit code. The state says
 /// `running` (with this process as supervisor) while it runs and `exited` after.
 pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
-    let me = ProcessId::current();
-    let mut state = inst.state()?;
-    state.status = Status::Created;
-    state.supervisor = Some(me);
-    state.pid = None;
-    state.exit_code = None;
-    state.error = None;
-    state.started = Some(now());
-    state.finished = None;
-    inst.save_state(&state)?;
+    let mut state = inst.claim(ProcessId::current())?;
 
     let (pump_thread, saved) = capture_output(inst)?;
     let result = match inst.config.kind {
@@ -58,6 +49,14 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
         }
     }
     state.pid = None;
+    // The end goes into the log too, where a follower finds it even after an auto-removal.
+    let end = LogEnd {
+        exit_code: state.exit_code,
+        error: state.error.clone(),
+    };
+    if let Err(e) = LogWriter::open(&inst.log_path()).and_then(|mut w| w.end(&end)) {
+        tracing::warn!("recording the end in {}: {e}", inst.log_path().display());
+    }
     inst.save_state(&state)?;
     if inst.config.kind == Kind::Container {
         container::destroy(inst, false);
@@ -208,13 +207,8 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
     state.network = host_net.as_ref().map(|(_, s)| s.clone());
     inst.save_state(state)?;
     let exit = match engine {
-        Engine::Kvm => {
-            cela_vmm::run(&config, ConsoleMode::Stream)
-                .map_err(|e| InstanceError::Other(e.to_string()))?
-                .exit
-        }
-        Engine::Qemu => cela_vmm::qemu::run(&config, ConsoleMode::Stream)
-            .map_err(|e| InstanceError::Other(e.to_string()))?,
+        Engine::Kvm => cela_vmm::run(&config, ConsoleMode::Stream)?.exit,
+        Engine::Qemu => cela_vmm::qemu::run(&config, ConsoleMode::Stream)?,
     };
     Ok(exit.exit_code())
 }

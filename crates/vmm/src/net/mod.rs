@@ -129,11 +129,24 @@ pub fn setup(mode: &NetMode) -> Result<HostNet, NetError> {
     }
 }
 
+/// The host-wide lock cela processes hold while they pick and configure a /30: without it,
+/// many instances starting at once (50 `docker run`s) pick the same free /30, all see the
+/// overlap, all move on together, and run out of tries.
+const AUTO_LOCK: &str = "/run/lock/cela-net-auto.lock";
+
 /// Picks a free /30 for the host interface `name` (a TAP, or a container's veth end), gives it
-/// the /30's first address and brings it up; the other end gets the second address. Another
-/// cela starting at the same moment may pick the same /30; the check after configuring
-/// catches that and moves on to the next one.
+/// the /30's first address and brings it up; the other end gets the second address. Other
+/// cela processes wait on [`AUTO_LOCK`]; a program that is not cela and takes the same /30
+/// at the same moment is caught by the check after configuring, and the next one is tried.
 pub fn configure_auto(name: &str) -> Result<Subnet, NetError> {
+    // Without /run/lock (not a Debian-like host), the check alone has to do.
+    let _lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(AUTO_LOCK)
+        .ok()
+        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
     let start = std::process::id() as usize;
     let mut skip: Vec<Subnet> = Vec::new();
     for _ in 0..8 {

@@ -1,0 +1,971 @@
+//! The Docker Engine API's containers: create, start, attach, wait, logs, stop, kill,
+//! restart, inspect, list and remove, each a thin translation to `cela_instance` (a Docker
+//! container is a cela instance; `HostConfig.Runtime: vm` makes it a microVM).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cela_instance::log::Stream;
+use cela_instance::ops::{self, is_live};
+use cela_instance::{
+    Instance, InstanceState, Instances, Kind, NetMode, RunRequest, Security, Status, Volume,
+};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use super::frames::frame;
+use crate::error::{ApiError, blocking};
+use crate::follow::{self, From, Until};
+use crate::{AppState, query_flag};
+
+/// The part of a container create request cela reads. Docker clients send many more fields;
+/// those are ignored when they hold their defaults, and refused when they ask for something
+/// cela does not do (see [`refuse_unsupported`]).
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct CreateBody {
+    image: String,
+    #[serde(deserialize_with = "str_or_list")]
+    cmd: Option<Vec<String>>,
+    #[serde(deserialize_with = "str_or_list")]
+    entrypoint: Option<Vec<String>>,
+    env: Option<Vec<String>>,
+    working_dir: Option<String>,
+    user: Option<String>,
+    tty: bool,
+    open_stdin: bool,
+    attach_stdin: bool,
+    labels: Option<BTreeMap<String, String>>,
+    host_config: Option<HostConfig>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct HostConfig {
+    binds: Option<Vec<String>>,
+    memory: i64,
+    nano_cpus: i64,
+    network_mode: Option<String>,
+    auto_remove: bool,
+    runtime: Option<String>,
+    cap_add: Option<Vec<String>>,
+    cap_drop: Option<Vec<String>>,
+    security_opt: Option<Vec<String>>,
+    privileged: bool,
+    port_bindings: Option<HashMap<String, Value>>,
+    devices: Option<Vec<Value>>,
+    publish_all_ports: bool,
+}
+
+/// Docker's strslice: a command as a list, or one string (run through a shell by the client).
+fn str_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        None => None,
+        Some(Either::One(s)) => Some(vec![s]),
+        Some(Either::Many(v)) => Some(v),
+    })
+}
+
+fn refuse_unsupported(body: &CreateBody) -> Result<(), ApiError> {
+    let host = body.host_config.as_ref();
+    let refused = [
+        (body.tty, "a TTY (Tty: true, docker run -t)"),
+        (
+            body.open_stdin || body.attach_stdin,
+            "standard input (OpenStdin/AttachStdin, docker run -i)",
+        ),
+        (host.is_some_and(|h| h.privileged), "privileged containers"),
+        (
+            host.is_some_and(|h| {
+                h.publish_all_ports || h.port_bindings.as_ref().is_some_and(|p| !p.is_empty())
+            }),
+            "port publishing (PortBindings, docker run -p)",
+        ),
+        (
+            host.is_some_and(|h| h.devices.as_ref().is_some_and(|d| !d.is_empty())),
+            "devices (docker run --device)",
+        ),
+    ];
+    match refused.iter().find(|(asked, _)| *asked) {
+        Some((_, what)) => Err(ApiError::not_implemented(format!(
+            "creating a container with {what}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The typed request a Docker create body asks for.
+fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, ApiError> {
+    refuse_unsupported(&body)?;
+    if body.image.is_empty() {
+        return Err(ApiError::bad_request("the request names no Image"));
+    }
+    let host = body.host_config.unwrap_or_default();
+    let kind = match host.runtime.as_deref() {
+        None | Some("") | Some("container") | Some("runc") | Some("cela") => Kind::Container,
+        Some("vm") => Kind::Vm,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown runtime {other:?}: cela has `container` (the default) and `vm`"
+            )));
+        }
+    };
+    // Docker's default network is a NAT'd bridge; until cela has named networks, its nearest
+    // is `auto`, a private link to the host.
+    let net = match host.network_mode.as_deref() {
+        None | Some("") | Some("default") | Some("bridge") => NetMode::Auto,
+        Some("none") => NetMode::None,
+        Some("host") if kind == Kind::Container => NetMode::Host,
+        Some(other) => {
+            return Err(ApiError::not_implemented(format!(
+                "NetworkMode {other:?} for a {}",
+                if kind == Kind::Vm {
+                    "microVM"
+                } else {
+                    "container"
+                }
+            )));
+        }
+    };
+    if host.memory < 0 || host.nano_cpus < 0 {
+        return Err(ApiError::bad_request(
+            "Memory and NanoCpus must not be negative",
+        ));
+    }
+    let memory_mib = (host.memory > 0).then(|| (host.memory as u64).div_ceil(1 << 20));
+    let cpus = (host.nano_cpus > 0).then(|| (host.nano_cpus as u64).div_ceil(1_000_000_000) as u32);
+    let volumes = host
+        .binds
+        .unwrap_or_default()
+        .iter()
+        .map(|b| Volume::parse(b))
+        .collect::<Result<Vec<_>, _>>()?;
+    let security = if kind == Kind::Container {
+        Security::parse(
+            &host.cap_add.unwrap_or_default(),
+            &host.cap_drop.unwrap_or_default(),
+            &host.security_opt.unwrap_or_default(),
+            net,
+        )?
+    } else {
+        Security::default()
+    };
+    Ok(RunRequest {
+        command: body.cmd.unwrap_or_default(),
+        entrypoint: body.entrypoint,
+        name: name.map(|n| n.trim_start_matches('/').to_owned()),
+        env: body.env.unwrap_or_default(),
+        workdir: body.working_dir.filter(|w| !w.is_empty()),
+        user: body.user.filter(|u| !u.is_empty()),
+        volumes,
+        cpus,
+        memory_mib,
+        net,
+        security,
+        auto_remove: host.auto_remove,
+        labels: body.labels.unwrap_or_default(),
+        ..RunRequest::new(body.image, kind)
+    })
+}
+
+#[derive(Deserialize)]
+pub struct CreateQuery {
+    name: Option<String>,
+}
+
+pub async fn create(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<CreateQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let body: CreateBody = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
+    let req = run_request(body, q.name.filter(|n| !n.is_empty()))?;
+    let inst = blocking(move || {
+        let store = cela_image::Store::open(&app.data_dir)?;
+        Ok(cela_instance::run::create(
+            &app.data_dir,
+            &store,
+            &req,
+            &cela_image::Progress::hidden(),
+        )?)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"Id": inst.config.id, "Warnings": []})),
+    )
+        .into_response())
+}
+
+fn find(app: &AppState, key: &str) -> Result<Instance, ApiError> {
+    Ok(Instances::open(&app.data_dir)?.find(key)?)
+}
+
+pub async fn start(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        if is_live(&inst.state()?) {
+            return Ok(StatusCode::NOT_MODIFIED);
+        }
+        cela_instance::run::start(&app.data_dir, &inst)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct StopQuery {
+    t: Option<u64>,
+    timeout: Option<u64>,
+    signal: Option<String>,
+}
+
+pub async fn stop(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<StopQuery>,
+) -> Result<StatusCode, ApiError> {
+    if q.signal.is_some() {
+        return Err(ApiError::not_implemented(
+            "stop with another signal than SIGTERM",
+        ));
+    }
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        if !is_live(&inst.state()?) {
+            return Ok(StatusCode::NOT_MODIFIED);
+        }
+        ops::stop(&inst, Duration::from_secs(q.t.or(q.timeout).unwrap_or(10)))?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+pub async fn restart(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<StopQuery>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        ops::stop(&inst, Duration::from_secs(q.t.or(q.timeout).unwrap_or(10)))?;
+        cela_instance::run::start(&app.data_dir, &inst)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct KillQuery {
+    signal: Option<String>,
+}
+
+/// A signal as Docker names it: `SIGKILL`, `KILL` or a number.
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, ApiError> {
+    use std::str::FromStr;
+    let bad = || ApiError::bad_request(format!("invalid signal: {s}"));
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).map_err(|_| bad());
+    }
+    let name = s.to_ascii_uppercase();
+    let name = if name.starts_with("SIG") {
+        name
+    } else {
+        format!("SIG{name}")
+    };
+    nix::sys::signal::Signal::from_str(&name).map_err(|_| bad())
+}
+
+pub async fn kill(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<KillQuery>,
+) -> Result<StatusCode, ApiError> {
+    let signal = parse_signal(q.signal.as_deref().unwrap_or("SIGKILL"))?;
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        ops::send_signal(&inst, signal)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+pub async fn remove(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<crate::ForceQuery>,
+) -> Result<StatusCode, ApiError> {
+    let force = q.force();
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        ops::remove(&inst, force)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    condition: Option<String>,
+}
+
+pub async fn wait(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, ApiError> {
+    let condition = q
+        .condition
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "not-running".into());
+    if !["not-running", "next-exit", "removed"].contains(&condition.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "invalid condition {condition:?}: not-running, next-exit or removed"
+        )));
+    }
+    let inst = blocking({
+        let app = app.clone();
+        move || find(&app, &id)
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<Value>();
+    std::thread::spawn(move || {
+        let state = inst.state().ok();
+        let result = match state {
+            // Not running already: its last status, or for `removed` once it is gone.
+            Some(s) if condition == "not-running" && !is_live(&s) => status_json(
+                s.exit_code.map_or(0, i64::from),
+                s.error.filter(|_| s.status != Status::Exited),
+            ),
+            _ => {
+                let ending = follow::follow(&inst, From::Now, Until::RunEnds, |_| true);
+                let (code, error) = ending.status();
+                if condition == "removed" && !ending.removed {
+                    while inst.dir.exists() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                status_json(code, error)
+            }
+        };
+        let _ = tx.send(result);
+    });
+    // The headers go out at once (Docker clients wait for them before they start the
+    // container); the status follows when the run ends.
+    let body = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let rx = rx?;
+        let value = rx.await.ok()?;
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(value.to_string() + "\n")),
+            None,
+        ))
+    });
+    let head = futures_util::stream::once(async {
+        Ok::<_, std::convert::Infallible>(Bytes::from_static(b" "))
+    });
+    let body = Body::from_stream(futures_util::StreamExt::chain(head, body));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn status_json(code: i64, error: Option<String>) -> Value {
+    json!({
+        "StatusCode": code,
+        "Error": error.map(|m| json!({"Message": m})),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct LogsQuery {
+    follow: Option<String>,
+    stdout: Option<String>,
+    stderr: Option<String>,
+    timestamps: Option<String>,
+    tail: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// A Docker time bound (`since`/`until`): unix seconds with an optional fraction; in
+/// nanoseconds. 0 or absent: none.
+fn time_bound(s: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let Some(s) = s.filter(|s| !s.is_empty() && *s != "0") else {
+        return Ok(None);
+    };
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("invalid time {s:?}: unix seconds expected")))?;
+    Ok(Some((secs * 1e9) as i64))
+}
+
+fn rfc3339_nanos(t: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+pub async fn logs(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let follow_it = query_flag(q.follow.as_deref());
+    let want_out = query_flag(q.stdout.as_deref());
+    let want_err = query_flag(q.stderr.as_deref());
+    let stamps = query_flag(q.timestamps.as_deref());
+    let tail = match q.tail.as_deref() {
+        None | Some("all") | Some("") => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("invalid tail {n:?}: a number or `all`"))
+        })?),
+    };
+    let since = time_bound(q.since.as_deref())?;
+    let until = time_bound(q.until.as_deref())?;
+    if !want_out && !want_err {
+        return Err(ApiError::bad_request(
+            "you must choose at least one stream (stdout or stderr)",
+        ));
+    }
+    let inst = blocking({
+        let app = app.clone();
+        move || find(&app, &id)
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    std::thread::spawn(move || {
+        // Lines, so that `tail` counts lines as Docker's does.
+        let line = |stream: Stream, time: Option<i64>, data: &[u8]| -> Vec<u8> {
+            let mut text = Vec::new();
+            if stamps {
+                text.extend_from_slice(rfc3339_nanos(time.unwrap_or(0)).as_bytes());
+                text.push(b' ');
+            }
+            text.extend_from_slice(data);
+            let mut out = Vec::new();
+            frame(&mut out, stream, &text);
+            out
+        };
+        let keep = |stream: Stream, time: Option<i64>| {
+            (match stream {
+                Stream::Stdout => want_out,
+                Stream::Stderr => want_err,
+            }) && since.is_none_or(|s| time.is_none_or(|t| t >= s))
+                && until.is_none_or(|u| time.is_none_or(|t| t <= u))
+        };
+        let mut lines = Splitter::default();
+        // What is logged so far: split into lines, the last `tail` of them sent.
+        let mut backlog: std::collections::VecDeque<Vec<u8>> = Default::default();
+        follow::follow(&inst, From::Start, Until::Drained, |rec| {
+            if keep(rec.stream, rec.time) {
+                for l in lines.push(rec.stream, rec.data) {
+                    backlog.push_back(line(rec.stream, rec.time, &l));
+                    if tail.is_some_and(|n| backlog.len() > n) {
+                        backlog.pop_front();
+                    }
+                }
+            }
+            true
+        });
+        for (stream, rest) in lines.flush() {
+            backlog.push_back(line(stream, None, &rest));
+            if tail.is_some_and(|n| backlog.len() > n) {
+                backlog.pop_front();
+            }
+        }
+        for chunk in backlog {
+            if tx.blocking_send(Bytes::from(chunk)).is_err() {
+                return;
+            }
+        }
+        if follow_it {
+            follow::follow(&inst, From::Now, Until::NotLive, |rec| {
+                if !keep(rec.stream, rec.time) {
+                    return true;
+                }
+                tx.blocking_send(Bytes::from(line(rec.stream, rec.time, rec.data)))
+                    .is_ok()
+            });
+        }
+    });
+    let body = crate::channel_body(rx);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/vnd.docker.multiplexed-stream",
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// Cuts output into lines per stream (the partial last line of each kept until it ends).
+#[derive(Default)]
+struct Splitter {
+    partial: [Vec<u8>; 2],
+}
+
+impl Splitter {
+    fn push(&mut self, stream: Stream, data: &[u8]) -> Vec<Vec<u8>> {
+        let buf = &mut self.partial[stream as usize - 1];
+        buf.extend_from_slice(data);
+        let mut lines = Vec::new();
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            lines.push(buf.drain(..=i).collect());
+        }
+        lines
+    }
+
+    fn flush(&mut self) -> Vec<(Stream, Vec<u8>)> {
+        [Stream::Stdout, Stream::Stderr]
+            .into_iter()
+            .zip(self.partial.iter_mut())
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(s, b)| (s, std::mem::take(b)))
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+pub struct AttachQuery {
+    stream: Option<String>,
+    stdin: Option<String>,
+    stdout: Option<String>,
+    stderr: Option<String>,
+    logs: Option<String>,
+}
+
+/// `POST /containers/{id}/attach`: the hijacked connection carrying the container's output
+/// (multiplexed frames) until its run ends.
+pub async fn attach(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<AttachQuery>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    if query_flag(q.stdin.as_deref()) {
+        return Err(ApiError::not_implemented("attaching standard input"));
+    }
+    if query_flag(q.logs.as_deref()) {
+        return Err(ApiError::not_implemented(
+            "attach with logs=1 (use the logs endpoint)",
+        ));
+    }
+    let want_out = query_flag(q.stdout.as_deref());
+    let want_err = query_flag(q.stderr.as_deref());
+    let streaming = query_flag(q.stream.as_deref());
+    let inst = blocking({
+        let app = app.clone();
+        move || find(&app, &id)
+    })
+    .await?;
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"tcp"));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    if streaming {
+        std::thread::spawn(move || {
+            // A container that has ended has nothing more to say.
+            if let Ok(s) = inst.state()
+                && matches!(s.status, Status::Exited | Status::Crashed)
+            {
+                return;
+            }
+            follow::follow(&inst, From::Now, Until::RunEnds, |rec| {
+                let wanted = match rec.stream {
+                    Stream::Stdout => want_out,
+                    Stream::Stderr => want_err,
+                };
+                if !wanted {
+                    return true;
+                }
+                let mut out = Vec::new();
+                frame(&mut out, rec.stream, rec.data);
+                tx.blocking_send(Bytes::from(out)).is_ok()
+            });
+        });
+    }
+    let content_type = HeaderValue::from_static("application/vnd.docker.multiplexed-stream");
+    if !upgrade {
+        let body = crate::channel_body(rx);
+        return Ok(([(header::CONTENT_TYPE, content_type)], body).into_response());
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!("attach: the connection was not upgraded: {e}");
+                return;
+            }
+        };
+        let mut io = TokioIo::new(upgraded);
+        while let Some(chunk) = rx.recv().await {
+            if io.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = io.shutdown().await;
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+    Ok(resp)
+}
+
+/// Docker's container state name for a cela state.
+fn docker_status(state: &InstanceState) -> &'static str {
+    match state.status {
+        Status::Created if state.supervisor.is_none() => "created",
+        Status::Created | Status::Running => "running",
+        Status::Exited => "exited",
+        Status::Crashed | Status::Unknown => "dead",
+    }
+}
+
+fn unix_secs(rfc3339: Option<&str>) -> i64 {
+    rfc3339
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or(0, |t| t.timestamp())
+}
+
+/// "3 seconds", "2 minutes", … as Docker's `ps` shows ages.
+fn human_age(since: Option<&str>) -> String {
+    let secs = (chrono::Utc::now().timestamp() - unix_secs(since)).max(0);
+    match secs {
+        0 => "Less than a second".into(),
+        1 => "1 second".into(),
+        s if s < 60 => format!("{s} seconds"),
+        s if s < 120 => "About a minute".into(),
+        s if s < 3600 => format!("{} minutes", s / 60),
+        s if s < 7200 => "About an hour".into(),
+        s if s < 172_800 => format!("{} hours", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
+fn status_text(state: &InstanceState) -> String {
+    match docker_status(state) {
+        "created" => "Created".into(),
+        "running" => format!("Up {}", human_age(state.started.as_deref())),
+        "exited" => format!(
+            "Exited ({}) {} ago",
+            state.exit_code.unwrap_or(-1),
+            human_age(state.finished.as_deref())
+        ),
+        _ => "Dead".into(),
+    }
+}
+
+fn command_line(inst: &Instance) -> String {
+    inst.config.command.join(" ")
+}
+
+fn network_mode(inst: &Instance) -> &'static str {
+    match inst.config.net {
+        NetMode::None => "none",
+        NetMode::Host => "host",
+        NetMode::Auto => "bridge",
+    }
+}
+
+/// A container as `GET /containers/json` lists it.
+fn summary(inst: &Instance, state: &InstanceState) -> Value {
+    json!({
+        "Id": inst.config.id,
+        "Names": [format!("/{}", inst.config.name)],
+        "Image": inst.config.image,
+        "ImageID": inst.config.image_digest,
+        "Command": command_line(inst),
+        "Created": unix_secs(Some(&inst.config.created)),
+        "Ports": [],
+        "Labels": inst.config.labels,
+        "State": docker_status(state),
+        "Status": status_text(state),
+        "HostConfig": {"NetworkMode": network_mode(inst)},
+        "NetworkSettings": {"Networks": {}},
+        "Mounts": mounts(inst),
+    })
+}
+
+fn mounts(inst: &Instance) -> Vec<Value> {
+    inst.config
+        .volumes
+        .iter()
+        .map(|v| {
+            json!({
+                "Type": "bind",
+                "Source": v.host,
+                "Destination": v.dest,
+                "Mode": if v.read_only { "ro" } else { "" },
+                "RW": !v.read_only,
+                "Propagation": "rprivate",
+            })
+        })
+        .collect()
+}
+
+/// A container as `GET /containers/{id}/json` shows it.
+fn detail(inst: &Instance, state: &InstanceState) -> Value {
+    let status = docker_status(state);
+    let cfg = &inst.config;
+    json!({
+        "Id": cfg.id,
+        "Created": cfg.created,
+        "Path": cfg.command.first(),
+        "Args": cfg.command.get(1..).unwrap_or_default(),
+        "State": {
+            "Status": status,
+            "Running": status == "running",
+            "Paused": false,
+            "Restarting": false,
+            "OOMKilled": false,
+            "Dead": status == "dead",
+            "Pid": state.pid.unwrap_or(0),
+            "ExitCode": state.exit_code.unwrap_or(0),
+            "Error": state.error.clone().unwrap_or_default(),
+            "StartedAt": state.started.clone().unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
+            "FinishedAt": state.finished.clone().unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
+        },
+        "Image": cfg.image_digest,
+        "Name": format!("/{}", cfg.name),
+        "RestartCount": 0,
+        "Driver": "overlay",
+        "Platform": "linux",
+        "MountLabel": "",
+        "ProcessLabel": "",
+        "AppArmorProfile": "",
+        "HostConfig": {
+            "Binds": cfg.volumes.iter().map(|v| format!(
+                "{}:{}{}", v.host.display(), v.dest, if v.read_only { ":ro" } else { "" }
+            )).collect::<Vec<_>>(),
+            "NetworkMode": network_mode(inst),
+            "AutoRemove": cfg.auto_remove,
+            "Runtime": match cfg.kind { Kind::Vm => "vm", Kind::Container => "container" },
+            "Memory": cfg.memory_mib.map_or(0, |m| m << 20),
+            "NanoCpus": cfg.cpus.map_or(0, |c| i64::from(c) * 1_000_000_000),
+            "CapAdd": cfg.security.cap_add,
+            "CapDrop": cfg.security.cap_drop,
+        },
+        "Config": {
+            "Hostname": cfg.id,
+            "User": cfg.user.clone().unwrap_or_default(),
+            "Env": cfg.env,
+            "Cmd": cfg.command,
+            "Image": cfg.image,
+            "WorkingDir": cfg.workdir.clone().unwrap_or_default(),
+            "Entrypoint": null,
+            "Labels": cfg.labels,
+            "Tty": false,
+            "OpenStdin": false,
+            "StdinOnce": false,
+            "AttachStdin": false,
+            "AttachStdout": true,
+            "AttachStderr": true,
+        },
+        "NetworkSettings": {"Networks": {}, "Ports": {}},
+        "Mounts": mounts(inst),
+    })
+}
+
+pub async fn inspect(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        let state = inst.state_or_unknown();
+        Ok(axum::Json(detail(&inst, &state)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    all: Option<String>,
+    filters: Option<String>,
+    limit: Option<i64>,
+}
+
+/// Docker's `filters` query: `{"key": ["value", …]}`, or from older clients
+/// `{"key": {"value": true, …}}`.
+fn parse_filters(raw: Option<&str>) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(BTreeMap::new());
+    };
+    let bad = |why: String| ApiError::bad_request(format!("invalid filters: {why}"));
+    let v: BTreeMap<String, Value> = serde_json::from_str(raw).map_err(|e| bad(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in v {
+        let values = match v {
+            Value::Array(a) => a
+                .into_iter()
+                .map(|x| x.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>(),
+            Value::Object(o) => Some(o.into_iter().map(|(k, _)| k).collect()),
+            _ => None,
+        }
+        .ok_or_else(|| bad(format!("{k}: a list of strings expected")))?;
+        out.insert(k, values);
+    }
+    Ok(out)
+}
+
+fn matches(
+    filters: &BTreeMap<String, Vec<String>>,
+    inst: &Instance,
+    state: &InstanceState,
+) -> bool {
+    filters.iter().all(|(key, values)| {
+        values.iter().any(|want| match key.as_str() {
+            "name" => inst.config.name.contains(want.trim_start_matches('/')),
+            "id" => inst.config.id.starts_with(want.as_str()),
+            "status" => docker_status(state) == want,
+            "label" => match want.split_once('=') {
+                Some((k, v)) => inst.config.labels.get(k).is_some_and(|x| x == v),
+                None => inst.config.labels.contains_key(want.as_str()),
+            },
+            "ancestor" => inst.config.image == *want,
+            _ => false,
+        })
+    })
+}
+
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<Vec<Value>>, ApiError> {
+    let all = query_flag(q.all.as_deref());
+    let filters = parse_filters(q.filters.as_deref())?;
+    if let Some(bad) = filters
+        .keys()
+        .find(|k| !["name", "id", "status", "label", "ancestor"].contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "invalid filter {bad:?}: cela filters by name, id, status, label and ancestor"
+        )));
+    }
+    blocking(move || {
+        let insts = Instances::open(&app.data_dir)?.list()?;
+        let mut rows: Vec<(i64, Value)> = Vec::new();
+        for inst in insts {
+            let state = inst.state_or_unknown();
+            let shown = all || is_live(&state) || filters.contains_key("status");
+            if shown && matches(&filters, &inst, &state) {
+                rows.push((
+                    unix_secs(Some(&inst.config.created)),
+                    summary(&inst, &state),
+                ));
+            }
+        }
+        // Newest first, as Docker lists.
+        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+        let mut rows: Vec<Value> = rows.into_iter().map(|(_, v)| v).collect();
+        if let Some(n) = q.limit.filter(|n| *n > 0) {
+            rows.truncate(n as usize);
+        }
+        Ok(axum::Json(rows))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_create_body_becomes_a_typed_request() {
+        let body: CreateBody = serde_json::from_value(json!({
+            "Image": "busybox",
+            "Cmd": ["echo", "hi"],
+            "Env": ["A=1"],
+            "Labels": {"team": "x"},
+            "HostConfig": {"Memory": 104857600, "NanoCpus": 1500000000, "NetworkMode": "none",
+                           "AutoRemove": true, "Runtime": "vm", "Unknown": 1},
+            "SomethingNew": {"a": 1}
+        }))
+        .unwrap();
+        let req = run_request(body, Some("/web".into())).unwrap();
+        assert_eq!(req.image, "busybox");
+        assert_eq!(req.command, ["echo", "hi"]);
+        assert_eq!(req.kind, Kind::Vm);
+        assert_eq!(req.memory_mib, Some(100));
+        assert_eq!(req.cpus, Some(2));
+        assert_eq!(req.net, NetMode::None);
+        assert!(req.auto_remove);
+        assert_eq!(req.name.as_deref(), Some("web"));
+        assert_eq!(req.labels["team"], "x");
+    }
+
+    #[test]
+    fn what_cela_does_not_do_is_refused_not_ignored() {
+        for body in [
+            json!({"Image": "b", "Tty": true}),
+            json!({"Image": "b", "OpenStdin": true}),
+            json!({"Image": "b", "HostConfig": {"Privileged": true}}),
+            json!({"Image": "b", "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}}),
+            json!({"Image": "b", "HostConfig": {"NetworkMode": "container:x"}}),
+        ] {
+            let err = run_request(serde_json::from_value(body.clone()).unwrap(), None).unwrap_err();
+            assert_eq!(
+                err.status,
+                StatusCode::NOT_IMPLEMENTED,
+                "{body}: {}",
+                err.message
+            );
+        }
+        let err = run_request(
+            serde_json::from_value(json!({"Image": "b", "HostConfig": {"Runtime": "kata"}}))
+                .unwrap(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn filters_in_both_shapes() {
+        let a = parse_filters(Some(r#"{"name":["web"],"label":["a=b"]}"#)).unwrap();
+        let b = parse_filters(Some(r#"{"name":{"web":true},"label":{"a=b":true}}"#)).unwrap();
+        assert_eq!(a, b);
+        assert!(parse_filters(Some(r#"{"name":"web"}"#)).is_err());
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("SIGTERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("kill").unwrap(), Signal::SIGKILL);
+        assert_eq!(parse_signal("15").unwrap(), Signal::SIGTERM);
+        assert!(parse_signal("SIGNOPE").is_err());
+    }
+
+    #[test]
+    fn lines_are_cut_per_stream() {
+        let mut s = Splitter::default();
+        assert!(s.push(Stream::Stdout, b"a").is_empty());
+        assert_eq!(s.push(Stream::Stderr, b"e\n"), [b"e\n".to_vec()]);
+        assert_eq!(s.push(Stream::Stdout, b"b\nc"), [b"ab\n".to_vec()]);
+        assert_eq!(s.flush(), [(Stream::Stdout, b"c".to_vec())]);
+    }
+}

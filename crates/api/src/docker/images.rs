@@ -1,0 +1,176 @@
+//! The Docker Engine API's images: list, inspect, remove, and create (a pull, answered with
+//! Docker's streamed JSON progress lines).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use cela_image::{ImageRecord, RunConfig, Store};
+use cela_instance::Instances;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, blocking};
+
+fn created_secs(image: &ImageRecord) -> i64 {
+    image
+        .created
+        .as_deref()
+        .or(Some(image.added.as_str()))
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or(0, |t| t.timestamp())
+}
+
+fn summary(image: &ImageRecord) -> Value {
+    json!({
+        "Id": image.digest.to_string(),
+        "ParentId": "",
+        "RepoTags": image.familiar_names(),
+        "RepoDigests": [],
+        "Created": created_secs(image),
+        "Size": image.size,
+        "SharedSize": -1,
+        "Labels": {},
+        "Containers": -1,
+    })
+}
+
+pub async fn list(State(app): State<Arc<AppState>>) -> Result<axum::Json<Vec<Value>>, ApiError> {
+    blocking(move || {
+        let store = Store::open(&app.data_dir)?;
+        Ok(axum::Json(store.list()?.iter().map(summary).collect()))
+    })
+    .await
+}
+
+pub async fn inspect(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    blocking(move || {
+        let store = Store::open(&app.data_dir)?;
+        let image = store.resolve(&name).map_err(|e| match e {
+            cela_image::ImageError::UnknownImage(_) => ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                format!("No such image: {name}"),
+            ),
+            other => other.into(),
+        })?;
+        let rc = RunConfig::of(&store, &image)?;
+        Ok(axum::Json(json!({
+            "Id": image.digest.to_string(),
+            "RepoTags": image.familiar_names(),
+            "RepoDigests": [],
+            "Created": image.created.clone().unwrap_or_else(|| image.added.clone()),
+            "Size": image.size,
+            "Os": "linux",
+            "Architecture": "amd64",
+            "Config": {
+                "Entrypoint": rc.entrypoint,
+                "Cmd": rc.cmd,
+                "Env": rc.env,
+                "WorkingDir": rc.working_dir.unwrap_or_default(),
+                "User": rc.user.unwrap_or_default(),
+            },
+            "RootFS": {
+                "Type": "layers",
+                "Layers": image.layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>(),
+            },
+        })))
+    })
+    .await
+}
+
+pub async fn remove(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<crate::ForceQuery>,
+) -> Result<axum::Json<Vec<Value>>, ApiError> {
+    let force = q.force();
+    blocking(move || {
+        let store = Store::open(&app.data_dir)?;
+        let instances = Instances::open(&app.data_dir)?;
+        let removed = cela_instance::images::remove(&store, &instances, &name, force)?;
+        let mut out: Vec<Value> = removed
+            .untagged
+            .iter()
+            .map(|n| json!({"Untagged": n}))
+            .collect();
+        if let Some(d) = removed.deleted {
+            out.push(json!({"Deleted": d.to_string()}));
+        }
+        Ok(axum::Json(out))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct CreateQuery {
+    #[serde(rename = "fromImage")]
+    from_image: Option<String>,
+    #[serde(rename = "fromSrc")]
+    from_src: Option<String>,
+    tag: Option<String>,
+    platform: Option<String>,
+}
+
+/// `POST /images/create?fromImage=NAME&tag=TAG`: a pull. The answer streams JSON lines as
+/// Docker's does; a failure after the stream began is a line with `error`/`errorDetail`.
+pub async fn create(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<CreateQuery>,
+) -> Result<Response, ApiError> {
+    if q.from_src.is_some() {
+        return Err(ApiError::not_implemented(
+            "importing an image from a source (fromSrc)",
+        ));
+    }
+    if let Some(p) = q
+        .platform
+        .as_deref()
+        .filter(|p| !p.is_empty() && *p != "linux/amd64")
+    {
+        return Err(ApiError::not_implemented(format!(
+            "pulling for platform {p}"
+        )));
+    }
+    let Some(name) = q.from_image.filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request("fromImage is required"));
+    };
+    // `tag` may be a tag or a digest; a name with its own tag or digest keeps it.
+    let reference = match q.tag.filter(|t| !t.is_empty()) {
+        Some(t) if t.starts_with("sha256:") => format!("{name}@{t}"),
+        Some(t) => format!("{name}:{t}"),
+        None if name.contains('@') || name.rsplit('/').next().is_some_and(|l| l.contains(':')) => {
+            name.clone()
+        }
+        None => format!("{name}:latest"),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let line = |v: Value| Bytes::from(v.to_string() + "\r\n");
+    let _ = tx.try_send(line(
+        json!({"status": format!("Pulling from {name}"), "id": reference}),
+    ));
+    std::thread::spawn(move || {
+        let result = Store::open(&app.data_dir).and_then(|store| {
+            cela_image::pull(&store, &reference, &cela_image::Progress::hidden())
+        });
+        let last = match result {
+            Ok(image) => vec![
+                json!({"status": format!("Digest: {}", image.digest)}),
+                json!({"status": format!("Status: Downloaded newer image for {reference}")}),
+            ],
+            Err(e) => {
+                vec![json!({"errorDetail": {"message": e.to_string()}, "error": e.to_string()})]
+            }
+        };
+        for v in last {
+            let _ = tx.blocking_send(line(v));
+        }
+    });
+    let body = crate::channel_body(rx);
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
