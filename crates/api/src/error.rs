@@ -50,7 +50,7 @@ impl From<InstanceError> for ApiError {
     fn from(e: InstanceError) -> ApiError {
         use InstanceError as E;
         let status = match &e {
-            E::NotFound(_) | E::NoImage(_) => StatusCode::NOT_FOUND,
+            E::NotFound(_) | E::NoImage(_) | E::NotPulled { .. } => StatusCode::NOT_FOUND,
             E::Image(cela_image::ImageError::UnknownImage(_)) => StatusCode::NOT_FOUND,
             E::NameTaken(_) | E::WrongState { .. } | E::ImageInUse { .. } => StatusCode::CONFLICT,
             E::BadName(_) | E::Invalid(_) => StatusCode::BAD_REQUEST,

@@ -15,12 +15,13 @@ use cela_instance::{Instance, InstanceState, Status};
 const POLL: Duration = Duration::from_millis(20);
 
 /// Where following starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum From {
     /// The whole log (logs).
     Start,
     /// What is written from now on (attach, wait).
     Now,
+    /// Where an earlier follow stopped ([`Ending::reader`]).
+    Reader(LogReader),
 }
 
 /// When following ends.
@@ -35,8 +36,10 @@ pub enum Until {
 }
 
 /// How a followed run ended.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Ending {
+    /// The reader, positioned after what was read (absent if the log never appeared).
+    pub reader: Option<LogReader>,
     pub end: Option<LogEnd>,
     /// The instance's directory is gone (removed).
     pub removed: bool,
@@ -58,29 +61,29 @@ impl Ending {
 }
 
 /// Reads `inst`'s output from `from` until `until`, handing each record to `out`, which
-/// returns false once nobody wants more (then following stops). Bounded only by the run: a
-/// caller that needs a bound drops its receiving end.
+/// returns false once nobody wants more (then following stops); `gone` says the client has
+/// left (then too). `finished_before` is the finishing time of the state the caller saw: a
+/// run ends, for [`Until::RunEnds`], with an end record or a state finished at another time.
 pub fn follow(
     inst: &Instance,
     from: From,
     until: Until,
+    finished_before: Option<String>,
+    gone: &dyn Fn() -> bool,
     mut out: impl FnMut(Record<'_>) -> bool,
 ) -> Ending {
     let path = inst.log_path();
-    let open = |from: From| match from {
+    let mut reader = match from {
         From::Start => LogReader::open(&path).ok(),
         From::Now => LogReader::open_at_end(&path).ok(),
+        From::Reader(r) => Some(r),
     };
-    let mut reader = open(from);
-    // A run that ends records a new finishing time, whether or not this reader saw its end
-    // record (it may have been written just before the reader opened the log at its end).
-    let finished_before = inst.state().ok().and_then(|s| s.finished);
     // A log that does not exist yet is the first run's: read it from its start.
     let mut wanted = true;
     let mut ending = Ending::default();
     loop {
         if reader.is_none() {
-            reader = open(From::Start);
+            reader = LogReader::open(&path).ok();
         }
         // The state first: output written before a change of state is then in the log.
         let state = inst.state().ok();
@@ -98,6 +101,7 @@ pub fn follow(
                 .unwrap_or(false);
             if !wanted {
                 ending.state = state;
+                ending.reader = reader;
                 return ending;
             }
             if until == Until::RunEnds
@@ -105,6 +109,7 @@ pub fn follow(
             {
                 ending.end = Some(end.clone());
                 ending.state = state;
+                ending.reader = reader;
                 return ending;
             }
         }
@@ -124,7 +129,8 @@ pub fn follow(
         if let Some(s) = state {
             ending.state = Some(s);
         }
-        if done {
+        if done || gone() {
+            ending.reader = reader;
             return ending;
         }
         if !any {

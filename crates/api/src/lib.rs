@@ -26,6 +26,8 @@ pub use error::ApiError;
 /// What every request handler shares.
 pub struct AppState {
     pub data_dir: PathBuf,
+    /// The Docker API's execs (kept in memory, as dockerd keeps them).
+    pub(crate) execs: docker::exec::Execs,
 }
 
 /// Where `cela serve` listens.
@@ -95,13 +97,34 @@ fn strip_version(mut req: Request) -> Request {
     req
 }
 
+/// Refuses a Docker API version cela does not serve, and gives every error the APIs' JSON
+/// shape: axum's own refusals (a body over the limit, a query value of the wrong type) come
+/// as plain text, and become `{"message": TEXT}` here.
 async fn check_version(req: Request, next: axum::middleware::Next) -> Response {
     if let Some(AskedVersion(v)) = req.extensions().get::<AskedVersion>()
         && let Err(why) = docker::check_version(v)
     {
         return ApiError::bad_request(why).into_response();
     }
-    next.run(req).await
+    let resp = next.run(req).await;
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if !resp.status().is_client_error() && !resp.status().is_server_error() || json {
+        return resp;
+    }
+    let status = resp.status();
+    let text = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    ApiError::new(status, text).into_response()
 }
 
 /// Whatever no route answers: 501 naming the endpoint, in the API's error shape.
@@ -113,10 +136,12 @@ async fn not_implemented(req: Request) -> Response {
 pub fn router(data_dir: &Path) -> Router {
     let state = Arc::new(AppState {
         data_dir: data_dir.to_owned(),
+        execs: Default::default(),
     });
     docker::routes()
         .merge(own::routes())
         .fallback(not_implemented)
+        .method_not_allowed_fallback(not_implemented)
         .layer(axum::middleware::from_fn(check_version))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)

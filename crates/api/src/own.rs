@@ -29,13 +29,14 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 async fn list(State(app): State<Arc<AppState>>) -> Result<axum::Json<Vec<Value>>, ApiError> {
     blocking(move || {
-        let insts = Instances::open(&app.data_dir)?.list()?;
-        Ok(axum::Json(
-            insts
-                .iter()
-                .map(|i| cela_instance::view::summary(i, &i.state_or_unknown()))
-                .collect(),
-        ))
+        // As `cela ps -a --format json`: records that cannot be read by their id only.
+        let (good, broken) = Instances::open(&app.data_dir)?.scan()?;
+        let mut rows: Vec<Value> = good
+            .iter()
+            .map(|i| cela_instance::view::summary(i, &i.state_or_unknown()))
+            .collect();
+        rows.extend(broken.iter().map(cela_instance::view::broken));
+        Ok(axum::Json(rows))
     })
     .await
 }
@@ -86,6 +87,9 @@ struct CreateBody {
     auto_remove: bool,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Pull the image first: `missing` (default), `always` or `never`.
+    #[serde(default)]
+    pull: cela_instance::PullPolicy,
     /// Start it at once (default), or only record it.
     #[serde(default = "yes")]
     start: bool,
@@ -131,6 +135,7 @@ async fn create(
         net: body.net,
         auto_remove: body.auto_remove,
         labels: body.labels,
+        pull: body.pull,
         ..RunRequest::new(body.image, body.kind)
     };
     let start = body.start;

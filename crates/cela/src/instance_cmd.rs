@@ -3,7 +3,7 @@
 //! started here in its own process group), so it outlives the command that started it; a
 //! foreground `cela run` follows the instance's log and exits with its status.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,6 @@ use cela_instance::{
     Volume,
 };
 use clap::Args;
-use serde_json::json;
 
 use crate::EXIT_CELA_ERROR;
 use crate::image_cmd::{Format, progress};
@@ -32,6 +31,12 @@ pub struct RunImage {
     pub vm: bool,
     pub detach: bool,
     pub rm: bool,
+    /// `-i`, `-t`, `--detach-keys`.
+    pub interactive: bool,
+    pub tty: bool,
+    pub detach_keys: String,
+    /// `--pull`.
+    pub pull: cela_instance::PullPolicy,
     pub name: Option<String>,
     pub cpus: Option<u32>,
     pub memory: Option<u64>,
@@ -101,6 +106,13 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
             "--kernel and --initrd go together with an IMAGE (cela-init must be in the initramfs)"
         ),
     };
+    let keys = cela_instance::attach::parse_detach_keys(&req.detach_keys)?;
+    if req.tty && !req.detach && !std::io::stdin().is_terminal() {
+        bail!(
+            "-t needs a terminal on stdin (the input device is not a TTY); drop -t, or run it from a terminal"
+        );
+    }
+    let interactive = (req.interactive || req.tty) && !req.detach;
     let request = RunRequest {
         command: req.command,
         name: req.name,
@@ -118,8 +130,12 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         security: Security::parse(&req.cap_add, &req.cap_drop, &req.security_opt, net)?,
         guest,
         confine: !req.no_confine,
-        // A foreground run removes the instance itself, after reading all its output.
-        auto_remove: req.rm && req.detach,
+        // A foreground run removes the instance itself, after reading all its output; an
+        // interactive one may be detached from, so its supervisor does.
+        auto_remove: req.rm && (req.detach || interactive),
+        stdin: req.interactive,
+        tty: req.tty,
+        pull: req.pull,
         ..RunRequest::new(req.image, kind)
     };
     let store = crate::image_cmd::open(data_dir)?;
@@ -130,6 +146,12 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     cela_instance::run::spawn_supervisor(data_dir, &inst)?;
+    if interactive {
+        return Ok(match crate::attach_cmd::session(&inst, true, &keys)? {
+            crate::attach_cmd::Outcome::Ended(code) => code,
+            crate::attach_cmd::Outcome::Detached => ExitCode::SUCCESS,
+        });
+    }
     // Followed once its supervisor has claimed it (before that it is created, not live).
     ops::wait_state(&inst, START_BOUND, |s| s.supervisor.is_some())?;
     let state = follow(&inst, true)?;
@@ -245,11 +267,7 @@ pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode
             rows.push(cela_instance::view::summary(&inst, &state));
         }
     }
-    rows.extend(
-        broken
-            .iter()
-            .map(|b| json!({"id": b.id, "status": Status::Unknown, "error": b.error})),
-    );
+    rows.extend(broken.iter().map(cela_instance::view::broken));
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Format::Table => {

@@ -2,6 +2,7 @@
 //! prints results; the mechanisms live in the `cela-vmm`, `cela-assets`, `cela-guest` and
 //! `cela-image` crates.
 
+mod attach_cmd;
 mod image_cmd;
 mod instance_cmd;
 mod paths;
@@ -58,6 +59,14 @@ enum Command {
     },
     /// Run a command in a running instance.
     Exec(instance_cmd::ExecArgs),
+    /// Connect this terminal to a running instance's input and output (Ctrl-P Ctrl-Q detaches
+    /// from one with a terminal).
+    Attach {
+        /// The keys that detach (comma-separated `ctrl-X` or characters; empty: none).
+        #[arg(long, value_name = "KEYS", default_value = "ctrl-p,ctrl-q")]
+        detach_keys: String,
+        name: String,
+    },
     /// Stop instances: SIGTERM, then SIGKILL after the timeout.
     Stop {
         /// Seconds between SIGTERM and SIGKILL.
@@ -160,6 +169,7 @@ fn main() -> ExitCode {
         Command::Ps { all, format } => instance_cmd::ps(all, format, &data_dir),
         Command::Logs { follow, name } => instance_cmd::logs(&name, follow, &data_dir),
         Command::Exec(args) => instance_cmd::exec(args, &data_dir),
+        Command::Attach { detach_keys, name } => attach_cmd::attach(&name, &detach_keys, &data_dir),
         Command::Stop { timeout, names } => instance_cmd::stop(&names, timeout, &data_dir),
         Command::Start { names } => instance_cmd::start(&names, &data_dir),
         Command::Rm { force, names } => instance_cmd::rm(&names, force, &data_dir),

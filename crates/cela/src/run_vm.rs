@@ -26,6 +26,20 @@ pub struct RunArgs {
     /// Remove the instance when it ends (with an IMAGE).
     #[arg(long)]
     rm: bool,
+    /// Keep stdin open and pass it to the container (with an IMAGE; EOF is passed on).
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the container a terminal: this one in raw mode, its size followed (with an IMAGE).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Pull the image from its registry first: when the store has none by that name
+    /// (`missing`), every time (`always`), or never.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = PullArg::Missing)]
+    pull: PullArg,
+    /// The keys that detach this terminal from a `-t` instance and leave it running
+    /// (comma-separated `ctrl-X` or characters; empty: none).
+    #[arg(long, value_name = "KEYS", default_value = "ctrl-p,ctrl-q")]
+    detach_keys: String,
     /// Name the instance (default: made from its id).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
@@ -115,6 +129,23 @@ pub struct RunArgs {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum PullArg {
+    Missing,
+    Always,
+    Never,
+}
+
+impl From<PullArg> for cela_instance::PullPolicy {
+    fn from(p: PullArg) -> Self {
+        match p {
+            PullArg::Missing => cela_instance::PullPolicy::Missing,
+            PullArg::Always => cela_instance::PullPolicy::Always,
+            PullArg::Never => cela_instance::PullPolicy::Never,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
 enum EngineArg {
     Kvm,
     Qemu,
@@ -192,6 +223,10 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
                 vm: args.vm,
                 detach: args.detach,
                 rm: args.rm,
+                interactive: args.interactive,
+                tty: args.tty,
+                detach_keys: args.detach_keys,
+                pull: args.pull.into(),
                 name: args.name,
                 cpus: args.cpus,
                 memory: args.memory,
@@ -221,6 +256,8 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         ("--security-opt", !args.security_opt.is_empty()),
         ("-d", args.detach),
         ("--rm", args.rm),
+        ("-i", args.interactive),
+        ("-t", args.tty),
         ("--name", args.name.is_some()),
         ("-v", !args.volumes.is_empty()),
     ] {

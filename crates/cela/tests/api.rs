@@ -242,6 +242,48 @@ fn both_docker_clients_run_containers_through_cela_serve() {
         );
         let state = s.docker_ok(bin, &["inspect", "-f", "{{.State.Status}}", "web"]);
         assert_eq!(state.trim(), "running", "{bin}");
+        // exec: output, exit status, stdin through a half-close, the environment and user.
+        let out = s.docker(
+            bin,
+            &[
+                "exec",
+                "web",
+                "sh",
+                "-c",
+                "echo in-exec; echo e >&2; exit 3",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(3), "{bin}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "in-exec\n", "{bin}");
+        assert_eq!(text(&out.stderr), "e\n", "{bin}");
+        let mut child = Command::new("timeout")
+            .arg("60")
+            .arg(bin)
+            .args([
+                "exec",
+                "-i",
+                "-e",
+                "K=v",
+                "-u",
+                "www",
+                "web",
+                "sh",
+                "-c",
+                "cat; echo $K $(id -u)",
+            ])
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", s.docker_sock().display()),
+            )
+            .env("DOCKER_CONFIG", s.dir.path().join("docker-config"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"piped\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(text(&out.stdout), "piped\nv 33\n", "{bin}");
+
         // The CLI sees the API's instance.
         let ps: Value = serde_json::from_str(&w.ok(&["ps", "--format", "json"])).unwrap();
         assert_eq!(ps[0]["name"], "web", "{bin}");
@@ -372,8 +414,17 @@ fn the_apis_answer_errors_with_their_status_codes() {
     );
     assert_eq!(code, 501, "{body}");
     let (code, body) = s.http("POST", "/v1.50/exec/abc/start", Some(b"{}"));
+    assert_eq!(code, 404, "{body}");
+    // Not implemented, on a path with other methods (GET and DELETE /images/...) and on none.
+    let (code, body) = s.http("POST", "/v1.50/images/load", Some(b""));
     assert_eq!(code, 501, "{body}");
-    assert!(body.contains("POST /exec/abc/start"), "{body}");
+    assert!(body.contains("POST /images/load"), "{body}");
+    let (code, body) = s.http("GET", "/v1.50/events", None);
+    assert_eq!(code, 501, "{body}");
+    // axum's own refusals carry the JSON shape too.
+    let (code, body) = s.http("GET", "/v1.50/containers/json?limit=x", None);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.starts_with("{\"message\":"), "{body}");
     let (code, body) = s.http("GET", "/v1.41/containers/nosuch/json", None);
     assert_eq!(code, 404, "{body}");
     assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");

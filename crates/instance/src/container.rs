@@ -251,7 +251,7 @@ pub fn spec(config: &InstanceConfig, rootfs: &Path) -> Result<Value, InstanceErr
     v["root"] = json!({"path": rootfs, "readonly": false});
     v["hostname"] = json!(config.name);
     let p = &mut v["process"];
-    p["terminal"] = json!(false);
+    p["terminal"] = json!(config.tty);
     // Keeps setuid binaries from gaining privileges; Docker's `no-new-privileges`.
     p["noNewPrivileges"] = json!(true);
     p["args"] = json!(config.command);
@@ -316,9 +316,20 @@ pub fn spec(config: &InstanceConfig, rootfs: &Path) -> Result<Value, InstanceErr
 
 /// Writes the bundle and creates the container (its init waits for `start`); its stdio are
 /// the caller's. Returns the init's pid.
-pub fn create(store: &Store, image: &ImageRecord, inst: &Instance) -> Result<i32, InstanceError> {
+/// Creates the container of `inst` (not started): its init's pid, and with a terminal
+/// (`tty`) the terminal's master, received on a console socket in the instance directory.
+pub fn create(
+    store: &Store,
+    image: &ImageRecord,
+    inst: &Instance,
+) -> Result<(i32, Option<std::os::fd::OwnedFd>), InstanceError> {
     let rootfs = mount_rootfs(store, image, inst)?;
     let made = (|| {
+        let console = if inst.config.tty {
+            Some(cela_runtime::console::ConsoleSocket::listen(&inst.dir)?)
+        } else {
+            None
+        };
         let bundle = inst.dir.join("bundle");
         fs::create_dir_all(&bundle).doing(|| format!("creating {}", bundle.display()))?;
         let mut v = spec(&inst.config, &rootfs)?;
@@ -332,12 +343,15 @@ pub fn create(store: &Store, image: &ImageRecord, inst: &Instance) -> Result<i32
             &CreateOptions {
                 bundle,
                 detach: true,
+                console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
                 ..Default::default()
             },
         )?;
-        c.pid().map(|p| p.as_raw()).ok_or_else(|| {
+        let pid = c.pid().map(|p| p.as_raw()).ok_or_else(|| {
             InstanceError::Other(format!("container {} has no init pid", inst.config.id))
-        })
+        })?;
+        let master = console.map(|c| c.receive_master()).transpose()?;
+        Ok((pid, master))
     })();
     if made.is_err() {
         unmount_rootfs(inst);

@@ -27,6 +27,8 @@ pub enum InstanceError {
     Invalid(String),
     #[error("no image {0} in the store (cela pull or cela image import it first)")]
     NoImage(String),
+    #[error("no image {image} in the store, and pulling it failed: {why}")]
+    NotPulled { image: String, why: String },
     #[error("instance {name} did not start: {why}")]
     NotStarted { name: String, why: String },
     /// An image that instances use; a forced removal only untags it.

@@ -5,6 +5,8 @@
 //!   names, crash detection by supervisor liveness).
 //! * [`supervise`]: the process that runs an instance's workload and records its end.
 //! * [`images`]: images instances use are not removed.
+//! * [`attach`]: input into a running instance (stdin, its terminal, resizes) through the
+//!   supervisor's attach socket.
 //! * [`container`]: containers from images (OverlayFS over the image's layers, an OCI bundle
 //!   from the image config, `cela-runtime` underneath).
 //! * [`log`]: the output log, stdout and stderr kept apart in arrival order.
@@ -17,6 +19,7 @@
 //! * [`view`]: the JSON an instance is shown as, by the CLI and the APIs alike.
 //! * [`vm_exec`]: `cela exec` into a microVM, the host end of the guest agent's protocol.
 
+pub mod attach;
 pub mod container;
 mod error;
 pub mod images;
@@ -35,5 +38,5 @@ pub use network::NetMode;
 pub use record::{
     Broken, Instance, InstanceConfig, InstanceState, Instances, Kind, Status, VmBoot, Volume,
 };
-pub use run::{GuestFiles, RunRequest};
+pub use run::{GuestFiles, PullPolicy, RunRequest};
 pub use security::{Seccomp, Security};

@@ -49,7 +49,10 @@ pub fn is_live(state: &InstanceState) -> bool {
 /// the workload ends; at the timeout the monitor itself is killed, and the end is recorded
 /// here as status 137, as for a container. Returns once the end is recorded.
 pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, InstanceError> {
-    let state = inst.state()?;
+    // One being started has no workload to signal yet: wait (bounded) until it has.
+    let state = wait_state(inst, Duration::from_secs(30), |s| {
+        s.status != Status::Created || s.supervisor.is_none_or(|p| !p.alive())
+    })?;
     if !is_live(&state) {
         return Ok(state);
     }

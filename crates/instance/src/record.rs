@@ -123,6 +123,12 @@ pub struct InstanceConfig {
     /// How a container is confined beyond its namespaces: capabilities and seccomp.
     #[serde(default)]
     pub security: Security,
+    /// The workload's stdin is a pipe fed through the attach socket (`-i`; else /dev/null).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// The workload runs on a terminal whose input comes through the attach socket (`-t`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
     /// The caller's key/value labels (the Docker API's `Labels`), for filtering.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -551,7 +557,9 @@ impl Instance {
             return Err(InstanceError::NotFound(self.name().to_owned()));
         }
         let mut state = self.state()?;
-        if crate::ops::is_live(&state) {
+        // A supervisor that has recorded its run's end may still be taking the run apart.
+        let other = state.supervisor.filter(|s| *s != me && s.alive());
+        if crate::ops::is_live(&state) || other.is_some() {
             return Err(InstanceError::WrongState {
                 name: self.name().to_owned(),
                 status: state.status.to_string(),
@@ -575,7 +583,9 @@ impl Instance {
         let root = self.dir.parent().unwrap_or(Path::new("/"));
         let _lock = lock_in(root)?;
         let state = self.state_or_unknown();
-        if !crate::ops::is_live(&state) {
+        // An unreadable record is not marked: no supervisor can claim it, and a refused
+        // `rm` (it needs -f) leaves it as it was.
+        if !crate::ops::is_live(&state) && state.status != Status::Unknown {
             fs::write(self.dir.join(REMOVING), b"")
                 .doing(|| format!("marking {} for removal", self.dir.display()))?;
         }
@@ -617,6 +627,8 @@ mod tests {
             vm: None,
             net: NetMode::None,
             security: Default::default(),
+            stdin: false,
+            tty: false,
             labels: Default::default(),
         }
     }

@@ -31,6 +31,19 @@ pub enum GuestFiles {
     Custom { kernel: PathBuf, initrd: PathBuf },
 }
 
+/// When [`create`] pulls the image from its registry first (Docker's `--pull`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// When the store has no image by that name.
+    #[default]
+    Missing,
+    /// Every time (a newer image under the same tag is taken).
+    Always,
+    /// Never: a missing image is an error.
+    Never,
+}
+
 /// Everything that makes a new instance, as typed values.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
@@ -64,6 +77,11 @@ pub struct RunRequest {
     pub auto_remove: bool,
     /// Key/value labels, kept with the instance for filtering.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Stdin kept open and fed through the attach socket (`crate::attach`).
+    pub stdin: bool,
+    /// A terminal for the workload (containers).
+    pub tty: bool,
+    pub pull: PullPolicy,
 }
 
 impl RunRequest {
@@ -87,6 +105,9 @@ impl RunRequest {
             confine: true,
             auto_remove: false,
             labels: Default::default(),
+            stdin: false,
+            tty: false,
+            pull: PullPolicy::Missing,
         }
     }
 }
@@ -130,6 +151,11 @@ pub fn create(
             "volumes are not supported for microVMs yet (give the VM a disk instead)".into(),
         ));
     }
+    if vm && (req.stdin || req.tty) {
+        return Err(InstanceError::Unsupported(
+            "stdin and a terminal are for containers so far (a microVM's workload has neither yet; `cela exec -it` reaches a running one)".into(),
+        ));
+    }
     if !vm && req.guest != GuestFiles::Default {
         return Err(invalid(
             "a kernel and initramfs are for microVMs, not containers",
@@ -137,6 +163,21 @@ pub fn create(
     }
     if !vm && let Some(mib) = req.memory_mib {
         crate::container::memory_limit(mib)?;
+    }
+    let missing = matches!(
+        store.resolve(&req.image),
+        Err(cela_image::ImageError::UnknownImage(_))
+    );
+    let pull = req.pull == PullPolicy::Always || (req.pull == PullPolicy::Missing && missing);
+    if pull && let Err(e) = cela_image::pull(store, &req.image, progress) {
+        return Err(if missing {
+            InstanceError::NotPulled {
+                image: req.image.clone(),
+                why: e.to_string(),
+            }
+        } else {
+            e.into()
+        });
     }
     let content = store.content_lock()?;
     let image = store.resolve(&req.image).map_err(|e| match e {
@@ -223,9 +264,21 @@ pub fn create(
         net: req.net,
         security: req.security.clone(),
         labels: req.labels.clone(),
+        stdin: req.stdin,
+        tty: req.tty,
     };
     let inst = Instances::open(data_dir)?.create(config)?;
     drop(content);
+    // The log exists from the start, so a follower attached before the first run holds it
+    // open even if the run ends and removes the instance before the follower looks again.
+    let log = inst.log_path();
+    if let Err(e) = std::fs::File::create(&log) {
+        let _ = ops::remove(&inst, true);
+        return Err(InstanceError::Io {
+            what: format!("creating {}", log.display()),
+            source: e,
+        });
+    }
     Ok(inst)
 }
 
@@ -259,10 +312,22 @@ pub fn start(data_dir: &Path, inst: &Instance) -> Result<InstanceState, Instance
             hint: "it is started already",
         });
     }
+    // The previous run's supervisor may still be taking that run apart (a restart).
+    let before = ops::wait_state(inst, Duration::from_secs(30), |s| {
+        s.supervisor.is_none_or(|p| !p.alive())
+    })?;
     spawn_supervisor(data_dir, inst)?;
-    let state = match ops::wait_state(inst, START_BOUND, |s| {
-        s.started != before.started && s.status != Status::Created
-    }) {
+    let started = |s: &InstanceState| s.started != before.started && s.status != Status::Created;
+    let state = match ops::wait_state(inst, START_BOUND, started) {
+        Ok(state) if !started(&state) => {
+            return Err(InstanceError::NotStarted {
+                name: inst.name().to_owned(),
+                why: format!(
+                    "its supervisor did not report it running within {}s",
+                    START_BOUND.as_secs()
+                ),
+            });
+        }
         Ok(state) => state,
         // An instance that removes itself when it ends may have run and gone already.
         Err(_) if inst.config.auto_remove && !inst.dir.exists() => InstanceState {

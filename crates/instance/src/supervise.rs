@@ -7,6 +7,7 @@
 //! to `state.json` with this process named as the supervisor, so `cela ps` can tell a live
 //! instance from one whose supervisor was killed.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use cela_image::Store;
@@ -49,6 +50,16 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
         }
     }
     state.pid = None;
+    // What the run left goes before its end is published: a client that removes the
+    // instance once `wait` answers finds nothing of the run still being taken apart.
+    if inst.config.kind == Kind::Container {
+        container::destroy(inst, false);
+    }
+    if inst.config.auto_remove {
+        // Marked first, so nothing starts it again between its end and its removal.
+        inst.mark_removing()?;
+    }
+    inst.save_state(&state)?;
     // The end goes into the log too, where a follower finds it even after an auto-removal.
     let end = LogEnd {
         exit_code: state.exit_code,
@@ -56,10 +67,6 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     };
     if let Err(e) = LogWriter::open(&inst.log_path()).and_then(|mut w| w.end(&end)) {
         tracing::warn!("recording the end in {}: {e}", inst.log_path().display());
-    }
-    inst.save_state(&state)?;
-    if inst.config.kind == Kind::Container {
-        container::destroy(inst, false);
     }
     if inst.config.auto_remove {
         crate::ops::remove_dir(inst);
@@ -126,12 +133,72 @@ fn run_container(
 ) -> Result<i32, InstanceError> {
     let image = store.resolve(&inst.config.image_digest)?;
     state.network = crate::network::setup_container(inst)?;
-    let pid = container::create(store, &image, inst)?;
+    // `-i` without a terminal: the container inherits a pipe as fd 0 (instead of /dev/null)
+    // whose write end the attach socket feeds.
+    let stdin = if inst.config.stdin && !inst.config.tty {
+        let (read, write) = crate::attach::stdin_pipe()?;
+        let saved = dup(0)?;
+        dup2(&read, 0)?;
+        Some((write, saved))
+    } else {
+        None
+    };
+    let created = container::create(store, &image, inst);
+    let stdin = stdin.map(|(write, saved)| {
+        let _ = dup2(&saved, 0);
+        write
+    });
+    let (pid, master) = created?;
+    let terminal_output = match master {
+        Some(master) => {
+            let output = File::from(
+                master
+                    .try_clone()
+                    .doing(|| "duplicating the terminal".into())?,
+            );
+            crate::attach::serve(inst, crate::attach::Sink::Terminal(File::from(master)))?;
+            Some(copy_terminal(inst, output)?)
+        }
+        None => {
+            if let Some(write) = stdin {
+                crate::attach::serve(inst, crate::attach::Sink::Pipe(Some(write)))?;
+            }
+            None
+        }
+    };
     container::runtime(inst).start(&inst.config.id)?;
     state.status = Status::Running;
     state.pid = Some(pid);
     inst.save_state(state)?;
-    wait_child(pid)
+    let code = wait_child(pid);
+    // What the workload wrote to its terminal before it ended; a process it left behind
+    // holding the terminal must not keep the end from being recorded.
+    if let Some(done) = terminal_output {
+        let _ = done.recv_timeout(std::time::Duration::from_secs(2));
+    }
+    code
+}
+
+/// Copies the terminal's output into the log (as stdout) until every process holding the
+/// terminal has closed it; the receiver hears when it is done.
+fn copy_terminal(
+    inst: &Instance,
+    mut master: File,
+) -> Result<std::sync::mpsc::Receiver<()>, InstanceError> {
+    let mut log = LogWriter::open(&inst.log_path())
+        .doing(|| format!("opening {}", inst.log_path().display()))?;
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        // EIO once the terminal's other side is closed everywhere.
+        while let Ok(n @ 1..) = std::io::Read::read(&mut master, &mut buf) {
+            if log.write(crate::log::Stream::Stdout, &buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = done.send(());
+    });
+    Ok(wait)
 }
 
 /// Waits for child `pid`; its status as a shell reports it (128+N for signal N).

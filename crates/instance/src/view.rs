@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::record::{Instance, InstanceState};
+use crate::record::{Broken, Instance, InstanceState, Status};
 
 /// One instance as `ps --format json` lists it.
 pub fn summary(inst: &Instance, state: &InstanceState) -> Value {
@@ -34,4 +34,9 @@ pub fn detail(inst: &Instance, state: &InstanceState) -> Value {
     v["state"] = serde_json::to_value(state).expect("a state serializes");
     v["dir"] = json!(inst.dir);
     v
+}
+
+/// An instance whose record cannot be read: its id, `unknown`, and why.
+pub fn broken(b: &Broken) -> Value {
+    json!({"id": b.id, "status": Status::Unknown, "error": b.error})
 }

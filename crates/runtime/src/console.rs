@@ -111,6 +111,24 @@ impl TerminalProxy {
             let _ = set_window_size(&master, &size);
         }
         let raw = RawStdin::enable();
+        // Later size changes of this side (SIGWINCH is not ours to take: a library must not
+        // install signal handlers) are looked for a few times a second and passed on.
+        let resized = master.try_clone()?;
+        std::thread::spawn(move || {
+            let mut last = window_size(&io::stdin()).ok().map(|s| (s.ws_row, s.ws_col));
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let Ok(size) = window_size(&io::stdin()) else {
+                    return;
+                };
+                if last != Some((size.ws_row, size.ws_col)) {
+                    last = Some((size.ws_row, size.ws_col));
+                    if set_window_size(&resized, &size).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
         let mut to_container = File::from(master.try_clone()?);
         // Input: ends with this process (a blocked read on stdin cannot be interrupted).
         std::thread::spawn(move || {
@@ -192,7 +210,8 @@ pub fn window_size(tty: &impl AsRawFd) -> nix::Result<libc::winsize> {
     Ok(size)
 }
 
-fn set_window_size(tty: &impl AsRawFd, size: &libc::winsize) -> nix::Result<()> {
+/// Sets the window size of the terminal `tty` (a master or a slave).
+pub fn set_window_size(tty: &impl AsRawFd, size: &libc::winsize) -> nix::Result<()> {
     // SAFETY: TIOCSWINSZ reads one `winsize` from `size`, which lives for the call.
     unsafe { tiocswinsz(tty.as_raw_fd(), size) }?;
     Ok(())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cela_instance::log::Stream;
 use cela_instance::ops::{self, is_live};
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use super::frames::frame;
+use super::frames::{ResizeQuery, content_type, frame, switching_protocols};
 use crate::error::{ApiError, blocking};
 use crate::follow::{self, From, Until};
 use crate::{AppState, query_flag};
@@ -41,7 +41,6 @@ struct CreateBody {
     user: Option<String>,
     tty: bool,
     open_stdin: bool,
-    attach_stdin: bool,
     labels: Option<BTreeMap<String, String>>,
     host_config: Option<HostConfig>,
 }
@@ -82,11 +81,6 @@ fn str_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Stri
 fn refuse_unsupported(body: &CreateBody) -> Result<(), ApiError> {
     let host = body.host_config.as_ref();
     let refused = [
-        (body.tty, "a TTY (Tty: true, docker run -t)"),
-        (
-            body.open_stdin || body.attach_stdin,
-            "standard input (OpenStdin/AttachStdin, docker run -i)",
-        ),
         (host.is_some_and(|h| h.privileged), "privileged containers"),
         (
             host.is_some_and(|h| {
@@ -146,7 +140,14 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
         ));
     }
     let memory_mib = (host.memory > 0).then(|| (host.memory as u64).div_ceil(1 << 20));
-    let cpus = (host.nano_cpus > 0).then(|| (host.nano_cpus as u64).div_ceil(1_000_000_000) as u32);
+    let cpus = match host.nano_cpus {
+        0 => None,
+        n => Some(
+            u32::try_from((n as u64).div_ceil(1_000_000_000)).map_err(|_| {
+                ApiError::bad_request(format!("NanoCpus {n} is more CPUs than any host has"))
+            })?,
+        ),
+    };
     let volumes = host
         .binds
         .unwrap_or_default()
@@ -177,6 +178,10 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
         security,
         auto_remove: host.auto_remove,
         labels: body.labels.unwrap_or_default(),
+        stdin: body.open_stdin,
+        tty: body.tty,
+        // Docker clients pull themselves when create answers 404.
+        pull: cela_instance::PullPolicy::Never,
         ..RunRequest::new(body.image, kind)
     })
 }
@@ -186,11 +191,95 @@ pub struct CreateQuery {
     name: Option<String>,
 }
 
+/// A JSON value that asks for nothing: null, false, 0, "", [], {} or an object of such.
+fn is_default(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_default),
+    }
+}
+
+/// Fields of a create request cela has no equivalent for: refused (501) when they ask for
+/// something, so that `docker run --read-only` or `--mount` is not run without it.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("Hostname", "--hostname"),
+    ("Domainname", "--domainname"),
+    ("StopSignal", "--stop-signal"),
+    ("Volumes", "anonymous volumes (VOLUME, -v /dest)"),
+    ("Healthcheck", "--health-cmd"),
+];
+const UNSUPPORTED_HOST: &[(&str, &str)] = &[
+    ("Mounts", "--mount (use -v HOST:DEST)"),
+    ("ReadonlyRootfs", "--read-only"),
+    ("Tmpfs", "--tmpfs"),
+    ("PidsLimit", "--pids-limit"),
+    ("RestartPolicy", "--restart"),
+    ("PidMode", "--pid"),
+    ("IpcMode", "--ipc"),
+    ("UTSMode", "--uts"),
+    ("UsernsMode", "--userns"),
+    ("CgroupnsMode", "--cgroupns"),
+    ("Ulimits", "--ulimit"),
+    ("Sysctls", "--sysctl"),
+    ("ShmSize", "--shm-size"),
+    ("VolumesFrom", "--volumes-from"),
+    ("Links", "--link"),
+    ("Dns", "--dns"),
+    ("DnsSearch", "--dns-search"),
+    ("DnsOptions", "--dns-option"),
+    ("ExtraHosts", "--add-host"),
+    ("CpuShares", "--cpu-shares"),
+    ("CpuQuota", "--cpu-quota"),
+    ("CpuPeriod", "--cpu-period"),
+    ("CpusetCpus", "--cpuset-cpus"),
+    ("CpusetMems", "--cpuset-mems"),
+    ("MemoryReservation", "--memory-reservation"),
+    ("BlkioWeight", "--blkio-weight"),
+    ("OomKillDisable", "--oom-kill-disable"),
+    ("GroupAdd", "--group-add"),
+    ("Init", "--init"),
+    ("StorageOpt", "--storage-opt"),
+    ("LogConfig", "--log-driver/--log-opt"),
+];
+
+fn refuse_unknown_asks(raw: &Value) -> Result<(), ApiError> {
+    let asked = |obj: &Value, list: &[(&str, &'static str)]| -> Option<&'static str> {
+        list.iter()
+            .find(|(k, _)| {
+                obj.get(*k).is_some_and(|v| {
+                    // The docker CLI names the default restart policy `no`.
+                    let no_restart = *k == "RestartPolicy"
+                        && v.get("Name").and_then(Value::as_str) == Some("no")
+                        && v.get("MaximumRetryCount").is_none_or(is_default);
+                    !is_default(v) && !no_restart
+                })
+            })
+            .map(|(_, what)| *what)
+    };
+    let found = asked(raw, UNSUPPORTED).or_else(|| {
+        raw.get("HostConfig")
+            .and_then(|h| asked(h, UNSUPPORTED_HOST))
+    });
+    match found {
+        Some(what) => Err(ApiError::not_implemented(format!(
+            "creating a container with {what}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 pub async fn create(
     State(app): State<Arc<AppState>>,
     Query(q): Query<CreateQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let raw: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
+    refuse_unknown_asks(&raw)?;
     let mut de = serde_json::Deserializer::from_slice(&body);
     let body: CreateBody = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
@@ -357,11 +446,14 @@ pub async fn wait(
                 s.exit_code.map_or(0, i64::from),
                 s.error.filter(|_| s.status != Status::Exited),
             ),
-            _ => {
-                let ending = follow::follow(&inst, From::Now, Until::RunEnds, |_| true);
+            state => {
+                let finished = state.and_then(|s| s.finished);
+                let gone = || tx.is_closed();
+                let ending =
+                    follow::follow(&inst, From::Now, Until::RunEnds, finished, &gone, |_| true);
                 let (code, error) = ending.status();
                 if condition == "removed" && !ending.removed {
-                    while inst.dir.exists() {
+                    while inst.dir.exists() && !gone() {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                 }
@@ -448,6 +540,7 @@ pub async fn logs(
         move || find(&app, &id)
     })
     .await?;
+    let tty = inst.config.tty;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     std::thread::spawn(move || {
         // Lines, so that `tail` counts lines as Docker's does.
@@ -458,9 +551,7 @@ pub async fn logs(
                 text.push(b' ');
             }
             text.extend_from_slice(data);
-            let mut out = Vec::new();
-            frame(&mut out, stream, &text);
-            out
+            encode_output(tty, stream, &text).to_vec()
         };
         let keep = |stream: Stream, time: Option<i64>| {
             (match stream {
@@ -470,52 +561,74 @@ pub async fn logs(
                 && until.is_none_or(|u| time.is_none_or(|t| t <= u))
         };
         let mut lines = Splitter::default();
-        // What is logged so far: split into lines, the last `tail` of them sent.
+        let gone = || tx.is_closed();
+        let send = |chunk: Vec<u8>| tx.blocking_send(Bytes::from(chunk)).is_ok();
+        // Without `tail` everything goes out as it is read; with it, the last lines are kept
+        // (at most MAX_BACKLOG bytes of them) until the log so far has been read.
         let mut backlog: std::collections::VecDeque<Vec<u8>> = Default::default();
-        follow::follow(&inst, From::Start, Until::Drained, |rec| {
-            if keep(rec.stream, rec.time) {
-                for l in lines.push(rec.stream, rec.data) {
-                    backlog.push_back(line(rec.stream, rec.time, &l));
-                    if tail.is_some_and(|n| backlog.len() > n) {
-                        backlog.pop_front();
-                    }
+        let mut kept = 0usize;
+        let drained = follow::follow(&inst, From::Start, Until::Drained, None, &gone, |rec| {
+            if !keep(rec.stream, rec.time) {
+                return true;
+            }
+            let Some(n) = tail else {
+                return send(line(rec.stream, rec.time, rec.data));
+            };
+            for l in lines.push(rec.stream, rec.data) {
+                let l = line(rec.stream, rec.time, &l);
+                kept += l.len();
+                backlog.push_back(l);
+                while backlog.len() > n || kept > MAX_BACKLOG {
+                    kept -= backlog.pop_front().map_or(0, |b| b.len());
                 }
             }
             true
         });
-        for (stream, rest) in lines.flush() {
-            backlog.push_back(line(stream, None, &rest));
-            if tail.is_some_and(|n| backlog.len() > n) {
-                backlog.pop_front();
-            }
-        }
-        for chunk in backlog {
-            if tx.blocking_send(Bytes::from(chunk)).is_err() {
-                return;
-            }
-        }
-        if follow_it {
-            follow::follow(&inst, From::Now, Until::NotLive, |rec| {
-                if !keep(rec.stream, rec.time) {
-                    return true;
+        if tail.is_some() {
+            for (stream, rest) in lines.flush() {
+                backlog.push_back(line(stream, None, &rest));
+                if tail.is_some_and(|n| backlog.len() > n) {
+                    backlog.pop_front();
                 }
-                tx.blocking_send(Bytes::from(line(rec.stream, rec.time, rec.data)))
-                    .is_ok()
-            });
+            }
+            for chunk in backlog {
+                if !send(chunk) {
+                    return;
+                }
+            }
+        }
+        // Following goes on from where the backlog ended, so nothing falls between.
+        if follow_it && let Some(reader) = drained.reader {
+            follow::follow(
+                &inst,
+                From::Reader(reader),
+                Until::NotLive,
+                None,
+                &gone,
+                |rec| {
+                    if until.is_some_and(|u| rec.time.is_some_and(|t| t > u)) {
+                        return false;
+                    }
+                    !keep(rec.stream, rec.time) || send(line(rec.stream, rec.time, rec.data))
+                },
+            );
         }
     });
-    let body = crate::channel_body(rx);
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/vnd.docker.multiplexed-stream",
-        )],
-        body,
+        [(header::CONTENT_TYPE, content_type(tty))],
+        crate::channel_body(rx),
     )
         .into_response())
 }
 
-/// Cuts output into lines per stream (the partial last line of each kept until it ends).
+/// The most bytes of lines `logs --tail` keeps before sending them.
+const MAX_BACKLOG: usize = 16 << 20;
+
+/// The longest line `logs --tail` keeps whole: a longer one counts as several.
+const MAX_LINE: usize = 1 << 20;
+
+/// Cuts output into lines per stream (the partial last line of each kept until it ends, or
+/// until it is [`MAX_LINE`] long).
 #[derive(Default)]
 struct Splitter {
     partial: [Vec<u8>; 2],
@@ -528,6 +641,9 @@ impl Splitter {
         let mut lines = Vec::new();
         while let Some(i) = buf.iter().position(|b| *b == b'\n') {
             lines.push(buf.drain(..=i).collect());
+        }
+        while buf.len() >= MAX_LINE {
+            lines.push(buf.drain(..MAX_LINE).collect());
         }
         lines
     }
@@ -549,19 +665,66 @@ pub struct AttachQuery {
     stdout: Option<String>,
     stderr: Option<String>,
     logs: Option<String>,
+    #[serde(rename = "detachKeys")]
+    detach_keys: Option<String>,
+}
+
+/// Output for a client: frames without a terminal, the terminal's bytes as they are with one.
+fn encode_output(tty: bool, stream: Stream, data: &[u8]) -> Bytes {
+    if tty {
+        return Bytes::copy_from_slice(data);
+    }
+    let mut out = Vec::new();
+    frame(&mut out, stream, data);
+    Bytes::from(out)
+}
+
+/// Feeds what a client sends into the instance's attach socket until the client's input ends
+/// (its half-close becomes the workload's end of stdin) or the detach keys come; returns
+/// whether the client detached. Connects once the supervisor takes input, for as long as the
+/// instance has not ended.
+fn forward_input(
+    inst: &Instance,
+    input: std::sync::mpsc::Receiver<Option<Vec<u8>>>,
+    keys: &[u8],
+) -> bool {
+    use cela_instance::attach::{DetachWatch, Input};
+    let mut conn = loop {
+        match cela_instance::attach::connect(inst, Duration::from_secs(1)) {
+            Ok(c) => break c,
+            Err(cela_instance::InstanceError::WrongState { .. })
+            | Err(cela_instance::InstanceError::NotFound(_)) => return false,
+            Err(_) if !inst.dir.exists() => return false,
+            Err(_) => continue,
+        }
+    };
+    let mut watch = DetachWatch::new(keys);
+    while let Ok(chunk) = input.recv() {
+        let Some(data) = chunk else {
+            let _ = conn.send(&Input::Eof);
+            return false;
+        };
+        let (pass, detach) = watch.feed(&data);
+        if !pass.is_empty() && conn.send(&Input::Data(pass)).is_err() {
+            return false;
+        }
+        if detach {
+            return true;
+        }
+    }
+    false
 }
 
 /// `POST /containers/{id}/attach`: the hijacked connection carrying the container's output
-/// (multiplexed frames) until its run ends.
+/// until its run ends (frames without a terminal, raw bytes with one) and, with `stdin=1`,
+/// the client's input to it: the client's half-close ends the workload's stdin, and the
+/// detach keys (Ctrl-P Ctrl-Q by default with a terminal) end the attachment only.
 pub async fn attach(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<AttachQuery>,
     mut req: Request,
 ) -> Result<Response, ApiError> {
-    if query_flag(q.stdin.as_deref()) {
-        return Err(ApiError::not_implemented("attaching standard input"));
-    }
     if query_flag(q.logs.as_deref()) {
         return Err(ApiError::not_implemented(
             "attach with logs=1 (use the logs endpoint)",
@@ -575,37 +738,48 @@ pub async fn attach(
         move || find(&app, &id)
     })
     .await?;
+    let tty = inst.config.tty;
+    let with_input = query_flag(q.stdin.as_deref()) && (inst.config.stdin || inst.config.tty);
+    let keys = match q.detach_keys.as_deref() {
+        Some(k) => cela_instance::attach::parse_detach_keys(k)?,
+        None if tty => vec![16, 17],
+        None => Vec::new(),
+    };
     let upgrade = req
         .headers()
         .get(header::UPGRADE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"tcp"));
+    if with_input && !upgrade {
+        return Err(ApiError::bad_request(
+            "attaching stdin needs a hijacked connection (Upgrade: tcp)",
+        ));
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     if streaming {
+        let inst = inst.clone();
         std::thread::spawn(move || {
-            // A container that has ended has nothing more to say.
-            if let Ok(s) = inst.state()
-                && matches!(s.status, Status::Exited | Status::Crashed)
-            {
-                return;
-            }
-            follow::follow(&inst, From::Now, Until::RunEnds, |rec| {
+            // One that has ended is followed into its next run (`docker start -a`
+            // attaches before it starts it).
+            let finished = inst.state().ok().and_then(|s| s.finished);
+            let gone = || tx.is_closed();
+            follow::follow(&inst, From::Now, Until::RunEnds, finished, &gone, |rec| {
                 let wanted = match rec.stream {
                     Stream::Stdout => want_out,
                     Stream::Stderr => want_err,
                 };
-                if !wanted {
-                    return true;
-                }
-                let mut out = Vec::new();
-                frame(&mut out, rec.stream, rec.data);
-                tx.blocking_send(Bytes::from(out)).is_ok()
+                !wanted
+                    || tx
+                        .blocking_send(encode_output(tty, rec.stream, rec.data))
+                        .is_ok()
             });
         });
     }
-    let content_type = HeaderValue::from_static("application/vnd.docker.multiplexed-stream");
     if !upgrade {
-        let body = crate::channel_body(rx);
-        return Ok(([(header::CONTENT_TYPE, content_type)], body).into_response());
+        return Ok((
+            [(header::CONTENT_TYPE, content_type(tty))],
+            crate::channel_body(rx),
+        )
+            .into_response());
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -616,21 +790,76 @@ pub async fn attach(
                 return;
             }
         };
-        let mut io = TokioIo::new(upgraded);
-        while let Some(chunk) = rx.recv().await {
-            if io.write_all(&chunk).await.is_err() {
-                return;
+        let (mut from_client, mut to_client) = tokio::io::split(TokioIo::new(upgraded));
+        // Says the client typed the detach keys; closed without a message when its input
+        // ends otherwise.
+        let (detached_tx, mut detached) = tokio::sync::mpsc::channel::<()>(1);
+        if with_input {
+            let (in_tx, in_rx) = std::sync::mpsc::channel::<Option<Vec<u8>>>();
+            std::thread::spawn(move || {
+                if forward_input(&inst, in_rx, &keys) {
+                    let _ = detached_tx.blocking_send(());
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match tokio::io::AsyncReadExt::read(&mut from_client, &mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = in_tx.send(None);
+                            return;
+                        }
+                        Ok(n) => {
+                            if in_tx.send(Some(buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        loop {
+            tokio::select! {
+                chunk = rx.recv() => match chunk {
+                    Some(chunk) => {
+                        if to_client.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => break,
+                },
+                // Only a detach ends it: the input ending (the sender dropped) does not.
+                Some(()) = detached.recv() => break,
             }
         }
-        let _ = io.shutdown().await;
+        let _ = to_client.shutdown().await;
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, content_type);
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
-    Ok(resp)
+    Ok(switching_protocols(tty))
+}
+
+/// `POST /containers/{id}/resize?h=ROWS&w=COLS`: the container's terminal size.
+pub async fn resize(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResizeQuery>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || {
+        let inst = find(&app, &id)?;
+        if !inst.config.tty {
+            return Err(ApiError::bad_request(format!(
+                "container {} has no terminal to resize",
+                inst.name()
+            )));
+        }
+        let mut conn = cela_instance::attach::connect(&inst, Duration::from_secs(10))?;
+        conn.send(&cela_instance::attach::Input::Resize {
+            rows: q.h.unwrap_or(0),
+            cols: q.w.unwrap_or(0),
+        })
+        .map_err(ApiError::internal)?;
+        Ok(StatusCode::OK)
+    })
+    .await
 }
 
 /// Docker's container state name for a cela state.
@@ -776,10 +1005,10 @@ fn detail(inst: &Instance, state: &InstanceState) -> Value {
             "WorkingDir": cfg.workdir.clone().unwrap_or_default(),
             "Entrypoint": null,
             "Labels": cfg.labels,
-            "Tty": false,
-            "OpenStdin": false,
-            "StdinOnce": false,
-            "AttachStdin": false,
+            "Tty": cfg.tty,
+            "OpenStdin": cfg.stdin,
+            "StdinOnce": cfg.stdin,
+            "AttachStdin": cfg.stdin,
             "AttachStdout": true,
             "AttachStderr": true,
         },
@@ -920,8 +1149,6 @@ mod tests {
     #[test]
     fn what_cela_does_not_do_is_refused_not_ignored() {
         for body in [
-            json!({"Image": "b", "Tty": true}),
-            json!({"Image": "b", "OpenStdin": true}),
             json!({"Image": "b", "HostConfig": {"Privileged": true}}),
             json!({"Image": "b", "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}}),
             json!({"Image": "b", "HostConfig": {"NetworkMode": "container:x"}}),

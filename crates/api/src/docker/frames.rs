@@ -1,8 +1,39 @@
-//! The Docker Engine API's multiplexed stream (attach and logs of a container without a TTY):
-//! each frame is a header of one stream byte (0 stdin, 1 stdout, 2 stderr), three zero bytes
-//! and a big-endian u32 length, then that many bytes of output.
+//! The Docker Engine API's streams (attach, exec, logs): the multiplexed stream of a process
+//! without a TTY — each frame is a header of one stream byte (0 stdin, 1 stdout, 2 stderr),
+//! three zero bytes and a big-endian u32 length, then that many bytes of output — or the raw
+//! bytes of a terminal; and the `101 UPGRADED` answer that hijacks a connection for them.
 
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
 use cela_instance::log::Stream;
+
+/// The content type of a stream: raw with a terminal, multiplexed without.
+pub fn content_type(tty: bool) -> HeaderValue {
+    HeaderValue::from_static(if tty {
+        "application/vnd.docker.raw-stream"
+    } else {
+        "application/vnd.docker.multiplexed-stream"
+    })
+}
+
+/// The answer that hands the connection over to a stream (`Upgrade: tcp`).
+pub fn switching_protocols(tty: bool) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type(tty));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+    resp
+}
+
+/// A resize's query: `h` rows, `w` columns.
+#[derive(serde::Deserialize)]
+pub struct ResizeQuery {
+    pub h: Option<u16>,
+    pub w: Option<u16>,
+}
 
 /// The largest payload put in one frame (longer output is split).
 const MAX_FRAME: usize = 1 << 20;

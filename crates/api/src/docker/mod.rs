@@ -5,6 +5,7 @@
 //! endpoint (see [`crate::not_implemented`]).
 
 mod containers;
+pub(crate) mod exec;
 mod frames;
 mod images;
 mod system;
@@ -41,6 +42,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/containers/{id}/wait", post(containers::wait))
         .route("/containers/{id}/logs", get(containers::logs))
         .route("/containers/{id}/attach", post(containers::attach))
+        .route("/containers/{id}/resize", post(containers::resize))
+        .route("/containers/{id}/exec", post(exec::create))
+        .route("/exec/{id}/start", post(exec::start))
+        .route("/exec/{id}/resize", post(exec::resize))
+        .route("/exec/{id}/json", get(exec::inspect))
         .route("/images/json", get(images::list))
         .route("/images/create", post(images::create))
         .route("/images/{*name}", get(image_get).delete(images::remove))

@@ -131,22 +131,46 @@ pub fn setup(mode: &NetMode) -> Result<HostNet, NetError> {
 
 /// The host-wide lock cela processes hold while they pick and configure a /30: without it,
 /// many instances starting at once (50 `docker run`s) pick the same free /30, all see the
-/// overlap, all move on together, and run out of tries.
-const AUTO_LOCK: &str = "/run/lock/cela-net-auto.lock";
+/// overlap, all move on together, and run out of tries. In a root-only directory, so no other
+/// user can hold it.
+const AUTO_LOCK_DIR: &str = "/run/cela";
 
-/// Picks a free /30 for the host interface `name` (a TAP, or a container's veth end), gives it
-/// the /30's first address and brings it up; the other end gets the second address. Other
-/// cela processes wait on [`AUTO_LOCK`]; a program that is not cela and takes the same /30
-/// at the same moment is caught by the check after configuring, and the next one is tried.
-pub fn configure_auto(name: &str) -> Result<Subnet, NetError> {
-    // Without /run/lock (not a Debian-like host), the check alone has to do.
-    let _lock = std::fs::OpenOptions::new()
+/// Takes the lock (bounded: 30 s); `None` when it cannot be had, and the check after
+/// configuring then has to do alone.
+fn auto_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(AUTO_LOCK_DIR)
+        .ok()?;
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(AUTO_LOCK)
-        .ok()
-        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(std::path::Path::new(AUTO_LOCK_DIR).join("net-auto.lock"))
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Some(lock),
+            Err((f, _)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Picks a free /30 for the host interface `name` (a TAP, or a container's veth end), gives it
+/// the /30's first address and brings it up; the other end gets the second address. Other
+/// cela processes wait on its lock ([`auto_lock`]); a program that is not cela and takes the same /30
+/// at the same moment is caught by the check after configuring, and the next one is tried.
+pub fn configure_auto(name: &str) -> Result<Subnet, NetError> {
+    let _lock = auto_lock();
     let start = std::process::id() as usize;
     let mut skip: Vec<Subnet> = Vec::new();
     for _ in 0..8 {

@@ -1,0 +1,350 @@
+//! Input into a running instance: the supervisor of an instance made with `stdin` (`-i`) or a
+//! `tty` (`-t`) listens on `attach.sock` in the instance directory (0600, root's), and
+//! whoever attaches — `cela run -i/-t`, `cela attach`, the Docker API's attach and resize —
+//! sends it framed input there. Output does not travel this way: every attached reader
+//! follows the instance's log ([`crate::log`]), so any number of them see the same output and
+//! none of them can hold the workload up.
+//!
+//! A frame is a kind byte, a big-endian u32 length and that many bytes: [`Input::Data`] (bytes
+//! for the workload's stdin, or its terminal), [`Input::Eof`] (stdin ends: the pipe is closed,
+//! so the workload reads end-of-file; a terminal ignores it, as a terminal has no end), and
+//! [`Input::Resize`] (rows and columns, two big-endian u16, for the terminal). A frame longer
+//! than [`MAX_FRAME`] or of an unknown kind ends the connection.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{InstanceError, IoContext};
+use crate::record::{Instance, Status};
+
+/// The longest frame read.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+const DATA: u8 = 0;
+const EOF: u8 = 1;
+const RESIZE: u8 = 2;
+
+/// One piece of input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Data(Vec<u8>),
+    Eof,
+    Resize { rows: u16, cols: u16 },
+}
+
+impl Input {
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, body) = match self {
+            Input::Data(d) => (DATA, d.clone()),
+            Input::Eof => (EOF, Vec::new()),
+            Input::Resize { rows, cols } => {
+                let mut b = rows.to_be_bytes().to_vec();
+                b.extend_from_slice(&cols.to_be_bytes());
+                (RESIZE, b)
+            }
+        };
+        let mut out = vec![kind];
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Reads one frame; `Ok(None)` at a clean end of the stream.
+    pub fn read(r: &mut impl Read) -> io::Result<Option<Input>> {
+        let mut head = [0u8; 5];
+        match r.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an input frame of {len} bytes (at most {MAX_FRAME})"),
+            ));
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        match (head[0], body.as_slice()) {
+            (DATA, _) => Ok(Some(Input::Data(body))),
+            (EOF, []) => Ok(Some(Input::Eof)),
+            (RESIZE, [r0, r1, c0, c1]) => Ok(Some(Input::Resize {
+                rows: u16::from_be_bytes([*r0, *r1]),
+                cols: u16::from_be_bytes([*c0, *c1]),
+            })),
+            (kind, _) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an input frame of kind {kind} and {len} bytes"),
+            )),
+        }
+    }
+}
+
+/// Where input goes in the supervisor.
+pub enum Sink {
+    /// The write end of the workload's stdin pipe (closed at the first [`Input::Eof`]).
+    Pipe(Option<File>),
+    /// The master of the workload's terminal.
+    Terminal(File),
+}
+
+impl Sink {
+    fn take(&mut self, input: Input) -> io::Result<()> {
+        match (self, input) {
+            (Sink::Pipe(Some(pipe)), Input::Data(d)) => pipe.write_all(&d),
+            (Sink::Pipe(pipe), Input::Eof) => {
+                pipe.take();
+                Ok(())
+            }
+            // Stdin has ended: more data has nowhere to go.
+            (Sink::Pipe(None), Input::Data(_)) => Err(io::ErrorKind::BrokenPipe.into()),
+            (Sink::Pipe(_), Input::Resize { .. }) | (Sink::Terminal(_), Input::Eof) => Ok(()),
+            (Sink::Terminal(t), Input::Data(d)) => t.write_all(&d),
+            (Sink::Terminal(t), Input::Resize { rows, cols }) => {
+                let size = libc::winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                cela_runtime::console::set_window_size(t, &size).map_err(io::Error::from)
+            }
+        }
+    }
+}
+
+impl Instance {
+    /// The socket an attached client sends input to.
+    pub fn attach_path(&self) -> PathBuf {
+        self.dir.join("attach.sock")
+    }
+}
+
+/// Listens on the instance's attach socket and hands every connection's input to `sink`, on
+/// threads of their own, for as long as the supervisor lives. Input of several connections
+/// interleaves frame by frame.
+pub fn serve(inst: &Instance, sink: Sink) -> Result<(), InstanceError> {
+    let path = inst.attach_path();
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).doing(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .doing(|| format!("making {} root's", path.display()))?;
+    let sink = Arc::new(Mutex::new(sink));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let mut conn = io::BufReader::new(conn);
+                while let Ok(Some(input)) = Input::read(&mut conn) {
+                    let taken = sink.lock().map(|mut s| s.take(input));
+                    if !matches!(taken, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A connection to a running instance's attach socket.
+pub struct Attached {
+    conn: UnixStream,
+}
+
+impl Attached {
+    pub fn send(&mut self, input: &Input) -> io::Result<()> {
+        self.conn.write_all(&input.encode())
+    }
+
+    /// Another handle on the same connection (for a second sending thread).
+    pub fn try_clone(&self) -> io::Result<Attached> {
+        Ok(Attached {
+            conn: self.conn.try_clone()?,
+        })
+    }
+
+    pub fn as_raw_fd(&self) -> i32 {
+        self.conn.as_raw_fd()
+    }
+}
+
+/// Connects to the attach socket of `inst`, waiting (at most `bound`) while its supervisor is
+/// still starting. An instance made without `stdin` or `tty` has no socket: an error says so.
+pub fn connect(inst: &Instance, bound: Duration) -> Result<Attached, InstanceError> {
+    if !inst.config.stdin && !inst.config.tty {
+        return Err(InstanceError::Invalid(format!(
+            "instance {} was made without stdin or a terminal: there is nothing to attach input to",
+            inst.name()
+        )));
+    }
+    let path = inst.attach_path();
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(&path) {
+            Ok(conn) => return Ok(Attached { conn }),
+            Err(e) => {
+                let state = inst.state()?;
+                if matches!(state.status, Status::Exited | Status::Crashed) {
+                    return Err(InstanceError::WrongState {
+                        name: inst.name().to_owned(),
+                        status: state.status.to_string(),
+                        hint: "attaching needs a running instance",
+                    });
+                }
+                if start.elapsed() >= bound {
+                    return Err(InstanceError::Io {
+                        what: format!("connecting to {}", path.display()),
+                        source: e,
+                    });
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parses Docker's `--detach-keys` syntax: comma-separated `ctrl-X` (X a letter, `@`, `[`,
+/// `\`, `]`, `^`, `_`) or single characters; empty turns detaching off.
+pub fn parse_detach_keys(s: &str) -> Result<Vec<u8>, InstanceError> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|k| {
+            if let Some(c) = k.strip_prefix("ctrl-") {
+                match c.as_bytes() {
+                    [b @ b'a'..=b'z'] => Ok(b - b'a' + 1),
+                    [b @ (b'@' | b'[' | b'\\' | b']' | b'^' | b'_')] => Ok(b - b'@'),
+                    _ => Err(InstanceError::Invalid(format!(
+                        "detach keys {s:?}: unknown key {k:?}"
+                    ))),
+                }
+            } else if k.len() == 1 && k.is_ascii() {
+                Ok(k.as_bytes()[0])
+            } else {
+                Err(InstanceError::Invalid(format!(
+                    "detach keys {s:?}: {k:?} is not a key (ctrl-X or one character)"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Watches a byte stream for the detach sequence, across reads.
+pub struct DetachWatch<'a> {
+    keys: &'a [u8],
+    matched: usize,
+}
+
+impl<'a> DetachWatch<'a> {
+    pub fn new(keys: &'a [u8]) -> Self {
+        DetachWatch { keys, matched: 0 }
+    }
+
+    /// The bytes to pass on from `data` (a partly matched sequence is held back until it
+    /// fails to match), and whether the whole sequence was typed.
+    pub fn feed(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(data.len());
+        if self.keys.is_empty() {
+            return (data.to_vec(), false);
+        }
+        for &b in data {
+            if b == self.keys[self.matched] {
+                self.matched += 1;
+                if self.matched == self.keys.len() {
+                    return (out, true);
+                }
+            } else {
+                out.extend_from_slice(&self.keys[..self.matched]);
+                self.matched = 0;
+                if b == self.keys[0] {
+                    self.matched = 1;
+                } else {
+                    out.push(b);
+                }
+            }
+        }
+        (out, false)
+    }
+}
+
+/// The supervisor's stdin pipe for a workload made with `stdin`: the read end (the
+/// workload's fd 0) and the write end (the sink), both close-on-exec.
+pub fn stdin_pipe() -> Result<(OwnedFd, File), InstanceError> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(io::Error::from)
+        .doing(|| "making the stdin pipe".into())?;
+    Ok((r, File::from(w)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_end_the_stream() {
+        let inputs = [
+            Input::Data(b"echo hi\n".to_vec()),
+            Input::Resize {
+                rows: 30,
+                cols: 100,
+            },
+            Input::Eof,
+        ];
+        let bytes: Vec<u8> = inputs.iter().flat_map(Input::encode).collect();
+        let mut r = bytes.as_slice();
+        for want in &inputs {
+            assert_eq!(Input::read(&mut r).unwrap().as_ref(), Some(want));
+        }
+        assert_eq!(Input::read(&mut r).unwrap(), None);
+        let huge = [0u8, 0xff, 0xff, 0xff, 0xff];
+        assert!(Input::read(&mut huge.as_slice()).is_err());
+        let odd = [RESIZE, 0, 0, 0, 1, 7];
+        assert!(Input::read(&mut odd.as_slice()).is_err());
+        let unknown = [9u8, 0, 0, 0, 0];
+        assert!(Input::read(&mut unknown.as_slice()).is_err());
+    }
+
+    #[test]
+    fn a_pipe_sink_ends_at_eof() {
+        let (r, w) = stdin_pipe().unwrap();
+        let mut sink = Sink::Pipe(Some(w));
+        sink.take(Input::Data(b"abc".to_vec())).unwrap();
+        sink.take(Input::Resize { rows: 1, cols: 1 }).unwrap();
+        sink.take(Input::Eof).unwrap();
+        assert!(sink.take(Input::Data(b"late".to_vec())).is_err());
+        let mut got = String::new();
+        File::from(r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "abc");
+    }
+
+    #[test]
+    fn detach_keys_parse_as_docker_does() {
+        assert_eq!(parse_detach_keys("ctrl-p,ctrl-q").unwrap(), [16, 17]);
+        assert_eq!(parse_detach_keys("ctrl-@,a").unwrap(), [0, b'a']);
+        assert!(parse_detach_keys("ctrl-1").is_err());
+        assert!(parse_detach_keys("ab").is_err());
+        assert!(parse_detach_keys("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_detach_sequence_is_found_across_reads_and_held_back_until_it_fails() {
+        let keys = [16u8, 17];
+        let mut w = DetachWatch::new(&keys);
+        assert_eq!(w.feed(b"ab\x10"), (b"ab".to_vec(), false));
+        assert_eq!(w.feed(b"x"), (b"\x10x".to_vec(), false));
+        assert_eq!(w.feed(b"\x10"), (vec![], false));
+        assert_eq!(w.feed(b"\x11rest"), (vec![], true));
+        let mut w = DetachWatch::new(&keys);
+        assert_eq!(w.feed(b"\x10\x10\x11"), (b"\x10".to_vec(), true));
+    }
+}
