@@ -323,6 +323,37 @@ fn both_docker_clients_run_containers_through_cela_serve() {
 }
 
 #[test]
+fn dockers_python_sdk_drives_cela_serve() {
+    let w = World::new();
+    let s = Server::start(&w);
+    assert!(
+        Path::new("/usr/bin/python3").is_file(),
+        "/usr/bin/python3 is missing (scripts/deps installs python3-docker)"
+    );
+    let out = Command::new("timeout")
+        .args(["120", "/usr/bin/python3"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/workload/docker_sdk.py"
+        ))
+        .arg(s.docker_sock())
+        .arg("testimg:latest")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the SDK script failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "version 1.50\nrun ok\nlifecycle ok\nimages and errors ok\n"
+    );
+}
+
+#[test]
 fn docker_run_with_the_vm_runtime_boots_the_image_as_a_microvm() {
     let w = World::new();
     let s = Server::start(&w);

@@ -993,6 +993,9 @@ fn detail(inst: &Instance, state: &InstanceState) -> Value {
             "Runtime": match cfg.kind { Kind::Vm => "vm", Kind::Container => "container" },
             "Memory": cfg.memory_mib.map_or(0, |m| m << 20),
             "NanoCpus": cfg.cpus.map_or(0, |c| i64::from(c) * 1_000_000_000),
+            // cela's log keeps every line and serves `logs`, as Docker's json-file driver
+            // does; clients (docker-py's run) read logs only from drivers they know keep them.
+            "LogConfig": {"Type": "json-file", "Config": {}},
             "CapAdd": cfg.security.cap_add,
             "CapDrop": cfg.security.cap_drop,
         },
