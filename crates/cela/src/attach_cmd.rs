@@ -27,6 +27,12 @@ extern "C" fn on_winch(_: libc::c_int) {
     RESIZED.store(true, Ordering::SeqCst);
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
 /// How a session ended.
 pub enum Outcome {
     /// The instance's run ended with this status (an error already printed).
@@ -81,7 +87,11 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
     if takes_input {
         let conn = cela_instance::attach::connect(inst, START_BOUND)?;
         if tty {
-            raw = cela_runtime::console::RawStdin::enable();
+            // Raw only when keys typed here reach the instance; without -i, Ctrl-C stays a
+            // signal to this process (handled below).
+            if inst.config.stdin {
+                raw = cela_runtime::console::RawStdin::enable();
+            }
             let mut r = conn.try_clone().context("sharing the attach connection")?;
             send_window_size(&mut r);
             let action = nix::sys::signal::SigAction::new(
@@ -100,6 +110,24 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
             std::thread::spawn(move || forward_stdin(conn, tty, keys, d));
         }
     }
+    if raw.is_none() {
+        // Ctrl-C (or SIGTERM) at a terminal that is not raw stops the instance, as a
+        // foreground `cela run` without -i/-t does.
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(on_interrupt),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        for sig in [
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+        ] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe { nix::sys::signal::sigaction(sig, &action) }
+                .context("installing a signal handler")?;
+        }
+    }
+    let mut stopping = false;
     let log = inst.log_path();
     let mut reader = None;
     let mut seen_running = false;
@@ -126,6 +154,11 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
         }
         if detached.load(Ordering::SeqCst) {
             break Outcome::Detached;
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) && !stopping {
+            stopping = true;
+            let inst = inst.clone();
+            std::thread::spawn(move || cela_instance::ops::stop(&inst, Duration::from_secs(10)));
         }
         match &state {
             // Removed (auto-removal) without an end record read: nothing more will come.

@@ -55,11 +55,12 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     if inst.config.kind == Kind::Container {
         container::destroy(inst, false);
     }
+    inst.save_state(&state)?;
     if inst.config.auto_remove {
-        // Marked first, so nothing starts it again between its end and its removal.
+        // Marked (now that it is no longer live), so nothing starts it again before its
+        // removal; until then no other supervisor claims it, this one being alive.
         inst.mark_removing()?;
     }
-    inst.save_state(&state)?;
     // The end goes into the log too, where a follower finds it even after an auto-removal.
     let end = LogEnd {
         exit_code: state.exit_code,

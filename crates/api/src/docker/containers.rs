@@ -685,7 +685,7 @@ fn encode_output(tty: bool, stream: Stream, data: &[u8]) -> Bytes {
 /// instance has not ended.
 fn forward_input(
     inst: &Instance,
-    input: std::sync::mpsc::Receiver<Option<Vec<u8>>>,
+    mut input: tokio::sync::mpsc::Receiver<Option<Vec<u8>>>,
     keys: &[u8],
 ) -> bool {
     use cela_instance::attach::{DetachWatch, Input};
@@ -699,7 +699,7 @@ fn forward_input(
         }
     };
     let mut watch = DetachWatch::new(keys);
-    while let Ok(chunk) = input.recv() {
+    while let Some(chunk) = input.blocking_recv() {
         let Some(data) = chunk else {
             let _ = conn.send(&Input::Eof);
             return false;
@@ -795,7 +795,8 @@ pub async fn attach(
         // ends otherwise.
         let (detached_tx, mut detached) = tokio::sync::mpsc::channel::<()>(1);
         if with_input {
-            let (in_tx, in_rx) = std::sync::mpsc::channel::<Option<Vec<u8>>>();
+            // Bounded: input the workload does not take is held back by the connection.
+            let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
             std::thread::spawn(move || {
                 if forward_input(&inst, in_rx, &keys) {
                     let _ = detached_tx.blocking_send(());
@@ -806,11 +807,11 @@ pub async fn attach(
                 loop {
                     match tokio::io::AsyncReadExt::read(&mut from_client, &mut buf).await {
                         Ok(0) | Err(_) => {
-                            let _ = in_tx.send(None);
+                            let _ = in_tx.send(None).await;
                             return;
                         }
                         Ok(n) => {
-                            if in_tx.send(Some(buf[..n].to_vec())).is_err() {
+                            if in_tx.send(Some(buf[..n].to_vec())).await.is_err() {
                                 return;
                             }
                         }

@@ -253,6 +253,16 @@ pub async fn start(
     let master = if e.tty {
         let pty = nix::pty::openpty(None, None)
             .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
+        // Close-on-exec, both: every process the server starts meanwhile (other execs, the
+        // supervisors of new instances) would otherwise keep this terminal allocated, and the
+        // exec's output would never end while one of them lived.
+        for fd in [&pty.master, &pty.slave] {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
+        }
         let slave = pty.slave;
         let s = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(ApiError::internal);
         cmd.stdin(s(&slave)?).stdout(s(&slave)?).stderr(s(&slave)?);
@@ -366,9 +376,11 @@ pub async fn start(
             _ => None,
         };
         if let Some(mut sink) = sink {
-            let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            // Bounded: a client sending faster than the exec reads is held back by its
+            // connection, not buffered in the server.
+            let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             std::thread::spawn(move || {
-                while let Ok(data) = in_rx.recv() {
+                while let Some(data) = in_rx.blocking_recv() {
                     if sink.write_all(&data).is_err() {
                         return;
                     }
@@ -379,7 +391,7 @@ pub async fn start(
                 while let Ok(n @ 1..) =
                     tokio::io::AsyncReadExt::read(&mut from_client, &mut buf).await
                 {
-                    if in_tx.send(buf[..n].to_vec()).is_err() {
+                    if in_tx.send(buf[..n].to_vec()).await.is_err() {
                         return;
                     }
                 }

@@ -133,17 +133,27 @@ pub fn setup(mode: &NetMode) -> Result<HostNet, NetError> {
 /// many instances starting at once (50 `docker run`s) pick the same free /30, all see the
 /// overlap, all move on together, and run out of tries. In a root-only directory, so no other
 /// user can hold it.
-const AUTO_LOCK_DIR: &str = "/run/cela";
+const AUTO_LOCK_DIR: &str = "/run/cela/locks";
 
 /// Takes the lock (bounded: 30 s); `None` when it cannot be had, and the check after
 /// configuring then has to do alone.
 fn auto_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    // /run/cela itself keeps its usual mode (`cela serve`'s sockets live there); the locks
+    // get a directory of root's alone inside it.
     std::fs::DirBuilder::new()
         .recursive(true)
+        .mode(0o755)
+        .create("/run/cela")
+        .ok()?;
+    std::fs::DirBuilder::new()
         .mode(0o700)
         .create(AUTO_LOCK_DIR)
-        .ok()?;
+        .ok();
+    let meta = std::fs::symlink_metadata(AUTO_LOCK_DIR).ok()?;
+    if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
+        return None;
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
