@@ -5,7 +5,7 @@
 //! `--detach-keys` says otherwise) leave the instance running; the terminal is restored on
 //! every way out.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cela_instance::attach::{Attached, DetachWatch, Input};
-use cela_instance::log::{LogReader, Stream};
+use cela_instance::log::LogReader;
 use cela_instance::ops::is_live;
 use cela_instance::run::START_BOUND;
 use cela_instance::{Instance, Status};
@@ -25,12 +25,6 @@ static RESIZED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_winch(_: libc::c_int) {
     RESIZED.store(true, Ordering::SeqCst);
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
 /// How a session ended.
@@ -113,19 +107,7 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
     if raw.is_none() {
         // Ctrl-C (or SIGTERM) at a terminal that is not raw stops the instance, as a
         // foreground `cela run` without -i/-t does.
-        let action = nix::sys::signal::SigAction::new(
-            nix::sys::signal::SigHandler::Handler(on_interrupt),
-            nix::sys::signal::SaFlags::empty(),
-            nix::sys::signal::SigSet::empty(),
-        );
-        for sig in [
-            nix::sys::signal::Signal::SIGINT,
-            nix::sys::signal::Signal::SIGTERM,
-        ] {
-            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            unsafe { nix::sys::signal::sigaction(sig, &action) }
-                .context("installing a signal handler")?;
-        }
+        crate::instance_cmd::catch_interrupts()?;
     }
     let mut stopping = false;
     let log = inst.log_path();
@@ -147,7 +129,7 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
         let state = inst.state().ok();
         let mut any = false;
         if let Some(r) = &mut reader {
-            any = r.read_available(print)?;
+            any = r.read_available(crate::instance_cmd::print_record)?;
             if let Some(end) = r.end() {
                 break Outcome::Ended(status(inst, end.exit_code, end.error.as_deref()));
             }
@@ -155,7 +137,7 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
         if detached.load(Ordering::SeqCst) {
             break Outcome::Detached;
         }
-        if INTERRUPTED.load(Ordering::SeqCst) && !stopping {
+        if crate::instance_cmd::interrupted() && !stopping {
             stopping = true;
             let inst = inst.clone();
             std::thread::spawn(move || cela_instance::ops::stop(&inst, Duration::from_secs(10)));
@@ -187,16 +169,6 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
         );
     }
     Ok(outcome)
-}
-
-fn print(stream: Stream, data: &[u8]) {
-    let _ = match stream {
-        Stream::Stdout => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(data).and_then(|_| out.flush())
-        }
-        Stream::Stderr => std::io::stderr().lock().write_all(data),
-    };
 }
 
 fn status(inst: &Instance, code: Option<i32>, error: Option<&str>) -> ExitCode {

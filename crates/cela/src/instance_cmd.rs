@@ -200,23 +200,35 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// From here on, SIGINT and SIGTERM only set a flag ([`interrupted`]): the caller stops the
+/// instance it follows.
+pub(crate) fn catch_interrupts() -> anyhow::Result<()> {
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_interrupt),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { nix::sys::signal::sigaction(sig, &action) }
+            .context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+/// Whether SIGINT or SIGTERM came since [`catch_interrupts`].
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// Copies the instance's log to stdout/stderr until it has ended (when `until_end`) or until
 /// everything written so far is out; Ctrl-C (with `until_end`) stops the instance.
 fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<InstanceState> {
     if until_end {
-        let action = nix::sys::signal::SigAction::new(
-            nix::sys::signal::SigHandler::Handler(on_interrupt),
-            nix::sys::signal::SaFlags::empty(),
-            nix::sys::signal::SigSet::empty(),
-        );
-        for sig in [
-            nix::sys::signal::Signal::SIGINT,
-            nix::sys::signal::Signal::SIGTERM,
-        ] {
-            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            unsafe { nix::sys::signal::sigaction(sig, &action) }
-                .context("installing a signal handler")?;
-        }
+        catch_interrupts()?;
     }
     let mut reader: Option<LogReader> = None;
     let mut stopping = false;
@@ -236,7 +248,7 @@ fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<InstanceState> {
             }
             return Ok(state);
         }
-        if INTERRUPTED.load(Ordering::SeqCst) && !stopping {
+        if interrupted() && !stopping {
             stopping = true;
             let inst = inst.clone();
             std::thread::spawn(move || ops::stop(&inst, Duration::from_secs(10)));
@@ -247,7 +259,7 @@ fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<InstanceState> {
     }
 }
 
-fn print_record(stream: Stream, data: &[u8]) {
+pub(crate) fn print_record(stream: Stream, data: &[u8]) {
     let _ = match stream {
         Stream::Stdout => std::io::stdout()
             .lock()
