@@ -199,6 +199,20 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     if let Some(gid) = group {
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| err("giving group cela", e.into()))?;
+        // The group reaches the socket only through its directory: one made 0700 (by hand,
+        // or an old cela) is opened to traversal, not to listing.
+        if let Some(dir) = path.parent()
+            && let Ok(m) = std::fs::metadata(dir)
+            && m.permissions().mode() & 0o011 == 0
+        {
+            let mode = m.permissions().mode() & 0o7777 | 0o011;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| err("letting group cela through the directory of", e))?;
+            tracing::warn!(
+                "{} was closed to group cela: it is now mode {mode:o}",
+                dir.display()
+            );
+        }
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| err("setting the mode of", e))?;

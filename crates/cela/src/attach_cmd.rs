@@ -2,8 +2,10 @@
 //! instance through its attach socket (`cela_instance::attach`), raw when it is a terminal
 //! and the instance has one (window size sent at once and on every SIGWINCH), while the
 //! instance's output is followed from its log. The detach keys (Ctrl-P Ctrl-Q unless
-//! `--detach-keys` says otherwise) leave the instance running; the terminal is restored on
-//! every way out.
+//! `--detach-keys` says otherwise) leave the instance running, as does a hang-up (SIGHUP: the
+//! terminal has gone). SIGINT and SIGTERM stop the instance, as for a foreground `cela run`.
+//! The terminal is restored on every way out: the end of the run, a detach, a signal (caught,
+//! so the session ends through its normal path) and a panic (a hook puts it back).
 
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -22,9 +24,26 @@ use cela_instance::{Instance, Status};
 use crate::EXIT_CELA_ERROR;
 
 static RESIZED: AtomicBool = AtomicBool::new(false);
+static HUNG_UP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_winch(_: libc::c_int) {
     RESIZED.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HUNG_UP.store(true, Ordering::SeqCst);
+}
+
+fn catch(sig: nix::sys::signal::Signal, handler: extern "C" fn(libc::c_int)) -> anyhow::Result<()> {
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(handler),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handlers only store to an atomic, which is async-signal-safe.
+    unsafe { nix::sys::signal::sigaction(sig, &action) }
+        .with_context(|| format!("installing the {sig} handler"))?;
+    Ok(())
 }
 
 /// How a session ended.
@@ -43,6 +62,10 @@ fn forward_stdin(mut to: Attached, tty: bool, keys: Vec<u8>, detached: Arc<Atomi
     loop {
         match stdin.read(&mut buf) {
             Ok(0) | Err(_) => {
+                let held = watch.finish();
+                if !held.is_empty() {
+                    let _ = to.send(&Input::Data(held));
+                }
                 let _ = to.send(&Input::Eof);
                 return;
             }
@@ -88,14 +111,7 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
             }
             let mut r = conn.try_clone().context("sharing the attach connection")?;
             send_window_size(&mut r);
-            let action = nix::sys::signal::SigAction::new(
-                nix::sys::signal::SigHandler::Handler(on_winch),
-                nix::sys::signal::SaFlags::SA_RESTART,
-                nix::sys::signal::SigSet::empty(),
-            );
-            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGWINCH, &action) }
-                .context("installing the SIGWINCH handler")?;
+            catch(nix::sys::signal::Signal::SIGWINCH, on_winch)?;
             resizer = Some(r);
         }
         if inst.config.stdin {
@@ -104,16 +120,16 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
             std::thread::spawn(move || forward_stdin(conn, tty, keys, d));
         }
     }
-    if raw.is_none() {
-        // Ctrl-C (or SIGTERM) at a terminal that is not raw stops the instance, as a
-        // foreground `cela run` without -i/-t does.
-        crate::instance_cmd::catch_interrupts()?;
-    }
+    // Ctrl-C at a terminal that is not raw (raw, it goes to the instance's terminal) and
+    // SIGTERM stop the instance, as a foreground `cela run` without -i/-t does.
+    crate::instance_cmd::catch_interrupts()?;
+    catch(nix::sys::signal::Signal::SIGHUP, on_hangup)?;
     let mut stopping = false;
     let log = inst.log_path();
     let mut reader = None;
     let mut seen_running = false;
-    let outcome = loop {
+    // The run's end (exit code, error), or `None` for a detach.
+    let ended = loop {
         if reader.is_none() {
             reader = if from_start {
                 LogReader::open(&log).ok()
@@ -131,11 +147,11 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
         if let Some(r) = &mut reader {
             any = r.read_available(crate::instance_cmd::print_record)?;
             if let Some(end) = r.end() {
-                break Outcome::Ended(status(inst, end.exit_code, end.error.as_deref()));
+                break Some((end.exit_code, end.error.clone()));
             }
         }
-        if detached.load(Ordering::SeqCst) {
-            break Outcome::Detached;
+        if detached.load(Ordering::SeqCst) || HUNG_UP.load(Ordering::SeqCst) {
+            break None;
         }
         if crate::instance_cmd::interrupted() && !stopping {
             stopping = true;
@@ -145,7 +161,7 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
         match &state {
             // Removed (auto-removal) without an end record read: nothing more will come.
             None if !inst.dir.exists() => {
-                break Outcome::Ended(status(inst, None, Some("it was removed")));
+                break Some((None, Some("it was removed".to_owned())));
             }
             Some(s) if is_live(s) => seen_running = true,
             Some(s)
@@ -153,7 +169,7 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
                     && (seen_running || !from_start)
                     && matches!(s.status, Status::Exited | Status::Crashed) =>
             {
-                break Outcome::Ended(status(inst, s.exit_code, s.error.as_deref()));
+                break Some((s.exit_code, s.error.clone()));
             }
             _ => {}
         }
@@ -161,14 +177,20 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    // The terminal first: what is printed next needs it cooked.
     drop(raw);
-    if matches!(outcome, Outcome::Detached) {
-        eprintln!(
-            "\r\ncela: detached from {} (it runs on; cela attach {0})",
-            inst.name()
-        );
-    }
-    Ok(outcome)
+    Ok(match ended {
+        Some((code, error)) => Outcome::Ended(status(inst, code, error.as_deref())),
+        None => {
+            if !HUNG_UP.load(Ordering::SeqCst) {
+                eprintln!(
+                    "\ncela: detached from {} (it runs on; cela attach {0})",
+                    inst.name()
+                );
+            }
+            Outcome::Detached
+        }
+    })
 }
 
 fn status(inst: &Instance, code: Option<i32>, error: Option<&str>) -> ExitCode {

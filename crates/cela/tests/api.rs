@@ -95,20 +95,39 @@ impl Server {
         self.dir.path().join("docker.sock")
     }
 
-    /// `docker ARGS` with `bin`, bounded to 2 minutes, stdin /dev/null.
-    fn docker(&self, bin: &str, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .arg("120")
+    /// `docker ARGS` with `bin` against this server, bounded to 2 minutes.
+    fn docker_cmd(&self, bin: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.arg("120")
             .arg(client(bin))
             .args(args)
             .env(
                 "DOCKER_HOST",
                 format!("unix://{}", self.docker_sock().display()),
             )
-            .env("DOCKER_CONFIG", self.dir.path().join("docker-config"))
+            .env("DOCKER_CONFIG", self.dir.path().join("docker-config"));
+        c
+    }
+
+    /// `docker ARGS` with `bin`, stdin /dev/null.
+    fn docker(&self, bin: &str, args: &[&str]) -> Output {
+        self.docker_cmd(bin, args)
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// `docker ARGS` with `input` on its stdin (closed after it).
+    fn docker_with_input(&self, bin: &str, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .docker_cmd(bin, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+        child.wait_with_output().unwrap()
     }
 
     fn docker_ok(&self, bin: &str, args: &[&str]) -> String {
@@ -458,6 +477,72 @@ fn the_apis_answer_errors_with_their_status_codes() {
     assert!(body.starts_with("{\"message\":"), "{body}");
     let (code, body) = s.http("GET", "/v1.41/containers/nosuch/json", None);
     assert_eq!(code, 404, "{body}");
+    assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
+#[test]
+fn execs_and_restarts_end_and_take_input_where_others_break() {
+    let w = World::new();
+    let s = Server::start(&w);
+    let bin = DOCKER_28;
+    s.docker_ok(
+        bin,
+        &["run", "-d", "--name", "box", "testimg", "sleep", "600"],
+    );
+    // A process the exec leaves in the background holds its stdout: the exec is over when
+    // its own process exits all the same (timeout's 124 after 120 s otherwise).
+    let out = s.docker(
+        bin,
+        &["exec", "box", "sh", "-c", "sleep 600 & echo left; exit 4"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "left\n");
+    // Values that begin with a dash stay values.
+    let out = s.docker_ok(
+        bin,
+        &["exec", "-e", "OPT=--help", "box", "sh", "-c", "echo $OPT"],
+    );
+    assert_eq!(out, "--help\n");
+
+    // An exec started without Upgrade streams its output in the body (as dockerd does), and
+    // it starts once.
+    let (code, body) = s.http(
+        "POST",
+        "/v1.50/containers/box/exec",
+        Some(br#"{"Cmd": ["echo", "plain"], "AttachStdout": true}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let exec: Value = serde_json::from_str(&body).unwrap();
+    let start = format!("/v1.50/exec/{}/start", exec["Id"].as_str().unwrap());
+    let (code, body) = s.http("POST", &start, Some(b"{}"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, "\u{1}\0\0\0\0\0\0\u{6}plain\n", "one stdout frame");
+    let (code, body) = s.http("POST", &start, Some(b"{}"));
+    assert_eq!(code, 409, "{body}");
+    // Stdin needs the hijacked connection.
+    let (_, body) = s.http(
+        "POST",
+        "/v1.50/containers/box/exec",
+        Some(br#"{"Cmd": ["cat"], "AttachStdin": true}"#),
+    );
+    let exec: Value = serde_json::from_str(&body).unwrap();
+    let start = format!("/v1.50/exec/{}/start", exec["Id"].as_str().unwrap());
+    let (code, body) = s.http("POST", &start, Some(b"{}"));
+    assert_eq!(code, 400, "{body}");
+    s.docker_ok(bin, &["rm", "-f", "box"]);
+
+    // `docker start -ai` attaches to an exited container before it starts it: its input
+    // reaches the next run.
+    let out = s.docker_with_input(
+        bin,
+        &["run", "-i", "--name", "again", "testimg", "cat"],
+        b"one\n",
+    );
+    assert_eq!(text(&out.stdout), "one\n", "{}", text(&out.stderr));
+    let out = s.docker_with_input(bin, &["start", "-ai", "again"], b"two\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "two\n");
+    s.docker_ok(bin, &["rm", "again"]);
     assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
 }
 

@@ -17,6 +17,8 @@ use world::World;
 /// A pseudo-terminal whose slave is a child's stdin, stdout and stderr.
 struct Pty {
     master: std::fs::File,
+    /// The child's side, kept to read back the modes it leaves the terminal in.
+    slave: OwnedFd,
     child: Child,
     seen: Vec<u8>,
 }
@@ -38,7 +40,7 @@ impl Pty {
         let child = cmd
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
-            .stderr(Stdio::from(slave))
+            .stderr(Stdio::from(slave.try_clone().unwrap()))
             .spawn()
             .unwrap();
         nix::fcntl::fcntl(
@@ -48,6 +50,7 @@ impl Pty {
         .unwrap();
         Pty {
             master: std::fs::File::from(pty.master),
+            slave,
             child,
             seen: Vec::new(),
         }
@@ -68,6 +71,18 @@ impl Pty {
             nix::sys::signal::Signal::SIGWINCH,
         )
         .unwrap();
+    }
+
+    /// Whether the terminal is cooked (line editing and echo on), as a user's shell needs it.
+    fn cooked(&self) -> bool {
+        use nix::sys::termios::LocalFlags;
+        let t = nix::sys::termios::tcgetattr(&self.slave).unwrap();
+        t.local_flags
+            .contains(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }
 
     fn type_in(&mut self, s: &str) {
@@ -213,16 +228,41 @@ fn run_it_is_a_terminal_that_resizes_detaches_and_attaches_again() {
         }
         assert!(start.elapsed() < Duration::from_secs(30), "no resize");
     }
-    // Ctrl-P Ctrl-Q: cela returns, the shell runs on.
+    assert!(!t.cooked(), "the session's terminal is raw");
+    // Ctrl-P Ctrl-Q: cela returns, the shell runs on, the terminal is as it was.
     t.type_in("\x10\x11");
     assert_eq!(t.exit_code(), Some(0));
     assert!(String::from_utf8_lossy(&t.seen).contains("detached from term"));
+    assert!(t.cooked(), "a detach restores the terminal");
     assert_eq!(w.status("term"), "running");
 
+    // A hang-up (the terminal went away) detaches too, and restores it.
     let mut t = Pty::spawn(&mut cela_cmd(&w, &["attach", "term"]), 30, 100);
-    t.type_in("echo back-$((40+2)); exit 5\n");
+    t.type_in("echo back-$((40+2))\n");
     t.expect("back-42");
+    t.signal(nix::sys::signal::Signal::SIGHUP);
+    assert_eq!(t.exit_code(), Some(0));
+    assert!(t.cooked(), "SIGHUP restores the terminal");
+    assert_eq!(w.status("term"), "running");
+
+    // SIGTERM stops the instance (its shell's trap, run once `wait` is interrupted, gives
+    // the status) and restores the terminal.
+    let mut t = Pty::spawn(&mut cela_cmd(&w, &["attach", "term"]), 30, 100);
+    t.type_in("trap 'exit 9' TERM; echo trap-$((1+1)); sleep 600 & wait\n");
+    t.expect("trap-2");
+    assert!(!t.cooked());
+    t.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(t.exit_code(), Some(9));
+    assert!(t.cooked(), "SIGTERM restores the terminal");
+    w.wait_status("term", "exited");
+
+    // Attached again after a restart, the shell's own exit status comes back.
+    w.ok(&["start", "term"]);
+    let mut t = Pty::spawn(&mut cela_cmd(&w, &["attach", "term"]), 30, 100);
+    t.type_in("echo back-$((40+3)); exit 5\n");
+    t.expect("back-43");
     assert_eq!(t.exit_code(), Some(5));
+    assert!(t.cooked());
     w.wait_status("term", "exited");
     w.ok(&["rm", "term"]);
 }

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{InstanceError, IoContext};
@@ -95,8 +95,60 @@ pub enum Sink {
     Terminal(File),
 }
 
+/// How many frames wait for a workload that does not read its input before the connections
+/// sending them are held back.
+const QUEUED: usize = 16;
+
+/// The sink's two halves: data and end-of-input go, in order, through a bounded queue to one
+/// writer thread (a write that blocks on a workload not reading holds up only the senders of
+/// data); resizes go straight to the terminal, so they are never stuck behind data.
+struct Feed {
+    data: std::sync::mpsc::SyncSender<Input>,
+    terminal: Option<File>,
+}
+
+impl Feed {
+    fn start(sink: Sink) -> io::Result<Feed> {
+        let terminal = match &sink {
+            Sink::Terminal(t) => Some(t.try_clone()?),
+            Sink::Pipe(_) => None,
+        };
+        let (data, queue) = std::sync::mpsc::sync_channel::<Input>(QUEUED);
+        std::thread::spawn(move || {
+            let mut sink = sink;
+            for input in queue {
+                // A broken sink (the workload closed its stdin or ended) takes nothing more;
+                // the queue is still drained so no sender waits on it.
+                let _ = sink.write(input);
+            }
+        });
+        Ok(Feed { data, terminal })
+    }
+
+    fn take(&self, input: Input) -> io::Result<()> {
+        match (input, &self.terminal) {
+            (Input::Resize { rows, cols }, Some(t)) => resize(t, rows, cols),
+            (Input::Resize { .. }, None) => Ok(()),
+            (input, _) => self
+                .data
+                .send(input)
+                .map_err(|_| io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+}
+
+fn resize(t: &File, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    cela_runtime::console::set_window_size(t, &size).map_err(io::Error::from)
+}
+
 impl Sink {
-    fn take(&mut self, input: Input) -> io::Result<()> {
+    fn write(&mut self, input: Input) -> io::Result<()> {
         match (self, input) {
             (Sink::Pipe(Some(pipe)), Input::Data(d)) => pipe.write_all(&d),
             (Sink::Pipe(pipe), Input::Eof) => {
@@ -107,15 +159,7 @@ impl Sink {
             (Sink::Pipe(None), Input::Data(_)) => Err(io::ErrorKind::BrokenPipe.into()),
             (Sink::Pipe(_), Input::Resize { .. }) | (Sink::Terminal(_), Input::Eof) => Ok(()),
             (Sink::Terminal(t), Input::Data(d)) => t.write_all(&d),
-            (Sink::Terminal(t), Input::Resize { rows, cols }) => {
-                let size = libc::winsize {
-                    ws_row: rows,
-                    ws_col: cols,
-                    ws_xpixel: 0,
-                    ws_ypixel: 0,
-                };
-                cela_runtime::console::set_window_size(t, &size).map_err(io::Error::from)
-            }
+            (Sink::Terminal(t), Input::Resize { rows, cols }) => resize(t, rows, cols),
         }
     }
 }
@@ -137,15 +181,22 @@ pub fn serve(inst: &Instance, sink: Sink) -> Result<(), InstanceError> {
         UnixListener::bind(&path).doing(|| format!("listening on {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .doing(|| format!("making {} root's", path.display()))?;
-    let sink = Arc::new(Mutex::new(sink));
+    let feed = Arc::new(Feed::start(sink).doing(|| "sharing the workload's input".into())?);
     std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let sink = sink.clone();
+        loop {
+            let conn = match listener.accept() {
+                Ok((conn, _)) => conn,
+                // Out of descriptors or memory for now: wait a little rather than spin.
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let feed = feed.clone();
             std::thread::spawn(move || {
                 let mut conn = io::BufReader::new(conn);
                 while let Ok(Some(input)) = Input::read(&mut conn) {
-                    let taken = sink.lock().map(|mut s| s.take(input));
-                    if !matches!(taken, Ok(Ok(()))) {
+                    if feed.take(input).is_err() {
                         break;
                     }
                 }
@@ -242,6 +293,7 @@ pub fn parse_detach_keys(s: &str) -> Result<Vec<u8>, InstanceError> {
 /// Watches a byte stream for the detach sequence, across reads.
 pub struct DetachWatch<'a> {
     keys: &'a [u8],
+    /// How many of the keys the stream's last bytes match (always fewer than all).
     matched: usize,
 }
 
@@ -253,27 +305,39 @@ impl<'a> DetachWatch<'a> {
     /// The bytes to pass on from `data` (a partly matched sequence is held back until it
     /// fails to match), and whether the whole sequence was typed.
     pub fn feed(&mut self, data: &[u8]) -> (Vec<u8>, bool) {
-        let mut out = Vec::with_capacity(data.len());
         if self.keys.is_empty() {
             return (data.to_vec(), false);
         }
+        let mut out = Vec::with_capacity(data.len());
         for &b in data {
             if b == self.keys[self.matched] {
                 self.matched += 1;
                 if self.matched == self.keys.len() {
+                    self.matched = 0;
                     return (out, true);
                 }
-            } else {
-                out.extend_from_slice(&self.keys[..self.matched]);
-                self.matched = 0;
-                if b == self.keys[0] {
-                    self.matched = 1;
-                } else {
-                    out.push(b);
-                }
+                continue;
             }
+            // The held bytes and this one: what stays held is their longest end that
+            // begins the sequence (sequences like "a a b" overlap themselves); the rest
+            // goes on.
+            let mut pending = self.keys[..self.matched].to_vec();
+            pending.push(b);
+            let keep = (1..pending.len().min(self.keys.len()))
+                .rev()
+                .find(|&k| pending[pending.len() - k..] == self.keys[..k])
+                .unwrap_or(0);
+            out.extend_from_slice(&pending[..pending.len() - keep]);
+            self.matched = keep;
         }
         (out, false)
+    }
+
+    /// The bytes held back at the end of the input (a sequence begun but never finished).
+    pub fn finish(&mut self) -> Vec<u8> {
+        let held = self.keys[..self.matched].to_vec();
+        self.matched = 0;
+        held
     }
 }
 
@@ -318,10 +382,10 @@ mod tests {
     fn a_pipe_sink_ends_at_eof() {
         let (r, w) = stdin_pipe().unwrap();
         let mut sink = Sink::Pipe(Some(w));
-        sink.take(Input::Data(b"abc".to_vec())).unwrap();
-        sink.take(Input::Resize { rows: 1, cols: 1 }).unwrap();
-        sink.take(Input::Eof).unwrap();
-        assert!(sink.take(Input::Data(b"late".to_vec())).is_err());
+        sink.write(Input::Data(b"abc".to_vec())).unwrap();
+        sink.write(Input::Resize { rows: 1, cols: 1 }).unwrap();
+        sink.write(Input::Eof).unwrap();
+        assert!(sink.write(Input::Data(b"late".to_vec())).is_err());
         let mut got = String::new();
         File::from(r).read_to_string(&mut got).unwrap();
         assert_eq!(got, "abc");
@@ -346,5 +410,36 @@ mod tests {
         assert_eq!(w.feed(b"\x11rest"), (vec![], true));
         let mut w = DetachWatch::new(&keys);
         assert_eq!(w.feed(b"\x10\x10\x11"), (b"\x10".to_vec(), true));
+        // A sequence that overlaps itself: "aab" in "aaab" leaves one "a" before it.
+        let mut w = DetachWatch::new(b"aab");
+        assert_eq!(w.feed(b"a"), (vec![], false));
+        assert_eq!(w.feed(b"aab"), (b"a".to_vec(), true));
+        let mut w = DetachWatch::new(b"abac");
+        assert_eq!(w.feed(b"ababac"), (b"ab".to_vec(), true));
+        // Input that ends inside the sequence gives the held bytes back.
+        let mut w = DetachWatch::new(&keys);
+        assert_eq!(w.feed(b"x\x10"), (b"x".to_vec(), false));
+        assert_eq!(w.finish(), b"\x10");
+        assert!(w.finish().is_empty());
+    }
+
+    #[test]
+    fn a_stalled_workload_does_not_hold_resizes_up() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let feed = Feed::start(Sink::Terminal(File::from(pty.master))).unwrap();
+        // Nobody reads the terminal: data fills it and the writer blocks; then the queue
+        // fills too. A resize still goes through at once.
+        let mut sent = 0;
+        loop {
+            match feed.data.try_send(Input::Data(vec![b'x'; 4096])) {
+                Ok(()) => sent += 1,
+                Err(std::sync::mpsc::TrySendError::Full(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(sent < 10_000, "the terminal never filled");
+        }
+        feed.take(Input::Resize { rows: 33, cols: 77 }).unwrap();
+        let size = cela_runtime::console::window_size(&pty.slave).unwrap();
+        assert_eq!((size.ws_row, size.ws_col), (33, 77));
     }
 }

@@ -170,10 +170,30 @@ impl TerminalProxy {
     }
 }
 
-/// Stdin in raw mode while this lives.
+/// Stdin in raw mode while this lives. The terminal is put back on drop, and by a panic
+/// hook on a panic (with `panic = "abort"` no destructor runs then); a caller that can be
+/// ended by a signal catches it and drops this.
 pub struct RawStdin {
     stdin: OwnedFd,
     saved: Termios,
+}
+
+/// The settings to put back if this process panics while stdin is raw.
+static SAVED: std::sync::Mutex<Option<Termios>> = std::sync::Mutex::new(None);
+
+fn restore_on_panic() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(saved) = SAVED.try_lock()
+                && let Some(t) = saved.as_ref()
+            {
+                let _ = termios::tcsetattr(io::stdin(), SetArg::TCSANOW, t);
+            }
+            previous(info);
+        }));
+    });
 }
 
 impl RawStdin {
@@ -183,7 +203,16 @@ impl RawStdin {
         let saved = termios::tcgetattr(&stdin).ok()?;
         let mut raw = saved.clone();
         termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        restore_on_panic();
+        if let Ok(mut s) = SAVED.lock() {
+            *s = Some(saved.clone());
+        }
+        if termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+            if let Ok(mut s) = SAVED.lock() {
+                *s = None;
+            }
+            return None;
+        }
         Some(RawStdin { stdin, saved })
     }
 }
@@ -191,6 +220,9 @@ impl RawStdin {
 impl Drop for RawStdin {
     fn drop(&mut self) {
         let _ = termios::tcsetattr(&self.stdin, SetArg::TCSANOW, &self.saved);
+        if let Ok(mut s) = SAVED.lock() {
+            *s = None;
+        }
     }
 }
 

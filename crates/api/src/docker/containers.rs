@@ -681,26 +681,37 @@ fn encode_output(tty: bool, stream: Stream, data: &[u8]) -> Bytes {
 
 /// Feeds what a client sends into the instance's attach socket until the client's input ends
 /// (its half-close becomes the workload's end of stdin) or the detach keys come; returns
-/// whether the client detached. Connects once the supervisor takes input, for as long as the
-/// instance has not ended.
+/// whether the client detached. Connects once the supervisor takes input: an instance that
+/// has ended is waited for into its next run (`docker start -ai` attaches first, then
+/// starts), for as long as the client is there (`gone` says when it is not).
 fn forward_input(
     inst: &Instance,
     mut input: tokio::sync::mpsc::Receiver<Option<Vec<u8>>>,
     keys: &[u8],
+    gone: &dyn Fn() -> bool,
 ) -> bool {
     use cela_instance::attach::{DetachWatch, Input};
     let mut conn = loop {
+        if gone() || !inst.dir.exists() {
+            return false;
+        }
         match cela_instance::attach::connect(inst, Duration::from_secs(1)) {
             Ok(c) => break c,
-            Err(cela_instance::InstanceError::WrongState { .. })
-            | Err(cela_instance::InstanceError::NotFound(_)) => return false,
-            Err(_) if !inst.dir.exists() => return false,
-            Err(_) => continue,
+            Err(cela_instance::InstanceError::NotFound(_)) => return false,
+            // Ended: its next start makes a new socket.
+            Err(cela_instance::InstanceError::WrongState { .. }) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => {}
         }
     };
     let mut watch = DetachWatch::new(keys);
     while let Some(chunk) = input.blocking_recv() {
         let Some(data) = chunk else {
+            let held = watch.finish();
+            if !held.is_empty() {
+                let _ = conn.send(&Input::Data(held));
+            }
             let _ = conn.send(&Input::Eof);
             return false;
         };
@@ -790,7 +801,7 @@ pub async fn attach(
                 return;
             }
         };
-        let (mut from_client, mut to_client) = tokio::io::split(TokioIo::new(upgraded));
+        let (from_client, mut to_client) = tokio::io::split(TokioIo::new(upgraded));
         // Says the client typed the detach keys; closed without a message when its input
         // ends otherwise.
         let (detached_tx, mut detached) = tokio::sync::mpsc::channel::<()>(1);
@@ -798,26 +809,12 @@ pub async fn attach(
             // Bounded: input the workload does not take is held back by the connection.
             let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
             std::thread::spawn(move || {
-                if forward_input(&inst, in_rx, &keys) {
+                let gone = || detached_tx.is_closed();
+                if forward_input(&inst, in_rx, &keys, &gone) {
                     let _ = detached_tx.blocking_send(());
                 }
             });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    match tokio::io::AsyncReadExt::read(&mut from_client, &mut buf).await {
-                        Ok(0) | Err(_) => {
-                            let _ = in_tx.send(None).await;
-                            return;
-                        }
-                        Ok(n) => {
-                            if in_tx.send(Some(buf[..n].to_vec())).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
+            tokio::spawn(super::frames::read_input(from_client, in_tx));
         }
         loop {
             tokio::select! {

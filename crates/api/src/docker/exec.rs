@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
@@ -38,6 +39,10 @@ pub struct ExecRecord {
     user: Option<String>,
     tty: bool,
     stdin: bool,
+    /// Docker's detach keys for the exec's input (Ctrl-P Ctrl-Q with a terminal by default).
+    detach_keys: Vec<u8>,
+    /// Started (a claim taken under the map's lock, so two starts cannot both run it).
+    started: bool,
     running: bool,
     exit_code: Option<i32>,
     pid: Option<u32>,
@@ -69,6 +74,7 @@ struct CreateBody {
     working_dir: Option<String>,
     user: Option<String>,
     privileged: bool,
+    detach_keys: Option<String>,
 }
 
 pub async fn create(
@@ -82,6 +88,11 @@ pub async fn create(
     if body.privileged {
         return Err(ApiError::not_implemented("a privileged exec"));
     }
+    let detach_keys = match body.detach_keys.as_deref() {
+        Some(k) => cela_instance::attach::parse_detach_keys(k)?,
+        None if body.tty => vec![16, 17],
+        None => Vec::new(),
+    };
     let cmd = body
         .cmd
         .filter(|c| !c.is_empty())
@@ -136,6 +147,8 @@ pub async fn create(
             user: body.user.filter(|u| !u.is_empty()),
             tty: body.tty,
             stdin: body.attach_stdin,
+            detach_keys,
+            started: false,
             running: false,
             exit_code: None,
             pid: None,
@@ -190,7 +203,7 @@ pub async fn inspect(
         "OpenStdout": true,
         "CanRemove": false,
         "ContainerID": e.container,
-        "DetachKeys": "",
+        "DetachKeys": detach_keys_text(&e.detach_keys),
         "Pid": e.pid.unwrap_or(0),
     })))
 }
@@ -201,7 +214,20 @@ struct StartBody {
     detach: bool,
 }
 
-/// The `cela exec` command line for an exec.
+/// Detach keys in Docker's syntax (`ctrl-p,ctrl-q`).
+fn detach_keys_text(keys: &[u8]) -> String {
+    keys.iter()
+        .map(|&k| match k {
+            1..=26 => format!("ctrl-{}", (b'a' + k - 1) as char),
+            0 | 27..=31 => format!("ctrl-{}", (b'@' + k) as char),
+            k => (k as char).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `cela exec` command line for an exec. Values go in `--flag=VALUE` form, so one that
+/// begins with a dash is never read as an option.
 fn command(app: &AppState, e: &ExecRecord) -> Result<Command, ApiError> {
     let exe = std::env::current_exe().map_err(ApiError::internal)?;
     let mut c = Command::new(exe);
@@ -213,32 +239,109 @@ fn command(app: &AppState, e: &ExecRecord) -> Result<Command, ApiError> {
         c.arg("-i");
     }
     for kv in &e.env {
-        c.arg("-e").arg(kv);
+        c.arg(format!("--env={kv}"));
     }
     if let Some(w) = &e.workdir {
-        c.arg("-w").arg(w);
+        c.arg(format!("--workdir={w}"));
     }
     if let Some(u) = &e.user {
-        c.arg("-u").arg(u);
+        c.arg(format!("--user={u}"));
     }
     c.arg(&e.container).arg("--").args(&e.cmd);
     Ok(c)
 }
 
-/// `POST /exec/{id}/start`: runs the exec, its output (and input, with `AttachStdin`) on the
-/// hijacked connection; with `Detach`, in the background.
-pub async fn start(
-    State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    mut req: Request,
-) -> Result<Response, ApiError> {
-    let e = lookup(&app, &id)?;
-    if e.running || e.exit_code.is_some() {
+/// How long an exec's output is still read after it has exited: a process it left in the
+/// background may hold its stdout open for ever, and the exec is over all the same (the
+/// supervisor bounds a run's output the same way).
+const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// Takes the start of exec `id` (atomically: of two concurrent starts, one gets it).
+fn claim(app: &AppState, id: &str) -> Result<ExecRecord, ApiError> {
+    let mut map = app.execs.map.lock().map_err(ApiError::internal)?;
+    let e = map.get_mut(id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("No such exec instance: {id}"),
+        )
+    })?;
+    if e.started {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("exec {id} has already been started"),
         ));
     }
+    e.started = true;
+    Ok(e.clone())
+}
+
+/// The exec's stdio: a terminal the server holds the master of (the slave for the child, the
+/// master for the server, and another handle on the master for reading), or pipes.
+struct ExecIo {
+    master: Option<Arc<OwnedFd>>,
+    output: Option<std::fs::File>,
+}
+
+fn prepare(cmd: &mut Command, e: &ExecRecord, detach: bool) -> Result<ExecIo, ApiError> {
+    if detach {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
+    if !e.tty {
+        if !detach {
+            cmd.stdin(if e.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        }
+        return Ok(ExecIo {
+            master: None,
+            output: None,
+        });
+    }
+    let pty = nix::pty::openpty(None, None)
+        .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
+    // Close-on-exec, both: every process the server starts meanwhile (other execs, the
+    // supervisors of new instances) would otherwise keep this terminal allocated, and the
+    // exec's output would never end while one of them lived.
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
+    }
+    let output = if detach {
+        None
+    } else {
+        let s = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(ApiError::internal);
+        cmd.stdin(s(&pty.slave)?)
+            .stdout(s(&pty.slave)?)
+            .stderr(s(&pty.slave)?);
+        Some(std::fs::File::from(
+            pty.master.try_clone().map_err(ApiError::internal)?,
+        ))
+    };
+    Ok(ExecIo {
+        master: Some(Arc::new(pty.master)),
+        output,
+    })
+}
+
+/// `POST /exec/{id}/start`: runs the exec, its output (and input, with `AttachStdin`) on the
+/// hijacked connection (or, without `Upgrade`, the response's body, as dockerd does); with
+/// `Detach`, in the background. The stream ends when the exec has exited and its output is
+/// read (bounded by [`OUTPUT_AFTER_EXIT`]), or when the client types the detach keys.
+pub async fn start(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    lookup(&app, &id)?;
     let body = axum::body::to_bytes(std::mem::take(req.body_mut()), crate::MAX_BODY)
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the request: {e}")))?;
@@ -248,156 +351,149 @@ pub async fn start(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("malformed exec start: {e}")))?
     };
-    let mut cmd = command(&app, &e)?;
-    // The exec's stdio: a terminal the server holds the master of, or pipes.
-    let master = if e.tty {
-        let pty = nix::pty::openpty(None, None)
-            .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
-        // Close-on-exec, both: every process the server starts meanwhile (other execs, the
-        // supervisors of new instances) would otherwise keep this terminal allocated, and the
-        // exec's output would never end while one of them lived.
-        for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
-        }
-        let slave = pty.slave;
-        let s = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(ApiError::internal);
-        cmd.stdin(s(&slave)?).stdout(s(&slave)?).stderr(s(&slave)?);
-        Some(Arc::new(pty.master))
-    } else {
-        cmd.stdin(if e.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        None
-    };
-    if start.detach {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+    let upgrade = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"tcp"));
+    let e = lookup(&app, &id)?;
+    if !start.detach && e.stdin && !upgrade {
+        return Err(ApiError::bad_request(
+            "an exec's stdin needs a hijacked connection (Upgrade: tcp)",
+        ));
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ApiError::internal(format!("starting cela exec: {e}")))?;
+    let e = claim(&app, &id)?;
+    // Everything that can fail comes before the spawn: after it, the exec runs and its end
+    // is recorded whatever happens to the connection.
+    let prepared = command(&app, &e).and_then(|mut cmd| {
+        let stdio = prepare(&mut cmd, &e, start.detach)?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| ApiError::internal(format!("starting cela exec: {e}")))?;
+        Ok((child, stdio))
+    });
+    let (mut child, stdio) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            update(&app, &id, |r| r.started = false);
+            return Err(err);
+        }
+    };
     let pid = child.id();
     update(&app, &id, |r| {
         r.running = true;
         r.pid = Some(pid);
-        r.master = master.clone();
+        r.master = stdio.master.clone();
     });
-    // Output: frames from the pipes, or the terminal's bytes.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    let mut readers = Vec::new();
-    if !start.detach {
-        if let Some(m) = &master {
-            let mut f = std::fs::File::from(m.try_clone().map_err(ApiError::internal)?);
-            let tx = tx.clone();
-            readers.push(std::thread::spawn(move || {
-                // Read to the end even when the client has gone, so the exec never blocks
-                // on a full terminal.
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n @ 1..) = f.read(&mut buf) {
-                    let _ = tx.blocking_send(Bytes::copy_from_slice(&buf[..n]));
-                }
-            }));
-        } else {
-            for (pipe, stream) in [
-                (
-                    child
-                        .stdout
-                        .take()
-                        .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                    Stream::Stdout,
-                ),
-                (
-                    child
-                        .stderr
-                        .take()
-                        .map(|p| Box::new(p) as Box<dyn Read + Send>),
-                    Stream::Stderr,
-                ),
-            ] {
-                let Some(mut pipe) = pipe else { continue };
-                let tx = tx.clone();
-                readers.push(std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 16 * 1024];
-                    while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                        let mut out = Vec::new();
-                        frame(&mut out, stream, &buf[..n]);
-                        let _ = tx.blocking_send(Bytes::from(out));
-                    }
-                }));
-            }
-        }
+    // Output: frames from the pipes, or the terminal's bytes, read on threads of their own
+    // (to the end even when the client has gone, so the exec never blocks on its output).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let mut sources: Vec<(Box<dyn Read + Send>, Option<Stream>)> = Vec::new();
+    if let Some(f) = stdio.output {
+        sources.push((Box::new(f), None));
+    }
+    if let Some(p) = child.stdout.take() {
+        sources.push((Box::new(p), Some(Stream::Stdout)));
+    }
+    if let Some(p) = child.stderr.take() {
+        sources.push((Box::new(p), Some(Stream::Stderr)));
     }
     let child_stdin = child.stdin.take();
+    let (read_tx, read_done) = std::sync::mpsc::channel::<()>();
+    let readers = sources.len();
+    for (mut source, stream) in sources {
+        let tx = tx.clone();
+        let read_tx = read_tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            // EIO ends a terminal once every process holding its other side has exited.
+            while let Ok(n @ 1..) = source.read(&mut buf) {
+                let chunk = match stream {
+                    Some(stream) => {
+                        let mut out = Vec::new();
+                        frame(&mut out, stream, &buf[..n]);
+                        Bytes::from(out)
+                    }
+                    None => Bytes::copy_from_slice(&buf[..n]),
+                };
+                let _ = tx.blocking_send(chunk);
+            }
+            let _ = read_tx.send(());
+        });
+    }
+    drop(read_tx);
     // The exec's end is recorded whoever is still listening, and before the stream ends: a
     // client asks for the exit code as soon as it has the last byte.
+    let (over_tx, over) = tokio::sync::oneshot::channel::<()>();
     {
         let app = app.clone();
         let id = id.clone();
-        let hold = tx;
         std::thread::spawn(move || {
             let code = child.wait().ok().and_then(|s| {
                 use std::os::unix::process::ExitStatusExt;
                 s.code().or_else(|| s.signal().map(|n| 128 + n))
             });
-            for r in readers {
-                let _ = r.join();
+            let until = std::time::Instant::now() + OUTPUT_AFTER_EXIT;
+            for _ in 0..readers {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if read_done.recv_timeout(left).is_err() {
+                    break;
+                }
             }
             update(&app, &id, |r| {
                 r.running = false;
                 r.exit_code = Some(code.unwrap_or(-1));
                 r.master = None;
             });
-            drop(hold);
+            let _ = over_tx.send(());
         });
     }
+    drop(tx);
     if start.detach {
         return Ok(StatusCode::OK.into_response());
     }
+    // What the client gets: the output until the exec is over (then what is already read),
+    // or until it detaches.
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let (detach_tx, detached) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(relay(rx, over, detached, out_tx));
+    if !upgrade {
+        return Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                super::frames::content_type(e.tty),
+            )],
+            crate::channel_body(out_rx),
+        )
+            .into_response());
+    }
+    // Input: into the terminal, or the stdin pipe (closed at the client's half-close).
+    let sink: Option<Box<dyn Write + Send>> = match (stdio.master.as_ref(), child_stdin) {
+        (Some(m), _) if e.stdin => Some(Box::new(std::fs::File::from(
+            m.try_clone().map_err(ApiError::internal)?,
+        ))),
+        (_, Some(pipe)) => Some(Box::new(pipe)),
+        _ => None,
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let input_to_master = master.as_ref().filter(|_| e.stdin).map(|m| m.try_clone());
+    let keys = e.detach_keys.clone();
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let (mut from_client, mut to_client) = tokio::io::split(TokioIo::new(upgraded));
-        // Input: into the terminal, or the stdin pipe (closed at the client's half-close).
-        let sink: Option<Box<dyn Write + Send>> = match (input_to_master, child_stdin) {
-            (Some(Ok(m)), _) => Some(Box::new(std::fs::File::from(m))),
-            (_, Some(pipe)) => Some(Box::new(pipe)),
-            _ => None,
-        };
-        if let Some(mut sink) = sink {
+        let (from_client, mut to_client) = tokio::io::split(TokioIo::new(upgraded));
+        if let Some(sink) = sink {
             // Bounded: a client sending faster than the exec reads is held back by its
             // connection, not buffered in the server.
-            let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+            let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
             std::thread::spawn(move || {
-                while let Some(data) = in_rx.blocking_recv() {
-                    if sink.write_all(&data).is_err() {
-                        return;
-                    }
+                if feed_input(sink, in_rx, &keys) {
+                    let _ = detach_tx.send(());
                 }
             });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n @ 1..) =
-                    tokio::io::AsyncReadExt::read(&mut from_client, &mut buf).await
-                {
-                    if in_tx.send(buf[..n].to_vec()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            tokio::spawn(super::frames::read_input(from_client, in_tx));
         }
-        while let Some(chunk) = rx.recv().await {
+        let mut out_rx = out_rx;
+        while let Some(chunk) = out_rx.recv().await {
             if to_client.write_all(&chunk).await.is_err() {
                 return;
             }
@@ -405,6 +501,72 @@ pub async fn start(
         let _ = to_client.shutdown().await;
     });
     Ok(switching_protocols(e.tty))
+}
+
+/// Passes the exec's output on to the client until the exec is over (then what was read
+/// before that) or the client detaches.
+async fn relay(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    mut over: tokio::sync::oneshot::Receiver<()>,
+    detached: tokio::sync::oneshot::Receiver<()>,
+    out: tokio::sync::mpsc::Sender<Bytes>,
+) {
+    // A detach ends the stream; input that ends without one (the sender dropped) does not.
+    let detached = async move {
+        if detached.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(detached);
+    // The output can end before the exec does (it closed its stdout): the stream then
+    // waits for the exit all the same, so the client finds the exit code recorded.
+    let mut output_ended = false;
+    loop {
+        tokio::select! {
+            biased;
+            chunk = rx.recv(), if !output_ended => match chunk {
+                Some(chunk) => {
+                    if out.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                None => output_ended = true,
+            },
+            // Over: the readers have finished (their chunks are all queued) or given up on.
+            _ = &mut over => {
+                while let Ok(chunk) = rx.try_recv() {
+                    if out.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            () = &mut detached => return,
+        }
+    }
+}
+
+/// Writes the client's input into the exec's stdin (or terminal) until it ends or the detach
+/// keys come; returns whether the client detached.
+fn feed_input(
+    mut sink: Box<dyn Write + Send>,
+    mut input: tokio::sync::mpsc::Receiver<Option<Vec<u8>>>,
+    keys: &[u8],
+) -> bool {
+    let mut watch = cela_instance::attach::DetachWatch::new(keys);
+    while let Some(Some(data)) = input.blocking_recv() {
+        let (pass, detach) = watch.feed(&data);
+        if sink.write_all(&pass).is_err() {
+            return false;
+        }
+        if detach {
+            return true;
+        }
+    }
+    // The end of the client's input: what was held back goes, and the pipe closes (a
+    // terminal's master stays open with the server's other handle).
+    let _ = sink.write_all(&watch.finish());
+    false
 }
 
 /// `POST /exec/{id}/resize`: the exec's terminal (`cela exec -t` follows its stdin's size).

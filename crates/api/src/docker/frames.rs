@@ -51,6 +51,29 @@ pub fn frame(out: &mut Vec<u8>, stream: Stream, data: &[u8]) {
     }
 }
 
+/// Reads a hijacked connection's input into `to`, chunk by chunk, then `None` at its end
+/// (the client's half-close, or the connection gone). `to` is bounded: a client sending
+/// faster than the workload reads is held back by its connection.
+pub async fn read_input(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    to: tokio::sync::mpsc::Sender<Option<Vec<u8>>>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match tokio::io::AsyncReadExt::read(&mut from, &mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.send(None).await;
+                return;
+            }
+            Ok(n) => {
+                if to.send(Some(buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
