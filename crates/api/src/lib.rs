@@ -9,7 +9,9 @@
 pub mod docker;
 mod error;
 mod follow;
-mod own;
+pub mod own;
+pub mod tcp;
+mod ws;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +40,12 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     /// The socket Docker clients are pointed at (`DOCKER_HOST=unix://PATH`).
     pub docker_socket: PathBuf,
+    /// Both APIs on a TCP port too, behind a token (and TLS).
+    pub tcp: Option<tcp::TcpOptions>,
 }
+
+/// cela's run directory, where the sockets are by default.
+const RUN_DIR: &str = "/run/cela";
 
 /// The largest request body accepted (a container config is a few KiB).
 pub const MAX_BODY: usize = 1 << 20;
@@ -75,7 +82,7 @@ struct AskedVersion(String);
 
 /// Takes a Docker client's `/v1.NN` prefix off the path, so one set of routes serves every
 /// version; the version is kept for [`check_version`].
-fn strip_version(mut req: Request) -> Request {
+pub(crate) fn strip_version(mut req: Request) -> Request {
     let path = req.uri().path();
     let Some(rest) = path.strip_prefix("/v") else {
         return req;
@@ -161,6 +168,20 @@ pub enum ServeError {
     InUse(PathBuf),
     #[error("starting the server's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{}: {why}", path.display())]
+    Secret { path: PathBuf, why: String },
+    #[error("TLS: {}: {why}", path.display())]
+    Tls { path: PathBuf, why: String },
+    #[error(
+        "listening on {0} without TLS would send the token in the clear: give --tls-cert and --tls-key, or listen on a loopback address"
+    )]
+    Insecure(std::net::SocketAddr),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Binds `path` as a Unix socket, mode 0660, group `cela` when that group exists (else
@@ -199,19 +220,27 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     if let Some(gid) = group {
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| err("giving group cela", e.into()))?;
-        // The group reaches the socket only through its directory: one made 0700 (by hand,
-        // or an old cela) is opened to traversal, not to listing.
+        // The group reaches the socket only through its directory. cela's own run directory
+        // (made 0700 by an older cela, or by hand) is given to the group for traversal, not
+        // listing; another directory is the admin's to open, and a warning says so.
         if let Some(dir) = path.parent()
             && let Ok(m) = std::fs::metadata(dir)
-            && m.permissions().mode() & 0o011 == 0
         {
-            let mode = m.permissions().mode() & 0o7777 | 0o011;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| err("letting group cela through the directory of", e))?;
-            tracing::warn!(
-                "{} was closed to group cela: it is now mode {mode:o}",
-                dir.display()
-            );
+            use std::os::unix::fs::MetadataExt;
+            let mode = m.permissions().mode() & 0o7777;
+            let reachable = mode & 0o001 != 0 || (m.gid() == gid && mode & 0o010 != 0);
+            if !reachable && dir == Path::new(RUN_DIR) && m.uid() == 0 {
+                nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(gid)))
+                    .map_err(|e| err("giving group cela the directory of", e.into()))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o010))
+                    .map_err(|e| err("letting group cela through the directory of", e))?;
+            } else if !reachable {
+                tracing::warn!(
+                    "group cela cannot reach {}: {} is mode {mode:04o}",
+                    path.display(),
+                    dir.display()
+                );
+            }
         }
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
@@ -234,6 +263,21 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             paths.push(opts.docker_socket.clone());
         }
         let mut servers = tokio::task::JoinSet::new();
+        // The TCP port first: its secrets and address are checked before any socket exists.
+        if let Some(opts) = &opts.tcp {
+            let tcp = tcp::bind(opts).await?;
+            let addr = tcp.local_addr().map_err(ServeError::Runtime)?;
+            let app = app.clone();
+            servers.spawn(tcp.serve(app));
+            tracing::info!(
+                "serving on tcp {addr} ({})",
+                if opts.tls.is_some() {
+                    "TLS"
+                } else {
+                    "plain, loopback"
+                }
+            );
+        }
         for path in &paths {
             let listener = bind(path)?;
             let service = tower::util::MapRequestLayer::new(strip_version).layer(app.clone());

@@ -24,7 +24,18 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/cela/v1/instances/{id}", get(inspect).delete(remove))
         .route("/cela/v1/instances/{id}/start", post(start))
         .route("/cela/v1/instances/{id}/stop", post(stop))
+        .route("/cela/v1/instances/{id}/exec", get(crate::ws::exec))
         .route("/cela/v1/images", get(images))
+        .route("/cela/v1/events", get(events))
+}
+
+/// `GET /cela/v1/events?since=&until=&filters=`: the event journal in its own shape (as `cela
+/// events --format json` prints it), with the Docker API's selection and following.
+async fn events(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<crate::docker::events::EventsQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    crate::docker::events::stream(&app, &q, |e| serde_json::to_value(e).unwrap_or(Value::Null))
 }
 
 async fn list(State(app): State<Arc<AppState>>) -> Result<axum::Json<Vec<Value>>, ApiError> {
@@ -103,11 +114,10 @@ fn yes() -> bool {
     true
 }
 
-async fn create(
-    State(app): State<Arc<AppState>>,
-    body: Bytes,
-) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(&body);
+/// The typed request (and whether to start it) a `POST /cela/v1/instances` body asks for:
+/// strict JSON (unknown fields refused), checked before anything is made.
+pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
     let malformed = |e: &dyn std::fmt::Display| {
         ApiError::bad_request(format!("malformed instance request: {e}"))
     };
@@ -138,7 +148,14 @@ async fn create(
         pull: body.pull,
         ..RunRequest::new(body.image, body.kind)
     };
-    let start = body.start;
+    Ok((req, body.start))
+}
+
+async fn create(
+    State(app): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let (req, start) = parse_create(&body)?;
     blocking(move || {
         let store = cela_image::Store::open(&app.data_dir)?;
         let inst = cela_instance::run::create(

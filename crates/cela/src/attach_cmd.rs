@@ -61,6 +61,8 @@ fn forward_stdin(mut to: Attached, tty: bool, keys: Vec<u8>, detached: Arc<Atomi
     let mut stdin = std::io::stdin().lock();
     loop {
         match stdin.read(&mut buf) {
+            // A signal caught on this thread is not the end of the input.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => {
                 let held = watch.finish();
                 if !held.is_empty() {
@@ -101,17 +103,24 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
     let detached = Arc::new(AtomicBool::new(false));
     let mut resizer = None;
     let mut raw = None;
+    // The handlers first: from the moment the terminal is raw, every way out restores it.
+    // Ctrl-C at a terminal that is not raw (raw, it goes to the instance's terminal) and
+    // SIGTERM stop the instance, as a foreground `cela run` without -i/-t does.
+    crate::instance_cmd::catch_interrupts()?;
+    catch(nix::sys::signal::Signal::SIGHUP, on_hangup)?;
     if takes_input {
         let conn = cela_instance::attach::connect(inst, START_BOUND)?;
         if tty {
+            catch(nix::sys::signal::Signal::SIGWINCH, on_winch)?;
             // Raw only when keys typed here reach the instance; without -i, Ctrl-C stays a
             // signal to this process (handled below).
             if inst.config.stdin {
                 raw = cela_runtime::console::RawStdin::enable();
             }
-            let mut r = conn.try_clone().context("sharing the attach connection")?;
+            // Resizes on a connection of their own: never queued behind input the workload
+            // has not read.
+            let mut r = cela_instance::attach::connect(inst, START_BOUND)?;
             send_window_size(&mut r);
-            catch(nix::sys::signal::Signal::SIGWINCH, on_winch)?;
             resizer = Some(r);
         }
         if inst.config.stdin {
@@ -120,10 +129,6 @@ pub fn session(inst: &Instance, from_start: bool, detach_keys: &[u8]) -> anyhow:
             std::thread::spawn(move || forward_stdin(conn, tty, keys, d));
         }
     }
-    // Ctrl-C at a terminal that is not raw (raw, it goes to the instance's terminal) and
-    // SIGTERM stop the instance, as a foreground `cela run` without -i/-t does.
-    crate::instance_cmd::catch_interrupts()?;
-    catch(nix::sys::signal::Signal::SIGHUP, on_hangup)?;
     let mut stopping = false;
     let log = inst.log_path();
     let mut reader = None;

@@ -326,6 +326,95 @@ pub fn logs(name: &str, follow_it: bool, data_dir: &Path) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// A time for `cela events`: what a Docker client sends (seconds, RFC 3339), or a duration
+/// ago as the docker CLI takes it (`30s`, `10m`, `1h30m`, `2d`).
+fn event_time(v: &str) -> anyhow::Result<i64> {
+    if let Ok(t) = cela_instance::events::parse_time(v) {
+        return Ok(t);
+    }
+    let mut ago: i64 = 0;
+    let mut number = String::new();
+    for c in v.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit: i64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => bail!("{v:?} is not a time (seconds, RFC 3339, or a duration such as 10m)"),
+        };
+        let n: i64 = number
+            .parse()
+            .with_context(|| format!("{v:?}: a number before {c}"))?;
+        ago = n
+            .checked_mul(unit)
+            .and_then(|x| x.checked_add(ago))
+            .with_context(|| format!("{v:?} is too long ago"))?;
+        number.clear();
+    }
+    if !number.is_empty() || v.is_empty() {
+        bail!("{v:?} is not a time (seconds, RFC 3339, or a duration such as 10m)");
+    }
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+    Ok(now.saturating_sub(ago.saturating_mul(1_000_000_000)))
+}
+
+/// `cela events`: the journal's events that the filters select, one per line, as they come.
+pub fn events(
+    since: Option<&str>,
+    until: Option<&str>,
+    filters: &[String],
+    format: Format,
+    data_dir: &Path,
+) -> anyhow::Result<ExitCode> {
+    let mut query = cela_instance::events::Query {
+        since: since.map(event_time).transpose()?,
+        until: until.map(event_time).transpose()?,
+        ..Default::default()
+    };
+    for f in filters {
+        let (k, v) = f
+            .split_once('=')
+            .with_context(|| format!("filter {f:?} is not KEY=VALUE"))?;
+        query
+            .filters
+            .entry(k.to_owned())
+            .or_default()
+            .push(v.to_owned());
+    }
+    query.check().map_err(anyhow::Error::msg)?;
+    // The data dir exists (and is root's) before the journal is looked for.
+    cela_instance::Instances::open(data_dir)?;
+    let mut out = std::io::stdout().lock();
+    cela_instance::events::follow(data_dir, &query, &|| false, |e| {
+        let line = match format {
+            Format::Json => serde_json::to_string(e).unwrap_or_default(),
+            Format::Table => {
+                let when = chrono::DateTime::from_timestamp_nanos(e.time_nano)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+                let attrs: Vec<String> = e
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                format!(
+                    "{when} {} {} {} ({})",
+                    e.kind,
+                    e.action,
+                    e.id,
+                    attrs.join(", ")
+                )
+            }
+        };
+        // A closed stdout (the reader of a pipe went) ends it.
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn inspect(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
     let insts = instances(data_dir)?;
     let mut out = Vec::new();

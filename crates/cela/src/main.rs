@@ -88,12 +88,30 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Print what happens to instances (create, start, die, kill, stop, destroy), as it
+    /// happens; with --since, what happened before too.
+    Events {
+        /// From this time: seconds since the epoch, RFC 3339, or a duration ago (10m, 1h30m).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Until this time (then cela events ends), in the same forms.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Only these: type, event, container, image, label (label=K or label=K=V);
+        /// repeatable.
+        #[arg(short = 'f', long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
+        /// One line of text per event, or JSON lines.
+        #[arg(long, value_enum, default_value_t = image_cmd::Format::Table)]
+        format: image_cmd::Format,
+    },
     /// Print instances' config and state as JSON.
     Inspect {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Serve the Docker Engine API and cela's own API on Unix sockets (see docs/API.md).
+    /// Serve the Docker Engine API and cela's own API on Unix sockets, and a TCP port when asked
+    /// (see docs/API.md).
     Serve {
         /// cela's own API (`/cela/v1`); the Docker API is served here too.
         #[arg(long, value_name = "PATH", default_value = "/run/cela/api.sock")]
@@ -101,6 +119,20 @@ enum Command {
         /// The socket for Docker clients: `DOCKER_HOST=unix://PATH docker ...`.
         #[arg(long, value_name = "PATH", default_value = "/run/cela/docker.sock")]
         docker_socket: std::path::PathBuf,
+        /// Serve both APIs on a TCP port too (every request must carry the token).
+        #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
+        listen: Option<std::net::SocketAddr>,
+        /// The token TCP clients send (`Authorization: Bearer TOKEN`): a file only root can
+        /// read, e.g. `openssl rand -hex 32 > F; chmod 600 F`.
+        #[arg(long, value_name = "FILE", requires = "listen")]
+        token_file: Option<std::path::PathBuf>,
+        /// Serve TLS on the TCP port with this certificate chain (PEM); needed for an address
+        /// that is not loopback.
+        #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_key"])]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM, mode 600).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Run an instance's workload in this process (started by cela itself).
     #[command(name = "__supervise", hide = true)]
@@ -174,14 +206,37 @@ fn main() -> ExitCode {
         Command::Start { names } => instance_cmd::start(&names, &data_dir),
         Command::Rm { force, names } => instance_cmd::rm(&names, force, &data_dir),
         Command::Inspect { names } => instance_cmd::inspect(&names, &data_dir),
+        Command::Events {
+            since,
+            until,
+            filters,
+            format,
+        } => instance_cmd::events(
+            since.as_deref(),
+            until.as_deref(),
+            &filters,
+            format,
+            &data_dir,
+        ),
         Command::Supervise { id } => instance_cmd::supervise(&id, &data_dir),
         Command::Serve {
             socket,
             docker_socket,
+            listen,
+            token_file,
+            tls_cert,
+            tls_key,
         } => cela_api::serve(&cela_api::ServeOptions {
             data_dir: data_dir.clone(),
             socket,
             docker_socket,
+            tcp: listen
+                .zip(token_file)
+                .map(|(listen, token_file)| cela_api::tcp::TcpOptions {
+                    listen,
+                    token_file,
+                    tls: tls_cert.zip(tls_key),
+                }),
         })
         .map(|()| ExitCode::SUCCESS)
         .map_err(anyhow::Error::from),

@@ -27,6 +27,20 @@ fn client(path: &str) -> &str {
     path
 }
 
+/// `cela serve` on these sockets.
+fn serve_cmd(w: &World, api: &Path, docker: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cela"));
+    c.arg("--data-dir")
+        .arg(w.data())
+        .arg("serve")
+        .arg("--socket")
+        .arg(api)
+        .arg("--docker-socket")
+        .arg(docker)
+        .stdin(Stdio::null());
+    c
+}
+
 /// A running `cela serve` on sockets of its own, killed when dropped.
 struct Server {
     child: Child,
@@ -35,22 +49,24 @@ struct Server {
 
 impl Server {
     fn start(w: &World) -> Server {
+        Server::start_with(w, &[])
+    }
+
+    /// A server with more arguments (`--listen ...`).
+    fn start_with(w: &World, extra: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("cela-api-")
             .tempdir()
             .unwrap();
         let mut s = Server {
-            child: Command::new(env!("CARGO_BIN_EXE_cela"))
-                .arg("--data-dir")
-                .arg(w.data())
-                .arg("serve")
-                .arg("--socket")
-                .arg(dir.path().join("api.sock"))
-                .arg("--docker-socket")
-                .arg(dir.path().join("docker.sock"))
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
+            child: serve_cmd(
+                w,
+                &dir.path().join("api.sock"),
+                &dir.path().join("docker.sock"),
+            )
+            .args(extra)
+            .spawn()
+            .unwrap(),
             dir,
         };
         s.wait_listening();
@@ -59,15 +75,7 @@ impl Server {
 
     /// Starts another server on the same sockets (after this one was killed).
     fn restart(&mut self, w: &World) {
-        self.child = Command::new(env!("CARGO_BIN_EXE_cela"))
-            .arg("--data-dir")
-            .arg(w.data())
-            .arg("serve")
-            .arg("--socket")
-            .arg(self.api())
-            .arg("--docker-socket")
-            .arg(self.docker_sock())
-            .stdin(Stdio::null())
+        self.child = serve_cmd(w, &self.api(), &self.docker_sock())
             .spawn()
             .unwrap();
         self.wait_listening();
@@ -119,15 +127,7 @@ impl Server {
 
     /// `docker ARGS` with `input` on its stdin (closed after it).
     fn docker_with_input(&self, bin: &str, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .docker_cmd(bin, args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
-        child.wait_with_output().unwrap()
+        with_input(&mut self.docker_cmd(bin, args), input)
     }
 
     fn docker_ok(&self, bin: &str, args: &[&str]) -> String {
@@ -173,6 +173,18 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `cmd` with `input` on its stdin (closed after it): its output.
+fn with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -466,11 +478,11 @@ fn the_apis_answer_errors_with_their_status_codes() {
     let (code, body) = s.http("POST", "/v1.50/exec/abc/start", Some(b"{}"));
     assert_eq!(code, 404, "{body}");
     // Not implemented, on a path with other methods (GET and DELETE /images/...) and on none.
+    let (code, body) = s.http("POST", "/v1.50/images/testimg/json", Some(b""));
+    assert_eq!(code, 501, "{body}");
+    assert!(body.contains("POST /images/testimg/json"), "{body}");
     let (code, body) = s.http("POST", "/v1.50/images/load", Some(b""));
-    assert_eq!(code, 501, "{body}");
-    assert!(body.contains("POST /images/load"), "{body}");
-    let (code, body) = s.http("GET", "/v1.50/events", None);
-    assert_eq!(code, 501, "{body}");
+    assert_eq!(code, 400, "an empty archive: {body}");
     // axum's own refusals carry the JSON shape too.
     let (code, body) = s.http("GET", "/v1.50/containers/json?limit=x", None);
     assert_eq!(code, 400, "{body}");
@@ -478,6 +490,18 @@ fn the_apis_answer_errors_with_their_status_codes() {
     let (code, body) = s.http("GET", "/v1.41/containers/nosuch/json", None);
     assert_eq!(code, 404, "{body}");
     assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
+/// Creates an exec in `container` with the Docker API (`body` its config): its start path.
+fn exec_start_path(s: &Server, container: &str, body: &[u8]) -> String {
+    let (code, answer) = s.http(
+        "POST",
+        &format!("/v1.50/containers/{container}/exec"),
+        Some(body),
+    );
+    assert_eq!(code, 201, "{answer}");
+    let exec: Value = serde_json::from_str(&answer).unwrap();
+    format!("/v1.50/exec/{}/start", exec["Id"].as_str().unwrap())
 }
 
 #[test]
@@ -497,36 +521,56 @@ fn execs_and_restarts_end_and_take_input_where_others_break() {
     );
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "left\n");
-    // Values that begin with a dash stay values.
+    // Values that begin with a dash stay values (the old `-e VALUE` form made this one an
+    // option of cela exec).
+    // (The environment read raw: a shell drops a name like that from what it passes on.)
     let out = s.docker_ok(
         bin,
-        &["exec", "-e", "OPT=--help", "box", "sh", "-c", "echo $OPT"],
+        &["exec", "-e", "-DASH=x", "box", "cat", "/proc/self/environ"],
     );
-    assert_eq!(out, "--help\n");
+    assert!(out.split('\0').any(|kv| kv == "-DASH=x"), "{out:?}");
 
-    // An exec started without Upgrade streams its output in the body (as dockerd does), and
-    // it starts once.
-    let (code, body) = s.http(
-        "POST",
-        "/v1.50/containers/box/exec",
-        Some(br#"{"Cmd": ["echo", "plain"], "AttachStdout": true}"#),
+    // An exec started without Upgrade streams its output in the body (as dockerd does).
+    let start = exec_start_path(
+        &s,
+        "box",
+        br#"{"Cmd": ["echo", "plain"], "AttachStdout": true}"#,
     );
-    assert_eq!(code, 201, "{body}");
-    let exec: Value = serde_json::from_str(&body).unwrap();
-    let start = format!("/v1.50/exec/{}/start", exec["Id"].as_str().unwrap());
     let (code, body) = s.http("POST", &start, Some(b"{}"));
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, "\u{1}\0\0\0\0\0\0\u{6}plain\n", "one stdout frame");
-    let (code, body) = s.http("POST", &start, Some(b"{}"));
-    assert_eq!(code, 409, "{body}");
+    // Four concurrent starts of one exec: one runs it, the others are told it has started.
+    let start = exec_start_path(&s, "box", br#"{"Cmd": ["true"], "AttachStdout": true}"#);
+    let mut codes: Vec<u16> = std::thread::scope(|scope| {
+        let starts: Vec<_> = (0..4)
+            .map(|i| {
+                let start = &start;
+                let s = &s;
+                scope.spawn(move || {
+                    let dir = s.dir.path().join(format!("start-{i}"));
+                    std::fs::create_dir_all(&dir).unwrap();
+                    curl(
+                        &dir,
+                        &format!("http://cela{start}"),
+                        &[
+                            "-X",
+                            "POST",
+                            "--unix-socket",
+                            s.api().to_str().unwrap(),
+                            "-d",
+                            "{}",
+                        ],
+                    )
+                    .0
+                })
+            })
+            .collect();
+        starts.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    codes.sort();
+    assert_eq!(codes, [200, 409, 409, 409]);
     // Stdin needs the hijacked connection.
-    let (_, body) = s.http(
-        "POST",
-        "/v1.50/containers/box/exec",
-        Some(br#"{"Cmd": ["cat"], "AttachStdin": true}"#),
-    );
-    let exec: Value = serde_json::from_str(&body).unwrap();
-    let start = format!("/v1.50/exec/{}/start", exec["Id"].as_str().unwrap());
+    let start = exec_start_path(&s, "box", br#"{"Cmd": ["cat"], "AttachStdin": true}"#);
     let (code, body) = s.http("POST", &start, Some(b"{}"));
     assert_eq!(code, 400, "{body}");
     s.docker_ok(bin, &["rm", "-f", "box"]);
@@ -543,6 +587,470 @@ fn execs_and_restarts_end_and_take_input_where_others_break() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "two\n");
     s.docker_ok(bin, &["rm", "again"]);
+    assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
+#[test]
+fn events_tell_what_happened_and_what_happens() {
+    let w = World::new();
+    let s = Server::start(&w);
+    let bin = DOCKER_28;
+    let secs = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let t0 = (secs() - 1).to_string();
+    // Replayed, then followed as they come (the follower, bounded by timeout's 120 s, has
+    // printed ev1's end before ev3 runs, so ev3's comes live).
+    let mut follower = s
+        .docker_cmd(
+            bin,
+            &[
+                "events",
+                "--since",
+                &t0,
+                "--filter",
+                "event=die",
+                "--format",
+                "{{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}",
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(follower.stdout.take().unwrap()));
+    let out = s.docker(
+        bin,
+        &["run", "--name", "ev1", "testimg", "sh", "-c", "exit 3"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(lines.next().unwrap().unwrap(), "ev1 3");
+    let out = s.docker(
+        bin,
+        &[
+            "run", "--rm", "--name", "ev3", "testimg", "sh", "-c", "exit 4",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(lines.next().unwrap().unwrap(), "ev3 4");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    s.docker_ok(bin, &["rm", "ev1"]);
+    s.docker_ok(bin, &["run", "--rm", "--name", "ev2", "testimg", "true"]);
+
+    // What happened, from the journal, in order.
+    let until = (secs() + 1).to_string();
+    let history = s.docker_ok(
+        bin,
+        &[
+            "events",
+            "--since",
+            &t0,
+            "--until",
+            &until,
+            "--format",
+            "{{.Actor.Attributes.name}} {{.Action}}",
+        ],
+    );
+    assert_eq!(
+        history,
+        "ev1 create\nev1 start\nev1 die\nev3 create\nev3 start\nev3 die\nev3 destroy\n\
+         ev1 destroy\nev2 create\nev2 start\nev2 die\nev2 destroy\n"
+    );
+    // The CLI reads the same journal, with the same filters.
+    let cli = w.ok(&[
+        "events",
+        "--since",
+        &t0,
+        "--until",
+        &until,
+        "-f",
+        "container=ev2",
+        "-f",
+        "event=die",
+        "--format",
+        "json",
+    ]);
+    let lines: Vec<Value> = cli
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{cli}");
+    assert_eq!(lines[0]["attributes"]["exitCode"], "0", "{cli}");
+    // cela's own API: the same journal, in the CLI's shape.
+    let (code, body) = s.http(
+        "GET",
+        &format!("/cela/v1/events?since={t0}&until={until}&filters=%7B%22event%22%3A%5B%22destroy%22%5D%7D"),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    let names: Vec<String> = body
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["attributes"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(names, ["ev3", "ev1", "ev2"]);
+    let (code, body) = s.http(
+        "GET",
+        "/v1.50/events?filters=%7B%22colour%22%3A%5B%22x%22%5D%7D",
+        None,
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = s.http("GET", "/v1.50/events?since=yesterday", None);
+    assert_eq!(code, 400, "{body}");
+}
+
+#[test]
+fn docker_load_takes_an_archive_and_refuses_anything_else() {
+    let w = World::new();
+    let s = Server::start(&w);
+    let bin = DOCKER_28;
+    let dir = tempfile::tempdir().unwrap();
+    let image = images::TestImage::new(vec![images::busybox_layer()], &["sh"]);
+    let archive = dir.path().join("saved.tar");
+    image.write_docker_save(&archive, "loaded/box:1");
+    let out = s.docker_ok(bin, &["load", "-i", archive.to_str().unwrap()]);
+    assert!(out.contains("Loaded image: loaded/box:1"), "{out}");
+    let out = s.docker_ok(bin, &["run", "--rm", "loaded/box:1", "echo", "from-load"]);
+    assert_eq!(out, "from-load\n");
+    // An OCI layout, gzipped, through stdin.
+    let layout = dir.path().join("layout");
+    image.write_layout(&layout, "v2");
+    let tar = dir.path().join("layout.tar");
+    images::tar_dir(&layout, &tar);
+    let gz = Command::new("gzip").arg("-k").arg(&tar).status().unwrap();
+    assert!(gz.success());
+    let bytes = std::fs::read(dir.path().join("layout.tar.gz")).unwrap();
+    let out = s.docker_with_input(bin, &["load"], &bytes);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Garbage and a plain rootfs tarball are refused, and leave nothing in the store.
+    let before = images::stored_blobs(&w.data());
+    let out = s.docker_with_input(bin, &["load"], &vec![0x42; 100_000]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("docker load:"),
+        "{}",
+        text(&out.stderr)
+    );
+    let rootfs = dir.path().join("rootfs.tar");
+    std::fs::write(&rootfs, &images::busybox_layer().tar).unwrap();
+    let out = s.docker(bin, &["load", "-i", rootfs.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("not an image archive"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(images::stored_blobs(&w.data()), before);
+    assert_eq!(images::tmp_entries(&w.data()), 0);
+}
+
+/// A WebSocket to cela's own API on the server's socket.
+fn websocket(s: &Server, path: &str) -> tungstenite::WebSocket<UnixStream> {
+    let conn = UnixStream::connect(s.api()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let (ws, _) = tungstenite::client::client(format!("ws://cela{path}"), conn).unwrap();
+    ws
+}
+
+/// Reads a WebSocket exec to its end: stdout, stderr, the exit code, the close reason.
+fn ws_outcome(
+    ws: &mut tungstenite::WebSocket<UnixStream>,
+) -> (String, String, Option<i64>, String) {
+    use tungstenite::Message;
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+    loop {
+        match ws.read() {
+            Ok(Message::Binary(b)) => match b.first() {
+                Some(1) => out.extend_from_slice(&b[1..]),
+                Some(2) => err.extend_from_slice(&b[1..]),
+                other => panic!("a message of stream {other:?}"),
+            },
+            Ok(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                code = v["exit_code"].as_i64();
+            }
+            Ok(Message::Close(frame)) => {
+                let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                return (text(&out), text(&err), code, why);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the exec's websocket: {e}"),
+        }
+    }
+}
+
+#[test]
+fn websocket_exec_runs_with_input_and_a_terminal_and_refuses_garbage() {
+    use tungstenite::Message;
+    let w = World::new();
+    let s = Server::start(&w);
+    w.ok(&["run", "-d", "--name", "wsbox", "testimg", "sleep", "600"]);
+    let path = "/cela/v1/instances/wsbox/exec";
+
+    // Pipes: input, its end, the streams apart, the exit code.
+    let mut ws = websocket(&s, path);
+    ws.send(Message::Text(
+        r#"{"cmd": ["sh", "-c", "cat; echo e >&2; exit 6"], "stdin": true}"#.into(),
+    ))
+    .unwrap();
+    ws.send(Message::Binary(b"over the socket\n".to_vec().into()))
+        .unwrap();
+    ws.send(Message::Text(r#"{"close_stdin": true}"#.into()))
+        .unwrap();
+    let (out, err, code, _) = ws_outcome(&mut ws);
+    assert_eq!(
+        (out.as_str(), err.as_str(), code),
+        ("over the socket\n", "e\n", Some(6))
+    );
+
+    // A terminal, resized.
+    let mut ws = websocket(&s, path);
+    ws.send(Message::Text(
+        r#"{"cmd": ["sh", "-c", "read line; stty size; echo got-$line"], "tty": true, "stdin": true}"#.into(),
+    ))
+    .unwrap();
+    ws.send(Message::Text(
+        r#"{"resize": {"rows": 21, "cols": 77}}"#.into(),
+    ))
+    .unwrap();
+    ws.send(Message::Binary(b"typed\r".to_vec().into()))
+        .unwrap();
+    let (out, _, code, _) = ws_outcome(&mut ws);
+    assert!(
+        out.contains("21 77") && out.contains("got-typed"),
+        "{out:?}"
+    );
+    assert_eq!(code, Some(0));
+
+    // Garbage: a first message that is not the exec, unknown fields, a bad control message.
+    for (first, why) in [
+        (
+            Message::Binary(vec![1, 2, 3].into()),
+            "first message must be the exec",
+        ),
+        (
+            Message::Text(r#"{"cmd": ["true"], "privileged": true}"#.into()),
+            "unknown field",
+        ),
+        (Message::Text(r#"{"cmd": []}"#.into()), "cmd is empty"),
+    ] {
+        let mut ws = websocket(&s, path);
+        ws.send(first).unwrap();
+        let (_, _, code, reason) = ws_outcome(&mut ws);
+        assert_eq!(code, None);
+        assert!(reason.contains(why), "{reason:?}");
+    }
+    let mut ws = websocket(&s, path);
+    ws.send(Message::Text(r#"{"cmd": ["sleep", "600"]}"#.into()))
+        .unwrap();
+    ws.send(Message::Text(r#"{"explode": 1}"#.into())).unwrap();
+    let (_, _, _, reason) = ws_outcome(&mut ws);
+    assert!(reason.contains("malformed control message"), "{reason:?}");
+    // Not running, and unknown: answered before any upgrade.
+    let (code, body) = s.http("GET", "/cela/v1/instances/nosuch/exec", None);
+    assert_eq!(code, 404, "{body}");
+    w.ok(&["rm", "-f", "wsbox"]);
+    assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
+/// curl `url` with `args`: the status (0 when no HTTP answer came) and the body.
+fn curl(dir: &Path, url: &str, args: &[&str]) -> (u16, String) {
+    let answer = dir.join("tcp-answer");
+    let _ = std::fs::remove_file(&answer);
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "30", "-o"])
+        .arg(&answer)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl (scripts/deps)");
+    let code = text(&out.stdout).parse().unwrap_or(0);
+    (code, text(&std::fs::read(&answer).unwrap_or_default()))
+}
+
+/// A Docker client configuration that sends `token`, and the environment pointing it at a
+/// TCP port (with TLS, trusting `ca`).
+fn docker_over_tcp(dir: &Path, port: u16, token: &str, ca: Option<&Path>) -> Vec<(String, String)> {
+    let config = dir.join(format!("docker-tcp-{port}"));
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("config.json"),
+        format!(r#"{{"HttpHeaders": {{"Authorization": "Bearer {token}"}}}}"#),
+    )
+    .unwrap();
+    let mut env = vec![
+        ("DOCKER_HOST".to_owned(), format!("tcp://127.0.0.1:{port}")),
+        ("DOCKER_CONFIG".to_owned(), config.display().to_string()),
+    ];
+    if let Some(ca) = ca {
+        let certs = dir.join(format!("docker-certs-{port}"));
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::copy(ca, certs.join("ca.pem")).unwrap();
+        env.push(("DOCKER_TLS_VERIFY".into(), "1".into()));
+        env.push(("DOCKER_CERT_PATH".into(), certs.display().to_string()));
+    }
+    env
+}
+
+/// `docker ARGS` over TCP with `input` on its stdin: status, stdout, stderr.
+fn docker_tcp(
+    env: &[(String, String)],
+    args: &[&str],
+    input: &[u8],
+) -> (Option<i32>, String, String) {
+    let out = with_input(
+        Command::new("timeout")
+            .arg("120")
+            .arg(client(DOCKER_28))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v))),
+        input,
+    );
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn the_tcp_port_needs_the_token_and_carries_tls() {
+    let w = World::new();
+    let dir = tempfile::Builder::new()
+        .prefix("cela-tcp-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let token = "5b0f0c1d9a7e4e21b7c3f2aa10e8d6c4a9b8e7f6d5c4b3a2918070605040302";
+    let token_file = d.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let tok = token_file.to_str().unwrap();
+
+    // Refused before anything listens: a token others can read, a port off loopback in the
+    // clear, --listen without a token.
+    let open = d.join("open-token");
+    std::fs::write(&open, token).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let refused = |args: &[&str], why: &str| {
+        let out = serve_cmd(&w, &d.join("a.sock"), &d.join("d.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(why),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            !d.join("a.sock").exists() && !d.join("d.sock").exists(),
+            "{args:?}"
+        );
+    };
+    let port = images::free_port().to_string();
+    let lo = format!("127.0.0.1:{port}");
+    refused(
+        &["--listen", &lo, "--token-file", open.to_str().unwrap()],
+        "mode 0644",
+    );
+    refused(
+        &["--listen", &format!("0.0.0.0:{port}"), "--token-file", tok],
+        "in the clear",
+    );
+    refused(&["--listen", &lo], "--token-file");
+
+    // Plain HTTP on loopback: nothing without the token, everything with it, the hijacked
+    // streams included.
+    let _plain = Server::start_with(&w, &["--listen", &lo, "--token-file", tok]);
+    let url = format!("http://{lo}/_ping");
+    let (code, body) = curl(d, &url, &[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("needs the server's token"), "{body}");
+    let (code, body) = curl(d, &url, &["-H", "Authorization: Bearer wrong-token"]);
+    assert_eq!(code, 401, "{body}");
+    let bearer = format!("Authorization: Bearer {token}");
+    let (code, body) = curl(d, &url, &["-H", &bearer]);
+    assert_eq!((code, body.as_str()), (200, "OK"));
+    let (code, _) = curl(d, &format!("http://{lo}/cela/v1/instances"), &[]);
+    assert_eq!(code, 401, "cela's own API is behind the token too");
+    let env = docker_over_tcp(d, port.parse().unwrap(), token, None);
+    let (code, out, err) = docker_tcp(
+        &env,
+        &["run", "--rm", "-i", "testimg", "cat"],
+        b"over tcp\n",
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "over tcp\n"), "{err}");
+    let wrong = docker_over_tcp(d, port.parse().unwrap(), "not-the-token", None);
+    let (code, _, err) = docker_tcp(&wrong, &["ps"], b"");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("token is wrong"), "{err}");
+
+    // TLS: a certificate for 127.0.0.1, the Docker CLI verifying it.
+    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let port = images::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _tls = Server::start_with(
+        &w,
+        &[
+            "--listen",
+            &addr,
+            "--token-file",
+            tok,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = format!("https://{addr}/_ping");
+    let ca = ["--cacert", cert.to_str().unwrap()];
+    let (code, _) = curl(d, &url, &ca);
+    assert_eq!(code, 401);
+    let (code, body) = curl(d, &url, &[&ca[..], &["-H", &bearer]].concat());
+    assert_eq!((code, body.as_str()), (200, "OK"));
+    // Plain HTTP and garbage on the TLS port get no answer, and the server serves on.
+    let (code, _) = curl(d, &format!("http://{addr}/_ping"), &["-H", &bearer]);
+    assert_eq!(code, 0, "plain HTTP on the TLS port");
+    let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+    let _ = std::io::Write::write_all(&mut raw, &vec![0x16; 64 * 1024]);
+    drop(raw);
+    let env = docker_over_tcp(d, port, token, Some(&cert));
+    let (code, out, err) = docker_tcp(
+        &env,
+        &["run", "--rm", "-i", "testimg", "sh", "-c", "cat; echo tls"],
+        b"through\n",
+    );
+    assert_eq!((code, out.as_str()), (Some(0), "through\ntls\n"), "{err}");
     assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
 }
 

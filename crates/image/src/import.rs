@@ -62,19 +62,68 @@ pub fn import(
     };
     let store = &store.journaled();
     let lock = store.content_lock()?;
-    let result = import_locked(store, path, name, progress);
+    let result = import_locked(store, path, name, progress, true);
     if result.is_err() {
         lock.roll_back(store);
     }
     result
 }
 
-/// [`import`] under the content lock, through a journaled store.
+/// Imports the archive `reader` gives (the body of a `docker load`): an OCI layout or a
+/// `docker save` tar, optionally compressed, named by the names it carries. It is copied into
+/// the store's `tmp/` first, no further than the store's file system can take keeping the
+/// reserve, and imported from there; a plain rootfs tarball is refused (it has no name to
+/// take: `cela image import FILE --name N`).
+pub fn import_reader(
+    store: &Store,
+    reader: &mut dyn Read,
+    progress: &Progress,
+) -> Result<Vec<ImageRecord>, ImageError> {
+    // The lock first: taking it may clear tmp/ of what killed processes left.
+    let store = &store.journaled();
+    let lock = store.content_lock()?;
+    let result = receive(store, reader)
+        .and_then(|tmp| import_locked(store, tmp.path(), None, progress, false));
+    if result.is_err() {
+        lock.roll_back(store);
+    }
+    result
+}
+
+/// Copies what `reader` gives into a temporary file of the store's `tmp/`, within the room
+/// its file system has.
+fn receive(store: &Store, reader: &mut dyn Read) -> Result<NamedTempFile, ImageError> {
+    let tmp = NamedTempFile::with_prefix_in("load-", store.tmp_dir())
+        .at("creating a temporary file in", store.tmp_dir())?;
+    let label = tmp.path().to_owned();
+    let room =
+        tar_limits::room(tmp.as_file()).at("inspecting the file system of", store.tmp_dir())?;
+    let mut w = io::BufWriter::new(tmp.as_file());
+    let copied = io::copy(&mut reader.take(room.saturating_add(1)), &mut w)
+        .map_err(|e| bad_archive(&label, format!("cannot receive it: {e}")))?;
+    w.into_inner()
+        .map_err(|e| e.into_error())
+        .at("writing", label.clone())?;
+    if copied > room {
+        return Err(bad_archive(
+            &label,
+            format!(
+                "it is larger than the {room} bytes free for the store (keeping {} in reserve)",
+                tar_limits::RESERVE
+            ),
+        ));
+    }
+    Ok(tmp)
+}
+
+/// [`import`] under the content lock, through a journaled store; a tar that is neither a
+/// layout nor a `docker save` archive is a rootfs only when `rootfs` allows it.
 fn import_locked(
     store: &Store,
     path: &Path,
     name: Option<String>,
     progress: &Progress,
+    rootfs: bool,
 ) -> Result<Vec<ImageRecord>, ImageError> {
     let meta = fs::metadata(path).at("reading", path)?;
     if !meta.is_dir() && !meta.is_file() {
@@ -141,7 +190,11 @@ fn import_locked(
     };
     match imp.layout_or_docker(&src) {
         Some(r) => r,
-        None => imp.rootfs(compression, diff_id),
+        None if rootfs => imp.rootfs(compression, diff_id),
+        None => Err(bad_archive(
+            path,
+            "it is not an image archive (a docker save tar or an OCI image layout)",
+        )),
     }
 }
 

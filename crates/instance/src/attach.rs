@@ -105,6 +105,9 @@ const QUEUED: usize = 16;
 struct Feed {
     data: std::sync::mpsc::SyncSender<Input>,
     terminal: Option<File>,
+    /// The sink takes no more (the workload's stdin has ended, or it has gone): senders are
+    /// told, and their connections end.
+    broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Feed {
@@ -114,21 +117,32 @@ impl Feed {
             Sink::Pipe(_) => None,
         };
         let (data, queue) = std::sync::mpsc::sync_channel::<Input>(QUEUED);
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let b = broken.clone();
         std::thread::spawn(move || {
             let mut sink = sink;
             for input in queue {
-                // A broken sink (the workload closed its stdin or ended) takes nothing more;
-                // the queue is still drained so no sender waits on it.
-                let _ = sink.write(input);
+                // A broken sink takes nothing more; the queue is still drained, so no sender
+                // waits on it.
+                if sink.write(input).is_err() {
+                    b.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
             }
         });
-        Ok(Feed { data, terminal })
+        Ok(Feed {
+            data,
+            terminal,
+            broken,
+        })
     }
 
     fn take(&self, input: Input) -> io::Result<()> {
         match (input, &self.terminal) {
             (Input::Resize { rows, cols }, Some(t)) => resize(t, rows, cols),
             (Input::Resize { .. }, None) => Ok(()),
+            _ if self.broken.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
             (input, _) => self
                 .data
                 .send(input)
@@ -214,13 +228,6 @@ pub struct Attached {
 impl Attached {
     pub fn send(&mut self, input: &Input) -> io::Result<()> {
         self.conn.write_all(&input.encode())
-    }
-
-    /// Another handle on the same connection (for a second sending thread).
-    pub fn try_clone(&self) -> io::Result<Attached> {
-        Ok(Attached {
-            conn: self.conn.try_clone()?,
-        })
     }
 
     pub fn as_raw_fd(&self) -> i32 {
@@ -426,6 +433,11 @@ mod tests {
     #[test]
     fn a_stalled_workload_does_not_hold_resizes_up() {
         let pty = nix::pty::openpty(None, None).unwrap();
+        // Raw, as a container's terminal: a canonical one would drop what overflows a line
+        // and never block the writer.
+        let mut t = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+        nix::sys::termios::cfmakeraw(&mut t);
+        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &t).unwrap();
         let feed = Feed::start(Sink::Terminal(File::from(pty.master))).unwrap();
         // Nobody reads the terminal: data fills it and the writer blocks; then the queue
         // fills too. A resize still goes through at once.

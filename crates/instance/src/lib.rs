@@ -22,6 +22,7 @@
 pub mod attach;
 pub mod container;
 mod error;
+pub mod events;
 pub mod images;
 pub mod log;
 pub mod network;

@@ -56,6 +56,17 @@ pub fn stop(inst: &Instance, timeout: Duration) -> Result<InstanceState, Instanc
     if !is_live(&state) {
         return Ok(state);
     }
+    let stopped = stop_live(inst, &state, timeout)?;
+    crate::events::record(inst, "stop", &[]);
+    Ok(stopped)
+}
+
+/// [`stop`] of an instance found live in `state`.
+fn stop_live(
+    inst: &Instance,
+    state: &InstanceState,
+    timeout: Duration,
+) -> Result<InstanceState, InstanceError> {
     let target = match inst.config.kind {
         Kind::Container => state.pid,
         Kind::Vm => state.supervisor.map(|s| s.pid),
@@ -131,6 +142,7 @@ pub fn send_signal(inst: &Instance, signal: Signal) -> Result<(), InstanceError>
             )));
         }
     }
+    crate::events::record(inst, "kill", &[("signal", (signal as i32).to_string())]);
     Ok(())
 }
 
@@ -278,6 +290,7 @@ pub fn remove_dir(inst: &Instance) {
         crate::network::teardown(inst, recorded.as_ref());
     }
     let dir = inst.retire().unwrap_or_else(|_| inst.dir.clone());
+    crate::events::record(inst, "destroy", &[]);
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         tracing::warn!("removing {}: {e}", dir.display());
     }

@@ -269,6 +269,7 @@ pub fn create(
     };
     let inst = Instances::open(data_dir)?.create(config)?;
     drop(content);
+    crate::events::record(&inst, "create", &[]);
     // The log exists from the start, so a follower attached before the first run holds it
     // open even if the run ends and removes the instance before the follower looks again.
     let log = inst.log_path();

@@ -69,6 +69,9 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     if let Err(e) = LogWriter::open(&inst.log_path()).and_then(|mut w| w.end(&end)) {
         tracing::warn!("recording the end in {}: {e}", inst.log_path().display());
     }
+    // Docker's `die` carries the exit code; a run that failed to start has none to give.
+    let code = state.exit_code.map(|c| ("exitCode", c.to_string()));
+    crate::events::record(inst, "die", code.as_slice());
     if inst.config.auto_remove {
         crate::ops::remove_dir(inst);
     }
@@ -171,6 +174,7 @@ fn run_container(
     state.status = Status::Running;
     state.pid = Some(pid);
     inst.save_state(state)?;
+    crate::events::record(inst, "start", &[]);
     let code = wait_child(pid);
     // What the workload wrote to its terminal before it ended; a process it left behind
     // holding the terminal must not keep the end from being recorded.
@@ -274,6 +278,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
     state.engine = Some(engine.to_string());
     state.network = host_net.as_ref().map(|(_, s)| s.clone());
     inst.save_state(state)?;
+    crate::events::record(inst, "start", &[]);
     let exit = match engine {
         Engine::Kvm => cela_vmm::run(&config, ConsoleMode::Stream)?.exit,
         Engine::Qemu => cela_vmm::qemu::run(&config, ConsoleMode::Stream)?,

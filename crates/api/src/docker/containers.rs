@@ -272,20 +272,26 @@ fn refuse_unknown_asks(raw: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// The typed request a `POST /containers/create` body (and its `name` query) asks for: asks
+/// cela cannot honour refused, the body parsed to its end; nothing is made yet.
+pub fn parse_create(body: &[u8], name: Option<String>) -> Result<RunRequest, ApiError> {
+    let malformed = |e: &dyn std::fmt::Display| {
+        ApiError::bad_request(format!("malformed container config: {e}"))
+    };
+    let raw: Value = serde_json::from_slice(body).map_err(|e| malformed(&e))?;
+    refuse_unknown_asks(&raw)?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let body: CreateBody = serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(&e))?;
+    de.end().map_err(|e| malformed(&e))?;
+    run_request(body, name)
+}
+
 pub async fn create(
     State(app): State<Arc<AppState>>,
     Query(q): Query<CreateQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let raw: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
-    refuse_unknown_asks(&raw)?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
-    let body: CreateBody = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
-    de.end()
-        .map_err(|e| ApiError::bad_request(format!("malformed container config: {e}")))?;
-    let req = run_request(body, q.name.filter(|n| !n.is_empty()))?;
+    let req = parse_create(&body, q.name.filter(|n| !n.is_empty()))?;
     let inst = blocking(move || {
         let store = cela_image::Store::open(&app.data_dir)?;
         Ok(cela_instance::run::create(
@@ -679,11 +685,15 @@ fn encode_output(tty: bool, stream: Stream, data: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// How long an attach to an ended instance waits for its next run to take its input.
+const NEXT_RUN_BOUND: Duration = Duration::from_secs(30);
+
 /// Feeds what a client sends into the instance's attach socket until the client's input ends
 /// (its half-close becomes the workload's end of stdin) or the detach keys come; returns
 /// whether the client detached. Connects once the supervisor takes input: an instance that
 /// has ended is waited for into its next run (`docker start -ai` attaches first, then
-/// starts), for as long as the client is there (`gone` says when it is not).
+/// starts at once), for [`NEXT_RUN_BOUND`] and while the client is there (`gone`); input of
+/// a client that went before a run took it is never given to a later one.
 fn forward_input(
     inst: &Instance,
     mut input: tokio::sync::mpsc::Receiver<Option<Vec<u8>>>,
@@ -691,8 +701,9 @@ fn forward_input(
     gone: &dyn Fn() -> bool,
 ) -> bool {
     use cela_instance::attach::{DetachWatch, Input};
+    let since = std::time::Instant::now();
     let mut conn = loop {
-        if gone() || !inst.dir.exists() {
+        if gone() || !inst.dir.exists() || since.elapsed() > NEXT_RUN_BOUND {
             return false;
         }
         match cela_instance::attach::connect(inst, Duration::from_secs(1)) {
@@ -751,11 +762,7 @@ pub async fn attach(
     .await?;
     let tty = inst.config.tty;
     let with_input = query_flag(q.stdin.as_deref()) && (inst.config.stdin || inst.config.tty);
-    let keys = match q.detach_keys.as_deref() {
-        Some(k) => cela_instance::attach::parse_detach_keys(k)?,
-        None if tty => vec![16, 17],
-        None => Vec::new(),
-    };
+    let keys = super::frames::detach_keys(q.detach_keys.as_deref(), tty)?;
     let upgrade = req
         .headers()
         .get(header::UPGRADE)
@@ -1039,7 +1046,7 @@ pub struct ListQuery {
 
 /// Docker's `filters` query: `{"key": ["value", …]}`, or from older clients
 /// `{"key": {"value": true, …}}`.
-fn parse_filters(raw: Option<&str>) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+pub(super) fn parse_filters(raw: Option<&str>) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
     let Some(raw) = raw.filter(|r| !r.is_empty()) else {
         return Ok(BTreeMap::new());
     };

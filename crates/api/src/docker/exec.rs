@@ -29,18 +29,28 @@ use crate::error::{ApiError, blocking};
 /// The most execs kept (finished ones are dropped oldest first beyond it).
 const MAX_EXECS: usize = 1024;
 
-/// One exec, as created and as it runs.
+/// What an exec runs, and how its streams are attached.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecSpec {
+    /// The container's id.
+    pub container: String,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub tty: bool,
+    pub stdin: bool,
+    /// `AttachStdout`, `AttachStderr`: the streams passed on (others go to /dev/null).
+    pub stdout: bool,
+    pub stderr: bool,
+    /// Docker's detach keys for the exec's input (Ctrl-P Ctrl-Q with a terminal by default).
+    pub detach_keys: Vec<u8>,
+}
+
+/// One exec of the Docker API, as created and as it runs.
 #[derive(Debug, Clone)]
 pub struct ExecRecord {
-    container: String,
-    cmd: Vec<String>,
-    env: Vec<String>,
-    workdir: Option<String>,
-    user: Option<String>,
-    tty: bool,
-    stdin: bool,
-    /// Docker's detach keys for the exec's input (Ctrl-P Ctrl-Q with a terminal by default).
-    detach_keys: Vec<u8>,
+    spec: ExecSpec,
     /// Started (a claim taken under the map's lock, so two starts cannot both run it).
     started: bool,
     running: bool,
@@ -68,6 +78,8 @@ fn new_id() -> String {
 #[serde(rename_all = "PascalCase", default)]
 struct CreateBody {
     attach_stdin: bool,
+    attach_stdout: bool,
+    attach_stderr: bool,
     tty: bool,
     cmd: Option<Vec<String>>,
     env: Option<Vec<String>>,
@@ -88,11 +100,7 @@ pub async fn create(
     if body.privileged {
         return Err(ApiError::not_implemented("a privileged exec"));
     }
-    let detach_keys = match body.detach_keys.as_deref() {
-        Some(k) => cela_instance::attach::parse_detach_keys(k)?,
-        None if body.tty => vec![16, 17],
-        None => Vec::new(),
-    };
+    let detach_keys = super::frames::detach_keys(body.detach_keys.as_deref(), body.tty)?;
     let cmd = body
         .cmd
         .filter(|c| !c.is_empty())
@@ -140,14 +148,18 @@ pub async fn create(
     map.insert(
         exec_id.clone(),
         ExecRecord {
-            container,
-            cmd,
-            env: body.env.unwrap_or_default(),
-            workdir: body.working_dir.filter(|w| !w.is_empty()),
-            user: body.user.filter(|u| !u.is_empty()),
-            tty: body.tty,
-            stdin: body.attach_stdin,
-            detach_keys,
+            spec: ExecSpec {
+                container,
+                cmd,
+                env: body.env.unwrap_or_default(),
+                workdir: body.working_dir.filter(|w| !w.is_empty()),
+                user: body.user.filter(|u| !u.is_empty()),
+                tty: body.tty,
+                stdin: body.attach_stdin,
+                stdout: body.attach_stdout,
+                stderr: body.attach_stderr,
+                detach_keys,
+            },
             started: false,
             running: false,
             exit_code: None,
@@ -192,18 +204,18 @@ pub async fn inspect(
         "Running": e.running,
         "ExitCode": e.exit_code,
         "ProcessConfig": {
-            "tty": e.tty,
-            "entrypoint": e.cmd.first(),
-            "arguments": e.cmd.get(1..).unwrap_or_default(),
+            "tty": e.spec.tty,
+            "entrypoint": e.spec.cmd.first(),
+            "arguments": e.spec.cmd.get(1..).unwrap_or_default(),
             "privileged": false,
-            "user": e.user.clone().unwrap_or_default(),
+            "user": e.spec.user.clone().unwrap_or_default(),
         },
-        "OpenStdin": e.stdin,
-        "OpenStderr": true,
-        "OpenStdout": true,
+        "OpenStdin": e.spec.stdin,
+        "OpenStderr": e.spec.stderr,
+        "OpenStdout": e.spec.stdout,
         "CanRemove": false,
-        "ContainerID": e.container,
-        "DetachKeys": detach_keys_text(&e.detach_keys),
+        "ContainerID": e.spec.container,
+        "DetachKeys": detach_keys_text(&e.spec.detach_keys),
         "Pid": e.pid.unwrap_or(0),
     })))
 }
@@ -228,7 +240,7 @@ fn detach_keys_text(keys: &[u8]) -> String {
 
 /// The `cela exec` command line for an exec. Values go in `--flag=VALUE` form, so one that
 /// begins with a dash is never read as an option.
-fn command(app: &AppState, e: &ExecRecord) -> Result<Command, ApiError> {
+fn command(app: &AppState, e: &ExecSpec) -> Result<Command, ApiError> {
     let exe = std::env::current_exe().map_err(ApiError::internal)?;
     let mut c = Command::new(exe);
     c.arg("--data-dir").arg(&app.data_dir).arg("exec");
@@ -251,10 +263,36 @@ fn command(app: &AppState, e: &ExecRecord) -> Result<Command, ApiError> {
     Ok(c)
 }
 
-/// How long an exec's output is still read after it has exited: a process it left in the
-/// background may hold its stdout open for ever, and the exec is over all the same (the
-/// supervisor bounds a run's output the same way).
+/// How long an exec's output may be idle after it has exited before the exec is over: a
+/// process it left in the background may hold its stdout open for ever, and the exec is over
+/// all the same (the supervisor bounds a run's output the same way). Output that keeps
+/// coming, or waits for a slow client, is still passed on.
 const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// What the output readers are doing: how many are passing a chunk on (blocked on a slow
+/// client counts as busy), and when one last read something.
+struct Activity {
+    busy: std::sync::atomic::AtomicUsize,
+    last: Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn idle_for(&self) -> Duration {
+        if self.busy.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        self.last
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or(Duration::ZERO)
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.last.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+}
 
 /// Takes the start of exec `id` (atomically: of two concurrent starts, one gets it).
 fn claim(app: &AppState, id: &str) -> Result<ExecRecord, ApiError> {
@@ -279,10 +317,13 @@ fn claim(app: &AppState, id: &str) -> Result<ExecRecord, ApiError> {
 /// master for the server, and another handle on the master for reading), or pipes.
 struct ExecIo {
     master: Option<Arc<OwnedFd>>,
+    /// The master again, to read the terminal's output from.
     output: Option<std::fs::File>,
+    /// The master again, to write the client's input to (with `AttachStdin`).
+    input: Option<std::fs::File>,
 }
 
-fn prepare(cmd: &mut Command, e: &ExecRecord, detach: bool) -> Result<ExecIo, ApiError> {
+fn prepare(cmd: &mut Command, e: &ExecSpec, detach: bool) -> Result<ExecIo, ApiError> {
     if detach {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -290,17 +331,15 @@ fn prepare(cmd: &mut Command, e: &ExecRecord, detach: bool) -> Result<ExecIo, Ap
     }
     if !e.tty {
         if !detach {
-            cmd.stdin(if e.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            let piped = |yes: bool| if yes { Stdio::piped() } else { Stdio::null() };
+            cmd.stdin(piped(e.stdin))
+                .stdout(piped(e.stdout))
+                .stderr(piped(e.stderr));
         }
         return Ok(ExecIo {
             master: None,
             output: None,
+            input: None,
         });
     }
     let pty = nix::pty::openpty(None, None)
@@ -315,27 +354,162 @@ fn prepare(cmd: &mut Command, e: &ExecRecord, detach: bool) -> Result<ExecIo, Ap
         )
         .map_err(|e| ApiError::internal(format!("a terminal for the exec: {e}")))?;
     }
-    let output = if detach {
-        None
+    let master = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map(std::fs::File::from)
+            .map_err(ApiError::internal)
+    };
+    let (output, input) = if detach {
+        (None, None)
     } else {
         let s = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(ApiError::internal);
         cmd.stdin(s(&pty.slave)?)
             .stdout(s(&pty.slave)?)
             .stderr(s(&pty.slave)?);
-        Some(std::fs::File::from(
-            pty.master.try_clone().map_err(ApiError::internal)?,
-        ))
+        let input = if e.stdin {
+            Some(master(&pty.master)?)
+        } else {
+            None
+        };
+        (Some(master(&pty.master)?), input)
     };
     Ok(ExecIo {
         master: Some(Arc::new(pty.master)),
         output,
+        input,
+    })
+}
+
+/// A started exec: its output as it is read (tagged with its stream; `None` for a terminal's
+/// bytes), its exit code once it is over (exited, and its output read or idle for
+/// [`OUTPUT_AFTER_EXIT`]), where its input goes, and its terminal.
+pub(crate) struct Launched {
+    pub output: tokio::sync::mpsc::Receiver<(Option<Stream>, Bytes)>,
+    pub over: tokio::sync::oneshot::Receiver<i32>,
+    pub input: Option<Box<dyn Write + Send>>,
+    pub master: Option<Arc<OwnedFd>>,
+}
+
+/// Starts exec `e` as `cela exec` (recording its pid, and its end, under `id` in the
+/// server's execs when it is there). Everything that can fail comes before the spawn: after
+/// it, the exec runs and its end is recorded whatever happens to the client. A failed launch
+/// gives the claim back.
+pub(crate) fn launch(
+    app: &Arc<AppState>,
+    id: &str,
+    e: &ExecSpec,
+    detach: bool,
+) -> Result<Launched, ApiError> {
+    let prepared = command(app, e).and_then(|mut cmd| {
+        let stdio = prepare(&mut cmd, e, detach)?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| ApiError::internal(format!("starting cela exec: {e}")))?;
+        Ok((child, stdio))
+    });
+    let (mut child, stdio) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            update(app, id, |r| r.started = false);
+            return Err(err);
+        }
+    };
+    let pid = child.id();
+    update(app, id, |r| {
+        r.running = true;
+        r.pid = Some(pid);
+        r.master = stdio.master.clone();
+    });
+    // Output: frames from the pipes, or the terminal's bytes, read on threads of their own
+    // (to the end even when the client has gone, so the exec never blocks on its output).
+    let (tx, rx) = tokio::sync::mpsc::channel::<(Option<Stream>, Bytes)>(16);
+    let mut sources: Vec<(Box<dyn Read + Send>, Option<Stream>)> = Vec::new();
+    if let Some(f) = stdio.output {
+        sources.push((Box::new(f), None));
+    }
+    if let Some(p) = child.stdout.take() {
+        sources.push((Box::new(p), Some(Stream::Stdout)));
+    }
+    if let Some(p) = child.stderr.take() {
+        sources.push((Box::new(p), Some(Stream::Stderr)));
+    }
+    let child_stdin = child.stdin.take();
+    let (read_tx, read_done) = std::sync::mpsc::channel::<()>();
+    let readers = sources.len();
+    let activity = Arc::new(Activity {
+        busy: Default::default(),
+        last: Mutex::new(std::time::Instant::now()),
+    });
+    for (mut source, stream) in sources {
+        let tx = tx.clone();
+        let read_tx = read_tx.clone();
+        let activity = activity.clone();
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering::SeqCst;
+            let mut buf = vec![0u8; 16 * 1024];
+            // EIO ends a terminal once every process holding its other side has exited.
+            while let Ok(n @ 1..) = source.read(&mut buf) {
+                activity.busy.fetch_add(1, SeqCst);
+                let _ = tx.blocking_send((stream, Bytes::copy_from_slice(&buf[..n])));
+                activity.touch();
+                activity.busy.fetch_sub(1, SeqCst);
+            }
+            let _ = read_tx.send(());
+        });
+    }
+    drop(read_tx);
+    // The exec's end is recorded whoever is still listening, and before the stream ends: a
+    // client asks for the exit code as soon as it has the last byte.
+    let (over_tx, over) = tokio::sync::oneshot::channel::<i32>();
+    {
+        let app = app.clone();
+        let id = id.to_owned();
+        std::thread::spawn(move || {
+            let code = child.wait().ok().and_then(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                s.code().or_else(|| s.signal().map(|n| 128 + n))
+            });
+            // Every reader at its end, or the output idle long enough.
+            activity.touch();
+            let mut finished = 0;
+            while finished < readers {
+                match read_done.recv_timeout(Duration::from_millis(100)) {
+                    Ok(()) => finished += 1,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                if activity.idle_for() >= OUTPUT_AFTER_EXIT {
+                    break;
+                }
+            }
+            let code = code.unwrap_or(-1);
+            update(&app, &id, |r| {
+                r.running = false;
+                r.exit_code = Some(code);
+                r.master = None;
+            });
+            let _ = over_tx.send(code);
+        });
+    }
+    drop(tx);
+    // Input: into the terminal, or the stdin pipe (closed when the sink is dropped).
+    let input: Option<Box<dyn Write + Send>> = match (stdio.input, child_stdin) {
+        (Some(terminal), _) => Some(Box::new(terminal)),
+        (_, Some(pipe)) => Some(Box::new(pipe)),
+        _ => None,
+    };
+    Ok(Launched {
+        output: rx,
+        over,
+        input,
+        master: stdio.master,
     })
 }
 
 /// `POST /exec/{id}/start`: runs the exec, its output (and input, with `AttachStdin`) on the
 /// hijacked connection (or, without `Upgrade`, the response's body, as dockerd does); with
 /// `Detach`, in the background. The stream ends when the exec has exited and its output is
-/// read (bounded by [`OUTPUT_AFTER_EXIT`]), or when the client types the detach keys.
+/// read (or idle for [`OUTPUT_AFTER_EXIT`]), or when the client types the detach keys.
 pub async fn start(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -355,99 +529,14 @@ pub async fn start(
         .headers()
         .get(axum::http::header::UPGRADE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"tcp"));
-    let e = lookup(&app, &id)?;
+    let e = lookup(&app, &id)?.spec;
     if !start.detach && e.stdin && !upgrade {
         return Err(ApiError::bad_request(
             "an exec's stdin needs a hijacked connection (Upgrade: tcp)",
         ));
     }
-    let e = claim(&app, &id)?;
-    // Everything that can fail comes before the spawn: after it, the exec runs and its end
-    // is recorded whatever happens to the connection.
-    let prepared = command(&app, &e).and_then(|mut cmd| {
-        let stdio = prepare(&mut cmd, &e, start.detach)?;
-        let child = cmd
-            .spawn()
-            .map_err(|e| ApiError::internal(format!("starting cela exec: {e}")))?;
-        Ok((child, stdio))
-    });
-    let (mut child, stdio) = match prepared {
-        Ok(p) => p,
-        Err(err) => {
-            update(&app, &id, |r| r.started = false);
-            return Err(err);
-        }
-    };
-    let pid = child.id();
-    update(&app, &id, |r| {
-        r.running = true;
-        r.pid = Some(pid);
-        r.master = stdio.master.clone();
-    });
-    // Output: frames from the pipes, or the terminal's bytes, read on threads of their own
-    // (to the end even when the client has gone, so the exec never blocks on its output).
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    let mut sources: Vec<(Box<dyn Read + Send>, Option<Stream>)> = Vec::new();
-    if let Some(f) = stdio.output {
-        sources.push((Box::new(f), None));
-    }
-    if let Some(p) = child.stdout.take() {
-        sources.push((Box::new(p), Some(Stream::Stdout)));
-    }
-    if let Some(p) = child.stderr.take() {
-        sources.push((Box::new(p), Some(Stream::Stderr)));
-    }
-    let child_stdin = child.stdin.take();
-    let (read_tx, read_done) = std::sync::mpsc::channel::<()>();
-    let readers = sources.len();
-    for (mut source, stream) in sources {
-        let tx = tx.clone();
-        let read_tx = read_tx.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 16 * 1024];
-            // EIO ends a terminal once every process holding its other side has exited.
-            while let Ok(n @ 1..) = source.read(&mut buf) {
-                let chunk = match stream {
-                    Some(stream) => {
-                        let mut out = Vec::new();
-                        frame(&mut out, stream, &buf[..n]);
-                        Bytes::from(out)
-                    }
-                    None => Bytes::copy_from_slice(&buf[..n]),
-                };
-                let _ = tx.blocking_send(chunk);
-            }
-            let _ = read_tx.send(());
-        });
-    }
-    drop(read_tx);
-    // The exec's end is recorded whoever is still listening, and before the stream ends: a
-    // client asks for the exit code as soon as it has the last byte.
-    let (over_tx, over) = tokio::sync::oneshot::channel::<()>();
-    {
-        let app = app.clone();
-        let id = id.clone();
-        std::thread::spawn(move || {
-            let code = child.wait().ok().and_then(|s| {
-                use std::os::unix::process::ExitStatusExt;
-                s.code().or_else(|| s.signal().map(|n| 128 + n))
-            });
-            let until = std::time::Instant::now() + OUTPUT_AFTER_EXIT;
-            for _ in 0..readers {
-                let left = until.saturating_duration_since(std::time::Instant::now());
-                if read_done.recv_timeout(left).is_err() {
-                    break;
-                }
-            }
-            update(&app, &id, |r| {
-                r.running = false;
-                r.exit_code = Some(code.unwrap_or(-1));
-                r.master = None;
-            });
-            let _ = over_tx.send(());
-        });
-    }
-    drop(tx);
+    let e = claim(&app, &id)?.spec;
+    let launched = launch(&app, &id, &e, start.detach)?;
     if start.detach {
         return Ok(StatusCode::OK.into_response());
     }
@@ -455,7 +544,21 @@ pub async fn start(
     // or until it detaches.
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let (detach_tx, detached) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(relay(rx, over, detached, out_tx));
+    tokio::spawn(relay(
+        launched.output,
+        launched.over,
+        detached,
+        out_tx,
+        |stream, data| match stream {
+            Some(stream) => {
+                let mut out = Vec::new();
+                frame(&mut out, stream, &data);
+                Bytes::from(out)
+            }
+            None => data,
+        },
+        |_| None,
+    ));
     if !upgrade {
         return Ok((
             [(
@@ -466,14 +569,7 @@ pub async fn start(
         )
             .into_response());
     }
-    // Input: into the terminal, or the stdin pipe (closed at the client's half-close).
-    let sink: Option<Box<dyn Write + Send>> = match (stdio.master.as_ref(), child_stdin) {
-        (Some(m), _) if e.stdin => Some(Box::new(std::fs::File::from(
-            m.try_clone().map_err(ApiError::internal)?,
-        ))),
-        (_, Some(pipe)) => Some(Box::new(pipe)),
-        _ => None,
-    };
+    let sink = launched.input;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let keys = e.detach_keys.clone();
     tokio::spawn(async move {
@@ -503,13 +599,16 @@ pub async fn start(
     Ok(switching_protocols(e.tty))
 }
 
-/// Passes the exec's output on to the client until the exec is over (then what was read
-/// before that) or the client detaches.
-async fn relay(
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-    mut over: tokio::sync::oneshot::Receiver<()>,
+/// Passes the exec's output on to the client, each chunk as `encode` makes it, until the
+/// exec is over (then what was read before that, and what `finish` makes of the exit code)
+/// or the client detaches.
+pub(crate) async fn relay<T>(
+    mut rx: tokio::sync::mpsc::Receiver<(Option<Stream>, Bytes)>,
+    mut over: tokio::sync::oneshot::Receiver<i32>,
     detached: tokio::sync::oneshot::Receiver<()>,
-    out: tokio::sync::mpsc::Sender<Bytes>,
+    out: tokio::sync::mpsc::Sender<T>,
+    encode: impl Fn(Option<Stream>, Bytes) -> T,
+    finish: impl FnOnce(i32) -> Option<T>,
 ) {
     // A detach ends the stream; input that ends without one (the sender dropped) does not.
     let detached = async move {
@@ -524,31 +623,35 @@ async fn relay(
     loop {
         tokio::select! {
             biased;
+            // Over: the readers have finished or stayed idle, so everything they read is
+            // queued already.
+            code = &mut over => {
+                while let Ok((stream, data)) = rx.try_recv() {
+                    if out.send(encode(stream, data)).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(last) = code.ok().and_then(finish) {
+                    let _ = out.send(last).await;
+                }
+                return;
+            }
+            () = &mut detached => return,
             chunk = rx.recv(), if !output_ended => match chunk {
-                Some(chunk) => {
-                    if out.send(chunk).await.is_err() {
+                Some((stream, data)) => {
+                    if out.send(encode(stream, data)).await.is_err() {
                         return;
                     }
                 }
                 None => output_ended = true,
             },
-            // Over: the readers have finished (their chunks are all queued) or given up on.
-            _ = &mut over => {
-                while let Ok(chunk) = rx.try_recv() {
-                    if out.send(chunk).await.is_err() {
-                        return;
-                    }
-                }
-                return;
-            }
-            () = &mut detached => return,
         }
     }
 }
 
 /// Writes the client's input into the exec's stdin (or terminal) until it ends or the detach
 /// keys come; returns whether the client detached.
-fn feed_input(
+pub(crate) fn feed_input(
     mut sink: Box<dyn Write + Send>,
     mut input: tokio::sync::mpsc::Receiver<Option<Vec<u8>>>,
     keys: &[u8],

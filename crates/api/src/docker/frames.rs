@@ -51,6 +51,19 @@ pub fn frame(out: &mut Vec<u8>, stream: Stream, data: &[u8]) {
     }
 }
 
+/// The detach keys of an attach or exec: as given, or Ctrl-P Ctrl-Q when not given (an empty
+/// value, which the docker CLI always sends, is not given); only with a terminal, as dockerd
+/// (piped input is passed on whole, whatever bytes it holds).
+pub fn detach_keys(given: Option<&str>, tty: bool) -> Result<Vec<u8>, crate::ApiError> {
+    if !tty {
+        return Ok(Vec::new());
+    }
+    match given.filter(|k| !k.is_empty()) {
+        Some(k) => Ok(cela_instance::attach::parse_detach_keys(k)?),
+        None => Ok(vec![16, 17]),
+    }
+}
+
 /// Reads a hijacked connection's input into `to`, chunk by chunk, then `None` at its end
 /// (the client's half-close, or the connection gone). `to` is bounded: a client sending
 /// faster than the workload reads is held back by its connection.

@@ -1,5 +1,6 @@
-//! The Docker Engine API's images: list, inspect, remove, and create (a pull, answered with
-//! Docker's streamed JSON progress lines).
+//! The Docker Engine API's images: list, inspect, remove, create (a pull, answered with
+//! Docker's streamed JSON progress lines) and load (`docker load`: an archive imported as
+//! `cela image import` does, with the same checks).
 
 use std::sync::Arc;
 
@@ -173,4 +174,82 @@ pub async fn create(
     });
     let body = crate::channel_body(rx);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// A blocking reader of a request body that an async task feeds in chunks.
+struct BodyReader {
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl std::io::Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
+}
+
+/// `POST /images/load`: the body is a `docker save` archive or an OCI image layout (tar,
+/// optionally compressed); every image in it is stored under the names it carries, and the
+/// answer is Docker's JSON lines (`Loaded image: NAME`).
+pub async fn load(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(std::io::Error::other);
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let records = blocking(move || {
+        let store = Store::open(&app.data_dir)?;
+        let mut reader = BodyReader {
+            chunks: rx,
+            current: Bytes::new(),
+        };
+        use cela_image::ImageError as E;
+        cela_image::import::import_reader(&store, &mut reader, &cela_image::Progress::hidden())
+            .map_err(|e| match e {
+                // What the client sent is at fault: 400, not a failure of cela.
+                E::BadArchive { .. }
+                | E::HostileEntry { .. }
+                | E::BadManifest { .. }
+                | E::DigestMismatch { .. }
+                | E::SizeMismatch { .. }
+                | E::TooLong { .. }
+                | E::BadDigest { .. }
+                | E::BadReference { .. } => ApiError::bad_request(e.to_string()),
+                other => other.into(),
+            })
+    })
+    .await
+    .map_err(|e| ApiError::new(e.status, format!("docker load: {}", e.message)))?;
+    let mut out = String::new();
+    for r in &records {
+        let names = r.familiar_names();
+        if names.is_empty() {
+            out += &json!({"stream": format!("Loaded image ID: {}\n", r.config)}).to_string();
+            out.push('\n');
+        }
+        for n in names {
+            out += &json!({"stream": format!("Loaded image: {n}\n")}).to_string();
+            out.push('\n');
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }

@@ -5,10 +5,13 @@
 //! endpoint (see [`crate::not_implemented`]).
 
 mod containers;
+pub(crate) mod events;
 pub(crate) mod exec;
 mod frames;
 mod images;
 mod system;
+
+pub use containers::parse_create;
 
 use std::sync::Arc;
 
@@ -29,6 +32,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/version", get(system::version))
         .route("/info", get(system::info))
         .route("/containers/json", get(containers::list))
+        .route("/events", get(events::events))
         .route("/containers/create", post(containers::create))
         .route(
             "/containers/{id}",
@@ -49,6 +53,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/exec/{id}/json", get(exec::inspect))
         .route("/images/json", get(images::list))
         .route("/images/create", post(images::create))
+        // An image archive is as large as the images in it: streamed to the store's tmp/,
+        // bounded by its free space, not by the API's body limit.
+        .route(
+            "/images/load",
+            post(images::load).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/images/{*name}", get(image_get).delete(images::remove))
 }
 

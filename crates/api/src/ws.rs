@@ -1,0 +1,220 @@
+//! cela's own API's exec over WebSocket, `GET /cela/v1/instances/{id}/exec` (for browsers and
+//! other clients without Docker's hijacked streams). The exec is `cela exec`, as the Docker
+//! API's (`docker::exec::launch`): the same confinement, user lookup and microVM path.
+//!
+//! The protocol: the client's first message is text, the exec as JSON (`{"cmd": [...], "tty":
+//! bool, "stdin": bool, "env": ["K=V"], "workdir": "/", "user": "u"}`, strict), within
+//! [`SPEC_BOUND`]. Then the server sends binary messages whose first byte says the stream (1
+//! stdout or the terminal, 2 stderr) and the rest is output, and at the end a text message
+//! `{"exit_code": N}` and a close. The client sends binary messages (input) and text messages
+//! `{"resize": {"rows": R, "cols": C}}` or `{"close_stdin": true}`. Messages are bounded by
+//! [`crate::MAX_BODY`]; anything else ends the session with a close naming the problem. A client
+//! that goes leaves the exec to finish (its stdin closed), as a Docker client's does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use cela_instance::log::Stream;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::docker::exec::{ExecSpec, feed_input, launch, relay};
+use crate::error::{ApiError, blocking};
+
+/// How long a client has to say what to run.
+pub const SPEC_BOUND: Duration = Duration::from_secs(10);
+
+/// The first message: what to run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    cmd: Vec<String>,
+    #[serde(default)]
+    tty: bool,
+    #[serde(default)]
+    stdin: bool,
+    #[serde(default)]
+    env: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+}
+
+/// A control message from the client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum Control {
+    Resize { rows: u16, cols: u16 },
+    CloseStdin(bool),
+}
+
+/// The upgrade: the instance is looked up (404) and must be running (409) before it.
+pub async fn exec(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let container = blocking({
+        let app = app.clone();
+        move || {
+            let inst = cela_instance::Instances::open(&app.data_dir)?.find(&id)?;
+            let state = inst.state()?;
+            if state.status != cela_instance::Status::Running {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    format!(
+                        "instance {} is {}: exec needs a running one",
+                        inst.name(),
+                        state.status
+                    ),
+                ));
+            }
+            Ok(inst.config.id)
+        }
+    })
+    .await?;
+    let ws = ws.map_err(|e| {
+        ApiError::bad_request(format!(
+            "exec here is a WebSocket (Upgrade: websocket): {e}"
+        ))
+    })?;
+    Ok(ws
+        .max_message_size(crate::MAX_BODY)
+        .max_frame_size(crate::MAX_BODY)
+        .on_upgrade(move |socket| session(app, container, socket)))
+}
+
+async fn close(mut socket: WebSocket, why: String) {
+    tracing::debug!("websocket exec: {why}");
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            // 1008: policy violation, the close code for a message the server refuses.
+            code: 1008,
+            reason: why.chars().take(120).collect::<String>().into(),
+        })))
+        .await;
+}
+
+async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
+    let spec = match tokio::time::timeout(SPEC_BOUND, socket.recv()).await {
+        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<Spec>(&t) {
+            Ok(s) if !s.cmd.is_empty() => s,
+            Ok(_) => return close(socket, "the exec's cmd is empty".into()).await,
+            Err(e) => return close(socket, format!("malformed exec: {e}")).await,
+        },
+        Ok(_) => {
+            return close(
+                socket,
+                "the first message must be the exec, as JSON text".into(),
+            )
+            .await;
+        }
+        Err(_) => return close(socket, "no exec was sent in time".into()).await,
+    };
+    let e = ExecSpec {
+        container,
+        cmd: spec.cmd,
+        env: spec.env,
+        workdir: spec.workdir.filter(|w| !w.is_empty()),
+        user: spec.user.filter(|u| !u.is_empty()),
+        tty: spec.tty,
+        stdin: spec.stdin,
+        stdout: true,
+        stderr: true,
+        // No detach keys: the client closes, or the exec ends.
+        detach_keys: Vec::new(),
+    };
+    let launched = match launch(&app, "", &e, false) {
+        Ok(l) => l,
+        Err(err) => return close(socket, err.message).await,
+    };
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Message>(16);
+    let (_never, detached) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(relay(
+        launched.output,
+        launched.over,
+        detached,
+        out_tx,
+        |stream, data| {
+            let mut m = Vec::with_capacity(data.len() + 1);
+            m.push(if stream == Some(Stream::Stderr) { 2 } else { 1 });
+            m.extend_from_slice(&data);
+            Message::Binary(m.into())
+        },
+        |code| Some(Message::Text(format!("{{\"exit_code\":{code}}}").into())),
+    ));
+    let (mut to_client, mut from_client) = socket.split();
+    // The client's messages, on a task of their own: input the exec does not read never
+    // holds its output up.
+    let master = launched.master.clone();
+    let input = launched.input;
+    let reader = tokio::spawn(async move {
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
+        if let Some(sink) = input {
+            std::thread::spawn(move || feed_input(sink, in_rx, &[]));
+        }
+        while let Some(Ok(msg)) = from_client.next().await {
+            match msg {
+                // Without stdin (or after its end) input is dropped.
+                Message::Binary(b) => {
+                    let _ = in_tx.send(Some(b.to_vec())).await;
+                }
+                Message::Text(t) => match serde_json::from_str::<Control>(&t) {
+                    Ok(Control::Resize { rows, cols }) => {
+                        if let Some(m) = &master {
+                            let size = libc::winsize {
+                                ws_row: rows,
+                                ws_col: cols,
+                                ws_xpixel: 0,
+                                ws_ypixel: 0,
+                            };
+                            let _ = cela_runtime::console::set_window_size(m.as_ref(), &size);
+                        }
+                    }
+                    Ok(Control::CloseStdin(true)) => {
+                        let _ = in_tx.send(None).await;
+                    }
+                    Ok(Control::CloseStdin(false)) => {}
+                    Err(e) => return Some(format!("malformed control message: {e}")),
+                },
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+        // The client went: the exec's stdin ends, the exec runs on to its end.
+        let _ = in_tx.send(None).await;
+        None
+    });
+    let mut refused = None;
+    tokio::pin!(reader);
+    loop {
+        tokio::select! {
+            m = out_rx.recv() => match m {
+                Some(m) => {
+                    if to_client.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            r = &mut reader, if refused.is_none() => {
+                match r {
+                    Ok(Some(why)) => {
+                        refused = Some(why);
+                        break;
+                    }
+                    // The client closed or went: nothing more to send it.
+                    _ => break,
+                }
+            }
+        }
+    }
+    let frame = refused.map(|why| CloseFrame {
+        code: 1008,
+        reason: why.chars().take(120).collect::<String>().into(),
+    });
+    let _ = to_client.send(Message::Close(frame)).await;
+}
