@@ -30,6 +30,25 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// The Docker API's execs (kept in memory, as dockerd keeps them).
     pub(crate) execs: docker::exec::Execs,
+    /// One permit per streaming session (attach, exec, WebSocket exec, followed logs and
+    /// events): each holds a thread or a hijacked connection for as long as it lasts.
+    sessions: Arc<tokio::sync::Semaphore>,
+}
+
+/// The most streaming sessions served at once, over every socket and port together.
+pub const MAX_SESSIONS: usize = 512;
+
+impl AppState {
+    /// A permit for a streaming session, held by it until it ends; 503 when
+    /// [`MAX_SESSIONS`] are running.
+    pub(crate) fn session(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.sessions.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("{MAX_SESSIONS} streaming sessions are open: try again when one ends"),
+            )
+        })
+    }
 }
 
 /// Where `cela serve` listens.
@@ -144,6 +163,7 @@ pub fn router(data_dir: &Path) -> Router {
     let state = Arc::new(AppState {
         data_dir: data_dir.to_owned(),
         execs: Default::default(),
+        sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
     });
     docker::routes()
         .merge(own::routes())

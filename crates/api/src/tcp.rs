@@ -2,9 +2,11 @@
 //! namespaces. A Unix socket is guarded by its file mode; a TCP port is open to anyone who can
 //! reach it, so every request on it must carry the server's token (`Authorization: Bearer
 //! TOKEN`, compared in constant time), and the token travels only inside TLS (rustls) unless
-//! the port is on a loopback address. Every connection is bounded: the TLS handshake and the
-//! request head must come within [`HANDSHAKE_BOUND`], and at most [`MAX_CONNECTIONS`] are
-//! served at once (more wait in the kernel's backlog).
+//! the port is on a loopback address. Every connection is bounded: the TLS handshake and each
+//! request head must come within [`HANDSHAKE_BOUND`] (an idle connection is closed after it),
+//! a refused request closes its connection, and at most [`MAX_CONNECTIONS`] are served at once
+//! (more wait in the kernel's backlog); hijacked and WebSocket sessions are bounded by the
+//! server's session limit ([`crate::MAX_SESSIONS`]), whatever the transport.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -16,7 +18,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -154,8 +156,10 @@ pub async fn require_token(
                 "this port needs the server's token (Authorization: Bearer TOKEN)"
             };
             let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let h = resp.headers_mut();
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // A client without the token keeps no connection open.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             resp
         }
     }
@@ -293,14 +297,16 @@ where
             tower::Service::call(&mut service, req).await
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only, with hyper's own builder: its header-read timer runs from the moment the
+    // connection waits for a request head (the first, and each next one on a kept-alive
+    // connection), so a client that connects and says nothing is dropped after the bound.
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_BOUND);
     builder
-        .http1_only()
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await
         .map_err(|e| e.to_string())
 }

@@ -76,6 +76,7 @@ pub async fn exec(
         }
     })
     .await?;
+    let permit = app.session()?;
     let ws = ws.map_err(|e| {
         ApiError::bad_request(format!(
             "exec here is a WebSocket (Upgrade: websocket): {e}"
@@ -84,7 +85,20 @@ pub async fn exec(
     Ok(ws
         .max_message_size(crate::MAX_BODY)
         .max_frame_size(crate::MAX_BODY)
-        .on_upgrade(move |socket| session(app, container, socket)))
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            session(app, container, socket).await
+        }))
+}
+
+/// A close frame's reason: at most 123 bytes (the frame's 125 less its code), cut on a
+/// character boundary.
+fn close_reason(why: &str) -> String {
+    let mut end = why.len().min(123);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    why[..end].to_owned()
 }
 
 async fn close(mut socket: WebSocket, why: String) {
@@ -93,7 +107,7 @@ async fn close(mut socket: WebSocket, why: String) {
         .send(Message::Close(Some(CloseFrame {
             // 1008: policy violation, the close code for a message the server refuses.
             code: 1008,
-            reason: why.chars().take(120).collect::<String>().into(),
+            reason: close_reason(&why).into(),
         })))
         .await;
 }
@@ -152,15 +166,21 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
     let master = launched.master.clone();
     let input = launched.input;
     let reader = tokio::spawn(async move {
-        let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
-        if let Some(sink) = input {
-            std::thread::spawn(move || feed_input(sink, in_rx, &[]));
-        }
+        // Input goes through a bounded queue to a writer thread; without stdin (or once it
+        // is closed) it is dropped, and never holds the reading of control messages up.
+        let mut to_stdin = input.map(|sink| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
+            std::thread::spawn(move || feed_input(sink, rx, &[]));
+            tx
+        });
         while let Some(Ok(msg)) = from_client.next().await {
             match msg {
-                // Without stdin (or after its end) input is dropped.
                 Message::Binary(b) => {
-                    let _ = in_tx.send(Some(b.to_vec())).await;
+                    if let Some(tx) = &to_stdin
+                        && tx.send(Some(b.to_vec())).await.is_err()
+                    {
+                        to_stdin = None;
+                    }
                 }
                 Message::Text(t) => match serde_json::from_str::<Control>(&t) {
                     Ok(Control::Resize { rows, cols }) => {
@@ -175,7 +195,9 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
                         }
                     }
                     Ok(Control::CloseStdin(true)) => {
-                        let _ = in_tx.send(None).await;
+                        if let Some(tx) = to_stdin.take() {
+                            let _ = tx.send(None).await;
+                        }
                     }
                     Ok(Control::CloseStdin(false)) => {}
                     Err(e) => return Some(format!("malformed control message: {e}")),
@@ -185,7 +207,9 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
             }
         }
         // The client went: the exec's stdin ends, the exec runs on to its end.
-        let _ = in_tx.send(None).await;
+        if let Some(tx) = to_stdin {
+            let _ = tx.send(None).await;
+        }
         None
     });
     let mut refused = None;
@@ -214,7 +238,10 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
     }
     let frame = refused.map(|why| CloseFrame {
         code: 1008,
-        reason: why.chars().take(120).collect::<String>().into(),
+        reason: close_reason(&why).into(),
     });
     let _ = to_client.send(Message::Close(frame)).await;
+    // A client that does not answer the close keeps nothing: its reader goes now (which
+    // also ends the exec's stdin).
+    reader.abort();
 }

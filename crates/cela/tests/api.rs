@@ -709,12 +709,26 @@ fn events_tell_what_happened_and_what_happens() {
 }
 
 #[test]
-fn docker_load_takes_an_archive_and_refuses_anything_else() {
+fn docker_pull_and_load_bring_images_in_and_refuse_anything_else() {
     let w = World::new();
     let s = Server::start(&w);
     let bin = DOCKER_28;
     let dir = tempfile::tempdir().unwrap();
     let image = images::TestImage::new(vec![images::busybox_layer()], &["sh"]);
+    // docker pull from a registry on loopback: the progress lines, then the image runs.
+    let registry = images::Registry::start();
+    let layout = dir.path().join("pushed");
+    image.write_layout(&layout, "latest");
+    registry.push(&layout, "latest", "pushed/box:7");
+    let reference = registry.reference("pushed/box:7");
+    let out = s.docker_ok(bin, &["pull", &reference]);
+    assert!(
+        out.contains("Pull complete") || out.contains("Downloaded"),
+        "{out}"
+    );
+    let out = s.docker_ok(bin, &["run", "--rm", &reference, "echo", "pulled"]);
+    assert_eq!(out, "pulled\n");
+    // docker load of a docker save archive.
     let archive = dir.path().join("saved.tar");
     image.write_docker_save(&archive, "loaded/box:1");
     let out = s.docker_ok(bin, &["load", "-i", archive.to_str().unwrap()]);
@@ -813,24 +827,65 @@ fn websocket_exec_runs_with_input_and_a_terminal_and_refuses_garbage() {
         ("over the socket\n", "e\n", Some(6))
     );
 
-    // A terminal, resized.
+    // A terminal, typed into, resized while it runs (the size reaches the container's
+    // terminal within moments: asked for until it shows), ended by a typed line.
     let mut ws = websocket(&s, path);
     ws.send(Message::Text(
-        r#"{"cmd": ["sh", "-c", "read line; stty size; echo got-$line"], "tty": true, "stdin": true}"#.into(),
+        r#"{"cmd": ["sh", "-c", "while read l; do [ \"$l\" = q ] && exit 3; stty size; done"], "tty": true, "stdin": true}"#.into(),
     ))
     .unwrap();
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while !text(&seen).contains("21 77") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the resize never showed: {:?}",
+            text(&seen)
+        );
+        ws.send(Message::Text(
+            r#"{"resize": {"rows": 21, "cols": 77}}"#.into(),
+        ))
+        .unwrap();
+        ws.send(Message::Binary(b"\r".to_vec().into())).unwrap();
+        loop {
+            match ws.read() {
+                Ok(Message::Binary(b)) => seen.extend_from_slice(&b[1..]),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    ws.send(Message::Binary(b"q\r".to_vec().into())).unwrap();
+    let (_, _, code, _) = ws_outcome(&mut ws);
+    assert_eq!(code, Some(3));
+
+    // Without stdin, input is dropped and never holds the session up.
+    let mut ws = websocket(&s, path);
     ws.send(Message::Text(
-        r#"{"resize": {"rows": 21, "cols": 77}}"#.into(),
+        r#"{"cmd": ["sh", "-c", "sleep 1; echo done"]}"#.into(),
     ))
     .unwrap();
-    ws.send(Message::Binary(b"typed\r".to_vec().into()))
+    for _ in 0..50 {
+        ws.send(Message::Binary(vec![b'x'; 1000].into())).unwrap();
+    }
+    ws.send(Message::Text(r#"{"close_stdin": true}"#.into()))
         .unwrap();
     let (out, _, code, _) = ws_outcome(&mut ws);
-    assert!(
-        out.contains("21 77") && out.contains("got-typed"),
-        "{out:?}"
-    );
-    assert_eq!(code, Some(0));
+    assert_eq!((out.as_str(), code), ("done\n", Some(0)));
 
     // Garbage: a first message that is not the exec, unknown fields, a bad control message.
     for (first, why) in [
@@ -985,6 +1040,29 @@ fn the_tcp_port_needs_the_token_and_carries_tls() {
     assert_eq!((code, body.as_str()), (200, "OK"));
     let (code, _) = curl(d, &format!("http://{lo}/cela/v1/instances"), &[]);
     assert_eq!(code, 401, "cela's own API is behind the token too");
+    let (code, _) = curl(
+        d,
+        &format!("http://{lo}/containers/x/attach?stdin=1"),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Upgrade: tcp",
+            "-H",
+            "Connection: Upgrade",
+        ],
+    );
+    assert_eq!(code, 401, "an upgrade is behind the token too");
+    // A client that connects and says nothing is dropped (after the 10 s header bound).
+    let mut idle = std::net::TcpStream::connect(&lo).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut idle, &mut byte).unwrap(),
+        0,
+        "the server closes an idle connection"
+    );
     let env = docker_over_tcp(d, port.parse().unwrap(), token, None);
     let (code, out, err) = docker_tcp(
         &env,

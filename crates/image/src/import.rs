@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
@@ -91,30 +91,53 @@ pub fn import_reader(
 }
 
 /// Copies what `reader` gives into a temporary file of the store's `tmp/`, within the room
-/// its file system has.
+/// its file system has: checked again every [`ROOM_CHECK`] bytes, as other writers may be
+/// filling it too. A failure to read is the archive's (`BadArchive`); a failure to write is
+/// the store's.
 fn receive(store: &Store, reader: &mut dyn Read) -> Result<NamedTempFile, ImageError> {
     let tmp = NamedTempFile::with_prefix_in("load-", store.tmp_dir())
         .at("creating a temporary file in", store.tmp_dir())?;
     let label = tmp.path().to_owned();
-    let room =
-        tar_limits::room(tmp.as_file()).at("inspecting the file system of", store.tmp_dir())?;
-    let mut w = io::BufWriter::new(tmp.as_file());
-    let copied = io::copy(&mut reader.take(room.saturating_add(1)), &mut w)
-        .map_err(|e| bad_archive(&label, format!("cannot receive it: {e}")))?;
-    w.into_inner()
-        .map_err(|e| e.into_error())
-        .at("writing", label.clone())?;
-    if copied > room {
-        return Err(bad_archive(
+    let full = |room: u64| {
+        bad_archive(
             &label,
             format!(
                 "it is larger than the {room} bytes free for the store (keeping {} in reserve)",
                 tar_limits::RESERVE
             ),
-        ));
+        )
+    };
+    let mut w = io::BufWriter::with_capacity(1 << 16, tmp.as_file());
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut written, mut checked_at) = (0u64, 0u64);
+    let mut room =
+        tar_limits::room(tmp.as_file()).at("inspecting the file system of", store.tmp_dir())?;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(bad_archive(&label, format!("cannot receive it: {e}"))),
+        };
+        w.write_all(&buf[..n]).at("writing", label.clone())?;
+        written += n as u64;
+        if written - checked_at >= ROOM_CHECK {
+            w.flush().at("writing", label.clone())?;
+            room = tar_limits::room(tmp.as_file())
+                .at("inspecting the file system of", store.tmp_dir())?;
+            checked_at = written;
+        }
+        if written - checked_at > room {
+            return Err(full(room));
+        }
     }
+    w.flush().at("writing", label.clone())?;
+    drop(w);
     Ok(tmp)
 }
+
+/// How often a received archive checks the room left for it.
+const ROOM_CHECK: u64 = 64 << 20;
 
 /// [`import`] under the content lock, through a journaled store; a tar that is neither a
 /// layout nor a `docker save` archive is a rootfs only when `rootfs` allows it.

@@ -4,9 +4,10 @@
 //! the journal holds every instance's history whoever drove it, and `docker events` (through
 //! `cela serve`) reads the same journal as `cela events`. An event is one `write` on a file
 //! opened `O_APPEND`, so concurrent writers never interleave. At [`ROTATE_AT`] bytes the
-//! journal is renamed to `events.jsonl.1` (the one before is dropped); readers go on from
-//! the renamed file to the new one. Writing an event never fails what it records: a failure
-//! is logged and the operation goes on.
+//! journal is renamed to `events.jsonl.1` (the one before is dropped) under an exclusive lock
+//! that appends take shared; readers go on from the renamed file to the new one. A reader
+//! more than a whole journal behind misses what was rotated away. Writing an event never
+//! fails what it records: a failure is logged and the operation goes on.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -107,41 +108,50 @@ fn line(event: &Event) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Appends `event` to the journal of `data_dir`, rotating it first when it is full.
-pub fn append(data_dir: &Path, event: &Event) -> io::Result<()> {
-    let bytes = line(event)?;
-    let path = journal(data_dir);
-    let mut file = OpenOptions::new()
+fn open_journal(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)?;
+        .open(path)
+}
+
+/// Appends `event` to the journal of `data_dir`, rotating it first when it is full. Writers
+/// hold `events.lock` shared while they append and a rotation holds it exclusive, so no event
+/// lands in a journal after it has been renamed (where a follower would no longer look).
+pub fn append(data_dir: &Path, event: &Event) -> io::Result<()> {
+    use nix::fcntl::{Flock, FlockArg};
+    let bytes = line(event)?;
+    let path = journal(data_dir);
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(data_dir.join("events.lock"))?;
+    let relock = |f: File, how| Flock::lock(f, how).map_err(|(_, e)| io::Error::from(e));
+    let mut lock = relock(lock_file, FlockArg::LockShared)?;
+    let mut file = open_journal(&path)?;
     if file.metadata()?.len() >= ROTATE_AT {
-        // One rotation, whoever else saw the journal full: under the lock, and only if the
-        // journal is still the file found full.
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(data_dir.join("events.lock"))?;
-        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| io::Error::from(e))?;
-        let full = file.metadata()?;
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == full.ino()) {
+        let exclusive = relock(
+            lock.unlock().map_err(|(_, e)| io::Error::from(e))?,
+            FlockArg::LockExclusive,
+        )?;
+        // One rotation, whoever else saw the journal full.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() >= ROTATE_AT) {
             std::fs::rename(&path, rotated(data_dir))?;
         }
-        drop(lock);
-        file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)?;
+        lock = relock(
+            exclusive.unlock().map_err(|(_, e)| io::Error::from(e))?,
+            FlockArg::LockShared,
+        )?;
+        file = open_journal(&path)?;
     }
-    file.write_all(&bytes)
+    file.write_all(&bytes)?;
+    drop(lock);
+    Ok(())
 }
 
 /// Reads the journal: the events already in it, then (when followed) those that come,
@@ -156,6 +166,9 @@ pub struct Reader {
     partial: Vec<u8>,
     /// Inside a line longer than [`MAX_LINE`], read on to its end and dropped.
     skipping: bool,
+    /// The file being read has been rotated away: it is read to its end once more (what was
+    /// appended before the rename) before the reader moves on.
+    draining: bool,
 }
 
 impl Reader {
@@ -168,6 +181,7 @@ impl Reader {
             in_rotated: false,
             partial: Vec::new(),
             skipping: false,
+            draining: false,
         };
         if let Some((f, ino)) = open_plain(&rotated(data_dir)) {
             r.file = Some(BufReader::new(f));
@@ -237,10 +251,16 @@ impl Reader {
             let current = std::fs::symlink_metadata(journal(&self.data_dir))
                 .ok()
                 .map(|m| m.ino());
-            if self.in_rotated || current.is_some_and(|ino| ino != self.ino) {
+            let moved_on = current.is_some_and(|ino| ino != self.ino);
+            if moved_on && !self.in_rotated && !self.draining {
+                self.draining = true;
+                continue;
+            }
+            if self.in_rotated || moved_on {
                 self.file = None;
                 self.partial.clear();
                 self.skipping = false;
+                self.draining = false;
                 continue;
             }
             return None;
@@ -270,8 +290,25 @@ pub struct Query {
     pub filters: BTreeMap<String, Vec<String>>,
 }
 
-/// The filters [`Query`] knows.
-pub const FILTERS: [&str; 5] = ["type", "event", "container", "image", "label"];
+/// The filters [`Query`] knows: Docker's, of which `network`, `volume`, `plugin`, `node`,
+/// `service`, `secret` and `config` match nothing (cela records container events only),
+/// `scope` matches `local` and `daemon` anything.
+pub const FILTERS: [&str; 14] = [
+    "type",
+    "event",
+    "container",
+    "image",
+    "label",
+    "scope",
+    "daemon",
+    "network",
+    "volume",
+    "plugin",
+    "node",
+    "service",
+    "secret",
+    "config",
+];
 
 impl Query {
     /// Refuses a filter it does not know (rather than matching nothing).
@@ -279,7 +316,7 @@ impl Query {
         match self.filters.keys().find(|k| !FILTERS.contains(&k.as_str())) {
             Some(bad) => Err(format!(
                 "invalid filter {bad:?}: events filter by {}",
-                FILTERS.join(", ")
+                FILTERS[..5].join(", ")
             )),
             None => Ok(()),
         }
@@ -300,6 +337,8 @@ impl Query {
                     want == attr("name") || (!want.is_empty() && e.id.starts_with(want.as_str()))
                 }
                 "image" => want == attr("image"),
+                "scope" => want == "local",
+                "daemon" => true,
                 "label" => match want.split_once('=') {
                     Some((k, v)) => e.attributes.get(k).is_some_and(|x| x == v),
                     None => e.attributes.contains_key(want.as_str()),
@@ -327,15 +366,16 @@ pub fn follow(
         None => Reader::at_end(data_dir),
     };
     loop {
+        // Whether `until` had passed before this look: everything written by then is read.
+        let past = query.until.is_some_and(|u| now_nano() > u);
         while let Some(e) = reader.next_event() {
-            if query.until.is_some_and(|u| e.time_nano > u) {
-                return;
-            }
+            // (`matches` drops events after `until`: the journal is in the order events were
+            // written, which is not strictly the order of their times.)
             if query.matches(&e) && !emit(&e) {
                 return;
             }
         }
-        if query.until.is_some_and(|u| now_nano() > u) || gone() {
+        if past || gone() {
             return;
         }
         std::thread::sleep(POLL);

@@ -71,9 +71,10 @@ fn stop_live(
         Kind::Container => state.pid,
         Kind::Vm => state.supervisor.map(|s| s.pid),
     };
-    let signal_target = |sig| {
+    let signal_target = |sig: Signal| {
         if let Some(pid) = target {
             let _ = kill(Pid::from_raw(pid), sig);
+            crate::events::record(inst, "kill", &[("signal", (sig as i32).to_string())]);
         }
     };
     if !timeout.is_zero() {
@@ -289,8 +290,10 @@ pub fn remove_dir(inst: &Instance) {
         let recorded = inst.state().ok().and_then(|s| s.network);
         crate::network::teardown(inst, recorded.as_ref());
     }
-    let dir = inst.retire().unwrap_or_else(|_| inst.dir.clone());
+    // Recorded while the instance is still listed: a client that sees it gone (Docker's
+    // `wait?condition=removed`) finds its destroy in the journal.
     crate::events::record(inst, "destroy", &[]);
+    let dir = inst.retire().unwrap_or_else(|_| inst.dir.clone());
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         tracing::warn!("removing {}: {e}", dir.display());
     }

@@ -547,8 +547,14 @@ pub async fn logs(
     })
     .await?;
     let tty = inst.config.tty;
+    let permit = if follow_it {
+        Some(app.session()?)
+    } else {
+        None
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     std::thread::spawn(move || {
+        let _permit = permit;
         // Lines, so that `tail` counts lines as Docker's does.
         let line = |stream: Stream, time: Option<i64>, data: &[u8]| -> Vec<u8> {
             let mut text = Vec::new();
@@ -772,10 +778,15 @@ pub async fn attach(
             "attaching stdin needs a hijacked connection (Upgrade: tcp)",
         ));
     }
+    // The session's permit: held by the hijacked connection's task, or without one by the
+    // thread that follows the output into the body.
+    let mut permit = Some(app.session()?);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     if streaming {
         let inst = inst.clone();
+        let follower_permit = if upgrade { None } else { permit.take() };
         std::thread::spawn(move || {
+            let _permit = follower_permit;
             // One that has ended is followed into its next run (`docker start -a`
             // attaches before it starts it).
             let finished = inst.state().ok().and_then(|s| s.finished);
@@ -801,6 +812,7 @@ pub async fn attach(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
+        let _permit = permit;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

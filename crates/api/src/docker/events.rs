@@ -66,9 +66,11 @@ pub(crate) fn stream(
         filters: parse_filters(q.filters.as_deref())?,
     };
     query.check().map_err(ApiError::bad_request)?;
+    let permit = app.session()?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let data_dir = app.data_dir.clone();
     std::thread::spawn(move || {
+        let _permit = permit;
         let gone = || tx.is_closed();
         events::follow(&data_dir, &query, &gone, |e| {
             let mut line = shape(e).to_string().into_bytes();

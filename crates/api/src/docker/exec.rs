@@ -535,6 +535,11 @@ pub async fn start(
             "an exec's stdin needs a hijacked connection (Upgrade: tcp)",
         ));
     }
+    let permit = if start.detach {
+        None
+    } else {
+        Some(app.session()?)
+    };
     let e = claim(&app, &id)?.spec;
     let launched = launch(&app, &id, &e, start.detach)?;
     if start.detach {
@@ -544,7 +549,8 @@ pub async fn start(
     // or until it detaches.
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let (detach_tx, detached) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(relay(
+    // The relay holds the session's permit: it lasts as long as the stream.
+    let relay = relay(
         launched.output,
         launched.over,
         detached,
@@ -558,7 +564,11 @@ pub async fn start(
             None => data,
         },
         |_| None,
-    ));
+    );
+    tokio::spawn(async move {
+        let _permit = permit;
+        relay.await;
+    });
     if !upgrade {
         return Ok((
             [(

@@ -198,6 +198,12 @@ impl std::io::Read for BodyReader {
     }
 }
 
+/// Loads run one at a time.
+static LOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// How long a load's upload may pause before it is given up (the store's lock is held).
+const LOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `POST /images/load`: the body is a `docker save` archive or an OCI image layout (tar,
 /// optionally compressed); every image in it is stored under the names it carries, and the
 /// answer is Docker's JSON lines (`Loaded image: NAME`).
@@ -206,12 +212,22 @@ pub async fn load(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use futures_util::StreamExt;
+    // One load at a time: each takes what the store's file system has room for.
+    let _turn = LOADS.acquire().await.map_err(ApiError::internal)?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::spawn(async move {
         let mut stream = body.into_data_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(std::io::Error::other);
-            if tx.send(chunk).await.is_err() {
+        loop {
+            let chunk = match tokio::time::timeout(LOAD_IDLE, stream.next()).await {
+                Ok(Some(chunk)) => chunk.map_err(std::io::Error::other),
+                Ok(None) => return,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("nothing came for {} s", LOAD_IDLE.as_secs()),
+                )),
+            };
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
                 return;
             }
         }
