@@ -31,8 +31,20 @@ pub struct AppState {
     /// The Docker API's execs (kept in memory, as dockerd keeps them).
     pub(crate) execs: docker::exec::Execs,
     /// One permit per streaming session (attach, exec, WebSocket exec, followed logs and
-    /// events): each holds a thread or a hijacked connection for as long as it lasts.
+    /// events), held while its client is served: it bounds the connections and follower
+    /// threads of clients, not the execs they start (those run to their end).
     sessions: Arc<tokio::sync::Semaphore>,
+}
+
+/// How long a write to a streaming client may wait for it to read: a client that stops
+/// reading loses its session (and frees its permit) instead of holding it for ever.
+pub const WRITE_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs a write to a streaming client within [`WRITE_BOUND`]; whether it succeeded.
+pub(crate) async fn write_bounded<T, E>(
+    write: impl std::future::Future<Output = Result<T, E>>,
+) -> bool {
+    matches!(tokio::time::timeout(WRITE_BOUND, write).await, Ok(Ok(_)))
 }
 
 /// The most streaming sessions served at once, over every socket and port together.

@@ -167,7 +167,8 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
     let input = launched.input;
     let reader = tokio::spawn(async move {
         // Input goes through a bounded queue to a writer thread; without stdin (or once it
-        // is closed) it is dropped, and never holds the reading of control messages up.
+        // is closed) it is dropped. Input the exec does not read holds later messages
+        // (resizes included) back: the client's own backpressure.
         let mut to_stdin = input.map(|sink| {
             let (tx, rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
             std::thread::spawn(move || feed_input(sink, rx, &[]));
@@ -218,7 +219,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         tokio::select! {
             m = out_rx.recv() => match m {
                 Some(m) => {
-                    if to_client.send(m).await.is_err() {
+                    if !crate::write_bounded(to_client.send(m)).await {
                         break;
                     }
                 }
@@ -240,7 +241,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         code: 1008,
         reason: close_reason(&why).into(),
     });
-    let _ = to_client.send(Message::Close(frame)).await;
+    crate::write_bounded(to_client.send(Message::Close(frame))).await;
     // A client that does not answer the close keeps nothing: its reader goes now (which
     // also ends the exec's stdin).
     reader.abort();

@@ -72,8 +72,9 @@ fn stop_live(
         Kind::Vm => state.supervisor.map(|s| s.pid),
     };
     let signal_target = |sig: Signal| {
-        if let Some(pid) = target {
-            let _ = kill(Pid::from_raw(pid), sig);
+        if let Some(pid) = target
+            && kill(Pid::from_raw(pid), sig).is_ok()
+        {
             crate::events::record(inst, "kill", &[("signal", (sig as i32).to_string())]);
         }
     };

@@ -839,7 +839,7 @@ pub async fn attach(
             tokio::select! {
                 chunk = rx.recv() => match chunk {
                     Some(chunk) => {
-                        if to_client.write_all(&chunk).await.is_err() {
+                        if !crate::write_bounded(to_client.write_all(&chunk)).await {
                             return;
                         }
                     }

@@ -600,7 +600,7 @@ pub async fn start(
         }
         let mut out_rx = out_rx;
         while let Some(chunk) = out_rx.recv().await {
-            if to_client.write_all(&chunk).await.is_err() {
+            if !crate::write_bounded(to_client.write_all(&chunk)).await {
                 return;
             }
         }
@@ -647,6 +647,8 @@ pub(crate) async fn relay<T>(
                 return;
             }
             () = &mut detached => return,
+            // The client has gone (its receiving end dropped): nothing to wait for.
+            () = out.closed() => return,
             chunk = rx.recv(), if !output_ended => match chunk {
                 Some((stream, data)) => {
                     if out.send(encode(stream, data)).await.is_err() {

@@ -213,7 +213,7 @@ pub async fn load(
 ) -> Result<Response, ApiError> {
     use futures_util::StreamExt;
     // One load at a time: each takes what the store's file system has room for.
-    let _turn = LOADS.acquire().await.map_err(ApiError::internal)?;
+    let turn = LOADS.acquire().await.map_err(ApiError::internal)?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::spawn(async move {
         let mut stream = body.into_data_stream();
@@ -233,6 +233,8 @@ pub async fn load(
         }
     });
     let records = blocking(move || {
+        // Held by the import itself: a client that goes mid-import does not free the turn.
+        let _turn = turn;
         let store = Store::open(&app.data_dir)?;
         let mut reader = BodyReader {
             chunks: rx,
