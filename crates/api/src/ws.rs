@@ -186,13 +186,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
                 Message::Text(t) => match serde_json::from_str::<Control>(&t) {
                     Ok(Control::Resize { rows, cols }) => {
                         if let Some(m) = &master {
-                            let size = libc::winsize {
-                                ws_row: rows,
-                                ws_col: cols,
-                                ws_xpixel: 0,
-                                ws_ypixel: 0,
-                            };
-                            let _ = cela_runtime::console::set_window_size(m.as_ref(), &size);
+                            let _ = cela_runtime::console::set_rows_cols(m.as_ref(), rows, cols);
                         }
                     }
                     Ok(Control::CloseStdin(true)) => {

@@ -358,8 +358,7 @@ fn event_time(v: &str) -> anyhow::Result<i64> {
     if !number.is_empty() || v.is_empty() {
         bail!("{v:?} is not a time (seconds, RFC 3339, or a duration such as 10m)");
     }
-    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-    Ok(now.saturating_sub(ago.saturating_mul(1_000_000_000)))
+    Ok(cela_instance::events::now_nano().saturating_sub(ago.saturating_mul(1_000_000_000)))
 }
 
 /// `cela events`: the journal's events that the filters select, one per line, as they come.

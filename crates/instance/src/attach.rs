@@ -152,13 +152,7 @@ impl Feed {
 }
 
 fn resize(t: &File, rows: u16, cols: u16) -> io::Result<()> {
-    let size = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    cela_runtime::console::set_window_size(t, &size).map_err(io::Error::from)
+    cela_runtime::console::set_rows_cols(t, rows, cols).map_err(io::Error::from)
 }
 
 impl Sink {

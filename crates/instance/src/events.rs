@@ -55,7 +55,8 @@ fn data_dir_of(inst: &Instance) -> Option<&Path> {
     inst.dir.parent()?.parent()
 }
 
-fn now_nano() -> i64 {
+/// Now, in nanoseconds since the Unix epoch (the journal's clock).
+pub fn now_nano() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
 

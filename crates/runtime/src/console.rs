@@ -243,6 +243,17 @@ pub fn window_size(tty: &impl AsRawFd) -> nix::Result<libc::winsize> {
 }
 
 /// Sets the window size of the terminal `tty` (a master or a slave).
+/// Sets the terminal's size to `rows` by `cols` (the resize a client asks for).
+pub fn set_rows_cols(tty: &impl AsRawFd, rows: u16, cols: u16) -> nix::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    set_window_size(tty, &size)
+}
+
 pub fn set_window_size(tty: &impl AsRawFd, size: &libc::winsize) -> nix::Result<()> {
     // SAFETY: TIOCSWINSZ reads one `winsize` from `size`, which lives for the call.
     unsafe { tiocswinsz(tty.as_raw_fd(), size) }?;

@@ -509,10 +509,11 @@ fn time_bound(s: Option<&str>) -> Result<Option<i64>, ApiError> {
     let Some(s) = s.filter(|s| !s.is_empty() && *s != "0") else {
         return Ok(None);
     };
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("invalid time {s:?}: unix seconds expected")))?;
-    Ok(Some((secs * 1e9) as i64))
+    // The events' parser: seconds with up to nine decimals (exact, where an f64 loses the
+    // nanoseconds), or RFC 3339.
+    cela_instance::events::parse_time(s)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("invalid time: {e}")))
 }
 
 fn rfc3339_nanos(t: i64) -> String {

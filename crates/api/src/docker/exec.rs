@@ -696,13 +696,7 @@ pub async fn resize(
             "exec {id} has no running terminal to resize"
         )));
     };
-    let size = libc::winsize {
-        ws_row: q.h.unwrap_or(0),
-        ws_col: q.w.unwrap_or(0),
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    cela_runtime::console::set_window_size(master.as_ref(), &size)
+    cela_runtime::console::set_rows_cols(master.as_ref(), q.h.unwrap_or(0), q.w.unwrap_or(0))
         .map_err(|e| ApiError::internal(format!("resizing: {e}")))?;
     Ok(StatusCode::OK)
 }
