@@ -15,8 +15,13 @@ use cela_instance::{Instances, Kind, NetMode, RunRequest, Volume};
 use serde::Deserialize;
 use serde_json::Value;
 
+use cela_image::store::ImageRecord;
+use cela_instance::events::Event;
+use cela_instance::view::{Detail, Summary};
+use utoipa::{OpenApi, ToSchema};
+
 use crate::AppState;
-use crate::error::{ApiError, blocking};
+use crate::error::{ApiError, ErrorBody, blocking};
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -27,10 +32,61 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/cela/v1/instances/{id}/exec", get(crate::ws::exec))
         .route("/cela/v1/images", get(images))
         .route("/cela/v1/events", get(events))
+        .route("/cela/v1/openapi.json", get(openapi))
+}
+
+/// cela's own API, described from the handlers and the types that make its JSON. The same
+/// document is kept in the repository (`docs/openapi.json`); a test keeps the two equal.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cela",
+        description = "cela's own API: instances (containers and microVMs), images and events. The Docker Engine API that cela also serves is described by Docker's own document (version 1.50).",
+        license(name = "Apache-2.0"),
+    ),
+    paths(list, create, inspect, remove, start, stop, crate::ws::exec, images, events, openapi),
+    tags(
+        (name = "instances", description = "Containers and microVMs, as `cela run`, `ps`, `inspect`, `start`, `stop` and `rm` see them"),
+        (name = "images", description = "The image store"),
+        (name = "events", description = "The event journal"),
+    ),
+)]
+pub struct Document;
+
+/// The OpenAPI document as served and kept in the repository: pretty JSON with a final
+/// newline.
+pub fn openapi_json() -> String {
+    let mut doc = Document::openapi()
+        .to_pretty_json()
+        .expect("the document serializes");
+    doc.push('\n');
+    doc
+}
+
+#[utoipa::path(get, path = "/cela/v1/openapi.json", tag = "instances",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
+async fn openapi() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
 }
 
 /// `GET /cela/v1/events?since=&until=&filters=`: the event journal in its own shape (as `cela
 /// events --format json` prints it), with the Docker API's selection and following.
+#[utoipa::path(get, path = "/cela/v1/events", tag = "events",
+    params(
+        ("since" = Option<String>, Query, description = "Unix seconds (with a fraction) or RFC 3339: events from then"),
+        ("until" = Option<String>, Query, description = "Events until then; without it the stream follows new events"),
+        ("filters" = Option<String>, Query, description = "Docker's filters as JSON: {\"container\": [ID], \"event\": [ACTION], \"label\": [K=V], \"type\": [...]}"),
+    ),
+    responses(
+        (status = 200, description = "One event per line (JSON lines), followed unless `until` is given", body = Event, content_type = "application/json"),
+        (status = 400, description = "A malformed time or filter", body = ErrorBody),
+        (status = 503, description = "Too many streaming sessions", body = ErrorBody),
+    ))]
 async fn events(
     State(app): State<Arc<AppState>>,
     axum::extract::Query(q): axum::extract::Query<crate::docker::events::EventsQuery>,
@@ -38,6 +94,8 @@ async fn events(
     crate::docker::events::stream(&app, &q, |e| serde_json::to_value(e).unwrap_or(Value::Null))
 }
 
+#[utoipa::path(get, path = "/cela/v1/instances", tag = "instances",
+    responses((status = 200, description = "Every instance, as `cela ps -a --format json` lists them; a record that cannot be read has only `id`, `status` (`unknown`) and `error`", body = [Summary])))]
 async fn list(State(app): State<Arc<AppState>>) -> Result<axum::Json<Vec<Value>>, ApiError> {
     blocking(move || {
         // As `cela ps -a --format json`: records that cannot be read by their id only.
@@ -57,6 +115,12 @@ fn detail(app: &AppState, id: &str) -> Result<Value, ApiError> {
     Ok(cela_instance::view::detail(&inst, &inst.state_or_unknown()))
 }
 
+#[utoipa::path(get, path = "/cela/v1/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    responses(
+        (status = 200, description = "The instance, as `cela inspect` shows it", body = Detail),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    ))]
 async fn inspect(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -65,37 +129,48 @@ async fn inspect(
 }
 
 /// A new instance, as `cela run` takes it. Unknown fields are refused.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
+    /// The image: a name in the store (pulled when missing, as `pull` says) or a digest.
     image: String,
+    /// The command, after the entrypoint; the image's cmd when empty.
     #[serde(default)]
     command: Vec<String>,
+    /// Replaces the image's entrypoint.
     #[serde(default)]
     entrypoint: Option<Vec<String>>,
     /// `container` (default) or `vm`.
     #[serde(default = "container")]
     kind: Kind,
+    /// A unique name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at most 64 bytes); one is made up without it.
     #[serde(default)]
     name: Option<String>,
+    /// `KEY=VALUE`, after the image's environment.
     #[serde(default)]
     env: Vec<String>,
+    /// The working directory (absolute); the image's without it.
     #[serde(default)]
     workdir: Option<String>,
+    /// `USER[:GROUP]`, names of the image or numbers.
     #[serde(default)]
     user: Option<String>,
     /// `HOST:DEST[:ro]`.
     #[serde(default)]
     volumes: Vec<String>,
+    /// A microVM's vCPUs; a container's CPU limit.
     #[serde(default)]
     cpus: Option<u32>,
+    /// A microVM's RAM; a container's memory limit.
     #[serde(default)]
     memory_mib: Option<u64>,
     /// `none` (default), `host` (containers) or `auto`.
     #[serde(default)]
     net: NetMode,
+    /// Removed when it ends (`cela run --rm`).
     #[serde(default)]
     auto_remove: bool,
+    /// Key/value labels, for filtering.
     #[serde(default)]
     labels: BTreeMap<String, String>,
     /// Pull the image first: `missing` (default), `always` or `never`.
@@ -151,6 +226,16 @@ pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
     Ok((req, body.start))
 }
 
+#[utoipa::path(post, path = "/cela/v1/instances", tag = "instances",
+    request_body(content = CreateBody, description = "What to run (strict: unknown fields are refused)"),
+    responses(
+        (status = 201, description = "The instance, created and (unless `start` is false) started", body = Detail),
+        (status = 400, description = "Malformed JSON, an unknown field or an invalid value", body = ErrorBody),
+        (status = 404, description = "The image is neither stored nor pullable", body = ErrorBody),
+        (status = 409, description = "The name is taken", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 501, description = "Something cela cannot do for this kind of instance", body = ErrorBody),
+    ))]
 async fn create(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -173,6 +258,13 @@ async fn create(
     .await
 }
 
+#[utoipa::path(post, path = "/cela/v1/instances/{id}/start", tag = "instances",
+    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    responses(
+        (status = 200, description = "The instance after it started", body = Detail),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "It is running already", body = ErrorBody),
+    ))]
 async fn start(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -190,6 +282,15 @@ struct StopQuery {
     timeout: Option<u64>,
 }
 
+#[utoipa::path(post, path = "/cela/v1/instances/{id}/stop", tag = "instances",
+    params(
+        ("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name"),
+        ("timeout" = Option<u64>, Query, description = "Seconds between SIGTERM (a microVM: its power button) and SIGKILL; 10 by default"),
+    ),
+    responses(
+        (status = 200, description = "The instance after it stopped", body = Detail),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    ))]
 async fn stop(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -203,6 +304,16 @@ async fn stop(
     .await
 }
 
+#[utoipa::path(delete, path = "/cela/v1/instances/{id}", tag = "instances",
+    params(
+        ("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name"),
+        ("force" = Option<bool>, Query, description = "Stop it first if it runs"),
+    ),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "It runs, and `force` was not given", body = ErrorBody),
+    ))]
 async fn remove(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -217,6 +328,8 @@ async fn remove(
     .await
 }
 
+#[utoipa::path(get, path = "/cela/v1/images", tag = "images",
+    responses((status = 200, description = "The image store's records", body = [ImageRecord])))]
 async fn images(State(app): State<Arc<AppState>>) -> Result<axum::Json<Value>, ApiError> {
     blocking(move || {
         let store = cela_image::Store::open(&app.data_dir)?;
@@ -225,4 +338,63 @@ async fn images(State(app): State<Arc<AppState>>) -> Result<axum::Json<Value>, A
         ))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document kept in the repository is the one the code makes: run with `CELA_BLESS=1`
+    /// to rewrite it after changing the API.
+    #[test]
+    fn the_openapi_document_in_the_repository_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let now = openapi_json();
+        if std::env::var_os("CELA_BLESS").is_some() {
+            std::fs::write(path, &now).unwrap();
+        }
+        let kept = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            kept == now,
+            "docs/openapi.json is not the document the code makes: regenerate it with \
+             `CELA_BLESS=1 cargo test -p cela-api openapi` and commit it"
+        );
+    }
+
+    #[test]
+    fn every_route_is_in_the_document() {
+        let doc: Value = serde_json::from_str(&openapi_json()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, methods) in [
+            ("/cela/v1/instances", &["get", "post"][..]),
+            ("/cela/v1/instances/{id}", &["get", "delete"]),
+            ("/cela/v1/instances/{id}/start", &["post"]),
+            ("/cela/v1/instances/{id}/stop", &["post"]),
+            ("/cela/v1/instances/{id}/exec", &["get"]),
+            ("/cela/v1/images", &["get"]),
+            ("/cela/v1/events", &["get"]),
+            ("/cela/v1/openapi.json", &["get"]),
+        ] {
+            for m in methods {
+                assert!(paths[path][m].is_object(), "{m} {path} is not described");
+            }
+        }
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for s in [
+            "CreateBody",
+            "Summary",
+            "Detail",
+            "ErrorBody",
+            "Event",
+            "ImageRecord",
+        ] {
+            assert!(schemas.contains_key(s), "schema {s} is missing");
+        }
+        // The create body's required fields are what serde requires.
+        assert_eq!(
+            schemas["CreateBody"]["required"],
+            serde_json::json!(["image"])
+        );
+    }
 }

@@ -52,6 +52,16 @@ enum Control {
 }
 
 /// The upgrade: the instance is looked up (404) and must be running (409) before it.
+#[utoipa::path(get, path = "/cela/v1/instances/{id}/exec", tag = "instances",
+    description = "A WebSocket (`Upgrade: websocket`). The client's first message is text, the exec as JSON: `{\"cmd\": [...], \"tty\": bool, \"stdin\": bool, \"env\": [\"K=V\"], \"workdir\": \"/\", \"user\": \"u\"}`. The server sends binary messages whose first byte is the stream (1 stdout or the terminal, 2 stderr), then a text message `{\"exit_code\": N}` and a close. The client sends binary messages (input) and text messages `{\"resize\": {\"rows\": R, \"cols\": C}}` or `{\"close_stdin\": true}`.",
+    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade", body = crate::error::ErrorBody),
+        (status = 404, description = "No such instance", body = crate::error::ErrorBody),
+        (status = 409, description = "It is not running", body = crate::error::ErrorBody),
+        (status = 503, description = "Too many streaming sessions", body = crate::error::ErrorBody),
+    ))]
 pub async fn exec(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,

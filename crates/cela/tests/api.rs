@@ -414,6 +414,15 @@ fn the_apis_answer_errors_with_their_status_codes() {
     let s = Server::start(&w);
     let (code, body) = s.http("GET", "/cela/v1/instances", None);
     assert_eq!((code, body.trim()), (200, "[]"));
+    // The API describes itself with the document kept in the repository.
+    let (code, body) = s.http("GET", "/cela/v1/openapi.json", None);
+    assert_eq!(code, 200, "{body}");
+    let kept = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/openapi.json"
+    ))
+    .unwrap();
+    assert_eq!(body, kept, "/cela/v1/openapi.json is docs/openapi.json");
     let (code, body) = s.http("POST", "/cela/v1/instances", Some(b"{not json"));
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("malformed instance request"), "{body}");

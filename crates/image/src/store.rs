@@ -40,14 +40,16 @@ use crate::{Digest, ImageError, Reference};
 
 /// One stored image: a manifest and what it refers to. Its JSON shape is what
 /// `cela image ls --format json` prints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageRecord {
     /// The manifest's digest: the image's identity.
+    #[schema(value_type = String, example = "sha256:…")]
     pub digest: Digest,
     /// Full names (`registry/repository:tag`) pointing at this image; a name points at one
     /// image at a time.
     pub names: Vec<String>,
     /// The image config blob.
+    #[schema(value_type = String)]
     pub config: Digest,
     /// The layers, bottom first.
     pub layers: Vec<LayerRecord>,
@@ -62,8 +64,9 @@ pub struct ImageRecord {
 }
 
 /// One layer of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LayerRecord {
+    #[schema(value_type = String)]
     pub digest: Digest,
     pub size: u64,
     #[serde(rename = "mediaType")]

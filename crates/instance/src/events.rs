@@ -26,7 +26,7 @@ pub const ROTATE_AT: u64 = 4 << 20;
 pub const MAX_LINE: usize = 16 * 1024;
 
 /// One event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Nanoseconds since the Unix epoch.
     pub time_nano: i64,

@@ -32,7 +32,17 @@ pub enum GuestFiles {
 }
 
 /// When [`create`] pulls the image from its registry first (Docker's `--pull`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PullPolicy {
     /// When the store has no image by that name.

@@ -1,42 +1,153 @@
 //! The JSON shape of an instance that `cela ps --format json`, `cela inspect` and cela's own
 //! HTTP API (`/cela/v1/instances`) all show, so that a program sees the same object whichever
-//! front end it asks.
+//! front end it asks. The shapes are types, so the API's OpenAPI document describes them from
+//! the code that writes them.
 
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
-use crate::record::{Broken, Instance, InstanceState, Status};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::network::{NetMode, NetworkState};
+use crate::record::{Broken, Instance, InstanceState, Kind, Status};
+
+/// An instance's network as it is listed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NetworkView {
+    /// What `--net` asked for.
+    pub mode: NetMode,
+    /// The host end of the instance's link (a veth or a TAP), while it runs.
+    pub interface: Option<String>,
+    /// The host's address on that link, `ADDR/PREFIX`.
+    pub host_address: Option<String>,
+    /// The instance's address, `ADDR/PREFIX`.
+    pub address: Option<String>,
+}
+
+impl NetworkView {
+    pub fn new(mode: NetMode, state: Option<&NetworkState>) -> NetworkView {
+        NetworkView {
+            mode,
+            interface: state.map(|s| s.interface.clone()),
+            host_address: state.map(|s| s.host_address.clone()),
+            address: state.map(|s| s.address.clone()),
+        }
+    }
+}
+
+/// One instance as `ps --format json` lists it. A record that cannot be read is listed with
+/// its `id`, `status` `unknown` and the `error` only.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Summary {
+    /// 64 hex digits.
+    pub id: String,
+    pub name: String,
+    pub kind: Kind,
+    /// The image as it was named.
+    pub image: String,
+    /// The image's manifest digest.
+    pub image_digest: String,
+    /// The full command line (the image's entrypoint and cmd, or the caller's command).
+    pub command: Vec<String>,
+    pub status: Status,
+    /// The last run's exit code, once it has ended.
+    pub exit_code: Option<i32>,
+    /// The supervisor's pid while it runs.
+    pub pid: Option<i32>,
+    /// When it was created (RFC 3339).
+    pub created: String,
+    /// When its last run started (RFC 3339).
+    pub started: Option<String>,
+    /// When its last run ended (RFC 3339).
+    pub finished: Option<String>,
+    /// Why the last run failed to start or ended abnormally.
+    pub error: Option<String>,
+    pub network: NetworkView,
+    /// The caller's key/value labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One instance as `inspect` shows it: the summary with its whole config and state.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Detail {
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// What was asked for when it was created (`config.json`).
+    #[schema(value_type = Object)]
+    pub config: Value,
+    /// Where it is in its life (`state.json`).
+    #[schema(value_type = Object)]
+    pub state: Value,
+    /// Its directory on the host.
+    #[schema(value_type = String)]
+    pub dir: std::path::PathBuf,
+}
+
+fn typed_summary(inst: &Instance, state: &InstanceState) -> Summary {
+    Summary {
+        id: inst.config.id.clone(),
+        name: inst.config.name.clone(),
+        kind: inst.config.kind,
+        image: inst.config.image.clone(),
+        image_digest: inst.config.image_digest.clone(),
+        command: inst.config.command.clone(),
+        status: state.status,
+        exit_code: state.exit_code,
+        pid: state.pid,
+        created: inst.config.created.clone(),
+        started: state.started.clone(),
+        finished: state.finished.clone(),
+        error: state.error.clone(),
+        network: NetworkView::new(inst.config.net, state.network.as_ref()),
+        labels: inst.config.labels.clone(),
+    }
+}
 
 /// One instance as `ps --format json` lists it.
 pub fn summary(inst: &Instance, state: &InstanceState) -> Value {
-    json!({
-        "id": inst.config.id,
-        "name": inst.config.name,
-        "kind": inst.config.kind,
-        "image": inst.config.image,
-        "image_digest": inst.config.image_digest,
-        "command": inst.config.command,
-        "status": state.status,
-        "exit_code": state.exit_code,
-        "pid": state.pid,
-        "created": inst.config.created,
-        "started": state.started,
-        "finished": state.finished,
-        "error": state.error,
-        "network": crate::network::view(inst.config.net, state.network.as_ref()),
-        "labels": inst.config.labels,
-    })
+    serde_json::to_value(typed_summary(inst, state)).expect("a summary serializes")
 }
 
 /// One instance as `inspect` shows it: the summary with its whole config and state.
 pub fn detail(inst: &Instance, state: &InstanceState) -> Value {
-    let mut v = summary(inst, state);
-    v["config"] = serde_json::to_value(&inst.config).expect("a config serializes");
-    v["state"] = serde_json::to_value(state).expect("a state serializes");
-    v["dir"] = json!(inst.dir);
-    v
+    let d = Detail {
+        summary: typed_summary(inst, state),
+        config: serde_json::to_value(&inst.config).expect("a config serializes"),
+        state: serde_json::to_value(state).expect("a state serializes"),
+        dir: inst.dir.clone(),
+    };
+    serde_json::to_value(d).expect("a detail serializes")
 }
 
 /// An instance whose record cannot be read: its id, `unknown`, and why.
 pub fn broken(b: &Broken) -> Value {
-    json!({"id": b.id, "status": Status::Unknown, "error": b.error})
+    serde_json::json!({"id": b.id, "status": Status::Unknown, "error": b.error})
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_network_view_has_every_field() {
+        let s = NetworkState {
+            interface: "cela3".into(),
+            ifindex: 7,
+            host_address: "10.213.0.1/30".into(),
+            address: "10.213.0.2/30".into(),
+        };
+        let view = |m, s| serde_json::to_value(NetworkView::new(m, s)).unwrap();
+        assert_eq!(
+            view(NetMode::Auto, Some(&s)),
+            json!({"mode": "auto", "interface": "cela3", "host_address": "10.213.0.1/30",
+                   "address": "10.213.0.2/30"})
+        );
+        assert_eq!(
+            view(NetMode::None, None),
+            json!({"mode": "none", "interface": null, "host_address": null, "address": null})
+        );
+    }
 }

@@ -42,7 +42,7 @@ use crate::error::{InstanceError, IoContext};
 use crate::record::{Instance, Kind};
 
 /// What `--net` asked for, as recorded in an instance's config.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NetMode {
     /// Loopback only (containers); no NIC (microVMs).
@@ -95,16 +95,6 @@ pub struct NetworkState {
     pub host_address: String,
     /// The instance's address (its `eth0`), `A.B.C.D/30`.
     pub address: String,
-}
-
-/// The `network` object of `cela inspect` / `ps --format json`.
-pub fn view(mode: NetMode, state: Option<&NetworkState>) -> Value {
-    json!({
-        "mode": mode,
-        "interface": state.map(|s| &s.interface),
-        "host_address": state.map(|s| &s.host_address),
-        "address": state.map(|s| &s.address),
-    })
 }
 
 /// The name of a container's interface inside its namespace.
@@ -384,24 +374,5 @@ mod tests {
                 .to_string();
             assert!(err.contains("expected none, host or auto"), "{err}");
         }
-    }
-
-    #[test]
-    fn the_view_has_every_field() {
-        let s = NetworkState {
-            interface: "cela3".into(),
-            ifindex: 7,
-            host_address: "10.213.0.1/30".into(),
-            address: "10.213.0.2/30".into(),
-        };
-        assert_eq!(
-            view(NetMode::Auto, Some(&s)),
-            json!({"mode": "auto", "interface": "cela3", "host_address": "10.213.0.1/30",
-                   "address": "10.213.0.2/30"})
-        );
-        assert_eq!(
-            view(NetMode::None, None),
-            json!({"mode": "none", "interface": null, "host_address": null, "address": null})
-        );
     }
 }
