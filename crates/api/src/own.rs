@@ -30,6 +30,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/cela/v1/instances/{id}/start", post(start))
         .route("/cela/v1/instances/{id}/stop", post(stop))
         .route("/cela/v1/instances/{id}/exec", get(crate::ws::exec))
+        .route("/cela/v1/instances/{id}/console", get(crate::ws::console))
         .route("/cela/v1/images", get(images))
         .route("/cela/v1/events", get(events))
         .route("/cela/v1/openapi.json", get(openapi))
@@ -44,7 +45,19 @@ pub fn routes() -> Router<Arc<AppState>> {
         description = "cela's own API: instances (containers and microVMs), images and events. The Docker Engine API that cela also serves is described by Docker's own document (version 1.50).",
         license(name = "Apache-2.0"),
     ),
-    paths(list, create, inspect, remove, start, stop, crate::ws::exec, images, events, openapi),
+    paths(
+        list,
+        create,
+        inspect,
+        remove,
+        start,
+        stop,
+        crate::ws::exec,
+        crate::ws::console,
+        images,
+        events,
+        openapi
+    ),
     tags(
         (name = "instances", description = "Containers and microVMs, as `cela run`, `ps`, `inspect`, `start`, `stop` and `rm` see them"),
         (name = "images", description = "The image store"),
@@ -372,6 +385,7 @@ mod tests {
             ("/cela/v1/instances/{id}/start", &["post"]),
             ("/cela/v1/instances/{id}/stop", &["post"]),
             ("/cela/v1/instances/{id}/exec", &["get"]),
+            ("/cela/v1/instances/{id}/console", &["get"]),
             ("/cela/v1/images", &["get"]),
             ("/cela/v1/events", &["get"]),
             ("/cela/v1/openapi.json", &["get"]),

@@ -1,5 +1,5 @@
-//! cela's own API's exec over WebSocket, `GET /cela/v1/instances/{id}/exec` (for browsers and
-//! other clients without Docker's hijacked streams). The exec is `cela exec`, as the Docker
+//! cela's own API's exec and console over WebSocket, `GET /cela/v1/instances/{id}/exec` and
+//! `/console` (for browsers and other clients without Docker's hijacked streams). The exec is `cela exec`, as the Docker
 //! API's (`docker::exec::launch`): the same confinement, user lookup and microVM path.
 //!
 //! The protocol: the client's first message is text, the exec as JSON (`{"cmd": [...], "tty":
@@ -51,6 +51,52 @@ enum Control {
     CloseStdin(bool),
 }
 
+type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
+
+/// What an upgrade needs before it happens: the instance looked up (404), running (409), with
+/// the time its last run finished (to follow into the end of this one), a session's permit
+/// (503), and a WebSocket request (400). `what` names the route in the answers.
+async fn upgrade(
+    app: &Arc<AppState>,
+    id: String,
+    ws: Upgrade,
+    what: &'static str,
+) -> Result<
+    (
+        WebSocketUpgrade,
+        tokio::sync::OwnedSemaphorePermit,
+        (cela_instance::Instance, Option<String>),
+    ),
+    ApiError,
+> {
+    let found = blocking({
+        let app = app.clone();
+        move || {
+            let inst = cela_instance::Instances::open(&app.data_dir)?.find(&id)?;
+            let state = inst.state()?;
+            if state.status != cela_instance::Status::Running {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    format!(
+                        "instance {} is {}: {what} needs a running one",
+                        inst.name(),
+                        state.status
+                    ),
+                ));
+            }
+            Ok((inst, state.finished))
+        }
+    })
+    .await?;
+    let permit = app.session()?;
+    let ws = ws.map_err(|e| {
+        ApiError::bad_request(format!(
+            "{what} here is a WebSocket (Upgrade: websocket): {e}"
+        ))
+    })?;
+    Ok((ws, permit, found))
+}
+
 /// The upgrade: the instance is looked up (404) and must be running (409) before it.
 #[utoipa::path(get, path = "/cela/v1/instances/{id}/exec", tag = "instances",
     description = "A WebSocket (`Upgrade: websocket`). The client's first message is text, the exec as JSON: `{\"cmd\": [...], \"tty\": bool, \"stdin\": bool, \"env\": [\"K=V\"], \"workdir\": \"/\", \"user\": \"u\"}`. The server sends binary messages whose first byte is the stream (1 stdout or the terminal, 2 stderr), then a text message `{\"exit_code\": N}` and a close. The client sends binary messages (input) and text messages `{\"resize\": {\"rows\": R, \"cols\": C}}` or `{\"close_stdin\": true}`.",
@@ -65,33 +111,10 @@ enum Control {
 pub async fn exec(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Upgrade,
 ) -> Result<Response, ApiError> {
-    let container = blocking({
-        let app = app.clone();
-        move || {
-            let inst = cela_instance::Instances::open(&app.data_dir)?.find(&id)?;
-            let state = inst.state()?;
-            if state.status != cela_instance::Status::Running {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::CONFLICT,
-                    format!(
-                        "instance {} is {}: exec needs a running one",
-                        inst.name(),
-                        state.status
-                    ),
-                ));
-            }
-            Ok(inst.config.id)
-        }
-    })
-    .await?;
-    let permit = app.session()?;
-    let ws = ws.map_err(|e| {
-        ApiError::bad_request(format!(
-            "exec here is a WebSocket (Upgrade: websocket): {e}"
-        ))
-    })?;
+    let (ws, permit, (inst, _)) = upgrade(&app, id, ws, "exec").await?;
+    let container = inst.config.id;
     Ok(ws
         .max_message_size(crate::MAX_BODY)
         .max_frame_size(crate::MAX_BODY)
@@ -248,5 +271,126 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
     crate::write_bounded(to_client.send(Message::Close(frame))).await;
     // A client that does not answer the close keeps nothing: its reader goes now (which
     // also ends the exec's stdin).
+    reader.abort();
+}
+
+/// `GET /cela/v1/instances/{id}/console`: the instance's console, as `cela attach` has it: a
+/// microVM's serial console (with `-t`, its workload's terminal) or a container's terminal or
+/// stdio. Output is what the instance logs from now on, tagged as the exec's is, until its run
+/// ends (then `{"exit_code": N}` and a close); input (binary messages, and the exec's control
+/// messages) goes to it when it was made with a terminal or stdin, and is dropped otherwise.
+/// A client that closes detaches: the instance runs on.
+#[utoipa::path(get, path = "/cela/v1/instances/{id}/console", tag = "instances",
+    description = "A WebSocket (`Upgrade: websocket`) to the instance's console: a microVM's serial console (its workload's terminal when made with `tty`), a container's terminal or stdio. The server sends binary messages whose first byte is the stream (1 stdout or the terminal, 2 stderr) and the rest output, from the upgrade on; when the run ends, a text message `{\"exit_code\": N}` and a close. The client sends binary messages (keys, or stdin) and text messages `{\"resize\": {\"rows\": R, \"cols\": C}}` or `{\"close_stdin\": true}`; input is dropped for an instance made without a terminal or stdin. Closing detaches.",
+    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade", body = crate::error::ErrorBody),
+        (status = 404, description = "No such instance", body = crate::error::ErrorBody),
+        (status = 409, description = "It is not running", body = crate::error::ErrorBody),
+        (status = 503, description = "Too many streaming sessions", body = crate::error::ErrorBody),
+    ))]
+pub async fn console(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ws: Upgrade,
+) -> Result<Response, ApiError> {
+    let (ws, permit, (inst, finished)) = upgrade(&app, id, ws, "console").await?;
+    Ok(ws
+        .max_message_size(crate::MAX_BODY)
+        .max_frame_size(crate::MAX_BODY)
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            console_session(inst, finished, socket).await
+        }))
+}
+
+async fn console_session(
+    inst: cela_instance::Instance,
+    finished: Option<String>,
+    socket: WebSocket,
+) {
+    use crate::follow::{From, Until, follow};
+    use cela_instance::attach::Input;
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Message>(16);
+    {
+        let inst = inst.clone();
+        std::thread::spawn(move || {
+            let gone = || out_tx.is_closed();
+            let ending = follow(&inst, From::Now, Until::RunEnds, finished, &gone, |rec| {
+                let mut m = Vec::with_capacity(rec.data.len() + 1);
+                m.push(if rec.stream == Stream::Stderr { 2 } else { 1 });
+                m.extend_from_slice(rec.data);
+                out_tx.blocking_send(Message::Binary(m.into())).is_ok()
+            });
+            let (code, _) = ending.status();
+            let _ = out_tx.blocking_send(Message::Text(format!("{{\"exit_code\":{code}}}").into()));
+        });
+    }
+    // Input goes to the supervisor's attach socket from a thread of its own, through a
+    // bounded queue (input the instance does not read holds the client back).
+    let to_instance = (inst.config.stdin || inst.config.tty).then(|| {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(4);
+        let inst = inst.clone();
+        std::thread::spawn(move || {
+            let Ok(mut conn) = cela_instance::attach::connect(&inst, Duration::from_secs(5)) else {
+                return;
+            };
+            while let Some(input) = rx.blocking_recv() {
+                if conn.send(&input).is_err() {
+                    return;
+                }
+            }
+        });
+        tx
+    });
+    let (mut to_client, mut from_client) = socket.split();
+    let reader = tokio::spawn(async move {
+        let mut to_instance = to_instance;
+        while let Some(Ok(msg)) = from_client.next().await {
+            let input = match msg {
+                Message::Binary(b) => Input::Data(b.to_vec()),
+                Message::Text(t) => match serde_json::from_str::<Control>(&t) {
+                    Ok(Control::Resize { rows, cols }) => Input::Resize { rows, cols },
+                    Ok(Control::CloseStdin(true)) => Input::Eof,
+                    Ok(Control::CloseStdin(false)) => continue,
+                    Err(e) => return Some(format!("malformed control message: {e}")),
+                },
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if let Some(tx) = &to_instance
+                && tx.send(input).await.is_err()
+            {
+                to_instance = None;
+            }
+        }
+        None
+    });
+    let mut refused = None;
+    tokio::pin!(reader);
+    loop {
+        tokio::select! {
+            m = out_rx.recv() => match m {
+                Some(m) => {
+                    if !crate::write_bounded(to_client.send(m)).await {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            r = &mut reader, if refused.is_none() => {
+                if let Ok(Some(why)) = r {
+                    refused = Some(why);
+                }
+                break;
+            }
+        }
+    }
+    let frame = refused.map(|why| CloseFrame {
+        code: 1008,
+        reason: close_reason(&why).into(),
+    });
+    crate::write_bounded(to_client.send(Message::Close(frame))).await;
     reader.abort();
 }

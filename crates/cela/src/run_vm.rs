@@ -26,10 +26,12 @@ pub struct RunArgs {
     /// Remove the instance when it ends (with an IMAGE).
     #[arg(long)]
     rm: bool,
-    /// Keep stdin open and pass it to the container (with an IMAGE; EOF is passed on).
+    /// Keep stdin open and pass it to the instance (with an IMAGE; EOF is passed on; a
+    /// microVM takes input on its console, so with -t).
     #[arg(short = 'i', long)]
     interactive: bool,
-    /// Give the container a terminal: this one in raw mode, its size followed (with an IMAGE).
+    /// Give the instance a terminal: this one in raw mode, its size followed (with an IMAGE;
+    /// a microVM's workload runs on the guest's console).
     #[arg(short = 't', long)]
     tty: bool,
     /// Pull the image from its registry first: when the store has none by that name
@@ -336,6 +338,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         net: net.as_ref().and_then(|n| n.guest),
         workdir: args.workdir.clone(),
         user: args.user.clone(),
+        tty: false,
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {

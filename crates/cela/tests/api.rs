@@ -843,41 +843,14 @@ fn websocket_exec_runs_with_input_and_a_terminal_and_refuses_garbage() {
         r#"{"cmd": ["sh", "-c", "while read l; do [ \"$l\" = q ] && exit 3; stty size; done"], "tty": true, "stdin": true}"#.into(),
     ))
     .unwrap();
-    ws.get_ref()
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut seen = Vec::new();
-    let start = Instant::now();
-    while !text(&seen).contains("21 77") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the resize never showed: {:?}",
-            text(&seen)
-        );
-        ws.send(Message::Text(
-            r#"{"resize": {"rows": 21, "cols": 77}}"#.into(),
-        ))
-        .unwrap();
-        ws.send(Message::Binary(b"\r".to_vec().into())).unwrap();
-        loop {
-            match ws.read() {
-                Ok(Message::Binary(b)) => seen.extend_from_slice(&b[1..]),
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    }
-    ws.get_ref()
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    ws_ask_until(
+        &mut ws,
+        &[
+            Message::Text(r#"{"resize": {"rows": 21, "cols": 77}}"#.into()),
+            Message::Binary(b"\r".to_vec().into()),
+        ],
+        "21 77",
+    );
     ws.send(Message::Binary(b"q\r".to_vec().into())).unwrap();
     let (_, _, code, _) = ws_outcome(&mut ws);
     assert_eq!(code, Some(3));
@@ -924,6 +897,79 @@ fn websocket_exec_runs_with_input_and_a_terminal_and_refuses_garbage() {
     let (code, body) = s.http("GET", "/cela/v1/instances/nosuch/exec", None);
     assert_eq!(code, 404, "{body}");
     w.ok(&["rm", "-f", "wsbox"]);
+    assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
+/// Sends `ask` on `ws` until the output it reads back shows `needle` (bounded): for what a
+/// terminal may lose or apply late (keys typed while a guest boots, a size on its way).
+fn ws_ask_until(
+    ws: &mut tungstenite::WebSocket<UnixStream>,
+    ask: &[tungstenite::Message],
+    needle: &str,
+) {
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while !text(&seen).contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{needle:?} never showed: {:?}",
+            text(&seen)
+        );
+        for m in ask {
+            ws.send(m.clone()).unwrap();
+        }
+        loop {
+            match ws.read() {
+                Ok(tungstenite::Message::Binary(b)) => seen.extend_from_slice(&b[1..]),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+}
+
+/// A microVM's serial console over WebSocket: its workload's terminal (`-t`), sized, typed
+/// into, and the run's exit code when it ends (the QEMU fallback here; the same supervisor
+/// path feeds the KVM engine). Refusals come before any upgrade.
+#[test]
+fn websocket_console_of_a_microvm() {
+    use tungstenite::Message;
+    let w = World::new();
+    let s = Server::start(&w);
+    w.ok(&["run", "-d", "-t", "--vm", "--name", "wsvm", "testimg", "sh"]);
+    let mut ws = websocket(&s, "/cela/v1/instances/wsvm/console");
+    ws_ask_until(
+        &mut ws,
+        &[
+            Message::Text(r#"{"resize": {"rows": 21, "cols": 77}}"#.into()),
+            Message::Binary(b"stty size; tty\r".to_vec().into()),
+        ],
+        "21 77",
+    );
+    ws.send(Message::Binary(b"exit 4\r".to_vec().into()))
+        .unwrap();
+    let (out, _, code, _) = ws_outcome(&mut ws);
+    assert_eq!(code, Some(4), "{out}");
+    w.wait_status("wsvm", "exited");
+    let (code, body) = s.http("GET", "/cela/v1/instances/wsvm/console", None);
+    assert_eq!(code, 409, "an ended instance has no console: {body}");
+    let (code, body) = s.http("GET", "/cela/v1/instances/nosuch/console", None);
+    assert_eq!(code, 404, "{body}");
+    w.ok(&["rm", "wsvm"]);
     assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
 }
 

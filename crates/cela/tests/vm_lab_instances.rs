@@ -2,7 +2,8 @@
 //! with `cela run --vm` (foreground and detached), `cela exec` through the guest agent on
 //! vsock (output, status, stdin, a terminal, environment, user), the image's user and working
 //! directory, a graceful `cela stop` (the workload gets SIGTERM and the VM powers off), a stop
-//! that has to kill, `start` again, and nothing left after `rm`. See docs/TESTING.md.
+//! that has to kill, `start` again, and nothing left after `rm`; a workload on the guest's
+//! console (`-it`) typed into through `cela attach`. See docs/TESTING.md.
 
 mod common;
 mod images;
@@ -52,6 +53,15 @@ $C start k >/dev/null; echo start_rc=$?
 $C exec k cat /etc/greeting
 $C rm -f k >/dev/null; echo rm_rc=$?
 ls /tmp/cela-data/instances | wc -l; ps | grep -c '[_]_supervise'; true"#,
+    ),
+    (
+        "console",
+        r#"$C run -d -i -t $VM --name t img sh >/dev/null || exit 98
+until $C logs t | grep -q '# '; do sleep 0.1; done
+printf 'echo tty=$(tty) size=$(stty size); exit 6\r' | $C attach t >/tmp/att; echo attach_rc=$?
+tr -d '\r' </tmp/att | grep '^tty='
+$C inspect t | grep -E '"exit_code"' | tr -d ' ,' | sort -u
+$C rm t >/dev/null; echo rm_rc=$?"#,
     ),
 ];
 
@@ -148,6 +158,21 @@ fn a_stop_that_times_out_kills_the_vm_and_start_boots_it_again() {
     assert_eq!(
         r.stdout_str(),
         "stop_rc=0\n\"exit_code\":137\n\"status\":\"exited\"\nstart_rc=0\nthe-test-image\nrm_rc=0\n0\n0\n",
+        "{}",
+        r.stderr_str()
+    );
+}
+
+/// `-it` on the KVM engine: the workload's terminal is the guest's console, whose input the
+/// jailed monitor takes as frames from its supervisor (the QEMU fallback's is tested outside
+/// the lab, with a resize); its exit code comes back through `cela attach`.
+#[test]
+fn a_workload_on_the_guest_console_is_typed_into_through_attach() {
+    let r = report().get("console");
+    r.expect_rc(0);
+    assert_eq!(
+        r.stdout_str(),
+        "attach_rc=6\ntty=/dev/ttyS0 size=24 80\n\"exit_code\":6\nrm_rc=0\n",
         "{}",
         r.stderr_str()
     );

@@ -56,6 +56,9 @@ pub const WORKDIR_PARAM: &str = "cela.workdir";
 /// as in an OCI image config (encoded like [`CMD_PARAM`], one entry), resolved by the init in
 /// the root filesystem's `/etc/passwd` and `/etc/group`. Absent: root.
 pub const USER_PARAM: &str = "cela.user";
+/// Kernel parameter asking for the command to run on the console as its terminal
+/// (`cela.tty=1`, [`BootRequest::tty`]).
+pub const TTY_PARAM: &str = "cela.tty";
 /// Path, inside the initramfs, of the file listing kernel modules to load at boot, one
 /// initramfs path per line, already in dependency order.
 pub const MODULE_LOAD_ORDER: &str = "/lib/modules/cela/load.order";
@@ -91,6 +94,10 @@ pub struct BootRequest {
     pub workdir: Option<String>,
     /// `USER[:GROUP]` (names or numbers) the command runs as; `None` is root.
     pub user: Option<String>,
+    /// Run the command on the console as its terminal (`cela run -t`): cooked mode, its
+    /// controlling terminal, its output on the console rather than on vsock. The host passes
+    /// the terminal's size later ([`HostRequest::Resize`]).
+    pub tty: bool,
 }
 
 /// The guest side of a point-to-point IPv4 link to the host: the init gives the interface
@@ -241,6 +248,9 @@ impl BootRequest {
                 encode_list(std::slice::from_ref(user))
             ));
         }
+        if self.tty {
+            params.push(format!("{TTY_PARAM}=1"));
+        }
         params.join(" ")
     }
 
@@ -301,6 +311,20 @@ impl BootRequest {
                 .and_then(|r| r.strip_prefix('='))
             {
                 req.user = Some(decode_one(USER_PARAM, v)?);
+            } else if let Some(v) = word
+                .strip_prefix(TTY_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                req.tty = match v {
+                    "1" => true,
+                    "0" => false,
+                    _ => {
+                        return Err(DecodeError {
+                            param: TTY_PARAM,
+                            reason: format!("{v:?} is not 0 or 1"),
+                        });
+                    }
+                };
             }
         }
         Ok(req)
@@ -342,6 +366,9 @@ impl ControlMessage {
 pub enum HostRequest {
     /// Send this signal to the workload (`cela stop` sends SIGTERM, then SIGKILL).
     Signal(i32),
+    /// The console's terminal has this many rows and columns now (a workload run with
+    /// [`BootRequest::tty`]; its foreground processes get SIGWINCH).
+    Resize { rows: u16, cols: u16 },
 }
 
 impl HostRequest {
@@ -349,13 +376,22 @@ impl HostRequest {
     pub fn to_line(self) -> String {
         match self {
             HostRequest::Signal(n) => format!("signal {n}\n"),
+            HostRequest::Resize { rows, cols } => format!("resize {rows} {cols}\n"),
         }
     }
 
-    /// Parses one line (without its newline); unknown lines and signal numbers outside 1..=64
-    /// give `None`.
+    /// Parses one line (without its newline); unknown lines, signal numbers outside 1..=64
+    /// and sizes that are not two u16 give `None`.
     pub fn parse(line: &str) -> Option<Self> {
-        let n: i32 = line.trim().strip_prefix("signal ")?.parse().ok()?;
+        let line = line.trim();
+        if let Some(size) = line.strip_prefix("resize ") {
+            let (rows, cols) = size.split_once(' ')?;
+            return Some(HostRequest::Resize {
+                rows: rows.parse().ok()?,
+                cols: cols.parse().ok()?,
+            });
+        }
+        let n: i32 = line.strip_prefix("signal ")?.parse().ok()?;
         (1..=64).contains(&n).then_some(HostRequest::Signal(n))
     }
 }
@@ -432,10 +468,11 @@ mod tests {
             }),
             workdir: Some("/srv/a b".into()),
             user: Some("nobody:nogroup".into()),
+            tty: true,
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
         // One word per parameter: the kernel splits its command line on spaces.
-        assert_eq!(req.to_kernel_params().split(' ').count(), 6);
+        assert_eq!(req.to_kernel_params().split(' ').count(), 7);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 
@@ -510,6 +547,19 @@ mod tests {
         assert_eq!(
             p.feed(b"signal 15\nsignal 0\nsignal 99\nsignal x\nexit 1\nsignal 9\n"),
             vec![HostRequest::Signal(15), HostRequest::Signal(9)]
+        );
+        assert_eq!(
+            p.feed(b"resize 40 120\nresize 40\nresize -1 5\nresize 70000 5\nresize 1 2 3\n"),
+            vec![HostRequest::Resize {
+                rows: 40,
+                cols: 120
+            }]
+        );
+        let r = HostRequest::Resize { rows: 3, cols: 4 };
+        assert_eq!(HostRequest::parse(&r.to_line()), Some(r));
+        assert_eq!(
+            BootRequest::from_cmdline("cela.tty=2").unwrap_err().param,
+            TTY_PARAM
         );
         assert_eq!(
             HostRequest::parse(&HostRequest::Signal(2).to_line()),

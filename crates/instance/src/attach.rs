@@ -5,14 +5,14 @@
 //! follows the instance's log ([`crate::log`]), so any number of them see the same output and
 //! none of them can hold the workload up.
 //!
-//! A frame is a kind byte, a big-endian u32 length and that many bytes: [`Input::Data`] (bytes
-//! for the workload's stdin, or its terminal), [`Input::Eof`] (stdin ends: the pipe is closed,
-//! so the workload reads end-of-file; a terminal ignores it, as a terminal has no end), and
-//! [`Input::Resize`] (rows and columns, two big-endian u16, for the terminal). A frame longer
-//! than [`MAX_FRAME`] or of an unknown kind ends the connection.
+//! The frames are [`cela_vmm::input`]'s: [`Input::Data`] (bytes for the workload's stdin, or
+//! its terminal), [`Input::Eof`] (stdin ends: the pipe is closed, so the workload reads
+//! end-of-file; a terminal ignores it, as a terminal has no end), and [`Input::Resize`] (rows
+//! and columns, for the terminal). A microVM's console takes the same frames from its
+//! supervisor. A frame longer than [`MAX_FRAME`] or of an unknown kind ends the connection.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,69 +23,7 @@ use std::time::{Duration, Instant};
 use crate::error::{InstanceError, IoContext};
 use crate::record::{Instance, Status};
 
-/// The longest frame read.
-pub const MAX_FRAME: usize = 64 * 1024;
-
-const DATA: u8 = 0;
-const EOF: u8 = 1;
-const RESIZE: u8 = 2;
-
-/// One piece of input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
-    Data(Vec<u8>),
-    Eof,
-    Resize { rows: u16, cols: u16 },
-}
-
-impl Input {
-    pub fn encode(&self) -> Vec<u8> {
-        let (kind, body) = match self {
-            Input::Data(d) => (DATA, d.clone()),
-            Input::Eof => (EOF, Vec::new()),
-            Input::Resize { rows, cols } => {
-                let mut b = rows.to_be_bytes().to_vec();
-                b.extend_from_slice(&cols.to_be_bytes());
-                (RESIZE, b)
-            }
-        };
-        let mut out = vec![kind];
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
-    }
-
-    /// Reads one frame; `Ok(None)` at a clean end of the stream.
-    pub fn read(r: &mut impl Read) -> io::Result<Option<Input>> {
-        let mut head = [0u8; 5];
-        match r.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > MAX_FRAME {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("an input frame of {len} bytes (at most {MAX_FRAME})"),
-            ));
-        }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body)?;
-        match (head[0], body.as_slice()) {
-            (DATA, _) => Ok(Some(Input::Data(body))),
-            (EOF, []) => Ok(Some(Input::Eof)),
-            (RESIZE, [r0, r1, c0, c1]) => Ok(Some(Input::Resize {
-                rows: u16::from_be_bytes([*r0, *r1]),
-                cols: u16::from_be_bytes([*c0, *c1]),
-            })),
-            (kind, _) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("an input frame of kind {kind} and {len} bytes"),
-            )),
-        }
-    }
-}
+pub use cela_vmm::input::{Input, MAX_FRAME};
 
 /// Where input goes in the supervisor.
 pub enum Sink {
@@ -93,6 +31,9 @@ pub enum Sink {
     Pipe(Option<File>),
     /// The master of the workload's terminal.
     Terminal(File),
+    /// A microVM's console: every frame, resizes included, goes on as a frame to the
+    /// monitor (`cela_vmm::ConsoleMode::Framed`), which passes sizes to the guest's init.
+    Framed(File),
 }
 
 /// How many frames wait for a workload that does not read its input before the connections
@@ -105,6 +46,8 @@ const QUEUED: usize = 16;
 struct Feed {
     data: std::sync::mpsc::SyncSender<Input>,
     terminal: Option<File>,
+    /// Resizes go through the queue, in order with the data, to a framed sink.
+    framed: bool,
     /// The sink takes no more (the workload's stdin has ended, or it has gone): senders are
     /// told, and their connections end.
     broken: Arc<std::sync::atomic::AtomicBool>,
@@ -114,8 +57,9 @@ impl Feed {
     fn start(sink: Sink) -> io::Result<Feed> {
         let terminal = match &sink {
             Sink::Terminal(t) => Some(t.try_clone()?),
-            Sink::Pipe(_) => None,
+            Sink::Pipe(_) | Sink::Framed(_) => None,
         };
+        let framed = matches!(sink, Sink::Framed(_));
         let (data, queue) = std::sync::mpsc::sync_channel::<Input>(QUEUED);
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let b = broken.clone();
@@ -132,6 +76,7 @@ impl Feed {
         Ok(Feed {
             data,
             terminal,
+            framed,
             broken,
         })
     }
@@ -139,7 +84,7 @@ impl Feed {
     fn take(&self, input: Input) -> io::Result<()> {
         match (input, &self.terminal) {
             (Input::Resize { rows, cols }, Some(t)) => resize(t, rows, cols),
-            (Input::Resize { .. }, None) => Ok(()),
+            (Input::Resize { .. }, None) if !self.framed => Ok(()),
             _ if self.broken.load(std::sync::atomic::Ordering::SeqCst) => {
                 Err(io::ErrorKind::BrokenPipe.into())
             }
@@ -168,6 +113,7 @@ impl Sink {
             (Sink::Pipe(_), Input::Resize { .. }) | (Sink::Terminal(_), Input::Eof) => Ok(()),
             (Sink::Terminal(t), Input::Data(d)) => t.write_all(&d),
             (Sink::Terminal(t), Input::Resize { rows, cols }) => resize(t, rows, cols),
+            (Sink::Framed(f), input) => f.write_all(&input.encode()),
         }
     }
 }
@@ -353,31 +299,9 @@ pub fn stdin_pipe() -> Result<(OwnedFd, File), InstanceError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::io::Read;
 
-    #[test]
-    fn frames_round_trip_and_bad_ones_end_the_stream() {
-        let inputs = [
-            Input::Data(b"echo hi\n".to_vec()),
-            Input::Resize {
-                rows: 30,
-                cols: 100,
-            },
-            Input::Eof,
-        ];
-        let bytes: Vec<u8> = inputs.iter().flat_map(Input::encode).collect();
-        let mut r = bytes.as_slice();
-        for want in &inputs {
-            assert_eq!(Input::read(&mut r).unwrap().as_ref(), Some(want));
-        }
-        assert_eq!(Input::read(&mut r).unwrap(), None);
-        let huge = [0u8, 0xff, 0xff, 0xff, 0xff];
-        assert!(Input::read(&mut huge.as_slice()).is_err());
-        let odd = [RESIZE, 0, 0, 0, 1, 7];
-        assert!(Input::read(&mut odd.as_slice()).is_err());
-        let unknown = [9u8, 0, 0, 0, 0];
-        assert!(Input::read(&mut unknown.as_slice()).is_err());
-    }
+    use super::*;
 
     #[test]
     fn a_pipe_sink_ends_at_eof() {

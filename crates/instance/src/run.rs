@@ -161,9 +161,9 @@ pub fn create(
             "volumes are not supported for microVMs yet (give the VM a disk instead)".into(),
         ));
     }
-    if vm && (req.stdin || req.tty) {
+    if vm && req.stdin && !req.tty {
         return Err(InstanceError::Unsupported(
-            "stdin and a terminal are for containers so far (a microVM's workload has neither yet; `cela exec -it` reaches a running one)".into(),
+            "a microVM's workload takes input on its console, a terminal: ask for one with -t (-it), or pipe input through `cela exec -i`".into(),
         ));
     }
     if !vm && req.guest != GuestFiles::Default {

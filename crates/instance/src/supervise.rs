@@ -250,6 +250,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         net: host_net.as_ref().and_then(|(h, _)| h.guest),
         workdir: inst.config.workdir.clone(),
         user: inst.config.user.clone(),
+        tty: inst.config.tty,
     };
     let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
     // The socket of a previous run (its monitor was killed) would stop the device binding.
@@ -278,10 +279,30 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
     state.engine = Some(engine.to_string());
     state.network = host_net.as_ref().map(|(_, s)| s.clone());
     inst.save_state(state)?;
+    // `-t`: the workload runs on the guest's console, whose input is a pipe (the monitor's
+    // fd 0) that the attach socket feeds with frames: keys, and sizes for the guest's init.
+    let console = if inst.config.tty {
+        let (read, write) = crate::attach::stdin_pipe()?;
+        let saved = dup(0)?;
+        dup2(&read, 0)?;
+        crate::attach::serve(inst, crate::attach::Sink::Framed(write))?;
+        Some(saved)
+    } else {
+        None
+    };
+    let mode = match console {
+        Some(_) => ConsoleMode::Framed,
+        None => ConsoleMode::Stream,
+    };
     crate::events::record(inst, "start", &[]);
     let exit = match engine {
-        Engine::Kvm => cela_vmm::run(&config, ConsoleMode::Stream)?.exit,
-        Engine::Qemu => cela_vmm::qemu::run(&config, ConsoleMode::Stream)?,
+        Engine::Kvm => cela_vmm::run(&config, mode)
+            .map(|r| r.exit)
+            .map_err(InstanceError::from),
+        Engine::Qemu => cela_vmm::qemu::run(&config, mode).map_err(InstanceError::from),
     };
-    Ok(exit.exit_code())
+    if let Some(saved) = console {
+        let _ = dup2(&saved, 0);
+    }
+    Ok(exit?.exit_code())
 }

@@ -10,7 +10,8 @@ use std::sync::{Arc, Once};
 
 use nix::sys::termios::{self, SetArg, Termios};
 
-use crate::machine::GuestExit;
+use crate::input::Input;
+use crate::machine::{ConsoleMode, GuestExit};
 use crate::seccomp::{Filters, ThreadKind};
 use crate::stop::{StopReason, StopSignal};
 
@@ -103,13 +104,17 @@ impl EscapeFilter {
 }
 
 /// Forwards host stdin to `send` until EOF or the exit escape, which requests
-/// [`GuestExit::Detached`]. Input is held back until the guest's init reports it is up: the
-/// guest's serial driver discards what sits in the UART when it starts the port, so bytes
-/// typed (or piped) before that would be lost. Runs on its own (detached) thread: a blocking
-/// read on stdin cannot be interrupted, and the process ends with the machine anyway.
+/// [`GuestExit::Detached`] ([`ConsoleMode::Interactive`]); or, with [`ConsoleMode::Framed`],
+/// reads [`Input`] frames from stdin: their data goes to `send`, their sizes to the guest's
+/// init (which sizes the console's terminal), and the end of input is ignored (a terminal has
+/// none). Input is held back until the guest's init reports it is up: the guest's serial
+/// driver discards what sits in the UART when it starts the port, so bytes typed (or piped)
+/// before that would be lost. Runs on its own (detached) thread: a blocking read on stdin
+/// cannot be interrupted, and the process ends with the machine anyway.
 pub fn spawn_stdin_forwarder(
     stop: Arc<StopSignal>,
     filters: Option<Filters>,
+    mode: ConsoleMode,
     send: impl Fn(&[u8]) -> io::Result<()> + Send + 'static,
 ) {
     let spawned = std::thread::Builder::new()
@@ -118,6 +123,9 @@ pub fn spawn_stdin_forwarder(
             crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Console);
             if !stop.wait_ready() {
                 return;
+            }
+            if mode == ConsoleMode::Framed {
+                return forward_frames(&stop, send);
             }
             let mut filter = EscapeFilter::default();
             let mut buf = [0u8; 256];
@@ -139,6 +147,25 @@ pub fn spawn_stdin_forwarder(
         });
     if let Err(e) = spawned {
         tracing::warn!("cannot forward the console input: {e}");
+    }
+}
+
+/// The framed console: until stdin ends or carries a malformed frame.
+fn forward_frames(stop: &StopSignal, send: impl Fn(&[u8]) -> io::Result<()>) {
+    let mut stdin = io::BufReader::new(io::stdin());
+    while let Ok(Some(frame)) = Input::read(&mut stdin) {
+        match frame {
+            Input::Data(d) => {
+                if send(&d).is_err() {
+                    return;
+                }
+            }
+            // Not sent when the init's channel is gone (it has reported its end).
+            Input::Resize { rows, cols } => {
+                stop.send_to_guest(cela_guest::HostRequest::Resize { rows, cols });
+            }
+            Input::Eof => {}
+        }
     }
 }
 

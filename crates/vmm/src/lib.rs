@@ -7,7 +7,7 @@
 //! Map: [`machine`] is the engine-neutral contract; [`config`] validates it; [`builder`]
 //! assembles a KVM machine from [`arch`] (memory map, boot protocol, CPU state, ACPI),
 //! [`vstate`] (KVM VM, vCPUs, memory) and [`devices`]; [`stop`] carries how a run ends;
-//! [`console`] is the host side of the console; [`engine`] picks KVM or [`qemu`]; [`seccomp`]
+//! [`console`] is the host side of the console and [`input`] the framed input a supervisor gives it; [`engine`] picks KVM or [`qemu`]; [`seccomp`]
 //! holds the system-call filters each thread of the monitor runs under, and [`jail`] the
 //! process, namespaces, ids and limits the monitor runs in.
 
@@ -18,6 +18,7 @@ pub mod console;
 pub mod devices;
 pub mod engine;
 pub mod guest_channel;
+pub mod input;
 pub mod jail;
 pub mod machine;
 pub mod net;
@@ -93,7 +94,7 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
     // The terminal is this process's: it is put back even if the monitor is killed.
     let raw = match console {
         ConsoleMode::Interactive => console::RawTerminal::stdin(),
-        ConsoleMode::Stream => None,
+        ConsoleMode::Stream | ConsoleMode::Framed => None,
     };
     if !config.confine {
         eprintln!(
@@ -234,9 +235,11 @@ fn run_here(
     if let Some(s) = signals {
         s.watch(stop.clone(), machine.filters());
     }
-    if console == ConsoleMode::Interactive {
+    if console != ConsoleMode::Stream {
         let input = machine.console_input();
-        console::spawn_stdin_forwarder(stop.clone(), machine.filters(), move |b| input.send(b));
+        console::spawn_stdin_forwarder(stop.clone(), machine.filters(), console, move |b| {
+            input.send(b)
+        });
     }
     let started = machine.started();
     let stats = machine.exit_stats();

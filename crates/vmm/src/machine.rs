@@ -85,6 +85,10 @@ pub enum ConsoleMode {
     /// The host terminal (put in raw mode if it is a TTY) is the guest console, both ways;
     /// the escape sequence Ctrl-A x ends the VM.
     Interactive,
+    /// Output as [`ConsoleMode::Stream`]; stdin carries [`crate::input`] frames from an
+    /// instance's supervisor: data for the console, and sizes passed on to the guest's init,
+    /// which gives them to the console's terminal. No raw mode, no escape.
+    Framed,
 }
 
 /// How a microVM run ended.

@@ -635,15 +635,15 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
     console::stop_on_host_signals(stop.clone(), None);
     let raw_terminal = match console {
         ConsoleMode::Interactive => RawTerminal::stdin(),
-        ConsoleMode::Stream => None,
+        ConsoleMode::Stream | ConsoleMode::Framed => None,
     };
     let threads = (|| {
-        if console == ConsoleMode::Interactive {
+        if console != ConsoleMode::Stream {
             let input = console_io.try_clone().map_err(|source| QemuError::Setup {
                 what: "console input",
                 source,
             })?;
-            console::spawn_stdin_forwarder(stop.clone(), None, move |bytes| {
+            console::spawn_stdin_forwarder(stop.clone(), None, console, move |bytes| {
                 (&input).write_all(bytes)
             });
         }

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use cela_guest::exec::{Frame, Start};
@@ -22,6 +22,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork};
 
 use super::say;
+use super::tty::set_window_size;
 use super::vsock;
 use super::workload::{ChildIo, RunAs, Session, build_env, exit_status, spawn};
 
@@ -342,17 +343,6 @@ fn follow_input(
             }
         }
     }
-}
-
-fn set_window_size(master: &File, rows: u16, cols: u16) {
-    let size = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives for the call.
-    unsafe { libc::ioctl(master.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &size) };
 }
 
 #[cfg(test)]

@@ -123,6 +123,13 @@ pub fn run() -> ! {
             }
             (None, Outcome::Exited(BAD_REQUEST_STATUS))
         }
+        // A terminal for the command (`cela run -t`): the console, as a shell's.
+        (Some(argv), Ok(run_as)) if request.tty => {
+            if !request.env.iter().any(|e| e.starts_with("TERM=")) {
+                set_var(&mut env, "TERM", "xterm");
+            }
+            run_on_console(argv, &env, &run_as, &mut events)
+        }
         (Some(argv), Ok(run_as)) => match &vsock_output {
             Some(output) => (
                 None,
@@ -130,7 +137,7 @@ pub fn run() -> ! {
             ),
             None => run_command(argv, &env, &run_as, &mut events),
         },
-        (None, Ok(run_as)) => run_shell(&env, &run_as, &mut events),
+        (None, Ok(run_as)) => run_on_console(&[SHELL.to_owned()], &env, &run_as, &mut events),
     };
     if let Some(console) = &console {
         let _ = tcdrain(console);
@@ -236,8 +243,17 @@ fn run_command_on_vsock(
     }
 }
 
-/// Runs an interactive shell on the console (cooked mode, its controlling terminal).
-fn run_shell(
+fn set_var(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    match env.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = value.to_owned(),
+        None => env.push((key.to_owned(), value.to_owned())),
+    }
+}
+
+/// Runs `argv` (an interactive shell, or a command asked to have a terminal) on the console:
+/// cooked mode, its controlling terminal, 24 rows and 80 columns until the host says.
+fn run_on_console(
+    argv: &[String],
     env: &[(String, String)],
     run_as: &RunAs,
     events: &mut Pid1Events,
@@ -256,16 +272,11 @@ fn run_shell(
         })
     })()
     .unwrap_or_else(|e| fatal(format_args!("console {CONSOLE_TTY}: {e}")));
-    let outcome = match spawn(
-        &[SHELL.to_owned()],
-        env,
-        io,
-        Session::ControllingTerminal,
-        run_as,
-    ) {
+    super::tty::set_window_size(&console, 24, 80);
+    let outcome = match spawn(argv, env, io, Session::ControllingTerminal, run_as) {
         Ok(pid) => supervise_or_die(pid, events),
         Err(e) => {
-            say!("{e}");
+            write_all(&console, format!("cela-init: {e}\r\n").as_bytes());
             Outcome::Exited(e.status())
         }
     };

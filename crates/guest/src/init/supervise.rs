@@ -163,8 +163,13 @@ impl Pid1Events {
         match nix::unistd::read(&*channel, &mut buf) {
             Ok(0) | Err(_) => self.requests = None,
             Ok(n) => {
-                for HostRequest::Signal(n) in parser.feed(&buf[..n]) {
-                    self.queue.push_back(Event::HostSignal(n));
+                for request in parser.feed(&buf[..n]) {
+                    match request {
+                        HostRequest::Signal(n) => self.queue.push_back(Event::HostSignal(n)),
+                        HostRequest::Resize { rows, cols } => {
+                            super::tty::resize_console(rows, cols)
+                        }
+                    }
                 }
             }
         }

@@ -42,6 +42,36 @@ pub fn open_tty(path: &str, access: OFlag, mode: TtyMode) -> nix::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Sets the size of the terminal `fd` is (a pseudo-terminal's master or a serial port): the
+/// kernel sends SIGWINCH to its foreground process group when it changes.
+pub fn set_window_size(fd: impl std::os::fd::AsFd, rows: u16, cols: u16) {
+    use std::os::fd::AsRawFd as _;
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives for the call.
+    unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &size) };
+}
+
+/// Sizes the console's terminal (a host's `resize` request). Opened anew, without becoming
+/// init's controlling terminal: init holds no descriptor of it while a workload runs on it.
+pub fn resize_console(rows: u16, cols: u16) {
+    if let Ok(f) = open_tty_plain(cela_guest::CONSOLE_TTY) {
+        set_window_size(&f, rows, cols);
+    }
+}
+
+fn open_tty_plain(path: &str) -> nix::Result<std::os::fd::OwnedFd> {
+    open(
+        path,
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
 /// Cooked-mode settings for an interactive console, as `stty sane` gives: line editing, echo,
 /// signal keys, CR→NL on input and NL→CR NL on output, 8-bit characters.
 pub fn make_sane(t: &mut Termios) {

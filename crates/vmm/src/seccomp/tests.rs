@@ -82,7 +82,12 @@ fn child() {
         }
         "console" => {
             let stop = Arc::new(StopSignal::new());
-            crate::console::spawn_stdin_forwarder(stop, Some(filters), |_| Ok(()));
+            crate::console::spawn_stdin_forwarder(
+                stop,
+                Some(filters),
+                crate::ConsoleMode::Interactive,
+                |_| Ok(()),
+            );
             None
         }
         other => panic!("unknown thread kind {other}"),
