@@ -3,7 +3,10 @@
 //! refuses and the `HostConfig` conversions: memory rounded to MiB, NanoCpus to whole CPUs,
 //! binds parsed) and cela's own `POST /cela/v1/instances` body (`cela_api::own::parse_create`,
 //! strict JSON). Any body gives a request or an error answer with a 4xx/5xx status and a
-//! message, never a panic or an overflow. Run: `cargo +nightly fuzz run api_requests` here.
+//! message, never a panic or an overflow. The query values the event and list endpoints take
+//! go through the same: a time (`since`/`until`, `cela_instance::events::parse_time`) and
+//! Docker's `filters` JSON (`cela_api::docker::parse_filters`). Run: `cargo +nightly fuzz run
+//! api_requests` here.
 
 #![no_main]
 
@@ -14,10 +17,28 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    let result = match pick % 3 {
+    let result = match pick % 5 {
         0 => cela_api::docker::parse_create(body, None),
         1 => cela_api::docker::parse_create(body, Some("fuzzed".into())),
-        _ => cela_api::own::parse_create(body).map(|(req, _)| req),
+        2 => cela_api::own::parse_create(body).map(|(req, _)| req),
+        3 => {
+            if let Ok(v) = std::str::from_utf8(body)
+                && let Ok(t) = cela_instance::events::parse_time(v)
+                && v.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            {
+                // Seconds since the epoch are never before it.
+                assert!(t >= 0, "{v:?} gave {t}");
+            }
+            return;
+        }
+        _ => {
+            if let Ok(v) = std::str::from_utf8(body)
+                && let Err(e) = cela_api::docker::parse_filters(Some(v))
+            {
+                assert_eq!(e.status.as_u16(), 400, "{e:?}");
+            }
+            return;
+        }
     };
     match result {
         Ok(req) => {

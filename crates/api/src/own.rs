@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use cela_image::store::ImageRecord;
 use cela_instance::events::Event;
-use cela_instance::view::{Detail, Summary};
+use cela_instance::view::{Detail, Listed};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::AppState;
@@ -108,7 +108,7 @@ async fn events(
 }
 
 #[utoipa::path(get, path = "/cela/v1/instances", tag = "instances",
-    responses((status = 200, description = "Every instance, as `cela ps -a --format json` lists them; a record that cannot be read has only `id`, `status` (`unknown`) and `error`", body = [Summary])))]
+    responses((status = 200, description = "Every instance, as `cela ps -a --format json` lists them; a record that cannot be read has only `id`, `status` (`unknown`) and `error`", body = [Listed])))]
 async fn list(State(app): State<Arc<AppState>>) -> Result<axum::Json<Vec<Value>>, ApiError> {
     blocking(move || {
         // As `cela ps -a --format json`: records that cannot be read by their id only.
@@ -132,6 +132,7 @@ fn detail(app: &AppState, id: &str) -> Result<Value, ApiError> {
     params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
     responses(
         (status = 200, description = "The instance, as `cela inspect` shows it", body = Detail),
+        (status = 400, description = "An id prefix that several instances share", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
     ))]
 async fn inspect(
@@ -275,6 +276,7 @@ async fn create(
     params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
     responses(
         (status = 200, description = "The instance after it started", body = Detail),
+        (status = 400, description = "An id prefix that several instances share", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
         (status = 409, description = "It is running already", body = ErrorBody),
     ))]
@@ -302,6 +304,7 @@ struct StopQuery {
     ),
     responses(
         (status = 200, description = "The instance after it stopped", body = Detail),
+        (status = 400, description = "An id prefix that several instances share", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
     ))]
 async fn stop(
@@ -324,6 +327,7 @@ async fn stop(
     ),
     responses(
         (status = 204, description = "Removed"),
+        (status = 400, description = "An id prefix that several instances share", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
         (status = 409, description = "It runs, and `force` was not given", body = ErrorBody),
     ))]

@@ -25,6 +25,9 @@ use crate::AppState;
 use crate::docker::exec::{ExecSpec, feed_input, launch, relay};
 use crate::error::{ApiError, blocking};
 
+/// Why a session ends whose input has waited [`crate::WRITE_BOUND`] for the workload to read.
+const INPUT_STALLED: &str = "the input has not been read for 60 s";
+
 /// How long a client has to say what to run.
 pub const SPEC_BOUND: Duration = Duration::from_secs(10);
 
@@ -103,7 +106,7 @@ async fn upgrade(
     params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, description = "Not a WebSocket upgrade", body = crate::error::ErrorBody),
+        (status = 400, description = "Not a WebSocket upgrade, or an id prefix that several instances share", body = crate::error::ErrorBody),
         (status = 404, description = "No such instance", body = crate::error::ErrorBody),
         (status = 409, description = "It is not running", body = crate::error::ErrorBody),
         (status = 503, description = "Too many streaming sessions", body = crate::error::ErrorBody),
@@ -210,10 +213,14 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         while let Some(Ok(msg)) = from_client.next().await {
             match msg {
                 Message::Binary(b) => {
-                    if let Some(tx) = &to_stdin
-                        && tx.send(Some(b.to_vec())).await.is_err()
-                    {
-                        to_stdin = None;
+                    if let Some(tx) = &to_stdin {
+                        match tokio::time::timeout(crate::WRITE_BOUND, tx.send(Some(b.to_vec())))
+                            .await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => to_stdin = None,
+                            Err(_) => return Some(INPUT_STALLED.to_owned()),
+                        }
                     }
                 }
                 Message::Text(t) => match serde_json::from_str::<Control>(&t) {
@@ -285,7 +292,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
     params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, description = "Not a WebSocket upgrade", body = crate::error::ErrorBody),
+        (status = 400, description = "Not a WebSocket upgrade, or an id prefix that several instances share", body = crate::error::ErrorBody),
         (status = 404, description = "No such instance", body = crate::error::ErrorBody),
         (status = 409, description = "It is not running", body = crate::error::ErrorBody),
         (status = 503, description = "Too many streaming sessions", body = crate::error::ErrorBody),
@@ -359,10 +366,13 @@ async fn console_session(
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            if let Some(tx) = &to_instance
-                && tx.send(input).await.is_err()
-            {
-                to_instance = None;
+            if let Some(tx) = &to_instance {
+                match tokio::time::timeout(crate::WRITE_BOUND, tx.send(input)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => to_instance = None,
+                    // Held back this long, the client's leaving would go unseen: end it.
+                    Err(_) => return Some(INPUT_STALLED.to_owned()),
+                }
             }
         }
         None

@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 pub use debian::{DebianKernel, fetch_busybox, fetch_current_kernel, fetch_kernel};
 pub use error::AssetError;
 pub use initramfs::{GUEST_MODULES, build_guest_initramfs};
-pub use progress::{Progress, Step};
+pub use progress::{Progress, Step, StepEvent};
 
 use crate::cache::AreaLock;
 use crate::error::IoContext;

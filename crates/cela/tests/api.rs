@@ -731,10 +731,18 @@ fn docker_pull_and_load_bring_images_in_and_refuse_anything_else() {
     registry.push(&layout, "latest", "pushed/box:7");
     let reference = registry.reference("pushed/box:7");
     let out = s.docker_ok(bin, &["pull", &reference]);
-    assert!(
-        out.contains("Pull complete") || out.contains("Downloaded"),
-        "{out}"
-    );
+    // Each layer by its short digest, as dockerd shows it.
+    let layer = |out: &str, status: &str| {
+        out.lines().any(|l| {
+            l.split_once(": ").is_some_and(|(id, st)| {
+                id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) && st == status
+            })
+        })
+    };
+    assert!(layer(&out, "Pull complete"), "{out}");
+    assert!(out.contains("Downloaded newer image"), "{out}");
+    let again = s.docker_ok(bin, &["pull", &reference]);
+    assert!(layer(&again, "Already exists"), "{again}");
     let out = s.docker_ok(bin, &["run", "--rm", &reference, "echo", "pulled"]);
     assert_eq!(out, "pulled\n");
     // docker load of a docker save archive.
@@ -1113,11 +1121,12 @@ fn the_tcp_port_needs_the_token_and_carries_tls() {
     idle.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut byte = [0u8; 1];
-    assert_eq!(
-        std::io::Read::read(&mut idle, &mut byte).unwrap(),
-        0,
-        "the server closes an idle connection"
-    );
+    // Closed: an end of stream, or a reset (as it once came when the suite ran together).
+    match std::io::Read::read(&mut idle, &mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the server did not close an idle connection: {other:?}"),
+    }
     let env = docker_over_tcp(d, port.parse().unwrap(), token, None);
     let (code, out, err) = docker_tcp(
         &env,

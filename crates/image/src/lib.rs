@@ -37,7 +37,7 @@ pub use digest::Digest;
 pub use error::ImageError;
 pub use ext4::{instance_disk, rootfs_disk};
 pub use import::import;
-pub use progress::Progress;
+pub use progress::{Progress, StepEvent};
 pub use pull::pull;
 pub use reference::Reference;
 pub use rootfs::{flatten, layer_dirs};

@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 
-pub use cela_assets::{Progress, Step};
+pub use cela_assets::{Progress, Step, StepEvent};
 
 /// Reports bytes read through it on a step's bar.
 pub(crate) struct Counting<'a, R> {

@@ -350,7 +350,8 @@ impl<'a> Puller<'a> {
         bytes: &[u8],
         digest: Digest,
     ) -> Result<ImageRecord, ImageError> {
-        self.fetch(m.config(), &format!("config of {what}")).await?;
+        self.fetch(m.config(), &format!("config of {what}"), false)
+            .await?;
         let n = m.layers().len();
         let layers: Vec<(&Descriptor, String)> = m
             .layers()
@@ -361,7 +362,7 @@ impl<'a> Puller<'a> {
         // Up to PARALLEL_LAYERS downloads at once; the first failure drops the others (and
         // with them their unfinished temporary blobs).
         futures_util::stream::iter(layers.iter().map(Ok))
-            .try_for_each_concurrent(PARALLEL_LAYERS, |(l, w)| self.fetch(l, w))
+            .try_for_each_concurrent(PARALLEL_LAYERS, |(l, w)| self.fetch(l, w, true))
             .await?;
         self.store
             .put_bytes(&format!("manifest of {what}"), bytes, Some(&digest))?;
@@ -375,16 +376,22 @@ impl<'a> Puller<'a> {
         self.store.commit_image(rec)
     }
 
-    /// Streams one blob into the store, verified; a blob already there is not fetched.
-    async fn fetch(&self, desc: &Descriptor, what: &str) -> Result<(), ImageError> {
+    /// Streams one blob into the store, verified; a blob already there is not fetched. A
+    /// layer's step is keyed by its short digest, for a reader of progress events (Docker's
+    /// pull shows layers by it).
+    async fn fetch(&self, desc: &Descriptor, what: &str, layer: bool) -> Result<(), ImageError> {
         let d = manifest::digest_of(what, desc)?;
+        let key = layer.then(|| d.short());
         if self.store.has_blob(&d) {
+            if let Some(k) = key {
+                self.progress.present(k, what);
+            }
             return Ok(());
         }
         let size = desc.size();
         let step = self
             .progress
-            .step(format!("pulling {what} ({})", d.short()));
+            .step_keyed(key, format!("pulling {what} ({})", d.short()));
         step.set_total_bytes(size);
         let oci_desc = OciDescriptor {
             media_type: desc.media_type().to_string(),

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{InstanceError, IoContext};
@@ -46,8 +46,8 @@ const QUEUED: usize = 16;
 struct Feed {
     data: std::sync::mpsc::SyncSender<Input>,
     terminal: Option<File>,
-    /// Resizes go through the queue, in order with the data, to a framed sink.
-    framed: bool,
+    /// A framed sink's newest size, written by the writer before its next frame.
+    framed: Option<Arc<NewestSize>>,
     /// The sink takes no more (the workload's stdin has ended, or it has gone): senders are
     /// told, and their connections end.
     broken: Arc<std::sync::atomic::AtomicBool>,
@@ -59,16 +59,27 @@ impl Feed {
             Sink::Terminal(t) => Some(t.try_clone()?),
             Sink::Pipe(_) | Sink::Framed(_) => None,
         };
-        let framed = matches!(sink, Sink::Framed(_));
+        let framed = matches!(sink, Sink::Framed(_)).then(|| Arc::new(Mutex::new(None)));
         let (data, queue) = std::sync::mpsc::sync_channel::<Input>(QUEUED);
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let b = broken.clone();
+        let size = framed.clone();
         std::thread::spawn(move || {
             let mut sink = sink;
             for input in queue {
+                // A framed sink's newest size goes first; a resize in the queue only woke
+                // this thread for it.
+                let newest = size.as_ref().and_then(|s| lock(s).take());
+                let mut result = Ok(());
+                if let Some((rows, cols)) = newest {
+                    result = sink.write(Input::Resize { rows, cols });
+                }
+                if size.is_none() || !matches!(input, Input::Resize { .. }) {
+                    result = result.and(sink.write(input));
+                }
                 // A broken sink takes nothing more; the queue is still drained, so no sender
                 // waits on it.
-                if sink.write(input).is_err() {
+                if result.is_err() {
                     b.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
             }
@@ -84,7 +95,15 @@ impl Feed {
     fn take(&self, input: Input) -> io::Result<()> {
         match (input, &self.terminal) {
             (Input::Resize { rows, cols }, Some(t)) => resize(t, rows, cols),
-            (Input::Resize { .. }, None) if !self.framed => Ok(()),
+            // A microVM's console: the newest size is kept for the writer, which is woken if
+            // the queue has room; a resize never waits behind keys the guest has not read.
+            (Input::Resize { rows, cols }, None) => {
+                if let Some(slot) = &self.framed {
+                    *lock(slot) = Some((rows, cols));
+                    let _ = self.data.try_send(Input::Resize { rows, cols });
+                }
+                Ok(())
+            }
             _ if self.broken.load(std::sync::atomic::Ordering::SeqCst) => {
                 Err(io::ErrorKind::BrokenPipe.into())
             }
@@ -94,6 +113,14 @@ impl Feed {
                 .map_err(|_| io::ErrorKind::BrokenPipe.into()),
         }
     }
+}
+
+/// The newest rows and columns asked of a framed sink, not yet written.
+type NewestSize = Mutex<Option<(u16, u16)>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update is one assignment: a poisoned lock holds a consistent value.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn resize(t: &File, rows: u16, cols: u16) -> io::Result<()> {
@@ -147,7 +174,8 @@ pub fn serve(inst: &Instance, sink: Sink) -> Result<(), InstanceError> {
                 }
             };
             let feed = feed.clone();
-            std::thread::spawn(move || {
+            // Out of threads for now: the connection is refused (closed), not the supervisor.
+            let _ = std::thread::Builder::new().spawn(move || {
                 let mut conn = io::BufReader::new(conn);
                 while let Ok(Some(input)) = Input::read(&mut conn) {
                     if feed.take(input).is_err() {
@@ -166,8 +194,17 @@ pub struct Attached {
 }
 
 impl Attached {
+    /// Sends `input`; data longer than a frame goes as several.
     pub fn send(&mut self, input: &Input) -> io::Result<()> {
-        self.conn.write_all(&input.encode())
+        match input {
+            Input::Data(d) if d.len() > MAX_FRAME => {
+                for piece in d.chunks(MAX_FRAME) {
+                    self.conn.write_all(&Input::Data(piece.to_vec()).encode())?;
+                }
+                Ok(())
+            }
+            _ => self.conn.write_all(&input.encode()),
+        }
     }
 
     pub fn as_raw_fd(&self) -> i32 {
@@ -314,6 +351,60 @@ mod tests {
         let mut got = String::new();
         File::from(r).read_to_string(&mut got).unwrap();
         assert_eq!(got, "abc");
+    }
+
+    /// A microVM's console that is not reading: resizes return at once (the newest kept), and
+    /// once it reads, the data comes in order with the newest size.
+    #[test]
+    fn a_framed_console_never_holds_a_resize_behind_unread_keys() {
+        let (r, w) = stdin_pipe().unwrap();
+        let feed = Feed::start(Sink::Framed(w)).unwrap();
+        // More than the pipe holds: the writer blocks on the second frame.
+        for _ in 0..2 {
+            feed.take(Input::Data(vec![b'k'; 60_000])).unwrap();
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let resizer = std::thread::spawn(move || {
+            for n in 1..=1000u16 {
+                feed.take(Input::Resize { rows: n, cols: n }).unwrap();
+            }
+            done_tx.send(()).unwrap();
+            feed
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("resizes waited for the console to read");
+        let feed = resizer.join().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut r = io::BufReader::new(File::from(r));
+            let mut frames = Vec::new();
+            while let Some(f) = Input::read(&mut r).unwrap() {
+                frames.push(f);
+            }
+            frames
+        });
+        drop(feed);
+        let frames = reader.join().unwrap();
+        let data: usize = frames
+            .iter()
+            .map(|f| match f {
+                Input::Data(d) => d.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(data, 120_000);
+        let sizes: Vec<_> = frames
+            .iter()
+            .filter(|f| matches!(f, Input::Resize { .. }))
+            .collect();
+        assert!((1..=QUEUED + 1).contains(&sizes.len()), "{}", sizes.len());
+        assert_eq!(
+            sizes.last(),
+            Some(&&Input::Resize {
+                rows: 1000,
+                cols: 1000
+            })
+        );
     }
 
     #[test]

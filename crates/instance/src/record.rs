@@ -494,7 +494,7 @@ impl Instances {
             .filter(|i| !key.is_empty() && i.config.id.starts_with(key));
         match (by_prefix.next(), by_prefix.next()) {
             (Some(i), None) => Ok(i),
-            (Some(_), Some(_)) => Err(InstanceError::Other(format!(
+            (Some(_), Some(_)) => Err(InstanceError::Invalid(format!(
                 "{key} matches several instance ids; give more of it, or the name"
             ))),
             _ => Err(InstanceError::NotFound(key.to_owned())),

@@ -36,8 +36,8 @@ impl NetworkView {
     }
 }
 
-/// One instance as `ps --format json` lists it. A record that cannot be read is listed with
-/// its `id`, `status` `unknown` and the `error` only.
+/// One instance as `ps --format json` lists it (a record that cannot be read is listed as
+/// [`Unreadable`]).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Summary {
     /// 64 hex digits.
@@ -66,6 +66,23 @@ pub struct Summary {
     pub network: NetworkView,
     /// The caller's key/value labels.
     pub labels: BTreeMap<String, String>,
+}
+
+/// An instance whose record cannot be read, as it is listed: its id (its directory's name),
+/// `unknown`, and why. `cela rm -f` removes it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Unreadable {
+    pub id: String,
+    pub status: Status,
+    pub error: String,
+}
+
+/// A row of the instance list.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Listed {
+    Instance(Box<Summary>),
+    Unreadable(Unreadable),
 }
 
 /// One instance as `inspect` shows it: the summary with its whole config and state.
@@ -122,7 +139,12 @@ pub fn detail(inst: &Instance, state: &InstanceState) -> Value {
 
 /// An instance whose record cannot be read: its id, `unknown`, and why.
 pub fn broken(b: &Broken) -> Value {
-    serde_json::json!({"id": b.id, "status": Status::Unknown, "error": b.error})
+    let u = Unreadable {
+        id: b.id.clone(),
+        status: Status::Unknown,
+        error: b.error.clone(),
+    };
+    serde_json::to_value(u).expect("a row serializes")
 }
 
 #[cfg(test)]

@@ -150,21 +150,24 @@ pub fn spawn_stdin_forwarder(
     }
 }
 
-/// The framed console: until stdin ends or carries a malformed frame.
+/// The framed console: until stdin ends or carries a malformed frame. Once the guest takes
+/// no more input, what comes is read and dropped, so the supervisor writing it never blocks.
+/// A size the guest's init cannot take at once is kept (only the newest) and offered again
+/// with the next frame.
 fn forward_frames(stop: &StopSignal, send: impl Fn(&[u8]) -> io::Result<()>) {
     let mut stdin = io::BufReader::new(io::stdin());
+    let mut taking = true;
+    let mut size = None;
     while let Ok(Some(frame)) = Input::read(&mut stdin) {
         match frame {
-            Input::Data(d) => {
-                if send(&d).is_err() {
-                    return;
-                }
-            }
-            // Not sent when the init's channel is gone (it has reported its end).
-            Input::Resize { rows, cols } => {
-                stop.send_to_guest(cela_guest::HostRequest::Resize { rows, cols });
-            }
+            Input::Data(d) => taking = taking && send(&d).is_ok(),
+            Input::Resize { rows, cols } => size = Some((rows, cols)),
             Input::Eof => {}
+        }
+        if let Some((rows, cols)) = size
+            && stop.try_send_to_guest(cela_guest::HostRequest::Resize { rows, cols })
+        {
+            size = None;
         }
     }
 }

@@ -102,6 +102,33 @@ impl StopSignal {
         sent
     }
 
+    /// Sends `request` to the guest's init only if that cannot wait: the channel is free and
+    /// has room now. For what a client may send at any rate (a terminal's size), so a guest
+    /// that stops reading its channel holds up neither the caller nor a stop's SIGTERM.
+    /// Whether it was sent; `false` means try again later.
+    pub fn try_send_to_guest(&self, request: HostRequest) -> bool {
+        let Ok(mut slot) = self.guest_channel.try_lock() else {
+            return false;
+        };
+        let Some(channel) = slot.as_ref() else {
+            return false;
+        };
+        let line = request.to_line();
+        // A line this short goes into a Unix stream socket whole or not at all.
+        match nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(channel),
+            line.as_bytes(),
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(n) if n == line.len() => true,
+            Err(nix::errno::Errno::EAGAIN) => false,
+            _ => {
+                *slot = None;
+                false
+            }
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panicking holder cannot leave `State` inconsistent (every update is one
         // assignment), so a poisoned lock is still usable.

@@ -1059,7 +1059,7 @@ pub struct ListQuery {
 
 /// Docker's `filters` query: `{"key": ["value", …]}`, or from older clients
 /// `{"key": {"value": true, …}}`.
-pub(super) fn parse_filters(raw: Option<&str>) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+pub fn parse_filters(raw: Option<&str>) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
     let Some(raw) = raw.filter(|r| !r.is_empty()) else {
         return Ok(BTreeMap::new());
     };

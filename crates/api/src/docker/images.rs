@@ -151,14 +151,32 @@ pub async fn create(
         None => format!("{name}:latest"),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let line = |v: Value| Bytes::from(v.to_string() + "\r\n");
-    let _ = tx.try_send(line(
-        json!({"status": format!("Pulling from {name}"), "id": reference}),
-    ));
+    // The pull reports from its own runtime's threads, which may not block on the response:
+    // lines go through a queue to a thread that does. Byte updates are thinned to one per
+    // percent, so the queue stays small whatever the client reads.
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<Value>();
     std::thread::spawn(move || {
-        let result = Store::open(&app.data_dir).and_then(|store| {
-            cela_image::pull(&store, &reference, &cela_image::Progress::hidden())
+        for v in lines_rx {
+            if tx
+                .blocking_send(Bytes::from(v.to_string() + "\r\n"))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let _ = lines_tx.send(json!({"status": format!("Pulling from {name}"), "id": reference}));
+    std::thread::spawn(move || {
+        let shown = std::sync::Mutex::new(PullLines::default());
+        let sink = lines_tx.clone();
+        let progress = cela_image::Progress::events(move |e| {
+            let lines = shown.lock().unwrap_or_else(|p| p.into_inner()).lines(e);
+            for v in lines {
+                let _ = sink.send(v);
+            }
         });
+        let result = Store::open(&app.data_dir)
+            .and_then(|store| cela_image::pull(&store, &reference, &progress));
         let last = match result {
             Ok(image) => vec![
                 json!({"status": format!("Digest: {}", image.digest)}),
@@ -169,11 +187,104 @@ pub async fn create(
             }
         };
         for v in last {
-            let _ = tx.blocking_send(line(v));
+            let _ = lines_tx.send(v);
         }
     });
     let body = crate::channel_body(rx);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Docker's pull progress from cela's pull steps: each layer by its short digest, as dockerd
+/// streams it ("Pulling fs layer", "Downloading" with its bytes, "Download complete", "Pull
+/// complete", "Already exists"); a layer's byte updates at most once per percent.
+#[derive(Default)]
+struct PullLines {
+    /// Layers downloading: their key and the last percent shown.
+    layers: std::collections::HashMap<u64, (String, Option<u64>)>,
+}
+
+impl PullLines {
+    fn lines(&mut self, e: &cela_image::StepEvent<'_>) -> Vec<Value> {
+        use cela_image::StepEvent as E;
+        let line =
+            |status: &str, key: &str| json!({"status": status, "progressDetail": {}, "id": key});
+        match *e {
+            E::Started {
+                id, key: Some(key), ..
+            } => {
+                self.layers.insert(id, (key.to_owned(), None));
+                vec![line("Pulling fs layer", key)]
+            }
+            E::Started { .. } => vec![],
+            E::Bytes { id, done, total } => {
+                let Some((key, last)) = self.layers.get_mut(&id) else {
+                    return vec![];
+                };
+                // Per percent of a known size; per MiB of an unknown one.
+                let step = done
+                    .saturating_mul(100)
+                    .checked_div(total)
+                    .unwrap_or(done >> 20);
+                if *last == Some(step) {
+                    return vec![];
+                }
+                *last = Some(step);
+                vec![json!({
+                    "status": "Downloading",
+                    "progressDetail": {"current": done, "total": total},
+                    "progress": progress_bar(done, total),
+                    "id": key,
+                })]
+            }
+            E::Done { id } => match self.layers.remove(&id) {
+                Some((key, _)) => {
+                    vec![line("Download complete", &key), line("Pull complete", &key)]
+                }
+                None => vec![],
+            },
+            E::Dropped { id } => {
+                self.layers.remove(&id);
+                vec![]
+            }
+            E::Present { key, .. } => vec![line("Already exists", key)],
+        }
+    }
+}
+
+/// Sizes as Docker shows them (decimal units, four significant digits).
+fn human_size(n: u64) -> String {
+    let mut v = n as f64;
+    for unit in ["B", "kB", "MB", "GB", "TB"] {
+        if v < 1000.0 || unit == "TB" {
+            if unit == "B" {
+                return format!("{n}B");
+            }
+            // Four significant digits, as Go's %.4g.
+            let digits = match v {
+                100.0.. => 1,
+                10.0.. => 2,
+                _ => 3,
+            };
+            let s = format!("{v:.digits$}");
+            return s.trim_end_matches('0').trim_end_matches('.').to_owned() + unit;
+        }
+        v /= 1000.0;
+    }
+    unreachable!("the last unit returns")
+}
+
+/// A progress bar as dockerd's: 50 columns, then done/total.
+fn progress_bar(done: u64, total: u64) -> String {
+    if total == 0 {
+        return human_size(done);
+    }
+    let filled = (done.min(total).saturating_mul(50) / total) as usize;
+    let bar = if filled >= 50 {
+        "=".repeat(50)
+    } else {
+        format!("{}>{}", "=".repeat(filled), " ".repeat(49 - filled))
+    };
+    format!("[{bar}]  {}/{}", human_size(done), human_size(total))
 }
 
 /// A blocking reader of a request body that an async task feeds in chunks.
@@ -204,6 +315,45 @@ static LOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 /// How long a load's upload may pause before it is given up (the store's lock is held).
 const LOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// An upload must bring at least [`LOAD_MIN_PER_WINDOW`] bytes in every window of this long:
+/// a client trickling a byte within every [`LOAD_IDLE`] does not keep the turn (and the
+/// store's lock) for ever.
+const LOAD_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+const LOAD_MIN_PER_WINDOW: u64 = 1 << 20;
+
+/// Checks an upload's rate window by window (see [`LOAD_WINDOW`]).
+struct MinRate {
+    window_start: std::time::Instant,
+    bytes: u64,
+}
+
+impl MinRate {
+    fn new(now: std::time::Instant) -> MinRate {
+        MinRate {
+            window_start: now,
+            bytes: 0,
+        }
+    }
+
+    /// Counts `n` bytes that came at `now`; an error once a whole window brought too few.
+    fn take(&mut self, n: usize, now: std::time::Instant) -> Result<(), String> {
+        self.bytes += n as u64;
+        if now.duration_since(self.window_start) < LOAD_WINDOW {
+            return Ok(());
+        }
+        if self.bytes < LOAD_MIN_PER_WINDOW {
+            return Err(format!(
+                "the upload brought {} bytes in {} s (at least {} KiB a minute are needed)",
+                self.bytes,
+                now.duration_since(self.window_start).as_secs(),
+                LOAD_MIN_PER_WINDOW >> 10
+            ));
+        }
+        *self = MinRate::new(now);
+        Ok(())
+    }
+}
+
 /// `POST /images/load`: the body is a `docker save` archive or an OCI image layout (tar,
 /// optionally compressed); every image in it is stored under the names it carries, and the
 /// answer is Docker's JSON lines (`Loaded image: NAME`).
@@ -217,9 +367,14 @@ pub async fn load(
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::spawn(async move {
         let mut stream = body.into_data_stream();
+        let mut rate = MinRate::new(std::time::Instant::now());
         loop {
             let chunk = match tokio::time::timeout(LOAD_IDLE, stream.next()).await {
-                Ok(Some(chunk)) => chunk.map_err(std::io::Error::other),
+                Ok(Some(chunk)) => chunk.map_err(std::io::Error::other).and_then(|c| {
+                    rate.take(c.len(), std::time::Instant::now())
+                        .map(|()| c)
+                        .map_err(|why| std::io::Error::new(std::io::ErrorKind::TimedOut, why))
+                }),
                 Ok(None) => return,
                 Err(_) => Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -270,4 +425,101 @@ pub async fn load(
         }
     }
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cela_image::StepEvent as E;
+
+    #[test]
+    fn a_trickling_upload_is_given_up_window_by_window() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let mut r = MinRate::new(t0);
+        // One byte every 29 s: the first whole window fails it.
+        assert!(r.take(1, at(29)).is_ok());
+        assert!(r.take(1, at(58)).is_ok());
+        let err = r.take(1, at(87)).unwrap_err();
+        assert!(err.contains("3 bytes in 87 s"), "{err}");
+        // Enough in each window: the windows go on.
+        let mut r = MinRate::new(t0);
+        for m in 1..10 {
+            assert!(r.take(1 << 20, at(m * 60)).is_ok());
+        }
+    }
+
+    #[test]
+    fn sizes_and_bars_read_as_dockers() {
+        assert_eq!(human_size(999), "999B");
+        assert_eq!(human_size(32_768), "32.77kB");
+        assert_eq!(human_size(2_228_950), "2.229MB");
+        assert_eq!(human_size(100_000_000), "100MB");
+        assert_eq!(progress_bar(0, 0), "0B");
+        assert_eq!(
+            progress_bar(1_000, 2_000),
+            format!("[{}>{}]  1kB/2kB", "=".repeat(25), " ".repeat(24))
+        );
+        assert_eq!(progress_bar(5, 5), format!("[{}]  5B/5B", "=".repeat(50)));
+    }
+
+    #[test]
+    fn a_layer_is_shown_by_its_digest_and_bytes_are_thinned() {
+        let mut p = PullLines::default();
+        let status = |v: &[Value]| -> Vec<String> {
+            v.iter()
+                .map(|l| format!("{} {}", l["status"].as_str().unwrap(), l["id"]))
+                .collect()
+        };
+        let config = E::Started {
+            id: 0,
+            key: None,
+            msg: "pulling config",
+        };
+        assert!(p.lines(&config).is_empty(), "the config is not a layer");
+        let started = E::Started {
+            id: 1,
+            key: Some("abcdef012345"),
+            msg: "pulling layer 1/1",
+        };
+        assert_eq!(
+            status(&p.lines(&started)),
+            ["Pulling fs layer \"abcdef012345\""]
+        );
+        let mut shown = 0;
+        for done in (0..=10_000u64).step_by(7) {
+            shown += p
+                .lines(&E::Bytes {
+                    id: 1,
+                    done,
+                    total: 10_000,
+                })
+                .len();
+        }
+        assert!((90..=101).contains(&shown), "{shown} byte lines");
+        let end = p.lines(&E::Done { id: 1 });
+        assert_eq!(
+            status(&end),
+            [
+                "Download complete \"abcdef012345\"",
+                "Pull complete \"abcdef012345\""
+            ]
+        );
+        assert!(
+            p.lines(&E::Bytes {
+                id: 1,
+                done: 1,
+                total: 1
+            })
+            .is_empty()
+        );
+        let present = E::Present {
+            key: "0123456789ab",
+            msg: "layer",
+        };
+        assert_eq!(
+            status(&p.lines(&present)),
+            ["Already exists \"0123456789ab\""]
+        );
+    }
 }

@@ -11,7 +11,7 @@ mod frames;
 mod images;
 mod system;
 
-pub use containers::parse_create;
+pub use containers::{parse_create, parse_filters};
 
 use std::sync::Arc;
 

@@ -273,6 +273,7 @@ fn run_on_console(
     })()
     .unwrap_or_else(|e| fatal(format_args!("console {CONSOLE_TTY}: {e}")));
     super::tty::set_window_size(&console, 24, 80);
+    events.read_waiting_requests();
     let outcome = match spawn(argv, env, io, Session::ControllingTerminal, run_as) {
         Ok(pid) => supervise_or_die(pid, events),
         Err(e) => {

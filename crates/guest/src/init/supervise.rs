@@ -154,6 +154,19 @@ impl Pid1Events {
         Ok(())
     }
 
+    /// Takes the host requests that have come already, without waiting: a terminal's size
+    /// sent right after `ready` is applied before the workload starts, so a program that
+    /// reads its size once sees the right one.
+    pub fn read_waiting_requests(&mut self) {
+        let Some((channel, _)) = &self.requests else {
+            return;
+        };
+        let mut fds = [PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+        if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1..)) {
+            self.read_requests();
+        }
+    }
+
     /// Reads what the channel has; a channel that ended or failed is no longer watched.
     fn read_requests(&mut self) {
         let Some((channel, parser)) = &mut self.requests else {
