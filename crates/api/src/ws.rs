@@ -25,9 +25,6 @@ use crate::AppState;
 use crate::docker::exec::{ExecSpec, feed_input, launch, relay};
 use crate::error::{ApiError, blocking};
 
-/// Why a session ends whose input has waited [`crate::WRITE_BOUND`] for the workload to read.
-const INPUT_STALLED: &str = "the input has not been read for 60 s";
-
 /// How long a client has to say what to run.
 pub const SPEC_BOUND: Duration = Duration::from_secs(10);
 
@@ -213,14 +210,10 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         while let Some(Ok(msg)) = from_client.next().await {
             match msg {
                 Message::Binary(b) => {
-                    if let Some(tx) = &to_stdin {
-                        match tokio::time::timeout(crate::WRITE_BOUND, tx.send(Some(b.to_vec())))
-                            .await
-                        {
-                            Ok(Ok(())) => {}
-                            Ok(Err(_)) => to_stdin = None,
-                            Err(_) => return Some(INPUT_STALLED.to_owned()),
-                        }
+                    if let Some(tx) = &to_stdin
+                        && tx.send(Some(b.to_vec())).await.is_err()
+                    {
+                        to_stdin = None;
                     }
                 }
                 Message::Text(t) => match serde_json::from_str::<Control>(&t) {
@@ -335,8 +328,11 @@ async fn console_session(
         });
     }
     // Input goes to the supervisor's attach socket from a thread of its own, through a
-    // bounded queue (input the instance does not read holds the client back).
-    let to_instance = (inst.config.stdin || inst.config.tty).then(|| {
+    // bounded queue (input the instance does not read holds the client back, as it holds a
+    // Docker client's). Sizes go on a connection of their own, the newest only, so they
+    // never wait behind keys the instance has not read.
+    let takes_input = inst.config.stdin || inst.config.tty;
+    let to_instance = takes_input.then(|| {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(4);
         let inst = inst.clone();
         std::thread::spawn(move || {
@@ -351,6 +347,26 @@ async fn console_session(
         });
         tx
     });
+    let sizes = inst.config.tty.then(|| {
+        let (tx, mut rx) = tokio::sync::watch::channel::<Option<(u16, u16)>>(None);
+        let inst = inst.clone();
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let Ok(mut conn) = cela_instance::attach::connect(&inst, Duration::from_secs(5)) else {
+                return;
+            };
+            // Ends when the session drops its sender.
+            while rt.block_on(rx.changed()).is_ok() {
+                let newest = *rx.borrow_and_update();
+                if let Some((rows, cols)) = newest
+                    && conn.send(&Input::Resize { rows, cols }).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        tx
+    });
     let (mut to_client, mut from_client) = socket.split();
     let reader = tokio::spawn(async move {
         let mut to_instance = to_instance;
@@ -358,7 +374,12 @@ async fn console_session(
             let input = match msg {
                 Message::Binary(b) => Input::Data(b.to_vec()),
                 Message::Text(t) => match serde_json::from_str::<Control>(&t) {
-                    Ok(Control::Resize { rows, cols }) => Input::Resize { rows, cols },
+                    Ok(Control::Resize { rows, cols }) => {
+                        if let Some(s) = &sizes {
+                            let _ = s.send(Some((rows, cols)));
+                        }
+                        continue;
+                    }
                     Ok(Control::CloseStdin(true)) => Input::Eof,
                     Ok(Control::CloseStdin(false)) => continue,
                     Err(e) => return Some(format!("malformed control message: {e}")),
@@ -366,13 +387,10 @@ async fn console_session(
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            if let Some(tx) = &to_instance {
-                match tokio::time::timeout(crate::WRITE_BOUND, tx.send(input)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => to_instance = None,
-                    // Held back this long, the client's leaving would go unseen: end it.
-                    Err(_) => return Some(INPUT_STALLED.to_owned()),
-                }
+            if let Some(tx) = &to_instance
+                && tx.send(input).await.is_err()
+            {
+                to_instance = None;
             }
         }
         None

@@ -75,7 +75,7 @@ impl Feed {
                     result = sink.write(Input::Resize { rows, cols });
                 }
                 if size.is_none() || !matches!(input, Input::Resize { .. }) {
-                    result = result.and(sink.write(input));
+                    result = result.and_then(|()| sink.write(input));
                 }
                 // A broken sink takes nothing more; the queue is still drained, so no sender
                 // waits on it.

@@ -165,7 +165,7 @@ fn forward_frames(stop: &StopSignal, send: impl Fn(&[u8]) -> io::Result<()>) {
             Input::Eof => {}
         }
         if let Some((rows, cols)) = size
-            && stop.try_send_to_guest(cela_guest::HostRequest::Resize { rows, cols })
+            && stop.send_to_guest(cela_guest::HostRequest::Resize { rows, cols })
         {
             size = None;
         }

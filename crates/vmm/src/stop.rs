@@ -10,7 +10,6 @@ use std::io::{self, Read};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use std::io::Write as _;
 use std::os::unix::net::UnixStream;
 
 use cela_guest::{ControlMessage, ControlParser, HostRequest};
@@ -88,28 +87,14 @@ impl StopSignal {
         *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Sends `request` to the guest's init; false when there is no control channel to send it
-    /// on (the init has not connected yet, or has reported its exit) or the write failed.
+    /// Sends `request` to the guest's init without waiting: false when there is no control
+    /// channel to send it on (the init has not connected yet, or has reported its exit), or
+    /// the channel has no room now (a guest that does not read it). Nothing here blocks, so
+    /// neither a client's stream of sizes nor a guest that stops reading holds up a stop's
+    /// SIGTERM (whose caller stops the machine when this fails).
     pub fn send_to_guest(&self, request: HostRequest) -> bool {
+        // Held only for one non-blocking send; a poisoned lock still holds the channel.
         let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(channel) = slot.as_mut() else {
-            return false;
-        };
-        let sent = channel.write_all(request.to_line().as_bytes()).is_ok();
-        if !sent {
-            *slot = None;
-        }
-        sent
-    }
-
-    /// Sends `request` to the guest's init only if that cannot wait: the channel is free and
-    /// has room now. For what a client may send at any rate (a terminal's size), so a guest
-    /// that stops reading its channel holds up neither the caller nor a stop's SIGTERM.
-    /// Whether it was sent; `false` means try again later.
-    pub fn try_send_to_guest(&self, request: HostRequest) -> bool {
-        let Ok(mut slot) = self.guest_channel.try_lock() else {
-            return false;
-        };
         let Some(channel) = slot.as_ref() else {
             return false;
         };
@@ -121,11 +106,17 @@ impl StopSignal {
             nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
         ) {
             Ok(n) if n == line.len() => true,
-            Err(nix::errno::Errno::EAGAIN) => false,
-            _ => {
+            // The guest's end is gone: nothing more can be sent.
+            Err(
+                nix::errno::Errno::EPIPE
+                | nix::errno::Errno::ECONNRESET
+                | nix::errno::Errno::ENOTCONN
+                | nix::errno::Errno::EBADF,
+            ) => {
                 *slot = None;
                 false
             }
+            _ => false,
         }
     }
 
