@@ -9,7 +9,8 @@
 //! [`vstate`] (KVM VM, vCPUs, memory) and [`devices`]; [`stop`] carries how a run ends;
 //! [`console`] is the host side of the console and [`input`] the framed input a supervisor gives it; [`engine`] picks KVM or [`qemu`]; [`seccomp`]
 //! holds the system-call filters each thread of the monitor runs under, and [`jail`] the
-//! process, namespaces, ids and limits the monitor runs in.
+//! process, namespaces, ids and limits the monitor runs in; [`persist`] writes a machine's
+//! state down and brings it back (snapshots).
 
 pub mod arch;
 pub mod builder;
@@ -22,6 +23,7 @@ pub mod input;
 pub mod jail;
 pub mod machine;
 pub mod net;
+pub mod persist;
 pub mod qemu;
 pub mod seccomp;
 pub mod stop;
