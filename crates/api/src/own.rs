@@ -123,13 +123,25 @@ async fn list(State(app): State<Arc<AppState>>) -> Result<axum::Json<Vec<Value>>
     .await
 }
 
+/// The instance a route's path names, as the OpenAPI document describes it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct InstanceKey {
+    /// The instance's id, a unique prefix of it, or its name.
+    #[allow(
+        dead_code,
+        reason = "described only: the handlers take it as Path<String>"
+    )]
+    id: String,
+}
+
 fn detail(app: &AppState, id: &str) -> Result<Value, ApiError> {
     let inst = Instances::open(&app.data_dir)?.find(id)?;
     Ok(cela_instance::view::detail(&inst, &inst.state_or_unknown()))
 }
 
 #[utoipa::path(get, path = "/cela/v1/instances/{id}", tag = "instances",
-    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    params(InstanceKey),
     responses(
         (status = 200, description = "The instance, as `cela inspect` shows it", body = Detail),
         (status = 400, description = "An id prefix that several instances share", body = ErrorBody),
@@ -273,7 +285,7 @@ async fn create(
 }
 
 #[utoipa::path(post, path = "/cela/v1/instances/{id}/start", tag = "instances",
-    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    params(InstanceKey),
     responses(
         (status = 200, description = "The instance after it started", body = Detail),
         (status = 400, description = "An id prefix that several instances share", body = ErrorBody),
@@ -299,7 +311,7 @@ struct StopQuery {
 
 #[utoipa::path(post, path = "/cela/v1/instances/{id}/stop", tag = "instances",
     params(
-        ("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name"),
+        InstanceKey,
         ("timeout" = Option<u64>, Query, description = "Seconds between SIGTERM (a microVM: its power button) and SIGKILL; 10 by default"),
     ),
     responses(
@@ -322,7 +334,7 @@ async fn stop(
 
 #[utoipa::path(delete, path = "/cela/v1/instances/{id}", tag = "instances",
     params(
-        ("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name"),
+        InstanceKey,
         ("force" = Option<bool>, Query, description = "Stop it first if it runs"),
     ),
     responses(

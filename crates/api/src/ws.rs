@@ -94,13 +94,16 @@ async fn upgrade(
             "{what} here is a WebSocket (Upgrade: websocket): {e}"
         ))
     })?;
+    let ws = ws
+        .max_message_size(crate::MAX_BODY)
+        .max_frame_size(crate::MAX_BODY);
     Ok((ws, permit, found))
 }
 
 /// The upgrade: the instance is looked up (404) and must be running (409) before it.
 #[utoipa::path(get, path = "/cela/v1/instances/{id}/exec", tag = "instances",
     description = "A WebSocket (`Upgrade: websocket`). The client's first message is text, the exec as JSON: `{\"cmd\": [...], \"tty\": bool, \"stdin\": bool, \"env\": [\"K=V\"], \"workdir\": \"/\", \"user\": \"u\"}`. The server sends binary messages whose first byte is the stream (1 stdout or the terminal, 2 stderr), then a text message `{\"exit_code\": N}` and a close. The client sends binary messages (input) and text messages `{\"resize\": {\"rows\": R, \"cols\": C}}` or `{\"close_stdin\": true}`.",
-    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    params(crate::own::InstanceKey),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket upgrade, or an id prefix that several instances share", body = crate::error::ErrorBody),
@@ -115,13 +118,10 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let (ws, permit, (inst, _)) = upgrade(&app, id, ws, "exec").await?;
     let container = inst.config.id;
-    Ok(ws
-        .max_message_size(crate::MAX_BODY)
-        .max_frame_size(crate::MAX_BODY)
-        .on_upgrade(move |socket| async move {
-            let _permit = permit;
-            session(app, container, socket).await
-        }))
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _permit = permit;
+        session(app, container, socket).await
+    }))
 }
 
 /// A close frame's reason: at most 123 bytes (the frame's 125 less its code), cut on a
@@ -178,7 +178,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         Ok(l) => l,
         Err(err) => return close(socket, err.message).await,
     };
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Message>(16);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Message>(16);
     let (_never, detached) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(relay(
         launched.output,
@@ -193,7 +193,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         },
         |code| Some(Message::Text(format!("{{\"exit_code\":{code}}}").into())),
     ));
-    let (mut to_client, mut from_client) = socket.split();
+    let (to_client, mut from_client) = socket.split();
     // The client's messages, on a task of their own: input the exec does not read never
     // holds its output up.
     let master = launched.master.clone();
@@ -240,38 +240,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
         }
         None
     });
-    let mut refused = None;
-    tokio::pin!(reader);
-    loop {
-        tokio::select! {
-            m = out_rx.recv() => match m {
-                Some(m) => {
-                    if !crate::write_bounded(to_client.send(m)).await {
-                        break;
-                    }
-                }
-                None => break,
-            },
-            r = &mut reader, if refused.is_none() => {
-                match r {
-                    Ok(Some(why)) => {
-                        refused = Some(why);
-                        break;
-                    }
-                    // The client closed or went: nothing more to send it.
-                    _ => break,
-                }
-            }
-        }
-    }
-    let frame = refused.map(|why| CloseFrame {
-        code: 1008,
-        reason: close_reason(&why).into(),
-    });
-    crate::write_bounded(to_client.send(Message::Close(frame))).await;
-    // A client that does not answer the close keeps nothing: its reader goes now (which
-    // also ends the exec's stdin).
-    reader.abort();
+    serve_until_done(to_client, out_rx, reader).await;
 }
 
 /// `GET /cela/v1/instances/{id}/console`: the instance's console, as `cela attach` has it: a
@@ -282,7 +251,7 @@ async fn session(app: Arc<AppState>, container: String, mut socket: WebSocket) {
 /// A client that closes detaches: the instance runs on.
 #[utoipa::path(get, path = "/cela/v1/instances/{id}/console", tag = "instances",
     description = "A WebSocket (`Upgrade: websocket`) to the instance's console: a microVM's serial console (its workload's terminal when made with `tty`), a container's terminal or stdio. The server sends binary messages whose first byte is the stream (1 stdout or the terminal, 2 stderr) and the rest output, from the upgrade on; when the run ends, a text message `{\"exit_code\": N}` and a close. The client sends binary messages (keys, or stdin) and text messages `{\"resize\": {\"rows\": R, \"cols\": C}}` or `{\"close_stdin\": true}`; input is dropped for an instance made without a terminal or stdin. Closing detaches.",
-    params(("id" = String, Path, description = "The instance's id, a unique prefix of it, or its name")),
+    params(crate::own::InstanceKey),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket upgrade, or an id prefix that several instances share", body = crate::error::ErrorBody),
@@ -296,13 +265,10 @@ pub async fn console(
     ws: Upgrade,
 ) -> Result<Response, ApiError> {
     let (ws, permit, (inst, finished)) = upgrade(&app, id, ws, "console").await?;
-    Ok(ws
-        .max_message_size(crate::MAX_BODY)
-        .max_frame_size(crate::MAX_BODY)
-        .on_upgrade(move |socket| async move {
-            let _permit = permit;
-            console_session(inst, finished, socket).await
-        }))
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _permit = permit;
+        console_session(inst, finished, socket).await
+    }))
 }
 
 async fn console_session(
@@ -312,7 +278,7 @@ async fn console_session(
 ) {
     use crate::follow::{From, Until, follow};
     use cela_instance::attach::Input;
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Message>(16);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Message>(16);
     {
         let inst = inst.clone();
         std::thread::spawn(move || {
@@ -367,7 +333,7 @@ async fn console_session(
         });
         tx
     });
-    let (mut to_client, mut from_client) = socket.split();
+    let (to_client, mut from_client) = socket.split();
     let reader = tokio::spawn(async move {
         let mut to_instance = to_instance;
         while let Some(Ok(msg)) = from_client.next().await {
@@ -395,6 +361,17 @@ async fn console_session(
         }
         None
     });
+    serve_until_done(to_client, out_rx, reader).await;
+}
+
+/// Sends a session's output until it ends or the client goes, then a close (naming why the
+/// client's messages were refused, if they were); a reader that does not answer the close
+/// keeps nothing: it is aborted (which ends an exec's stdin).
+async fn serve_until_done(
+    mut to_client: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut out_rx: tokio::sync::mpsc::Receiver<Message>,
+    reader: tokio::task::JoinHandle<Option<String>>,
+) {
     let mut refused = None;
     tokio::pin!(reader);
     loop {
@@ -407,7 +384,8 @@ async fn console_session(
                 }
                 None => break,
             },
-            r = &mut reader, if refused.is_none() => {
+            // The client closed or went, or sent what is refused: nothing more to send it.
+            r = &mut reader => {
                 if let Ok(Some(why)) = r {
                     refused = Some(why);
                 }
