@@ -29,8 +29,13 @@ pub enum PersistError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("this host's KVM did not take MSR {index:#x} of the saved vCPU")]
-    Msr { index: u32 },
+    #[error("this host's KVM did not take MSR {index:#x} = {want:#x} of the saved vCPU")]
+    Msr { index: u32, want: u64 },
+    #[error("asking KVM for {what}: {source}")]
+    Host {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("{0}")]
     Incompatible(String),
 }

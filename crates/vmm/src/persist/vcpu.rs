@@ -44,8 +44,8 @@ fn not_carried(index: u32) -> bool {
 pub fn msrs_to_save(kvm: &Kvm) -> Result<Vec<u32>, PersistError> {
     let list = kvm
         .get_msr_index_list()
-        .map_err(|source| PersistError::SaveVcpu {
-            what: "MSR index list",
+        .map_err(|source| PersistError::Host {
+            what: "the MSRs it saves",
             source,
         })?;
     let mut out: Vec<u32> = list
@@ -93,18 +93,29 @@ pub fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), PersistError> {
     let ran = match vcpu.run() {
         Err(e) if e.errno() == libc::EINTR => Ok(()),
         Err(e) => Err(save_err("pending I/O")(e)),
-        // Anything else would mean the guest ran: it must not have.
+        // Another exit: the access was split (an MMIO or string I/O that needs more than one
+        // round trip), which this first part does not serve yet.
         Ok(exit) => Err(PersistError::Incompatible(format!(
-            "the vCPU ran while its I/O was being completed ({exit:?})"
+            "the vCPU's pending I/O needs another exit to finish ({exit:?})"
         ))),
     };
     vcpu.set_kvm_immediate_exit(0);
     ran
 }
 
+/// How far a chunk of `len` entries of which KVM handled `done` moves the cursor: past the
+/// whole chunk when all went through, else past the one KVM stopped at.
+fn next_after(done: usize, len: usize) -> usize {
+    if done < len { done + 1 } else { len }
+}
+
 /// Reads `indices` in chunks; an MSR this host does not read is left out (KVM stops a chunk
 /// at the first it refuses).
 fn get_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, PersistError> {
+    read_msrs(vcpu, indices).map_err(save_err("MSRs"))
+}
+
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, kvm_ioctls::Error> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
@@ -116,13 +127,12 @@ fn get_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, PersistEr
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| {
-            PersistError::Incompatible(format!("{} MSRs in one request", entries.len()))
-        })?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(save_err("MSRs"))?;
+        // At most MSR_CHUNK entries: always within what `Msrs` holds.
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        let read = vcpu.get_msrs(&mut msrs)?;
         out.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
-        // The one at `read` was refused: skip it.
-        rest = &rest[(read + 1).min(rest.len())..];
+        rest = &rest[next_after(read, chunk.len())..];
     }
     Ok(out)
 }
@@ -148,13 +158,12 @@ fn set_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), PersistError> {
         let set = vcpu.set_msrs(&request).map_err(restore_err("MSRs"))?;
         if set < chunk.len() {
             let (index, want) = chunk[set];
-            if get_msrs(vcpu, &[index])? != [(index, want)] {
-                return Err(PersistError::Msr { index });
+            let held = read_msrs(vcpu, &[index]).map_err(restore_err("MSRs"))?;
+            if held != [(index, want)] {
+                return Err(PersistError::Msr { index, want });
             }
-            rest = &rest[set + 1..];
-        } else {
-            rest = &rest[chunk.len()..];
         }
+        rest = &rest[next_after(set, chunk.len())..];
     }
     Ok(())
 }
@@ -237,5 +246,15 @@ mod tests {
         assert!(!not_carried(msr::MSR_IA32_TSC));
         assert!(!not_carried(MSR_IA32_TSC_DEADLINE));
         assert!(!not_carried(msr::MSR_LSTAR));
+    }
+
+    #[test]
+    fn a_full_chunk_skips_nothing_after_it() {
+        // All 255 went through: the next chunk starts at the 256th, not the 257th.
+        assert_eq!(next_after(MSR_CHUNK, MSR_CHUNK), MSR_CHUNK);
+        // KVM stopped at the 10th: it is skipped, the 11th comes next.
+        assert_eq!(next_after(9, MSR_CHUNK), 10);
+        assert_eq!(next_after(0, 1), 1);
+        assert_eq!(next_after(3, 3), 3);
     }
 }

@@ -1,7 +1,11 @@
 //! The VM's own KVM state: with an in-kernel irqchip, the two PICs, the IOAPIC and the PIT;
 //! and the KVM clock. Saved after the vCPUs, the clock last; restored after them, the clock
-//! last of all, just before the vCPUs run again, so the guest's clock jumps by the time it
-//! was away and no more.
+//! last of all, just before the vCPUs run again.
+//!
+//! Setting the clock to its saved value makes time stand still while the machine was away:
+//! the guest's monotonic clock goes on from where it stopped, and its wall clock lags by the
+//! time away. Bringing the wall clock forward (KVM's REALTIME flag with a TSC offset, where
+//! the host has them, or cela-init stepping the time on resume) is the restore path's choice.
 
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data, kvm_irqchip,
