@@ -29,6 +29,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/cela/v1/instances/{id}", get(inspect).delete(remove))
         .route("/cela/v1/instances/{id}/start", post(start))
         .route("/cela/v1/instances/{id}/stop", post(stop))
+        .route("/cela/v1/instances/{id}/commit", post(commit))
         .route("/cela/v1/instances/{id}/exec", get(crate::ws::exec))
         .route("/cela/v1/instances/{id}/console", get(crate::ws::console))
         .route("/cela/v1/images", get(images))
@@ -52,6 +53,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         remove,
         start,
         stop,
+        commit,
         crate::ws::exec,
         crate::ws::console,
         images,
@@ -332,6 +334,75 @@ async fn stop(
     .await
 }
 
+/// What `cela commit` takes: how to name and describe the image made of a container's
+/// changes. Unknown fields are refused.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CommitBody {
+    /// `NAME[:TAG]`; without it the image is known by its digest only.
+    #[serde(default)]
+    name: Option<String>,
+    /// The commit message, kept in the image's history.
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    author: Option<String>,
+    /// Dockerfile instructions applied to the image's config: CMD, ENTRYPOINT, ENV, EXPOSE,
+    /// LABEL, STOPSIGNAL, USER, VOLUME, WORKDIR.
+    #[serde(default)]
+    changes: Vec<String>,
+    /// Freeze a running container while its changes are read (default true).
+    #[serde(default = "yes")]
+    pause: bool,
+}
+
+#[utoipa::path(post, path = "/cela/v1/instances/{id}/commit", tag = "instances",
+    params(InstanceKey),
+    request_body(content = Option<CommitBody>, description = "How to name and describe the image (an empty body: unnamed, paused)"),
+    responses(
+        (status = 201, description = "The image made of the container's changes", body = ImageRecord),
+        (status = 400, description = "Malformed JSON, a bad name or change, or an id prefix that several instances share", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 501, description = "The instance is a microVM", body = ErrorBody),
+    ))]
+async fn commit(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let body: CommitBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CommitBody {
+            pause: true,
+            ..CommitBody::default()
+        }
+    } else {
+        let mut de = serde_json::Deserializer::from_slice(&body);
+        let parsed = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| ApiError::bad_request(format!("malformed commit request: {e}")))?;
+        de.end()
+            .map_err(|e| ApiError::bad_request(format!("malformed commit request: {e}")))?;
+        parsed
+    };
+    cela_image::commit::check_request(body.name.as_deref(), &body.changes)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    blocking(move || {
+        let inst = Instances::open(&app.data_dir)?.find(&id)?;
+        let store = cela_image::Store::open(&app.data_dir)?;
+        let req = cela_instance::commit::CommitRequest {
+            name: body.name,
+            message: body.message,
+            author: body.author,
+            changes: body.changes,
+            pause: body.pause,
+        };
+        let rec =
+            cela_instance::commit::commit(&store, &inst, &req, &cela_image::Progress::hidden())?;
+        let v = serde_json::to_value(rec).map_err(ApiError::internal)?;
+        Ok((StatusCode::CREATED, axum::Json(v)))
+    })
+    .await
+}
+
 #[utoipa::path(delete, path = "/cela/v1/instances/{id}", tag = "instances",
     params(
         InstanceKey,
@@ -400,6 +471,7 @@ mod tests {
             ("/cela/v1/instances/{id}", &["get", "delete"]),
             ("/cela/v1/instances/{id}/start", &["post"]),
             ("/cela/v1/instances/{id}/stop", &["post"]),
+            ("/cela/v1/instances/{id}/commit", &["post"]),
             ("/cela/v1/instances/{id}/exec", &["get"]),
             ("/cela/v1/instances/{id}/console", &["get"]),
             ("/cela/v1/images", &["get"]),
@@ -413,6 +485,7 @@ mod tests {
         let schemas = doc["components"]["schemas"].as_object().unwrap();
         for s in [
             "CreateBody",
+            "CommitBody",
             "Summary",
             "Detail",
             "ErrorBody",

@@ -57,7 +57,7 @@ pub struct RunImage {
     pub no_confine: bool,
 }
 
-fn instances(data_dir: &Path) -> anyhow::Result<Instances> {
+pub(crate) fn instances(data_dir: &Path) -> anyhow::Result<Instances> {
     Ok(Instances::open(data_dir)?)
 }
 
@@ -162,7 +162,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// The status a foreground run or `cela wait` gives: the workload's, or 125 with the reason.
-fn exit_of(inst: &Instance, state: &InstanceState) -> ExitCode {
+pub(crate) fn exit_of(inst: &Instance, state: &InstanceState) -> ExitCode {
     match (state.status, state.exit_code) {
         (Status::Exited, Some(code)) => ExitCode::from(code.clamp(0, 255) as u8),
         _ => {
@@ -226,7 +226,7 @@ pub(crate) fn interrupted() -> bool {
 
 /// Copies the instance's log to stdout/stderr until it has ended (when `until_end`) or until
 /// everything written so far is out; Ctrl-C (with `until_end`) stops the instance.
-fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<InstanceState> {
+pub(crate) fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<InstanceState> {
     if until_end {
         catch_interrupts()?;
     }
@@ -423,6 +423,43 @@ pub fn inspect(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
         out.push(cela_instance::view::detail(&inst, &state));
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CommitArgs {
+    /// The commit message, kept in the image's history.
+    #[arg(short = 'm', long, value_name = "TEXT")]
+    message: Option<String>,
+    /// The author (e.g. "Name <mail>").
+    #[arg(short = 'a', long)]
+    author: Option<String>,
+    /// A Dockerfile instruction to apply to the image's config: CMD, ENTRYPOINT, ENV, EXPOSE,
+    /// LABEL, STOPSIGNAL, USER, VOLUME or WORKDIR (repeatable).
+    #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
+    changes: Vec<String>,
+    /// Freeze a running container while its changes are read (--pause=false to not).
+    #[arg(short = 'p', long, default_value_t = true, action = clap::ArgAction::Set)]
+    pause: bool,
+    /// The container.
+    instance: String,
+    /// NAME[:TAG] for the image; without it the image is known by its digest only.
+    name: Option<String>,
+}
+
+pub fn commit(args: CommitArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let insts = instances(data_dir)?;
+    let inst = insts.find(&args.instance)?;
+    let store = Store::open(data_dir)?;
+    let req = cela_instance::commit::CommitRequest {
+        name: args.name,
+        message: args.message,
+        author: args.author,
+        changes: args.changes,
+        pause: args.pause,
+    };
+    let rec = cela_instance::commit::commit(&store, &inst, &req, &crate::image_cmd::progress())?;
+    println!("{}", rec.digest);
     Ok(ExitCode::SUCCESS)
 }
 

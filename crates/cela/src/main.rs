@@ -7,6 +7,7 @@ mod image_cmd;
 mod instance_cmd;
 mod paths;
 mod run_vm;
+mod snapshot_cmd;
 
 use std::process::ExitCode;
 
@@ -105,6 +106,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = image_cmd::Format::Table)]
         format: image_cmd::Format,
     },
+    /// Make an image of a container's changes: its writable layer on top of its image, run
+    /// as the container was (Docker's commit).
+    Commit(instance_cmd::CommitArgs),
+    /// Save a running microVM (memory, CPUs, devices, disk) as a snapshot, and list or remove
+    /// snapshots (`snapshot ls`, `snapshot rm`).
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Start a new instance from a snapshot, going on where it was taken.
+    Restore(snapshot_cmd::RestoreArgs),
     /// Print instances' config and state as JSON.
     Inspect {
         #[arg(required = true)]
@@ -206,6 +215,9 @@ fn main() -> ExitCode {
         Command::Start { names } => instance_cmd::start(&names, &data_dir),
         Command::Rm { force, names } => instance_cmd::rm(&names, force, &data_dir),
         Command::Inspect { names } => instance_cmd::inspect(&names, &data_dir),
+        Command::Commit(args) => instance_cmd::commit(args, &data_dir),
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args, &data_dir),
+        Command::Restore(args) => snapshot_cmd::restore(args, &data_dir),
         Command::Events {
             since,
             until,

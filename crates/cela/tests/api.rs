@@ -1262,3 +1262,108 @@ fn fifty_concurrent_docker_runs_leave_nothing_behind() {
         "mounts left:\n{mounts}"
     );
 }
+
+#[test]
+fn docker_commit_and_the_own_api_make_images_of_containers() {
+    let w = World::new();
+    let s = Server::start(&w);
+    // docker commit of an ended container, with a message and a change, runs as asked.
+    s.docker_ok(
+        DOCKER_28,
+        &["run", "--name", "dc", "testimg", "sh", "-c", "echo x > /x"],
+    );
+    let id = s.docker_ok(
+        DOCKER_28,
+        &[
+            "commit",
+            "-m",
+            "made by docker",
+            "-c",
+            r#"CMD ["cat", "/x"]"#,
+            "dc",
+            "dimg:1",
+        ],
+    );
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    assert_eq!(s.docker_ok(DOCKER_28, &["run", "--rm", "dimg:1"]), "x\n");
+    let out = s.docker(DOCKER_28, &["commit", "-c", "RUN true", "dc", "dimg:2"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not an instruction"), "{out:?}");
+    // Docker's 20.10 client too, a running container (frozen, then running on).
+    s.docker_ok(
+        DOCKER_20,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "live",
+            "testimg",
+            "sh",
+            "-c",
+            "echo y > /y; exec sleep 600",
+        ],
+    );
+    eventually("the running container wrote /y", || {
+        s.docker(DOCKER_20, &["exec", "live", "test", "-e", "/y"])
+            .status
+            .success()
+    });
+    s.docker_ok(DOCKER_20, &["commit", "live", "dimg:live"]);
+    assert_eq!(
+        s.docker_ok(DOCKER_20, &["inspect", "-f", "{{.State.Status}}", "live"])
+            .trim(),
+        "running"
+    );
+    s.docker_ok(DOCKER_20, &["exec", "live", "true"]);
+    assert_eq!(
+        s.docker_ok(DOCKER_20, &["run", "--rm", "dimg:live", "cat", "/y"]),
+        "y\n"
+    );
+
+    // cela's own API: the image record back; bad bodies are 400, a microVM 501.
+    let (code, body) = s.http(
+        "POST",
+        "/cela/v1/instances/dc/commit",
+        Some(br#"{"name": "cimg:1", "changes": ["ENV A=1"], "message": "own"}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let rec: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        rec["names"],
+        serde_json::json!(["docker.io/library/cimg:1"])
+    );
+    assert_eq!(
+        w.ok(&["run", "--rm", "cimg:1", "sh", "-c", "echo $A; cat /x"]),
+        "1\nx\n"
+    );
+    for (req, says) in [
+        (
+            &br#"{"changes": ["FROM scratch"]}"#[..],
+            "not an instruction",
+        ),
+        (br#"{"name": "Bad Name"}"#, "reference"),
+        (br#"{"paused": false}"#, "paused"),
+        (b"{", "malformed commit request"),
+    ] {
+        let (code, body) = s.http("POST", "/cela/v1/instances/dc/commit", Some(req));
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains(says), "{body}");
+    }
+    let (code, body) = s.http("POST", "/cela/v1/instances/nosuch/commit", Some(b"{}"));
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = s.http(
+        "POST",
+        "/cela/v1/instances",
+        Some(br#"{"image": "testimg", "kind": "vm", "name": "avm", "start": false}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = s.http("POST", "/cela/v1/instances/avm/commit", Some(b""));
+    assert_eq!(code, 501, "{body}");
+    assert!(body.contains("microVM"), "{body}");
+    for name in ["dc", "live", "avm"] {
+        w.ok(&["rm", "-f", name]);
+    }
+    for image in ["dimg:1", "dimg:live", "cimg:1"] {
+        w.ok(&["image", "rm", image]);
+    }
+}

@@ -202,6 +202,97 @@ fn detached_container_lifecycle() {
 }
 
 #[test]
+fn commit_makes_an_image_of_a_containers_changes() {
+    let w = World::new();
+    let images = || w.ok(&["image", "ls", "--format", "json"]);
+    // An ended container: a file written, one of the image's deleted, a directory made.
+    w.ok(&[
+        "run",
+        "--name",
+        "c1",
+        "-e",
+        "MADE=yes",
+        "testimg",
+        "sh",
+        "-c",
+        "echo hello > /hello; rm /etc/greeting; mkdir -p /data; echo d > /data/f",
+    ]);
+    let digest = w.ok(&[
+        "commit",
+        "-m",
+        "first",
+        "-a",
+        "tester",
+        "-c",
+        "WORKDIR /data",
+        "c1",
+        "mine:1",
+    ]);
+    assert!(digest.trim().starts_with("sha256:"), "{digest}");
+    let out = w.ok(&[
+        "run",
+        "--rm",
+        "mine:1",
+        "sh",
+        "-c",
+        "cat /hello; test -e /etc/greeting || echo gone; pwd; echo $MADE; cat f",
+    ]);
+    assert_eq!(out, "hello\ngone\n/data\nyes\nd\n");
+    let listed: Value = serde_json::from_str(&images()).unwrap();
+    let mine = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["names"][0] == "docker.io/library/mine:1")
+        .unwrap_or_else(|| panic!("mine:1 is not listed: {listed}"));
+    assert_eq!(mine["digest"], digest.trim());
+    assert_eq!(
+        mine["source"].as_str().unwrap().split(' ').next(),
+        Some("commit")
+    );
+
+    // A running container is frozen while committed, and runs on after.
+    w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "c2",
+        "testimg",
+        "sh",
+        "-c",
+        "echo live > /live; exec sleep 600",
+    ]);
+    let start = Instant::now();
+    while !w
+        .cela(&["exec", "c2", "test", "-e", "/live"])
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "/live never came"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.ok(&["commit", "c2", "mine:2"]);
+    assert_eq!(w.status("c2"), "running");
+    assert_eq!(w.ok(&["exec", "c2", "echo", "thawed"]), "thawed\n");
+    assert_eq!(w.ok(&["run", "--rm", "mine:2", "cat", "/live"]), "live\n");
+
+    // Bad input: one line naming the problem, nothing stored.
+    let before = images();
+    w.err(
+        &["commit", "-c", "RUN true", "c1", "mine:3"],
+        "not an instruction",
+    );
+    w.err(&["commit", "c1", "Bad Name"], "malformed image reference");
+    w.err(&["commit", "nosuch", "mine:3"], "no such instance");
+    assert_eq!(images(), before);
+    w.ok(&["rm", "-f", "c1", "c2"]);
+    w.ok(&["image", "rm", "mine:1", "mine:2"]);
+}
+
+#[test]
 fn a_killed_supervisor_shows_as_crashed_and_rm_cleans_up() {
     let w = World::new();
     let id = w.ok(&["run", "-d", "--name", "victim", "testimg", "sleep", "600"]);

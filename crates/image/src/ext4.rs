@@ -69,9 +69,16 @@ pub fn instance_disk(
     progress: &Progress,
 ) -> Result<(), ImageError> {
     let cached = rootfs_disk(store, image, progress)?;
+    copy_disk(&cached, dest)
+}
+
+/// Copies the disk `src` to `dest` (which must not exist): sparse, sharing blocks where the
+/// file system can (`cp --reflink=auto`), owned by the caller with default permissions.
+pub fn copy_disk(src: &Path, dest: &Path) -> Result<(), ImageError> {
+    let cached = src;
     let out = Command::new("cp")
         .args(["--reflink=auto", "--sparse=always", "--no-preserve=all"])
-        .arg(&cached)
+        .arg(cached)
         .arg(dest)
         .output()
         .map_err(|e| ImageError::Tool {

@@ -14,7 +14,9 @@
 //! * [`ext4`]: an image flattened into a cached ext4 disk for microVMs.
 //! * [`debootstrap`]: Debian images built with debootstrap ([`build_debian`]).
 //! * [`config`]: how the image asks to be run ([`RunConfig`]).
+//! * [`commit`]: a container's writable layer made into an image ([`commit::commit`]).
 
+pub mod commit;
 pub mod config;
 pub mod credentials;
 pub mod debootstrap;

@@ -59,7 +59,7 @@ use crate::error::IoContext;
 use crate::tar_limits::{self, LimitError, Limited};
 
 mod sparse;
-mod tree;
+pub(crate) mod tree;
 
 use sparse::PaxSparse;
 use tree::{Deferred, DirHandle};

@@ -33,12 +33,13 @@ pub struct Event {
     /// `container` (a container or a microVM: the Docker API's word for both).
     #[serde(rename = "type")]
     pub kind: String,
-    /// `create`, `start`, `die`, `kill`, `stop`, `destroy`.
+    /// `create`, `start`, `die`, `kill`, `stop`, `destroy`, `commit`, `checkpoint`.
     pub action: String,
     /// The instance's id.
     pub id: String,
     /// `name`, `image`, `kind` (`container` or `vm`), the instance's labels, and per action:
-    /// `exitCode` (die), `signal` (kill).
+    /// `exitCode` (die), `signal` (kill), `imageID` (commit), `snapshot` (checkpoint; create of a
+    /// restored instance).
     pub attributes: BTreeMap<String, String>,
 }
 

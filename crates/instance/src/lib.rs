@@ -16,11 +16,16 @@
 //! * [`run`]: a typed [`run::RunRequest`] made into an instance, and starting it; the one
 //!   path every front end (CLI, HTTP APIs) takes.
 //! * [`ops`]: stop, remove, exec, waiting on state.
+//! * [`commit`]: a container's changes made into an image.
+//! * [`snapshot`]: microVM snapshots on disk, taking them (in the supervisor) and restoring
+//!   them as new instances; [`control`]: the supervisor's socket that takes the request.
 //! * [`view`]: the JSON an instance is shown as, by the CLI and the APIs alike.
 //! * [`vm_exec`]: `cela exec` into a microVM, the host end of the guest agent's protocol.
 
 pub mod attach;
+pub mod commit;
 pub mod container;
+pub mod control;
 mod error;
 pub mod events;
 pub mod images;
@@ -30,6 +35,7 @@ pub mod ops;
 pub mod record;
 pub mod run;
 pub mod security;
+pub mod snapshot;
 pub mod supervise;
 pub mod view;
 pub mod vm_exec;

@@ -275,7 +275,7 @@ pub struct Instance {
     pub config: InstanceConfig,
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name

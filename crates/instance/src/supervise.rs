@@ -240,6 +240,15 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         .vm
         .as_ref()
         .expect("a VM instance has its boot files");
+    let restore = crate::snapshot::pending_restore(inst)?;
+    // Instances live in <data>/instances/<id>.
+    let data_dir = inst
+        .dir
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| {
+            InstanceError::Other(format!("{} is not in a data directory", inst.dir.display()))
+        })?;
     let disk = instance_disk(store, inst)?;
     // The TAP of `--net auto` lives as long as `host_net` (and QEMU's inherited copy).
     let host_net = crate::network::setup_vm(inst)?;
@@ -252,7 +261,9 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         user: inst.config.user.clone(),
         tty: inst.config.tty,
     };
-    let (engine, _) = cela_vmm::engine::choose(None).map_err(InstanceError::Other)?;
+    // A snapshot is tied to its engine: a restore runs on QEMU whatever this host offers.
+    let (engine, _) = cela_vmm::engine::choose(restore.as_ref().map(|_| Engine::Qemu))
+        .map_err(InstanceError::Other)?;
     // The socket of a previous run (its monitor was killed) would stop the device binding.
     let vsock_path = inst.vsock_path();
     let _ = std::fs::remove_file(&vsock_path);
@@ -274,11 +285,15 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         vsock,
         confine: vm.confine,
     };
-    state.status = Status::Running;
     state.pid = Some(std::process::id() as i32);
     state.engine = Some(engine.to_string());
     state.network = host_net.as_ref().map(|(_, s)| s.clone());
-    inst.save_state(state)?;
+    // A boot is running from here; a restore only once its state is loaded and the guest
+    // runs on (so `run::start` reports a restore that fails).
+    if restore.is_none() {
+        state.status = Status::Running;
+        inst.save_state(state)?;
+    }
     // `-t`: the workload runs on the guest's console, whose input is a pipe (the monitor's
     // fd 0) that the attach socket feeds with frames: keys, and sizes for the guest's init.
     let console = if inst.config.tty {
@@ -295,11 +310,44 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         None => ConsoleMode::Stream,
     };
     crate::events::record(inst, "start", &[]);
+    let in_flight = crate::control::InFlight::default();
     let exit = match engine {
         Engine::Kvm => cela_vmm::run(&config, mode)
             .map(|r| r.exit)
             .map_err(InstanceError::from),
-        Engine::Qemu => cela_vmm::qemu::run(&config, mode).map_err(InstanceError::from),
+        Engine::Qemu => {
+            let incoming = match &restore {
+                Some(r) => {
+                    let path = r.snapshot.join(crate::snapshot::STATE_FILE);
+                    let state =
+                        File::open(&path).doing(|| format!("opening {}", path.display()))?;
+                    Some(cela_vmm::qemu::Incoming {
+                        state,
+                        expect: r.qemu.clone(),
+                    })
+                }
+                None => None,
+            };
+            let mut started: Result<(), InstanceError> = Ok(());
+            let on_running = |machine: cela_vmm::qemu::QemuHandle| {
+                if restore.is_some() {
+                    crate::snapshot::restore_done(inst);
+                    state.status = Status::Running;
+                    started = inst.save_state(state);
+                }
+                if let Err(e) = crate::control::serve(data_dir, inst, machine, in_flight.clone()) {
+                    tracing::warn!("no control socket (snapshots cannot be taken): {e}");
+                }
+            };
+            let opts = cela_vmm::qemu::RunOptions {
+                incoming,
+                on_running: Some(Box::new(on_running)),
+            };
+            let exit = cela_vmm::qemu::run_with(&config, mode, opts).map_err(InstanceError::from);
+            in_flight.settle();
+            let _ = std::fs::remove_file(inst.control_path());
+            started.and(exit)
+        }
     };
     if let Some(saved) = console {
         let _ = dup2(&saved, 0);

@@ -111,6 +111,8 @@ pub enum GuestExit {
     Detached,
     /// The host asked cela to stop (Ctrl-C, SIGTERM or SIGHUP; the signal number).
     Interrupted(u8),
+    /// The machine was saved to a snapshot and stopped; it goes on where it is restored.
+    Snapshotted,
 }
 
 impl GuestExit {
@@ -119,7 +121,7 @@ impl GuestExit {
     pub fn exit_code(self) -> i32 {
         match self {
             GuestExit::Command(code) => i32::from(code),
-            GuestExit::PoweredOff | GuestExit::Detached => 0,
+            GuestExit::PoweredOff | GuestExit::Detached | GuestExit::Snapshotted => 0,
             GuestExit::Rebooted => 0,
             GuestExit::Panicked | GuestExit::TripleFault => 125,
             GuestExit::Interrupted(sig) => 128 + i32::from(sig),
@@ -138,6 +140,7 @@ impl GuestExit {
             ),
             GuestExit::Detached => Some("detached from the console; the VM was stopped"),
             GuestExit::Interrupted(_) => Some("interrupted; the VM was stopped"),
+            GuestExit::Snapshotted => Some("the VM was saved to a snapshot and stopped"),
         }
     }
 }

@@ -425,6 +425,56 @@ pub async fn load(
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }
 
+/// `POST /commit` (`docker commit`): a container's changes made into an image, as `cela
+/// commit` makes it. The query is read by hand because Docker sends each `--change` as its own
+/// `changes` value. The body (a container config to merge) is not read: what the container ran
+/// with, and the changes, make the config.
+pub async fn commit(
+    State(app): State<Arc<AppState>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<(axum::http::StatusCode, axum::Json<Value>), ApiError> {
+    let bad = |m: String| ApiError::new(axum::http::StatusCode::BAD_REQUEST, m);
+    let (mut container, mut repo, mut tag) = (None, None, None);
+    let mut req = cela_instance::commit::CommitRequest::default();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let v = v.into_owned();
+        match &*k {
+            "container" => container = Some(v),
+            "repo" => repo = Some(v).filter(|s| !s.is_empty()),
+            "tag" => tag = Some(v).filter(|s| !s.is_empty()),
+            "comment" => req.message = Some(v).filter(|s| !s.is_empty()),
+            "author" => req.author = Some(v).filter(|s| !s.is_empty()),
+            "pause" => req.pause = !matches!(&*v, "0" | "false" | "False"),
+            "changes" if !v.trim().is_empty() => req.changes.push(v),
+            _ => {}
+        }
+    }
+    let Some(container) = container else {
+        return Err(bad(
+            "commit needs the container's name or id (container=)".into()
+        ));
+    };
+    req.name = match (repo, tag) {
+        (Some(r), Some(t)) => Some(format!("{r}:{t}")),
+        (Some(r), None) => Some(r),
+        (None, Some(t)) => return Err(bad(format!("tag {t:?} needs a repository (repo=)"))),
+        (None, None) => None,
+    };
+    cela_image::commit::check_request(req.name.as_deref(), &req.changes)
+        .map_err(|e| bad(e.to_string()))?;
+    blocking(move || {
+        let inst = Instances::open(&app.data_dir)?.find(&container)?;
+        let store = Store::open(&app.data_dir)?;
+        let rec =
+            cela_instance::commit::commit(&store, &inst, &req, &cela_image::Progress::hidden())?;
+        Ok((
+            axum::http::StatusCode::CREATED,
+            axum::Json(json!({"Id": rec.digest.to_string()})),
+        ))
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/exec/{id}/resize", post(exec::resize))
         .route("/exec/{id}/json", get(exec::inspect))
         .route("/images/json", get(images::list))
+        .route("/commit", post(images::commit))
         .route("/images/create", post(images::create))
         // An image archive is as large as the images in it: streamed to the store's tmp/,
         // bounded by its free space, not by the API's body limit.

@@ -32,7 +32,7 @@
 //! only, which stops QEMU and reports [`GuestExit::Interrupted`]; QEMU also gets `SIGKILL` if
 //! the thread that started it dies (`PR_SET_PDEATHSIG`), and on every error path.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
@@ -41,6 +41,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+pub mod migrate;
+pub mod qmp;
+
+pub use migrate::{Incoming, Paused, QemuHandle};
+pub use qmp::QemuVersion;
 
 use crate::config::ConfigError;
 use crate::console::{self, HostStdout, RawTerminal};
@@ -93,6 +99,8 @@ pub enum QemuError {
         status: String,
         stderr: String,
     },
+    #[error("{0}")]
+    Migration(String),
     #[error("{why} (QEMU {status}){}", show_stderr(.stderr))]
     Ended {
         why: String,
@@ -181,7 +189,7 @@ pub fn qemu_args(
     fds: ChannelFds,
     tsc_khz: u64,
 ) -> Result<Vec<String>, QemuError> {
-    qemu_args_with_disks(config, fds, tsc_khz, None)
+    qemu_args_with_disks(config, fds, tsc_khz, None, false)
 }
 
 /// [`qemu_args`], with the disks given as descriptors QEMU inherits rather than paths: a
@@ -189,11 +197,14 @@ pub fn qemu_args(
 /// anyway. `disk_fds` has, per disk in order, the descriptors of its fd set: one opened
 /// read-only, and for a writable disk a second opened read-write (QEMU opens an image
 /// read-only first, and takes from a set only a descriptor of the access mode it asks for).
+/// `incoming`: the machine is to be loaded from a saved state (`-incoming defer`), which
+/// needs every other argument as the saving machine had it.
 pub fn qemu_args_with_disks(
     config: &MachineConfig,
     fds: ChannelFds,
     tsc_khz: u64,
     disk_fds: Option<&[Vec<RawFd>]>,
+    incoming: bool,
 ) -> Result<Vec<String>, QemuError> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
@@ -249,9 +260,13 @@ pub fn qemu_args_with_disks(
             None => utf8("disk", &disk.path)?.replace(',', ",,"),
         };
         let readonly = if disk.read_only { "on" } else { "off" };
+        // No image locks: a machine whose state was saved gives its disks up, and taking the
+        // lock back on an fd set fails, so it could not run on (cela's own monitor takes no
+        // locks either; `config::open_disks` refuses one file writable twice in a VM, and an
+        // instance's disk is its own).
         push(&[
             "-drive",
-            &format!("file={path},format=raw,if=none,id=d{n},readonly={readonly}"),
+            &format!("file={path},format=raw,if=none,id=d{n},readonly={readonly},file.locking=off"),
         ]);
         // The serial the guest reads, as cela's own block device gives it: the one asked
         // for, or the file name; at most 20 bytes.
@@ -282,6 +297,9 @@ pub fn qemu_args_with_disks(
             "-device",
             &format!("virtio-net-device,netdev=net0,mac={mac}"),
         ]);
+    }
+    if incoming {
+        push(&["-incoming", "defer"]);
     }
     Ok(args)
 }
@@ -347,6 +365,7 @@ impl QemuProcess {
         fds: ChannelFds,
         tsc_khz: u64,
         stderr: RawFd,
+        incoming: bool,
     ) -> Result<Self, QemuError> {
         let mut inherited = vec![fds.console, fds.control, fds.monitor];
         inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
@@ -392,7 +411,7 @@ impl QemuProcess {
             let mut config = config.clone();
             config.kernel = real(&config.kernel)?;
             config.initrd = config.initrd.as_deref().map(real).transpose()?;
-            let args = qemu_args_with_disks(&config, fds, tsc_khz, Some(&disk_fds))
+            let args = qemu_args_with_disks(&config, fds, tsc_khz, Some(&disk_fds), incoming)
                 .map_err(|e| e.to_string())?;
             let mut files = vec![config.kernel.clone()];
             files.extend(config.initrd.clone());
@@ -494,24 +513,11 @@ impl Channels {
     }
 }
 
-/// Extracts the string value of `"key"` from one line of QMP's JSON. QMP's event names and
-/// shutdown reasons are plain identifiers, so escapes need no handling.
-fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let quoted = format!("\"{key}\"");
-    let rest = &line[line.find(&quoted)? + quoted.len()..];
-    let rest = rest
-        .trim_start()
-        .strip_prefix(':')?
-        .trim_start()
-        .strip_prefix('"')?;
-    Some(&rest[..rest.find('"')?])
-}
-
-/// How one line from QMP ends the run, if it does.
-fn stop_reason_for(line: &str) -> Option<StopReason> {
-    match json_string(line, "event")? {
+/// How one QMP event ends the run, if it does.
+fn stop_reason_for(event: &serde_json::Value) -> Option<StopReason> {
+    match event.get("event")?.as_str()? {
         "GUEST_PANICKED" => Some(StopReason::Guest(GuestExit::Panicked)),
-        "SHUTDOWN" => Some(match json_string(line, "reason") {
+        "SHUTDOWN" => Some(match event["data"].get("reason").and_then(|r| r.as_str()) {
             Some("guest-shutdown") => StopReason::Guest(GuestExit::PoweredOff),
             Some("guest-reset") => StopReason::Guest(GuestExit::Rebooted),
             Some("guest-panic") => StopReason::Guest(GuestExit::Panicked),
@@ -520,41 +526,6 @@ fn stop_reason_for(line: &str) -> Option<StopReason> {
         }),
         _ => None,
     }
-}
-
-/// Reads QMP's greeting, leaves capabilities-negotiation mode and resumes the paused machine.
-/// Returns the reader for the events that follow.
-fn qmp_handshake(stream: UnixStream) -> Result<BufReader<UnixStream>, String> {
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    let mut next_line = |reader: &mut BufReader<UnixStream>| -> Result<String, String> {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) => Err("its monitor closed".into()),
-            Ok(_) => Ok(line.trim().to_owned()),
-            Err(e) => Err(format!("reading its monitor: {e}")),
-        }
-    };
-    let greeting = next_line(&mut reader)?;
-    if !greeting.contains("\"QMP\"") {
-        return Err(format!("unexpected monitor greeting {greeting:?}"));
-    }
-    for command in ["qmp_capabilities", "cont"] {
-        writeln!(writer, "{{\"execute\":\"{command}\"}}")
-            .map_err(|e| format!("writing to its monitor: {e}"))?;
-        loop {
-            let reply = next_line(&mut reader)?;
-            if reply.contains("\"error\"") {
-                return Err(format!("{command}: {reply}"));
-            }
-            // Events (RESUME) may come before the reply; they are not the end of a run.
-            if reply.contains("\"return\"") {
-                break;
-            }
-        }
-    }
-    Ok(reader)
 }
 
 fn spawn_named<T: Send + 'static>(
@@ -570,8 +541,26 @@ fn spawn_named<T: Send + 'static>(
         })
 }
 
+/// What [`run_with`] does besides booting the machine and waiting for it to end.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Start the machine from a saved state instead of booting it.
+    pub incoming: Option<Incoming>,
+    /// Called on this thread once the guest runs, with a handle to pause and save it.
+    pub on_running: Option<Box<dyn FnOnce(QemuHandle) + 'a>>,
+}
+
 /// Boots the machine under `qemu-system-x86_64 -accel tcg -M microvm` and waits for it to end.
 pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, QemuError> {
+    run_with(config, console, RunOptions::default())
+}
+
+/// [`run`], from a saved state if asked, handing out a [`QemuHandle`] once the guest runs.
+pub fn run_with(
+    config: &MachineConfig,
+    console: ConsoleMode,
+    opts: RunOptions<'_>,
+) -> Result<GuestExit, QemuError> {
     if config.vsock.is_some() {
         return Err(QemuError::NoVsock);
     }
@@ -583,7 +572,8 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
         tracing::warn!("could not measure the host's TSC frequency; assuming {FALLBACK_TSC_KHZ} kHz (the guest clock may drift)");
         FALLBACK_TSC_KHZ
     });
-    let args = qemu_args(config, fds, tsc_khz)?;
+    let incoming = opts.incoming.is_some();
+    let args = qemu_args_with_disks(config, fds, tsc_khz, None, incoming)?;
     tracing::debug!("starting {} {}", binary.display(), args.join(" "));
 
     let launched = Instant::now();
@@ -593,7 +583,8 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
                 what: "QEMU's stderr",
                 source: e.into(),
             })?;
-        let qemu = QemuProcess::spawn_jailed(&binary, config, fds, tsc_khz, w.as_raw_fd())?;
+        let qemu =
+            QemuProcess::spawn_jailed(&binary, config, fds, tsc_khz, w.as_raw_fd(), incoming)?;
         drop(w);
         (qemu, Some(Box::new(std::fs::File::from(r))))
     } else {
@@ -618,8 +609,25 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
     drop((qemu_console, qemu_control, qemu_monitor));
     let stderr = collect_stderr(stderr_source)?;
 
-    let events = match qmp_handshake(monitor) {
-        Ok(events) => events,
+    let stop = Arc::new(StopSignal::new());
+    // The monitor: the handshake, its reader on a thread (events end the run), then the
+    // machine started: resumed, or first loaded from the saved state.
+    let started = qmp::Qmp::connect(monitor)
+        .map_err(|e| e.to_string())
+        .and_then(|(qmp, events)| {
+            let stop_e = stop.clone();
+            let reader = spawn_named("qemu-events", move || watch_events(events, &stop_e))
+                .map_err(|e| e.to_string())?;
+            let qmp = Arc::new(qmp);
+            if let Some(saved) = &opts.incoming {
+                migrate::load(&qmp, saved)
+                    .map_err(|e| format!("restoring the saved state: {e}"))?;
+            }
+            qmp.execute("cont", None).map_err(|e| e.to_string())?;
+            Ok((qmp, reader))
+        });
+    let (qmp, events_thread) = match started {
+        Ok(s) => s,
         Err(why) => {
             qemu.kill();
             let status = qemu.wait();
@@ -631,7 +639,6 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
         }
     };
 
-    let stop = Arc::new(StopSignal::new());
     console::stop_on_host_signals(stop.clone(), None);
     let raw_terminal = match console {
         ConsoleMode::Interactive => RawTerminal::stdin(),
@@ -650,12 +657,22 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<GuestExit, Qe
         let output = spawn_named("qemu-console", move || copy_console(console_io))?;
         let stop_c = stop.clone();
         let control = spawn_named("qemu-control", move || read_control(control_in, &stop_c))?;
-        let stop_e = stop.clone();
-        let monitor = spawn_named("qemu-events", move || watch_events(events, &stop_e))?;
-        Ok::<_, QemuError>([output, control, monitor])
+        Ok::<_, QemuError>([output, control, events_thread])
     })();
     // On an error, `qemu` and `raw_terminal` are dropped: QEMU killed, the terminal restored.
     let threads = threads?;
+    if incoming {
+        // A restored guest said `ready` before it was saved; it will not again.
+        stop.report_ready();
+    }
+    if let Some(on_running) = opts.on_running {
+        on_running(QemuHandle {
+            qmp: qmp.clone(),
+            stop: stop.clone(),
+            busy: Arc::new(std::sync::Mutex::new(())),
+            tsc_khz,
+        });
+    }
 
     let reason = stop.wait(None);
     if matches!(
@@ -734,14 +751,12 @@ fn read_control(channel: UnixStream, stop: &StopSignal) {
 
 /// QMP events → stop requests. The monitor closing means QEMU is gone; if nothing said why
 /// before, that is a fault.
-fn watch_events(events: BufReader<UnixStream>, stop: &StopSignal) {
-    for line in events.lines() {
-        let Ok(line) = line else { break };
-        tracing::trace!("QMP: {line}");
-        if let Some(reason) = stop_reason_for(&line) {
+fn watch_events(events: qmp::QmpEvents, stop: &StopSignal) {
+    events.run(|event| {
+        if let Some(reason) = stop_reason_for(event) {
             stop.request(reason);
         }
-    }
+    });
     stop.request(StopReason::Fault(
         "QEMU exited without the guest ending the machine".into(),
     ));
@@ -879,9 +894,9 @@ mod tests {
         assert_eq!(
             values(&args, "-drive"),
             [
-                "file=/d/a.img,format=raw,if=none,id=d0,readonly=off",
-                "file=/d/b,,c.img,format=raw,if=none,id=d1,readonly=on",
-                "file=/d/root.ext4,format=raw,if=none,id=d2,readonly=off"
+                "file=/d/a.img,format=raw,if=none,id=d0,readonly=off,file.locking=off",
+                "file=/d/b,,c.img,format=raw,if=none,id=d1,readonly=on,file.locking=off",
+                "file=/d/root.ext4,format=raw,if=none,id=d2,readonly=off,file.locking=off"
             ]
         );
         assert_eq!(
@@ -902,7 +917,11 @@ mod tests {
             crate::DiskConfig::parse("/d/b.img,ro"),
         ];
         let sets = [vec![20, 21], vec![22]];
-        let args = qemu_args_with_disks(&c, FDS, 1, Some(&sets)).unwrap();
+        let args = qemu_args_with_disks(&c, FDS, 1, Some(&sets), false).unwrap();
+        let restoring = qemu_args_with_disks(&c, FDS, 1, Some(&sets), true).unwrap();
+        // A restore adds `-incoming defer` and changes nothing else.
+        assert_eq!(restoring[..args.len()], args[..]);
+        assert_eq!(restoring[args.len()..], ["-incoming", "defer"]);
         assert_eq!(
             values(&args, "-add-fd"),
             ["fd=20,set=1", "fd=21,set=1", "fd=22,set=2"]
@@ -910,8 +929,8 @@ mod tests {
         assert_eq!(
             values(&args, "-drive"),
             [
-                "file=/dev/fdset/1,format=raw,if=none,id=d0,readonly=off",
-                "file=/dev/fdset/2,format=raw,if=none,id=d1,readonly=on"
+                "file=/dev/fdset/1,format=raw,if=none,id=d0,readonly=off,file.locking=off",
+                "file=/dev/fdset/2,format=raw,if=none,id=d1,readonly=on,file.locking=off"
             ]
         );
     }
@@ -958,8 +977,13 @@ mod tests {
     const RESUME: &str =
         r#"{"timestamp": {"seconds": 1795664758, "microseconds": 403030}, "event": "RESUME"}"#;
 
+    fn stop_reason_of(line: &str) -> Option<StopReason> {
+        stop_reason_for(&serde_json::from_str(line).unwrap_or_default())
+    }
+
     #[test]
     fn qmp_events_map_to_guest_exits() {
+        let stop_reason_for = stop_reason_of;
         let guest = |exit| Some(StopReason::Guest(exit));
         assert_eq!(stop_reason_for(SHUTDOWN), guest(GuestExit::PoweredOff));
         assert_eq!(stop_reason_for(RESET), guest(GuestExit::Rebooted));
@@ -974,15 +998,8 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_found_by_key() {
-        assert_eq!(json_string(SHUTDOWN, "reason"), Some("guest-shutdown"));
-        assert_eq!(json_string(r#"{"event":"X"}"#, "event"), Some("X"));
-        assert_eq!(json_string(r#"{"event": 3}"#, "event"), None);
-        assert_eq!(json_string(r#"{"event": "unterminated"#, "event"), None);
-    }
-
-    #[test]
     fn a_guest_status_turns_the_power_off_into_a_command_exit() {
+        let stop_reason_for = stop_reason_of;
         let stop = StopSignal::new();
         stop.report_status(7);
         stop.request(stop_reason_for(SHUTDOWN).unwrap());

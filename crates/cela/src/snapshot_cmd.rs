@@ -1,0 +1,178 @@
+//! `cela snapshot` (take, ls, rm) and `cela restore`: thin commands over
+//! `cela_instance::snapshot`; the supervisor of the VM takes the snapshot itself.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use cela_instance::control::{self, Reply, Request};
+use cela_instance::ops;
+use cela_instance::run::START_BOUND;
+use cela_instance::snapshot::{self, RestoreRequest, SnapshotRequest, Snapshots};
+use clap::{Args, Subcommand};
+
+use crate::image_cmd::{Format, human_size};
+use crate::instance_cmd::{exit_of, follow, instances};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    command: Option<SnapshotCommand>,
+    /// The snapshot's name (default: the instance's and the time).
+    #[arg(long, value_name = "SNAP")]
+    name: Option<String>,
+    /// Let the VM run on after the snapshot (by default it ends as saved).
+    #[arg(long)]
+    leave_running: bool,
+    /// The running microVM to save.
+    instance: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// List snapshots.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove snapshots.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(value_name = "SNAP", required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The new instance's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Run in the background: print the new instance's id and return.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Remove the instance when it ends.
+    #[arg(long)]
+    rm: bool,
+    /// The snapshot.
+    snapshot: String,
+}
+
+pub fn snapshot(args: SnapshotArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(SnapshotCommand::Ls { format }) => ls(format, data_dir),
+        Some(SnapshotCommand::Rm { names }) => {
+            let snaps = Snapshots::open(data_dir)?;
+            for n in names {
+                snaps.remove(&n)?;
+                println!("{n}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let Some(name) = args.instance else {
+                bail!("cela snapshot needs an instance (or ls, rm): see cela snapshot --help");
+            };
+            take(&name, args.name, args.leave_running, data_dir)
+        }
+    }
+}
+
+fn take(
+    instance: &str,
+    name: Option<String>,
+    leave_running: bool,
+    data_dir: &Path,
+) -> anyhow::Result<ExitCode> {
+    let inst = instances(data_dir)?.find(instance)?;
+    snapshot::check_snapshottable(&inst)?;
+    let state = inst.state()?;
+    if !ops::is_live(&state) {
+        return Err(cela_instance::InstanceError::WrongState {
+            name: inst.config.name.clone(),
+            status: state.status.to_string(),
+            hint: "a snapshot is of a running microVM",
+        }
+        .into());
+    }
+    if state.engine.as_deref() == Some("kvm") {
+        bail!(
+            "{} runs on cela's KVM engine, whose snapshots are not done yet (the QEMU engine's are)",
+            inst.config.name
+        );
+    }
+    let req = Request::Snapshot(SnapshotRequest {
+        name: name.unwrap_or_else(|| snapshot::default_name(&inst.config.name)),
+        leave_running,
+    });
+    match control::request(&inst, &req, control::SNAPSHOT_BOUND)? {
+        Reply::Snapshot(m) => {
+            if !leave_running {
+                // The machine has ended as saved; its end is recorded as it shuts down.
+                ops::wait_state(&inst, START_BOUND, |s| !ops::is_live(s))?;
+            }
+            let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+            println!("{}", m.name);
+            eprintln!(
+                "saved {} ({}{})",
+                inst.config.name,
+                human_size(bytes),
+                if leave_running {
+                    "; it runs on"
+                } else {
+                    "; it ended"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Error(e) => bail!("{e}"),
+    }
+}
+
+fn ls(format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let snaps = Snapshots::open(data_dir)?;
+    let list = snaps.list()?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Table => {
+            println!(
+                "{:<32} {:<20} {:<8} {:>10}  CREATED",
+                "NAME", "SOURCE", "ENGINE", "SIZE"
+            );
+            for m in list {
+                let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+                println!(
+                    "{:<32} {:<20} {:<8} {:>10}  {}",
+                    m.name,
+                    m.source.name,
+                    m.engine,
+                    human_size(bytes),
+                    m.created
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn restore(args: RestoreArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let req = RestoreRequest {
+        snapshot: args.snapshot,
+        name: args.name,
+        // A foreground restore removes the instance itself, after reading its output.
+        auto_remove: args.rm && args.detach,
+    };
+    let inst = snapshot::restore(data_dir, &req)?;
+    if args.detach {
+        println!("{}", inst.config.id);
+        return Ok(ExitCode::SUCCESS);
+    }
+    ops::wait_state(&inst, START_BOUND, |s| s.supervisor.is_some())?;
+    let state = follow(&inst, true)?;
+    if args.rm {
+        ops::remove(&inst, true)?;
+    }
+    Ok(exit_of(&inst, &state))
+}

@@ -1,0 +1,150 @@
+//! Snapshots of microVMs on this host's engine (the QEMU fallback): a counting guest saved,
+//! restored twice and saved again while it runs on; every bad input refused with nothing left.
+
+mod images;
+mod world;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use world::World;
+
+/// The counter lines (`n=K start`) of an instance's log, as numbers.
+fn counts(w: &World, name: &str) -> Vec<u64> {
+    w.ok(&["logs", name])
+        .lines()
+        .filter_map(|l| l.strip_prefix("n="))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Waits until `name` has printed a count of at least `n`.
+fn wait_count(w: &World, name: &str, n: u64) {
+    let start = Instant::now();
+    while counts(w, name).last().is_none_or(|&c| c < n) {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{name} never counted to {n}: {}",
+            w.ok(&["logs", name])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn instance_count(w: &World) -> usize {
+    let v: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
+    v.as_array().unwrap().len()
+}
+
+#[test]
+fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
+    let w = World::new();
+    // The count goes to the log and to a file on the VM's disk.
+    w.ok(&[
+        "run",
+        "-d",
+        "--vm",
+        "--name",
+        "src",
+        "testimg",
+        "sh",
+        "-c",
+        "echo start > /w; i=0; while :; do i=$((i+1)); echo \"n=$i $(cat /w)\"; echo $i > /count; sleep 1; done",
+    ]);
+    wait_count(&w, "src", 3);
+    let supervisor = w.inspect("src")["state"]["supervisor"]["pid"]
+        .as_i64()
+        .unwrap();
+
+    // Saved and ended: the VM's run ends cleanly, as saved.
+    assert_eq!(w.ok(&["snapshot", "--name", "s1", "src"]).trim(), "s1");
+    let v = w.inspect("src");
+    assert_eq!(
+        (v["status"].as_str(), v["exit_code"].as_i64()),
+        (Some("exited"), Some(0))
+    );
+    let last = *counts(&w, "src").last().unwrap();
+    let listed: Value =
+        serde_json::from_str(&w.ok(&["snapshot", "ls", "--format", "json"])).unwrap();
+    assert_eq!(listed[0]["name"], "s1");
+    assert_eq!(listed[0]["source"]["name"], "src");
+    assert_eq!(listed[0]["engine"], "qemu");
+
+    // Two restores, side by side: each goes on from the saved count with the saved disk.
+    for name in ["r1", "r2"] {
+        w.ok(&["restore", "-d", "--name", name, "s1"]);
+        assert_eq!(w.status(name), "running");
+    }
+    for name in ["r1", "r2"] {
+        wait_count(&w, name, last + 2);
+        let c = counts(&w, name);
+        assert!(
+            c[0] == last + 1 || c[0] == last,
+            "{name} began at {} where the snapshot stopped at {last}",
+            c[0]
+        );
+        assert!(
+            w.ok(&["logs", name]).contains(" start\n"),
+            "the disk's /w is gone"
+        );
+    }
+
+    // Saved while it runs on: r1 keeps counting, and its copy counts from the same place.
+    w.ok(&["snapshot", "--leave-running", "--name", "s2", "r1"]);
+    assert_eq!(w.status("r1"), "running");
+    let at = *counts(&w, "r1").last().unwrap();
+    wait_count(&w, "r1", at + 2);
+    w.ok(&["restore", "-d", "--name", "r3", "s2"]);
+    wait_count(&w, "r3", at + 1);
+    assert!(counts(&w, "r3")[0] >= at);
+
+    // A restored instance is an instance: stopped and removed as any other.
+    for name in ["r1", "r2", "r3"] {
+        w.ok(&["stop", "-t", "20", name]);
+        assert_eq!(w.status(name), "exited");
+    }
+
+    // Bad input: one line naming the problem, status 125, nothing made.
+    let before = instance_count(&w);
+    w.ok(&["run", "--name", "ct", "testimg", "true"]);
+    w.err(&["snapshot", "ct"], "is a container");
+    w.err(&["snapshot", "src"], "a snapshot is of a running microVM");
+    w.err(&["snapshot", "nosuch"], "no such instance");
+    w.err(&["restore", "nosuch"], "no such snapshot: nosuch");
+    w.err(&["restore", "--name", "r1", "s1"], "exists already");
+    let dir = w.data().join("snapshots/s2");
+    let state = std::fs::read(dir.join("state.bin")).unwrap();
+    let mut flipped = state.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 1;
+    std::fs::write(dir.join("state.bin"), &flipped).unwrap();
+    w.err(&["restore", "s2"], "tampered");
+    std::fs::write(dir.join("state.bin"), &state[..state.len() - 10]).unwrap();
+    w.err(&["restore", "s2"], "truncated");
+    std::fs::write(dir.join("state.bin"), &state).unwrap();
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let mut m: Value = serde_json::from_str(&manifest).unwrap();
+    m["cela_version"] = "0.0.0-elsewhere".into();
+    std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    w.err(&["restore", "s2"], "written by cela 0.0.0-elsewhere");
+    assert_eq!(
+        instance_count(&w),
+        before + 1,
+        "a failed restore left an instance"
+    );
+    let out = w.cela(&["restore", "s2"]);
+    assert_eq!(out.status.code(), Some(125));
+
+    w.ok(&["rm", "src", "r1", "r2", "r3", "ct"]);
+    w.ok(&["snapshot", "rm", "s1", "s2"]);
+    assert_eq!(w.ok(&["snapshot", "ls"]).lines().count(), 1);
+    let left: Vec<_> = std::fs::read_dir(w.data().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{supervisor}")).exists() || world::zombie(supervisor)
+    );
+}

@@ -1,0 +1,117 @@
+//! `cela commit`: a container's changes made into an image (Docker's `commit`). The container's
+//! writable layer goes on top of its image's layers, and the config takes over how the
+//! container ran (command, environment, working directory, user, labels), then the
+//! `--change` instructions. A running container is frozen while its layer is read (unless
+//! asked not to be) and thawed after, whatever happened. The one path the CLI and both APIs
+//! take.
+
+use std::path::PathBuf;
+
+use cela_image::commit::{CommitRequest as ImageCommit, ContainerSettings};
+use cela_image::{ImageRecord, Progress, Store};
+
+use crate::error::InstanceError;
+use crate::record::{Instance, Kind, Status};
+use crate::{container, events, network::NetMode};
+
+/// What the caller asks of a commit.
+#[derive(Debug, Clone)]
+pub struct CommitRequest {
+    /// `NAME[:TAG]` for the image; none leaves it unnamed.
+    pub name: Option<String>,
+    /// Kept in the image's history.
+    pub message: Option<String>,
+    pub author: Option<String>,
+    /// Dockerfile instructions applied to the config (`--change`).
+    pub changes: Vec<String>,
+    /// Freeze a running container while its layer is read (Docker's default).
+    pub pause: bool,
+}
+
+impl Default for CommitRequest {
+    fn default() -> Self {
+        CommitRequest {
+            name: None,
+            message: None,
+            author: None,
+            changes: Vec::new(),
+            pause: true,
+        }
+    }
+}
+
+/// Commits `inst` into `store`; returns the new image's record.
+pub fn commit(
+    store: &Store,
+    inst: &Instance,
+    req: &CommitRequest,
+    progress: &Progress,
+) -> Result<ImageRecord, InstanceError> {
+    let c = &inst.config;
+    if c.kind != Kind::Container {
+        return Err(InstanceError::Unsupported(format!(
+            "{} is a microVM: commit takes a container (a microVM's disk is not a layer)",
+            c.name
+        )));
+    }
+    let mut mount_points: Vec<PathBuf> = c
+        .volumes
+        .iter()
+        .map(|v| PathBuf::from(v.dest.trim_start_matches('/')))
+        .collect();
+    if matches!(c.net, NetMode::Host | NetMode::Auto) {
+        mount_points.push("etc/resolv.conf".into());
+    }
+    let image_req = ImageCommit {
+        base: c.image_digest.clone(),
+        upper: inst.dir.join("upper"),
+        mount_points,
+        name: req.name.clone(),
+        settings: ContainerSettings {
+            command: c.command.clone(),
+            env: c.env.clone(),
+            workdir: c.workdir.clone(),
+            user: c.user.clone(),
+            labels: c.labels.clone(),
+        },
+        changes: req.changes.clone(),
+        comment: req.message.clone(),
+        author: req.author.clone(),
+    };
+    let _frozen = if req.pause && inst.state_or_unknown().status == Status::Running {
+        Frozen::freeze(inst)?
+    } else {
+        None
+    };
+    let rec = cela_image::commit::commit(store, &image_req, progress)?;
+    events::record(inst, "commit", &[("imageID", rec.digest.to_string())]);
+    Ok(rec)
+}
+
+/// A container frozen for the commit, thawed when dropped.
+struct Frozen<'a> {
+    inst: &'a Instance,
+}
+
+impl<'a> Frozen<'a> {
+    /// Freezes the container; `None` if it is not running in its runtime any more (it ended
+    /// since its state was read: there is nothing to freeze).
+    fn freeze(inst: &'a Instance) -> Result<Option<Frozen<'a>>, InstanceError> {
+        match container::runtime(inst).pause(&inst.config.id) {
+            Ok(()) => Ok(Some(Frozen { inst })),
+            Err(cela_runtime::Error::WrongState { .. }) => Ok(None),
+            Err(e) => Err(InstanceError::Other(format!(
+                "freezing {} for the commit: {e} (commit it with --pause=false, or stopped)",
+                inst.config.name
+            ))),
+        }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = container::runtime(self.inst).resume(&self.inst.config.id) {
+            tracing::warn!("thawing {} after the commit: {e}", self.inst.config.name);
+        }
+    }
+}

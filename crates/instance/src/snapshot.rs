@@ -1,0 +1,560 @@
+//! Snapshots of microVM instances: a running VM's whole machine (memory, CPUs, devices) and
+//! its disk written down, and new instances that go on from there (`cela snapshot`, `cela
+//! restore`).
+//!
+//! ```text
+//! <data>/snapshots/                 root's alone (0700)
+//!   <NAME>/manifest.json            what it is (below), with the size and sha256 of each file
+//!   <NAME>/state.bin                the machine's state: QEMU's migration stream
+//!   <NAME>/disk.raw                 the instance's disk as it was (a sparse or reflinked copy)
+//!   .tmp-<NAME>-<pid>/              being written; renamed to <NAME> only when complete
+//! ```
+//!
+//! A snapshot is taken by the instance's supervisor, which holds the machine ([`take`], through
+//! its control socket, [`crate::control`]): the VM is paused, its state and disk are written
+//! into a temporary directory, and the VM resumes (`--leave-running`) or ends as saved once the
+//! snapshot is in place. Any failure before that removes the temporary directory and lets the
+//! VM run on as before.
+//!
+//! A restore ([`restore`]) checks the manifest (its format, this cela's version, the engine
+//! and, for QEMU, this host's QEMU build and TSC rate) and every file's size and digest
+//! *before* it creates anything, then records a new instance with the source's settings and
+//! a copy of the disk, and starts it: its supervisor loads the state instead of booting
+//! (`restore.json` in the instance directory says from where, once). A restore that fails
+//! removes the instance it made.
+//!
+//! This first engine is the QEMU fallback, whose own migration writes the state. The state is
+//! what a guest's machine was: it is only ever given back to a jailed QEMU of the build that
+//! wrote it.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use cela_image::Digest;
+use cela_image::digest::Hasher;
+use cela_vmm::qemu::{QemuHandle, QemuVersion};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InstanceError, IoContext};
+use crate::record::{Instance, InstanceConfig, Instances, Kind, now, private_dir, valid_name};
+use crate::{NetMode, ops};
+
+/// The manifest format this cela writes and reads.
+pub const FORMAT: u32 = 1;
+/// The largest manifest read.
+const MAX_MANIFEST: u64 = 1 << 20;
+/// The files of a snapshot.
+pub const STATE_FILE: &str = "state.bin";
+pub const DISK_FILE: &str = "disk.raw";
+/// The TSC rate a restoring host may differ by (a guest calibrated its clock against it).
+const TSC_TOLERANCE: f64 = 0.005;
+
+/// What a snapshot holds and needs; `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    /// The cela that wrote it; another one does not restore it.
+    pub cela_version: String,
+    /// `qemu` (the only engine so far).
+    pub engine: String,
+    /// The QEMU build that wrote the state.
+    pub qemu: Option<QemuVersion>,
+    /// The TSC rate the guest was booted with (kHz).
+    pub tsc_khz: u64,
+    /// RFC 3339.
+    pub created: String,
+    /// The instance it was taken of.
+    pub source: Source,
+    /// Its settings, which a restored instance takes over.
+    pub config: InstanceConfig,
+    pub files: Vec<FileDigest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Source {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The snapshots under a data directory.
+pub struct Snapshots {
+    root: PathBuf,
+}
+
+fn bad(name: &str, why: impl std::fmt::Display) -> InstanceError {
+    InstanceError::Corrupt {
+        what: format!("snapshot {name}"),
+        why: why.to_string(),
+    }
+}
+
+impl Snapshots {
+    /// Opens (creating) `<data>/snapshots`, and clears what interrupted snapshots left.
+    pub fn open(data_dir: &Path) -> Result<Snapshots, InstanceError> {
+        let root = data_dir.join("snapshots");
+        private_dir(&root)?;
+        let s = Snapshots { root };
+        for e in fs::read_dir(&s.root).doing(|| format!("listing {}", s.root.display()))? {
+            let Ok(e) = e else { continue };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(".tmp-") {
+                // Only what no live process is writing: the suffix is the writer's pid.
+                let pid = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+                let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                if !alive {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Every snapshot, by name; one whose manifest cannot be read is left out with a warning.
+    pub fn list(&self) -> Result<Vec<Manifest>, InstanceError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.root).doing(|| format!("listing {}", self.root.display()))? {
+            let Ok(e) = e else { continue };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            match self.find(&name) {
+                Ok(m) => out.push(m),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
+        Ok(out)
+    }
+
+    /// The manifest of the snapshot `name`.
+    pub fn find(&self, name: &str) -> Result<Manifest, InstanceError> {
+        if !valid_name(name) {
+            return Err(InstanceError::BadName(name.to_owned()));
+        }
+        let path = self.dir(name).join("manifest.json");
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(InstanceError::Invalid(format!(
+                    "no such snapshot: {name} (see `cela snapshot ls`)"
+                )));
+            }
+            Err(e) => return Err(e).doing(|| format!("opening {}", path.display())),
+        };
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(f, MAX_MANIFEST + 1), &mut bytes)
+            .doing(|| format!("reading {}", path.display()))?;
+        if bytes.len() as u64 > MAX_MANIFEST {
+            return Err(bad(name, "its manifest is larger than 1 MiB"));
+        }
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| bad(name, format!("its manifest: {e}")))?;
+        if m.name != name {
+            return Err(bad(name, format!("its manifest names it {:?}", m.name)));
+        }
+        Ok(m)
+    }
+
+    /// Removes the snapshot `name` (also one whose manifest is damaged).
+    pub fn remove(&self, name: &str) -> Result<(), InstanceError> {
+        if !valid_name(name) {
+            return Err(InstanceError::BadName(name.to_owned()));
+        }
+        let dir = self.dir(name);
+        if !dir.is_dir() {
+            return Err(InstanceError::Invalid(format!(
+                "no such snapshot: {name} (see `cela snapshot ls`)"
+            )));
+        }
+        // Out of sight first, so a half-removed snapshot is never listed.
+        let gone = self
+            .root
+            .join(format!(".tmp-removing-{name}-{}", std::process::id()));
+        fs::rename(&dir, &gone).doing(|| format!("removing {}", dir.display()))?;
+        fs::remove_dir_all(&gone).doing(|| format!("removing {}", gone.display()))
+    }
+}
+
+/// What `cela snapshot` asks of an instance's supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    pub name: String,
+    /// Resume the VM afterwards instead of ending it.
+    pub leave_running: bool,
+}
+
+/// The name given to a snapshot taken without one: the instance's and the time.
+pub fn default_name(instance: &str) -> String {
+    let mut base: String = instance.chars().take(48).collect();
+    base.push('-');
+    base.push_str(&chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string());
+    base
+}
+
+/// Whether `inst` can be snapshotted at all (checked by the CLI before it asks, and by the
+/// supervisor again).
+pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
+    if inst.config.kind != Kind::Vm {
+        return Err(InstanceError::Unsupported(format!(
+            "{} is a container: snapshots are of microVMs (`cela commit` makes an image of a container)",
+            inst.config.name
+        )));
+    }
+    if inst.config.net == NetMode::Auto {
+        return Err(InstanceError::Unsupported(format!(
+            "{} has --net auto: a snapshot of a VM with a network is not supported yet (its copies would keep its address)",
+            inst.config.name
+        )));
+    }
+    Ok(())
+}
+
+/// Takes the snapshot `req` of `inst`, whose machine `machine` is: run by its supervisor.
+pub fn take(
+    data_dir: &Path,
+    inst: &Instance,
+    machine: &QemuHandle,
+    req: &SnapshotRequest,
+) -> Result<Manifest, InstanceError> {
+    check_snapshottable(inst)?;
+    if !valid_name(&req.name) {
+        return Err(InstanceError::BadName(req.name.clone()));
+    }
+    let snaps = Snapshots::open(data_dir)?;
+    let dest = snaps.dir(&req.name);
+    if dest.exists() {
+        return Err(InstanceError::Invalid(format!(
+            "a snapshot named {} exists already (remove it with `cela snapshot rm {}`, or choose another --name)",
+            req.name, req.name
+        )));
+    }
+    let tmp = snaps
+        .root
+        .join(format!(".tmp-{}-{}", req.name, std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    private_dir(&tmp)?;
+    let result = write_snapshot(inst, machine, req, &tmp, &dest);
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_snapshot(
+    inst: &Instance,
+    machine: &QemuHandle,
+    req: &SnapshotRequest,
+    tmp: &Path,
+    dest: &Path,
+) -> Result<Manifest, InstanceError> {
+    // Resumed if anything below fails (its drop), or when asked; ended once published.
+    let mut paused = Some(machine.pause()?);
+    let state_path = tmp.join(STATE_FILE);
+    let file = File::create(&state_path).doing(|| format!("creating {}", state_path.display()))?;
+    let mut hashed = Hasher::new(io::BufWriter::with_capacity(1 << 20, file));
+    paused
+        .as_mut()
+        .expect("paused until here")
+        .save_state(&mut hashed)?;
+    let ((state_digest, state_size), buf) = hashed.finish_into();
+    let file = buf
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .doing(|| format!("writing {}", state_path.display()))?;
+    file.sync_all()
+        .doing(|| format!("syncing {}", state_path.display()))?;
+    // The disk as the memory knows it: copied while the machine is paused.
+    let disk_path = tmp.join(DISK_FILE);
+    cela_image::ext4::copy_disk(&inst.dir.join("root.ext4"), &disk_path)?;
+    if req.leave_running
+        && let Some(p) = paused.take()
+    {
+        p.resume()?;
+    }
+    let (disk_digest, disk_size) = digest_file(&disk_path)?;
+    let manifest = Manifest {
+        format: FORMAT,
+        name: req.name.clone(),
+        cela_version: env!("CARGO_PKG_VERSION").to_owned(),
+        engine: "qemu".into(),
+        qemu: Some(machine.version().clone()),
+        tsc_khz: machine.tsc_khz,
+        created: now(),
+        source: Source {
+            id: inst.config.id.clone(),
+            name: inst.config.name.clone(),
+        },
+        config: inst.config.clone(),
+        files: vec![
+            FileDigest {
+                name: STATE_FILE.into(),
+                size: state_size,
+                sha256: state_digest.to_string(),
+            },
+            FileDigest {
+                name: DISK_FILE.into(),
+                size: disk_size,
+                sha256: disk_digest.to_string(),
+            },
+        ],
+    };
+    let mpath = tmp.join("manifest.json");
+    let mut f = File::create(&mpath).doing(|| format!("creating {}", mpath.display()))?;
+    f.write_all(&serde_json::to_vec_pretty(&manifest).expect("a manifest serializes"))
+        .and_then(|_| f.sync_all())
+        .doing(|| format!("writing {}", mpath.display()))?;
+    // Published whole, or not at all; a name taken meanwhile is not overwritten.
+    if dest.exists() {
+        return Err(InstanceError::Invalid(format!(
+            "a snapshot named {} exists already",
+            req.name
+        )));
+    }
+    fs::rename(tmp, dest).doing(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    if let Some(dir) = dest.parent() {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
+    }
+    crate::events::record(inst, "checkpoint", &[("snapshot", req.name.clone())]);
+    if let Some(p) = paused {
+        p.end()?;
+    }
+    Ok(manifest)
+}
+
+fn digest_file(path: &Path) -> Result<(Digest, u64), InstanceError> {
+    let f = File::open(path).doing(|| format!("opening {}", path.display()))?;
+    Digest::of_reader(io::BufReader::with_capacity(1 << 20, f))
+        .doing(|| format!("reading {}", path.display()))
+}
+
+impl Manifest {
+    /// Whether this host and this cela can restore the snapshot; the refusal names what
+    /// differs.
+    pub fn check_restorable(&self) -> Result<(), InstanceError> {
+        let refuse = |why: String| {
+            Err(InstanceError::Unsupported(format!(
+                "snapshot {} cannot be restored here: {why}",
+                self.name
+            )))
+        };
+        if self.format != FORMAT {
+            return refuse(format!(
+                "its format is {} and this cela reads {FORMAT}",
+                self.format
+            ));
+        }
+        let me = env!("CARGO_PKG_VERSION");
+        if self.cela_version != me {
+            return refuse(format!(
+                "it was written by cela {} and this is cela {me}",
+                self.cela_version
+            ));
+        }
+        if self.engine != "qemu" {
+            return refuse(format!(
+                "it is of the {} engine; this cela restores QEMU snapshots only",
+                self.engine
+            ));
+        }
+        let host = qemu_version_here().map_err(|e| {
+            InstanceError::Unsupported(format!(
+                "snapshot {} cannot be restored here: {e}",
+                self.name
+            ))
+        })?;
+        if let Some(q) = &self.qemu
+            && !same_qemu(q, &host)
+        {
+            return refuse(format!(
+                "it was saved by QEMU {q} and this host has QEMU {}",
+                host_display(&host)
+            ));
+        }
+        if let Some(khz) = cela_vmm::qemu::host_tsc_khz()
+            && self.tsc_khz > 0
+        {
+            let diff = (khz as f64 - self.tsc_khz as f64).abs() / self.tsc_khz as f64;
+            if diff > TSC_TOLERANCE {
+                return refuse(format!(
+                    "its guest's clock runs at the TSC rate of its host, {} kHz, and this host's is {khz} kHz",
+                    self.tsc_khz
+                ));
+            }
+        }
+        if self.config.kind != Kind::Vm || self.config.vm.is_none() {
+            return Err(bad(&self.name, "its instance is not a microVM"));
+        }
+        Ok(())
+    }
+
+    /// Checks every file's size and digest; names the first that differs.
+    pub fn verify(&self, dir: &Path) -> Result<(), InstanceError> {
+        for want in [STATE_FILE, DISK_FILE] {
+            if !self.files.iter().any(|f| f.name == want) {
+                return Err(bad(&self.name, format!("its manifest lists no {want}")));
+            }
+        }
+        for f in &self.files {
+            if f.name != STATE_FILE && f.name != DISK_FILE {
+                return Err(bad(&self.name, format!("its manifest lists {:?}", f.name)));
+            }
+            let path = dir.join(&f.name);
+            let meta = fs::symlink_metadata(&path)
+                .map_err(|e| bad(&self.name, format!("{}: {e}", f.name)))?;
+            if !meta.is_file() {
+                return Err(bad(&self.name, format!("{} is not a regular file", f.name)));
+            }
+            if meta.len() != f.size {
+                return Err(bad(
+                    &self.name,
+                    format!(
+                        "{} has {} bytes where its manifest says {} (truncated or damaged)",
+                        f.name,
+                        meta.len(),
+                        f.size
+                    ),
+                ));
+            }
+            let (d, _) = digest_file(&path)?;
+            if d.to_string() != f.sha256 {
+                return Err(bad(
+                    &self.name,
+                    format!(
+                        "{}'s sha256 is {d}, not {} as its manifest says (damaged or tampered with)",
+                        f.name, f.sha256
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The QEMU build of this host, as its monitor would greet (the version line of `--version`:
+/// `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`).
+fn qemu_version_here() -> Result<(u64, u64, u64, String), String> {
+    let binary = cela_vmm::qemu::available().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("running {} --version: {e}", binary.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or("");
+    let rest = line
+        .strip_prefix("QEMU emulator version ")
+        .ok_or_else(|| format!("unexpected QEMU version line {line:?}"))?;
+    let (num, package) = match rest.split_once(' ') {
+        Some((n, p)) => (n, p.trim().trim_start_matches('(').trim_end_matches(')')),
+        None => (rest, ""),
+    };
+    let mut parts = num.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    Ok((
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        package.to_owned(),
+    ))
+}
+
+fn same_qemu(q: &QemuVersion, host: &(u64, u64, u64, String)) -> bool {
+    (q.major, q.minor, q.micro) == (host.0, host.1, host.2) && q.package.trim() == host.3.trim()
+}
+
+fn host_display(h: &(u64, u64, u64, String)) -> String {
+    format!("{}.{}.{} ({})", h.0, h.1, h.2, h.3)
+}
+
+/// What `cela restore` asks.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreRequest {
+    pub snapshot: String,
+    /// The new instance's name; one is made up without it.
+    pub name: Option<String>,
+    /// Removed when it ends (`--rm`).
+    pub auto_remove: bool,
+}
+
+/// Where a restored instance's supervisor finds its state (`restore.json`, read once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingRestore {
+    /// The snapshot's directory.
+    pub snapshot: PathBuf,
+    pub qemu: Option<QemuVersion>,
+}
+
+const PENDING: &str = "restore.json";
+
+/// The restore the supervisor of `inst` is to make instead of booting, if any.
+pub fn pending_restore(inst: &Instance) -> Result<Option<PendingRestore>, InstanceError> {
+    let path = inst.dir.join(PENDING);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| InstanceError::Corrupt {
+                what: path.display().to_string(),
+                why: e.to_string(),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).doing(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The restore is done (the machine runs): a later start boots the disk.
+pub fn restore_done(inst: &Instance) {
+    let _ = fs::remove_file(inst.dir.join(PENDING));
+}
+
+/// Makes a new instance from the snapshot `req` names and starts it; a failure removes it.
+pub fn restore(data_dir: &Path, req: &RestoreRequest) -> Result<Instance, InstanceError> {
+    let snaps = Snapshots::open(data_dir)?;
+    let manifest = snaps.find(&req.snapshot)?;
+    manifest.check_restorable()?;
+    let dir = snaps.dir(&req.snapshot);
+    manifest.verify(&dir)?;
+    let config = InstanceConfig {
+        id: String::new(),
+        name: req.name.clone().unwrap_or_default(),
+        created: now(),
+        auto_remove: req.auto_remove,
+        labels: Default::default(),
+        ..manifest.config.clone()
+    };
+    let inst = Instances::open(data_dir)?.create(config)?;
+    crate::events::record(&inst, "create", &[("snapshot", manifest.name.clone())]);
+    let made = (|| {
+        File::create(inst.log_path())
+            .doing(|| format!("creating {}", inst.log_path().display()))?;
+        let disk = inst.dir.join("root.ext4");
+        cela_image::ext4::copy_disk(&dir.join(DISK_FILE), &disk)?;
+        let pending = PendingRestore {
+            snapshot: dir.clone(),
+            qemu: manifest.qemu.clone(),
+        };
+        let path = inst.dir.join(PENDING);
+        fs::write(&path, serde_json::to_vec(&pending).expect("serializes"))
+            .doing(|| format!("writing {}", path.display()))?;
+        crate::run::start(data_dir, &inst)
+    })();
+    if let Err(e) = made {
+        let _ = ops::remove(&inst, true);
+        return Err(e);
+    }
+    Ok(inst)
+}
+
+#[cfg(test)]
+mod tests;
