@@ -458,6 +458,8 @@ pub fn commit(args: CommitArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         changes: args.changes,
         pause: args.pause,
     };
+    // Ctrl-C waits for the commit to end, so a frozen container is always thawed.
+    catch_interrupts()?;
     let rec = cela_instance::commit::commit(&store, &inst, &req, &crate::image_cmd::progress())?;
     println!("{}", rec.digest);
     Ok(ExitCode::SUCCESS)

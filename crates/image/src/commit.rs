@@ -46,6 +46,8 @@ pub const MAX_ENTRIES: u64 = 10_000_000;
 pub const MAX_DIR_ENTRIES: usize = 1_000_000;
 /// The most names held in memory at once: those of every directory open on the way down.
 pub const MAX_HELD_NAMES: usize = 2_000_000;
+/// The most bytes of paths of hard-linked files held at once.
+pub const MAX_LINK_BYTES: usize = 64 << 20;
 /// How often (in bytes written) the room left on the store's file system is checked again.
 const ROOM_CHECK: u64 = 64 << 20;
 /// The media type of the layer cela writes.
@@ -521,6 +523,7 @@ pub fn write_layer(
     let mut w = Walker {
         tar: tar::Builder::new(roomed),
         links: HashMap::new(),
+        link_bytes: 0,
         mount_points,
         stats: LayerStats::default(),
         held: 0,
@@ -540,8 +543,11 @@ pub fn write_layer(
 
 struct Walker<'a> {
     tar: tar::Builder<Roomed<'a>>,
-    /// Files with more than one link, by (device, inode): the path first written.
-    links: HashMap<(u64, u64), PathBuf>,
+    /// Files with more than one link, by (device, inode): the path first written, and how
+    /// many links are still to come.
+    links: HashMap<(u64, u64), (PathBuf, u64)>,
+    /// The bytes of the paths in `links`.
+    link_bytes: usize,
     mount_points: &'a [PathBuf],
     stats: LayerStats,
     /// Names listed and not yet walked, across the open directories.
@@ -670,6 +676,13 @@ impl Walker<'_> {
     ) -> Result<Option<OwnedFd>, ImageError> {
         let name = path.last().expect("an entry has a name").clone();
         let rel = join(path);
+        if name.as_bytes().starts_with(b".wh.") {
+            // In a layer such a name deletes what it names: the container cannot make one.
+            return Err(self.hostile(
+                &rel,
+                "a name starting with .wh. is what an image layer marks deletions with",
+            ));
+        }
         let Some(st) = tree::lstat_at(dir, &name).map_err(self.io(&rel))? else {
             // Gone since it was listed (a container that runs on).
             return Ok(None);
@@ -774,23 +787,41 @@ impl Walker<'_> {
         rel: &Path,
         st: &Stat,
     ) -> Result<(), ImageError> {
-        let fd: OwnedFd = rustix::fs::openat(
+        // Looked at through an O_PATH descriptor first, and opened for reading only once it
+        // is known to be this regular file: a device node swapped in is never opened.
+        let path_fd: OwnedFd = rustix::fs::openat(
             dir,
             name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| self.io(rel)(e.into()))?;
-        let now = rustix::fs::fstat(&fd).map_err(|e| self.io(rel)(e.into()))?;
+        let now = rustix::fs::fstat(&path_fd).map_err(|e| self.io(rel)(e.into()))?;
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
             || tree::kind(&now) != FileType::RegularFile
         {
             return Err(self.changed(rel));
         }
+        let fd: OwnedFd = rustix::fs::open(
+            format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&path_fd)
+            )
+            .as_str(),
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io(rel)(e.into()))?;
         if now.st_nlink > 1 {
             let key = (now.st_dev, now.st_ino);
-            if let Some(first) = self.links.get(&key) {
+            if let Some((first, left)) = self.links.get_mut(&key) {
                 let first = first.clone();
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    // Every link seen: the path need not be kept.
+                    self.links.remove(&key);
+                    self.link_bytes -= first.as_os_str().len();
+                }
                 let mut h = header(&now, tar::EntryType::Link);
                 h.set_size(0);
                 return self
@@ -798,7 +829,14 @@ impl Walker<'_> {
                     .append_link(&mut h, rel, &first)
                     .map_err(self.io(rel));
             }
-            self.links.insert(key, rel.to_owned());
+            self.link_bytes += rel.as_os_str().len();
+            if self.link_bytes > MAX_LINK_BYTES {
+                return Err(self.hostile(
+                    rel,
+                    format!("more than {MAX_LINK_BYTES} bytes of paths of hard-linked files"),
+                ));
+            }
+            self.links.insert(key, (rel.to_owned(), now.st_nlink - 1));
         }
         let xattrs = self.xattrs(fd.as_fd(), rel, false)?;
         self.pax(&xattrs.carried, rel)?;
@@ -854,6 +892,17 @@ impl Walker<'_> {
             if name == "trusted.overlay.opaque" {
                 out.opaque = &value[..len] == b"y";
             } else {
+                out.bytes += name.len() + len;
+                // What the unpacker takes in one PAX header.
+                if out.bytes as u64 > tar_limits::MAX_SPECIAL {
+                    return Err(self.hostile(
+                        rel,
+                        format!(
+                            "more than {} bytes of extended attributes",
+                            tar_limits::MAX_SPECIAL
+                        ),
+                    ));
+                }
                 out.carried.push((name.to_owned(), value[..len].to_vec()));
             }
         }
@@ -879,6 +928,7 @@ impl Walker<'_> {
 #[derive(Default)]
 struct Xattrs {
     carried: Vec<(String, Vec<u8>)>,
+    bytes: usize,
     opaque: bool,
 }
 

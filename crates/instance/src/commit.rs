@@ -78,40 +78,81 @@ pub fn commit(
         comment: req.message.clone(),
         author: req.author.clone(),
     };
-    let _frozen = if req.pause && inst.state_or_unknown().status == Status::Running {
+    // Bad names and changes are refused before the container is touched.
+    cela_image::commit::check_request(req.name.as_deref(), &req.changes)?;
+    let frozen = if req.pause && inst.state_or_unknown().status != Status::Exited {
         Frozen::freeze(inst)?
     } else {
         None
     };
-    let rec = cela_image::commit::commit(store, &image_req, progress)?;
+    let made = cela_image::commit::commit(store, &image_req, progress);
+    // Thawed before anything else; a container that stays frozen is an error to report.
+    let thawed = frozen.map_or(Ok(()), Frozen::thaw);
+    let rec = match (made, thawed) {
+        (Ok(rec), Ok(())) => rec,
+        (Err(e), _) => return Err(e.into()),
+        (Ok(rec), Err(e)) => {
+            return Err(InstanceError::Other(format!(
+                "image {} was made, but {e}",
+                rec.digest
+            )));
+        }
+    };
     events::record(inst, "commit", &[("imageID", rec.digest.to_string())]);
     Ok(rec)
 }
 
-/// A container frozen for the commit, thawed when dropped.
+/// A container frozen for the commit: thawed by [`Frozen::thaw`], or when dropped (an error
+/// path).
 struct Frozen<'a> {
     inst: &'a Instance,
+    thawed: bool,
 }
 
 impl<'a> Frozen<'a> {
-    /// Freezes the container; `None` if it is not running in its runtime any more (it ended
-    /// since its state was read: there is nothing to freeze).
+    /// Freezes the container; `None` if it is not running in its runtime (it ended since its
+    /// state was read, or never started: there is nothing to freeze). A freeze that fails is
+    /// undone before the error is returned.
     fn freeze(inst: &'a Instance) -> Result<Option<Frozen<'a>>, InstanceError> {
         match container::runtime(inst).pause(&inst.config.id) {
-            Ok(()) => Ok(Some(Frozen { inst })),
+            Ok(()) => Ok(Some(Frozen {
+                inst,
+                thawed: false,
+            })),
             Err(cela_runtime::Error::WrongState { .. }) => Ok(None),
-            Err(e) => Err(InstanceError::Other(format!(
-                "freezing {} for the commit: {e} (commit it with --pause=false, or stopped)",
-                inst.config.name
+            Err(e) => {
+                // A freeze that timed out may have left the cgroup frozen half-way.
+                let _ = container::thaw_cgroup(&inst.config.id);
+                Err(InstanceError::Other(format!(
+                    "freezing {} for the commit: {e} (commit it with --pause=false, or stopped)",
+                    inst.config.name
+                )))
+            }
+        }
+    }
+
+    fn thaw(mut self) -> Result<(), InstanceError> {
+        self.thawed = true;
+        let runtime = container::runtime(self.inst).resume(&self.inst.config.id);
+        // Whatever the runtime said, the cgroups are thawed directly too.
+        match (runtime, container::thaw_cgroup(&self.inst.config.id)) {
+            (_, Ok(())) => Ok(()),
+            (Err(e), Err(d)) => Err(InstanceError::Other(format!(
+                "{} could not be thawed after the commit: {e}; {d}",
+                self.inst.config.name
             ))),
+            (Ok(()), Err(d)) => Err(d),
         }
     }
 }
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        if let Err(e) = container::runtime(self.inst).resume(&self.inst.config.id) {
-            tracing::warn!("thawing {} after the commit: {e}", self.inst.config.name);
+        if !self.thawed {
+            let _ = container::runtime(self.inst).resume(&self.inst.config.id);
+            if let Err(e) = container::thaw_cgroup(&self.inst.config.id) {
+                tracing::warn!("{e}");
+            }
         }
     }
 }

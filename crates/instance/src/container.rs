@@ -179,6 +179,38 @@ pub fn kill_cgroup(id: &str) -> Result<(), InstanceError> {
     }
 }
 
+/// Thaws the cgroups of container `id` directly (v1 `freezer.state`, v2 `cgroup.freeze`): the
+/// way back when the runtime cannot (a freeze that timed out half-way leaves the cgroup
+/// frozen while the runtime still says running). Errors name what could not be written.
+pub fn thaw_cgroup(id: &str) -> Result<(), InstanceError> {
+    let parent = CGROUP_PARENT.trim_start_matches('/');
+    let mut failed = Vec::new();
+    let mut dirs: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")
+        .map(|hs| {
+            hs.flatten()
+                .map(|h| h.path().join(parent).join(id))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.push(Path::new("/sys/fs/cgroup").join(parent).join(id));
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        for (file, value) in [("freezer.state", "THAWED"), ("cgroup.freeze", "0")] {
+            let f = d.join(file);
+            if f.exists() && fs::write(&f, value).is_err() {
+                failed.push(f.display().to_string());
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(InstanceError::Other(format!(
+            "container {id} could not be thawed: writing {} failed",
+            failed.join(", ")
+        )))
+    }
+}
+
 /// Sends SIGKILL to every process of the cgroup directory `d`.
 fn kill_all_in(d: &Path) {
     let kill_file = d.join("cgroup.kill");

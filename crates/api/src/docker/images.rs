@@ -445,7 +445,12 @@ pub async fn commit(
             "comment" => req.message = Some(v).filter(|s| !s.is_empty()),
             "author" => req.author = Some(v).filter(|s| !s.is_empty()),
             "pause" => req.pause = !matches!(&*v, "0" | "false" | "False"),
-            "changes" if !v.trim().is_empty() => req.changes.push(v),
+            // One value may carry several instructions, a line each (docker-py's form).
+            "changes" => req.changes.extend(
+                v.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned),
+            ),
             _ => {}
         }
     }

@@ -357,10 +357,26 @@ fn a_commit_that_fails_leaves_the_store_as_it_was() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("HEALTHCHECK"), "{e}");
+    req.changes.clear();
+    // A name an image layer keeps for deletions cannot come from a container.
+    fs::remove_dir(upper.join("moved")).unwrap();
+    fs::write(upper.join(".wh.a"), b"").unwrap();
+    let e = commit(&store, &req, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(".wh.a") && e.contains("deletions"), "{e}");
+    fs::remove_file(upper.join(".wh.a")).unwrap();
     req.name = Some("bad@name".into());
-    assert!(commit(&store, &req, &Progress::hidden()).is_err());
+    let e = commit(&store, &req, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("malformed"), "{e}");
+    req.name = None;
     req.base = "sha256:0000".into();
-    assert!(commit(&store, &req, &Progress::hidden()).is_err());
+    let e = commit(&store, &req, &Progress::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such image"), "{e}");
     assert_eq!((blobs(), store.list().unwrap()), before);
     assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
 }
