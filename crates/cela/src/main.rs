@@ -114,6 +114,8 @@ enum Command {
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Start a new instance from a snapshot, going on where it was taken.
     Restore(snapshot_cmd::RestoreArgs),
+    /// Start copies of a running microVM, each going on from where it is now; it runs on.
+    Fork(snapshot_cmd::ForkArgs),
     /// Print instances' config and state as JSON.
     Inspect {
         #[arg(required = true)]
@@ -218,6 +220,7 @@ fn main() -> ExitCode {
         Command::Commit(args) => instance_cmd::commit(args, &data_dir),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args, &data_dir),
         Command::Restore(args) => snapshot_cmd::restore(args, &data_dir),
+        Command::Fork(args) => snapshot_cmd::fork(args, &data_dir),
         Command::Events {
             since,
             until,

@@ -110,8 +110,13 @@ fn take(
     match control::request(&inst, &req, control::SNAPSHOT_BOUND)? {
         Reply::Snapshot(m) => {
             if !leave_running {
-                // The machine has ended as saved; its end is recorded as it shuts down.
-                ops::wait_state(&inst, START_BOUND, |s| !ops::is_live(s))?;
+                // The machine has ended as saved; its end is recorded as it shuts down (an
+                // instance made with --rm is then gone, which is as ended).
+                if let Err(e) = ops::wait_state(&inst, START_BOUND, |s| !ops::is_live(s))
+                    && inst.dir.exists()
+                {
+                    return Err(e.into());
+                }
             }
             let bytes: u64 = m.files.iter().map(|f| f.size).sum();
             println!("{}", m.name);
@@ -153,6 +158,36 @@ fn ls(format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct ForkArgs {
+    /// How many copies.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    count: u32,
+    /// The copies are named PREFIX-1, PREFIX-2, … (default: INSTANCE-fork).
+    #[arg(long, value_name = "PREFIX")]
+    name_prefix: Option<String>,
+    /// The running microVM to copy; it runs on.
+    instance: String,
+}
+
+pub fn fork(args: ForkArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let inst = instances(data_dir)?.find(&args.instance)?;
+    let state = inst.state()?;
+    if !ops::is_live(&state) {
+        return Err(cela_instance::InstanceError::WrongState {
+            name: inst.config.name.clone(),
+            status: state.status.to_string(),
+            hint: "fork copies a running microVM",
+        }
+        .into());
+    }
+    let copies = snapshot::fork(data_dir, &inst, args.count, args.name_prefix.as_deref())?;
+    for c in copies {
+        println!("{}", c.config.name);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use world::World;
 
-/// The counter lines (`n=K start`) of an instance's log, as numbers.
+/// The counter lines (`n=K start HOSTNAME UUID`) of an instance's log, as numbers.
 fn counts(w: &World, name: &str) -> Vec<u64> {
     w.ok(&["logs", name])
         .lines()
@@ -49,7 +49,7 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
         "testimg",
         "sh",
         "-c",
-        "echo start > /w; i=0; while :; do i=$((i+1)); echo \"n=$i $(cat /w)\"; echo $i > /count; sleep 1; done",
+        "i=$(cat /count 2>/dev/null || echo 0); echo start > /w; while :; do i=$((i+1)); echo $i > /count; sync; echo \"n=$i $(cat /w) $(hostname) $(cat /proc/sys/kernel/random/uuid)\"; sleep 1; done",
     ]);
     wait_count(&w, "src", 3);
     let supervisor = w.inspect("src")["state"]["supervisor"]["pid"]
@@ -57,7 +57,9 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
         .unwrap();
 
     // Saved and ended: the VM's run ends cleanly, as saved.
+    let t = Instant::now();
     assert_eq!(w.ok(&["snapshot", "--name", "s1", "src"]).trim(), "s1");
+    let took = t.elapsed();
     let v = w.inspect("src");
     assert_eq!(
         (v["status"].as_str(), v["exit_code"].as_i64()),
@@ -69,10 +71,19 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
     assert_eq!(listed[0]["name"], "s1");
     assert_eq!(listed[0]["source"]["name"], "src");
     assert_eq!(listed[0]["engine"], "qemu");
+    let size = |i: usize| listed[0]["files"][i]["size"].as_u64().unwrap();
+    eprintln!(
+        "snapshot of a 512 MiB VM: {:.2} s; state {:.1} MiB, disk {:.1} MiB",
+        took.as_secs_f64(),
+        size(0) as f64 / 1048576.0,
+        size(1) as f64 / 1048576.0
+    );
 
     // Two restores, side by side: each goes on from the saved count with the saved disk.
     for name in ["r1", "r2"] {
+        let t = Instant::now();
         w.ok(&["restore", "-d", "--name", name, "s1"]);
+        eprintln!("restore -d {name}: {:.2} s", t.elapsed().as_secs_f64());
         assert_eq!(w.status(name), "running");
     }
     for name in ["r1", "r2"] {
@@ -83,20 +94,68 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
             "{name} began at {} where the snapshot stopped at {last}",
             c[0]
         );
-        assert!(
-            w.ok(&["logs", name]).contains(" start\n"),
-            "the disk's /w is gone"
-        );
+        let log = w.ok(&["logs", name]);
+        assert!(log.contains(" start "), "the disk's /w is gone: {log}");
+        // The restored guest took its instance's name as its host name.
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("n={} ", last + 2)))
+            .unwrap();
+        assert_eq!(line.split(' ').nth(2), Some(name), "{line} in {log}");
+    }
+    // Each copy reseeded its random generator: the same iteration draws other numbers.
+    let uuid_at = |name: &str| {
+        let log = w.ok(&["logs", name]);
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("n={} ", last + 2)))
+            .unwrap()
+            .to_owned();
+        line.split(' ').nth(3).unwrap().to_owned()
+    };
+    assert_ne!(uuid_at("r1"), uuid_at("r2"));
+
+    // Forked: two running copies of r2, which runs on; the snapshot between them is gone.
+    let at = *counts(&w, "r2").last().unwrap();
+    assert_eq!(
+        w.ok(&["fork", "-n", "2", "--name-prefix", "f", "r2"]),
+        "f-1\nf-2\n"
+    );
+    assert_eq!(w.status("r2"), "running");
+    for name in ["f-1", "f-2"] {
+        wait_count(&w, name, at + 2);
+        assert!(counts(&w, name)[0] >= at);
+        let log = w.ok(&["logs", name]);
+        let line = log.lines().last().unwrap();
+        assert_eq!(line.split(' ').nth(2), Some(name), "{line}");
+    }
+    assert_eq!(
+        w.ok(&["snapshot", "ls"]).lines().count(),
+        2,
+        "the fork's snapshot is left"
+    );
+    w.err(&["fork", "-n", "0", "r2"], "1 to 64 copies");
+    for name in ["f-1", "f-2"] {
+        w.ok(&["rm", "-f", name]);
     }
 
     // Saved while it runs on: r1 keeps counting, and its copy counts from the same place.
+    let at = *counts(&w, "r1").last().unwrap();
     w.ok(&["snapshot", "--leave-running", "--name", "s2", "r1"]);
     assert_eq!(w.status("r1"), "running");
-    let at = *counts(&w, "r1").last().unwrap();
     wait_count(&w, "r1", at + 2);
     w.ok(&["restore", "-d", "--name", "r3", "s2"]);
     wait_count(&w, "r3", at + 1);
     assert!(counts(&w, "r3")[0] >= at);
+    // Its disk is the one saved: booted cold, the workload counts on from the disk's count.
+    w.ok(&["stop", "-t", "20", "r3"]);
+    let before = *counts(&w, "r3").last().unwrap();
+    w.ok(&["start", "r3"]);
+    wait_count(&w, "r3", before + 1);
+    assert!(
+        !w.ok(&["logs", "r3"]).lines().any(|l| l.starts_with("n=1 ")),
+        "the cold boot counted from 1: the saved disk was not the one booted"
+    );
 
     // A restored instance is an instance: stopped and removed as any other.
     for name in ["r1", "r2", "r3"] {

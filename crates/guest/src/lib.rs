@@ -369,6 +369,48 @@ pub enum HostRequest {
     /// The console's terminal has this many rows and columns now (a workload run with
     /// [`BootRequest::tty`]; its foreground processes get SIGWINCH).
     Resize { rows: u16, cols: u16 },
+    /// The machine was restored from a snapshot: the wall clock is this now (`CLOCK_REALTIME`,
+    /// seconds and nanoseconds since the epoch); the guest's own lags by the time it was away.
+    Clock { secs: i64, nanos: u32 },
+    /// The machine was restored: mix these random bytes into the kernel's pool and reseed its
+    /// generator, so copies of one snapshot do not draw the same numbers.
+    Entropy([u8; ENTROPY_BYTES]),
+    /// The machine was restored as another instance: its host name is this now.
+    Hostname(Hostname),
+}
+
+/// How many random bytes a restored guest is given.
+pub const ENTROPY_BYTES: usize = 32;
+
+/// A host name as a guest takes it: 1 to 64 letters, digits, `-`, `.` and `_`, not starting
+/// with `-` or `.`; kept inline so that requests stay `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hostname {
+    len: u8,
+    bytes: [u8; 64],
+}
+
+impl Hostname {
+    pub fn new(name: &str) -> Option<Hostname> {
+        let b = name.as_bytes();
+        let ok = (1..=64).contains(&b.len())
+            && b[0].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-._".contains(c));
+        if !ok {
+            return None;
+        }
+        let mut bytes = [0u8; 64];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Hostname {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).expect("checked ASCII")
+    }
 }
 
 impl HostRequest {
@@ -377,6 +419,12 @@ impl HostRequest {
         match self {
             HostRequest::Signal(n) => format!("signal {n}\n"),
             HostRequest::Resize { rows, cols } => format!("resize {rows} {cols}\n"),
+            HostRequest::Clock { secs, nanos } => format!("clock {secs} {nanos}\n"),
+            HostRequest::Entropy(bytes) => {
+                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                format!("entropy {hex}\n")
+            }
+            HostRequest::Hostname(h) => format!("hostname {}\n", h.as_str()),
         }
     }
 
@@ -384,6 +432,27 @@ impl HostRequest {
     /// and sizes that are not two u16 give `None`.
     pub fn parse(line: &str) -> Option<Self> {
         let line = line.trim();
+        if let Some(t) = line.strip_prefix("clock ") {
+            let (secs, nanos) = t.split_once(' ')?;
+            let nanos: u32 = nanos.parse().ok()?;
+            return (nanos < 1_000_000_000).then_some(HostRequest::Clock {
+                secs: secs.parse().ok()?,
+                nanos,
+            });
+        }
+        if let Some(hex) = line.strip_prefix("entropy ") {
+            if hex.len() != ENTROPY_BYTES * 2 || !hex.is_ascii() {
+                return None;
+            }
+            let mut bytes = [0u8; ENTROPY_BYTES];
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+            }
+            return Some(HostRequest::Entropy(bytes));
+        }
+        if let Some(name) = line.strip_prefix("hostname ") {
+            return Hostname::new(name).map(HostRequest::Hostname);
+        }
         if let Some(size) = line.strip_prefix("resize ") {
             let (rows, cols) = size.split_once(' ')?;
             return Some(HostRequest::Resize {
@@ -453,6 +522,39 @@ impl<T: ControlLine> ControlParser<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_requests_round_trip_and_garbage_is_dropped() {
+        let mut entropy = [0u8; ENTROPY_BYTES];
+        entropy[0] = 0xab;
+        entropy[31] = 0x01;
+        for r in [
+            HostRequest::Clock {
+                secs: 1_796_000_000,
+                nanos: 999_999_999,
+            },
+            HostRequest::Entropy(entropy),
+            HostRequest::Hostname(Hostname::new("vm-restored.1").unwrap()),
+        ] {
+            let line = r.to_line();
+            assert!(line.len() < 256, "{line}");
+            assert_eq!(HostRequest::parse(line.trim_end()), Some(r), "{line}");
+        }
+        for bad in [
+            "clock 1",
+            "clock x 1",
+            "clock 1 1000000000",
+            "entropy 00",
+            "entropy zz00000000000000000000000000000000000000000000000000000000000000",
+            "hostname -rf",
+            "hostname a b",
+            "hostname ",
+        ] {
+            assert_eq!(HostRequest::parse(bad), None, "{bad}");
+        }
+        assert!(Hostname::new(&"a".repeat(64)).is_some());
+        assert!(Hostname::new(&"a".repeat(65)).is_none());
+    }
 
     #[test]
     fn request_round_trips_through_the_cmdline() {

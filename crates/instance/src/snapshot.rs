@@ -376,17 +376,22 @@ impl Manifest {
                 self.name
             ))
         })?;
-        if let Some(q) = &self.qemu
-            && !same_qemu(q, &host)
-        {
+        let Some(q) = &self.qemu else {
+            return Err(bad(
+                &self.name,
+                "its manifest does not say which QEMU saved it",
+            ));
+        };
+        if !same_qemu(q, &host) {
             return refuse(format!(
                 "it was saved by QEMU {q} and this host has QEMU {}",
                 host_display(&host)
             ));
         }
-        if let Some(khz) = cela_vmm::qemu::host_tsc_khz()
-            && self.tsc_khz > 0
-        {
+        if self.tsc_khz == 0 {
+            return Err(bad(&self.name, "its manifest does not give its TSC rate"));
+        }
+        if let Some(khz) = cela_vmm::qemu::host_tsc_khz() {
             let diff = (khz as f64 - self.tsc_khz as f64).abs() / self.tsc_khz as f64;
             if diff > TSC_TOLERANCE {
                 return refuse(format!(
@@ -397,6 +402,12 @@ impl Manifest {
         }
         if self.config.kind != Kind::Vm || self.config.vm.is_none() {
             return Err(bad(&self.name, "its instance is not a microVM"));
+        }
+        if self.config.net != NetMode::None || !self.config.volumes.is_empty() {
+            return Err(bad(
+                &self.name,
+                "its instance has a network or volumes, which snapshots do not carry",
+            ));
         }
         Ok(())
     }
@@ -525,13 +536,43 @@ pub fn restore(data_dir: &Path, req: &RestoreRequest) -> Result<Instance, Instan
     manifest.check_restorable()?;
     let dir = snaps.dir(&req.snapshot);
     manifest.verify(&dir)?;
+    restore_checked(data_dir, &manifest, &dir, req)
+}
+
+/// [`restore`] of a snapshot already found, checked and verified.
+fn restore_checked(
+    data_dir: &Path,
+    manifest: &Manifest,
+    dir: &Path,
+    req: &RestoreRequest,
+) -> Result<Instance, InstanceError> {
+    let dir = dir.to_owned();
+    // What the workload is comes from the manifest; how the machine is confined and what it
+    // is given to read come from this host: the jail always, and this host's default kernel
+    // and initramfs (the guest's memory holds what it booted; QEMU only needs files of its
+    // own to start).
+    let assets = cela_assets::default_guest_assets(
+        &data_dir.join("assets"),
+        &cela_assets::Progress::hidden(),
+    )?;
+    let source = &manifest.config;
     let config = InstanceConfig {
         id: String::new(),
         name: req.name.clone().unwrap_or_default(),
+        kind: Kind::Vm,
         created: now(),
         auto_remove: req.auto_remove,
         labels: Default::default(),
-        ..manifest.config.clone()
+        volumes: Vec::new(),
+        net: NetMode::None,
+        security: Default::default(),
+        vm: Some(crate::record::VmBoot {
+            kernel: assets.kernel,
+            initrd: assets.initrd,
+            image_disk: PathBuf::new(),
+            confine: true,
+        }),
+        ..source.clone()
     };
     let inst = Instances::open(data_dir)?.create(config)?;
     crate::events::record(&inst, "create", &[("snapshot", manifest.name.clone())]);
@@ -547,13 +588,88 @@ pub fn restore(data_dir: &Path, req: &RestoreRequest) -> Result<Instance, Instan
         let path = inst.dir.join(PENDING);
         fs::write(&path, serde_json::to_vec(&pending).expect("serializes"))
             .doing(|| format!("writing {}", path.display()))?;
-        crate::run::start(data_dir, &inst)
+        let state = crate::run::start(data_dir, &inst)?;
+        if state.status != crate::record::Status::Running {
+            return Err(InstanceError::NotStarted {
+                name: inst.config.name.clone(),
+                why: state.error.unwrap_or_else(|| {
+                    format!(
+                        "it ended at once after its restore{}",
+                        if inst.dir.exists() {
+                            ""
+                        } else {
+                            " (and was removed: --rm)"
+                        }
+                    )
+                }),
+            });
+        }
+        Ok(())
     })();
     if let Err(e) = made {
         let _ = ops::remove(&inst, true);
         return Err(e);
     }
     Ok(inst)
+}
+
+/// `cela fork`: `count` running copies of the running VM `inst`, named `PREFIX-1`…, which runs
+/// on. On this engine each copy loads the machine's saved state (no memory is shared); the
+/// snapshot they come from is removed once they run. A failure removes every copy made.
+pub fn fork(
+    data_dir: &Path,
+    inst: &Instance,
+    count: u32,
+    prefix: Option<&str>,
+) -> Result<Vec<Instance>, InstanceError> {
+    check_snapshottable(inst)?;
+    if !(1..=64).contains(&count) {
+        return Err(InstanceError::Invalid(format!(
+            "fork makes 1 to 64 copies at once, not {count}"
+        )));
+    }
+    let prefix = prefix.map_or_else(|| format!("{}-fork", inst.config.name), str::to_owned);
+    // The longest name made must be valid too.
+    if !valid_name(&format!("{prefix}-{count}")) {
+        return Err(InstanceError::BadName(format!("{prefix}-{count}")));
+    }
+    // Hidden by nothing but its name; this process's pid keeps two forks apart.
+    let name = default_name(&format!("fork{}", std::process::id()));
+    let req = crate::control::Request::Snapshot(SnapshotRequest {
+        name: name.clone(),
+        leave_running: true,
+    });
+    let manifest = match crate::control::request(inst, &req, crate::control::SNAPSHOT_BOUND)? {
+        crate::control::Reply::Snapshot(m) => *m,
+        crate::control::Reply::Error(e) => return Err(InstanceError::Other(e)),
+    };
+    let snaps = Snapshots::open(data_dir)?;
+    let dir = snaps.dir(&name);
+    let made = (|| {
+        manifest.check_restorable()?;
+        manifest.verify(&dir)?;
+        let mut made = Vec::new();
+        for i in 1..=count {
+            let req = RestoreRequest {
+                snapshot: name.clone(),
+                name: Some(format!("{prefix}-{i}")),
+                auto_remove: false,
+            };
+            match restore_checked(data_dir, &manifest, &dir, &req) {
+                Ok(copy) => made.push(copy),
+                Err(e) => {
+                    for copy in &made {
+                        let _ = ops::remove(copy, true);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(made)
+    })();
+    // The copies have loaded it; they keep nothing of the snapshot but their disks.
+    let _ = snaps.remove(&name);
+    made
 }
 
 #[cfg(test)]

@@ -321,9 +321,14 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                     let path = r.snapshot.join(crate::snapshot::STATE_FILE);
                     let state =
                         File::open(&path).doing(|| format!("opening {}", path.display()))?;
+                    let expect = r.qemu.clone().ok_or_else(|| InstanceError::Corrupt {
+                        what: "restore.json".into(),
+                        why: "it does not say which QEMU saved the state".into(),
+                    })?;
                     Some(cela_vmm::qemu::Incoming {
                         state,
-                        expect: r.qemu.clone(),
+                        expect,
+                        hostname: Some(inst.config.name.clone()),
                     })
                 }
                 None => None,

@@ -43,6 +43,9 @@ pub struct StopSignal {
     changed: Condvar,
     /// The host's end of cela-init's control channel, for [`HostRequest`]s, while it is open.
     guest_channel: Mutex<Option<UnixStream>>,
+    /// Requests are held back (refused) while the machine is paused for a snapshot: one
+    /// written then would be saved with the machine and reach every copy of it.
+    held: std::sync::atomic::AtomicBool,
 }
 
 impl StopSignal {
@@ -83,6 +86,13 @@ impl StopSignal {
         *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
     }
 
+    /// Refuses (`true`) or lets through (`false`) requests to the guest from now on; a caller
+    /// whose request is refused acts as for a guest that cannot take it (a SIGTERM stops the
+    /// machine, which fails a snapshot in progress).
+    pub fn hold_requests(&self, hold: bool) {
+        self.held.store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn detach_guest_channel(&self) {
         *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -93,6 +103,9 @@ impl StopSignal {
     /// neither a client's stream of sizes nor a guest that stops reading holds up a stop's
     /// SIGTERM (whose caller stops the machine when this fails).
     pub fn send_to_guest(&self, request: HostRequest) -> bool {
+        if self.held.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
         // Held only for one non-blocking send; a poisoned lock still holds the channel.
         let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
         let Some(channel) = slot.as_ref() else {

@@ -1,6 +1,6 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
 //! [`mounts`], [`modules`], [`net`], [`tty`], [`vsock`] and [`control`], [`rootfs`], [`workload`],
-//! [`supervise`], [`agent`], [`power`];
+//! [`supervise`] (with [`resume`] for a machine restored from a snapshot), [`agent`], [`power`];
 //! [`boot`] strings them together. [`nc`] is an applet (`cela-init nc`), not part of a boot.
 
 pub mod agent;
@@ -11,6 +11,7 @@ pub mod mounts;
 pub mod nc;
 pub mod net;
 pub mod power;
+pub mod resume;
 pub mod rootfs;
 pub mod supervise;
 pub mod tty;

@@ -182,6 +182,9 @@ impl Pid1Events {
                         HostRequest::Resize { rows, cols } => {
                             super::tty::resize_console(rows, cols)
                         }
+                        HostRequest::Clock { secs, nanos } => super::resume::set_clock(secs, nanos),
+                        HostRequest::Entropy(bytes) => super::resume::add_entropy(&bytes),
+                        HostRequest::Hostname(h) => super::resume::set_hostname(h.as_str()),
                     }
                 }
             }

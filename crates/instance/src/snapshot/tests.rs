@@ -102,9 +102,18 @@ fn a_damaged_snapshot_is_refused_naming_the_file() {
     std::os::unix::fs::symlink("/etc/hostname", dir.join(DISK_FILE)).unwrap();
     let e = m.verify(&dir).unwrap_err().to_string();
     assert!(e.contains("not a regular file"), "{e}");
-    // A manifest that lists something else.
+    fs::remove_file(dir.join(DISK_FILE)).unwrap();
+    fs::write(dir.join(DISK_FILE), b"disk bytes").unwrap();
+    // A manifest that lists something else too, or not what it needs.
     let mut other = m.clone();
-    other.files[1].name = "../../etc/shadow".into();
+    other.files.push(FileDigest {
+        name: "../../etc/shadow".into(),
+        size: 0,
+        sha256: String::new(),
+    });
+    let e = other.verify(&dir).unwrap_err().to_string();
+    assert!(e.contains("lists \"../../etc/shadow\""), "{e}");
+    other.files.remove(1);
     let e = other.verify(&dir).unwrap_err().to_string();
     assert!(e.contains("lists no disk.raw"), "{e}");
 }

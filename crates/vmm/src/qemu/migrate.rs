@@ -27,15 +27,44 @@ use crate::stop::{StopReason, StopSignal};
 const MAX_BANDWIDTH: u64 = 100 << 30;
 /// How long a save may go without a byte before it is given up.
 const STALL: Duration = Duration::from_secs(60);
-/// How long a load may take before it is given up.
-const LOAD_BOUND: Duration = Duration::from_secs(600);
+/// How long a load may take before it is given up (within `run::start`'s bound).
+const LOAD_BOUND: Duration = Duration::from_secs(90);
+/// How long a save may take in all.
+const SAVE_BOUND: Duration = Duration::from_secs(600);
+/// What a state may take beyond guest RAM (device state, ROMs, page headers).
+const STATE_SLACK: u64 = 64 << 20;
 
 /// A machine to start from a saved state rather than boot.
 pub struct Incoming {
     /// QEMU's stream, as [`Paused::save_state`] wrote it.
     pub state: std::fs::File,
     /// The QEMU that wrote it; another one is refused before anything is loaded.
-    pub expect: Option<QemuVersion>,
+    pub expect: QemuVersion,
+    /// The host name the restored guest takes (the new instance's).
+    pub hostname: Option<String>,
+}
+
+/// The control-channel lines a restored guest gets at once: the wall clock now, fresh random
+/// bytes for its generator, and its new host name if there is a valid one.
+pub fn restored_requests(hostname: Option<&str>) -> String {
+    use cela_guest::HostRequest;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut out = HostRequest::Clock {
+        secs: now.as_secs() as i64,
+        nanos: now.subsec_nanos(),
+    }
+    .to_line();
+    let mut seed = [0u8; cela_guest::ENTROPY_BYTES];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
+        Ok(()) => out.push_str(&HostRequest::Entropy(seed).to_line()),
+        Err(e) => tracing::warn!("no fresh entropy for the restored guest: {e}"),
+    }
+    if let Some(h) = hostname.and_then(cela_guest::Hostname::new) {
+        out.push_str(&HostRequest::Hostname(h).to_line());
+    }
+    out
 }
 
 fn qmp_err(e: QmpError) -> QemuError {
@@ -70,9 +99,8 @@ fn wait_completed(qmp: &Qmp, what: &str, bound: Duration) -> Result<(), QemuErro
 
 /// Loads `incoming` into a QEMU started with `-incoming defer` (still paused afterwards).
 pub(super) fn load(qmp: &Qmp, incoming: &Incoming) -> Result<(), QemuError> {
-    if let Some(want) = &incoming.expect
-        && *want != qmp.version
-    {
+    let want = &incoming.expect;
+    if *want != qmp.version {
         return Err(QemuError::Migration(format!(
             "the state was saved by QEMU {want}; this host has QEMU {}",
             qmp.version
@@ -97,6 +125,8 @@ pub struct QemuHandle {
     pub(super) busy: Arc<Mutex<()>>,
     /// The TSC rate the guest was told at boot (kHz).
     pub tsc_khz: u64,
+    /// Guest RAM: what a saved state may hold, beyond [`STATE_SLACK`].
+    pub(super) memory_mib: u64,
 }
 
 impl QemuHandle {
@@ -115,7 +145,16 @@ impl QemuHandle {
         if self.stop.outcome().is_some() {
             return Err(QemuError::Migration("the machine is ending".into()));
         }
-        self.qmp.execute("stop", None).map_err(qmp_err)?;
+        if self.stop.ready_at().is_none() {
+            return Err(QemuError::Migration(
+                "the guest has not finished booting (its init has not said it is ready)".into(),
+            ));
+        }
+        self.stop.hold_requests(true);
+        if let Err(e) = self.qmp.execute("stop", None) {
+            self.stop.hold_requests(false);
+            return Err(qmp_err(e));
+        }
         Ok(Paused {
             h: self,
             _guard: guard,
@@ -156,7 +195,8 @@ impl Paused<'_> {
             return Err(qmp_err(e));
         }
         let mut r = std::fs::File::from(r);
-        let copied = copy_bounded(&mut r, out);
+        let limit = (self.h.memory_mib << 20) + STATE_SLACK;
+        let copied = copy_bounded(&mut r, out, limit);
         // Whatever happened, QEMU's end sees EPIPE from now on rather than blocking.
         drop(r);
         let written = match copied {
@@ -174,8 +214,7 @@ impl Paused<'_> {
     /// Lets the machine run on.
     pub fn resume(mut self) -> Result<(), QemuError> {
         self.finished = true;
-        self.h.qmp.execute("cont", None).map_err(qmp_err)?;
-        Ok(())
+        self.h.cont()
     }
 
     /// Ends the machine as saved: the run ends with [`GuestExit::Snapshotted`].
@@ -195,18 +234,43 @@ impl Paused<'_> {
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
         if !self.finished
-            && let Err(e) = self.h.qmp.execute("cont", None)
+            && let Err(e) = self.h.cont()
         {
             tracing::warn!("resuming the machine after a failed save: {e}");
         }
     }
 }
 
-/// Copies `r` to `w` until the end, giving up when nothing comes for [`STALL`].
-fn copy_bounded(r: &mut std::fs::File, w: &mut dyn Write) -> io::Result<u64> {
+impl QemuHandle {
+    /// Resumes the machine; one that cannot be resumed is ended (a fault), never left frozen.
+    fn cont(&self) -> Result<(), QemuError> {
+        match self.qmp.execute("cont", None) {
+            Ok(_) => {
+                self.stop.hold_requests(false);
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("the machine could not be resumed after a save: {e}");
+                self.stop.request(StopReason::Fault(why.clone()));
+                Err(QemuError::Migration(why))
+            }
+        }
+    }
+}
+
+/// Copies `r` to `w` until the end, giving up when nothing comes for [`STALL`], when it all
+/// takes longer than [`SAVE_BOUND`], or past `limit` bytes.
+fn copy_bounded(r: &mut std::fs::File, w: &mut dyn Write, limit: u64) -> io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
+    let start = Instant::now();
     loop {
+        if start.elapsed() > SAVE_BOUND {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the state took longer than {} s", SAVE_BOUND.as_secs()),
+            ));
+        }
         let mut pfd = [nix::poll::PollFd::new(
             r.as_fd(),
             nix::poll::PollFlags::POLLIN,
@@ -229,7 +293,12 @@ fn copy_bounded(r: &mut std::fs::File, w: &mut dyn Write) -> io::Result<u64> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        w.write_all(&buf[..n])?;
         total += n as u64;
+        if total > limit {
+            return Err(io::Error::other(format!(
+                "the state is larger than the {limit} bytes a machine of this size can have"
+            )));
+        }
+        w.write_all(&buf[..n])?;
     }
 }

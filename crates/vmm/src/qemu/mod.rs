@@ -304,6 +304,9 @@ pub fn qemu_args_with_disks(
     Ok(args)
 }
 
+/// How long QEMU is given to quit after a snapshot ended the machine.
+const QUIT_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Memory a jailed QEMU may use beyond guest RAM: TCG's translation cache alone may grow to
 /// 1 GiB, plus QEMU's own heap and threads.
 pub const MEMORY_OVERHEAD_MIB: u64 = 1024;
@@ -422,6 +425,31 @@ impl QemuProcess {
             source: io::Error::other(e.to_string()),
         })?;
         Ok(QemuProcess::Jailed(Some(Box::new(spawned))))
+    }
+
+    /// Waits up to `bound` for QEMU to exit by itself, then kills it.
+    fn exit_within(&mut self, bound: std::time::Duration) {
+        let deadline = Instant::now() + bound;
+        loop {
+            let exited = match self {
+                QemuProcess::Plain(child) => child.try_wait().map_or(true, |s| s.is_some()),
+                QemuProcess::Jailed(Some(s)) => s.pid().is_none_or(|pid| {
+                    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+                    // WNOWAIT: looked at, left for `wait` to reap.
+                    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+                    !matches!(waitid(Id::Pid(pid), flags), Ok(WaitStatus::StillAlive))
+                }),
+                QemuProcess::Jailed(None) => true,
+            };
+            if exited {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     fn kill(&mut self) {
@@ -640,6 +668,13 @@ pub fn run_with(
     };
 
     console::stop_on_host_signals(stop.clone(), None);
+    if let Some(saved) = &opts.incoming {
+        // Before anything else reaches the guest: what changed while it was away.
+        let lines = migrate::restored_requests(saved.hostname.as_deref());
+        if let Err(e) = (&control_in).write_all(lines.as_bytes()) {
+            tracing::warn!("telling the restored guest the time and fresh entropy: {e}");
+        }
+    }
     let raw_terminal = match console {
         ConsoleMode::Interactive => RawTerminal::stdin(),
         ConsoleMode::Stream | ConsoleMode::Framed => None,
@@ -671,17 +706,25 @@ pub fn run_with(
             stop: stop.clone(),
             busy: Arc::new(std::sync::Mutex::new(())),
             tsc_khz,
+            memory_mib: config.memory_mib,
         });
     }
 
     let reason = stop.wait(None);
-    if matches!(
-        reason,
+    match reason {
+        // QEMU ends by itself: the guest ended the machine.
         Some(StopReason::Guest(
-            GuestExit::Detached | GuestExit::Interrupted(_)
-        ))
-    ) {
-        qemu.kill();
+            GuestExit::Command(_)
+            | GuestExit::PoweredOff
+            | GuestExit::Rebooted
+            | GuestExit::Panicked
+            | GuestExit::TripleFault,
+        )) => {}
+        // Told to quit once saved: given a moment to do so.
+        Some(StopReason::Guest(GuestExit::Snapshotted)) => qemu.exit_within(QUIT_BOUND),
+        // Everything else (the host stopping it, a monitor that broke off or talked
+        // nonsense, a machine that could not be resumed): QEMU must not outlive the run.
+        _ => qemu.kill(),
     }
     let status = qemu.wait();
     for thread in threads {

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
@@ -119,8 +119,12 @@ pub struct Qmp {
 /// The reading half: run it on a thread of its own.
 pub struct QmpEvents {
     reader: BufReader<UnixStream>,
-    replies: Sender<Value>,
+    replies: SyncSender<Value>,
 }
+
+/// Replies kept for commands: one is awaited at a time, so more are a monitor talking out of
+/// turn, and dropped.
+const QUEUED_REPLIES: usize = 8;
 
 impl Qmp {
     /// Reads the greeting and leaves capabilities negotiation. Events start after that; the
@@ -151,7 +155,7 @@ impl Qmp {
                 break;
             }
         }
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUED_REPLIES);
         Ok((
             Qmp {
                 writer: Mutex::new(writer),
@@ -268,7 +272,7 @@ impl QmpEvents {
             if v.get("event").is_some() {
                 on_event(&v);
             } else if v.get("return").is_some() || v.get("error").is_some() {
-                let _ = self.replies.send(v);
+                let _ = self.replies.try_send(v);
             }
         }
     }
