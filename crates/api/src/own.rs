@@ -217,15 +217,21 @@ fn yes() -> bool {
     true
 }
 
+/// One JSON document of type `T` and nothing after it; an error names the field at fault
+/// ("malformed WHAT: …", 400).
+fn strict_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let malformed =
+        |e: &dyn std::fmt::Display| ApiError::bad_request(format!("malformed {what}: {e}"));
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(&e))?;
+    de.end().map_err(|e| malformed(&e))?;
+    Ok(v)
+}
+
 /// The typed request (and whether to start it) a `POST /cela/v1/instances` body asks for:
 /// strict JSON (unknown fields refused), checked before anything is made.
 pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let malformed = |e: &dyn std::fmt::Display| {
-        ApiError::bad_request(format!("malformed instance request: {e}"))
-    };
-    let body: CreateBody = serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(&e))?;
-    de.end().map_err(|e| malformed(&e))?;
+    let body: CreateBody = strict_json(body, "instance request")?;
     if body.net == NetMode::Host && body.kind == Kind::Vm {
         return Err(ApiError::bad_request(
             "net host is for containers: a microVM runs its own kernel",
@@ -376,12 +382,7 @@ async fn commit(
             ..CommitBody::default()
         }
     } else {
-        let mut de = serde_json::Deserializer::from_slice(&body);
-        let parsed = serde_path_to_error::deserialize(&mut de)
-            .map_err(|e| ApiError::bad_request(format!("malformed commit request: {e}")))?;
-        de.end()
-            .map_err(|e| ApiError::bad_request(format!("malformed commit request: {e}")))?;
-        parsed
+        strict_json(&body, "commit request")?
     };
     cela_image::commit::check_request(body.name.as_deref(), &body.changes)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;

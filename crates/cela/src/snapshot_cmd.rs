@@ -88,15 +88,7 @@ fn take(
 ) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(instance)?;
     snapshot::check_snapshottable(&inst)?;
-    let state = inst.state()?;
-    if !ops::is_live(&state) {
-        return Err(cela_instance::InstanceError::WrongState {
-            name: inst.config.name.clone(),
-            status: state.status.to_string(),
-            hint: "a snapshot is of a running microVM",
-        }
-        .into());
-    }
+    let state = require_live(&inst, "a snapshot is of a running microVM")?;
     if state.engine.as_deref() == Some("kvm") {
         bail!(
             "{} runs on cela's KVM engine, whose snapshots are not done yet (the QEMU engine's are)",
@@ -134,6 +126,23 @@ fn take(
         }
         Reply::Error(e) => bail!("{e}"),
     }
+}
+
+/// The state of `inst`, which must be live (`hint` says why).
+fn require_live(
+    inst: &cela_instance::Instance,
+    hint: &'static str,
+) -> anyhow::Result<cela_instance::InstanceState> {
+    let state = inst.state()?;
+    if !ops::is_live(&state) {
+        return Err(cela_instance::InstanceError::WrongState {
+            name: inst.config.name.clone(),
+            status: state.status.to_string(),
+            hint,
+        }
+        .into());
+    }
+    Ok(state)
 }
 
 fn ls(format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
@@ -176,15 +185,7 @@ pub struct ForkArgs {
 
 pub fn fork(args: ForkArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(&args.instance)?;
-    let state = inst.state()?;
-    if !ops::is_live(&state) {
-        return Err(cela_instance::InstanceError::WrongState {
-            name: inst.config.name.clone(),
-            status: state.status.to_string(),
-            hint: "fork copies a running microVM",
-        }
-        .into());
-    }
+    require_live(&inst, "fork copies a running microVM")?;
     let copies = snapshot::fork(data_dir, &inst, args.count, args.name_prefix.as_deref())?;
     for c in copies {
         println!("{}", c.config.name);
