@@ -7,7 +7,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cela_lab::LabReport;
+use cela_lab::{LabReport, ScenarioResult};
 use common::run_lab_batch;
 
 /// Every scenario: a name and an L1 shell script, in which `$CELA` is `cela run --vm` with the
@@ -75,10 +75,12 @@ echo "b_tail_nonzero=$(tail -c 1048576 /tmp/b.img | tr -d '\0' | wc -c | tr -d '
         "$CELA -- sh -c 'echo out; echo err >&2; printf \"a\\r\\nb\\000c\\377\"; exit 5'",
     ),
     // A large output, timed (busybox `time` prints "real …" on stderr); with pipefail, a
-    // failing `cela` fails the scenario and its own message is in the report.
+    // failing `cela` fails the scenario and its own message is in the report. 16 MiB is 64
+    // times the guest's vsock credit (256 KiB), so flow control goes round many times; more
+    // only adds exposure to the lab's resets under load (`scripts/lab-soak` does 50 MiB).
     (
         "big_output",
-        "time sh -c \"set -o pipefail; $CELA -- head -c 52428800 /dev/zero | wc -c\"",
+        "time sh -c \"set -o pipefail; $CELA -- head -c 16777216 /dev/zero | wc -c\"",
     ),
     // `--vsock` with no path: a socket in the run directory, gone afterwards (the jail's
     // mount point and id leases stay, and are not sockets).
@@ -133,19 +135,50 @@ if [ -e /tmp/v.sock ]; then echo socket_left; else echo socket_removed; fi"#,
 fn report() -> &'static LabReport {
     static REPORT: OnceLock<LabReport> = OnceLock::new();
     // The whole batch normally takes ~90 s; the bound is well above that.
-    REPORT.get_or_init(|| {
-        let rootfs_dir = tempfile::tempdir().unwrap();
-        let rootfs = common::busybox_rootfs(rootfs_dir.path(), "from-the-rootfs");
-        run_lab_batch(
-            SCENARIOS,
-            &[
-                (&rootfs, "/lab/root.ext4"),
-                (&common::cela_init(), "/lab/cela-init"),
-            ],
-            Duration::from_secs(120),
-            Duration::from_secs(420),
-        )
-    })
+    REPORT.get_or_init(|| run_scenarios(SCENARIOS, Duration::from_secs(420)))
+}
+
+fn run_scenarios(scenarios: &[(&str, &str)], batch: Duration) -> LabReport {
+    let rootfs_dir = tempfile::tempdir().unwrap();
+    let rootfs = common::busybox_rootfs(rootfs_dir.path(), "from-the-rootfs");
+    run_lab_batch(
+        scenarios,
+        &[
+            (&rootfs, "/lab/root.ext4"),
+            (&common::cela_init(), "/lab/cela-init"),
+        ],
+        Duration::from_secs(120),
+        batch,
+    )
+}
+
+/// Scenario `name`'s result; run once more, in a lab of its own, when the first run ended the
+/// way the nested lab fails under a heavy device load — its L2 guest triple-faulted, or hung
+/// until the scenario's bound — which L1 itself resetting or panicking under the same load
+/// shows to be the emulated SVM's doing, not cela's (docs/TESTING.md, "Known flake"). The
+/// first failure is shown; a second one fails the test, and any other result stands.
+fn result_with_one_rerun(name: &str) -> ScenarioResult {
+    let first = report().get(name).clone();
+    let lab_fault =
+        (first.rc == 125 && first.stderr_str().contains("triple-faulted")) || first.timed_out;
+    if !lab_fault {
+        return first;
+    }
+    eprintln!(
+        "{name}: the L2 guest {} (a known fault of the nested lab); running it once more in a \
+         new lab. First run's stdout: {:?}; stderr:\n{}",
+        if first.timed_out {
+            "hung"
+        } else {
+            "triple-faulted"
+        },
+        first.stdout_str(),
+        first.stderr_str()
+    );
+    let scenario = SCENARIOS.iter().find(|s| s.0 == name).copied().unwrap();
+    run_scenarios(&[scenario], Duration::from_secs(300))
+        .get(name)
+        .clone()
 }
 
 #[test]
@@ -183,15 +216,15 @@ fn stdout_and_stderr_arrive_apart_and_byte_exact_over_vsock() {
 
 #[test]
 fn a_large_output_arrives_whole() {
-    let r = report().get("big_output");
+    let r = result_with_one_rerun("big_output");
     r.expect_rc(0);
     assert_eq!(
         r.stdout_str().trim(),
-        (50u64 << 20).to_string(),
+        (16u64 << 20).to_string(),
         "stderr: {}",
         r.stderr_str()
     );
-    eprintln!("50 MiB of output: {}", r.stderr_str().trim());
+    eprintln!("16 MiB of output: {}", r.stderr_str().trim());
 }
 
 #[test]

@@ -363,10 +363,13 @@ fn batch() -> &'static (Outcome, Outcome) {
                 Scenario::new("devices", DEVICES_SCRIPT).with_timeout(Duration::from_secs(180)),
             );
         run.timeout = Duration::from_secs(540);
-        // A frozen QEMU-TCG L1 (docs/TESTING.md) is the lab's failure, not cela's: once more.
+        // A frozen, reset or panicked QEMU-TCG L1 (docs/TESTING.md, "Known flake") is the
+        // lab's failure, not cela's: once more.
         let report = match lab.run(&run) {
-            Err(e @ (LabError::Frozen { .. } | LabError::Timeout { .. })) => {
-                eprintln!("the nested lab stopped responding ({e}); running it once more");
+            Err(
+                e @ (LabError::Frozen { .. } | LabError::Timeout { .. } | LabError::Exited { .. }),
+            ) => {
+                eprintln!("the nested lab failed ({e}); running it once more");
                 lab.run(&run)
             }
             other => other,
