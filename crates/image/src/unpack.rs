@@ -64,6 +64,23 @@ pub(crate) mod tree;
 use sparse::PaxSparse;
 use tree::{Deferred, DirHandle};
 
+/// How the unpacker resolves an entry's parent directory in the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Where an entry of the layer goes: symlinks are followed (beneath the root, as tar
+    /// and containerd do), missing directories made.
+    Create,
+    /// What a hard link names: symlinks followed, nothing made.
+    Existing,
+    /// What a whiteout names, in the tree of the layers below: real directories only. A
+    /// symlink on the way means nothing there to hide: in the merged view the layer's own
+    /// directory of that name replaces the link (OverlayFS shows an upper directory over a
+    /// lower non-directory unmerged, and containerd, unpacking in tar order, has replaced the
+    /// link by the time it meets the whiteout when the layer lists the directory, as layers
+    /// do), so the link's target keeps what it holds.
+    Directories,
+}
+
 /// How whiteout entries are laid out; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Whiteouts {
@@ -93,16 +110,19 @@ const MAX_DEFERRED_BYTES: u64 = 256 << 20;
 
 /// Opens a layer blob for reading as a tar, undoing gzip or zstd compression.
 pub fn open_layer(path: &Path) -> Result<Box<dyn Read>, ImageError> {
-    let mut f = BufReader::with_capacity(1 << 16, File::open(path).at("opening layer", path)?);
+    decompress(File::open(path).at("opening layer", path)?).at("reading layer", path)
+}
+
+/// `input`, decompressed if its first bytes say it is gzip or zstd.
+pub fn decompress(input: impl Read + 'static) -> io::Result<Box<dyn Read>> {
+    let mut f = BufReader::with_capacity(1 << 16, input);
     let magic = {
         use std::io::BufRead;
-        f.fill_buf().at("reading layer", path)?.to_vec()
+        f.fill_buf()?.to_vec()
     };
     Ok(match Compression::sniff(&magic) {
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
-        Compression::Zstd => {
-            Box::new(zstd::Decoder::with_buffer(f).at("opening zstd layer", path)?)
-        }
+        Compression::Zstd => Box::new(zstd::Decoder::with_buffer(f)?),
         Compression::None => Box::new(f),
     })
 }
@@ -280,7 +300,7 @@ impl Unpacker<'_> {
 
     /// Applies a whiteout to the tree.
     fn delete(&mut self, raw: &Path, parent: &Path, name: &OsStr) -> Result<(), ImageError> {
-        let Some(dir) = self.resolve(raw, parent, false)? else {
+        let Some(dir) = self.resolve(raw, parent, Walk::Directories)? else {
             return Ok(()); // nothing below to hide
         };
         if name == OPAQUE {
@@ -298,7 +318,7 @@ impl Unpacker<'_> {
 
     /// Turns a whiteout into its OverlayFS marker.
     fn mark(&mut self, raw: &Path, parent: &Path, name: &OsStr) -> Result<(), ImageError> {
-        let dir = self.resolve(raw, parent, true)?.expect("created");
+        let dir = self.resolve(raw, parent, Walk::Create)?.expect("created");
         if name == OPAQUE {
             tree::fsetxattr(dir.fd.as_fd(), "trusted.overlay.opaque", b"y")
                 .map_err(|e| self.io("marking opaque", &dir, OsStr::new(""), e))?;
@@ -323,7 +343,7 @@ impl Unpacker<'_> {
         name: &OsStr,
     ) -> Result<(), ImageError> {
         use tar::EntryType as T;
-        let dir = self.resolve(raw, parent, true)?.expect("created");
+        let dir = self.resolve(raw, parent, Walk::Create)?.expect("created");
         let d = dir.fd.as_fd();
         let header = entry.header();
         let kind = header.entry_type();
@@ -496,7 +516,9 @@ impl Unpacker<'_> {
                 ),
             )
         };
-        let dir = self.resolve(raw, parent, false)?.ok_or_else(not_there)?;
+        let dir = self
+            .resolve(raw, parent, Walk::Existing)?
+            .ok_or_else(not_there)?;
         match tree::lstat_at(dir.fd.as_fd(), name) {
             Ok(Some(st)) if tree::kind(&st) != FileType::Directory => Ok((dir, name.to_owned())),
             _ => Err(not_there()),
@@ -529,14 +551,14 @@ impl Unpacker<'_> {
         }
     }
 
-    /// Resolves `parent` (relative to the root) inside the root, following symlinks as if the
-    /// root were `/`, through directory descriptors only. Missing directories are created when
-    /// `create`, else `None` is returned.
+    /// Resolves `parent` (relative to the root) inside the root, through directory descriptors
+    /// only, as `walk` says: following symlinks as if the root were `/`, or not at all. `None`
+    /// when the path is not there.
     fn resolve(
         &self,
         raw: &Path,
         parent: &Path,
-        create: bool,
+        walk: Walk,
     ) -> Result<Option<DirHandle>, ImageError> {
         let mut stack: Vec<(OwnedFd, OsString)> = Vec::new();
         let mut pending: VecDeque<OsString> = parent.iter().map(|c| c.to_owned()).collect();
@@ -557,6 +579,7 @@ impl Unpacker<'_> {
             let cur = stack.last().map_or(self.root.as_fd(), |(fd, _)| fd.as_fd());
             let st = tree::lstat_at(cur, &c).at("inspecting", here_path(&stack).join(&c))?;
             match st.as_ref().map(tree::kind) {
+                Some(FileType::Symlink) if walk == Walk::Directories => return Ok(None),
                 Some(FileType::Symlink) => {
                     links += 1;
                     if links > MAX_SYMLINKS {
@@ -592,7 +615,7 @@ impl Unpacker<'_> {
                     );
                 }
                 None => {
-                    if !create {
+                    if walk != Walk::Create {
                         return Ok(None);
                     }
                     let p = here_path(&stack).join(&c);

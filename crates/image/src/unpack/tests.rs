@@ -143,6 +143,36 @@ fn dot_dot_is_refused_and_absolute_names_stay_inside() {
 }
 
 #[test]
+fn whiteouts_do_not_reach_through_a_lower_layers_symlink() {
+    // Below: `a` is a link to `b`, a real directory with files. The layer above makes `a` a
+    // directory of its own and hides things in it: what `b` holds stays, as in OverlayFS.
+    let mut w = World::new();
+    w.apply(&[
+        E::Dir("b/"),
+        E::File("b/keep", b"k"),
+        E::File("b/x", b"x"),
+        E::Symlink("a", "b"),
+        E::Symlink("c", "/b"),
+    ])
+    .unwrap();
+    let stats = w
+        .apply(&[
+            E::Dir("a/"),
+            E::File("a/.wh.x", b""),
+            E::File("a/.wh..wh..opq", b""),
+            E::File("a/new", b"n"),
+            E::Dir("c/"),
+            E::File("c/.wh.keep", b""),
+        ])
+        .unwrap();
+    assert_eq!(names(&w.root.join("b")), ["keep", "x"]);
+    assert!(fs::symlink_metadata(w.root.join("a")).unwrap().is_dir());
+    assert_eq!(names(&w.root.join("a")), ["new"]);
+    assert!(fs::symlink_metadata(w.root.join("c")).unwrap().is_dir());
+    assert_eq!(stats.whiteouts, 0);
+}
+
+#[test]
 fn symlinks_pointing_out_are_followed_inside_the_root() {
     let mut w = World::new();
     let outside = w.outside.display().to_string();
