@@ -1,10 +1,12 @@
-//! `cela snapshot` (take, ls, rm) and `cela restore`: thin commands over
+//! `cela snapshot` (take, ls, rm, export, import) and `cela restore`: thin commands over
 //! `cela_instance::snapshot`; the supervisor of the VM takes the snapshot itself.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use cela_instance::control::{self, Reply, Request};
 use cela_instance::ops;
 use cela_instance::run::START_BOUND;
@@ -43,6 +45,22 @@ enum SnapshotCommand {
         #[arg(value_name = "SNAP", required = true)]
         names: Vec<String>,
     },
+    /// Write a snapshot to a tar file (`-`: standard output) to take to another host.
+    Export {
+        #[arg(value_name = "SNAP")]
+        snapshot: String,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Store a snapshot from a tar file made by export (`-`: standard input; gzip or zstd
+    /// compressed is fine).
+    Import {
+        /// Store it under this name (default: the name it was exported with).
+        #[arg(long, value_name = "SNAP")]
+        name: Option<String>,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -69,6 +87,18 @@ pub fn snapshot(args: SnapshotArgs, data_dir: &Path) -> anyhow::Result<ExitCode>
                 snaps.remove(&n)?;
                 println!("{n}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(SnapshotCommand::Export { snapshot, file }) => export(&snapshot, &file, data_dir),
+        Some(SnapshotCommand::Import { name, file }) => {
+            let snaps = Snapshots::open(data_dir)?;
+            let input: Box<dyn std::io::Read> = if file == Path::new("-") {
+                Box::new(std::io::stdin())
+            } else {
+                Box::new(File::open(&file).with_context(|| format!("opening {}", file.display()))?)
+            };
+            let m = snapshot::archive::import(&snaps, input, name.as_deref())?;
+            println!("{}", m.name);
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -129,6 +159,36 @@ fn take(
 }
 
 /// The state of `inst`, which must be live (`hint` says why).
+fn export(name: &str, file: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let snaps = Snapshots::open(data_dir)?;
+    if file == Path::new("-") {
+        if std::io::stdout().is_terminal() {
+            bail!("refusing to write a snapshot archive to a terminal: give a file, or redirect");
+        }
+        let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+        snapshot::archive::export(&snaps, name, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    snaps.find(name)?;
+    let out = File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    let written = snapshot::archive::export(
+        &snaps,
+        name,
+        std::io::BufWriter::with_capacity(1 << 20, &out),
+    )
+    .map_err(anyhow::Error::from)
+    .and_then(|_| {
+        out.sync_all()
+            .with_context(|| format!("writing {}", file.display()))
+    });
+    if let Err(e) = written {
+        // A partial archive is not left to be mistaken for a whole one.
+        let _ = std::fs::remove_file(file);
+        return Err(e);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn require_live(
     inst: &cela_instance::Instance,
     hint: &'static str,

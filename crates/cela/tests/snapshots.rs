@@ -157,6 +157,29 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
         "the cold boot counted from 1: the saved disk was not the one booted"
     );
 
+    // Carried to "another host" as one file: exported, imported under a new name, restored.
+    let carry = tempfile::tempdir().unwrap();
+    let tar = carry.path().join("s2.tar");
+    w.ok(&["snapshot", "export", "s2", tar.to_str().unwrap()]);
+    w.ok(&["snapshot", "import", "--name", "s3", tar.to_str().unwrap()]);
+    w.ok(&["restore", "-d", "--name", "r4", "s3"]);
+    wait_count(&w, "r4", at + 1);
+    assert!(counts(&w, "r4")[0] >= at);
+    w.ok(&["rm", "-f", "r4"]);
+    // A copy cut short is refused and leaves nothing.
+    let bytes = std::fs::read(&tar).unwrap();
+    let cut = carry.path().join("cut.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    w.err(
+        &["snapshot", "import", "--name", "s4", cut.to_str().unwrap()],
+        "not a cela snapshot",
+    );
+    w.err(
+        &["snapshot", "import", tar.to_str().unwrap()],
+        "exists already",
+    );
+    w.ok(&["snapshot", "rm", "s3"]);
+
     // A restored instance is an instance: stopped and removed as any other.
     for name in ["r1", "r2", "r3"] {
         w.ok(&["stop", "-t", "20", name]);

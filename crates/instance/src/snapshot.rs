@@ -27,6 +27,8 @@
 //! what a guest's machine was: it is only ever given back to a jailed QEMU of the build that
 //! wrote it.
 
+pub mod archive;
+
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -47,6 +49,8 @@ const MAX_MANIFEST: u64 = 1 << 20;
 /// The files of a snapshot.
 pub const STATE_FILE: &str = "state.bin";
 pub const DISK_FILE: &str = "disk.raw";
+/// What a saved state may hold beyond guest RAM (the bound the QEMU engine puts on a save).
+const STATE_SLACK: u64 = 64 << 20;
 /// The TSC rate a restoring host may differ by (a guest calibrated its clock against it).
 const TSC_TOLERANCE: f64 = 0.005;
 

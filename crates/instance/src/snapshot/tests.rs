@@ -152,3 +152,243 @@ fn default_names_are_valid_instance_style_names() {
     assert!(valid_name(&n), "{n}");
     assert!(n.len() <= 64);
 }
+
+/// One tar entry of a hand-made archive: a name, a type and the bytes.
+fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(0o600);
+        h.set_size(data.len() as u64);
+        if kind.is_symlink() {
+            h.set_link_name("/etc/shadow").unwrap();
+        }
+        // Raw names, so hostile ones can be written.
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn import_bytes(
+    snaps: &Snapshots,
+    bytes: Vec<u8>,
+    name: Option<&str>,
+) -> Result<Manifest, InstanceError> {
+    archive::import(snaps, io::Cursor::new(bytes), name)
+}
+
+/// Only complete snapshots and no import leftovers under the store.
+fn store_names(snaps: &Snapshots) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(&snaps.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_exported_snapshot_imports_whole_and_sparse_on_another_host() {
+    let here = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::open(here.path()).unwrap();
+    let mut m = write(&snaps, "s");
+    // A disk of 1 MiB that is mostly holes.
+    let mut disk = vec![0u8; 1 << 20];
+    disk[4096..4100].copy_from_slice(b"data");
+    fs::write(snaps.dir("s").join(DISK_FILE), &disk).unwrap();
+    m.files[1].size = disk.len() as u64;
+    m.files[1].sha256 = Digest::of(&disk).to_string();
+    fs::write(
+        snaps.dir("s").join("manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
+
+    let mut tar = Vec::new();
+    archive::export(&snaps, "s", &mut tar).unwrap();
+    let names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["manifest.json", "state.bin", "disk.raw"]);
+
+    let there = tempfile::tempdir().unwrap();
+    let other = Snapshots::open(there.path()).unwrap();
+    let got = import_bytes(&other, tar.clone(), None).unwrap();
+    assert_eq!(got.name, "s");
+    assert_eq!(got.files, m.files);
+    got.verify(&other.dir("s")).unwrap();
+    assert_eq!(other.find("s").unwrap().source.name, "src");
+    let meta = fs::metadata(other.dir("s").join(DISK_FILE)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "the disk was written whole: {} blocks",
+        meta.blocks()
+    );
+    // The same name again is refused; another name is fine.
+    let e = import_bytes(&other, tar.clone(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exists already") && e.contains("--name"), "{e}");
+    let t = import_bytes(&other, tar.clone(), Some("t")).unwrap();
+    assert_eq!(
+        (t.name.as_str(), other.find("t").unwrap().name.as_str()),
+        ("t", "t")
+    );
+    other.find("t").unwrap().verify(&other.dir("t")).unwrap();
+    assert!(matches!(
+        import_bytes(&other, tar, Some("../x")),
+        Err(InstanceError::BadName(_))
+    ));
+    assert_eq!(store_names(&other), ["s", "t"]);
+
+    // A snapshot damaged on disk is not exported.
+    fs::write(snaps.dir("s").join(STATE_FILE), b"QEVM statf").unwrap();
+    let e = archive::export(&snaps, "s", Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("state.bin's sha256") && e.contains("incomplete"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
+    use tar::EntryType::{Regular as F, Symlink as L};
+    let here = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::open(here.path()).unwrap();
+    let m = write(&snaps, "s");
+    let manifest = serde_json::to_vec(&m).unwrap();
+    let with = |edit: &dyn Fn(&mut Manifest)| {
+        let mut m = m.clone();
+        edit(&mut m);
+        serde_json::to_vec(&m).unwrap()
+    };
+    let huge_state = with(&|m| m.files[0].size = (512 << 20) + (64 << 20) + 1);
+    let three_files = with(&|m| {
+        let f = m.files[0].clone();
+        m.files.push(f)
+    });
+    let newer = with(&|m| m.format = FORMAT + 1);
+    let huge_disk = with(&|m| m.files[1].size = 1 << 41);
+    let big = vec![b' '; (1 << 20) + 1];
+    let (state, disk) = (&b"QEVM state"[..], &b"disk bytes"[..]);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", tar_of(&[]), "it is empty"),
+        (
+            "state first",
+            tar_of(&[("state.bin", F, state)]),
+            "first entry is \"state.bin\"",
+        ),
+        (
+            "manifest a link",
+            tar_of(&[("manifest.json", L, b"")]),
+            "manifest.json is not a regular",
+        ),
+        (
+            "manifest too big",
+            tar_of(&[("manifest.json", F, &big)]),
+            "larger than",
+        ),
+        (
+            "manifest garbage",
+            tar_of(&[("manifest.json", F, b"{]")]),
+            "manifest.json:",
+        ),
+        (
+            "newer format",
+            tar_of(&[("manifest.json", F, &newer)]),
+            "format is 2",
+        ),
+        (
+            "a file too many",
+            tar_of(&[("manifest.json", F, &three_files)]),
+            "lists state.bin 2 times",
+        ),
+        (
+            "state bound",
+            tar_of(&[("manifest.json", F, &huge_state)]),
+            "more than a machine of 512 MiB",
+        ),
+        (
+            "disk bound",
+            tar_of(&[("manifest.json", F, &huge_disk)]),
+            "more than the 1 TiB",
+        ),
+        (
+            "unlisted",
+            tar_of(&[("manifest.json", F, &manifest), ("evil", F, b"x")]),
+            "holds \"evil\", which its manifest does not list",
+        ),
+        (
+            "traversal",
+            tar_of(&[("manifest.json", F, &manifest), ("../state.bin", F, state)]),
+            "not a snapshot file's name",
+        ),
+        (
+            "a link",
+            tar_of(&[("manifest.json", F, &manifest), ("state.bin", L, b"")]),
+            "state.bin is not a regular file",
+        ),
+        (
+            "short",
+            tar_of(&[("manifest.json", F, &manifest), ("state.bin", F, b"QEVM")]),
+            "state.bin has 4 bytes where its manifest says 10",
+        ),
+        (
+            "tampered",
+            tar_of(&[
+                ("manifest.json", F, &manifest),
+                ("state.bin", F, b"QEVM statf"),
+            ]),
+            "tampered",
+        ),
+        (
+            "twice",
+            tar_of(&[
+                ("manifest.json", F, &manifest),
+                ("state.bin", F, state),
+                ("state.bin", F, state),
+            ]),
+            "state.bin twice",
+        ),
+        (
+            "no disk",
+            tar_of(&[("manifest.json", F, &manifest), ("state.bin", F, state)]),
+            "ends without disk.raw",
+        ),
+        (
+            "not a tar",
+            b"this is not a tar archive at all, not even close".repeat(20),
+            "not a cela snapshot",
+        ),
+    ];
+    let there = tempfile::tempdir().unwrap();
+    let other = Snapshots::open(there.path()).unwrap();
+    for (what, bytes, want) in cases {
+        let e = import_bytes(&other, bytes, None)
+            .expect_err(what)
+            .to_string();
+        assert!(e.contains(want), "{what}: {e}");
+        assert!(
+            store_names(&other).is_empty(),
+            "{what} left {:?}",
+            store_names(&other)
+        );
+    }
+    // The same files in order import.
+    let ok = tar_of(&[
+        ("manifest.json", F, &manifest),
+        ("state.bin", F, state),
+        ("disk.raw", F, disk),
+    ]);
+    import_bytes(&other, ok, None).unwrap();
+    assert_eq!(store_names(&other), ["s"]);
+}

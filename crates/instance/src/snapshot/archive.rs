@@ -1,0 +1,352 @@
+//! A snapshot as one file to carry to another host (`cela snapshot export`, `cela snapshot
+//! import`): a plain tar of `manifest.json`, then the files it lists, in that order.
+//!
+//! Export reads each file once, through one descriptor opened without following links, and
+//! hashes what it copies: a snapshot damaged or changed on disk fails the export rather than
+//! travel. Import takes the tar as hostile input (a file from anywhere, possibly compressed
+//! with gzip or zstd, which is undone): the manifest must come first and be small; it bounds
+//! everything after it. Only the listed files, each once, as regular files of exactly the
+//! listed size, are accepted; each is hashed while it is written and compared with the
+//! manifest; the disk (at most 1 TiB) is written sparse (zero blocks become holes). Nothing is
+//! written beyond the snapshot store's free space less its reserve. The snapshot appears under its name only
+//! once it is complete; a failed import leaves nothing.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use cela_image::digest::Hasher;
+use cela_image::tar_limits::{self, Limited};
+
+use super::{DISK_FILE, FORMAT, MAX_MANIFEST, Manifest, STATE_FILE, STATE_SLACK, Snapshots, bad};
+use crate::error::{InstanceError, IoContext};
+use crate::record::valid_name;
+
+/// The manifest's name in the archive.
+const MANIFEST: &str = "manifest.json";
+/// Copy and sparse-detection unit.
+const CHUNK: usize = 1 << 16;
+/// The largest disk imported (read, hashed and written sparse: zeros cost time, not space).
+const MAX_DISK: u64 = 1 << 40;
+/// Free space is looked at again after this many bytes are written.
+const ROOM_CHECK: u64 = 64 << 20;
+
+/// Writes snapshot `name` to `out` as a tar; returns its manifest.
+pub fn export(snaps: &Snapshots, name: &str, out: impl Write) -> Result<Manifest, InstanceError> {
+    let m = snaps.find(name)?;
+    let dir = snaps.dir(name);
+    let mut tar = tar::Builder::new(out);
+    // The manifest as read and checked (bounded) by `find`.
+    let manifest = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+    append(&mut tar, MANIFEST, manifest.len() as u64, &manifest[..])?;
+    for want in [STATE_FILE, DISK_FILE] {
+        let Some(f) = m.files.iter().find(|f| f.name == want) else {
+            return Err(bad(name, format!("its manifest lists no {want}")));
+        };
+        let path = dir.join(want);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| bad(name, format!("{want}: {e}")))?;
+        let meta = file
+            .metadata()
+            .doing(|| format!("reading {}", path.display()))?;
+        if !meta.is_file() || meta.len() != f.size {
+            return Err(bad(
+                name,
+                format!(
+                    "{want} has {} bytes where its manifest says {} (truncated or damaged)",
+                    meta.len(),
+                    f.size
+                ),
+            ));
+        }
+        let mut hashed = HashingReader::new(io::Read::take(file, f.size));
+        append(&mut tar, want, f.size, &mut hashed)?;
+        let (digest, n) = hashed.finish();
+        if n != f.size || digest != f.sha256 {
+            return Err(bad(
+                name,
+                format!(
+                    "{want}'s sha256 is {digest}, not {} as its manifest says (damaged or \
+                     tampered with); the export is incomplete",
+                    f.sha256
+                ),
+            ));
+        }
+    }
+    tar.into_inner()
+        .and_then(|mut w| w.flush())
+        .doing(|| "finishing the archive".to_owned())?;
+    Ok(m)
+}
+
+fn append(
+    tar: &mut tar::Builder<impl Write>,
+    name: &str,
+    size: u64,
+    data: impl Read,
+) -> Result<(), InstanceError> {
+    // GNU headers: a disk may pass ustar's 8 GiB.
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o600);
+    h.set_size(size);
+    h.set_mtime(0);
+    tar.append_data(&mut h, name, data)
+        .doing(|| format!("writing {name} into the archive"))
+}
+
+/// Reads a snapshot archive from `input` into `snaps`, named `rename` or as its manifest
+/// says; returns the stored manifest.
+pub fn import(
+    snaps: &Snapshots,
+    input: impl Read + 'static,
+    rename: Option<&str>,
+) -> Result<Manifest, InstanceError> {
+    let input = cela_image::unpack::decompress(input).doing(|| "reading the archive".to_owned())?;
+    let tmp = snaps
+        .root
+        .join(format!(".tmp-import-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).doing(|| format!("creating {}", tmp.display()))?;
+    let made = import_into(snaps, input, rename, &tmp);
+    if made.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    made
+}
+
+fn import_into(
+    snaps: &Snapshots,
+    input: Box<dyn Read>,
+    rename: Option<&str>,
+    tmp: &Path,
+) -> Result<Manifest, InstanceError> {
+    let refuse =
+        |why: String| InstanceError::Invalid(format!("the archive is not a cela snapshot: {why}"));
+    let dir_fd = File::open(tmp).doing(|| format!("opening {}", tmp.display()))?;
+    // No byte budget on the stream: what is read is bounded by the manifest (every entry
+    // taken is checked against its size, and one more entry ends the import), what is
+    // written by the store's free space (`copy_sparse`), and a sparse disk may be larger than
+    // that free space. `Limited` still bounds PAX headers and long names.
+    let mut archive = tar::Archive::new(Limited::new(input, None));
+    let mut entries = archive.entries().map_err(|e| refuse(e.to_string()))?;
+
+    // The manifest, first and small.
+    let Some(mut entry) = next_entry(&mut entries).map_err(refuse)? else {
+        return Err(refuse("it is empty".into()));
+    };
+    let name = entry_name(&entry).map_err(refuse)?;
+    if name != MANIFEST {
+        return Err(refuse(format!(
+            "its first entry is {name:?}, not {MANIFEST}"
+        )));
+    }
+    if entry.header().entry_type() != tar::EntryType::Regular {
+        return Err(refuse(format!("its {MANIFEST} is not a regular file")));
+    }
+    if entry.size() > MAX_MANIFEST {
+        return Err(refuse(format!(
+            "its manifest is larger than {MAX_MANIFEST} bytes"
+        )));
+    }
+    let mut bytes = Vec::new();
+    entry
+        .read_to_end(&mut bytes)
+        .map_err(|e| refuse(format!("{MANIFEST}: {e}")))?;
+    let mut m: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| refuse(format!("{MANIFEST}: {e}")))?;
+    if m.format != FORMAT {
+        return Err(InstanceError::Unsupported(format!(
+            "the archive's snapshot format is {} and this cela reads {FORMAT}",
+            m.format
+        )));
+    }
+    let target = rename.map_or_else(|| m.name.clone(), str::to_owned);
+    if !valid_name(&target) {
+        return Err(InstanceError::BadName(target));
+    }
+    if snaps.dir(&target).exists() {
+        return Err(InstanceError::Invalid(format!(
+            "a snapshot named {target} exists already (import it with --name)"
+        )));
+    }
+    // What the manifest lists bounds what follows.
+    let mut files = Vec::new();
+    for want in [STATE_FILE, DISK_FILE] {
+        let listed: Vec<_> = m.files.iter().filter(|f| f.name == want).collect();
+        let [f] = listed[..] else {
+            return Err(refuse(format!(
+                "its manifest lists {want} {} times",
+                listed.len()
+            )));
+        };
+        files.push(f.clone());
+    }
+    if m.files.len() != 2 {
+        return Err(refuse(
+            "its manifest lists files other than the state and the disk".into(),
+        ));
+    }
+    let ram = m.config.memory_mib.unwrap_or(512);
+    let state_bound = (ram << 20).saturating_add(STATE_SLACK);
+    if files[0].size > state_bound {
+        return Err(refuse(format!(
+            "its state has {} bytes, more than a machine of {ram} MiB saves",
+            files[0].size
+        )));
+    }
+
+    if files[1].size > MAX_DISK {
+        return Err(refuse(format!(
+            "its disk has {} bytes, more than the {} TiB cela takes",
+            files[1].size,
+            MAX_DISK >> 40
+        )));
+    }
+
+    let mut seen = [false; 2];
+    while let Some(mut entry) = next_entry(&mut entries).map_err(refuse)? {
+        let name = entry_name(&entry).map_err(refuse)?;
+        let Some(i) = files.iter().position(|f| f.name == name) else {
+            return Err(refuse(format!(
+                "it holds {name:?}, which its manifest does not list"
+            )));
+        };
+        if seen[i] {
+            return Err(refuse(format!("it holds {name} twice")));
+        }
+        seen[i] = true;
+        let f = &files[i];
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(refuse(format!("{name} is not a regular file")));
+        }
+        if entry.size() != f.size {
+            return Err(refuse(format!(
+                "{name} has {} bytes where its manifest says {}",
+                entry.size(),
+                f.size
+            )));
+        }
+        let digest = copy_sparse(&mut entry, &tmp.join(&f.name), f.size, &dir_fd)
+            .map_err(|e| refuse(format!("{name}: {e}")))?;
+        if digest != f.sha256 {
+            return Err(bad(
+                &m.name,
+                format!(
+                    "{name}'s sha256 is {digest}, not {} as its manifest says (damaged or \
+                     tampered with)",
+                    f.sha256
+                ),
+            ));
+        }
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(refuse(format!("it ends without {}", files[i].name)));
+    }
+    m.name = target.clone();
+    let mpath = tmp.join(MANIFEST);
+    let mut out = File::create(&mpath).doing(|| format!("creating {}", mpath.display()))?;
+    out.write_all(&serde_json::to_vec_pretty(&m).expect("a manifest serializes"))
+        .and_then(|_| out.sync_all())
+        .doing(|| format!("writing {}", mpath.display()))?;
+    let dest = snaps.dir(&target);
+    if dest.exists() {
+        return Err(InstanceError::Invalid(format!(
+            "a snapshot named {target} exists already (import it with --name)"
+        )));
+    }
+    fs::rename(tmp, &dest).doing(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    let _ = File::open(&snaps.root).and_then(|d| d.sync_all());
+    Ok(m)
+}
+
+fn next_entry<'a, R: Read>(
+    entries: &mut tar::Entries<'a, R>,
+) -> Result<Option<tar::Entry<'a, R>>, String> {
+    entries.next().transpose().map_err(|e| e.to_string())
+}
+
+/// An entry's path, which must be a plain file name.
+fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, String> {
+    let raw = entry.path_bytes();
+    let name = std::str::from_utf8(&raw)
+        .map_err(|_| "an entry's name is not UTF-8".to_owned())?
+        .to_owned();
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!(
+            "it holds {name:?}, which is not a snapshot file's name"
+        ));
+    }
+    Ok(name)
+}
+
+/// Writes `size` bytes of `from` to a new file `path`, all-zero chunks as holes, keeping the
+/// store's reserve free (`dir` is on its file system); returns the bytes' sha256.
+fn copy_sparse(from: &mut impl Read, path: &Path, size: u64, dir: &File) -> io::Result<String> {
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut hasher = Hasher::new(io::sink());
+    let mut buf = vec![0u8; CHUNK];
+    // The first bytes written look at the free space at once.
+    let (mut done, mut since_check) = (0u64, ROOM_CHECK);
+    while done < size {
+        let want = (size - done).min(CHUNK as u64) as usize;
+        from.read_exact(&mut buf[..want])?;
+        hasher.write_all(&buf[..want])?;
+        if buf[..want].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(want as i64))?;
+        } else {
+            if since_check >= ROOM_CHECK {
+                since_check = 0;
+                if tar_limits::room(dir)? == 0 {
+                    return Err(io::Error::other(format!(
+                        "the snapshot store's file system has less than {} MiB free left",
+                        tar_limits::RESERVE >> 20
+                    )));
+                }
+            }
+            out.write_all(&buf[..want])?;
+            since_check += want as u64;
+        }
+        done += want as u64;
+    }
+    out.set_len(size)?;
+    out.sync_all()?;
+    let (digest, _) = hasher.finish();
+    Ok(digest.to_string())
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher<io::Sink>,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Hasher::new(io::sink()),
+        }
+    }
+
+    fn finish(self) -> (String, u64) {
+        let (d, n) = self.hasher.finish();
+        (d.to_string(), n)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
