@@ -44,7 +44,7 @@
 //! and containerd's unpackers do, instead of being dropped silently.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -72,12 +72,14 @@ enum Walk {
     Create,
     /// What a hard link names: symlinks followed, nothing made.
     Existing,
-    /// What a whiteout names, in the tree of the layers below: real directories only. A
-    /// symlink on the way means nothing there to hide: in the merged view the layer's own
-    /// directory of that name replaces the link (OverlayFS shows an upper directory over a
-    /// lower non-directory unmerged, and containerd, unpacking in tar order, has replaced the
-    /// link by the time it meets the whiteout when the layer lists the directory, as layers
-    /// do), so the link's target keeps what it holds.
+    /// What a whiteout names, in the tree of the layers below. Where the layer lists a
+    /// directory of its own at a path the tree has a symlink (met before any link was
+    /// followed), nothing is there to hide: the layer's directory replaces the link in the
+    /// merged view (OverlayFS shows an upper directory over a lower non-directory unmerged;
+    /// containerd, unpacking in tar order, has replaced the link by the time it meets the
+    /// whiteout), so the link's target keeps what it holds. Other links are followed as for
+    /// [`Walk::Existing`] (merged /usr: `bin/.wh.x` over `bin -> usr/bin` removes usr/bin/x);
+    /// a file on the way means nothing to hide.
     Directories,
 }
 
@@ -179,6 +181,9 @@ pub fn apply_layer(
         stats: UnpackStats::default(),
         dropped_xattrs: Cell::new(0),
         dirs: Vec::new(),
+        layer_dirs: HashSet::new(),
+        whiteouts: Vec::new(),
+        delete_bytes: 0,
     };
     match mode {
         Whiteouts::Apply => {
@@ -222,6 +227,12 @@ struct Unpacker<'a> {
     /// Directories whose mode and time are set last (writing into them changes the time, and a
     /// read-only mode would stop the writes of a non-root user).
     dirs: Vec<Deferred>,
+    /// The Delete pass: the directories this layer lists, and its whiteouts, applied once
+    /// the whole layer was read (a directory may come after the whiteouts inside it).
+    layer_dirs: HashSet<PathBuf>,
+    whiteouts: Vec<(PathBuf, PathBuf, OsString)>,
+    /// What those two hold, bounded as `deferred_bytes`.
+    delete_bytes: u64,
 }
 
 type LayerEntry<'e> = tar::Entry<'e, Limited<Box<dyn Read>>>;
@@ -273,13 +284,41 @@ impl Unpacker<'_> {
             let name = name.to_owned();
             let is_whiteout = name.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes());
             match (pass, is_whiteout) {
-                (Pass::Extract, true) | (Pass::Delete, false) => {}
-                (Pass::Delete, true) => self.delete(&raw, parent, &name)?,
+                (Pass::Extract, true) => {}
+                (Pass::Delete, false) => {
+                    if entry.header().entry_type().is_dir() {
+                        let dir: PathBuf = rel.components().collect();
+                        self.count_delete_bytes(&raw, dir.as_os_str().len())?;
+                        self.layer_dirs.insert(dir);
+                    }
+                }
+                (Pass::Delete, true) => {
+                    let len = raw.as_os_str().len() + parent.as_os_str().len() + name.len();
+                    self.count_delete_bytes(&raw, len)?;
+                    self.whiteouts.push((raw.clone(), parent.to_owned(), name));
+                }
                 (Pass::Overlay, true) => self.mark(&raw, parent, &name)?,
                 (Pass::Extract | Pass::Overlay, false) => {
                     self.write(&mut entry, sparse.as_ref(), &raw, parent, &name)?
                 }
             }
+        }
+        for (raw, parent, name) in std::mem::take(&mut self.whiteouts) {
+            self.delete(&raw, &parent, &name)?;
+        }
+        Ok(())
+    }
+
+    /// Counts `len` bytes the Delete pass keeps until the layer's end, against the bound.
+    fn count_delete_bytes(&mut self, raw: &Path, len: usize) -> Result<(), ImageError> {
+        self.delete_bytes += len as u64 + 64;
+        if self.delete_bytes > MAX_DEFERRED_BYTES {
+            return Err(self.hostile(
+                raw,
+                format!(
+                    "the layer's whiteouts and directories pass {MAX_DEFERRED_BYTES} bytes of bookkeeping"
+                ),
+            ));
         }
         Ok(())
     }
@@ -579,7 +618,15 @@ impl Unpacker<'_> {
             let cur = stack.last().map_or(self.root.as_fd(), |(fd, _)| fd.as_fd());
             let st = tree::lstat_at(cur, &c).at("inspecting", here_path(&stack).join(&c))?;
             match st.as_ref().map(tree::kind) {
-                Some(FileType::Symlink) if walk == Walk::Directories => return Ok(None),
+                Some(FileType::Symlink)
+                    if walk == Walk::Directories && links == 0 && {
+                        let mut p: PathBuf = stack.iter().map(|(_, n)| n).collect();
+                        p.push(&c);
+                        self.layer_dirs.contains(&p)
+                    } =>
+                {
+                    return Ok(None);
+                }
                 Some(FileType::Symlink) => {
                     links += 1;
                     if links > MAX_SYMLINKS {
@@ -607,6 +654,7 @@ impl Unpacker<'_> {
                         .at("opening directory", here_path(&stack).join(&c))?;
                     stack.push((fd, c));
                 }
+                Some(_) if walk == Walk::Directories => return Ok(None),
                 Some(_) => {
                     let mut inside: PathBuf = stack.iter().map(|(_, n)| n).collect();
                     inside.push(&c);

@@ -161,8 +161,9 @@ fn whiteouts_do_not_reach_through_a_lower_layers_symlink() {
             E::File("a/.wh.x", b""),
             E::File("a/.wh..wh..opq", b""),
             E::File("a/new", b"n"),
-            E::Dir("c/"),
+            // The directory may come after the whiteout inside it.
             E::File("c/.wh.keep", b""),
+            E::Dir("c/"),
         ])
         .unwrap();
     assert_eq!(names(&w.root.join("b")), ["keep", "x"]);
@@ -170,6 +171,25 @@ fn whiteouts_do_not_reach_through_a_lower_layers_symlink() {
     assert_eq!(names(&w.root.join("a")), ["new"]);
     assert!(fs::symlink_metadata(w.root.join("c")).unwrap().is_dir());
     assert_eq!(stats.whiteouts, 0);
+
+    // A layer that does not list the directory hides through the link, as Docker does
+    // (merged /usr); a whiteout under a lower file hides nothing and is no error.
+    let mut w = World::new();
+    w.apply(&[
+        E::Dir("usr/"),
+        E::Dir("usr/bin/"),
+        E::File("usr/bin/sudo", b"s"),
+        E::File("usr/bin/sh", b"s"),
+        E::Symlink("bin", "usr/bin"),
+        E::File("f", b"f"),
+    ])
+    .unwrap();
+    let stats = w
+        .apply(&[E::File("bin/.wh.sudo", b""), E::File("f/.wh.x", b"")])
+        .unwrap();
+    assert_eq!(names(&w.root.join("usr/bin")), ["sh"]);
+    assert_eq!(stats.whiteouts, 1);
+    assert_eq!(fs::read(w.root.join("f")).unwrap(), b"f");
 }
 
 #[test]
