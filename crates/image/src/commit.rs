@@ -298,6 +298,11 @@ pub fn apply_change(run: &mut Map<String, Value>, line: &str) -> Result<(), Imag
         None => (line_t, ""),
     };
     let instr = word.to_ascii_uppercase();
+    // `$VAR` and `${VAR}` in the arguments (not CMD's or ENTRYPOINT's, left to the shell)
+    // are the config's environment before this instruction, as in a Dockerfile.
+    let env = strings(run.get("Env"));
+    let words = |s: &str| words(line, s, Some(env.as_slice()));
+    let pairs = |s: &str| pairs(line, s, &env);
     match instr.as_str() {
         "CMD" | "ENTRYPOINT" => {
             let argv = if rest.starts_with('[') {
@@ -317,20 +322,20 @@ pub fn apply_change(run: &mut Map<String, Value>, line: &str) -> Result<(), Imag
         }
         "ENV" => {
             let mut env = strings(run.get("Env"));
-            for (k, v) in pairs(line, rest)? {
+            for (k, v) in pairs(rest)? {
                 set_env(&mut env, &format!("{k}={v}"));
             }
             run.insert("Env".into(), json!(env));
         }
         "LABEL" => {
-            let pairs = pairs(line, rest)?;
+            let pairs = pairs(rest)?;
             let labels = object(run, "Labels");
             for (k, v) in pairs {
                 labels.insert(k, json!(v));
             }
         }
         "EXPOSE" => {
-            let words = words(line, rest)?;
+            let words = words(rest)?;
             if words.is_empty() {
                 return Err(bad_change(line, "EXPOSE needs a port"));
             }
@@ -356,7 +361,7 @@ pub fn apply_change(run: &mut Map<String, Value>, line: &str) -> Result<(), Imag
                 serde_json::from_str::<Vec<String>>(rest)
                     .map_err(|e| bad_change(line, format!("not a JSON array of strings: {e}")))?
             } else {
-                words(line, rest)?
+                words(rest)?
             };
             if paths.is_empty() {
                 return Err(bad_change(line, "VOLUME needs a path"));
@@ -367,7 +372,7 @@ pub fn apply_change(run: &mut Map<String, Value>, line: &str) -> Result<(), Imag
             }
         }
         "USER" | "WORKDIR" | "STOPSIGNAL" => {
-            let value = words(line, rest)?;
+            let value = words(rest)?;
             let [value] = &value[..] else {
                 return Err(bad_change(line, format!("{instr} takes one value")));
             };
@@ -394,13 +399,16 @@ pub fn apply_change(run: &mut Map<String, Value>, line: &str) -> Result<(), Imag
 }
 
 /// Splits `s` into words as a Dockerfile does: whitespace apart, double or single quotes
-/// keeping spaces, a backslash escaping the next character (outside single quotes).
-fn words(line: &str, s: &str) -> Result<Vec<String>, ImageError> {
+/// keeping spaces, a backslash escaping the next character (outside single quotes); with
+/// `env`, variables are replaced outside single quotes ([`expand`]).
+fn words(line: &str, s: &str, env: Option<&[String]>) -> Result<Vec<String>, ImageError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
     let mut quote: Option<char> = None;
-    let mut chars = s.chars();
+    let expanding = env.is_some();
+    let env = env.unwrap_or_default();
+    let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         match (quote, c) {
             (Some(q), c) if c == q => quote = None,
@@ -412,6 +420,12 @@ fn words(line: &str, s: &str) -> Result<Vec<String>, ImageError> {
                 }
                 None => return Err(bad_change(line, "it ends with a backslash")),
             },
+            (_, '$') if expanding => {
+                let value = expand(line, &mut chars, env, 0)?;
+                // Unquoted, an empty value makes no word (as in a shell).
+                in_word |= quote.is_some() || !value.is_empty();
+                cur.push_str(&value);
+            }
             (Some(_), c) => cur.push(c),
             (None, '"' | '\'') => {
                 quote = Some(c);
@@ -438,11 +452,101 @@ fn words(line: &str, s: &str) -> Result<Vec<String>, ImageError> {
     Ok(out)
 }
 
-/// `KEY=VALUE ...`, or the old form `KEY VALUE WITH SPACES`.
-fn pairs(line: &str, rest: &str) -> Result<Vec<(String, String)>, ImageError> {
+/// How deeply `${A:-${B:-...}}` may nest.
+const MAX_NESTING: usize = 16;
+
+/// What follows a `$` (already taken from `chars`): `NAME`, `${NAME}`, `${NAME:-WORD}` (WORD
+/// when NAME is unset or empty) or `${NAME:+WORD}` (WORD when it is set and not empty), NAME
+/// looked up in `env` (`KEY=VALUE`, the last one wins) and an unset one empty, as Docker's
+/// builder does; a `$` before anything else stays a `$`.
+fn expand(
+    line: &str,
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    env: &[String],
+    depth: usize,
+) -> Result<String, ImageError> {
+    let lookup = |name: &str| {
+        env.iter()
+            .rev()
+            .find_map(|e| e.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let is_name = |c: &char| c.is_ascii_alphanumeric() || *c == '_';
+    if chars.peek() != Some(&'{') {
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(is_name) {
+            name.push(c);
+        }
+        return Ok(if name.is_empty() {
+            "$".to_owned()
+        } else {
+            lookup(&name).unwrap_or_default()
+        });
+    }
+    chars.next();
+    if depth >= MAX_NESTING {
+        return Err(bad_change(
+            line,
+            format!("variables nest deeper than {MAX_NESTING}"),
+        ));
+    }
+    let mut name = String::new();
+    while let Some(c) = chars.next_if(is_name) {
+        name.push(c);
+    }
+    if name.is_empty() {
+        return Err(bad_change(line, "${ without a variable name"));
+    }
+    let modifier = match chars.next() {
+        Some('}') => return Ok(lookup(&name).unwrap_or_default()),
+        Some(':') => match chars.next() {
+            Some(m @ ('-' | '+')) => m,
+            other => {
+                return Err(bad_change(
+                    line,
+                    format!(
+                        "${{{name}:{}…}}: only :- and :+ are understood",
+                        other.unwrap_or(' ')
+                    ),
+                ));
+            }
+        },
+        None => return Err(bad_change(line, format!("${{{name}… is not closed"))),
+        _ => {
+            return Err(bad_change(
+                line,
+                format!("${{{name}…: a }} or :- or :+ was expected"),
+            ));
+        }
+    };
+    // The word, up to the matching brace; itself expanded, escapes kept as in a word.
+    let mut word = String::new();
+    loop {
+        match chars.next() {
+            None => return Err(bad_change(line, format!("${{{name}… is not closed"))),
+            Some('}') => break,
+            Some('\\') => match chars.next() {
+                Some(n) => word.push(n),
+                None => return Err(bad_change(line, "it ends with a backslash")),
+            },
+            Some('$') => word.push_str(&expand(line, chars, env, depth + 1)?),
+            Some(c) => word.push(c),
+        }
+    }
+    let value = lookup(&name).filter(|v| !v.is_empty());
+    Ok(match (modifier, value) {
+        ('-', Some(v)) => v,
+        ('-', None) => word,
+        (_, Some(_)) => word,
+        (_, None) => String::new(),
+    })
+}
+
+/// `KEY=VALUE ...`, or the old form `KEY VALUE WITH SPACES`, values expanded from `env`.
+fn pairs(line: &str, rest: &str, env: &[String]) -> Result<Vec<(String, String)>, ImageError> {
     let first = rest.split_whitespace().next().unwrap_or("");
     let out: Vec<(String, String)> = if first.contains('=') {
-        words(line, rest)?
+        words(line, rest, Some(env))?
             .into_iter()
             .map(|w| match w.split_once('=') {
                 Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
@@ -451,7 +555,7 @@ fn pairs(line: &str, rest: &str) -> Result<Vec<(String, String)>, ImageError> {
             .collect::<Result<_, _>>()?
     } else {
         let (k, v) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-        let v = words(line, v)?.join(" ");
+        let v = words(line, v, Some(env))?.join(" ");
         vec![(k.to_owned(), v)]
     };
     if out.is_empty() || out.iter().any(|(k, _)| k.is_empty()) {

@@ -84,6 +84,60 @@ fn changes_are_applied_as_a_dockerfile_would() {
 }
 
 #[test]
+fn variables_in_changes_are_the_environment_before_the_instruction() {
+    let mut run = run_config();
+    for line in [
+        "ENV APP=/opt/app PORT=8080",
+        // Each pair sees the environment before the instruction, as in a Dockerfile.
+        "ENV APP=/srv DATA=$APP/data",
+        "WORKDIR ${APP}/work",
+        "EXPOSE $PORT ${UDP:-53}/udp",
+        "LABEL where=\"$DATA\" literal='$DATA' escaped=\\$DATA none=${NOPE:+x} both=${PORT:+set}",
+        "USER ${RUNAS:-1000}",
+        "VOLUME $DATA $UNSET",
+        "STOPSIGNAL SIG$NOPE${SIG:-TERM}",
+        "CMD echo $APP",
+    ] {
+        apply_change(&mut run, line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    assert!(
+        run["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("DATA=/opt/app/data")),
+        "{}",
+        run["Env"]
+    );
+    assert_eq!(run["WorkingDir"], json!("/srv/work"));
+    assert_eq!(run["ExposedPorts"], json!({"8080/tcp": {}, "53/udp": {}}));
+    assert_eq!(
+        run["Labels"],
+        json!({"where": "/opt/app/data", "literal": "$DATA", "escaped": "$DATA", "none": "", "both": "set"})
+    );
+    assert_eq!(run["User"], json!("1000"));
+    assert_eq!(run["Volumes"], json!({"/opt/app/data": {}}));
+    assert_eq!(run["StopSignal"], json!("SIGTERM"));
+    // A shell-form command is left to the shell.
+    assert_eq!(run["Cmd"], json!(["/bin/sh", "-c", "echo $APP"]));
+    for (line, says) in [
+        ("ENV A=${B", "is not closed"),
+        ("ENV A=${}", "without a variable name"),
+        ("ENV A=${B#x}", "a } or :- or :+ was expected"),
+        ("ENV A=${B:=x}", "only :- and :+"),
+    ] {
+        let e = apply_change(&mut run_config(), line)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{line}: {e}");
+    }
+    let deep = format!("ENV A={}x{}", "${B:-".repeat(40), "}".repeat(40));
+    let e = apply_change(&mut run_config(), &deep)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nest deeper"), "{e}");
+}
+
+#[test]
 fn a_bad_change_is_refused_naming_it() {
     for (line, says) in [
         ("RUN rm -rf /", "not an instruction commit takes"),
