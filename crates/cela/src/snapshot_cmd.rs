@@ -93,6 +93,11 @@ pub fn snapshot(args: SnapshotArgs, data_dir: &Path) -> anyhow::Result<ExitCode>
         Some(SnapshotCommand::Import { name, file }) => {
             let snaps = Snapshots::open(data_dir)?;
             let input: Box<dyn std::io::Read> = if file == Path::new("-") {
+                if std::io::stdin().is_terminal() {
+                    bail!(
+                        "refusing to read a snapshot archive from a terminal: give a file, or redirect"
+                    );
+                }
                 Box::new(std::io::stdin())
             } else {
                 Box::new(File::open(&file).with_context(|| format!("opening {}", file.display()))?)
@@ -158,7 +163,9 @@ fn take(
     }
 }
 
-/// The state of `inst`, which must be live (`hint` says why).
+/// `cela snapshot export`: to standard output, to a device or pipe as it is, or to a
+/// regular file through a temporary sibling renamed into place once whole (an existing file
+/// is replaced only then; a failure removes only the temporary file).
 fn export(name: &str, file: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let snaps = Snapshots::open(data_dir)?;
     if file == Path::new("-") {
@@ -170,7 +177,34 @@ fn export(name: &str, file: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::SUCCESS);
     }
     snaps.find(name)?;
-    let out = File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    if let Ok(meta) = std::fs::metadata(file)
+        && !meta.is_file()
+    {
+        // /dev/null, a FIFO, a tape: written as it is, never removed.
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .with_context(|| format!("opening {}", file.display()))?;
+        snapshot::archive::export(
+            &snaps,
+            name,
+            std::io::BufWriter::with_capacity(1 << 20, out),
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let base = file
+        .file_name()
+        .with_context(|| format!("{} names no file", file.display()))?;
+    let tmp = file.with_file_name(format!(
+        ".{}.tmp-{}",
+        base.to_string_lossy(),
+        std::process::id()
+    ));
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     let written = snapshot::archive::export(
         &snaps,
         name,
@@ -179,16 +213,20 @@ fn export(name: &str, file: &Path, data_dir: &Path) -> anyhow::Result<ExitCode> 
     .map_err(anyhow::Error::from)
     .and_then(|_| {
         out.sync_all()
-            .with_context(|| format!("writing {}", file.display()))
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
+    .and_then(|_| {
+        std::fs::rename(&tmp, file)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), file.display()))
     });
     if let Err(e) = written {
-        // A partial archive is not left to be mistaken for a whole one.
-        let _ = std::fs::remove_file(file);
+        let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The state of `inst`, which must be live (`hint` says why).
 fn require_live(
     inst: &cela_instance::Instance,
     hint: &'static str,

@@ -179,6 +179,26 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
         "exists already",
     );
     w.ok(&["snapshot", "rm", "s3"]);
+    // A device is written to as it is and stays; a failed export leaves no file.
+    w.ok(&["snapshot", "export", "s2", "/dev/null"]);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    let none = carry.path().join("none.tar");
+    w.err(
+        &["snapshot", "export", "nosuch", none.to_str().unwrap()],
+        "no such snapshot",
+    );
+    let left: Vec<_> = std::fs::read_dir(carry.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
 
     // A restored instance is an instance: stopped and removed as any other.
     for name in ["r1", "r2", "r3"] {

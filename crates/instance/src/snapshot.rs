@@ -24,8 +24,10 @@
 //! removes the instance it made.
 //!
 //! This first engine is the QEMU fallback, whose own migration writes the state. The state is
-//! what a guest's machine was: it is only ever given back to a jailed QEMU of the build that
-//! wrote it.
+//! what a guest's machine was: it is only ever given back to a jailed QEMU of the build named
+//! as the one that wrote it. A snapshot imported from elsewhere ([`archive`]) comes with its
+//! own digests, which show it whole, not honest: its state reaches that jailed QEMU's loader
+//! as whoever made it wrote it.
 
 pub mod archive;
 

@@ -8,8 +8,13 @@
 //! everything after it. Only the listed files, each once, as regular files of exactly the
 //! listed size, are accepted; each is hashed while it is written and compared with the
 //! manifest; the disk (at most 1 TiB) is written sparse (zero blocks become holes). Nothing is
-//! written beyond the snapshot store's free space less its reserve. The snapshot appears under its name only
-//! once it is complete; a failed import leaves nothing.
+//! written beyond the snapshot store's free space less its reserve. The snapshot appears under
+//! its name only once it is complete; a failed import leaves nothing.
+//!
+//! The digests travel with the files, so they show that an archive is whole, not that it is
+//! honest: an imported state is only as trustworthy as whoever made the archive, and a
+//! restore hands it to QEMU's state loader. That QEMU runs confined as in every restore (its
+//! own sandbox, the monitor's jail: an unprivileged uid, new namespaces, its cgroup).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -35,10 +40,22 @@ const ROOM_CHECK: u64 = 64 << 20;
 /// Writes snapshot `name` to `out` as a tar; returns its manifest.
 pub fn export(snaps: &Snapshots, name: &str, out: impl Write) -> Result<Manifest, InstanceError> {
     let m = snaps.find(name)?;
+    if m.files.len() != 2 {
+        return Err(bad(
+            name,
+            "its manifest lists files other than the state and the disk",
+        ));
+    }
     let dir = snaps.dir(name);
     let mut tar = tar::Builder::new(out);
-    // The manifest as read and checked (bounded) by `find`.
-    let manifest = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+    // The manifest as read and checked by `find`, within what an import takes.
+    let manifest = serde_json::to_vec(&m).expect("a manifest serializes");
+    if manifest.len() as u64 > MAX_MANIFEST {
+        return Err(bad(
+            name,
+            format!("its manifest is larger than {MAX_MANIFEST} bytes"),
+        ));
+    }
     append(&mut tar, MANIFEST, manifest.len() as u64, &manifest[..])?;
     for want in [STATE_FILE, DISK_FILE] {
         let Some(f) = m.files.iter().find(|f| f.name == want) else {
@@ -111,7 +128,13 @@ pub fn import(
         .root
         .join(format!(".tmp-import-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir(&tmp).doing(|| format!("creating {}", tmp.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .doing(|| format!("creating {}", tmp.display()))?;
+    }
     let made = import_into(snaps, input, rename, &tmp);
     if made.is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -186,13 +209,36 @@ fn import_into(
         };
         files.push(f.clone());
     }
+    for f in &files {
+        let well_formed = f
+            .sha256
+            .parse::<cela_image::Digest>()
+            .is_ok_and(|d| d.to_string() == f.sha256);
+        if !well_formed {
+            return Err(refuse(format!(
+                "its manifest gives {} no sha256 digest",
+                f.name
+            )));
+        }
+    }
     if m.files.len() != 2 {
         return Err(refuse(
             "its manifest lists files other than the state and the disk".into(),
         ));
     }
+    // Guest RAM as the manifest says, which a restore here could give (no more than this
+    // host has); the state may hold that and the slack.
     let ram = m.config.memory_mib.unwrap_or(512);
-    let state_bound = (ram << 20).saturating_add(STATE_SLACK);
+    let host = cela_vmm::config::host_memory_mib().unwrap_or(u64::MAX >> 20);
+    if ram > host {
+        return Err(refuse(format!(
+            "its machine has {ram} MiB of RAM and this host {host} MiB"
+        )));
+    }
+    let state_bound = ram
+        .checked_mul(1 << 20)
+        .and_then(|b| b.checked_add(STATE_SLACK))
+        .unwrap_or(u64::MAX);
     if files[0].size > state_bound {
         return Err(refuse(format!(
             "its state has {} bytes, more than a machine of {ram} MiB saves",
@@ -231,11 +277,17 @@ fn import_into(
                 f.size
             )));
         }
-        let digest = copy_sparse(&mut entry, &tmp.join(&f.name), f.size, &dir_fd)
-            .map_err(|e| refuse(format!("{name}: {e}")))?;
+        let path = tmp.join(&f.name);
+        let digest = copy_sparse(&mut entry, &path, f.size, &dir_fd).map_err(|e| match e {
+            CopyError::Read(e) => refuse(format!("{name}: {e}")),
+            CopyError::Write(source) => InstanceError::Io {
+                what: format!("writing {}", path.display()),
+                source,
+            },
+        })?;
         if digest != f.sha256 {
             return Err(bad(
-                &m.name,
+                &target,
                 format!(
                     "{name}'s sha256 is {digest}, not {} as its manifest says (damaged or \
                      tampered with)",
@@ -248,18 +300,39 @@ fn import_into(
         return Err(refuse(format!("it ends without {}", files[i].name)));
     }
     m.name = target.clone();
-    let mpath = tmp.join(MANIFEST);
-    let mut out = File::create(&mpath).doing(|| format!("creating {}", mpath.display()))?;
-    out.write_all(&serde_json::to_vec_pretty(&m).expect("a manifest serializes"))
-        .and_then(|_| out.sync_all())
-        .doing(|| format!("writing {}", mpath.display()))?;
-    let dest = snaps.dir(&target);
-    if dest.exists() {
-        return Err(InstanceError::Invalid(format!(
-            "a snapshot named {target} exists already (import it with --name)"
+    let bytes = serde_json::to_vec(&m).expect("a manifest serializes");
+    if bytes.len() as u64 > MAX_MANIFEST {
+        return Err(refuse(format!(
+            "its manifest, renamed, is larger than {MAX_MANIFEST} bytes"
         )));
     }
-    fs::rename(tmp, &dest).doing(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    let mpath = tmp.join(MANIFEST);
+    let mut out = File::create(&mpath).doing(|| format!("creating {}", mpath.display()))?;
+    out.write_all(&bytes)
+        .and_then(|_| out.sync_all())
+        .doing(|| format!("writing {}", mpath.display()))?;
+    // Published whole, under a name nobody took meanwhile.
+    let dest = snaps.dir(&target);
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        tmp,
+        rustix::fs::CWD,
+        &dest,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => {
+            return Err(InstanceError::Invalid(format!(
+                "a snapshot named {target} exists already (import it with --name)"
+            )));
+        }
+        Err(e) => {
+            return Err(InstanceError::Io {
+                what: format!("renaming {} to {}", tmp.display(), dest.display()),
+                source: e.into(),
+            });
+        }
+    }
     let _ = File::open(&snaps.root).and_then(|d| d.sync_all());
     Ok(m)
 }
@@ -284,41 +357,54 @@ fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, String> {
     Ok(name)
 }
 
+/// Why a copy out of the archive stopped: the archive, or this host.
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
 /// Writes `size` bytes of `from` to a new file `path`, all-zero chunks as holes, keeping the
 /// store's reserve free (`dir` is on its file system); returns the bytes' sha256.
-fn copy_sparse(from: &mut impl Read, path: &Path, size: u64, dir: &File) -> io::Result<String> {
+fn copy_sparse(
+    from: &mut impl Read,
+    path: &Path,
+    size: u64,
+    dir: &File,
+) -> Result<String, CopyError> {
+    use CopyError::{Read as R, Write as W};
     let mut out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+        .open(path)
+        .map_err(W)?;
     let mut hasher = Hasher::new(io::sink());
     let mut buf = vec![0u8; CHUNK];
     // The first bytes written look at the free space at once.
     let (mut done, mut since_check) = (0u64, ROOM_CHECK);
     while done < size {
         let want = (size - done).min(CHUNK as u64) as usize;
-        from.read_exact(&mut buf[..want])?;
-        hasher.write_all(&buf[..want])?;
+        from.read_exact(&mut buf[..want]).map_err(R)?;
+        hasher.write_all(&buf[..want]).map_err(W)?;
         if buf[..want].iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(want as i64))?;
+            out.seek(SeekFrom::Current(want as i64)).map_err(W)?;
         } else {
             if since_check >= ROOM_CHECK {
                 since_check = 0;
-                if tar_limits::room(dir)? == 0 {
-                    return Err(io::Error::other(format!(
+                if tar_limits::room(dir).map_err(W)? == 0 {
+                    return Err(W(io::Error::other(format!(
                         "the snapshot store's file system has less than {} MiB free left",
                         tar_limits::RESERVE >> 20
-                    )));
+                    ))));
                 }
             }
-            out.write_all(&buf[..want])?;
+            out.write_all(&buf[..want]).map_err(W)?;
             since_check += want as u64;
         }
         done += want as u64;
     }
-    out.set_len(size)?;
-    out.sync_all()?;
+    out.set_len(size).map_err(W)?;
+    out.sync_all().map_err(W)?;
     let (digest, _) = hasher.finish();
     Ok(digest.to_string())
 }

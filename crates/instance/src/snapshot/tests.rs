@@ -278,6 +278,14 @@ fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
     });
     let newer = with(&|m| m.format = FORMAT + 1);
     let huge_disk = with(&|m| m.files[1].size = 1 << 41);
+    let other_file = with(&|m| {
+        let mut f = m.files[0].clone();
+        f.name = "other".into();
+        m.files.push(f)
+    });
+    // (2^44 - 1) MiB would wrap a bound counted in bytes.
+    let wrapping_ram = with(&|m| m.config.memory_mib = Some((1 << 44) - 1));
+    let no_digest = with(&|m| m.files[1].sha256 = "sha256:../../x".into());
     let big = vec![b' '; (1 << 20) + 1];
     let (state, disk) = (&b"QEVM state"[..], &b"disk bytes"[..]);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -308,9 +316,24 @@ fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
             "format is 2",
         ),
         (
-            "a file too many",
+            "a file twice",
             tar_of(&[("manifest.json", F, &three_files)]),
             "lists state.bin 2 times",
+        ),
+        (
+            "a file too many",
+            tar_of(&[("manifest.json", F, &other_file)]),
+            "lists files other than",
+        ),
+        (
+            "RAM past the host's",
+            tar_of(&[("manifest.json", F, &wrapping_ram)]),
+            "MiB of RAM and this host",
+        ),
+        (
+            "no digest",
+            tar_of(&[("manifest.json", F, &no_digest)]),
+            "gives disk.raw no sha256",
         ),
         (
             "state bound",
