@@ -51,8 +51,8 @@ const MAX_MANIFEST: u64 = 1 << 20;
 /// The files of a snapshot.
 pub const STATE_FILE: &str = "state.bin";
 pub const DISK_FILE: &str = "disk.raw";
-/// What a saved state may hold beyond guest RAM (the bound the QEMU engine puts on a save).
-const STATE_SLACK: u64 = 64 << 20;
+// What a saved state may hold beyond guest RAM: the bound the QEMU engine puts on a save.
+use cela_vmm::qemu::migrate::STATE_SLACK;
 /// The TSC rate a restoring host may differ by (a guest calibrated its clock against it).
 const TSC_TOLERANCE: f64 = 0.005;
 

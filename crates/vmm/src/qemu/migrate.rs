@@ -32,7 +32,7 @@ const LOAD_BOUND: Duration = Duration::from_secs(90);
 /// How long a save may take in all.
 const SAVE_BOUND: Duration = Duration::from_secs(600);
 /// What a state may take beyond guest RAM (device state, ROMs, page headers).
-const STATE_SLACK: u64 = 64 << 20;
+pub const STATE_SLACK: u64 = 64 << 20;
 
 /// A machine to start from a saved state rather than boot.
 pub struct Incoming {
