@@ -123,13 +123,7 @@ fn take(
 ) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(instance)?;
     snapshot::check_snapshottable(&inst)?;
-    let state = require_live(&inst, "a snapshot is of a running microVM")?;
-    if state.engine.as_deref() == Some("kvm") {
-        bail!(
-            "{} runs on cela's KVM engine, whose snapshots are not done yet (the QEMU engine's are)",
-            inst.config.name
-        );
-    }
+    require_live(&inst, "a snapshot is of a running microVM")?;
     let req = Request::Snapshot(SnapshotRequest {
         name: name.unwrap_or_else(|| snapshot::default_name(&inst.config.name)),
         leave_running,

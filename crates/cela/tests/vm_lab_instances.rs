@@ -3,7 +3,10 @@
 //! vsock (output, status, stdin, a terminal, environment, user), the image's user and working
 //! directory, a graceful `cela stop` (the workload gets SIGTERM and the VM powers off), a stop
 //! that has to kill, `start` again, and nothing left after `rm`; a workload on the guest's
-//! console (`-it`) typed into through `cela attach`. See docs/TESTING.md.
+//! console (`-it`) typed into through `cela attach`; a counting VM saved as a snapshot (cela's
+//! own engine: state, RAM, devices, disk), restored twice and forked, each copy counting on
+//! under its own name with its own random numbers, and `exec` into a copy. See
+//! docs/TESTING.md.
 
 mod common;
 mod images;
@@ -62,6 +65,31 @@ printf 'echo tty=$(tty) size=$(stty size); exit 6\r' | $C attach t >/tmp/att; ec
 tr -d '\r' </tmp/att | grep '^tty='
 $C inspect t | grep -E '"exit_code"' | tr -d ' ,' | sort -u
 $C rm t >/dev/null; echo rm_rc=$?"#,
+    ),
+    (
+        "snapshot",
+        r#"$C run -d $VM --memory 128 --name src img sh -c 'echo start > /w; i=0; while :; do i=$((i+1)); echo "n=$i $(cat /w) $(hostname) $(cat /proc/sys/kernel/random/uuid)"; sleep 1; done' >/dev/null || exit 98
+count() { $C logs $1 | grep '^n=' | tail -1 | cut -d' ' -f1 | cut -d= -f2; }
+until [ "$(count src)" -ge 3 ] 2>/dev/null; do sleep 0.2; done
+up() { cut -d' ' -f1 /proc/uptime; }
+t0=$(up); $C snapshot --name s1 src >/dev/null; echo snapshot_rc=$?; echo "timing snapshot $t0 $(up)" >&2
+$C inspect src | grep -E '"(status|exit_code)"' | tr -d ' ,' | sort -u
+last=$(count src)
+$C snapshot ls --format json | tr -d ' 
+' | grep -o '"engine":"[a-z]*"'
+for r in r1 r2; do t0=$(up); $C restore -d --name $r s1 >/dev/null; echo restore_$r=$?; echo "timing restore-$r $t0 $(up)" >&2; done
+for r in r1 r2; do until [ "$(count $r)" -ge $((last+2)) ] 2>/dev/null; do sleep 0.2; done; done
+for r in r1 r2; do first=$($C logs $r | grep '^n=' | head -1 | cut -d' ' -f1 | cut -d= -f2); echo "$r from_last=$((first-last)) $($C logs $r | grep "^n=$((last+2)) " | cut -d' ' -f2-3)"; done
+u1=$($C logs r1 | grep "^n=$((last+2)) " | cut -d' ' -f4); u2=$($C logs r2 | grep "^n=$((last+2)) " | cut -d' ' -f4)
+[ -n "$u1" ] && [ "$u1" != "$u2" ] && echo uuids_differ
+$C exec r1 sh -c 'cat /w; hostname'
+$C fork -n 2 --name-prefix f r2; echo fork_rc=$?
+at=$(count r2); for f in f-1 f-2; do until [ "$(count $f)" -ge $((at+1)) ] 2>/dev/null; do sleep 0.2; done; echo "$f $($C logs $f | grep '^n=' | tail -1 | cut -d' ' -f3)"; done
+$C inspect r2 | grep -E '"status"' | tr -d ' ,' | sort -u
+$C stop r1 >/dev/null; echo stop_rc=$?
+$C rm -f src r1 r2 f-1 f-2 >/dev/null; echo rm_rc=$?
+$C snapshot rm s1 >/dev/null; echo snaprm_rc=$?
+echo $(( $(ls /tmp/cela-data/instances | wc -l) + $(ls -A /tmp/cela-data/snapshots | wc -l) )); ps | grep -c '[_]_supervise'; true"#,
     ),
 ];
 
@@ -159,6 +187,75 @@ fn a_stop_that_times_out_kills_the_vm_and_start_boots_it_again() {
         r.stdout_str(),
         "stop_rc=0\n\"exit_code\":137\n\"status\":\"exited\"\nstart_rc=0\nthe-test-image\nrm_rc=0\n0\n0\n",
         "{}",
+        r.stderr_str()
+    );
+}
+
+/// Snapshots on cela's own engine: saved and ended, restored twice from one snapshot (each
+/// counting on from the saved count, under its own host name, with its own random numbers,
+/// with the disk's file), `exec` into a copy, two forks of a running copy, a graceful stop of
+/// a restored VM, and nothing left after `rm`.
+#[test]
+fn a_counting_vm_is_snapshotted_restored_twice_and_forked() {
+    let r = report().get("snapshot");
+    r.expect_rc(0);
+    let out = r.stdout_str();
+    eprintln!(
+        "{}",
+        r.stderr_str()
+            .lines()
+            .filter(|l| l.starts_with("timing"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let expected_head = [
+        "snapshot_rc=0",
+        "\"exit_code\":0",
+        "\"status\":\"exited\"",
+        "\"engine\":\"kvm\"",
+        "restore_r1=0",
+        "restore_r2=0",
+    ];
+    assert!(
+        lines.len() >= 18,
+        "{out}\n--- stderr ---\n{}",
+        r.stderr_str()
+    );
+    assert_eq!(
+        lines[..6],
+        expected_head,
+        "{out}\n--- stderr ---\n{}",
+        r.stderr_str()
+    );
+    // Each copy went on from the count it was saved at (the line being written may be the
+    // saved one's or the next), with the disk's /w, under its own name.
+    for (line, name) in lines[6..8].iter().zip(["r1", "r2"]) {
+        let ok = [
+            format!("{name} from_last=0 start {name}"),
+            format!("{name} from_last=1 start {name}"),
+        ];
+        assert!(ok.contains(&line.to_string()), "{line}\n{out}");
+    }
+    assert_eq!(
+        lines[8..],
+        [
+            "uuids_differ",
+            "start",
+            "r1",
+            "f-1",
+            "f-2",
+            "fork_rc=0",
+            "f-1 f-1",
+            "f-2 f-2",
+            "\"status\":\"running\"",
+            "stop_rc=0",
+            "rm_rc=0",
+            "snaprm_rc=0",
+            "0",
+            "0",
+        ],
+        "{out}\n--- stderr ---\n{}",
         r.stderr_str()
     );
 }

@@ -10,12 +10,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cela_vmm::qemu::QemuHandle;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{InstanceError, IoContext};
 use crate::record::Instance;
-use crate::snapshot::{self, Manifest, SnapshotRequest};
+use crate::snapshot::{self, Machine, Manifest, SnapshotRequest};
 
 /// The longest request read.
 const MAX_REQUEST: u64 = 64 << 10;
@@ -59,7 +58,7 @@ impl InFlight {
 pub fn serve(
     data_dir: &Path,
     inst: &Instance,
-    machine: QemuHandle,
+    machine: Machine,
     busy: InFlight,
 ) -> Result<(), InstanceError> {
     let path = inst.control_path();
@@ -86,7 +85,7 @@ pub fn serve(
     Ok(())
 }
 
-fn answer(data_dir: &Path, inst: &Instance, machine: &QemuHandle, conn: UnixStream) {
+fn answer(data_dir: &Path, inst: &Instance, machine: &Machine, conn: UnixStream) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let mut line = String::new();
     let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
@@ -112,7 +111,7 @@ pub fn request(inst: &Instance, req: &Request, bound: Duration) -> Result<Reply,
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => InstanceError::WrongState {
             name: inst.config.name.clone(),
             status: inst.state_or_unknown().status.to_string(),
-            hint: "its machine is not running under a supervisor that takes snapshots (a running microVM on the QEMU engine does)",
+            hint: "its machine is not running under a supervisor that takes snapshots (a running microVM does)",
         },
         _ => InstanceError::Io {
             what: format!("connecting to {}", path.display()),

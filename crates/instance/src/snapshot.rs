@@ -5,7 +5,9 @@
 //! ```text
 //! <data>/snapshots/                 root's alone (0700)
 //!   <NAME>/manifest.json            what it is (below), with the size and sha256 of each file
-//!   <NAME>/state.bin                the machine's state: QEMU's migration stream
+//!   <NAME>/state.bin                the machine's state: QEMU's migration stream, or cela's
+//!                                   own monitor's (cela_vmm::persist::machine, JSON)
+//!   <NAME>/memory.bin               cela's monitor only: guest RAM, sparse, mapped on restore
 //!   <NAME>/disk.raw                 the instance's disk as it was (a sparse or reflinked copy)
 //!   .tmp-<NAME>-<pid>/              being written; renamed to <NAME> only when complete
 //! ```
@@ -23,9 +25,12 @@
 //! (`restore.json` in the instance directory says from where, once). A restore that fails
 //! removes the instance it made.
 //!
-//! This first engine is the QEMU fallback, whose own migration writes the state. The state is
+//! Both engines take snapshots: the QEMU fallback through its own migration, cela's KVM monitor
+//! through its control connection ([`cela_vmm::control`]), which writes the state and the RAM
+//! into files the supervisor opens and passes it. A snapshot is tied to its engine. The state is
 //! what a guest's machine was: it is only ever given back to a jailed QEMU of the build named
-//! as the one that wrote it. A snapshot imported from elsewhere ([`archive`]) comes with its
+//! as the one that wrote it, or to a jailed cela monitor of this version on a CPU that has
+//! every feature the guest was offered (it reads the state bounded and checks every part). A snapshot imported from elsewhere ([`archive`]) comes with its
 //! own digests, which show it whole, not honest: its state reaches that jailed QEMU's loader
 //! as whoever made it wrote it.
 
@@ -37,6 +42,8 @@ use std::path::{Path, PathBuf};
 
 use cela_image::Digest;
 use cela_image::digest::Hasher;
+use cela_vmm::control::MonitorControl;
+use cela_vmm::persist::cpu::CpuSignature;
 use cela_vmm::qemu::{QemuHandle, QemuVersion};
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +57,16 @@ pub const FORMAT: u32 = 1;
 const MAX_MANIFEST: u64 = 1 << 20;
 /// The files of a snapshot.
 pub const STATE_FILE: &str = "state.bin";
+pub const MEMORY_FILE: &str = "memory.bin";
 pub const DISK_FILE: &str = "disk.raw";
+
+/// The files a snapshot of `engine` holds, in the order they are written and archived.
+pub fn files_of(engine: &str) -> &'static [&'static str] {
+    match engine {
+        "kvm" => &[STATE_FILE, MEMORY_FILE, DISK_FILE],
+        _ => &[STATE_FILE, DISK_FILE],
+    }
+}
 // What a saved state may hold beyond guest RAM: the bound the QEMU engine puts on a save.
 use cela_vmm::qemu::migrate::STATE_SLACK;
 /// The TSC rate a restoring host may differ by (a guest calibrated its clock against it).
@@ -63,10 +79,13 @@ pub struct Manifest {
     pub name: String,
     /// The cela that wrote it; another one does not restore it.
     pub cela_version: String,
-    /// `qemu` (the only engine so far).
+    /// `kvm` (cela's own monitor) or `qemu`.
     pub engine: String,
     /// The QEMU build that wrote the state.
     pub qemu: Option<QemuVersion>,
+    /// cela's monitor: the CPU features its guest was offered.
+    #[serde(default)]
+    pub cpu: Option<CpuSignature>,
     /// The TSC rate the guest was booted with (kHz).
     pub tsc_khz: u64,
     /// RFC 3339.
@@ -229,11 +248,66 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
     Ok(())
 }
 
+/// The machine a supervisor holds, as a snapshot reaches it.
+pub enum Machine {
+    Qemu(QemuHandle),
+    /// cela's own monitor, through its control connection.
+    Kvm(MonitorControl),
+}
+
+fn control_err(e: cela_vmm::control::ControlError) -> InstanceError {
+    InstanceError::Other(e.to_string())
+}
+
+/// A paused machine: resumed when dropped, unless it was ended or resumed on purpose.
+enum Held<'a> {
+    Qemu(cela_vmm::qemu::Paused<'a>),
+    Kvm(KvmPaused<'a>),
+}
+
+/// cela's monitor, paused through its control connection.
+struct KvmPaused<'a> {
+    control: &'a MonitorControl,
+    done: bool,
+}
+
+impl Drop for KvmPaused<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && let Err(e) = self.control.resume()
+        {
+            tracing::warn!("resuming the VM after a failed snapshot: {e}");
+        }
+    }
+}
+
+impl Held<'_> {
+    fn resume(self) -> Result<(), InstanceError> {
+        match self {
+            Held::Qemu(p) => p.resume().map_err(Into::into),
+            Held::Kvm(mut k) => {
+                k.done = true;
+                k.control.resume().map_err(control_err)
+            }
+        }
+    }
+
+    fn end(self) -> Result<(), InstanceError> {
+        match self {
+            Held::Qemu(p) => p.end().map_err(Into::into),
+            Held::Kvm(mut k) => {
+                k.done = true;
+                k.control.end().map_err(control_err)
+            }
+        }
+    }
+}
+
 /// Takes the snapshot `req` of `inst`, whose machine `machine` is: run by its supervisor.
 pub fn take(
     data_dir: &Path,
     inst: &Instance,
-    machine: &QemuHandle,
+    machine: &Machine,
     req: &SnapshotRequest,
 ) -> Result<Manifest, InstanceError> {
     check_snapshottable(inst)?;
@@ -260,63 +334,93 @@ pub fn take(
     result
 }
 
+fn create(path: &Path) -> Result<File, InstanceError> {
+    File::create(path).doing(|| format!("creating {}", path.display()))
+}
+
 fn write_snapshot(
     inst: &Instance,
-    machine: &QemuHandle,
+    machine: &Machine,
     req: &SnapshotRequest,
     tmp: &Path,
     dest: &Path,
 ) -> Result<Manifest, InstanceError> {
-    // Resumed if anything below fails (its drop), or when asked; ended once published.
-    let mut paused = Some(machine.pause()?);
     let state_path = tmp.join(STATE_FILE);
-    let file = File::create(&state_path).doing(|| format!("creating {}", state_path.display()))?;
-    let mut hashed = Hasher::new(io::BufWriter::with_capacity(1 << 20, file));
-    paused
-        .as_mut()
-        .expect("paused until here")
-        .save_state(&mut hashed)?;
-    let ((state_digest, state_size), buf) = hashed.finish_into();
-    let file = buf
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .doing(|| format!("writing {}", state_path.display()))?;
-    file.sync_all()
-        .doing(|| format!("syncing {}", state_path.display()))?;
+    // Resumed if anything below fails (its drop), or when asked; ended once published.
+    let (mut held, state_digest) = match machine {
+        Machine::Qemu(q) => {
+            let mut paused = q.pause()?;
+            let file = create(&state_path)?;
+            let mut hashed = Hasher::new(io::BufWriter::with_capacity(1 << 20, file));
+            paused.save_state(&mut hashed)?;
+            let (digest, buf) = hashed.finish_into();
+            let file = buf
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .doing(|| format!("writing {}", state_path.display()))?;
+            file.sync_all()
+                .doing(|| format!("syncing {}", state_path.display()))?;
+            (Some(Held::Qemu(paused)), Some(digest))
+        }
+        Machine::Kvm(c) => {
+            c.pause().map_err(control_err)?;
+            let held = Held::Kvm(KvmPaused {
+                control: c,
+                done: false,
+            });
+            let state = create(&state_path)?;
+            let memory = create(&tmp.join(MEMORY_FILE))?;
+            c.save(&state, &memory).map_err(control_err)?;
+            (Some(held), None)
+        }
+    };
     // The disk as the memory knows it: copied while the machine is paused.
     let disk_path = tmp.join(DISK_FILE);
     cela_image::ext4::copy_disk(&inst.dir.join("root.ext4"), &disk_path)?;
     if req.leave_running
-        && let Some(p) = paused.take()
+        && let Some(h) = held.take()
     {
-        p.resume()?;
+        h.resume()?;
     }
-    let (disk_digest, disk_size) = digest_file(&disk_path)?;
+    let engine = match machine {
+        Machine::Qemu(_) => "qemu",
+        Machine::Kvm(_) => "kvm",
+    };
+    let mut files = Vec::new();
+    for name in files_of(engine) {
+        let (digest, size) = match (name, state_digest.clone()) {
+            (&STATE_FILE, Some(d)) => d,
+            _ => digest_file(&tmp.join(name))?,
+        };
+        files.push(FileDigest {
+            name: (*name).into(),
+            size,
+            sha256: digest.to_string(),
+        });
+    }
+    let (qemu, tsc_khz, cpu) = match machine {
+        Machine::Qemu(q) => (Some(q.version().clone()), q.tsc_khz, None),
+        Machine::Kvm(_) => (
+            None,
+            cela_vmm::qemu::host_tsc_khz().unwrap_or(0),
+            Some(cela_vmm::persist::cpu::host_signature().map_err(InstanceError::Other)?),
+        ),
+    };
     let manifest = Manifest {
         format: FORMAT,
         name: req.name.clone(),
         cela_version: env!("CARGO_PKG_VERSION").to_owned(),
-        engine: "qemu".into(),
-        qemu: Some(machine.version().clone()),
-        tsc_khz: machine.tsc_khz,
+        engine: engine.into(),
+        qemu,
+        cpu,
+        tsc_khz,
         created: now(),
         source: Source {
             id: inst.config.id.clone(),
             name: inst.config.name.clone(),
         },
         config: inst.config.clone(),
-        files: vec![
-            FileDigest {
-                name: STATE_FILE.into(),
-                size: state_size,
-                sha256: state_digest.to_string(),
-            },
-            FileDigest {
-                name: DISK_FILE.into(),
-                size: disk_size,
-                sha256: disk_digest.to_string(),
-            },
-        ],
+        files,
     };
     let mpath = tmp.join("manifest.json");
     let mut f = File::create(&mpath).doing(|| format!("creating {}", mpath.display()))?;
@@ -335,8 +439,8 @@ fn write_snapshot(
         let _ = File::open(dir).and_then(|d| d.sync_all());
     }
     crate::events::record(inst, "checkpoint", &[("snapshot", req.name.clone())]);
-    if let Some(p) = paused {
-        p.end()?;
+    if let Some(h) = held {
+        h.end()?;
     }
     Ok(manifest)
 }
@@ -370,12 +474,46 @@ impl Manifest {
                 self.cela_version
             ));
         }
-        if self.engine != "qemu" {
-            return refuse(format!(
-                "it is of the {} engine; this cela restores QEMU snapshots only",
-                self.engine
+        match self.engine.as_str() {
+            "qemu" => self.check_qemu_here(&refuse)?,
+            "kvm" => {
+                cela_vmm::engine::kvm_can_boot_linux()
+                    .or_else(|why| refuse(format!("it is of cela's KVM engine, and {why}")))?;
+                let Some(saved) = &self.cpu else {
+                    return Err(bad(
+                        &self.name,
+                        "its manifest does not say which CPU features its guest was offered",
+                    ));
+                };
+                match cela_vmm::persist::cpu::host_signature() {
+                    Ok(here) => here.check_covers(saved).or_else(refuse)?,
+                    Err(e) => refuse(e)?,
+                }
+            }
+            other => {
+                return refuse(format!(
+                    "it is of an engine this cela does not know, {other:?}"
+                ));
+            }
+        }
+        if self.config.kind != Kind::Vm || self.config.vm.is_none() {
+            return Err(bad(&self.name, "its instance is not a microVM"));
+        }
+        if self.config.net != NetMode::None || !self.config.volumes.is_empty() {
+            return Err(bad(
+                &self.name,
+                "its instance has a network or volumes, which snapshots do not carry",
             ));
         }
+        Ok(())
+    }
+
+    /// The QEMU engine's conditions: this host's QEMU build is the one that saved it, and its
+    /// TSC runs at the rate the guest calibrated against.
+    fn check_qemu_here(
+        &self,
+        refuse: &dyn Fn(String) -> Result<(), InstanceError>,
+    ) -> Result<(), InstanceError> {
         let host = qemu_version_here().map_err(|e| {
             InstanceError::Unsupported(format!(
                 "snapshot {} cannot be restored here: {e}",
@@ -406,27 +544,19 @@ impl Manifest {
                 ));
             }
         }
-        if self.config.kind != Kind::Vm || self.config.vm.is_none() {
-            return Err(bad(&self.name, "its instance is not a microVM"));
-        }
-        if self.config.net != NetMode::None || !self.config.volumes.is_empty() {
-            return Err(bad(
-                &self.name,
-                "its instance has a network or volumes, which snapshots do not carry",
-            ));
-        }
         Ok(())
     }
 
     /// Checks every file's size and digest; names the first that differs.
     pub fn verify(&self, dir: &Path) -> Result<(), InstanceError> {
-        for want in [STATE_FILE, DISK_FILE] {
-            if !self.files.iter().any(|f| f.name == want) {
+        let wanted = files_of(&self.engine);
+        for want in wanted {
+            if !self.files.iter().any(|f| f.name == *want) {
                 return Err(bad(&self.name, format!("its manifest lists no {want}")));
             }
         }
         for f in &self.files {
-            if f.name != STATE_FILE && f.name != DISK_FILE {
+            if !wanted.contains(&f.name.as_str()) {
                 return Err(bad(&self.name, format!("its manifest lists {:?}", f.name)));
             }
             let path = dir.join(&f.name);
@@ -510,6 +640,10 @@ pub struct RestoreRequest {
 pub struct PendingRestore {
     /// The snapshot's directory.
     pub snapshot: PathBuf,
+    /// The engine that saved it, and so runs it (`qemu` when absent: written before cela's
+    /// monitor took snapshots).
+    #[serde(default)]
+    pub engine: Option<String>,
     pub qemu: Option<QemuVersion>,
 }
 
@@ -553,14 +687,23 @@ fn restore_checked(
     req: &RestoreRequest,
 ) -> Result<Instance, InstanceError> {
     let dir = dir.to_owned();
-    // What the workload is comes from the manifest; how the machine is confined and what it
-    // is given to read come from this host: the jail always, and this host's default kernel
-    // and initramfs (the guest's memory holds what it booted; QEMU only needs files of its
-    // own to start).
-    let assets = cela_assets::default_guest_assets(
-        &data_dir.join("assets"),
-        &cela_assets::Progress::hidden(),
-    )?;
+    // What the workload is comes from the manifest; how the machine is confined comes from
+    // this host: the jail always. What it is given to read (a restore reads neither; a later
+    // cold start boots them) is the source instance's kernel and initramfs when the snapshot
+    // was taken here and they are still there, else this host's defaults (an imported
+    // manifest names none: see `archive`).
+    let vm = manifest.config.vm.as_ref();
+    let local = vm.filter(|v| v.kernel.is_file() && v.initrd.is_file());
+    let (kernel, initrd) = match local {
+        Some(v) => (v.kernel.clone(), v.initrd.clone()),
+        None => {
+            let assets = cela_assets::default_guest_assets(
+                &data_dir.join("assets"),
+                &cela_assets::Progress::hidden(),
+            )?;
+            (assets.kernel, assets.initrd)
+        }
+    };
     let source = &manifest.config;
     let config = InstanceConfig {
         id: String::new(),
@@ -573,8 +716,8 @@ fn restore_checked(
         net: NetMode::None,
         security: Default::default(),
         vm: Some(crate::record::VmBoot {
-            kernel: assets.kernel,
-            initrd: assets.initrd,
+            kernel,
+            initrd,
             image_disk: PathBuf::new(),
             confine: true,
         }),
@@ -589,6 +732,7 @@ fn restore_checked(
         cela_image::ext4::copy_disk(&dir.join(DISK_FILE), &disk)?;
         let pending = PendingRestore {
             snapshot: dir.clone(),
+            engine: Some(manifest.engine.clone()),
             qemu: manifest.qemu.clone(),
         };
         let path = inst.dir.join(PENDING);
@@ -620,8 +764,10 @@ fn restore_checked(
 }
 
 /// `cela fork`: `count` running copies of the running VM `inst`, named `PREFIX-1`…, which runs
-/// on. On this engine each copy loads the machine's saved state (no memory is shared); the
-/// snapshot they come from is removed once they run. A failure removes every copy made.
+/// on. Under cela's monitor every copy maps the saved RAM privately, so the pages none of them
+/// has written are the page cache's, once for all; under QEMU each copy loads the saved state
+/// (no memory is shared). The snapshot they come from is removed once they run (a mapped file
+/// stays while mapped). A failure removes every copy made.
 pub fn fork(
     data_dir: &Path,
     inst: &Instance,

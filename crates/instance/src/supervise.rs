@@ -261,9 +261,12 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         user: inst.config.user.clone(),
         tty: inst.config.tty,
     };
-    // A snapshot is tied to its engine: a restore runs on QEMU whatever this host offers.
-    let (engine, _) = cela_vmm::engine::choose(restore.as_ref().map(|_| Engine::Qemu))
-        .map_err(InstanceError::Other)?;
+    // A snapshot is tied to its engine: a restore runs on the one that saved it.
+    let forced = restore.as_ref().map(|r| match r.engine.as_deref() {
+        Some("kvm") => Engine::Kvm,
+        _ => Engine::Qemu,
+    });
+    let (engine, _) = cela_vmm::engine::choose(forced).map_err(InstanceError::Other)?;
     // The socket of a previous run (its monitor was killed) would stop the device binding.
     let vsock_path = inst.vsock_path();
     let _ = std::fs::remove_file(&vsock_path);
@@ -312,9 +315,61 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
     crate::events::record(inst, "start", &[]);
     let in_flight = crate::control::InFlight::default();
     let exit = match engine {
-        Engine::Kvm => cela_vmm::run(&config, mode)
-            .map(|r| r.exit)
-            .map_err(InstanceError::from),
+        Engine::Kvm => {
+            let (control, monitor_end) = cela_vmm::control::MonitorControl::pair()
+                .doing(|| "making the monitor's control connection".into())?;
+            let options = cela_vmm::KvmOptions {
+                control: Some(monitor_end),
+                restore: restore.as_ref().map(|r| cela_vmm::RestoreFrom {
+                    state: r.snapshot.join(crate::snapshot::STATE_FILE),
+                    memory: r.snapshot.join(crate::snapshot::MEMORY_FILE),
+                    hostname: Some(inst.config.name.clone()),
+                }),
+            };
+            // Once the monitor says the machine runs: a restore is done (and running), and the
+            // control socket takes snapshot requests.
+            let waiter = {
+                let (data_dir, inst, restoring) =
+                    (data_dir.to_owned(), inst.clone(), restore.is_some());
+                let mut running = state.clone();
+                let in_flight = in_flight.clone();
+                std::thread::Builder::new()
+                    .name("monitor-up".into())
+                    .spawn(move || -> Result<(), InstanceError> {
+                        control
+                            .wait_running()
+                            .map_err(|e| InstanceError::Other(e.to_string()))?;
+                        if restoring {
+                            crate::snapshot::restore_done(&inst);
+                            running.status = Status::Running;
+                            inst.save_state(&running)?;
+                        }
+                        let machine = crate::snapshot::Machine::Kvm(control);
+                        if let Err(e) = crate::control::serve(&data_dir, &inst, machine, in_flight)
+                        {
+                            tracing::warn!("no control socket (snapshots cannot be taken): {e}");
+                        }
+                        Ok(())
+                    })
+                    .doing(|| "starting a thread".into())?
+            };
+            let exit = cela_vmm::run_with(&config, mode, options)
+                .map(|r| r.exit)
+                .map_err(InstanceError::from);
+            let up = waiter.join().unwrap_or_else(|_| {
+                Err(InstanceError::Other(
+                    "the monitor-up thread panicked".into(),
+                ))
+            });
+            in_flight.settle();
+            let _ = std::fs::remove_file(inst.control_path());
+            match (exit, up) {
+                (Err(e), _) => Err(e),
+                // A restore whose monitor never ran the machine failed, whatever it reported.
+                (Ok(_), Err(e)) if restore.is_some() => Err(e),
+                (Ok(exit), _) => Ok(exit),
+            }
+        }
         Engine::Qemu => {
             let incoming = match &restore {
                 Some(r) => {
@@ -340,6 +395,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                     state.status = Status::Running;
                     started = inst.save_state(state);
                 }
+                let machine = crate::snapshot::Machine::Qemu(machine);
                 if let Err(e) = crate::control::serve(data_dir, inst, machine, in_flight.clone()) {
                     tracing::warn!("no control socket (snapshots cannot be taken): {e}");
                 }

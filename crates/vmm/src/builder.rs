@@ -44,10 +44,12 @@ use crate::devices::virtio::vsock::{
     DEFAULT_GUEST_CID, HostSocket, PortHandler, Vsock, VsockError,
 };
 use crate::machine::MachineConfig;
+use crate::persist::machine::{MachineSaver, MachineState};
 use crate::seccomp::Filters;
-use crate::stop::{StopReason, StopSignal};
-use crate::vstate::memory::{MemoryError, create_guest_memory};
-use crate::vstate::vcpu::{ExitStats, Vcpu, VcpuContext, VcpuHandle};
+use crate::stop::{StopReason, StopSignal, Wake};
+use crate::vstate::memory::{MemoryError, create_guest_memory, map_guest_memory};
+use crate::vstate::pause::Gate;
+use crate::vstate::vcpu::{ExitStats, SavedVcpus, Vcpu, VcpuContext, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Why a machine could not be built or started.
@@ -81,6 +83,8 @@ pub enum BuildError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    #[error("restoring the machine: {0}")]
+    Persist(#[from] crate::persist::PersistError),
 }
 
 /// Where the guest's two serial ports lead on the host.
@@ -97,7 +101,12 @@ pub struct RunningMachine {
     /// The device event loop; stopped when the machine is dropped.
     _device_loop: Option<EventLoopHandle>,
     /// Dropped only after the vCPU threads have been joined (fields drop after `Drop::drop`).
-    _vm: Vm,
+    _vm: Arc<Vm>,
+    /// Where the machine's threads park for a snapshot.
+    gate: Arc<Gate>,
+    /// Threads that park at the gate: the vCPUs and the device loop.
+    parkers: usize,
+    saver: Option<Arc<MachineSaver>>,
     stop: Arc<StopSignal>,
     console_input: SerialInput,
     started: Instant,
@@ -132,6 +141,11 @@ impl RunningMachine {
         self.stop.clone()
     }
 
+    /// What a snapshot of the running machine is taken through (`None`: a bare machine).
+    pub fn saver(&self) -> Option<Arc<MachineSaver>> {
+        self.saver.clone()
+    }
+
     /// The host's handle for typing into the guest console.
     pub fn console_input(&self) -> SerialInput {
         self.console_input.clone()
@@ -152,17 +166,45 @@ impl RunningMachine {
         if let Some(f) = &self.filters {
             f.confine_main();
         }
-        if self.stop.wait(timeout).is_none() {
-            self.stop.request(StopReason::Fault(format!(
-                "the machine did not stop within {:?}",
-                timeout.unwrap_or_default()
-            )));
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            match self.stop.wait_event(deadline) {
+                Wake::Stop(_) => break,
+                Wake::Kick => self.kick_until_parked(),
+                Wake::TimedOut => {
+                    self.stop.request(StopReason::Fault(format!(
+                        "the machine did not stop within {:?}",
+                        timeout.unwrap_or_default()
+                    )));
+                    break;
+                }
+            }
         }
         self.shutdown();
         self.stop.outcome().expect("a stop was requested above")
     }
 
+    /// Kicks the vCPUs until every thread of the machine is parked at the closed gate (a kick
+    /// can land just before `KVM_RUN` and be lost, so again every few milliseconds), for as
+    /// long as the gate stays closed, at most a few seconds (the pauser gives up then too).
+    fn kick_until_parked(&self) {
+        let start = Instant::now();
+        while self.gate.is_closed() && start.elapsed() < Duration::from_secs(6) {
+            for v in &self.vcpus {
+                v.kick();
+            }
+            if self
+                .gate
+                .wait_parked(self.parkers, Duration::from_millis(5))
+            {
+                return;
+            }
+        }
+    }
+
     fn shutdown(&mut self) {
+        // Parked threads leave the gate to see the stop.
+        self.gate.release();
         // A kick can land just before a vCPU enters KVM_RUN and be lost, so kick until every
         // thread has left its loop (each pass is bounded by the short wait on the signal).
         // Waiting on the count of threads that left their loops, not for "another" one: a
@@ -201,6 +243,8 @@ struct PcDevices {
     pio: Bus,
     console_input: SerialInput,
     aml: Vec<Box<dyn Aml>>,
+    /// COM1 and COM2, whose state a snapshot carries.
+    serials: Vec<Arc<Mutex<Serial>>>,
 }
 
 fn pc_devices(
@@ -211,6 +255,7 @@ fn pc_devices(
     let mut pio = Bus::new();
     let mut aml: Vec<Box<dyn Aml>> = Vec::new();
     let mut console_input = None;
+    let mut serials = Vec::new();
     for (uid, port, gsi, out) in [
         (0u8, COM1_PORT, COM1_GSI, sinks.console),
         (1, COM2_PORT, COM2_GSI, sinks.control),
@@ -218,6 +263,7 @@ fn pc_devices(
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
         vm.connect_irq(&irq, gsi)?;
         let (serial, input) = Serial::new(irq, out);
+        serials.push(serial.clone());
         pio.insert(serial, u64::from(port), u64::from(SERIAL_PORT_SIZE))?;
         aml.push(Box::new(SerialAml { port, gsi, uid }));
         console_input.get_or_insert(input);
@@ -235,6 +281,7 @@ fn pc_devices(
         pio,
         console_input: console_input.expect("COM1 was created"),
         aml,
+        serials,
     })
 }
 
@@ -244,6 +291,8 @@ struct VirtioDevices {
     mmio: Bus,
     aml: Vec<Box<dyn Aml>>,
     event_loop: EventLoop,
+    /// In slot order, for snapshots.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 fn virtio_devices(
@@ -254,6 +303,7 @@ fn virtio_devices(
     let mut mmio = Bus::new();
     let mut aml: Vec<Box<dyn Aml>> = Vec::new();
     let mut event_loop = EventLoop::new();
+    let mut transports = Vec::new();
     for (n, device) in devices.into_iter().enumerate() {
         let (base, gsi) = virtio_mmio_slot(n).ok_or(BuildError::TooManyVirtioDevices(n))?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -276,7 +326,9 @@ fn virtio_devices(
                 Box::new(move || crate::devices::bus::lock(&device).process_host_event(token)),
             );
         }
-        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_STRIDE)?;
+        let transport = Arc::new(Mutex::new(transport));
+        transports.push(transport.clone());
+        mmio.insert(transport, base, VIRTIO_MMIO_STRIDE)?;
         aml.push(Box::new(VirtioMmioAml {
             base: base as u32,
             gsi,
@@ -287,32 +339,28 @@ fn virtio_devices(
         mmio,
         aml,
         event_loop,
+        transports,
     })
 }
 
-/// Builds the machine for `config` and starts it. `stop` receives everything that ends it;
-/// `vsock_ports` are the vsock ports the caller serves itself (see
-/// [`crate::devices::virtio::vsock::muxer`]); the device and vCPU threads run under
-/// `filters` (`None`: unconfined).
-pub fn boot_linux(
-    config: &MachineConfig,
-    sinks: SerialSinks,
-    stop: Arc<StopSignal>,
-    vsock_ports: Vec<(u32, PortHandler)>,
-    filters: Option<Filters>,
-) -> Result<RunningMachine, BuildError> {
-    let memory = create_guest_memory(config.memory_mib << 20)?;
-    let kernel = boot::load_kernel(&memory, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(&memory, path, &kernel)?),
-        None => None,
-    };
-    let cmdline_len = boot::load_cmdline(&memory, &config.cmdline)?;
-    boot::write_zero_page(&memory, &kernel, cmdline_len, initrd)?;
+/// A machine built from its configuration: the VM over its memory, and its devices.
+struct Assembled {
+    vm: Vm,
+    pc: PcDevices,
+    virtio: VirtioDevices,
+}
 
+/// Builds the VM over `memory` and the devices `config` asks for, in their fixed order.
+fn assemble(
+    config: &MachineConfig,
+    memory: vm_memory::GuestMemoryMmap,
+    sinks: SerialSinks,
+    stop: &Arc<StopSignal>,
+    vsock_ports: Vec<(u32, PortHandler)>,
+) -> Result<Assembled, BuildError> {
     let vm = Vm::new(memory, true)?;
     validate_for_kvm(config, vm.max_vcpus())?;
-    let devices = pc_devices(&vm, sinks, &stop)?;
+    let pc = pc_devices(&vm, sinks, stop)?;
     let rng: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Rng::new()));
     let mut virtio_list = vec![rng];
     for disk in open_disks(&config.disks)? {
@@ -336,7 +384,51 @@ pub fn boot_linux(
         Arc::new(Mutex::new(Vsock::new(guest_cid, host_socket, vsock_ports)?));
     virtio_list.push(vsock);
     let virtio = virtio_devices(&vm, virtio_list)?;
-    let aml: Vec<&dyn Aml> = devices
+    Ok(Assembled { vm, pc, virtio })
+}
+
+/// What every vCPU of `vm` shares.
+fn vcpu_context(
+    vm: &Vm,
+    pc: &mut PcDevices,
+    mmio: Bus,
+    stop: &Arc<StopSignal>,
+    filters: Option<Filters>,
+) -> Result<VcpuContext, BuildError> {
+    Ok(VcpuContext {
+        pio: Arc::new(std::mem::take(&mut pc.pio)),
+        mmio: Arc::new(mmio),
+        stop: stop.clone(),
+        stats: Arc::default(),
+        filters,
+        gate: Arc::new(Gate::new()),
+        saved: Arc::new(SavedVcpus::default()),
+        msr_indices: Arc::new(vm.msrs_to_save()?),
+    })
+}
+
+/// Builds the machine for `config` and starts it. `stop` receives everything that ends it;
+/// `vsock_ports` are the vsock ports the caller serves itself (see
+/// [`crate::devices::virtio::vsock::muxer`]); the device and vCPU threads run under
+/// `filters` (`None`: unconfined).
+pub fn boot_linux(
+    config: &MachineConfig,
+    sinks: SerialSinks,
+    stop: Arc<StopSignal>,
+    vsock_ports: Vec<(u32, PortHandler)>,
+    filters: Option<Filters>,
+) -> Result<RunningMachine, BuildError> {
+    let memory = create_guest_memory(config.memory_mib << 20)?;
+    let kernel = boot::load_kernel(&memory, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&memory, path, &kernel)?),
+        None => None,
+    };
+    let cmdline_len = boot::load_cmdline(&memory, &config.cmdline)?;
+    boot::write_zero_page(&memory, &kernel, cmdline_len, initrd)?;
+
+    let Assembled { vm, mut pc, virtio } = assemble(config, memory, sinks, &stop, vsock_ports)?;
+    let aml: Vec<&dyn Aml> = pc
         .aml
         .iter()
         .chain(&virtio.aml)
@@ -344,13 +436,13 @@ pub fn boot_linux(
         .collect();
     acpi::write_tables(vm.memory(), config.vcpus, &aml)?;
 
-    let ctx = VcpuContext {
-        pio: Arc::new(devices.pio),
-        mmio: Arc::new(virtio.mmio),
-        stop: stop.clone(),
-        stats: Arc::default(),
-        filters,
-    };
+    let VirtioDevices {
+        mmio,
+        event_loop,
+        transports,
+        ..
+    } = virtio;
+    let ctx = vcpu_context(&vm, &mut pc, mmio, &stop, filters)?;
     let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
@@ -368,8 +460,78 @@ pub fn boot_linux(
         vm,
         vcpus,
         ctx,
-        devices.console_input,
-        Some(virtio.event_loop),
+        pc.console_input,
+        Some(event_loop),
+        (pc.serials, transports),
+    )
+}
+
+/// Builds the machine for `config` as [`boot_linux`] does, but instead of booting it puts
+/// back the machine `state` describes, whose RAM is `memory` (mapped privately; see
+/// [`crate::persist::machine`]), and starts it where it was saved. Nothing is read from the
+/// kernel or initrd: the guest's memory holds what it booted.
+pub fn restore_linux(
+    config: &MachineConfig,
+    sinks: SerialSinks,
+    stop: Arc<StopSignal>,
+    vsock_ports: Vec<(u32, PortHandler)>,
+    filters: Option<Filters>,
+    state: &MachineState,
+    memory: &std::fs::File,
+) -> Result<RunningMachine, BuildError> {
+    let size = config.memory_mib << 20;
+    if state.memory_size != size {
+        return Err(crate::persist::PersistError::Incompatible(format!(
+            "the saved machine has {} MiB of RAM and this one {} MiB",
+            state.memory_size >> 20,
+            config.memory_mib
+        ))
+        .into());
+    }
+    let memory = map_guest_memory(memory, size)?;
+    let Assembled { vm, mut pc, virtio } = assemble(config, memory, sinks, &stop, vsock_ports)?;
+    state.check_shape(
+        config.vcpus,
+        size,
+        pc.serials.len(),
+        virtio.transports.len(),
+    )?;
+    let VirtioDevices {
+        mmio,
+        event_loop,
+        transports,
+        ..
+    } = virtio;
+    let ctx = vcpu_context(&vm, &mut pc, mmio, &stop, filters)?;
+    let cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::new();
+    for (id, saved) in state.vcpus.iter().enumerate() {
+        vcpus.push(Vcpu::restored(
+            &vm,
+            id as u32,
+            config.vcpus,
+            &cpuid,
+            saved,
+            ctx.clone(),
+        )?);
+    }
+    // The interrupt controllers before the devices, whose restored interrupts may be raised
+    // again; the clock last.
+    state.vm.restore(vm.fd())?;
+    for (serial, saved) in pc.serials.iter().zip(&state.serials) {
+        crate::devices::bus::lock(serial).restore(saved)?;
+    }
+    for (transport, saved) in transports.iter().zip(&state.virtio) {
+        crate::devices::bus::lock(transport).restore(saved)?;
+    }
+    state.vm.restore_clock(vm.fd())?;
+    start(
+        vm,
+        vcpus,
+        ctx,
+        pc.console_input,
+        Some(event_loop),
+        (pc.serials, transports),
     )
 }
 
@@ -395,35 +557,41 @@ pub fn boot_bare(
             source,
         })?;
     let vm = Vm::new(memory, false)?;
-    let devices = pc_devices(&vm, sinks, &stop)?;
+    let mut devices = pc_devices(&vm, sinks, &stop)?;
     let mut mmio_bus = Bus::new();
     for (dev, base, len) in mmio {
         mmio_bus.insert(dev, base, len)?;
     }
-    let ctx = VcpuContext {
-        pio: Arc::new(devices.pio),
-        mmio: Arc::new(mmio_bus),
-        stop: stop.clone(),
-        stats: Arc::default(),
-        filters,
-    };
+    let ctx = vcpu_context(&vm, &mut devices, mmio_bus, &stop, filters)?;
     let cpuid = vm.supported_cpuid()?;
     let mut handles = Vec::new();
     for id in 0..vcpus {
         handles.push(Vcpu::new(&vm, id, vcpus, &cpuid, Some(entry), ctx.clone())?);
     }
-    start(vm, handles, ctx, devices.console_input, None)
+    start(
+        vm,
+        handles,
+        ctx,
+        devices.console_input,
+        None,
+        (Vec::new(), Vec::new()),
+    )
 }
+
+/// The devices whose state a snapshot carries: the UARTs and the virtio-mmio transports.
+type SavedParts = (Vec<Arc<Mutex<Serial>>>, Vec<Arc<Mutex<MmioTransport>>>);
 
 /// Starts a built machine: enters the monitor's jail if it has one (everything the machine
 /// needs is open by now, and no other thread runs yet), then the device event loop and the
-/// vCPUs, each thread under its filter.
+/// vCPUs, each thread under its filter. `saved_parts` are the devices a snapshot carries
+/// (none: a bare machine, which takes no snapshots).
 fn start(
     vm: Vm,
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
     console_input: SerialInput,
     device_loop: Option<EventLoop>,
+    saved_parts: SavedParts,
 ) -> Result<RunningMachine, BuildError> {
     let VcpuContext {
         stop,
@@ -431,19 +599,47 @@ fn start(
         filters,
         pio,
         mmio,
+        gate,
+        saved,
+        ..
     } = ctx;
     if let Some(f) = &filters {
         f.enter_jail()?;
     }
+    let has_loop = device_loop.is_some();
     let device_loop = device_loop
-        .map(|l| l.start(filters.clone()))
+        .map(|l| l.with_gate(gate.clone()).start(filters.clone()))
         .transpose()
         .map_err(BuildError::DeviceLoop)?;
+    let vm = Arc::new(vm);
+    let (serials, transports) = saved_parts;
+    let saver = if transports.is_empty() {
+        None
+    } else {
+        let device_waker = device_loop
+            .as_ref()
+            .map(|l| l.waker())
+            .transpose()
+            .map_err(BuildError::EventFd)?;
+        Some(Arc::new(MachineSaver {
+            gate: gate.clone(),
+            saved,
+            vcpus: vcpus.len() as u32,
+            stop: stop.clone(),
+            vm: vm.clone(),
+            serials,
+            transports,
+            device_waker,
+        }))
+    };
     let started = Instant::now();
     let mut machine = RunningMachine {
+        parkers: vcpus.len() + usize::from(has_loop),
         vcpus: Vec::new(),
         _device_loop: device_loop,
         _vm: vm,
+        gate,
+        saver,
         stop,
         console_input,
         started,

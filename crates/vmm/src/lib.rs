@@ -10,12 +10,13 @@
 //! [`console`] is the host side of the console and [`input`] the framed input a supervisor gives it; [`engine`] picks KVM or [`qemu`]; [`seccomp`]
 //! holds the system-call filters each thread of the monitor runs under, and [`jail`] the
 //! process, namespaces, ids and limits the monitor runs in; [`persist`] writes a machine's
-//! state down and brings it back (snapshots).
+//! state down and brings it back (snapshots), at the request of the caller on [`control`].
 
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod engine;
 pub mod guest_channel;
@@ -88,10 +89,39 @@ impl io::Write for ControlSink {
     }
 }
 
+/// What a KVM run is given beyond the machine's configuration.
+#[derive(Debug, Default)]
+pub struct KvmOptions {
+    /// The monitor's end of a control connection ([`control::MonitorControl::pair`]): the
+    /// caller takes snapshots through the other end.
+    pub control: Option<std::os::fd::OwnedFd>,
+    /// Start from this saved machine instead of booting.
+    pub restore: Option<RestoreFrom>,
+}
+
+/// A saved machine to start from ([`persist::machine`]): the state and memory files a
+/// snapshot of a machine configured as this one holds.
+#[derive(Debug, Clone)]
+pub struct RestoreFrom {
+    pub state: std::path::PathBuf,
+    pub memory: std::path::PathBuf,
+    /// The host name the restored guest takes.
+    pub hostname: Option<String>,
+}
+
 /// Boots `config` under cela's KVM monitor with the console wired to this process's terminal,
 /// and waits for it to end. With `config.confine` (the default) the monitor runs jailed in a
 /// process of its own ([`jail`]); without, in this process, unfiltered but for its threads.
 pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, VmmError> {
+    run_with(config, console, KvmOptions::default())
+}
+
+/// [`run`] with a control connection, or from a saved machine.
+pub fn run_with(
+    config: &MachineConfig,
+    console: ConsoleMode,
+    options: KvmOptions,
+) -> Result<RunReport, VmmError> {
     config::validate(config).map_err(BuildError::from)?;
     // The terminal is this process's: it is put back even if the monitor is killed.
     let raw = match console {
@@ -102,26 +132,51 @@ pub fn run(config: &MachineConfig, console: ConsoleMode) -> Result<RunReport, Vm
         eprintln!(
             "cela: warning: the monitor runs unconfined (--no-confine): a guest that breaks a device emulation gets the monitor's full privileges"
         );
-        let outcome = run_here(config, console, None)?;
+        let outcome = run_here(
+            config,
+            console,
+            None,
+            options.control,
+            options.restore.as_ref(),
+        )?;
         drop(raw);
         return outcome.into_result();
     }
+    let mut keep_fds: Vec<_> = config
+        .net
+        .iter()
+        .map(|n| std::os::fd::AsRawFd::as_raw_fd(n.tap.as_ref()))
+        .collect();
+    keep_fds.extend(
+        options
+            .control
+            .as_ref()
+            .map(std::os::fd::AsRawFd::as_raw_fd),
+    );
     let jail_config = jail::JailConfig {
         vsock: config.vsock.as_ref().map(|v| v.path.clone()),
-        largest_file: config::largest_disk(&config.disks),
-        keep_fds: config
-            .net
-            .iter()
-            .map(|n| std::os::fd::AsRawFd::as_raw_fd(n.tap.as_ref()))
-            .collect(),
+        // Its disks, and the RAM a snapshot writes through the control connection.
+        largest_file: config::largest_disk(&config.disks).max(config.memory_mib << 20),
+        keep_fds,
         ..jail::JailConfig::monitor(config.vcpus, config.memory_mib)
     };
     let epoch = Instant::now();
-    let outcome = jail::run(&jail_config, |jail| {
-        run_here(config, console, Some(jail))
+    let control = options.control;
+    let restore = options.restore;
+    let spawned = jail::spawn(&jail_config, |jail| {
+        // The monitor's own descriptor of the connection (this copy of the process's memory
+        // owns the caller's, which goes when the monitor ends).
+        let control = match control.as_ref().map(|fd| fd.try_clone()).transpose() {
+            Ok(c) => c,
+            Err(e) => return Err(format!("the control connection: {e}")),
+        };
+        run_here(config, console, Some(jail), control, restore.as_ref())
             .map(|o| o.to_wire(epoch))
             .map_err(|e| e.to_string())
     });
+    // The caller keeps only its own end: the monitor's going closes the connection.
+    drop(control);
+    let outcome = spawned.and_then(|s| s.wait::<WireOutcome>());
     drop(raw);
     outcome
         .map_err(|e| VmmError::Build(BuildError::Jail(e)))?
@@ -209,6 +264,8 @@ fn run_here(
     config: &MachineConfig,
     console: ConsoleMode,
     jail: Option<jail::Jail>,
+    control: Option<std::os::fd::OwnedFd>,
+    restore: Option<&RestoreFrom>,
 ) -> Result<Outcome, VmmError> {
     let filters = match (config.confine, jail) {
         (false, _) => None,
@@ -233,7 +290,44 @@ fn run_here(
         Box::new(|| Box::new(io::stdout())),
         Box::new(|| Box::new(io::stderr())),
     );
-    let mut machine = builder::boot_linux(config, sinks, stop.clone(), vsock_ports, filters)?;
+    let mut machine = match restore {
+        None => builder::boot_linux(config, sinks, stop.clone(), vsock_ports, filters)?,
+        Some(from) => {
+            let open = |path: &std::path::Path| {
+                std::fs::File::open(path).map_err(|e| {
+                    BuildError::Persist(persist::PersistError::Incompatible(format!(
+                        "opening {}: {e}",
+                        path.display()
+                    )))
+                })
+            };
+            let state = persist::machine::MachineState::read(&open(&from.state)?)
+                .map_err(BuildError::from)?;
+            let memory = open(&from.memory)?;
+            // Read here, before the jail (no /dev/urandom in it).
+            let requests = persist::machine::restored_requests(from.hostname.as_deref());
+            let machine = builder::restore_linux(
+                config,
+                sinks,
+                stop.clone(),
+                vsock_ports,
+                filters,
+                &state,
+                &memory,
+            )?;
+            // Once the init's control connection is back (restored with the vsock device).
+            stop.send_when_attached(requests);
+            machine
+        }
+    };
+    // Shut down once the machine stops, so the caller sees the connection end even while
+    // this process lives on (an unconfined run is the caller's own process).
+    let mut control_end = None;
+    if let (Some(fd), Some(saver)) = (control, machine.saver()) {
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        control_end = stream.try_clone().ok();
+        control::spawn(stream, saver, machine.filters()).map_err(BuildError::Thread)?;
+    }
     if let Some(s) = signals {
         s.watch(stop.clone(), machine.filters());
     }
@@ -246,6 +340,9 @@ fn run_here(
     let started = machine.started();
     let stats = machine.exit_stats();
     let reason = machine.wait(None);
+    if let Some(c) = control_end {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
     let exits = devices::bus::lock(&stats).clone();
     let guest_resident = machine.guest_resident_bytes();
     drop(machine);

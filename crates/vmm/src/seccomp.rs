@@ -10,6 +10,7 @@
 //! | [`ThreadKind::Device`] | `virtio-devices`, and the `guest-*` threads it starts | virtio queues: disk I/O, TAP frames, vsock's Unix sockets, entropy |
 //! | [`ThreadKind::Console`] | `console-in`, `host-signals` | host stdin into COM1; SIGINT/SIGTERM into stop requests |
 //! | [`ThreadKind::Main`] | the jailed monitor's main thread | starting the other threads, waiting for the machine to stop, stopping it, the report |
+//! | [`ThreadKind::Control`] | `control` | the caller's snapshot requests ([`crate::control`]): reading the paused machine, writing it into files the caller passed |
 //!
 //! Each thread installs its filter itself as the first thing it does, before it handles
 //! anything the guest made (a vCPU before its first `KVM_RUN`), with no_new_privs. Threads a
@@ -45,6 +46,7 @@ pub enum ThreadKind {
     Device = 2,
     Console = 3,
     Main = 4,
+    Control = 5,
 }
 
 impl ThreadKind {
@@ -54,6 +56,7 @@ impl ThreadKind {
             ThreadKind::Device => "the device thread",
             ThreadKind::Console => "a console thread",
             ThreadKind::Main => "the main thread",
+            ThreadKind::Control => "the control thread",
         }
     }
 
@@ -63,6 +66,7 @@ impl ThreadKind {
             2 => Some(ThreadKind::Device),
             3 => Some(ThreadKind::Console),
             4 => Some(ThreadKind::Main),
+            5 => Some(ThreadKind::Control),
             _ => None,
         }
     }
@@ -92,6 +96,7 @@ pub struct Filters {
     device: Arc<BpfProgram>,
     console: Arc<BpfProgram>,
     main: Arc<BpfProgram>,
+    control: Arc<BpfProgram>,
     /// The jail the main thread enters before it starts the machine's threads (a jailed
     /// monitor only); taken once.
     jail: Arc<std::sync::Mutex<Option<crate::jail::Jail>>>,
@@ -137,6 +142,7 @@ impl Filters {
             device: build(ThreadKind::Device, device_rules())?,
             console: build(ThreadKind::Console, console_rules())?,
             main: build(ThreadKind::Main, main_rules())?,
+            control: build(ThreadKind::Control, control_rules())?,
             jail: Arc::default(),
             jailed: Arc::default(),
             no_clone3: Arc::new(no_clone3),
@@ -187,6 +193,7 @@ impl Filters {
             ThreadKind::Device => &self.device,
             ThreadKind::Console => &self.console,
             ThreadKind::Main => &self.main,
+            ThreadKind::Control => &self.control,
         };
         THREAD_KIND.with(|k| k.set(kind as u8));
         let err = |source| SeccompError::Apply {
@@ -332,8 +339,18 @@ fn vcpu_rules() -> Rules {
     r.ioctls(&[
         // Running the guest.
         ioctls::kvm_run(),
-        // Naming the guest's instruction pointer when a vCPU fails.
+        // Naming the guest's instruction pointer when a vCPU fails; saving the vCPU's state
+        // for a snapshot (each vCPU saves its own when paused).
         ioctls::kvm_get_regs(),
+        ioctls::kvm_get_sregs(),
+        ioctls::kvm_get_msrs(),
+        ioctls::kvm_get_lapic(),
+        ioctls::kvm_get_mp_state(),
+        ioctls::kvm_get_vcpu_events(),
+        ioctls::kvm_get_debugregs(),
+        ioctls::kvm_get_xsave(),
+        ioctls::kvm_get_xcrs(),
+        ioctls::kvm_get_tsc_khz(),
         // virtio-net: the driver's accepted offloads, set when it activates or resets the
         // device (a register write, on the vCPU that made it).
         ioctls::tun_set_offload(),
@@ -470,6 +487,10 @@ fn main_rules() -> Rules {
 /// What the main thread needs beyond the common list.
 const MAIN: &[(i64, &str)] = &[
     (
+        libc::SYS_shutdown,
+        "ending the caller's control connection once the machine stops",
+    ),
+    (
         libc::SYS_mincore,
         "measuring how much guest RAM is resident, for the report",
     ),
@@ -479,14 +500,63 @@ const MAIN: &[(i64, &str)] = &[
     ),
 ];
 
+/// The control thread: answers the caller's requests on the control connection, reads the
+/// paused machine (devices, the VM's interrupt controllers and clock, guest RAM) and writes
+/// it into the two files the caller passed with the request. It opens nothing.
+fn control_rules() -> Rules {
+    let mut r = Rules::common();
+    for (nr, _why) in CONTROL {
+        r.allow(*nr);
+    }
+    r.ioctls(&[
+        ioctls::kvm_get_irqchip(),
+        ioctls::kvm_get_pit2(),
+        ioctls::kvm_get_clock(),
+    ]);
+    r
+}
+
+/// What the control thread needs beyond the common list.
+const CONTROL: &[(i64, &str)] = &[
+    (
+        libc::SYS_recvmsg,
+        "requests, and the descriptors of the files a save writes",
+    ),
+    (libc::SYS_sendmsg, "replies"),
+    (libc::SYS_pwrite64, "guest RAM into the memory file"),
+    (libc::SYS_ftruncate, "sizing the memory file"),
+    (libc::SYS_fsync, "making the saved files durable"),
+    (libc::SYS_fdatasync, "making the saved files durable"),
+    (libc::SYS_fstat, "the saved state's size"),
+    (libc::SYS_newfstatat, "the saved state's size (fstat)"),
+    (libc::SYS_statx, "the saved state's size (Rust's metadata)"),
+];
+
 /// The ioctl request numbers the filters allow.
 mod ioctls {
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     const KVMIO: u32 = 0xAE;
     const TUNTAP: u32 = b'T' as u32;
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_bindings::kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_bindings::kvm_mp_state);
+    ioctl_ior_nr!(
+        KVM_GET_VCPU_EVENTS,
+        KVMIO,
+        0x9f,
+        kvm_bindings::kvm_vcpu_events
+    );
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_bindings::kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
     ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 0xd0, std::os::raw::c_uint);
 
     pub fn kvm_run() -> u64 {
@@ -494,6 +564,42 @@ mod ioctls {
     }
     pub fn kvm_get_regs() -> u64 {
         KVM_GET_REGS() as u64
+    }
+    pub fn kvm_get_sregs() -> u64 {
+        KVM_GET_SREGS() as u64
+    }
+    pub fn kvm_get_msrs() -> u64 {
+        KVM_GET_MSRS() as u64
+    }
+    pub fn kvm_get_lapic() -> u64 {
+        KVM_GET_LAPIC() as u64
+    }
+    pub fn kvm_get_mp_state() -> u64 {
+        KVM_GET_MP_STATE() as u64
+    }
+    pub fn kvm_get_vcpu_events() -> u64 {
+        KVM_GET_VCPU_EVENTS() as u64
+    }
+    pub fn kvm_get_debugregs() -> u64 {
+        KVM_GET_DEBUGREGS() as u64
+    }
+    pub fn kvm_get_xsave() -> u64 {
+        KVM_GET_XSAVE() as u64
+    }
+    pub fn kvm_get_xcrs() -> u64 {
+        KVM_GET_XCRS() as u64
+    }
+    pub fn kvm_get_tsc_khz() -> u64 {
+        KVM_GET_TSC_KHZ() as u64
+    }
+    pub fn kvm_get_irqchip() -> u64 {
+        KVM_GET_IRQCHIP() as u64
+    }
+    pub fn kvm_get_pit2() -> u64 {
+        KVM_GET_PIT2() as u64
+    }
+    pub fn kvm_get_clock() -> u64 {
+        KVM_GET_CLOCK() as u64
     }
     pub fn tun_set_offload() -> u64 {
         TUNSETOFFLOAD() as u64

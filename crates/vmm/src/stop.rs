@@ -34,6 +34,17 @@ struct State {
     ready_at: Option<Instant>,
     halted_vcpus: u32,
     exited_vcpus: u32,
+    /// Someone pausing the machine asks the thread that owns the vCPUs to kick them.
+    kick: bool,
+}
+
+/// What [`StopSignal::wait_event`] woke for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    Stop(StopReason),
+    /// The vCPUs are to be kicked out of `KVM_RUN` (a pause for a snapshot).
+    Kick,
+    TimedOut,
 }
 
 /// Shared between everything that can end the machine.
@@ -46,6 +57,9 @@ pub struct StopSignal {
     /// Requests are held back (refused) while the machine is paused for a snapshot: one
     /// written then would be saved with the machine and reach every copy of it.
     held: std::sync::atomic::AtomicBool,
+    /// Requests to send once the control channel is attached (a restored machine's clock,
+    /// entropy and name, queued before its init's connection is back).
+    queued: Mutex<Vec<HostRequest>>,
 }
 
 impl StopSignal {
@@ -84,6 +98,31 @@ impl StopSignal {
     /// connection) until [`StopSignal::detach_guest_channel`].
     pub fn attach_guest_channel(&self, channel: UnixStream) {
         *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+        let queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in queued {
+            if !self.send_to_guest(r) {
+                tracing::warn!("the guest's init did not take a request after its restore");
+            }
+        }
+    }
+
+    /// Sends `requests` now if the control channel is attached, else as soon as it is.
+    pub fn send_when_attached(&self, requests: Vec<HostRequest>) {
+        let attached = self
+            .guest_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if attached {
+            for r in requests {
+                self.send_to_guest(r);
+            }
+        } else {
+            self.queued
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(requests);
+        }
     }
 
     /// Refuses (`true`) or lets through (`false`) requests to the guest from now on; a caller
@@ -199,6 +238,40 @@ impl StopSignal {
         if s.halted_vcpus >= vcpus && s.reason.is_none() {
             s.reason = Some(StopReason::Halted);
             self.changed.notify_all();
+        }
+    }
+
+    /// Asks the thread waiting in [`StopSignal::wait_event`] to kick the vCPUs.
+    pub fn request_kick(&self) {
+        self.lock().kick = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a stop is requested, a kick is asked for, or `deadline` passes (`None`:
+    /// never). A stop wins over a kick.
+    pub fn wait_event(&self, deadline: Option<Instant>) -> Wake {
+        let mut guard = self.lock();
+        loop {
+            if let Some(r) = &guard.reason {
+                return Wake::Stop(r.clone());
+            }
+            if guard.kick {
+                guard.kick = false;
+                return Wake::Kick;
+            }
+            guard = match deadline {
+                None => self.changed.wait(guard).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Wake::TimedOut;
+                    }
+                    self.changed
+                        .wait_timeout(guard, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
         }
     }
 

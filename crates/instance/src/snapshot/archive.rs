@@ -24,7 +24,10 @@ use std::path::Path;
 use cela_image::digest::Hasher;
 use cela_image::tar_limits::{self, Limited};
 
-use super::{DISK_FILE, FORMAT, MAX_MANIFEST, Manifest, STATE_FILE, STATE_SLACK, Snapshots, bad};
+use super::{
+    DISK_FILE, FORMAT, MAX_MANIFEST, MEMORY_FILE, Manifest, STATE_FILE, STATE_SLACK, Snapshots,
+    bad, files_of,
+};
 use crate::error::{InstanceError, IoContext};
 use crate::record::valid_name;
 
@@ -40,10 +43,11 @@ const ROOM_CHECK: u64 = 64 << 20;
 /// Writes snapshot `name` to `out` as a tar; returns its manifest.
 pub fn export(snaps: &Snapshots, name: &str, out: impl Write) -> Result<Manifest, InstanceError> {
     let m = snaps.find(name)?;
-    if m.files.len() != 2 {
+    let wanted = files_of(&m.engine);
+    if m.files.len() != wanted.len() {
         return Err(bad(
             name,
-            "its manifest lists files other than the state and the disk",
+            "its manifest lists files other than those of its engine",
         ));
     }
     let dir = snaps.dir(name);
@@ -57,7 +61,7 @@ pub fn export(snaps: &Snapshots, name: &str, out: impl Write) -> Result<Manifest
         ));
     }
     append(&mut tar, MANIFEST, manifest.len() as u64, &manifest[..])?;
-    for want in [STATE_FILE, DISK_FILE] {
+    for &want in wanted {
         let Some(f) = m.files.iter().find(|f| f.name == want) else {
             return Err(bad(name, format!("its manifest lists no {want}")));
         };
@@ -198,8 +202,15 @@ fn import_into(
         )));
     }
     // What the manifest lists bounds what follows.
+    if m.engine != "qemu" && m.engine != "kvm" {
+        return Err(refuse(format!(
+            "it is of an engine this cela does not know, {:?}",
+            m.engine
+        )));
+    }
+    let wanted = files_of(&m.engine);
     let mut files = Vec::new();
-    for want in [STATE_FILE, DISK_FILE] {
+    for &want in wanted {
         let listed: Vec<_> = m.files.iter().filter(|f| f.name == want).collect();
         let [f] = listed[..] else {
             return Err(refuse(format!(
@@ -221,9 +232,9 @@ fn import_into(
             )));
         }
     }
-    if m.files.len() != 2 {
+    if m.files.len() != wanted.len() {
         return Err(refuse(
-            "its manifest lists files other than the state and the disk".into(),
+            "its manifest lists files other than those of its engine".into(),
         ));
     }
     // Guest RAM as the manifest says, which a restore here could give (no more than this
@@ -235,26 +246,37 @@ fn import_into(
             "its machine has {ram} MiB of RAM and this host {host} MiB"
         )));
     }
-    let state_bound = ram
-        .checked_mul(1 << 20)
-        .and_then(|b| b.checked_add(STATE_SLACK))
-        .unwrap_or(u64::MAX);
-    if files[0].size > state_bound {
-        return Err(refuse(format!(
-            "its state has {} bytes, more than a machine of {ram} MiB saves",
-            files[0].size
-        )));
+    let ram_bytes = ram.saturating_mul(1 << 20);
+    // cela's monitor keeps RAM apart: its state is registers and device state only.
+    let state_bound = match m.engine.as_str() {
+        "kvm" => cela_vmm::persist::machine::MAX_STATE_BYTES,
+        _ => ram_bytes.saturating_add(STATE_SLACK),
+    };
+    for f in &files {
+        let (fits, bound) = match f.name.as_str() {
+            STATE_FILE => (
+                f.size <= state_bound,
+                format!("{state_bound} bytes at most"),
+            ),
+            MEMORY_FILE => (
+                f.size == ram_bytes,
+                format!("the {ram_bytes} bytes of its RAM"),
+            ),
+            DISK_FILE => (
+                f.size <= MAX_DISK,
+                format!("{} TiB at most", MAX_DISK >> 40),
+            ),
+            _ => (false, "nothing".into()),
+        };
+        if !fits {
+            return Err(refuse(format!(
+                "its {} has {} bytes where a machine of {ram} MiB has {bound}",
+                f.name, f.size
+            )));
+        }
     }
 
-    if files[1].size > MAX_DISK {
-        return Err(refuse(format!(
-            "its disk has {} bytes, more than the {} TiB cela takes",
-            files[1].size,
-            MAX_DISK >> 40
-        )));
-    }
-
-    let mut seen = [false; 2];
+    let mut seen = vec![false; files.len()];
     while let Some(mut entry) = next_entry(&mut entries).map_err(refuse)? {
         let name = entry_name(&entry).map_err(refuse)?;
         let Some(i) = files.iter().position(|f| f.name == name) else {
@@ -300,6 +322,13 @@ fn import_into(
         return Err(refuse(format!("it ends without {}", files[i].name)));
     }
     m.name = target.clone();
+    // Paths on the host it came from name nothing of this one's: a restore here boots (on a
+    // later cold start) this host's own kernel and initramfs.
+    if let Some(vm) = &mut m.config.vm {
+        vm.kernel = Default::default();
+        vm.initrd = Default::default();
+        vm.image_disk = Default::default();
+    }
     let bytes = serde_json::to_vec(&m).expect("a manifest serializes");
     if bytes.len() as u64 > MAX_MANIFEST {
         return Err(refuse(format!(

@@ -1,8 +1,12 @@
 //! A machine's state written down and brought back (snapshots, restore, fork): plain serde
 //! structs per part, each saved from and restored into its KVM object in the order KVM
-//! needs. This first part holds the vCPUs' and the VM's own KVM state ([`vcpu`], [`vm`]);
-//! devices, guest memory and the snapshot files follow.
+//! needs: the vCPUs' and the VM's own KVM state ([`vcpu`], [`vm`]), the devices'
+//! ([`devices`]), a whole machine with its RAM ([`machine`]), and the CPU features a saved
+//! guest relies on ([`cpu`]).
 
+pub mod cpu;
+pub mod devices;
+pub mod machine;
 pub mod vcpu;
 pub mod vm;
 
@@ -38,4 +42,7 @@ pub enum PersistError {
     },
     #[error("{0}")]
     Incompatible(String),
+    /// A device's saved state was refused (or could not be put back).
+    #[error("restoring {device}: {problem}")]
+    Device { device: String, problem: String },
 }

@@ -76,6 +76,10 @@ pub struct VcpuState {
     /// (index, value), in the order they are restored.
     pub msrs: Vec<(u32, u64)>,
     pub events: kvm_vcpu_events,
+    /// The rate of the guest's TSC as KVM ran it (kHz); a host running another rate scales
+    /// it back to this one, or refuses the restore.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 fn save_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
@@ -196,7 +200,9 @@ impl VcpuState {
             msrs.push((index, deadline));
         }
         let events = vcpu.get_vcpu_events().map_err(save_err("pending events"))?;
+        let tsc_khz = vcpu.get_tsc_khz().ok();
         Ok(VcpuState {
+            tsc_khz,
             mp_state,
             regs,
             sregs,
@@ -212,6 +218,16 @@ impl VcpuState {
     /// Restores the state into a new vCPU of a VM made as the saved one was (same CPUID, an
     /// in-kernel irqchip if the state has a local APIC).
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), PersistError> {
+        // The TSC's rate before any TSC value (the MSRs), so the value is of the right clock.
+        if let Some(want) = self.tsc_khz
+            && let Ok(here) = vcpu.get_tsc_khz()
+            && here != want
+            && vcpu.set_tsc_khz(want).is_err()
+        {
+            return Err(PersistError::Incompatible(format!(
+                "the saved guest's TSC ran at {want} kHz and this host's KVM runs it at {here} kHz and cannot scale it"
+            )));
+        }
         vcpu.set_mp_state(self.mp_state)
             .map_err(restore_err("MP state"))?;
         vcpu.set_regs(&self.regs)

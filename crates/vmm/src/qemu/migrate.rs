@@ -47,24 +47,10 @@ pub struct Incoming {
 /// The control-channel lines a restored guest gets at once: the wall clock now, fresh random
 /// bytes for its generator, and its new host name if there is a valid one.
 pub fn restored_requests(hostname: Option<&str>) -> String {
-    use cela_guest::HostRequest;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut out = HostRequest::Clock {
-        secs: now.as_secs() as i64,
-        nanos: now.subsec_nanos(),
-    }
-    .to_line();
-    let mut seed = [0u8; cela_guest::ENTROPY_BYTES];
-    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
-        Ok(()) => out.push_str(&HostRequest::Entropy(seed).to_line()),
-        Err(e) => tracing::warn!("no fresh entropy for the restored guest: {e}"),
-    }
-    if let Some(h) = hostname.and_then(cela_guest::Hostname::new) {
-        out.push_str(&HostRequest::Hostname(h).to_line());
-    }
-    out
+    crate::persist::machine::restored_requests(hostname)
+        .into_iter()
+        .map(|r| r.to_line())
+        .collect()
 }
 
 fn qmp_err(e: QmpError) -> QemuError {

@@ -21,6 +21,7 @@ fn name(kind: ThreadKind) -> &'static str {
         ThreadKind::Device => "device",
         ThreadKind::Console => "console",
         ThreadKind::Main => "main",
+        ThreadKind::Control => "control",
     }
 }
 
@@ -90,6 +91,10 @@ fn child() {
             );
             None
         }
+        "control" => {
+            std::thread::spawn(move || confine_thread(Some(&filters), ThreadKind::Control));
+            None
+        }
         other => panic!("unknown thread kind {other}"),
     };
     // The filtered thread ends this process; if it does not, the parent sees status 0.
@@ -98,7 +103,12 @@ fn child() {
 
 #[test]
 fn a_forbidden_call_on_each_thread_kind_ends_the_monitor_with_a_report() {
-    for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Console] {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Console,
+        ThreadKind::Control,
+    ] {
         let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",

@@ -5,6 +5,10 @@
 //! Stopping: another thread requests a stop on the `StopSignal`, then *kicks* the vCPU thread
 //! with a real-time signal whose handler does nothing; the signal makes a KVM_RUN in progress
 //! return EINTR and the loop sees the request.
+//!
+//! Pausing (a snapshot): the loop also checks the machine's [`Gate`] between two exits; once it
+//! is closed, the vCPU completes the I/O it last exited for, saves its state into
+//! [`SavedVcpus`] and parks until the gate opens (the guest goes on) or the machine stops.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Once};
@@ -19,7 +23,9 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
 use crate::machine::GuestExit;
+use crate::persist::vcpu::{VcpuState, complete_pending_io};
 use crate::stop::{StopReason, StopSignal};
+use crate::vstate::pause::Gate;
 use crate::vstate::vm::{Vm, VmError};
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
@@ -51,6 +57,44 @@ pub struct Vcpu {
     shared_stats: Arc<Mutex<ExitStats>>,
     stats: ExitStats,
     filters: Option<Filters>,
+    gate: Arc<Gate>,
+    saved: Arc<SavedVcpus>,
+    /// The MSRs a saved state carries.
+    msr_indices: Arc<Vec<u32>>,
+    irqchip: bool,
+}
+
+/// Where paused vCPUs leave their saved state (or why they could not save it) for whoever is
+/// taking a snapshot, by vCPU id.
+#[derive(Debug, Default)]
+pub struct SavedVcpus {
+    slots: Mutex<BTreeMap<u32, Result<VcpuState, String>>>,
+}
+
+impl SavedVcpus {
+    fn put(&self, id: u32, state: Result<VcpuState, String>) {
+        crate::devices::bus::lock(&self.slots).insert(id, state);
+    }
+
+    /// Forgets what an earlier pause left.
+    pub fn clear(&self) {
+        crate::devices::bus::lock(&self.slots).clear();
+    }
+
+    /// The states of vCPUs 0..count, in order; the first failure, or a vCPU that saved
+    /// nothing, is an error.
+    pub fn take(&self, count: u32) -> Result<Vec<VcpuState>, String> {
+        let mut slots = crate::devices::bus::lock(&self.slots);
+        let mut out = Vec::with_capacity(count as usize);
+        for id in 0..count {
+            match slots.remove(&id) {
+                Some(Ok(state)) => out.push(state),
+                Some(Err(e)) => return Err(format!("vCPU {id}: {e}")),
+                None => return Err(format!("vCPU {id} did not save its state")),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// What every vCPU of a machine shares: the buses it dispatches exits to, the stop signal, and
@@ -63,6 +107,11 @@ pub struct VcpuContext {
     pub stats: Arc<Mutex<ExitStats>>,
     /// The monitor's system-call filters; `None` runs unconfined (`--no-confine`).
     pub filters: Option<Filters>,
+    /// Where the vCPUs park for a snapshot, and leave their state.
+    pub gate: Arc<Gate>,
+    pub saved: Arc<SavedVcpus>,
+    /// The MSRs a saved vCPU state carries on this host.
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
 /// How many exits reached the monitor, by I/O port and by MMIO page. In a nested VM every such
@@ -154,14 +203,58 @@ impl Vcpu {
             fd.set_regs(&regs::boot_regs(rip))
                 .map_err(err("set registers"))?;
         }
+        Ok(Vcpu::from_fd(fd, id, count, vm.has_irqchip(), ctx))
+    }
+
+    /// Creates vCPU `id` of `count` with `state` (saved from a vCPU of a machine made as this
+    /// one is) in place of the boot state. The CPUID is this host's, as at boot.
+    pub fn restored(
+        vm: &Vm,
+        id: u32,
+        count: u32,
+        host_cpuid: &CpuId,
+        state: &VcpuState,
+        ctx: VcpuContext,
+    ) -> Result<Vcpu, crate::persist::PersistError> {
+        install_kick_handler();
+        let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|source| {
+            crate::persist::PersistError::RestoreVcpu {
+                what: "creation",
+                source,
+            }
+        })?;
+        fd.set_cpuid2(&cpuid::normalize(host_cpuid, id, count))
+            .map_err(|source| crate::persist::PersistError::RestoreVcpu {
+                what: "CPUID",
+                source,
+            })?;
+        if state.lapic.is_some() != vm.has_irqchip() {
+            return Err(crate::persist::PersistError::Incompatible(format!(
+                "vCPU {id}'s saved state {} a local APIC and the machine {}",
+                if state.lapic.is_some() {
+                    "has"
+                } else {
+                    "has no"
+                },
+                if vm.has_irqchip() { "has" } else { "has none" }
+            )));
+        }
+        state.restore(&fd)?;
+        Ok(Vcpu::from_fd(fd, id, count, vm.has_irqchip(), ctx))
+    }
+
+    fn from_fd(fd: VcpuFd, id: u32, count: u32, irqchip: bool, ctx: VcpuContext) -> Vcpu {
         let VcpuContext {
             pio,
             mmio,
             stop,
             stats: shared_stats,
             filters,
+            gate,
+            saved,
+            msr_indices,
         } = ctx;
-        Ok(Vcpu {
+        Vcpu {
             id,
             count,
             fd,
@@ -171,7 +264,11 @@ impl Vcpu {
             shared_stats,
             stats: ExitStats::default(),
             filters,
-        })
+            gate,
+            saved,
+            msr_indices,
+            irqchip,
+        }
     }
 
     /// Starts the vCPU on its own thread.
@@ -189,6 +286,10 @@ impl Vcpu {
         // Before the guest runs a single instruction on this vCPU.
         crate::seccomp::confine_thread(self.filters.as_ref(), ThreadKind::Vcpu);
         while !self.stop.is_requested() {
+            if self.gate.is_closed() {
+                self.pause();
+                continue;
+            }
             match self.run_once() {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -201,6 +302,16 @@ impl Vcpu {
         }
         crate::devices::bus::lock(&self.shared_stats).merge(&self.stats);
         self.stop.vcpu_exited();
+    }
+
+    /// Saves this vCPU's state for a snapshot and parks until the gate opens. The I/O the
+    /// vCPU last exited for is completed first, so the saved registers are past it.
+    fn pause(&mut self) {
+        let state = complete_pending_io(&mut self.fd)
+            .and_then(|()| VcpuState::save(&self.fd, &self.msr_indices, self.irqchip))
+            .map_err(|e| e.to_string());
+        self.saved.put(self.id, state);
+        self.gate.park();
     }
 
     /// Runs the guest until its next exit and handles it. Ok(false): this vCPU is done.

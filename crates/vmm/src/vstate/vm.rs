@@ -121,6 +121,11 @@ impl Vm {
         self.kvm.get_max_vcpus()
     }
 
+    /// The MSRs a saved vCPU state carries on this host.
+    pub fn msrs_to_save(&self) -> Result<Vec<u32>, crate::persist::PersistError> {
+        crate::persist::vcpu::msrs_to_save(&self.kvm)
+    }
+
     /// CPUID as KVM can offer it on this host.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
         self.kvm

@@ -10,11 +10,18 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use acpi_tables::{Aml, AmlSink, aml};
-use vm_superio::serial::{Error as SerialError, SerialEvents};
+use vm_superio::serial::{Error as SerialError, SerialEvents, SerialState};
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{BusDevice, lock};
+use crate::persist::PersistError;
+use crate::persist::devices::{SerialSnapshot, refused};
+
+/// The receive FIFO of a 16550A, in bytes.
+const FIFO_SIZE: usize = 64;
+/// The interrupt-enable bits a 16550A has (IER bits 0-3); the UART keeps only these.
+const IER_VALID_BITS: u8 = 0x0f;
 
 /// Raises the UART's interrupt line by signalling an eventfd.
 #[derive(Debug)]
@@ -71,6 +78,52 @@ impl Serial {
             space,
         };
         (serial, input)
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        SerialSnapshot::from(self.uart.state())
+    }
+
+    /// Puts back a saved state (hostile: checked first), keeping this UART's interrupt line,
+    /// input waiters and output. An interrupt the saved state has pending and enabled is
+    /// raised again.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), PersistError> {
+        const DEVICE: &str = "the 16550A UART";
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(refused(
+                DEVICE,
+                format!(
+                    "{} bytes in the receive FIFO, which holds {FIFO_SIZE}",
+                    s.in_buffer.len()
+                ),
+            ));
+        }
+        if s.interrupt_enable & !IER_VALID_BITS != 0 {
+            return Err(refused(
+                DEVICE,
+                format!(
+                    "interrupt enable register {:#04x} has bits a 16550A does not have",
+                    s.interrupt_enable
+                ),
+            ));
+        }
+        let irq = self.uart.interrupt_evt().0.try_clone().map_err(|e| {
+            refused(
+                DEVICE,
+                format!("cannot duplicate its interrupt eventfd: {e}"),
+            )
+        })?;
+        let events = self.uart.events().clone();
+        let placeholder: Box<dyn Write + Send> = Box::new(io::sink());
+        let mut uart =
+            Uart::from_state(&SerialState::from(s), IrqTrigger(irq), events, placeholder)
+                .map_err(|e| refused(DEVICE, e.to_string()))?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        // A host writer waiting for room looks again.
+        self.uart.events().notify();
+        Ok(())
     }
 }
 
@@ -171,7 +224,77 @@ mod tests {
     const THR: u64 = 0;
     const RBR: u64 = 0;
     const IER: u64 = 1;
+    const LCR: u64 = 3;
+    const MCR: u64 = 4;
     const LSR: u64 = 5;
+    const SCR: u64 = 7;
+
+    fn read_reg(s: &mut Serial, offset: u64) -> u8 {
+        let mut b = [0u8];
+        s.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn registers_and_fifo_survive_save_and_restore() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (serial, input) = Serial::new(irq, Box::new(io::sink()));
+        input.send(b"xyz").unwrap();
+        let saved = {
+            let mut s = lock(&serial);
+            s.write(LCR, &[0x80]); // DLAB: the divisor latch
+            s.write(0, &[0x01]);
+            s.write(1, &[0x00]);
+            s.write(LCR, &[0x1b]);
+            s.write(MCR, &[0x0b]);
+            s.write(SCR, &[0x5a]);
+            s.write(IER, &[0x01]);
+            s.save()
+        };
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: SerialSnapshot = serde_json::from_str(&json).unwrap();
+
+        let out = SharedBuffer::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (fresh, _) = Serial::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        let mut s = lock(&fresh);
+        s.restore(&saved).unwrap();
+        // Data is waiting and its interrupt enabled: the line is raised again.
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read_reg(&mut s, LCR), 0x1b);
+        assert_eq!(read_reg(&mut s, MCR), 0x0b);
+        assert_eq!(read_reg(&mut s, SCR), 0x5a);
+        assert_eq!(read_reg(&mut s, IER), 0x01);
+        assert_eq!(read_reg(&mut s, LSR) & 1, 1, "data ready");
+        assert_eq!(read_reg(&mut s, RBR), b'x');
+        assert_eq!(read_reg(&mut s, RBR), b'y');
+        assert_eq!(read_reg(&mut s, RBR), b'z');
+        assert_eq!(read_reg(&mut s, LSR) & 1, 0);
+        s.write(LCR, &[0x9b]);
+        assert_eq!(read_reg(&mut s, 0), 0x01, "divisor low");
+        s.write(LCR, &[0x1b]);
+        // The output still goes where this UART's went.
+        s.write(THR, b"!");
+        assert_eq!(&*out.0.lock().unwrap(), b"!");
+    }
+
+    #[test]
+    fn hostile_serial_states_are_refused() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (serial, _) = Serial::new(irq, Box::new(io::sink()));
+        let mut s = lock(&serial);
+        let good = s.save();
+        let mut big = good.clone();
+        big.in_buffer = vec![0; 65];
+        let err = s.restore(&big).unwrap_err().to_string();
+        assert!(err.contains("65 bytes in the receive FIFO"), "{err}");
+        let mut ier = good.clone();
+        ier.interrupt_enable = 0xf0;
+        let err = s.restore(&ier).unwrap_err().to_string();
+        assert!(err.contains("interrupt enable register 0xf0"), "{err}");
+        // Refused states leave the UART as it was.
+        assert_eq!(s.save(), good);
+    }
 
     #[test]
     fn transmitted_bytes_reach_the_writer_and_raise_the_irq() {

@@ -431,6 +431,10 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        super::active_queue_states(self.active.as_ref())
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(mut active) = self.active.take() else {
             return;

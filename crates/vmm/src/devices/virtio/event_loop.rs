@@ -11,6 +11,8 @@
 //! connection) keeps its own epoll and registers that one fd here.
 //!
 //! Handlers are registered before the loop starts; the loop runs until its handle is dropped.
+//! A loop given the machine's [`Gate`] parks there between two handlers while a snapshot is
+//! taken: [`EventLoopHandle::wake`] makes it look.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -20,6 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::seccomp::{Filters, ThreadKind};
+use crate::vstate::pause::Gate;
 
 /// What runs when an eventfd is signalled.
 pub type Handler = Box<dyn FnMut() + Send>;
@@ -36,6 +39,7 @@ enum Source {
 #[derive(Default)]
 pub struct EventLoop {
     sources: Vec<(Source, Handler)>,
+    gate: Option<std::sync::Arc<Gate>>,
 }
 
 impl EventLoop {
@@ -57,16 +61,29 @@ impl EventLoop {
         self.sources.push((Source::Fd(fd), handler));
     }
 
+    /// Parks the loop at `gate` while it is closed (checked between handlers, and when
+    /// [`EventLoopHandle::wake`] is called).
+    pub fn with_gate(mut self, gate: std::sync::Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     /// Starts the loop on its own thread, which first puts itself under `filters`' device
     /// filter (none: unconfined).
     pub fn start(self, filters: Option<Filters>) -> io::Result<EventLoopHandle> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_token = self.sources.len() as u64;
         epoll.ctl(
             ControlOperation::Add,
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, stop_token),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, stop_token + 1),
         )?;
         for (token, (source, _)) in self.sources.iter().enumerate() {
             let (fd, events) = match source {
@@ -80,26 +97,39 @@ impl EventLoop {
             )?;
         }
         let stop_clone = stop.try_clone()?;
+        let wake_clone = wake.try_clone()?;
         let mut sources = self.sources;
+        let gate = self.gate;
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
                 crate::seccomp::confine_thread(filters.as_ref(), ThreadKind::Device);
-                run(epoll, &mut sources, stop_token, stop_clone);
+                let waker = (wake_clone, gate);
+                run(epoll, &mut sources, stop_token, stop_clone, &waker);
                 // Handed back to whoever stops the loop: the devices are dropped there, not
                 // here (a vsock device removes its socket file, which the filter forbids).
                 sources
             })?;
         Ok(EventLoopHandle {
             stop,
+            wake,
             thread: Some(thread),
         })
     }
 }
 
-fn run(epoll: Epoll, sources: &mut [(Source, Handler)], stop_token: u64, _stop: EventFd) {
-    let mut events = vec![EpollEvent::default(); sources.len() + 1];
+fn run(
+    epoll: Epoll,
+    sources: &mut [(Source, Handler)],
+    stop_token: u64,
+    _stop: EventFd,
+    (wake, gate): &(EventFd, Option<std::sync::Arc<Gate>>),
+) {
+    let mut events = vec![EpollEvent::default(); sources.len() + 2];
     loop {
+        if let Some(g) = gate {
+            g.park();
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -112,6 +142,13 @@ fn run(epoll: Epoll, sources: &mut [(Source, Handler)], stop_token: u64, _stop: 
             let token = event.data();
             if token == stop_token {
                 return;
+            }
+            if token == stop_token + 1 {
+                let _ = wake.read();
+                if let Some(g) = gate {
+                    g.park();
+                }
+                continue;
             }
             if let Some((source, handler)) =
                 usize::try_from(token).ok().and_then(|t| sources.get_mut(t))
@@ -130,7 +167,16 @@ fn run(epoll: Epoll, sources: &mut [(Source, Handler)], stop_token: u64, _stop: 
 /// A running event loop; dropping it stops and joins the thread.
 pub struct EventLoopHandle {
     stop: EventFd,
+    wake: EventFd,
     thread: Option<JoinHandle<Vec<(Source, Handler)>>>,
+}
+
+impl EventLoopHandle {
+    /// A second handle of the loop's wake-up eventfd: writing 1 makes the loop check its gate
+    /// at once (a closed gate parks it).
+    pub fn waker(&self) -> io::Result<EventFd> {
+        self.wake.try_clone()
+    }
 }
 
 impl Drop for EventLoopHandle {

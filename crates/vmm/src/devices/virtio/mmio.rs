@@ -32,12 +32,15 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveDevice, Interrupt, VirtioDevice};
+use super::{ActiveDevice, Interrupt, VirtioDevice, device_name};
 use crate::devices::bus::{BusDevice, lock};
+use crate::persist::PersistError;
+use crate::persist::devices::{DeviceState, MmioState, QueueSnapshot, refused};
 
 /// "virt" in little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -295,40 +298,55 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        if let Some((i, _)) = self
+        match self.start_device() {
+            // Buffers made available before DRIVER_OK (the notify was dropped because the
+            // device was not active) are picked up now.
+            Ok(()) => self.kick_queues(),
+            Err(e) => {
+                tracing::warn!("{}: {e}", device_name(self.device_type));
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    /// Hands the configured queues to the device (DRIVER_OK, or a restore), each ready one
+    /// checked to lie in guest memory. On failure the transport keeps the queues and the
+    /// device stays inactive.
+    fn start_device(&mut self) -> Result<(), String> {
+        if let Some(i) = self
             .queues
             .iter()
-            .enumerate()
-            .find(|(_, q)| q.ready() && !q.is_valid(&self.mem))
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
         {
-            tracing::warn!(
-                "virtio device type {}: queue {i} lies outside guest memory",
-                self.device_type
-            );
-            self.interrupt.set_needs_reset();
-            return;
+            return Err(format!("queue {i} lies outside guest memory"));
         }
         // The device owns the queues while active; `reset` sets up fresh ones.
-        let queues = std::mem::take(&mut self.queues);
+        let states: Vec<QueueState> = self.queues.iter().map(|q| q.state()).collect();
         let active = ActiveDevice {
             mem: self.mem.clone(),
-            queues,
+            queues: std::mem::take(&mut self.queues),
             acked_features: self.driver_features,
             interrupt: self.interrupt.clone(),
         };
-        match lock(&self.device).activate(active) {
-            Ok(()) => {
-                self.active = true;
-                // Buffers made available before DRIVER_OK (the notify was dropped because
-                // the device was not active) are picked up now.
-                for evt in &self.queue_evts {
-                    let _ = evt.write(1);
-                }
-            }
-            Err(e) => {
-                tracing::warn!("virtio device type {}: {e}", self.device_type);
-                self.interrupt.set_needs_reset();
-            }
+        if let Err(e) = lock(&self.device).activate(active) {
+            // States of valid queues are valid; fresh queues are the fallback all the same.
+            self.queues = states
+                .into_iter()
+                .map(Queue::try_from)
+                .collect::<Result<_, _>>()
+                .or_else(|_| fresh_queues(self.device_type, &self.max_sizes))
+                .unwrap_or_default();
+            return Err(e.to_string());
+        }
+        self.active = true;
+        Ok(())
+    }
+
+    /// Signals every queue's eventfd, so the device looks at what the driver made available
+    /// while it could not.
+    fn kick_queues(&self) {
+        for evt in &self.queue_evts {
+            let _ = evt.write(1);
         }
     }
 
@@ -347,6 +365,197 @@ impl MmioTransport {
         self.device_features_select = 0;
         self.driver_features_select = 0;
         self.queue_select = 0;
+    }
+}
+
+/// Status bits a driver sets (§2.1); DEVICE_NEEDS_RESET is the device's, saved apart.
+const DRIVER_STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK
+    | VIRTIO_CONFIG_S_FAILED;
+
+/// The bit order of driver initialization (§3.1.1): each needs the one before.
+const STATUS_STEPS: [(u32, &str); 4] = [
+    (VIRTIO_CONFIG_S_ACKNOWLEDGE, "ACKNOWLEDGE"),
+    (VIRTIO_CONFIG_S_DRIVER, "DRIVER"),
+    (VIRTIO_CONFIG_S_FEATURES_OK, "FEATURES_OK"),
+    (VIRTIO_CONFIG_S_DRIVER_OK, "DRIVER_OK"),
+];
+
+/// Snapshots: the registers and the queues, and the device's own state.
+impl MmioTransport {
+    /// The transport's and its device's state. Saving changes nothing, but the state is
+    /// consistent with guest memory only if neither the vCPUs nor the device event loop run
+    /// meanwhile.
+    pub fn save(&self) -> MmioState {
+        let (queues, device) = if self.active {
+            // Under one lock: the queues and the state the device built from them agree.
+            let d = lock(&self.device);
+            (d.saved_queues(), d.save_state())
+        } else {
+            let queues = self.queues.iter().map(|q| q.state()).collect();
+            (queues, DeviceState::None)
+        };
+        MmioState {
+            device_type: self.device_type,
+            device_features_select: self.device_features_select,
+            driver_features: self.driver_features,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            status: self.status,
+            config_generation: self.config_generation,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: queues.into_iter().map(QueueSnapshot::from).collect(),
+            device,
+        }
+    }
+
+    /// Puts back a saved state `s` on a transport built for the same device (from the same
+    /// configuration), after guest memory was restored: the registers, the queues, and, if the
+    /// device was active, the device re-activated with its queues and given its own state;
+    /// every queue is then kicked so buffers made available meanwhile are processed, and a
+    /// pending interrupt is raised again. `s` is checked whole first; on any refusal the
+    /// transport and the device are left reset.
+    pub fn restore(&mut self, s: &MmioState) -> Result<(), PersistError> {
+        let name = device_name(self.device_type);
+        self.reset();
+        let queues = self.check_saved(s).map_err(|p| refused(&name, p))?;
+        self.queues = queues;
+        self.device_features_select = s.device_features_select;
+        self.driver_features = s.driver_features;
+        self.driver_features_select = s.driver_features_select;
+        self.queue_select = s.queue_select;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        // Before the device runs again, so causes it raises while restoring add to these.
+        self.interrupt.restore(s.interrupt_status, s.needs_reset);
+        if s.active {
+            if let Err(e) = self.start_device() {
+                self.reset();
+                return Err(refused(
+                    &name,
+                    format!("the device refused its queues: {e}"),
+                ));
+            }
+            let restored = lock(&self.device).restore_state(&s.device);
+            if let Err(e) = restored {
+                self.reset();
+                return Err(e);
+            }
+            self.kick_queues();
+        }
+        Ok(())
+    }
+
+    /// Checks a saved state against this transport's device and guest memory, and builds its
+    /// queues; the error says what is wrong.
+    fn check_saved(&self, s: &MmioState) -> Result<Vec<Queue>, String> {
+        if s.device_type != self.device_type {
+            return Err(format!(
+                "the snapshot holds the state of virtio device type {}, not {}",
+                s.device_type, self.device_type
+            ));
+        }
+        if s.queues.len() != self.max_sizes.len() {
+            return Err(format!(
+                "the snapshot has {} queues; the device has {}",
+                s.queues.len(),
+                self.max_sizes.len()
+            ));
+        }
+        let status = s.status;
+        if status & !DRIVER_STATUS_BITS != 0 {
+            return Err(format!(
+                "status {status:#x} has bits {:#x} a driver does not set",
+                status & !DRIVER_STATUS_BITS
+            ));
+        }
+        for pair in STATUS_STEPS.windows(2) {
+            let ((before, before_name), (bit, bit_name)) = (pair[0], pair[1]);
+            if status & bit != 0 && status & before == 0 {
+                return Err(format!(
+                    "status {status:#x} has {bit_name} without {before_name}"
+                ));
+            }
+        }
+        let has = |bit: u32| status & bit != 0;
+        let features = s.driver_features;
+        let not_offered = features & !self.device_features;
+        if not_offered != 0 {
+            return Err(format!(
+                "driver features {features:#x} include {not_offered:#x}, which the device does \
+                 not offer (it offers {:#x})",
+                self.device_features
+            ));
+        }
+        if features != 0 && !has(VIRTIO_CONFIG_S_DRIVER) {
+            return Err(format!(
+                "driver features {features:#x} with status {status:#x}, without DRIVER"
+            ));
+        }
+        if has(VIRTIO_CONFIG_S_FEATURES_OK) && features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(format!(
+                "status {status:#x} has FEATURES_OK but driver features {features:#x} lack \
+                 VIRTIO_F_VERSION_1"
+            ));
+        }
+        if s.active && !has(VIRTIO_CONFIG_S_DRIVER_OK) {
+            return Err(format!(
+                "the device is active but status {status:#x} lacks DRIVER_OK"
+            ));
+        }
+        if !s.active && s.device != DeviceState::None {
+            return Err("the device is not active yet the snapshot holds its state".into());
+        }
+        let causes = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        if s.interrupt_status & !causes != 0 {
+            return Err(format!(
+                "interrupt status {:#x} has causes other than used buffers and configuration \
+                 change",
+                s.interrupt_status
+            ));
+        }
+        let event_idx = s.active && features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        s.queues
+            .iter()
+            .zip(&self.max_sizes)
+            .enumerate()
+            .map(|(i, (q, &max))| {
+                if q.max_size != max {
+                    return Err(format!(
+                        "queue {i}: maximum size {} where the device's is {max}",
+                        q.max_size
+                    ));
+                }
+                if q.size == 0 || !q.size.is_power_of_two() || q.size > max {
+                    return Err(format!(
+                        "queue {i}: size {} is not a power of two of at most {max}",
+                        q.size
+                    ));
+                }
+                if q.ready && !has(VIRTIO_CONFIG_S_FEATURES_OK) {
+                    return Err(format!("queue {i} is ready before FEATURES_OK"));
+                }
+                if q.event_idx_enabled && !event_idx {
+                    return Err(format!(
+                        "queue {i} uses event indices, which the driver did not negotiate"
+                    ));
+                }
+                let queue =
+                    Queue::try_from(QueueState::from(q)).map_err(|e| format!("queue {i}: {e}"))?;
+                if s.active && q.ready && !queue.is_valid(&self.mem) {
+                    return Err(format!(
+                        "queue {i}: its rings (descriptors at {:#x}, available at {:#x}, used \
+                         at {:#x}, {} entries) lie outside guest memory",
+                        q.desc_table, q.avail_ring, q.used_ring, q.size
+                    ));
+                }
+                Ok(queue)
+            })
+            .collect()
     }
 }
 

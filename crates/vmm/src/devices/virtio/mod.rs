@@ -32,9 +32,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::persist::PersistError;
+use crate::persist::devices::{DeviceState, refused};
 
 /// Why a device could not start with the queues the driver configured.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -131,6 +134,48 @@ pub trait VirtioDevice: Send {
     /// unread now is not signalled again until more arrives, so it retries on its own, e.g.
     /// when the guest adds buffers). Called on the device event-loop thread.
     fn process_host_event(&mut self, _token: u32) {}
+    /// The queues of an active device, for a snapshot (`Queue::state` of each, in order);
+    /// empty when the device is not active (the transport then holds them).
+    fn saved_queues(&self) -> Vec<QueueState>;
+    /// What the device keeps besides its queues, for a snapshot. Asked only of an active
+    /// device; must not change it (a snapshot can be taken of a running machine).
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+    /// Puts back what [`VirtioDevice::save_state`] saved. Called by the transport right after
+    /// it re-activated the device with its saved queues; `state` is hostile and checked.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::None => Ok(()),
+            other => Err(refused(
+                device_name(self.device_type()),
+                format!(
+                    "it keeps no state; the snapshot holds {} state",
+                    other.kind()
+                ),
+            )),
+        }
+    }
+}
+
+/// A device's name in messages, by its device ID (§5).
+pub(crate) fn device_name(device_type: u32) -> String {
+    use virtio_bindings::virtio_ids::{
+        VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_ID_VSOCK,
+    };
+    match device_type {
+        VIRTIO_ID_NET => "virtio-net".into(),
+        VIRTIO_ID_BLOCK => "virtio-blk".into(),
+        VIRTIO_ID_RNG => "virtio-rng".into(),
+        VIRTIO_ID_VSOCK => "virtio-vsock".into(),
+        other => format!("virtio device type {other}"),
+    }
+}
+
+/// [`VirtioDevice::saved_queues`] for a device that keeps its [`ActiveDevice`] in an
+/// `Option`.
+pub(crate) fn active_queue_states(active: Option<&ActiveDevice>) -> Vec<QueueState> {
+    active.map_or_else(Vec::new, |a| a.queues.iter().map(|q| q.state()).collect())
 }
 
 /// A device's interrupt: the interrupt status bits the driver reads (§4.2.2 InterruptStatus;
@@ -188,6 +233,18 @@ impl Interrupt {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
+    /// Puts back a saved interrupt status and DEVICE_NEEDS_RESET condition; a pending cause
+    /// raises the line again, so the guest sees it on the new machine.
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0
+            && let Err(e) = self.evt.write(1)
+        {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
@@ -229,6 +286,18 @@ mod tests {
         irq.reset();
         assert_eq!(irq.status(), 0);
         assert!(!irq.needs_reset());
+    }
+
+    #[test]
+    fn a_restored_pending_interrupt_raises_the_line() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = Interrupt::new(evt.try_clone().unwrap());
+        irq.restore(0, true);
+        assert!(irq.needs_reset());
+        assert!(evt.read().is_err(), "nothing pending: no interrupt");
+        irq.restore(VIRTIO_MMIO_INT_VRING, false);
+        assert_eq!((irq.status(), irq.needs_reset()), (1, false));
+        assert_eq!(evt.read().unwrap(), 1);
     }
 
     #[test]

@@ -574,6 +574,10 @@ impl<T: FrameIo + 'static> VirtioDevice for Net<T> {
         let _ = self.io.set_offload(0);
     }
 
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        super::active_queue_states(self.active.as_ref())
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(mut active) = self.active.take() else {
             return;

@@ -75,6 +75,10 @@ impl VirtioDevice for Rng {
         self.active = None;
     }
 
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        super::active_queue_states(self.active.as_ref())
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(ActiveDevice {
             mem,

@@ -20,6 +20,8 @@ use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{MsgFlags, UnixAddr, sendmsg};
 
+use crate::persist::devices::ConnSnapshot;
+
 use super::packet::{
     HOST_CID, Header, MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
     OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
@@ -37,7 +39,7 @@ fn send(stream: &UnixStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
 pub const BUF_ALLOC: u32 = 256 << 10;
 
 /// Where a connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum State {
     /// Host-initiated: the REQUEST is (to be) sent, the guest has not answered.
     Connecting,
@@ -126,6 +128,102 @@ impl Connection {
         c.state = State::Connecting;
         c.need_request = true;
         c
+    }
+
+    /// Everything but the host end, for a snapshot.
+    pub fn snapshot(&self) -> ConnSnapshot {
+        ConnSnapshot {
+            local_port: self.local_port,
+            peer_port: self.peer_port,
+            guest_cid: self.guest_cid,
+            state: self.state,
+            need_request: self.need_request,
+            need_response: self.need_response,
+            need_credit_update: self.need_credit_update,
+            need_rst: self.need_rst,
+            shutdown_to_send: self.shutdown_to_send,
+            guest_shutdown: self.guest_shutdown,
+            host_eof: self.host_eof,
+            host_write_shut: self.host_write_shut,
+            pending: self.pending.iter().copied().collect(),
+            rx_cnt: self.rx_cnt,
+            fwd_cnt: self.fwd_cnt,
+            last_fwd_cnt_sent: self.last_fwd_cnt_sent,
+            peer_buf_alloc: self.peer_buf_alloc,
+            peer_fwd_cnt: self.peer_fwd_cnt,
+            tx_cnt: self.tx_cnt,
+        }
+    }
+
+    /// Checks that a saved connection is one cela could have been running: established, its
+    /// flags known, and its waiting bytes those its counters account for, within the buffer
+    /// it offers. The error says what is wrong.
+    pub fn check_snapshot(s: &ConnSnapshot) -> Result<(), String> {
+        if s.state != State::Established || s.need_request || s.need_rst {
+            return Err(format!(
+                "state {:?} (REQUEST to send: {}, reset to send: {}) is not an established \
+                 connection",
+                s.state, s.need_request, s.need_rst
+            ));
+        }
+        let flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        if (s.shutdown_to_send | s.guest_shutdown) & !flags != 0 {
+            return Err(format!(
+                "shutdown flags {:#x} (to send) and {:#x} (received) are not SHUTDOWN flags",
+                s.shutdown_to_send, s.guest_shutdown
+            ));
+        }
+        if s.host_write_shut && s.guest_shutdown & SHUTDOWN_SEND == 0 {
+            return Err("the host end was shut without the guest's SHUTDOWN_SEND".into());
+        }
+        if s.pending.len() > BUF_ALLOC as usize {
+            return Err(format!(
+                "{} bytes wait for the host end, more than the {BUF_ALLOC} offered",
+                s.pending.len()
+            ));
+        }
+        let waiting = s.rx_cnt.wrapping_sub(s.fwd_cnt);
+        if waiting as usize != s.pending.len() {
+            return Err(format!(
+                "{} bytes wait for the host end but the counters say {waiting} (received \
+                 {}, forwarded {})",
+                s.pending.len(),
+                s.rx_cnt,
+                s.fwd_cnt
+            ));
+        }
+        Ok(())
+    }
+
+    /// A saved connection (checked with [`Connection::check_snapshot`]) on a new host end
+    /// `stream`. If the guest had shut its sending side and the old host end was shut
+    /// accordingly, the new one is too, so its reader sees end-of-file.
+    pub fn from_snapshot(stream: UnixStream, s: &ConnSnapshot) -> Self {
+        if s.host_write_shut {
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        Connection {
+            stream,
+            local_port: s.local_port,
+            peer_port: s.peer_port,
+            guest_cid: s.guest_cid,
+            state: s.state,
+            need_request: s.need_request,
+            need_response: s.need_response,
+            need_credit_update: s.need_credit_update,
+            need_rst: s.need_rst,
+            shutdown_to_send: s.shutdown_to_send,
+            guest_shutdown: s.guest_shutdown,
+            host_eof: s.host_eof,
+            host_write_shut: s.host_write_shut,
+            pending: s.pending.iter().copied().collect(),
+            rx_cnt: s.rx_cnt,
+            fwd_cnt: s.fwd_cnt,
+            last_fwd_cnt_sent: s.last_fwd_cnt_sent,
+            peer_buf_alloc: s.peer_buf_alloc,
+            peer_fwd_cnt: s.peer_fwd_cnt,
+            tx_cnt: s.tx_cnt,
+        }
     }
 
     /// Whether the connection is done with and can be forgotten.
@@ -434,6 +532,67 @@ mod tests {
         assert_eq!(total, sent);
         let h = c.next_packet(0, &mut data).unwrap();
         assert_eq!((h.op, h.fwd_cnt), (OP_CREDIT_UPDATE, sent as u32));
+    }
+
+    #[test]
+    fn a_snapshot_carries_waiting_bytes_and_counters_to_a_new_host_end() {
+        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+        let (dev, mut old_host) = pair();
+        setsockopt(&dev, SndBuf, &4096).unwrap();
+        let mut c = Connection::accepted(dev, &request(4096));
+        let mut data = Vec::new();
+        assert_eq!(c.next_packet(0, &mut data).unwrap().op, OP_RESPONSE);
+        let sent: Vec<u8> = (0..60_000u32).map(|i| i as u8).collect();
+        c.guest_data(&sent).unwrap();
+        c.flush();
+        let s = c.snapshot();
+        assert!(
+            !s.pending.is_empty(),
+            "the small socket buffer leaves bytes waiting"
+        );
+        assert_eq!(Connection::check_snapshot(&s), Ok(()));
+        let taken = s.fwd_cnt as usize;
+        assert_eq!(taken + s.pending.len(), sent.len());
+        // Taking a snapshot changed nothing.
+        assert_eq!(c.snapshot(), s);
+
+        let (dev, mut new_host) = pair();
+        let mut restored = Connection::from_snapshot(dev, &s);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; sent.len() - taken];
+            new_host.read_exact(&mut got).unwrap();
+            (got, sent, new_host)
+        });
+        while !restored.pending.is_empty() {
+            restored.flush();
+            std::thread::yield_now();
+        }
+        let (got, sent, _new_host) = reader.join().unwrap();
+        assert_eq!(
+            got,
+            &sent[taken..],
+            "the new host end gets the bytes that waited"
+        );
+        let h = restored.header(OP_CREDIT_UPDATE);
+        assert_eq!(h.fwd_cnt, sent.len() as u32);
+        // The old host end has what it had taken, and nothing more.
+        old_host.set_nonblocking(true).unwrap();
+        let mut old = Vec::new();
+        let _ = old_host.read_to_end(&mut old);
+        assert_eq!(old, &sent[..taken]);
+    }
+
+    #[test]
+    fn a_snapshot_of_a_half_closed_connection_shuts_the_new_host_end() {
+        let (dev, _old_host) = pair();
+        let mut c = Connection::accepted(dev, &request(4096));
+        c.guest_shutdown(SHUTDOWN_SEND);
+        let s = c.snapshot();
+        assert!(s.host_write_shut);
+        let (dev, mut new_host) = pair();
+        let _restored = Connection::from_snapshot(dev, &s);
+        let mut b = [0u8; 1];
+        assert_eq!(new_host.read(&mut b).unwrap(), 0);
     }
 
     #[test]

@@ -42,6 +42,13 @@
 //! *internal* ports whose host end it serves itself (cela-init's status and output channel).
 //! See [`muxer`].
 //!
+//! # Snapshots
+//!
+//! A snapshot carries the connections to the internal ports over to the new monitor (each gets
+//! a new host end from its port's handler) and resets every other one, whose host end is gone
+//! (see `persist::devices`). No TRANSPORT_RESET event is sent: Linux would drop every
+//! connection on it, the carried ones too.
+//!
 //! The guest is hostile: packets with the wrong CIDs or impossible lengths are dropped; unknown
 //! ops, other socket types, data beyond the credit or out of turn get a reset; the number of
 //! connections and of everything queued is bounded. Nothing a guest sends stops the VMM.
@@ -62,6 +69,8 @@ pub use muxer::{HostSocket, PortHandler};
 use packet::{HEADER_LEN, Header, Verdict};
 
 use super::{ActivateError, ActiveDevice, VirtioDevice, read_config_bytes};
+use crate::persist::PersistError;
+use crate::persist::devices::{DeviceState, refused};
 
 /// The device ID of a socket device (§5, 19).
 const VIRTIO_ID_VSOCK: u32 = 19;
@@ -244,7 +253,32 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
     }
 
+    fn saved_queues(&self) -> Vec<virtio_queue::QueueState> {
+        super::active_queue_states(self.active.as_ref())
+    }
+
+    /// The connections to internal ports, carried over, and the others, to be reset (see
+    /// [`muxer::Muxer::save`]).
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Vsock(self.muxer.save())
+    }
+
+    /// Carries the saved connections over to new host ends and queues the resets; they reach
+    /// the guest as soon as it gives receive buffers (the transport kicks every queue after
+    /// a restore). No TRANSPORT_RESET event is sent: Linux would reset every connection on
+    /// it, the carried ones too.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), PersistError> {
+        match state {
+            DeviceState::None => Ok(()),
+            DeviceState::Vsock(s) => self
+                .muxer
+                .restore(s)
+                .map_err(|problem| refused(super::device_name(VIRTIO_ID_VSOCK), problem)),
+        }
+    }
+
     fn process_queue(&mut self, index: usize) {
+        self.muxer.attach_carried();
         match index {
             TX => {
                 self.process_tx();
@@ -262,6 +296,7 @@ impl VirtioDevice for Vsock {
     fn process_host_event(&mut self, _token: u32) {
         // Also before activation: a host process may connect early; its REQUEST goes out
         // once the driver gives receive buffers.
+        self.muxer.attach_carried();
         self.muxer.poll_host();
         self.fill_rx();
     }

@@ -26,11 +26,12 @@ use std::path::{Path, PathBuf};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::VsockError;
-use super::conn::Connection;
+use super::conn::{Connection, State};
 use super::packet::{
-    Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
-    OP_SHUTDOWN,
+    HOST_CID, Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, TYPE_STREAM,
 };
+use crate::persist::devices::{ConnSnapshot, MAX_SAVED_RESETS, VsockState};
 
 /// Receives the host end of each guest connection to an internal port.
 pub type PortHandler = Box<dyn FnMut(UnixStream) + Send>;
@@ -118,6 +119,8 @@ pub struct Muxer {
     next_local_port: u32,
     /// The connection that sent last, so the next packet comes from the one after it.
     last_sent: Option<Key>,
+    /// Connections a restore carried over, waiting for their new host ends.
+    carried: Vec<crate::persist::devices::ConnSnapshot>,
 }
 
 impl Muxer {
@@ -137,6 +140,7 @@ impl Muxer {
             epoll,
             next_local_port: FIRST_LOCAL_PORT,
             last_sent: None,
+            carried: Vec::new(),
         };
         if let Some(host) = &muxer.host {
             muxer
@@ -244,16 +248,8 @@ impl Muxer {
             self.queue_reset(h.reset_reply());
             return;
         }
-        match self.open_host_end(h.dst_port) {
+        match self.attach_host_end(h.dst_port) {
             Ok(stream) => {
-                if let Err(e) = stream
-                    .set_nonblocking(true)
-                    .and_then(|()| self.watch(stream.as_raw_fd()))
-                {
-                    tracing::warn!("virtio-vsock: cannot watch a connection: {e}");
-                    self.queue_reset(h.reset_reply());
-                    return;
-                }
                 tracing::debug!(
                     "virtio-vsock: guest port {} connected to host port {}",
                     h.src_port,
@@ -266,6 +262,16 @@ impl Muxer {
                 self.queue_reset(h.reset_reply());
             }
         }
+    }
+
+    /// Opens the host end for a connection to `port`, non-blocking and watched.
+    fn attach_host_end(&mut self, port: u32) -> io::Result<UnixStream> {
+        let stream = self.open_host_end(port)?;
+        stream
+            .set_nonblocking(true)
+            .and_then(|()| self.watch(stream.as_raw_fd()))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot watch a connection: {e}")))?;
+        Ok(stream)
     }
 
     fn open_host_end(&mut self, port: u32) -> io::Result<UnixStream> {
@@ -286,6 +292,168 @@ impl Muxer {
         let mut path = host.path.clone().into_os_string();
         path.push(format!("_{port}"));
         UnixStream::connect(&path)
+    }
+
+    fn is_internal(&self, port: u32) -> bool {
+        self.internal.iter().any(|(p, _)| *p == port)
+    }
+
+    /// The connections for a snapshot, leaving them as they are: the established ones to
+    /// internal ports (one per port: cela-init opens one each; a second one is reset), to be
+    /// carried over; every other one the guest knows of, and the resets still queued for it,
+    /// to be reset after restore (at most [`MAX_SAVED_RESETS`]; a reset beyond is dropped,
+    /// as the queue drops one when full).
+    pub fn save(&self) -> VsockState {
+        let mut connections: Vec<ConnSnapshot> = Vec::new();
+        let mut reset: Vec<Key> = Vec::new();
+        for (key, conn) in &self.conns {
+            let s = conn.snapshot();
+            if s.state == State::Closing && !s.need_rst {
+                continue; // gone already
+            }
+            let carried = self.is_internal(s.local_port)
+                && Connection::check_snapshot(&s).is_ok()
+                && !connections.iter().any(|c| c.local_port == key.0);
+            if carried {
+                connections.push(s);
+            } else if !s.need_request {
+                // A REQUEST not sent yet: the guest never heard of the connection.
+                reset.push(*key);
+            }
+        }
+        for h in &self.resets {
+            reset.push((h.src_port, h.dst_port));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        reset.retain(|key| {
+            !connections
+                .iter()
+                .any(|c| (c.local_port, c.peer_port) == *key)
+                && seen.insert(*key)
+        });
+        if reset.len() > MAX_SAVED_RESETS {
+            tracing::debug!(
+                "virtio-vsock: {} resets to save; keeping {MAX_SAVED_RESETS}",
+                reset.len()
+            );
+            reset.truncate(MAX_SAVED_RESETS);
+        }
+        VsockState { connections, reset }
+    }
+
+    /// Puts back a saved state (hostile: checked whole before anything is done): each carried
+    /// connection gets a new host end from its internal port's handler, as a guest connect
+    /// would, and continues where it was; every connection to reset gets a RST queued for the
+    /// guest. The error says what is wrong.
+    pub fn restore(&mut self, s: &VsockState) -> Result<(), String> {
+        let ports = self.internal.len();
+        if s.connections.len() > ports {
+            return Err(format!(
+                "{} connections to carry over; the device has {ports} internal ports",
+                s.connections.len()
+            ));
+        }
+        if s.reset.len() > MAX_SAVED_RESETS {
+            return Err(format!(
+                "{} connections to reset, more than {MAX_SAVED_RESETS}",
+                s.reset.len()
+            ));
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for c in &s.connections {
+            let key = (c.local_port, c.peer_port);
+            if !self.is_internal(c.local_port) {
+                return Err(format!(
+                    "a connection to host port {} (from guest port {}), which is not an \
+                     internal port of this device",
+                    c.local_port, c.peer_port
+                ));
+            }
+            if c.guest_cid != self.guest_cid {
+                return Err(format!(
+                    "connection {}→{}: guest CID {} where the device's is {}",
+                    c.peer_port, c.local_port, c.guest_cid, self.guest_cid
+                ));
+            }
+            if s.connections
+                .iter()
+                .filter(|o| o.local_port == c.local_port)
+                .count()
+                > 1
+            {
+                return Err(format!(
+                    "more than one connection to internal port {}",
+                    c.local_port
+                ));
+            }
+            Connection::check_snapshot(c)
+                .map_err(|e| format!("connection {}→{}: {e}", c.peer_port, c.local_port))?;
+            keys.insert(key);
+        }
+        for key in &s.reset {
+            if !keys.insert(*key) {
+                return Err(format!("connection {}→{} is listed twice", key.1, key.0));
+            }
+        }
+        if let Some(key) = keys.iter().find(|k| self.conns.contains_key(k)) {
+            return Err(format!(
+                "connection {}→{} exists already on this device",
+                key.1, key.0
+            ));
+        }
+        // Their host ends are made on the device thread, before it serves anything
+        // ([`Muxer::attach_carried`]): a handler starts a thread, which must be that thread's
+        // (jailed and filtered), not the restoring main thread's.
+        self.carried = s.connections.clone();
+        for &(local, peer) in &s.reset {
+            self.queue_reset(Header {
+                src_cid: HOST_CID,
+                dst_cid: self.guest_cid,
+                src_port: local,
+                dst_port: peer,
+                type_: TYPE_STREAM,
+                op: OP_RST,
+                ..Header::default()
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives the connections a restore carried over their new host ends (once; see
+    /// [`Muxer::restore`]). One that cannot have one is reset.
+    pub fn attach_carried(&mut self) {
+        for c in std::mem::take(&mut self.carried) {
+            match self.attach_host_end(c.local_port) {
+                Ok(stream) => {
+                    tracing::debug!(
+                        "virtio-vsock: guest port {} carried over on internal port {}",
+                        c.peer_port,
+                        c.local_port
+                    );
+                    self.conns.insert(
+                        (c.local_port, c.peer_port),
+                        Connection::from_snapshot(stream, &c),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "virtio-vsock: no new host end for internal port {}: {e}",
+                        c.local_port
+                    );
+                    self.queue_reset(Header {
+                        src_cid: HOST_CID,
+                        dst_cid: self.guest_cid,
+                        src_port: c.local_port,
+                        dst_port: c.peer_port,
+                        type_: TYPE_STREAM,
+                        op: OP_RST,
+                        ..Header::default()
+                    });
+                }
+            }
+        }
+        // Guest bytes carried over go to their new host ends.
+        self.flush_all();
     }
 
     /// Attends to the host sockets: drains the epoll, accepts host processes on PATH, reads

@@ -17,6 +17,7 @@ use super::conn::BUF_ALLOC;
 use super::packet::*;
 use super::*;
 use crate::devices::virtio::Interrupt;
+use crate::persist::devices::{ConnSnapshot, DeviceState, VsockState};
 
 const QLEN: u16 = 256;
 const GUEST_CID: u64 = 3;
@@ -386,4 +387,194 @@ fn without_receive_buffers_packets_wait() {
     let got = d.received();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0.op, OP_RESPONSE);
+}
+
+// Snapshots: what survives of the connections, and what the guest is told.
+
+fn json_round_trip(s: &DeviceState) -> DeviceState {
+    serde_json::from_str(&serde_json::to_string(s).unwrap()).unwrap()
+}
+
+#[test]
+fn an_internal_connection_survives_a_snapshot_and_the_others_are_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+    let (internal, streams) = internal_port();
+    let host_socket = HostSocket::bind(&dir.path().join("v.sock")).unwrap();
+    let mut d = Driver::new(Some(host_socket), internal);
+    d.give_rx(8, 4096);
+    d.send(from_guest(OP_REQUEST, 1000, INTERNAL_PORT), &[]);
+    d.send(from_guest(OP_REQUEST, 1001, 5000), &[]);
+    assert!(d.received().iter().all(|(h, _)| h.op == OP_RESPONSE));
+    let mut old_host = streams.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (_user, _) = listener.accept().unwrap();
+    d.send(rw(1000, INTERNAL_PORT, b"before"), b"before");
+    let mut buf = [0u8; 6];
+    old_host.read_exact(&mut buf).unwrap();
+    old_host.write_all(b"hi").unwrap();
+    let got = d.poll_until(|p| !p.is_empty());
+    assert_eq!((got[0].1.as_slice(), got[0].0.fwd_cnt), (&b"hi"[..], 6));
+
+    let saved = json_round_trip(&d.dev.save_state());
+    let DeviceState::Vsock(state) = &saved else {
+        panic!("{saved:?}");
+    };
+    assert_eq!(state.connections.len(), 1);
+    assert_eq!(
+        (
+            state.connections[0].local_port,
+            state.connections[0].peer_port
+        ),
+        (INTERNAL_PORT, 1000)
+    );
+    assert_eq!(state.reset, vec![(5000, 1001)]);
+    // Saving changed nothing: the old device runs on.
+    assert_eq!(d.dev.connection_count(), 2);
+    d.send(rw(1000, INTERNAL_PORT, b"x"), b"x");
+    old_host.read_exact(&mut buf[..1]).unwrap();
+    assert_eq!(&buf[..1], b"x");
+    let saved = json_round_trip(&d.dev.save_state());
+
+    // A new monitor: the same internal port, a new handler.
+    let (internal, streams) = internal_port();
+    let mut new = Driver::new(None, internal);
+    new.dev.restore_state(&saved).unwrap();
+    // The host ends are made on the device thread, at its first event, not by the restore.
+    assert!(streams.try_recv().is_err());
+    assert_eq!(new.dev.connection_count(), 0);
+    new.dev.process_host_event(0);
+    let mut new_host = streams.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(new.dev.connection_count(), 1);
+    new.give_rx(8, 4096);
+    let got = new.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let rst = got[0].0;
+    assert_eq!(
+        (rst.op, rst.src_cid, rst.src_port, rst.dst_cid, rst.dst_port),
+        (OP_RST, HOST_CID, 5000, GUEST_CID, 1001)
+    );
+    // The guest goes on on its connection; its bytes reach the new host end, and the
+    // counters go on: 6 + 1 bytes were forwarded before, 5 now.
+    new.send(rw(1000, INTERNAL_PORT, b"after"), b"after");
+    let mut five = [0u8; 5];
+    new_host.read_exact(&mut five).unwrap();
+    assert_eq!(&five, b"after");
+    new_host.write_all(b"back").unwrap();
+    let got = new.poll_until(|p| !p.is_empty());
+    let (h, data) = &got[0];
+    assert_eq!((h.op, h.src_port, h.dst_port), (OP_RW, INTERNAL_PORT, 1000));
+    assert_eq!((data.as_slice(), h.fwd_cnt), (&b"back"[..], 12));
+    // The old host end saw nothing of it.
+    old_host.set_nonblocking(true).unwrap();
+    assert!(old_host.read(&mut buf).is_err());
+}
+
+fn carried(local_port: u32) -> ConnSnapshot {
+    ConnSnapshot {
+        local_port,
+        peer_port: 1000,
+        guest_cid: GUEST_CID,
+        state: conn::State::Established,
+        need_request: false,
+        need_response: false,
+        need_credit_update: false,
+        need_rst: false,
+        shutdown_to_send: 0,
+        guest_shutdown: 0,
+        host_eof: false,
+        host_write_shut: false,
+        pending: b"abc".to_vec(),
+        rx_cnt: 10,
+        fwd_cnt: 7,
+        last_fwd_cnt_sent: 7,
+        peer_buf_alloc: 4096,
+        peer_fwd_cnt: 0,
+        tx_cnt: 0,
+    }
+}
+
+#[test]
+fn hostile_vsock_states_are_refused_before_any_host_end_is_made() {
+    type Edit = fn(&mut VsockState);
+    let cases: &[(&str, Edit, &str)] = &[
+        (
+            "unknown port",
+            |s| s.connections[0].local_port = 9,
+            "host port 9 (from guest port 1000), which is not an internal port",
+        ),
+        (
+            "too many connections",
+            |s| s.connections.push(carried(INTERNAL_PORT)),
+            "2 connections to carry over; the device has 1 internal ports",
+        ),
+        (
+            "oversized pending",
+            |s| {
+                let c = &mut s.connections[0];
+                c.pending = vec![0; BUF_ALLOC as usize + 1];
+                c.rx_cnt = c.fwd_cnt.wrapping_add(BUF_ALLOC + 1);
+            },
+            "262145 bytes wait for the host end, more than the 262144 offered",
+        ),
+        (
+            "pending the counters do not account for",
+            |s| s.connections[0].rx_cnt = 7,
+            "the counters say 0",
+        ),
+        (
+            "another guest",
+            |s| s.connections[0].guest_cid = 4,
+            "guest CID 4",
+        ),
+        (
+            "not established",
+            |s| s.connections[0].state = conn::State::Closing,
+            "not an established connection",
+        ),
+        (
+            "unknown shutdown flags",
+            |s| s.connections[0].guest_shutdown = 4,
+            "not SHUTDOWN flags",
+        ),
+        (
+            "a carried connection reset too",
+            |s| s.reset.push((INTERNAL_PORT, 1000)),
+            "listed twice",
+        ),
+        (
+            "too many resets",
+            |s| s.reset = (0..65).map(|p| (5000, p)).collect(),
+            "65 connections to reset, more than 64",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let mut s = VsockState {
+            connections: vec![carried(INTERNAL_PORT)],
+            reset: vec![(5000, 1)],
+        };
+        edit(&mut s);
+        let (internal, streams) = internal_port();
+        let mut dev = Vsock::new(GUEST_CID, None, internal).unwrap();
+        let err = dev
+            .restore_state(&DeviceState::Vsock(s))
+            .expect_err(what)
+            .to_string();
+        assert!(err.contains(want), "{what}: {err}");
+        assert!(err.starts_with("restoring virtio-vsock: "), "{err}");
+        assert!(streams.try_recv().is_err(), "{what}: a handler was called");
+        assert_eq!(dev.connection_count(), 0);
+    }
+    // The unedited state restores, and its waiting bytes reach the new host end.
+    let (internal, streams) = internal_port();
+    let mut dev = Vsock::new(GUEST_CID, None, internal).unwrap();
+    let s = VsockState {
+        connections: vec![carried(INTERNAL_PORT)],
+        reset: vec![(5000, 1)],
+    };
+    dev.restore_state(&DeviceState::Vsock(s)).unwrap();
+    dev.process_host_event(0);
+    let mut host = streams.recv_timeout(Duration::from_secs(5)).unwrap();
+    let mut abc = [0u8; 3];
+    host.read_exact(&mut abc).unwrap();
+    assert_eq!(&abc, b"abc");
 }
