@@ -86,6 +86,7 @@ $C exec r1 sh -c 'cat /w; hostname'
 $C fork -n 2 --name-prefix f r2; echo fork_rc=$?
 at=$(count r2); for f in f-1 f-2; do until [ "$(count $f)" -ge $((at+1)) ] 2>/dev/null; do sleep 0.2; done; echo "$f $($C logs $f | grep '^n=' | tail -1 | cut -d' ' -f3)"; done
 $C inspect r2 | grep -E '"status"' | tr -d ' ,' | sort -u
+at=$(count r2); until [ "$(count r2)" -gt $at ] 2>/dev/null; do sleep 0.2; done; echo r2_counts_on
 $C stop r1 >/dev/null; echo stop_rc=$?
 $C rm -f src r1 r2 f-1 f-2 >/dev/null; echo rm_rc=$?
 $C snapshot rm s1 >/dev/null; echo snaprm_rc=$?
@@ -249,6 +250,7 @@ fn a_counting_vm_is_snapshotted_restored_twice_and_forked() {
             "f-1 f-1",
             "f-2 f-2",
             "\"status\":\"running\"",
+            "r2_counts_on",
             "stop_rc=0",
             "rm_rc=0",
             "snaprm_rc=0",

@@ -29,8 +29,9 @@
 //! through its control connection ([`cela_vmm::control`]), which writes the state and the RAM
 //! into files the supervisor opens and passes it. A snapshot is tied to its engine. The state is
 //! what a guest's machine was: it is only ever given back to a jailed QEMU of the build named
-//! as the one that wrote it, or to a jailed cela monitor of this version on a CPU that has
-//! every feature the guest was offered (it reads the state bounded and checks every part). A snapshot imported from elsewhere ([`archive`]) comes with its
+//! as the one that wrote it, or to a cela monitor of this version on a CPU that has every
+//! feature the guest was offered; that monitor reads and checks the state (bounded, every part)
+//! as root before it enters its jail, and the guest it restores runs jailed. A snapshot imported from elsewhere ([`archive`]) comes with its
 //! own digests, which show it whole, not honest: its state reaches that jailed QEMU's loader
 //! as whoever made it wrote it.
 
@@ -256,7 +257,7 @@ pub enum Machine {
 }
 
 fn control_err(e: cela_vmm::control::ControlError) -> InstanceError {
-    InstanceError::Other(e.to_string())
+    InstanceError::Other(format!("the snapshot failed: {e}"))
 }
 
 /// A paused machine: resumed when dropped, unless it was ended or resumed on purpose.
@@ -346,6 +347,13 @@ fn write_snapshot(
     dest: &Path,
 ) -> Result<Manifest, InstanceError> {
     let state_path = tmp.join(STATE_FILE);
+    // What the guest was offered, asked before the machine is held.
+    let cpu = match machine {
+        Machine::Qemu(_) => None,
+        Machine::Kvm(_) => {
+            Some(cela_vmm::persist::cpu::host_signature().map_err(InstanceError::Other)?)
+        }
+    };
     // Resumed if anything below fails (its drop), or when asked; ended once published.
     let (mut held, state_digest) = match machine {
         Machine::Qemu(q) => {
@@ -377,6 +385,10 @@ fn write_snapshot(
     // The disk as the memory knows it: copied while the machine is paused.
     let disk_path = tmp.join(DISK_FILE);
     cela_image::ext4::copy_disk(&inst.dir.join("root.ext4"), &disk_path)?;
+    // Still paused all along (a stop meanwhile let the machine write its disk again)?
+    if let Some(Held::Kvm(k)) = &held {
+        k.control.status().map_err(control_err)?;
+    }
     if req.leave_running
         && let Some(h) = held.take()
     {
@@ -398,13 +410,9 @@ fn write_snapshot(
             sha256: digest.to_string(),
         });
     }
-    let (qemu, tsc_khz, cpu) = match machine {
-        Machine::Qemu(q) => (Some(q.version().clone()), q.tsc_khz, None),
-        Machine::Kvm(_) => (
-            None,
-            cela_vmm::qemu::host_tsc_khz().unwrap_or(0),
-            Some(cela_vmm::persist::cpu::host_signature().map_err(InstanceError::Other)?),
-        ),
+    let (qemu, tsc_khz) = match machine {
+        Machine::Qemu(q) => (Some(q.version().clone()), q.tsc_khz),
+        Machine::Kvm(_) => (None, cela_vmm::qemu::host_tsc_khz().unwrap_or(0)),
     };
     let manifest = Manifest {
         format: FORMAT,
@@ -427,6 +435,8 @@ fn write_snapshot(
     f.write_all(&serde_json::to_vec_pretty(&manifest).expect("a manifest serializes"))
         .and_then(|_| f.sync_all())
         .doing(|| format!("writing {}", mpath.display()))?;
+    // Their digests were just taken from what is on disk: a restore need not read them again.
+    Stamp::record(tmp, &manifest.files);
     // Published whole, or not at all; a name taken meanwhile is not overwritten.
     if dest.exists() {
         return Err(InstanceError::Invalid(format!(
@@ -548,7 +558,12 @@ impl Manifest {
     }
 
     /// Checks every file's size and digest; names the first that differs.
+    /// A file checked before and not changed since (its stamp in [`VERIFIED`] matches: same
+    /// inode, size, change and modification times) is not read again; every other one is,
+    /// and the stamps are written anew.
     pub fn verify(&self, dir: &Path) -> Result<(), InstanceError> {
+        let stamps = Stamp::read_all(dir);
+        let mut fresh = Vec::new();
         let wanted = files_of(&self.engine);
         for want in wanted {
             if !self.files.iter().any(|f| f.name == *want) {
@@ -576,6 +591,14 @@ impl Manifest {
                     ),
                 ));
             }
+            if stamps
+                .iter()
+                .any(|st| st.vouches_for(&Stamp::of(&f.name, &meta, &f.sha256)))
+            {
+                // Read whole with this digest before, and not changed since.
+                fresh.push(Stamp::of(&f.name, &meta, &f.sha256));
+                continue;
+            }
             let (d, _) = digest_file(&path)?;
             if d.to_string() != f.sha256 {
                 return Err(bad(
@@ -586,8 +609,122 @@ impl Manifest {
                     ),
                 ));
             }
+            fresh.push(Stamp::of(&f.name, &meta, &f.sha256));
+        }
+        // Kept as they were where they still vouch, so a stamp keeps its first time.
+        let keep: Vec<Stamp> = fresh
+            .into_iter()
+            .map(|f| {
+                stamps
+                    .iter()
+                    .find(|st| st.vouches_for(&f))
+                    .cloned()
+                    .unwrap_or(f)
+            })
+            .collect();
+        if keep != stamps {
+            Stamp::write_all(dir, &keep);
         }
         Ok(())
+    }
+}
+
+/// The stamps of a snapshot's files as last verified, in its directory (root's, like the
+/// rest; not in the manifest, not exported).
+pub const VERIFIED: &str = ".verified.json";
+
+/// A file as it was when its digest was last found to be the manifest's. A file written
+/// since has another change time (which no one can set back), so its stamp no longer matches.
+/// The kernel keeps that time at the granularity of its clock tick, so a stamp taken within
+/// [`STAMP_SETTLE`] of the file's last change vouches for nothing (a write in the same tick
+/// would not show).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    name: String,
+    size: u64,
+    ino: u64,
+    ctime_ns: i128,
+    mtime_ns: i128,
+    sha256: String,
+    /// When it was taken (the real-time clock, as the change time is).
+    at_ns: i128,
+}
+
+/// How long after a file's last change a stamp of it must be taken to count.
+const STAMP_SETTLE_NS: i128 = 100_000_000;
+
+impl Stamp {
+    fn of(name: &str, meta: &fs::Metadata, sha256: &str) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Stamp {
+            name: name.to_owned(),
+            size: meta.len(),
+            ino: meta.ino(),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            sha256: sha256.to_owned(),
+            at_ns: now.as_nanos() as i128,
+        }
+    }
+
+    /// Whether this stamp shows the file `now` describes unchanged since it was verified.
+    fn vouches_for(&self, now: &Stamp) -> bool {
+        self.at_ns - self.ctime_ns > STAMP_SETTLE_NS
+            && (
+                &self.name,
+                self.size,
+                self.ino,
+                self.ctime_ns,
+                self.mtime_ns,
+                &self.sha256,
+            ) == (
+                &now.name,
+                now.size,
+                now.ino,
+                now.ctime_ns,
+                now.mtime_ns,
+                &now.sha256,
+            )
+    }
+
+    /// The stamps in `dir` (none when missing, unreadable or past 64 KiB).
+    fn read_all(dir: &Path) -> Vec<Stamp> {
+        let Ok(f) = File::open(dir.join(VERIFIED)) else {
+            return Vec::new();
+        };
+        let mut bytes = Vec::new();
+        if io::Read::read_to_end(&mut io::Read::take(f, 64 << 10), &mut bytes).is_err() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&bytes).unwrap_or_default()
+    }
+
+    /// Records `stamps` for the files of the snapshot in `dir` (best effort: without them
+    /// the next restore reads the files again).
+    fn write_all(dir: &Path, stamps: &[Stamp]) {
+        let tmp = dir.join(format!("{VERIFIED}.{}", std::process::id()));
+        let written = fs::write(&tmp, serde_json::to_vec(stamps).expect("stamps serialize"))
+            .and_then(|()| fs::rename(&tmp, dir.join(VERIFIED)));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            tracing::debug!("recording the verified files of {}: {e}", dir.display());
+        }
+    }
+
+    /// Stamps the files `files` in `dir`, whose digests were just computed as they were written.
+    pub fn record(dir: &Path, files: &[FileDigest]) {
+        let mut stamps = Vec::new();
+        for f in files {
+            match fs::symlink_metadata(dir.join(&f.name)) {
+                Ok(meta) => stamps.push(Stamp::of(&f.name, &meta, &f.sha256)),
+                Err(_) => return,
+            }
+        }
+        Stamp::write_all(dir, &stamps);
     }
 }
 

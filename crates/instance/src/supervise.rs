@@ -336,9 +336,14 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                 std::thread::Builder::new()
                     .name("monitor-up".into())
                     .spawn(move || -> Result<(), InstanceError> {
-                        control
-                            .wait_running()
-                            .map_err(|e| InstanceError::Other(e.to_string()))?;
+                        if let Err(e) = control.wait_running() {
+                            if !restoring {
+                                tracing::warn!("the monitor never ran the machine: {e}");
+                            }
+                            return Err(InstanceError::Other(format!(
+                                "the monitor never ran the machine: {e}"
+                            )));
+                        }
                         if restoring {
                             crate::snapshot::restore_done(&inst);
                             running.status = Status::Running;

@@ -189,7 +189,10 @@ impl RunningMachine {
     /// long as the gate stays closed, at most a few seconds (the pauser gives up then too).
     fn kick_until_parked(&self) {
         let start = Instant::now();
-        while self.gate.is_closed() && start.elapsed() < Duration::from_secs(6) {
+        while self.gate.is_closed()
+            && !self.stop.is_requested()
+            && start.elapsed() < Duration::from_secs(6)
+        {
             for v in &self.vcpus {
                 v.kick();
             }
@@ -486,6 +489,16 @@ pub fn restore_linux(
             state.memory_size >> 20,
             config.memory_mib
         ))
+        .into());
+    }
+    // Checked before anything is made: COM1 and COM2; the entropy device, the disks, the
+    // NIC and the vsock device.
+    let virtio_count = 1 + config.disks.len() + usize::from(config.net.is_some()) + 1;
+    state.check_shape(config.vcpus, size, 2, virtio_count)?;
+    if state.vm.irqchip.is_none() {
+        return Err(crate::persist::PersistError::Incompatible(
+            "the saved machine has no interrupt controllers, and this one has".into(),
+        )
         .into());
     }
     let memory = map_guest_memory(memory, size)?;

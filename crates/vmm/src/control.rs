@@ -11,13 +11,16 @@
 //! |---|---|---|
 //! | `"pause"` | `"paused"` | parks every vCPU (each saving its state) and the device loop |
 //! | `"save"` + two descriptors | `{"saved":{"state_bytes":N,"memory_bytes":M}}` | writes the paused machine: state to the first file, RAM to the second |
+//! | `"status"` | `"paused"` | nothing: an error if the machine is not held paused any more (it was stopped) |
 //! | `"resume"` | `"resumed"` | the machine runs on |
 //! | `"end"` | `"ended"` | the machine stops as saved ([`crate::GuestExit::Snapshotted`]) |
 //!
 //! Any failure is `{"error":"…"}` and leaves the machine as it was (paused stays paused until
 //! `resume` or `end`). The files of a save are opened by the caller, outside the jail, and
 //! passed with the request (SCM_RIGHTS); the monitor opens nothing. A caller that goes away
-//! with the machine paused resumes it.
+//! with the machine paused resumes it; so does a caller whose request failed halfway (a reply
+//! that did not come in time): it shuts the connection down rather than read a late reply as
+//! the answer to its next request.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -42,6 +45,7 @@ pub enum Request {
     Pause,
     /// Comes with two descriptors: the state file, then the memory file.
     Save,
+    Status,
     Resume,
     End,
 }
@@ -64,8 +68,12 @@ pub enum Reply {
 pub enum ControlError {
     #[error("talking to the monitor: {0}")]
     Io(#[from] io::Error),
-    #[error("the monitor's control connection closed (the monitor ended)")]
+    #[error(
+        "the monitor's control connection closed (the monitor ended, or an earlier request failed)"
+    )]
     Closed,
+    #[error("the monitor did not answer within {0:?}")]
+    TimedOut(Duration),
     #[error("the monitor answered {0:?}")]
     Unexpected(String),
     #[error("the monitor: {0}")]
@@ -193,14 +201,19 @@ fn serve(stream: &UnixStream, saver: &MachineSaver) {
                     }
                 }
             },
+            Ok(Request::Status) if saver.is_paused() => Reply::Paused,
+            Ok(Request::Status) => {
+                Reply::Error("the machine is no longer paused (it was stopped)".into())
+            }
             Ok(Request::Resume) => {
                 paused = None;
                 saver.resume();
                 Reply::Resumed
             }
             Ok(Request::End) => {
-                saver.end();
+                // Answered first: the stop closes this connection.
                 let _ = write_line(stream, &Reply::Ended, &[]);
+                saver.end();
                 return;
             }
         };
@@ -212,9 +225,14 @@ fn serve(stream: &UnixStream, saver: &MachineSaver) {
     saver.resume();
 }
 
+/// How long the caller waits for an answer (a save writes guest RAM).
+const REPLY_BOUND: Duration = Duration::from_secs(600);
+
 /// The caller's end of a monitor's control connection.
 pub struct MonitorControl {
     stream: UnixStream,
+    /// A request failed halfway: the connection is shut down and takes no more.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl MonitorControl {
@@ -222,9 +240,14 @@ impl MonitorControl {
     /// ([`crate::KvmOptions::control`]).
     pub fn pair() -> io::Result<(MonitorControl, OwnedFd)> {
         let (ours, theirs) = UnixStream::pair()?;
-        // A save writes guest RAM: allow it minutes, not forever.
-        ours.set_read_timeout(Some(Duration::from_secs(600)))?;
-        Ok((MonitorControl { stream: ours }, theirs.into()))
+        ours.set_read_timeout(Some(REPLY_BOUND))?;
+        Ok((
+            MonitorControl {
+                stream: ours,
+                broken: Default::default(),
+            },
+            theirs.into(),
+        ))
     }
 
     /// Waits for the monitor to say the machine runs; an error if it ends first.
@@ -236,13 +259,36 @@ impl MonitorControl {
     }
 
     fn call(&self, request: &Request, fds: &[RawFd]) -> Result<Reply, ControlError> {
-        write_line(&self.stream, request, fds)?;
-        self.reply()
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ControlError::Closed);
+        }
+        let answer = write_line(&self.stream, request, fds)
+            .map_err(ControlError::from)
+            .and_then(|()| self.reply());
+        if let Err(e) = &answer
+            && !matches!(e, ControlError::Refused(_))
+        {
+            // Out of step with the monitor now: a late reply would answer the next request.
+            // Shut down, the monitor resumes a paused machine when it sees the end.
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        answer
     }
 
     fn reply(&self) -> Result<Reply, ControlError> {
-        let Some((line, _)) = read_line(&self.stream, false)? else {
-            return Err(ControlError::Closed);
+        let line = match read_line(&self.stream, false) {
+            Ok(Some((line, _))) => line,
+            Ok(None) => return Err(ControlError::Closed),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ControlError::TimedOut(REPLY_BOUND));
+            }
+            Err(e) => return Err(e.into()),
         };
         match serde_json::from_slice::<Reply>(&line) {
             Ok(Reply::Error(e)) => Err(ControlError::Refused(e)),
@@ -251,6 +297,11 @@ impl MonitorControl {
                 String::from_utf8_lossy(&line).into_owned(),
             )),
         }
+    }
+
+    /// Whether the machine is still held paused (not stopped since it was paused).
+    pub fn status(&self) -> Result<(), ControlError> {
+        self.expect(Request::Status, Reply::Paused)
     }
 
     fn expect(&self, request: Request, want: Reply) -> Result<(), ControlError> {

@@ -304,8 +304,11 @@ fn run_here(
             let state = persist::machine::MachineState::read(&open(&from.state)?)
                 .map_err(BuildError::from)?;
             let memory = open(&from.memory)?;
-            // Read here, before the jail (no /dev/urandom in it).
-            let requests = persist::machine::restored_requests(from.hostname.as_deref());
+            // Read here, before the jail (no /dev/urandom in it), and queued before the
+            // device thread can bring the init's control connection back.
+            stop.send_when_attached(persist::machine::restored_requests(
+                from.hostname.as_deref(),
+            ));
             let machine = builder::restore_linux(
                 config,
                 sinks,
@@ -315,8 +318,10 @@ fn run_here(
                 &state,
                 &memory,
             )?;
-            // Once the init's control connection is back (restored with the vsock device).
-            stop.send_when_attached(requests);
+            // The init said it was up before the snapshot and does not say it again.
+            if state.guest_ready {
+                stop.report_ready();
+            }
             machine
         }
     };

@@ -513,6 +513,16 @@ fn control_rules() -> Rules {
         ioctls::kvm_get_pit2(),
         ioctls::kvm_get_clock(),
     ]);
+    // The saved state's size (Rust's `File::metadata`): of the descriptor itself only
+    // (AT_EMPTY_PATH), never of a path.
+    r.allow_if(
+        libc::SYS_statx,
+        &[(
+            2,
+            SeccompCmpOp::MaskedEq(libc::AT_EMPTY_PATH as u64),
+            libc::AT_EMPTY_PATH as u64,
+        )],
+    );
     r
 }
 
@@ -528,8 +538,6 @@ const CONTROL: &[(i64, &str)] = &[
     (libc::SYS_fsync, "making the saved files durable"),
     (libc::SYS_fdatasync, "making the saved files durable"),
     (libc::SYS_fstat, "the saved state's size"),
-    (libc::SYS_newfstatat, "the saved state's size (fstat)"),
-    (libc::SYS_statx, "the saved state's size (Rust's metadata)"),
 ];
 
 /// The ioctl request numbers the filters allow.

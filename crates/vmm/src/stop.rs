@@ -97,8 +97,13 @@ impl StopSignal {
     /// Lets [`StopSignal::send_to_guest`] write on `channel` (a second handle of the control
     /// connection) until [`StopSignal::detach_guest_channel`].
     pub fn attach_guest_channel(&self, channel: UnixStream) {
-        *self.guest_channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
-        let queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
+        // The queue is taken under the channel's lock, which `send_when_attached` holds while
+        // it decides to queue: a request is either queued before this or sent by its caller.
+        let queued = {
+            let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(channel);
+            std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()))
+        };
         for r in queued {
             if !self.send_to_guest(r) {
                 tracing::warn!("the guest's init did not take a request after its restore");
@@ -108,20 +113,18 @@ impl StopSignal {
 
     /// Sends `requests` now if the control channel is attached, else as soon as it is.
     pub fn send_when_attached(&self, requests: Vec<HostRequest>) {
-        let attached = self
-            .guest_channel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        if attached {
-            for r in requests {
-                self.send_to_guest(r);
+        {
+            let slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                self.queued
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(requests);
+                return;
             }
-        } else {
-            self.queued
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(requests);
+        }
+        for r in requests {
+            self.send_to_guest(r);
         }
     }
 

@@ -340,6 +340,8 @@ fn import_into(
     out.write_all(&bytes)
         .and_then(|_| out.sync_all())
         .doing(|| format!("writing {}", mpath.display()))?;
+    // Every file was hashed as it was written: a restore need not read them again.
+    super::Stamp::record(tmp, &m.files);
     // Published whole, under a name nobody took meanwhile.
     let dest = snaps.dir(&target);
     match rustix::fs::renameat_with(

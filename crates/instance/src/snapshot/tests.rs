@@ -105,6 +105,23 @@ fn a_damaged_snapshot_is_refused_naming_the_file() {
     assert!(e.contains("not a regular file"), "{e}");
     fs::remove_file(dir.join(DISK_FILE)).unwrap();
     fs::write(dir.join(DISK_FILE), b"disk bytes").unwrap();
+    // Verified files are stamped; a stamp vouches for a file that has not changed since,
+    // and for nothing once it has (even within the same clock tick, same size).
+    m.verify(&dir).unwrap();
+    let stamps = Stamp::read_all(&dir);
+    assert_eq!(stamps.len(), 2);
+    let meta = fs::symlink_metadata(dir.join(DISK_FILE)).unwrap();
+    let mut old = stamps.iter().find(|s| s.name == DISK_FILE).unwrap().clone();
+    let now = Stamp::of(DISK_FILE, &meta, &old.sha256);
+    // Taken right after the file's last change: it does not vouch.
+    assert!(!old.vouches_for(&now));
+    old.at_ns += 2 * STAMP_SETTLE_NS;
+    assert!(old.vouches_for(&now));
+    // The stamps on disk were taken at once: a change in the same tick is still found.
+    fs::write(dir.join(DISK_FILE), b"disk bytez").unwrap();
+    let e = m.verify(&dir).unwrap_err().to_string();
+    assert!(e.contains("disk.raw's sha256"), "{e}");
+    fs::write(dir.join(DISK_FILE), b"disk bytes").unwrap();
     // A manifest that lists something else too, or not what it needs.
     let mut other = m.clone();
     other.files.push(FileDigest {

@@ -53,6 +53,9 @@ pub struct MachineState {
     pub format: u32,
     /// Guest RAM in bytes: the size of the memory file.
     pub memory_size: u64,
+    /// The guest's init had said it was up (it does not say it again after a restore).
+    #[serde(default)]
+    pub guest_ready: bool,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     /// COM1 then COM2.
@@ -145,28 +148,46 @@ pub struct MachineSaver {
 }
 
 impl MachineSaver {
-    /// Stops every vCPU and the device loop at the gate; the vCPUs' saved states.
+    /// Stops every vCPU and the device loop at the gate (if they are not stopped already),
+    /// then has the vCPUs save themselves; their saved states. Requests to the guest are held
+    /// meanwhile (one sent now would be saved with the machine and reach every copy). A
+    /// machine that could not be stopped runs on; one that stopped but could not be saved
+    /// stays paused until [`MachineSaver::resume`] or [`MachineSaver::end`].
     pub fn pause(&self) -> Result<Vec<VcpuState>, PersistError> {
-        if self.stop.is_requested() {
+        if self.stop.is_requested() || self.gate.is_released() {
             return Err(PersistError::Incompatible("the machine is stopping".into()));
         }
-        self.saved.clear();
-        self.gate.close();
-        self.stop.request_kick();
-        if let Some(w) = &self.device_waker {
-            let _ = w.write(1);
+        if !self.gate.is_closed() {
+            self.stop.hold_requests(true);
+            self.gate.close();
+            self.stop.request_kick();
+            if let Some(w) = &self.device_waker {
+                let _ = w.write(1);
+            }
+            let threads = self.vcpus as usize + usize::from(self.device_waker.is_some());
+            if !self.gate.wait_parked(threads, PAUSE_BOUND) {
+                self.resume();
+                return Err(PersistError::Incompatible(format!(
+                    "the machine's threads did not pause within {PAUSE_BOUND:?}"
+                )));
+            }
         }
-        let threads = self.vcpus as usize + usize::from(self.device_waker.is_some());
-        if !self.gate.wait_parked(threads, PAUSE_BOUND) {
-            self.gate.open();
+        self.saved.clear();
+        self.gate.request_save();
+        if !self.gate.wait_saved(self.vcpus as usize, PAUSE_BOUND) {
             return Err(PersistError::Incompatible(format!(
-                "the machine's threads did not pause within {PAUSE_BOUND:?}"
+                "the vCPUs did not save their state within {PAUSE_BOUND:?}"
             )));
         }
-        self.saved.take(self.vcpus).map_err(|e| {
-            self.gate.open();
-            PersistError::Incompatible(e)
-        })
+        self.saved
+            .take(self.vcpus)
+            .map_err(PersistError::Incompatible)
+    }
+
+    /// Whether the machine is still held at the gate (it was not stopped meanwhile, which
+    /// lets its threads go).
+    pub fn is_paused(&self) -> bool {
+        self.gate.is_closed() && !self.gate.is_released() && !self.stop.is_requested()
     }
 
     /// Writes a paused machine: its state (with `vcpus`, from [`MachineSaver::pause`]) to
@@ -187,9 +208,17 @@ impl MachineSaver {
         let vm = VmState::save(self.vm.fd(), self.vm.has_irqchip())?;
         let memory_bytes = crate::vstate::memory::save_guest_memory(self.vm.memory(), memory)
             .map_err(io("guest memory"))?;
+        // A stop while the files were written let the threads go: what was read is not one
+        // moment's.
+        if !self.is_paused() {
+            return Err(PersistError::Incompatible(
+                "the machine stopped while it was being saved".into(),
+            ));
+        }
         let machine = MachineState {
             format: STATE_FORMAT,
             memory_size: memory_bytes,
+            guest_ready: self.stop.ready_at().is_some(),
             vcpus,
             vm,
             serials,
@@ -212,6 +241,7 @@ impl MachineSaver {
     /// Lets the paused machine run on.
     pub fn resume(&self) {
         self.gate.open();
+        self.stop.hold_requests(false);
     }
 
     /// Ends the paused machine: it stops as saved (the guest never runs again here).
@@ -243,4 +273,74 @@ pub fn restored_requests(hostname: Option<&str>) -> Vec<cela_guest::HostRequest>
         out.push(HostRequest::Hostname(h));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Seek;
+
+    fn empty(format: u32) -> MachineState {
+        MachineState {
+            format,
+            memory_size: 64 << 20,
+            guest_ready: true,
+            vcpus: Vec::new(),
+            vm: VmState {
+                irqchip: None,
+                clock: Default::default(),
+            },
+            serials: Vec::new(),
+            virtio: Vec::new(),
+        }
+    }
+
+    fn file_of(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    #[test]
+    fn a_state_file_is_read_bounded_and_checked_against_the_machine() {
+        let good = serde_json::to_vec(&empty(STATE_FORMAT)).unwrap();
+        let state = MachineState::read(&file_of(&good)).unwrap();
+        state.check_shape(0, 64 << 20, 0, 0).unwrap();
+        let e = state
+            .check_shape(1, 64 << 20, 0, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0 vCPUs and this one 1"), "{e}");
+        let e = state
+            .check_shape(0, 128 << 20, 0, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bytes of RAM"), "{e}");
+        let e = state
+            .check_shape(0, 64 << 20, 2, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0 UARTs and this one 2"), "{e}");
+        let e = state
+            .check_shape(0, 64 << 20, 0, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("virtio devices"), "{e}");
+
+        let other = serde_json::to_vec(&empty(STATE_FORMAT + 1)).unwrap();
+        let e = MachineState::read(&file_of(&other))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("format 2 and this monitor reads 1"), "{e}");
+        let e = MachineState::read(&file_of(b"{\"format\":1,"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the state file"), "{e}");
+        // Past the bound: refused before it is parsed (spaces are valid JSON padding).
+        let mut big = vec![b' '; MAX_STATE_BYTES as usize];
+        big.extend_from_slice(&good);
+        let e = MachineState::read(&file_of(&big)).unwrap_err().to_string();
+        assert!(e.contains("larger than 16 MiB"), "{e}");
+    }
 }

@@ -4,6 +4,11 @@
 //! machine stops. Whoever closes the gate waits until all of them are parked: from then on no
 //! guest instruction runs, no device touches guest memory, and the state read is one moment's.
 //!
+//! Only then are the vCPUs asked to save themselves ([`Gate::request_save`]): each parked vCPU
+//! reads its own state (KVM wants a vCPU's state read by its thread) and parks on. Saving
+//! before every other vCPU is parked would miss what they still send it (an IPI, a TLB
+//! shootdown) and leave a restored guest waiting for an answer that never comes.
+//!
 //! A vCPU inside `KVM_RUN` only sees the gate after its next exit, so the closer also kicks the
 //! vCPUs ([`crate::stop::StopSignal::request_kick`] asks the thread that owns them); the event
 //! loop is woken through an eventfd of its own.
@@ -17,6 +22,10 @@ struct State {
     parked: usize,
     /// The machine is going away: parked threads leave, and none parks again.
     released: bool,
+    /// Counts save rounds; a parked thread with work to do for a round does it once.
+    round: u64,
+    /// Threads done with the current round.
+    saved: usize,
 }
 
 /// Where the machine's threads park while a snapshot is taken.
@@ -49,7 +58,7 @@ impl Gate {
         self.lock().closed
     }
 
-    /// Parks the calling thread while the gate is closed.
+    /// Parks the calling thread while the gate is closed; it takes no part in save rounds.
     pub fn park(&self) {
         let mut s = self.lock();
         if !s.closed {
@@ -64,11 +73,64 @@ impl Gate {
         s.parked -= 1;
     }
 
-    /// Waits up to `timeout` until `count` threads are parked; whether they are.
-    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+    /// Parks the calling thread while the gate is closed, running `save` once for each save
+    /// round asked for meanwhile ([`Gate::request_save`]).
+    pub fn park_saving(&self, mut save: impl FnMut()) {
+        let mut s = self.lock();
+        if !s.closed {
+            return;
+        }
+        s.parked += 1;
+        self.changed.notify_all();
+        // Rounds asked before this thread parked are not its to answer.
+        let mut seen = s.round;
+        loop {
+            s = self
+                .changed
+                .wait_while(s, |s| s.closed && !s.released && s.round == seen)
+                .unwrap_or_else(|p| p.into_inner());
+            if !s.closed || s.released {
+                break;
+            }
+            seen = s.round;
+            drop(s);
+            save();
+            s = self.lock();
+            if s.round == seen {
+                s.saved += 1;
+                self.changed.notify_all();
+            }
+        }
+        s.parked -= 1;
+    }
+
+    /// Asks every thread parked with [`Gate::park_saving`] to save (once all are parked).
+    pub fn request_save(&self) {
+        let mut s = self.lock();
+        s.round += 1;
+        s.saved = 0;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` until `count` threads have answered the current save round.
+    pub fn wait_saved(&self, count: usize, timeout: Duration) -> bool {
+        self.wait_for(
+            timeout,
+            |s| s.saved >= count && s.closed && !s.released,
+            |s| !s.closed || s.released,
+        )
+    }
+
+    /// Waits up to `timeout` until `done` holds, or `hopeless` does; whether `done` holds.
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&State) -> bool,
+        hopeless: impl Fn(&State) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut s = self.lock();
-        while s.parked < count && !s.released {
+        while !done(&s) && !hopeless(&s) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -79,7 +141,21 @@ impl Gate {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        s.parked >= count && !s.released
+        done(&s)
+    }
+
+    /// Whether the machine has let its threads go for good (it is stopping).
+    pub fn is_released(&self) -> bool {
+        self.lock().released
+    }
+
+    /// Waits up to `timeout` until `count` threads are parked; whether they are.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        self.wait_for(
+            timeout,
+            |s| s.parked >= count && !s.released,
+            |s| s.released,
+        )
     }
 
     /// Lets every parked thread go on.
@@ -134,6 +210,39 @@ mod tests {
         gate.close();
         assert!(!gate.is_closed());
         assert!(!gate.wait_parked(1, Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn parked_threads_save_once_per_round_and_only_when_asked() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gate = Arc::new(Gate::new());
+        let saves = Arc::new(AtomicUsize::new(0));
+        gate.close();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (g, n) = (gate.clone(), saves.clone());
+                std::thread::spawn(move || {
+                    g.park_saving(|| {
+                        n.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+            })
+            .collect();
+        assert!(gate.wait_parked(2, Duration::from_secs(10)));
+        // Parked, nobody saved yet.
+        assert_eq!(saves.load(Ordering::SeqCst), 0);
+        assert!(!gate.wait_saved(1, Duration::from_millis(1)));
+        gate.request_save();
+        assert!(gate.wait_saved(2, Duration::from_secs(10)));
+        assert_eq!(saves.load(Ordering::SeqCst), 2);
+        // A second round: each saves once more.
+        gate.request_save();
+        assert!(gate.wait_saved(2, Duration::from_secs(10)));
+        assert_eq!(saves.load(Ordering::SeqCst), 4);
+        gate.open();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! return EINTR and the loop sees the request.
 //!
 //! Pausing (a snapshot): the loop also checks the machine's [`Gate`] between two exits; once it
-//! is closed, the vCPU completes the I/O it last exited for, saves its state into
-//! [`SavedVcpus`] and parks until the gate opens (the guest goes on) or the machine stops.
+//! is closed, the vCPU completes the I/O it last exited for and parks until the gate opens (the
+//! guest goes on) or the machine stops; asked to save while parked (once every thread of the
+//! machine is), it saves its state into [`SavedVcpus`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Once};
@@ -304,14 +305,18 @@ impl Vcpu {
         self.stop.vcpu_exited();
     }
 
-    /// Saves this vCPU's state for a snapshot and parks until the gate opens. The I/O the
-    /// vCPU last exited for is completed first, so the saved registers are past it.
+    /// Parks at the closed gate until it opens, saving this vCPU's state whenever asked. The
+    /// I/O the vCPU last exited for is completed first, so the saved registers are past it.
     fn pause(&mut self) {
-        let state = complete_pending_io(&mut self.fd)
-            .and_then(|()| VcpuState::save(&self.fd, &self.msr_indices, self.irqchip))
-            .map_err(|e| e.to_string());
-        self.saved.put(self.id, state);
-        self.gate.park();
+        let pending = complete_pending_io(&mut self.fd).map_err(|e| e.to_string());
+        let (fd, saved, id) = (&self.fd, &self.saved, self.id);
+        let (msrs, irqchip) = (&self.msr_indices, self.irqchip);
+        self.gate.park_saving(|| {
+            let state = pending
+                .clone()
+                .and_then(|()| VcpuState::save(fd, msrs, irqchip).map_err(|e| e.to_string()));
+            saved.put(id, state);
+        });
     }
 
     /// Runs the guest until its next exit and handles it. Ok(false): this vCPU is done.

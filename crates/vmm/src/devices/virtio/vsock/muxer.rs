@@ -171,6 +171,7 @@ impl Muxer {
         self.conns.clear();
         self.handshakes.clear();
         self.resets.clear();
+        self.carried.clear();
         self.last_sent = None;
     }
 
@@ -304,7 +305,8 @@ impl Muxer {
     /// to be reset after restore (at most [`MAX_SAVED_RESETS`]; a reset beyond is dropped,
     /// as the queue drops one when full).
     pub fn save(&self) -> VsockState {
-        let mut connections: Vec<ConnSnapshot> = Vec::new();
+        // Carried over by a restore and not yet given host ends: carried on again.
+        let mut connections: Vec<ConnSnapshot> = self.carried.clone();
         let mut reset: Vec<Key> = Vec::new();
         for (key, conn) in &self.conns {
             let s = conn.snapshot();
