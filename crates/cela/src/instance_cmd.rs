@@ -242,8 +242,12 @@ pub(crate) fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<Instanc
             Some(r) => r.read_available(print_record)?,
             None => false,
         };
-        if !until_end || !is_live(&state) {
-            if let Some(r) = &mut reader {
+        let unread =
+            STOP_ON_CLOSED_OUTPUT.load(Ordering::SeqCst) && OUTPUT_CLOSED.load(Ordering::SeqCst);
+        if !until_end || !is_live(&state) || unread {
+            if let Some(r) = &mut reader
+                && !unread
+            {
                 r.read_available(print_record)?;
             }
             return Ok(state);
@@ -259,14 +263,25 @@ pub(crate) fn follow(inst: &Instance, until_end: bool) -> anyhow::Result<Instanc
     }
 }
 
+/// Set once stdout or stderr is a pipe nobody reads any more (`cela logs -f | head`): a
+/// follower then stops, as `docker logs -f` does, instead of following into the void.
+static OUTPUT_CLOSED: AtomicBool = AtomicBool::new(false);
+/// Only `cela logs -f` stops on a closed output; a foreground run waits for its instance.
+static STOP_ON_CLOSED_OUTPUT: AtomicBool = AtomicBool::new(false);
+
 pub(crate) fn print_record(stream: Stream, data: &[u8]) {
-    let _ = match stream {
+    let written = match stream {
         Stream::Stdout => std::io::stdout()
             .lock()
             .write_all(data)
             .and_then(|_| std::io::stdout().flush()),
         Stream::Stderr => std::io::stderr().lock().write_all(data),
     };
+    if let Err(e) = written
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        OUTPUT_CLOSED.store(true, Ordering::SeqCst);
+    }
 }
 
 pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
@@ -322,6 +337,7 @@ pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode
 
 pub fn logs(name: &str, follow_it: bool, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let inst = instances(data_dir)?.find(name)?;
+    STOP_ON_CLOSED_OUTPUT.store(true, Ordering::SeqCst);
     follow(&inst, follow_it)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -576,3 +576,48 @@ fn a_vm_with_net_auto_has_its_address_and_reaches_the_host() {
     let addrs = host_ok(&["ip", "-4", "-o", "addr"]);
     assert!(!addrs.contains(&format!("inet {host}/")), "{addrs}");
 }
+
+/// `cela logs -f` ends once nobody reads its output (`| head -1`), as `docker logs -f` does;
+/// the instance runs on.
+#[test]
+fn logs_follow_ends_when_its_reader_goes() {
+    use std::io::BufRead;
+    let w = World::new();
+    w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "chatty",
+        "testimg",
+        "sh",
+        "-c",
+        "while :; do echo tick; sleep 0.05; done",
+    ]);
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_cela"))
+        .args(["logs", "-f", "chatty"])
+        .env("CELA_DATA_DIR", w.data())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(follower.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "tick\n");
+    // The reader is gone (dropped above): the follower's next write fails and it ends.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = follower.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = follower.kill();
+            panic!("cela logs -f went on following with nobody reading");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(w.status("chatty"), "running");
+    w.ok(&["rm", "-f", "chatty"]);
+}
