@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use cela_instance::control::{self, Reply, Request};
-use cela_instance::ops;
 use cela_instance::run::START_BOUND;
 use cela_instance::snapshot::{self, RestoreRequest, SnapshotRequest, Snapshots};
+use cela_instance::{Kind, NetMode, ops};
 use clap::{Args, Subcommand};
 
 use crate::image_cmd::{Format, human_size};
@@ -74,6 +74,11 @@ pub struct RestoreArgs {
     /// Remove the instance when it ends.
     #[arg(long)]
     rm: bool,
+    /// The network: `auto` (a link to the host of its own: a new TAP, MAC and /30, which the
+    /// guest takes on resume) or `none`. Default: the snapshot's; the other is refused (a
+    /// restore cannot add or remove the machine's network card).
+    #[arg(long, value_name = "none|auto")]
+    net: Option<String>,
     /// The snapshot.
     snapshot: String,
 }
@@ -291,6 +296,11 @@ pub fn restore(args: RestoreArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         name: args.name,
         // A foreground restore removes the instance itself, after reading its output.
         auto_remove: args.rm && args.detach,
+        net: args
+            .net
+            .as_deref()
+            .map(|n| NetMode::parse(n, Kind::Vm))
+            .transpose()?,
     };
     let inst = snapshot::restore(data_dir, &req)?;
     if args.detach {

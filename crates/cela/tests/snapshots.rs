@@ -1,6 +1,7 @@
 //! Snapshots of microVMs on this host's engine (the QEMU fallback): a counting guest saved,
 //! restored twice and saved again while it runs on; every bad input refused with nothing left.
 
+mod common;
 mod images;
 mod world;
 
@@ -249,4 +250,96 @@ fn a_counting_microvm_is_saved_restored_twice_and_saved_while_it_runs() {
     assert!(
         !std::path::Path::new(&format!("/proc/{supervisor}")).exists() || world::zombie(supervisor)
     );
+}
+
+/// What a networked guest says of its link each second: `n=K ADDRESS/PREFIX MAC GATEWAY PING`.
+const LINK_LOOP: &str = "i=0; while :; do i=$((i+1)); \
+    gw=$(ip route | awk '/^default/ {print $3}'); \
+    if ping -c 1 -W 1 \"$gw\" >/dev/null 2>&1; then p=ok; else p=no; fi; \
+    echo \"n=$i $(ip -4 -o addr show dev eth0 | awk '{print $4}') $(cat /sys/class/net/eth0/address) $gw $p\"; \
+    sleep 1; done";
+
+/// Waits until `name` says it reaches the host end of the link its instance has now (the
+/// address and gateway `inspect` shows), and returns that line's fields.
+fn wait_on_own_link(w: &World, name: &str) -> Vec<String> {
+    let net = w.inspect(name)["network"].clone();
+    let (address, host) = (
+        net["address"].as_str().unwrap().to_owned(),
+        net["host_address"].as_str().unwrap().to_owned(),
+    );
+    let gateway = host.split('/').next().unwrap().to_owned();
+    let start = Instant::now();
+    loop {
+        let log = w.ok(&["logs", name]);
+        let own = log.lines().find_map(|l| {
+            let f: Vec<String> = l.split(' ').map(str::to_owned).collect();
+            (f.len() == 5 && f[1] == address && f[3] == gateway && f[4] == "ok").then_some(f)
+        });
+        if let Some(f) = own {
+            return f;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{name} never reached the host on its own link ({address} via {gateway}): {log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_microvm_with_a_network_is_restored_and_forked_onto_links_of_their_own() {
+    let w = World::new();
+    let before = common::net_auto_taps();
+    w.ok(&[
+        "run", "-d", "--vm", "--net", "auto", "--name", "nsrc", "testimg", "sh", "-c", LINK_LOOP,
+    ]);
+    let src = wait_on_own_link(&w, "nsrc");
+    w.ok(&["snapshot", "--name", "ns", "nsrc"]);
+    let listed: Value =
+        serde_json::from_str(&w.ok(&["snapshot", "ls", "--format", "json"])).unwrap();
+    assert_eq!(listed[0]["name"], "ns");
+
+    // A restore cannot add or remove the network card: one line, nothing made.
+    let count = instance_count(&w);
+    w.err(
+        &["restore", "--net", "none", "ns"],
+        "restore it with --net auto",
+    );
+    w.err(
+        &["restore", "--net", "host", "ns"],
+        "--net host is for containers",
+    );
+    assert_eq!(instance_count(&w), count);
+
+    // Two copies: each moved its eth0 to its own TAP's /30 and MAC, and reaches the host.
+    let mut seen = vec![src.clone()];
+    for name in ["nr1", "nr2"] {
+        w.ok(&["restore", "-d", "--name", name, "ns"]);
+        seen.push(wait_on_own_link(&w, name));
+    }
+    // A fork of a copy: two more, each on a link of its own; the parent keeps its own.
+    w.ok(&["fork", "-n", "2", "--name-prefix", "nf", "nr1"]);
+    for name in ["nf-1", "nf-2"] {
+        seen.push(wait_on_own_link(&w, name));
+    }
+    for (i, a) in seen.iter().enumerate() {
+        for b in &seen[i + 1..] {
+            assert_ne!(a[1], b[1], "two copies share an address: {seen:?}");
+            assert_ne!(a[2], b[2], "two copies share a MAC: {seen:?}");
+        }
+    }
+    let parent = w.inspect("nr1")["network"]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = w.ok(&["logs", "nr1"]);
+    assert!(
+        log.lines().last().unwrap().contains(&format!(" {parent} ")),
+        "the parent lost its link to the fork: {log}"
+    );
+
+    // Everything goes with the instances: no TAP, no snapshot left.
+    w.ok(&["rm", "-f", "nsrc", "nr1", "nr2", "nf-1", "nf-2"]);
+    w.ok(&["snapshot", "rm", "ns"]);
+    assert_eq!(common::net_auto_taps(), before, "a TAP was left behind");
 }

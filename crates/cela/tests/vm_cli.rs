@@ -458,13 +458,7 @@ fn net_lock() -> std::sync::MutexGuard<'static, ()> {
 /// The host's network interfaces named like `--net auto`'s TAPs, and its addresses in the
 /// pool `--net auto` takes them from.
 fn net_auto_leftovers() -> (Vec<String>, String) {
-    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("cela") && n[4..].chars().all(|c| c.is_ascii_digit()))
-        .collect();
-    taps.sort();
+    let taps = common::net_auto_taps();
     let route = std::fs::read_to_string("/proc/net/route").unwrap();
     // 10.213.x.x in /proc/net/route's byte order ends in D50A.
     let pool: String = route.lines().filter(|l| l.contains("D50A\t")).collect();

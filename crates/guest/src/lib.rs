@@ -377,6 +377,10 @@ pub enum HostRequest {
     Entropy([u8; ENTROPY_BYTES]),
     /// The machine was restored as another instance: its host name is this now.
     Hostname(Hostname),
+    /// The machine was restored as another instance with `--net auto`: the interface the init
+    /// configured at boot takes this MAC address, address and gateway (its old ones were the
+    /// saved instance's, which another copy may hold).
+    Network(NetRequest),
 }
 
 /// How many random bytes a restored guest is given.
@@ -425,6 +429,7 @@ impl HostRequest {
                 format!("entropy {hex}\n")
             }
             HostRequest::Hostname(h) => format!("hostname {}\n", h.as_str()),
+            HostRequest::Network(n) => format!("net {}\n", n.encode()),
         }
     }
 
@@ -452,6 +457,9 @@ impl HostRequest {
         }
         if let Some(name) = line.strip_prefix("hostname ") {
             return Hostname::new(name).map(HostRequest::Hostname);
+        }
+        if let Some(net) = line.strip_prefix("net ") {
+            return NetRequest::decode(net).ok().map(HostRequest::Network);
         }
         if let Some(size) = line.strip_prefix("resize ") {
             let (rows, cols) = size.split_once(' ')?;
@@ -535,6 +543,12 @@ mod tests {
             },
             HostRequest::Entropy(entropy),
             HostRequest::Hostname(Hostname::new("vm-restored.1").unwrap()),
+            HostRequest::Network(NetRequest {
+                address: "10.211.0.6".parse().unwrap(),
+                prefix: 30,
+                gateway: "10.211.0.5".parse().unwrap(),
+                mac: [0x02, 0xce, 0x1a, 0xff, 0x00, 0x07],
+            }),
         ] {
             let line = r.to_line();
             assert!(line.len() < 256, "{line}");
@@ -549,6 +563,8 @@ mod tests {
             "hostname -rf",
             "hostname a b",
             "hostname ",
+            "net ",
+            "net MTAuMC4wLjIvMzA",
         ] {
             assert_eq!(HostRequest::parse(bad), None, "{bad}");
         }

@@ -1,7 +1,7 @@
 //! Configuring a Linux network interface with the classic `SIOC*` ioctls (netdevice(7),
-//! route(4)): an IPv4 address and netmask, the UP flag, a default route. Both ends of a
+//! route(4)): an IPv4 address and netmask, the UP flag, a default route, a MAC address. Both ends of a
 //! `--net auto` link use it — the host for its TAP device, `cela-init` for the guest's NIC — so
-//! neither shells out to `ip` nor needs a netlink library for three requests.
+//! neither shells out to `ip` nor needs a netlink library for a handful of requests.
 //!
 //! Every call takes the interface by name and checks it fits `IFNAMSIZ`; every error names the
 //! interface and the request that failed.
@@ -116,17 +116,60 @@ pub fn set_ipv4(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetifError
 
 /// Sets the UP flag of interface `name`.
 pub fn set_up(name: &str) -> Result<(), NetifError> {
-    let mut req = ifreq(name).map_err(fail("bringing up", name))?;
+    set_flag(name, libc::IFF_UP, true)
+}
+
+/// Gives interface `name` the Ethernet address `mac`, with the interface up if its driver
+/// allows that (virtio-net does), else taking it down for the change and up again.
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), NetifError> {
+    let what = "setting the MAC address";
+    let mut req = ifreq(name).map_err(fail(what, name))?;
+    // SAFETY: writing the `ifru_hwaddr` member of the union, a plain sockaddr.
+    let hw = unsafe { &mut req.ifr_ifru.ifru_hwaddr };
+    hw.sa_family = libc::ARPHRD_ETHER;
+    for (dst, src) in hw.sa_data.iter_mut().zip(mac) {
+        *dst = src as libc::c_char;
+    }
+    let mut live = req;
+    match ioctl(libc::SIOCSIFHWADDR, &mut live) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            set_flag(name, libc::IFF_UP, false)?;
+            let changed = ioctl(libc::SIOCSIFHWADDR, &mut req).map_err(fail(what, name));
+            set_flag(name, libc::IFF_UP, true)?;
+            changed
+        }
+        other => other.map_err(fail(what, name)),
+    }
+}
+
+/// Sets or clears one of interface `name`'s `IFF_*` flags.
+fn set_flag(name: &str, flag: libc::c_int, on: bool) -> Result<(), NetifError> {
+    let what = if on { "bringing up" } else { "taking down" };
+    let mut req = ifreq(name).map_err(fail(what, name))?;
     ioctl(libc::SIOCGIFFLAGS, &mut req).map_err(fail("reading the flags", name))?;
     // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    ioctl(libc::SIOCSIFFLAGS, &mut req).map_err(fail("bringing up", name))
+    let flag = flag as libc::c_short;
+    req.ifr_ifru.ifru_flags = if on { flags | flag } else { flags & !flag };
+    ioctl(libc::SIOCSIFFLAGS, &mut req).map_err(fail(what, name))
 }
 
 /// Adds a default route through `gateway`, which must be reachable on a connected network.
 pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), NetifError> {
-    let what = "adding a default route";
+    default_route(libc::SIOCADDRT, "adding a default route", gateway)
+}
+
+/// Removes the default route through `gateway`.
+pub fn delete_default_route(gateway: Ipv4Addr) -> Result<(), NetifError> {
+    default_route(libc::SIOCDELRT, "removing the default route", gateway)
+}
+
+/// `SIOCADDRT` or `SIOCDELRT` of the default route through `gateway`.
+fn default_route(
+    request: libc::c_ulong,
+    what: &'static str,
+    gateway: Ipv4Addr,
+) -> Result<(), NetifError> {
     let sock = control_socket().map_err(fail(what, "(any)"))?;
     // SAFETY: rtentry is plain old data (integers, sockaddrs and a device-name pointer, left
     // null: the kernel picks the interface from the gateway); all-zero is valid.
@@ -135,12 +178,12 @@ pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), NetifError> {
     rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
     rt.rt_gateway = sockaddr_v4(gateway);
     rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-    // SAFETY: `rt` is a live, initialized rtentry for the duration of the call; SIOCADDRT
-    // only reads it.
+    // SAFETY: `rt` is a live, initialized rtentry for the duration of the call; SIOCADDRT and
+    // SIOCDELRT only read it.
     let rc = unsafe {
         libc::ioctl(
             sock.as_raw_fd(),
-            libc::SIOCADDRT as _,
+            request as _,
             &mut rt as *mut libc::rtentry,
         )
     };

@@ -240,12 +240,6 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
             inst.config.name
         )));
     }
-    if inst.config.net == NetMode::Auto {
-        return Err(InstanceError::Unsupported(format!(
-            "{} has --net auto: a snapshot of a VM with a network is not supported yet (its copies would keep its address)",
-            inst.config.name
-        )));
-    }
     Ok(())
 }
 
@@ -509,10 +503,12 @@ impl Manifest {
         if self.config.kind != Kind::Vm || self.config.vm.is_none() {
             return Err(bad(&self.name, "its instance is not a microVM"));
         }
-        if self.config.net != NetMode::None || !self.config.volumes.is_empty() {
+        if !matches!(self.config.net, NetMode::None | NetMode::Auto)
+            || !self.config.volumes.is_empty()
+        {
             return Err(bad(
                 &self.name,
-                "its instance has a network or volumes, which snapshots do not carry",
+                "its instance has a host network or volumes, which snapshots do not carry",
             ));
         }
         Ok(())
@@ -770,6 +766,9 @@ pub struct RestoreRequest {
     pub name: Option<String>,
     /// Removed when it ends (`--rm`).
     pub auto_remove: bool,
+    /// `--net`; `None` is the snapshot's own. A restore cannot add or remove the machine's
+    /// network card, so another mode than the snapshot's is refused.
+    pub net: Option<NetMode>,
 }
 
 /// Where a restored instance's supervisor finds its state (`restore.json`, read once).
@@ -823,6 +822,19 @@ fn restore_checked(
     dir: &Path,
     req: &RestoreRequest,
 ) -> Result<Instance, InstanceError> {
+    if let Some(net) = req.net.filter(|n| *n != manifest.config.net) {
+        return Err(InstanceError::Invalid(format!(
+            "snapshot {} is of a microVM with --net {}, and a restore cannot {} its network card: restore it with --net {}",
+            manifest.name,
+            manifest.config.net.as_str(),
+            if net == NetMode::None {
+                "remove"
+            } else {
+                "add"
+            },
+            manifest.config.net.as_str(),
+        )));
+    }
     let dir = dir.to_owned();
     // What the workload is comes from the manifest; how the machine is confined comes from
     // this host: the jail always. What it is given to read (a restore reads neither; a later
@@ -850,7 +862,9 @@ fn restore_checked(
         auto_remove: req.auto_remove,
         labels: Default::default(),
         volumes: Vec::new(),
-        net: NetMode::None,
+        // A copy gets a link of its own (a TAP, MAC and /30 made when it starts), which its
+        // guest is told to take on resume.
+        net: source.net,
         security: Default::default(),
         vm: Some(crate::record::VmBoot {
             kernel,
@@ -943,6 +957,7 @@ pub fn fork(
                 snapshot: name.clone(),
                 name: Some(format!("{prefix}-{i}")),
                 auto_remove: false,
+                net: None,
             };
             match restore_checked(data_dir, &manifest, &dir, &req) {
                 Ok(copy) => made.push(copy),

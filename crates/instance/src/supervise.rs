@@ -313,6 +313,11 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         None => ConsoleMode::Stream,
     };
     crate::events::record(inst, "start", &[]);
+    // Who a restored guest is now: this instance, on this instance's link.
+    let identity = cela_vmm::persist::machine::Identity {
+        hostname: Some(inst.config.name.clone()),
+        net: request.net,
+    };
     let in_flight = crate::control::InFlight::default();
     let exit = match engine {
         Engine::Kvm => {
@@ -323,7 +328,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                 restore: restore.as_ref().map(|r| cela_vmm::RestoreFrom {
                     state: r.snapshot.join(crate::snapshot::STATE_FILE),
                     memory: r.snapshot.join(crate::snapshot::MEMORY_FILE),
-                    hostname: Some(inst.config.name.clone()),
+                    identity: identity.clone(),
                 }),
             };
             // Once the monitor says the machine runs: a restore is done (and running), and the
@@ -388,7 +393,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                     Some(cela_vmm::qemu::Incoming {
                         state,
                         expect,
-                        hostname: Some(inst.config.name.clone()),
+                        identity: identity.clone(),
                     })
                 }
                 None => None,

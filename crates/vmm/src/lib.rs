@@ -105,8 +105,8 @@ pub struct KvmOptions {
 pub struct RestoreFrom {
     pub state: std::path::PathBuf,
     pub memory: std::path::PathBuf,
-    /// The host name the restored guest takes.
-    pub hostname: Option<String>,
+    /// Who the restored guest is now (the new instance).
+    pub identity: persist::machine::Identity,
 }
 
 /// Boots `config` under cela's KVM monitor with the console wired to this process's terminal,
@@ -306,9 +306,7 @@ fn run_here(
             let memory = open(&from.memory)?;
             // Read here, before the jail (no /dev/urandom in it), and queued before the
             // device thread can bring the init's control connection back.
-            stop.send_when_attached(persist::machine::restored_requests(
-                from.hostname.as_deref(),
-            ));
+            stop.send_when_attached(persist::machine::restored_requests(&from.identity));
             let machine = builder::restore_linux(
                 config,
                 sinks,

@@ -148,3 +148,15 @@ pub fn run_lab_batch(
     }
     .unwrap_or_else(|e| panic!("the lab run failed: {e}"))
 }
+
+/// The TAPs `--net auto` made on this host (`celaN`), sorted.
+pub fn net_auto_taps() -> Vec<String> {
+    let mut taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cela") && n[4..].chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    taps.sort();
+    taps
+}

@@ -2,10 +2,19 @@
 //! `/sys/class/net`), gives it its address, brings it and the loopback up, and routes through
 //! the host's end of the link. The virtio-net driver was loaded with the other modules, so the
 //! interface exists by the time this runs.
+//!
+//! A machine restored from a snapshot as another instance is told its new link
+//! ([`reconfigure`]): the interface configured at boot (remembered here: the init's memory is
+//! part of the snapshot) takes the new MAC address, address and gateway.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use cela_guest::{NetRequest, format_mac, netif};
+
+/// The interface [`configure`] set up and what it was given; `None` before, or without a
+/// network.
+static CONFIGURED: Mutex<Option<(String, NetRequest)>> = Mutex::new(None);
 
 /// Configures the network `request` describes; an error says which step failed.
 pub fn configure(request: &NetRequest) -> Result<(), String> {
@@ -19,6 +28,29 @@ pub fn configure(request: &NetRequest) -> Result<(), String> {
     netif::set_ipv4(&name, request.address, request.prefix).map_err(|e| e.to_string())?;
     netif::set_up(&name).map_err(|e| e.to_string())?;
     netif::add_default_route(request.gateway).map_err(|e| e.to_string())?;
+    *CONFIGURED.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, *request));
+    Ok(())
+}
+
+/// Moves the interface configured at boot to the link `request` describes: its MAC address,
+/// its address (which replaces the old one, and with it the old link's routes) and a default
+/// route through the new gateway. An error says which step failed.
+pub fn reconfigure(request: &NetRequest) -> Result<(), String> {
+    let mut configured = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((name, old)) = configured.as_ref() else {
+        return Err("this machine configured no network interface at boot".into());
+    };
+    netif::set_mac(name, request.mac).map_err(|e| e.to_string())?;
+    // Gone already if the kernel dropped it with the old address; nothing else to undo.
+    let _ = netif::delete_default_route(old.gateway);
+    netif::set_ipv4(name, request.address, request.prefix).map_err(|e| e.to_string())?;
+    netif::set_up(name).map_err(|e| e.to_string())?;
+    match netif::add_default_route(request.gateway) {
+        Err(e) if e.err.raw_os_error() != Some(libc::EEXIST) => return Err(e.to_string()),
+        _ => {}
+    }
+    let name = name.clone();
+    *configured = Some((name, *request));
     Ok(())
 }
 

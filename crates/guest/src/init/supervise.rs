@@ -185,6 +185,11 @@ impl Pid1Events {
                         HostRequest::Clock { secs, nanos } => super::resume::set_clock(secs, nanos),
                         HostRequest::Entropy(bytes) => super::resume::add_entropy(&bytes),
                         HostRequest::Hostname(h) => super::resume::set_hostname(h.as_str()),
+                        HostRequest::Network(n) => {
+                            if let Err(e) = super::net::reconfigure(&n) {
+                                super::say!("moving the network to this copy's link: {e}");
+                            }
+                        }
                     }
                 }
             }

@@ -253,9 +253,18 @@ impl MachineSaver {
     }
 }
 
+/// Who a restored guest is now: what two copies of one snapshot must not share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Its host name (the new instance's).
+    pub hostname: Option<String>,
+    /// Its side of the new instance's `--net auto` link (another TAP, MAC and /30).
+    pub net: Option<cela_guest::NetRequest>,
+}
+
 /// What a restored guest's init is told at once: the wall clock now, fresh random bytes for
-/// its generator, and its new host name if there is a valid one.
-pub fn restored_requests(hostname: Option<&str>) -> Vec<cela_guest::HostRequest> {
+/// its generator, its new host name if there is a valid one, and its new link if it has one.
+pub fn restored_requests(who: &Identity) -> Vec<cela_guest::HostRequest> {
     use cela_guest::HostRequest;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -269,9 +278,10 @@ pub fn restored_requests(hostname: Option<&str>) -> Vec<cela_guest::HostRequest>
         Ok(()) => out.push(HostRequest::Entropy(seed)),
         Err(e) => tracing::warn!("no fresh entropy for the restored guest: {e}"),
     }
-    if let Some(h) = hostname.and_then(cela_guest::Hostname::new) {
+    if let Some(h) = who.hostname.as_deref().and_then(cela_guest::Hostname::new) {
         out.push(HostRequest::Hostname(h));
     }
+    out.extend(who.net.map(HostRequest::Network));
     out
 }
 

@@ -40,14 +40,14 @@ pub struct Incoming {
     pub state: std::fs::File,
     /// The QEMU that wrote it; another one is refused before anything is loaded.
     pub expect: QemuVersion,
-    /// The host name the restored guest takes (the new instance's).
-    pub hostname: Option<String>,
+    /// Who the restored guest is now (the new instance).
+    pub identity: crate::persist::machine::Identity,
 }
 
-/// The control-channel lines a restored guest gets at once: the wall clock now, fresh random
-/// bytes for its generator, and its new host name if there is a valid one.
-pub fn restored_requests(hostname: Option<&str>) -> String {
-    crate::persist::machine::restored_requests(hostname)
+/// The control-channel lines a restored guest gets at once (see
+/// [`crate::persist::machine::restored_requests`]).
+pub fn restored_requests(who: &crate::persist::machine::Identity) -> String {
+    crate::persist::machine::restored_requests(who)
         .into_iter()
         .map(|r| r.to_line())
         .collect()

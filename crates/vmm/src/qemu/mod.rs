@@ -670,7 +670,7 @@ pub fn run_with(
     console::stop_on_host_signals(stop.clone(), None);
     if let Some(saved) = &opts.incoming {
         // Before anything else reaches the guest: what changed while it was away.
-        let lines = migrate::restored_requests(saved.hostname.as_deref());
+        let lines = migrate::restored_requests(&saved.identity);
         if let Err(e) = (&control_in).write_all(lines.as_bytes()) {
             tracing::warn!("telling the restored guest the time and fresh entropy: {e}");
         }
