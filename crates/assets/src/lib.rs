@@ -94,7 +94,14 @@ pub fn guest_assets(
     let kernel = fetch_kernel(cache, progress)?;
     let busybox = fetch_busybox(cache, progress)?;
     let init_bytes = std::fs::read(init).at("reading init binary", init)?;
-    let key = initramfs_key(&kernel.version, &busybox, &init_bytes);
+    // The busybox path below the cache, which names its package version: the same cache
+    // reached through another path (a data dir whose `assets` links to a shared one) keys the
+    // same archive.
+    let key = initramfs_key(
+        &kernel.version,
+        busybox.strip_prefix(cache).unwrap_or(&busybox),
+        &init_bytes,
+    );
     let area = cache.join("initramfs");
     let initrd = area.join(format!(
         "{}-{key:016x}.cpio",

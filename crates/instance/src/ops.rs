@@ -104,6 +104,10 @@ fn stop_live(
         state.error = None;
         state.pid = None;
         state.finished = Some(crate::record::now());
+        // Its TAP, which the killed monitor may hold open a moment longer.
+        if let Some(rec) = state.network.take() {
+            crate::network::delete_host_link(&rec);
+        }
         inst.save_state(&state)?;
         let _ = std::fs::remove_file(inst.vsock_path());
     }
@@ -286,10 +290,12 @@ fn kill_vm_processes(inst: &Instance) -> Result<(), InstanceError> {
 /// container's network removed). The directory is renamed to a hidden name first, so no
 /// listing sees it half-removed.
 pub fn remove_dir(inst: &Instance) {
+    let recorded = inst.state().ok().and_then(|s| s.network);
     if inst.config.kind == Kind::Container {
         container::unmount_rootfs(inst);
-        let recorded = inst.state().ok().and_then(|s| s.network);
         crate::network::teardown(inst, recorded.as_ref());
+    } else if let Some(rec) = &recorded {
+        crate::network::delete_host_link(rec);
     }
     // Recorded while the instance is still listed: a client that sees it gone (Docker's
     // `wait?condition=removed`) finds its destroy in the journal.

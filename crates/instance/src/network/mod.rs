@@ -317,6 +317,19 @@ pub fn teardown(inst: &Instance, recorded: Option<&NetworkState>) {
     );
 }
 
+/// Deletes the host's end of a link `rec` recorded (a container's veth end, a microVM's TAP)
+/// if that link still exists (same name and index: a name reused since is left alone). A
+/// microVM's monitor killed a moment ago may still hold its TAP open; the link goes now, not
+/// whenever its last descriptor closes.
+pub fn delete_host_link(rec: &NetworkState) {
+    if ifindex(&rec.interface) == Some(rec.ifindex)
+        && let Err(e) = rtnl::delete_link(&rec.interface)
+        && e.raw_os_error() != Some(libc::ENODEV)
+    {
+        tracing::warn!("deleting {}: {e}", rec.interface);
+    }
+}
+
 /// [`teardown`] of the instance directory `dir` (also one whose config cannot be read).
 pub fn teardown_at(dir: &Path, recorded: Option<&NetworkState>) {
     let path = dir.join("netns");
@@ -341,12 +354,8 @@ pub fn teardown_at(dir: &Path, recorded: Option<&NetworkState>) {
             tracing::warn!("removing {}: {e}", path.display());
         }
     }
-    if let Some(rec) = recorded
-        && ifindex(&rec.interface) == Some(rec.ifindex)
-        && let Err(e) = rtnl::delete_link(&rec.interface)
-        && e.raw_os_error() != Some(libc::ENODEV)
-    {
-        tracing::warn!("deleting {}: {e}", rec.interface);
+    if let Some(rec) = recorded {
+        delete_host_link(rec);
     }
 }
 
