@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <data>/snapshots/                 root's alone (0700)
-//!   <NAME>/manifest.json            what it is (below), with the size and sha256 of each file
+//!   <NAME>/manifest.json            what it is (below), with the size and block digest of each file
 //!   <NAME>/state.bin                the machine's state: QEMU's migration stream, or cela's
 //!                                   own monitor's (cela_vmm::persist::machine, JSON)
 //!   <NAME>/memory.bin               cela's monitor only: guest RAM, sparse, mapped on restore
@@ -36,13 +36,13 @@
 //! as whoever made it wrote it.
 
 pub mod archive;
+pub mod blocks;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use cela_image::Digest;
-use cela_image::digest::Hasher;
+use blocks::{BlockDigest, BlockHasher};
 use cela_vmm::control::MonitorControl;
 use cela_vmm::persist::cpu::CpuSignature;
 use cela_vmm::qemu::{QemuHandle, QemuVersion};
@@ -53,7 +53,7 @@ use crate::record::{Instance, InstanceConfig, Instances, Kind, now, private_dir,
 use crate::{NetMode, ops};
 
 /// The manifest format this cela writes and reads.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The largest manifest read.
 const MAX_MANIFEST: u64 = 1 << 20;
 /// The files of a snapshot.
@@ -108,7 +108,8 @@ pub struct Source {
 pub struct FileDigest {
     pub name: String,
     pub size: u64,
-    pub sha256: String,
+    /// Its [`blocks::BlockDigest`] (`sha256-blocks:HEX`).
+    pub digest: String,
 }
 
 /// The snapshots under a data directory.
@@ -353,7 +354,7 @@ fn write_snapshot(
         Machine::Qemu(q) => {
             let mut paused = q.pause()?;
             let file = create(&state_path)?;
-            let mut hashed = Hasher::new(io::BufWriter::with_capacity(1 << 20, file));
+            let mut hashed = BlockHasher::new(io::BufWriter::with_capacity(1 << 20, file));
             paused.save_state(&mut hashed)?;
             let (digest, buf) = hashed.finish_into();
             let file = buf
@@ -401,7 +402,7 @@ fn write_snapshot(
         files.push(FileDigest {
             name: (*name).into(),
             size,
-            sha256: digest.to_string(),
+            digest: digest.to_string(),
         });
     }
     let (qemu, tsc_khz) = match machine {
@@ -449,10 +450,9 @@ fn write_snapshot(
     Ok(manifest)
 }
 
-fn digest_file(path: &Path) -> Result<(Digest, u64), InstanceError> {
+fn digest_file(path: &Path) -> Result<(BlockDigest, u64), InstanceError> {
     let f = File::open(path).doing(|| format!("opening {}", path.display()))?;
-    Digest::of_reader(io::BufReader::with_capacity(1 << 20, f))
-        .doing(|| format!("reading {}", path.display()))
+    blocks::of_file(&f).doing(|| format!("reading {}", path.display()))
 }
 
 impl Manifest {
@@ -589,23 +589,23 @@ impl Manifest {
             }
             if stamps
                 .iter()
-                .any(|st| st.vouches_for(&Stamp::of(&f.name, &meta, &f.sha256)))
+                .any(|st| st.vouches_for(&Stamp::of(&f.name, &meta, &f.digest)))
             {
                 // Read whole with this digest before, and not changed since.
-                fresh.push(Stamp::of(&f.name, &meta, &f.sha256));
+                fresh.push(Stamp::of(&f.name, &meta, &f.digest));
                 continue;
             }
             let (d, _) = digest_file(&path)?;
-            if d.to_string() != f.sha256 {
+            if d.to_string() != f.digest {
                 return Err(bad(
                     &self.name,
                     format!(
-                        "{}'s sha256 is {d}, not {} as its manifest says (damaged or tampered with)",
-                        f.name, f.sha256
+                        "{}'s digest is {d}, not {} as its manifest says (damaged or tampered with)",
+                        f.name, f.digest
                     ),
                 ));
             }
-            fresh.push(Stamp::of(&f.name, &meta, &f.sha256));
+            fresh.push(Stamp::of(&f.name, &meta, &f.digest));
         }
         // Kept as they were where they still vouch, so a stamp keeps its first time.
         let keep: Vec<Stamp> = fresh
@@ -641,7 +641,7 @@ pub struct Stamp {
     ino: u64,
     ctime_ns: i128,
     mtime_ns: i128,
-    sha256: String,
+    digest: String,
     /// When it was taken (the real-time clock, as the change time is).
     at_ns: i128,
 }
@@ -650,7 +650,7 @@ pub struct Stamp {
 const STAMP_SETTLE_NS: i128 = 100_000_000;
 
 impl Stamp {
-    fn of(name: &str, meta: &fs::Metadata, sha256: &str) -> Stamp {
+    fn of(name: &str, meta: &fs::Metadata, digest: &str) -> Stamp {
         use std::os::unix::fs::MetadataExt;
         let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
         let now = std::time::SystemTime::now()
@@ -662,7 +662,7 @@ impl Stamp {
             ino: meta.ino(),
             ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
             mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
-            sha256: sha256.to_owned(),
+            digest: digest.to_owned(),
             at_ns: now.as_nanos() as i128,
         }
     }
@@ -676,14 +676,14 @@ impl Stamp {
                 self.ino,
                 self.ctime_ns,
                 self.mtime_ns,
-                &self.sha256,
+                &self.digest,
             ) == (
                 &now.name,
                 now.size,
                 now.ino,
                 now.ctime_ns,
                 now.mtime_ns,
-                &now.sha256,
+                &now.digest,
             )
     }
 
@@ -716,7 +716,7 @@ impl Stamp {
         let mut stamps = Vec::new();
         for f in files {
             match fs::symlink_metadata(dir.join(&f.name)) {
-                Ok(meta) => stamps.push(Stamp::of(&f.name, &meta, &f.sha256)),
+                Ok(meta) => stamps.push(Stamp::of(&f.name, &meta, &f.digest)),
                 Err(_) => return,
             }
         }

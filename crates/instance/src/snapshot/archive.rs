@@ -21,7 +21,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use cela_image::digest::Hasher;
+use super::blocks::BlockHasher;
 use cela_image::tar_limits::{self, Limited};
 
 use super::{
@@ -87,13 +87,13 @@ pub fn export(snaps: &Snapshots, name: &str, out: impl Write) -> Result<Manifest
         let mut hashed = HashingReader::new(io::Read::take(file, f.size));
         append(&mut tar, want, f.size, &mut hashed)?;
         let (digest, n) = hashed.finish();
-        if n != f.size || digest != f.sha256 {
+        if n != f.size || digest != f.digest {
             return Err(bad(
                 name,
                 format!(
-                    "{want}'s sha256 is {digest}, not {} as its manifest says (damaged or \
+                    "{want}'s digest is {digest}, not {} as its manifest says (damaged or \
                      tampered with); the export is incomplete",
-                    f.sha256
+                    f.digest
                 ),
             ));
         }
@@ -221,13 +221,11 @@ fn import_into(
         files.push(f.clone());
     }
     for f in &files {
-        let well_formed = f
-            .sha256
-            .parse::<cela_image::Digest>()
-            .is_ok_and(|d| d.to_string() == f.sha256);
+        let well_formed =
+            super::blocks::BlockDigest::parse(&f.digest).is_some_and(|d| d.to_string() == f.digest);
         if !well_formed {
             return Err(refuse(format!(
-                "its manifest gives {} no sha256 digest",
+                "its manifest gives {} no block digest",
                 f.name
             )));
         }
@@ -307,13 +305,13 @@ fn import_into(
                 source,
             },
         })?;
-        if digest != f.sha256 {
+        if digest != f.digest {
             return Err(bad(
                 &target,
                 format!(
-                    "{name}'s sha256 is {digest}, not {} as its manifest says (damaged or \
+                    "{name}'s digest is {digest}, not {} as its manifest says (damaged or \
                      tampered with)",
-                    f.sha256
+                    f.digest
                 ),
             ));
         }
@@ -395,7 +393,7 @@ enum CopyError {
 }
 
 /// Writes `size` bytes of `from` to a new file `path`, all-zero chunks as holes, keeping the
-/// store's reserve free (`dir` is on its file system); returns the bytes' sha256.
+/// store's reserve free (`dir` is on its file system); returns the bytes' block digest.
 fn copy_sparse(
     from: &mut impl Read,
     path: &Path,
@@ -409,15 +407,15 @@ fn copy_sparse(
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(W)?;
-    let mut hasher = Hasher::new(io::sink());
+    let mut hasher = BlockHasher::new(io::sink());
     let mut buf = vec![0u8; CHUNK];
     // The first bytes written look at the free space at once.
     let (mut done, mut since_check) = (0u64, ROOM_CHECK);
     while done < size {
         let want = (size - done).min(CHUNK as u64) as usize;
         from.read_exact(&mut buf[..want]).map_err(R)?;
-        hasher.write_all(&buf[..want]).map_err(W)?;
         if buf[..want].iter().all(|&b| b == 0) {
+            hasher.zeros(want as u64);
             out.seek(SeekFrom::Current(want as i64)).map_err(W)?;
         } else {
             if since_check >= ROOM_CHECK {
@@ -429,6 +427,7 @@ fn copy_sparse(
                     ))));
                 }
             }
+            hasher.update(&buf[..want]);
             out.write_all(&buf[..want]).map_err(W)?;
             since_check += want as u64;
         }
@@ -443,14 +442,14 @@ fn copy_sparse(
 /// A reader that hashes what passes through it.
 struct HashingReader<R> {
     inner: R,
-    hasher: Hasher<io::Sink>,
+    hasher: BlockHasher<io::Sink>,
 }
 
 impl<R: Read> HashingReader<R> {
     fn new(inner: R) -> Self {
         HashingReader {
             inner,
-            hasher: Hasher::new(io::sink()),
+            hasher: BlockHasher::new(io::sink()),
         }
     }
 
@@ -463,7 +462,7 @@ impl<R: Read> HashingReader<R> {
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.write_all(&buf[..n])?;
+        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 }

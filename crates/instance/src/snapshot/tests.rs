@@ -24,7 +24,7 @@ fn write(snaps: &Snapshots, name: &str) -> Manifest {
         files.push(FileDigest {
             name: f.into(),
             size: data.len() as u64,
-            sha256: Digest::of(data).to_string(),
+            digest: BlockDigest::of(data).to_string(),
         });
     }
     let m = Manifest {
@@ -86,7 +86,7 @@ fn a_damaged_snapshot_is_refused_naming_the_file() {
     fs::write(dir.join(STATE_FILE), b"QEVM statf").unwrap();
     let e = m.verify(&dir).unwrap_err().to_string();
     assert!(
-        e.contains("state.bin's sha256") && e.contains("tampered"),
+        e.contains("state.bin's digest") && e.contains("tampered"),
         "{e}"
     );
     fs::write(dir.join(STATE_FILE), b"QEVM state").unwrap();
@@ -112,7 +112,7 @@ fn a_damaged_snapshot_is_refused_naming_the_file() {
     assert_eq!(stamps.len(), 2);
     let meta = fs::symlink_metadata(dir.join(DISK_FILE)).unwrap();
     let mut old = stamps.iter().find(|s| s.name == DISK_FILE).unwrap().clone();
-    let now = Stamp::of(DISK_FILE, &meta, &old.sha256);
+    let now = Stamp::of(DISK_FILE, &meta, &old.digest);
     // Taken right after the file's last change: it does not vouch.
     assert!(!old.vouches_for(&now));
     old.at_ns += 2 * STAMP_SETTLE_NS;
@@ -120,14 +120,14 @@ fn a_damaged_snapshot_is_refused_naming_the_file() {
     // The stamps on disk were taken at once: a change in the same tick is still found.
     fs::write(dir.join(DISK_FILE), b"disk bytez").unwrap();
     let e = m.verify(&dir).unwrap_err().to_string();
-    assert!(e.contains("disk.raw's sha256"), "{e}");
+    assert!(e.contains("disk.raw's digest"), "{e}");
     fs::write(dir.join(DISK_FILE), b"disk bytes").unwrap();
     // A manifest that lists something else too, or not what it needs.
     let mut other = m.clone();
     other.files.push(FileDigest {
         name: "../../etc/shadow".into(),
         size: 0,
-        sha256: String::new(),
+        digest: String::new(),
     });
     let e = other.verify(&dir).unwrap_err().to_string();
     assert!(e.contains("lists \"../../etc/shadow\""), "{e}");
@@ -228,7 +228,7 @@ fn an_exported_snapshot_imports_whole_and_sparse_on_another_host() {
     disk[4096..4100].copy_from_slice(b"data");
     fs::write(snaps.dir("s").join(DISK_FILE), &disk).unwrap();
     m.files[1].size = disk.len() as u64;
-    m.files[1].sha256 = Digest::of(&disk).to_string();
+    m.files[1].digest = BlockDigest::of(&disk).to_string();
     fs::write(
         snaps.dir("s").join("manifest.json"),
         serde_json::to_vec(&m).unwrap(),
@@ -281,7 +281,7 @@ fn an_exported_snapshot_imports_whole_and_sparse_on_another_host() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("state.bin's sha256") && e.contains("incomplete"),
+        e.contains("state.bin's digest") && e.contains("incomplete"),
         "{e}"
     );
 }
@@ -312,7 +312,7 @@ fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
     });
     // (2^44 - 1) MiB would wrap a bound counted in bytes.
     let wrapping_ram = with(&|m| m.config.memory_mib = Some((1 << 44) - 1));
-    let no_digest = with(&|m| m.files[1].sha256 = "sha256:../../x".into());
+    let no_digest = with(&|m| m.files[1].digest = "sha256:../../x".into());
     let big = vec![b' '; (1 << 20) + 1];
     let (state, disk) = (&b"QEVM state"[..], &b"disk bytes"[..]);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -340,7 +340,7 @@ fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
         (
             "newer format",
             tar_of(&[("manifest.json", F, &newer)]),
-            "format is 2",
+            "format is 3 and this cela reads 2",
         ),
         (
             "a file twice",
@@ -360,7 +360,7 @@ fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
         (
             "no digest",
             tar_of(&[("manifest.json", F, &no_digest)]),
-            "gives disk.raw no sha256",
+            "gives disk.raw no block digest",
         ),
         (
             "state bound",
