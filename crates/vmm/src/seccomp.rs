@@ -107,6 +107,16 @@ pub struct Filters {
     /// `clone`, whose flags the device filter checks. (With two filters the stricter answer
     /// wins, so the device filter itself allows `clone3` and this one answers it.)
     no_clone3: Arc<BpfProgram>,
+    /// Stacked on every thread's: `openat` fails with ENOENT. glibc's allocator reads
+    /// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread arena's heap, from
+    /// whichever thread freed the memory, whenever that happens (a forked monitor inherits its
+    /// parent's arenas, so even its main thread may use one); killing the monitor for it killed
+    /// machines at random (seen in the lab; Cloud Hypervisor met the same and allows read-only
+    /// opens). Here such an open is let through the thread's own filter (read-only and
+    /// close-on-exec exactly, as glibc's are) only to be refused by this one: glibc takes the
+    /// failure as "do not shrink that way", and nothing is opened. Any other `openat` is still
+    /// a violation (the stricter answer of two filters wins).
+    no_open: Arc<BpfProgram>,
 }
 
 impl Filters {
@@ -126,17 +136,25 @@ impl Filters {
             .map_err(err)?;
             Ok(Arc::new(BpfProgram::try_from(filter).map_err(err)?))
         };
-        let no_clone3 = SeccompFilter::new(
-            [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
-            SeccompAction::Allow,
-            SeccompAction::Errno(libc::ENOSYS as u32),
-            TargetArch::x86_64,
-        )
-        .and_then(BpfProgram::try_from)
-        .map_err(|source| SeccompError::Build {
-            kind: ThreadKind::Device.describe(),
-            source,
-        })?;
+        // A stacked filter that answers system call `nr` with `errno` and allows the rest.
+        let answer = |kind: ThreadKind, nr: i64, errno: i32| {
+            SeccompFilter::new(
+                [(nr, Vec::new())].into_iter().collect(),
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                TargetArch::x86_64,
+            )
+            .and_then(BpfProgram::try_from)
+            .map(Arc::new)
+            .map_err(|source| SeccompError::Build {
+                kind: kind.describe(),
+                source,
+            })
+        };
+        let no_clone3 = answer(ThreadKind::Device, libc::SYS_clone3, libc::ENOSYS)?;
+        // Every thread: an `openat` that passes its own filter (read-only, close-on-exec, as
+        // glibc's own opens are) gets ENOENT here, so no file is ever opened.
+        let no_open = answer(ThreadKind::Main, libc::SYS_openat, libc::ENOENT)?;
         Ok(Filters {
             vcpu: build(ThreadKind::Vcpu, vcpu_rules())?,
             device: build(ThreadKind::Device, device_rules())?,
@@ -145,7 +163,8 @@ impl Filters {
             control: build(ThreadKind::Control, control_rules())?,
             jail: Arc::default(),
             jailed: Arc::default(),
-            no_clone3: Arc::new(no_clone3),
+            no_clone3,
+            no_open,
         })
     }
 
@@ -202,6 +221,7 @@ impl Filters {
         };
         // The stacked filter first: installing a filter needs prctl(PR_SET_NO_NEW_PRIVS),
         // which the device filter does not allow.
+        seccompiler::apply_filter(&self.no_open).map_err(err)?;
         if kind == ThreadKind::Device {
             seccompiler::apply_filter(&self.no_clone3).map_err(err)?;
         }
@@ -233,6 +253,15 @@ impl Rules {
         for (nr, _why) in COMMON {
             r.allow(*nr);
         }
+        // Only to be answered ENOENT by the stacked `no_open` filter (see `Filters::no_open`).
+        r.allow_if(
+            libc::SYS_openat,
+            &[(
+                2,
+                SeccompCmpOp::Eq,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            )],
+        );
         // abort() on a panic that cannot unwind: tgkill(own pid, own tid, SIGABRT).
         r.allow_if(
             libc::SYS_tgkill,

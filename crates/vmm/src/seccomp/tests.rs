@@ -208,3 +208,34 @@ fn the_device_thread_starts_threads_but_clone3_answers_enosys() {
     .unwrap();
     assert_eq!(outcome, (-1, Some(libc::ENOSYS), 42));
 }
+
+#[test]
+fn a_read_only_open_as_glibc_makes_gets_enoent_on_every_thread_kind() {
+    // glibc's allocator opens /proc/sys/vm/overcommit_memory this way from any thread; the
+    // file exists, so ENOENT shows the stacked filter answered and nothing was opened.
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Console,
+        ThreadKind::Main,
+        ThreadKind::Control,
+    ] {
+        let filters = Filters::new().unwrap();
+        let outcome = std::thread::spawn(move || {
+            filters.apply(kind).unwrap();
+            // SAFETY: openat(2) with a NUL-terminated path; a descriptor is not expected.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    c"/proc/sys/vm/overcommit_memory".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                )
+            };
+            (r, std::io::Error::last_os_error().raw_os_error())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(outcome, (-1, Some(libc::ENOENT)), "{}", name(kind));
+    }
+}
