@@ -79,6 +79,10 @@ pub struct RestoreArgs {
     /// restore cannot add or remove the machine's network card).
     #[arg(long, value_name = "none|auto")]
     net: Option<String>,
+    /// The keys that detach from a copy with a terminal (comma-separated `ctrl-X` or
+    /// characters; empty: none).
+    #[arg(long, value_name = "KEYS", default_value = "ctrl-p,ctrl-q")]
+    detach_keys: String,
     /// The snapshot.
     snapshot: String,
 }
@@ -291,11 +295,23 @@ pub fn fork(args: ForkArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 pub fn restore(args: RestoreArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    // A copy takes input as its source did (`run -i`/`-t`): in the foreground this terminal
+    // is connected to it, as `run -it` connects one.
+    let source = Snapshots::open(data_dir)?.find(&args.snapshot)?.config;
+    let interactive = (source.stdin || source.tty) && !args.detach;
+    if source.tty && interactive && !std::io::stdin().is_terminal() {
+        bail!(
+            "snapshot {} is of a VM run with -t: a foreground restore needs a terminal on stdin (the input device is not a TTY); use -d and `cela attach`, or run it from a terminal",
+            args.snapshot
+        );
+    }
+    let keys = cela_instance::attach::parse_detach_keys(&args.detach_keys)?;
     let req = RestoreRequest {
         snapshot: args.snapshot,
         name: args.name,
-        // A foreground restore removes the instance itself, after reading its output.
-        auto_remove: args.rm && args.detach,
+        // A foreground restore removes the instance itself, after reading its output; an
+        // interactive one may be detached from, so its supervisor does.
+        auto_remove: args.rm && (args.detach || interactive),
         net: args
             .net
             .as_deref()
@@ -306,6 +322,12 @@ pub fn restore(args: RestoreArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     if args.detach {
         println!("{}", inst.config.id);
         return Ok(ExitCode::SUCCESS);
+    }
+    if interactive {
+        return Ok(match crate::attach_cmd::session(&inst, true, &keys)? {
+            crate::attach_cmd::Outcome::Ended(code) => code,
+            crate::attach_cmd::Outcome::Detached => ExitCode::SUCCESS,
+        });
     }
     ops::wait_state(&inst, START_BOUND, |s| s.supervisor.is_some())?;
     let state = follow(&inst, true)?;

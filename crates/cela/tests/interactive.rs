@@ -330,6 +330,45 @@ fn run_vm_it_puts_the_workload_on_the_guest_console() {
     assert!(err.contains("-t"), "{err}");
 }
 
+/// A snapshot of a VM run with `-it`, restored in the foreground: this terminal is the copy's
+/// console again (typed into, its exit code returned), and without a terminal the restore is
+/// refused before anything is made.
+#[test]
+fn a_snapshot_of_a_vm_run_it_restores_onto_this_terminal() {
+    let w = World::new();
+    w.ok(&[
+        "run", "-d", "-i", "-t", "--vm", "--name", "vsrc", "testimg", "sh",
+    ]);
+    let start = Instant::now();
+    while !w.ok(&["logs", "vsrc"]).contains("# ") {
+        assert!(start.elapsed() < Duration::from_secs(120), "no prompt");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.ok(&["snapshot", "--name", "vsnap", "vsrc"]);
+    let out = cela_cmd(&w, &["restore", "--name", "vnope", "vsnap"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a terminal"), "{err}");
+    let mut t = Pty::spawn(
+        &mut cela_cmd(&w, &["restore", "--rm", "--name", "vcopy", "vsnap"]),
+        30,
+        100,
+    );
+    t.ask_until(
+        "echo restored-$((6*7)) on $(hostname)\n",
+        "restored-42 on vcopy",
+    );
+    t.type_in("exit 5\n");
+    assert_eq!(t.exit_code(), Some(5));
+    assert!(t.cooked(), "the terminal is restored");
+    w.ok(&["rm", "vsrc"]);
+    w.ok(&["snapshot", "rm", "vsnap"]);
+    assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
 #[test]
 fn docker_run_i_and_it_through_cela_serve() {
     let w = World::new();

@@ -5,7 +5,8 @@
 //! that has to kill, `start` again, and nothing left after `rm`; a workload on the guest's
 //! console (`-it`) typed into through `cela attach`; a counting VM saved as a snapshot (cela's
 //! own engine: state, RAM, devices, disk), restored twice and forked, each copy counting on
-//! under its own name with its own random numbers, and `exec` into a copy. See
+//! under its own name with its own random numbers, and `exec` into a copy; a VM with
+//! `--net auto` restored and forked eight times, each copy on a link of its own. See
 //! docs/TESTING.md.
 
 mod common;
@@ -91,6 +92,28 @@ $C stop r1 >/dev/null; echo stop_rc=$?
 $C rm -f src r1 r2 f-1 f-2 >/dev/null; echo rm_rc=$?
 $C snapshot rm s1 >/dev/null; echo snaprm_rc=$?
 echo $(( $(ls /tmp/cela-data/instances | wc -l) + $(ls -A /tmp/cela-data/snapshots | wc -l) )); ps | grep -c '[_]_supervise'; true"#,
+    ),
+    (
+        "snapshot_net",
+        r#"$C run -d $VM --memory 128 --net auto --name ns img sh -c 'i=0; while :; do i=$((i+1)); set -- $(ip route | grep ^default); gw=$3; set -- $(ip -4 -o addr show dev eth0); a=$4; if ping -c 1 -W 1 $gw >/dev/null 2>&1; then p=ok; else p=no; fi; echo "n=$i $a $(cat /sys/class/net/eth0/address) $gw $p $(hostname) $(cat /proc/sys/kernel/random/uuid)"; sleep 1; done' >/dev/null || exit 98
+count() { $C logs $1 | grep '^n=' | tail -1 | cut -d' ' -f1 | cut -d= -f2; }
+addr() { $C inspect $1 | tr -d ' ,"' | grep '^address:' | head -1 | cut -d: -f2; }
+onlink() { a=$(addr $1); until $C logs $1 | grep -q "^n=[0-9]* $a .* ok "; do sleep 0.2; done; $C logs $1 | grep "^n=[0-9]* $a .* ok " | head -1; }
+onlink ns >/dev/null
+$C snapshot --name ns1 ns >/dev/null; echo snapshot_rc=$?
+$C restore -d --name nr ns1 >/dev/null; echo restore_rc=$?
+onlink nr >/tmp/lines
+at=$(count nr)
+$C fork -n 8 --name-prefix nf nr >/dev/null; echo fork_rc=$?
+for i in 1 2 3 4 5 6 7 8; do onlink nf-$i >>/tmp/lines; done
+echo names=$(cut -d' ' -f6 /tmp/lines)
+echo lines=$(wc -l </tmp/lines) addresses=$(cut -d' ' -f2 /tmp/lines | sort -u | wc -l) macs=$(cut -d' ' -f3 /tmp/lines | sort -u | wc -l) gateways=$(cut -d' ' -f4 /tmp/lines | sort -u | wc -l)
+for i in 1 2 3 4 5 6 7 8; do until $C logs nf-$i | grep -q "^n=$((at+3)) "; do sleep 0.2; done; $C logs nf-$i | grep "^n=$((at+3)) " | cut -d' ' -f7; done | sort -u | wc -l | sed 's/^/uuids=/'
+n2=$(count nr); until [ "$(count nr)" -gt $n2 ] 2>/dev/null; do sleep 0.2; done
+[ "$($C logs nr | grep '^n=' | tail -1 | cut -d' ' -f2,5,6)" = "$(addr nr) ok nr" ] && echo parent_on_its_link
+$C rm -f ns nr nf-1 nf-2 nf-3 nf-4 nf-5 nf-6 nf-7 nf-8 >/dev/null; echo rm_rc=$?
+$C snapshot rm ns1 >/dev/null; echo snaprm_rc=$?
+echo $(( $(ls /tmp/cela-data/instances | wc -l) + $(ls -A /tmp/cela-data/snapshots | wc -l) )); ps | grep -c '[_]_supervise'; ls /sys/class/net | grep -c '^cela[0-9]'; true"#,
     ),
 ];
 
@@ -258,6 +281,21 @@ fn a_counting_vm_is_snapshotted_restored_twice_and_forked() {
             "0",
         ],
         "{out}\n--- stderr ---\n{}",
+        r.stderr_str()
+    );
+}
+
+/// Snapshots of a VM with `--net auto` on cela's engine: a copy and eight forks of it, each
+/// moved onto a link of its own (its TAP's /30 and MAC, reaching its own gateway), under its
+/// own name, drawing its own random numbers; no TAP left after `rm`.
+#[test]
+fn a_networked_vm_is_restored_and_forked_eight_times_onto_links_of_their_own() {
+    let r = report().get("snapshot_net");
+    r.expect_rc(0);
+    assert_eq!(
+        r.stdout_str(),
+        "snapshot_rc=0\nrestore_rc=0\nfork_rc=0\nnames=nr nf-1 nf-2 nf-3 nf-4 nf-5 nf-6 nf-7 nf-8\nlines=9 addresses=9 macs=9 gateways=9\nuuids=8\nparent_on_its_link\nrm_rc=0\nsnaprm_rc=0\n0\n0\n0\n",
+        "{}",
         r.stderr_str()
     );
 }

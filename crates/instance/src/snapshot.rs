@@ -914,6 +914,9 @@ fn restore_checked(
     Ok(inst)
 }
 
+/// How many copies a fork starts at once.
+const FORK_WORKERS: u32 = 4;
+
 /// `cela fork`: `count` running copies of the running VM `inst`, named `PREFIX-1`…, which runs
 /// on. Under cela's monitor every copy maps the saved RAM privately, so the pages none of them
 /// has written are the page cache's, once for all; under QEMU each copy loads the saved state
@@ -951,23 +954,47 @@ pub fn fork(
     let made = (|| {
         manifest.check_restorable()?;
         manifest.verify(&dir)?;
-        let mut made = Vec::new();
-        for i in 1..=count {
-            let req = RestoreRequest {
-                snapshot: name.clone(),
-                name: Some(format!("{prefix}-{i}")),
-                auto_remove: false,
-                net: None,
-            };
-            match restore_checked(data_dir, &manifest, &dir, &req) {
-                Ok(copy) => made.push(copy),
-                Err(e) => {
-                    for copy in &made {
-                        let _ = ops::remove(copy, true);
+        // A few at a time: each start waits on its supervisor and monitor, which the others
+        // can use the time of (more at once only queue for the CPUs and near start's bound).
+        let next = std::sync::atomic::AtomicU32::new(1);
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..FORK_WORKERS.min(count) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i > count {
+                            return;
+                        }
+                        let req = RestoreRequest {
+                            snapshot: name.clone(),
+                            name: Some(format!("{prefix}-{i}")),
+                            auto_remove: false,
+                            net: None,
+                        };
+                        let made = restore_checked(data_dir, &manifest, &dir, &req);
+                        let failed = made.is_err();
+                        results
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((i, made));
+                        if failed {
+                            // The others finish what they started; nothing new is begun.
+                            next.store(count + 1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
-                    return Err(e);
-                }
+                });
             }
+        });
+        let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        results.sort_by_key(|(i, _)| *i);
+        let (made, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, r)| r.is_ok());
+        let made: Vec<Instance> = made.into_iter().filter_map(|(_, r)| r.ok()).collect();
+        if let Some((_, Err(e))) = failed.into_iter().next() {
+            for copy in &made {
+                let _ = ops::remove(copy, true);
+            }
+            return Err(e);
         }
         Ok(made)
     })();
