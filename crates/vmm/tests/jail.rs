@@ -257,8 +257,14 @@ fn a_forbidden_call_on_the_main_thread_kills_the_monitor_and_is_named() {
     let cfg = config(run_dir.path());
     let result = jail::run(&cfg, |j| {
         spinning_guest(j, || {
-            // What a monitor taken over might try first: open a host file.
-            let _ = std::fs::File::open("/etc/shadow");
+            // A read-only, close-on-exec open (as glibc's allocator makes of /proc on its own)
+            // is answered ENOENT: nothing is opened, and the monitor runs on.
+            match std::fs::File::open("/etc/shadow") {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => panic!("a read-only open got {other:?}"),
+            }
+            // What a monitor taken over might try next: open a host file to write it.
+            let _ = std::fs::OpenOptions::new().write(true).open("/etc/shadow");
         })
     });
     let err = result.unwrap_err().to_string();
