@@ -521,7 +521,7 @@ pub fn decode<T: DeserializeOwned>(report: &[u8], status: WaitStatus) -> Result<
 
 /// `text` as one line to show, each control character (escape, newline, carriage return, …)
 /// written as `\u{..}`, cut to at most [`MAX_MESSAGE`] characters.
-fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     let mut out = String::new();
     let mut len = 0;
     for c in text.chars() {

@@ -9,7 +9,8 @@
 //! schema and cannot send a file descriptor along with a command, which `getfd` needs
 //! (SCM_RIGHTS on the same `sendmsg` as the command's bytes); `qmp` is async-only. The
 //! monitor's end is QEMU's, running a guest's machine: every line read is bounded
-//! ([`MAX_LINE`]).
+//! ([`MAX_LINE`]), and its words that reach a message (an error's, the build's name) are made
+//! one bounded printable line (fuzz target `qmp_monitor`).
 
 use std::io::{self, BufRead, BufReader, IoSlice, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -135,7 +136,8 @@ impl Qmp {
         let greeting = parse(&read_line(&mut reader)?.ok_or(QmpError::Closed)?)?;
         let Some(v) = greeting.get("QMP").and_then(|q| q.get("version")) else {
             return Err(QmpError::Protocol(format!(
-                "a greeting without a version: {greeting}"
+                "a greeting without a version: {}",
+                crate::jail::printable(&greeting.to_string())
             )));
         };
         let num = |k: &str| v["qemu"][k].as_u64().unwrap_or(0);
@@ -143,7 +145,7 @@ impl Qmp {
             major: num("major"),
             minor: num("minor"),
             micro: num("micro"),
-            package: v["package"].as_str().unwrap_or("").to_owned(),
+            package: crate::jail::printable(v["package"].as_str().unwrap_or("")),
         };
         writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
         loop {
@@ -243,11 +245,13 @@ impl Qmp {
     }
 }
 
+/// QEMU's refusal of `command`. Its words are QEMU's, which runs a guest's machine: shown
+/// only as one bounded line of printable characters (no escape of theirs reaches a terminal).
 fn command_error(command: &str, e: &Value) -> QmpError {
     QmpError::Command {
         command: command.to_owned(),
-        class: e["class"].as_str().unwrap_or("?").to_owned(),
-        desc: e["desc"].as_str().unwrap_or("no description").to_owned(),
+        class: crate::jail::printable(e["class"].as_str().unwrap_or("?")),
+        desc: crate::jail::printable(e["desc"].as_str().unwrap_or("no description")),
     }
 }
 
