@@ -84,6 +84,11 @@ for r in r1 r2; do first=$($C logs $r | grep '^n=' | head -1 | cut -d' ' -f1 | c
 u1=$($C logs r1 | grep "^n=$((last+2)) " | cut -d' ' -f4); u2=$($C logs r2 | grep "^n=$((last+2)) " | cut -d' ' -f4)
 [ -n "$u1" ] && [ "$u1" != "$u2" ] && echo uuids_differ
 $C exec r1 sh -c 'cat /w; hostname'
+echo "acpi=$($C exec r1 ls /sys/bus/acpi/devices | grep -c -e '^CELAVGID:' -e '^ACPI0013:')"
+gen() { $C exec $1 sh -c 'dd if=/dev/mem bs=16 count=1 skip=65280 2>/dev/null | od -An -tx1' | tr -d ' \n'; }
+ged() { $C exec $1 awk '/Ged/ {print $2}' /proc/interrupts; }
+g1=$(gen r1); g2=$(gen r2); [ ${#g1} = 32 ] && [ "$g1" != "$g2" ] && echo generation_ids_differ
+echo "ged_events r1=$(ged r1) r2=$(ged r2)"
 $C fork -n 2 --name-prefix f r2; echo fork_rc=$?
 at=$(count r2); for f in f-1 f-2; do until [ "$(count $f)" -ge $((at+1)) ] 2>/dev/null; do sleep 0.2; done; echo "$f $($C logs $f | grep '^n=' | tail -1 | cut -d' ' -f3)"; done
 $C inspect r2 | grep -E '"status"' | tr -d ' ,' | sort -u
@@ -217,8 +222,10 @@ fn a_stop_that_times_out_kills_the_vm_and_start_boots_it_again() {
 
 /// Snapshots on cela's own engine: saved and ended, restored twice from one snapshot (each
 /// counting on from the saved count, under its own host name, with its own random numbers,
-/// with the disk's file), `exec` into a copy, two forks of a running copy, a graceful stop of
-/// a restored VM, and nothing left after `rm`.
+/// with the disk's file), `exec` into a copy, the VM generation ID device and its event device
+/// in the guest's ACPI namespace, each copy with its own generation ID (read from /dev/mem at
+/// its page) and one generation-change event taken by the guest, two forks of a running copy,
+/// a graceful stop of a restored VM, and nothing left after `rm`.
 #[test]
 fn a_counting_vm_is_snapshotted_restored_twice_and_forked() {
     let r = report().get("snapshot");
@@ -267,6 +274,9 @@ fn a_counting_vm_is_snapshotted_restored_twice_and_forked() {
             "uuids_differ",
             "start",
             "r1",
+            "acpi=2",
+            "generation_ids_differ",
+            "ged_events r1=1 r2=1",
             "f-1",
             "f-2",
             "fork_rc=0",

@@ -24,8 +24,9 @@ use acpi_tables::Aml;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
-    ACPI_PM_PORT, ACPI_PM_PORT_SIZE, COM1_GSI, COM1_PORT, COM2_GSI, COM2_PORT, I8042_PORT,
-    I8042_PORT_SIZE, PVPANIC_PORT, SERIAL_PORT_SIZE, VIRTIO_MMIO_STRIDE, virtio_mmio_slot,
+    ACPI_PM_PORT, ACPI_PM_PORT_SIZE, COM1_GSI, COM1_PORT, COM2_GSI, COM2_PORT, GED_GSI, I8042_PORT,
+    I8042_PORT_SIZE, PVPANIC_PORT, SERIAL_PORT_SIZE, VIRTIO_MMIO_STRIDE, VMGENID_ADDR,
+    virtio_mmio_slot,
 };
 use crate::arch::x86_64::{acpi, boot};
 use crate::config::{ConfigError, open_disks, validate_for_kvm};
@@ -43,6 +44,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{
     DEFAULT_GUEST_CID, HostSocket, PortHandler, Vsock, VsockError,
 };
+use crate::devices::vmgenid::{GedAml, VmGenIdAml, VmGenIdError, write_new_id};
 use crate::machine::MachineConfig;
 use crate::persist::machine::{MachineSaver, MachineState};
 use crate::seccomp::Filters;
@@ -85,6 +87,10 @@ pub enum BuildError {
     Jail(#[from] crate::jail::JailError),
     #[error("restoring the machine: {0}")]
     Persist(#[from] crate::persist::PersistError),
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
+    #[error("raising the generation-ID event: {0}")]
+    GedEvent(std::io::Error),
 }
 
 /// Where the guest's two serial ports lead on the host.
@@ -248,6 +254,9 @@ struct PcDevices {
     aml: Vec<Box<dyn Aml>>,
     /// COM1 and COM2, whose state a snapshot carries.
     serials: Vec<Arc<Mutex<Serial>>>,
+    /// The Generic Event Device's interrupt: raised once a restored machine has a new
+    /// generation ID (`devices::vmgenid`).
+    ged: EventFd,
 }
 
 fn pc_devices(
@@ -280,11 +289,16 @@ fn pc_devices(
         pio.insert(dev, u64::from(port), u64::from(len))?;
     }
     aml.push(Box::new(PvPanicAml { port: PVPANIC_PORT }));
+    let ged = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.connect_irq(&ged, GED_GSI)?;
+    aml.push(Box::new(VmGenIdAml { addr: VMGENID_ADDR }));
+    aml.push(Box::new(GedAml { gsi: GED_GSI }));
     Ok(PcDevices {
         pio,
         console_input: console_input.expect("COM1 was created"),
         aml,
         serials,
+        ged,
     })
 }
 
@@ -438,6 +452,7 @@ pub fn boot_linux(
         .map(|a| a.as_ref())
         .collect();
     acpi::write_tables(vm.memory(), config.vcpus, &aml)?;
+    write_new_id(vm.memory(), VMGENID_ADDR)?;
 
     let VirtioDevices {
         mmio,
@@ -538,6 +553,10 @@ pub fn restore_linux(
         crate::devices::bus::lock(transport).restore(saved)?;
     }
     state.vm.restore_clock(vm.fd())?;
+    // A copy: a new generation ID, and the event that tells a guest with a driver for it
+    // (edge-triggered: pending on its IOAPIC pin until the guest runs).
+    write_new_id(vm.memory(), VMGENID_ADDR)?;
+    pc.ged.write(1).map_err(BuildError::GedEvent)?;
     start(
         vm,
         vcpus,

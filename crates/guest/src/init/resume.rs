@@ -1,8 +1,9 @@
 //! What a machine restored from a snapshot is told by the host (on the control channel, as
 //! [`crate::HostRequest`]s): the time now, random bytes for the kernel's generator, and the
 //! host name of the instance it now is (and, with `--net auto`, its new link: see
-//! [`super::net::reconfigure`]). Debian's 6.1 cloud kernel has no VMGenID driver, so nothing
-//! else would tell it that it was copied. Failures are reported on the console and
+//! [`super::net::reconfigure`]). cela's monitor also gives a restored machine a new VM
+//! generation ID, but Debian's 6.1 cloud kernel has no driver for it, so these requests are
+//! what tell it that it was copied. Failures are reported on the console and
 //! change nothing else: the workload runs on either way.
 
 use std::os::fd::AsRawFd;

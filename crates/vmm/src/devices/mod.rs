@@ -6,3 +6,4 @@ pub mod bus;
 pub mod legacy;
 pub mod pvpanic;
 pub mod virtio;
+pub mod vmgenid;

@@ -27,8 +27,11 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// Where the ACPI RSDP lives: the kernel also finds it by scanning 0xE0000..0xFFFFF, so it
 /// works even with a boot loader that does not pass `acpi_rsdp_addr`.
 pub const RSDP_START: u64 = 0xe0000;
-/// The rest of the ACPI tables follow the RSDP, up to the end of the BIOS area.
-pub const ACPI_TABLES_END: u64 = 0x100000;
+/// The rest of the ACPI tables follow the RSDP, up to the VM generation ID's page.
+pub const ACPI_TABLES_END: u64 = VMGENID_ADDR;
+/// The VM generation ID's page (`devices::vmgenid`): the last page of the BIOS area, which the
+/// e820 map reserves, above the ACPI tables.
+pub const VMGENID_ADDR: u64 = 0xff000;
 /// Start of "high memory": the protected-mode kernel is loaded here.
 pub const HIMEM_START: u64 = 0x100000;
 
@@ -57,7 +60,7 @@ pub const VIRTIO_GSI_START: u32 = 5;
 /// The MMIO window and GSI of virtio-mmio device `n`, or None once the IOAPIC's pins run out.
 pub fn virtio_mmio_slot(n: usize) -> Option<(u64, u32)> {
     let gsi = (VIRTIO_GSI_START..IOAPIC_PINS)
-        .filter(|g| *g != SCI_GSI)
+        .filter(|g| *g != SCI_GSI && *g != GED_GSI)
         .nth(n)?;
     Some((VIRTIO_MMIO_START + VIRTIO_MMIO_STRIDE * n as u64, gsi))
 }
@@ -81,21 +84,24 @@ pub const PVPANIC_PORT: u16 = 0x505;
 /// The GSI the ACPI SCI would use; hardware-reduced ACPI needs none, but the FADT field must
 /// name a valid pin.
 pub const SCI_GSI: u32 = 9;
+/// The Generic Event Device's interrupt (`devices::vmgenid`): the IOAPIC's last pin.
+pub const GED_GSI: u32 = IOAPIC_PINS - 1;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn virtio_slots_avoid_the_serial_ports_and_the_sci() {
+    fn virtio_slots_avoid_the_serial_ports_the_sci_and_the_ged() {
         assert_eq!(virtio_mmio_slot(0), Some((0xd000_0000, 5)));
         assert_eq!(virtio_mmio_slot(4), Some((0xd000_4000, 10)));
         let all: Vec<_> = (0..).map_while(virtio_mmio_slot).collect();
-        assert_eq!(all.len(), 18);
+        assert_eq!(all.len(), 17);
         assert!(all.iter().all(|(base, gsi)| {
             *gsi != COM1_GSI
                 && *gsi != COM2_GSI
                 && *gsi != SCI_GSI
+                && *gsi != GED_GSI
                 && *gsi < IOAPIC_PINS
                 && *base + VIRTIO_MMIO_STRIDE <= IOAPIC_ADDR
         }));
