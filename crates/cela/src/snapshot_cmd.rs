@@ -76,7 +76,8 @@ pub struct RestoreArgs {
     rm: bool,
     /// The network: `auto` (a link to the host of its own: a new TAP, MAC and /30, which the
     /// guest takes on resume) or `none`. Default: the snapshot's; the other is refused (a
-    /// restore cannot add or remove the machine's network card).
+    /// restore cannot add or remove the machine's network card). An imported snapshot with a
+    /// network card gets a link to this host only with `--net auto` given.
     #[arg(long, value_name = "none|auto")]
     net: Option<String>,
     /// The keys that detach from a copy with a terminal (comma-separated `ctrl-X` or

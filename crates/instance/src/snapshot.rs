@@ -96,6 +96,10 @@ pub struct Manifest {
     /// Its settings, which a restored instance takes over.
     pub config: InstanceConfig,
     pub files: Vec<FileDigest>,
+    /// It came from another host (`snapshot import`): what it asks for that reaches this host
+    /// (a network link) is given only when the restore asks for it too.
+    #[serde(default)]
+    pub imported: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +114,18 @@ pub struct FileDigest {
     pub size: u64,
     /// Its [`blocks::BlockDigest`] (`sha256-blocks:HEX`).
     pub digest: String,
+}
+
+/// The `format` of a manifest's bytes, read before the rest: a manifest of another format may
+/// not parse as this one, and should be refused for its format, not called damaged.
+pub(crate) fn format_of(bytes: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    serde_json::from_slice::<Format>(bytes)
+        .ok()
+        .map(|f| f.format)
 }
 
 /// The snapshots under a data directory.
@@ -187,6 +203,11 @@ impl Snapshots {
             .doing(|| format!("reading {}", path.display()))?;
         if bytes.len() as u64 > MAX_MANIFEST {
             return Err(bad(name, "its manifest is larger than 1 MiB"));
+        }
+        if let Some(format) = format_of(&bytes).filter(|f| *f != FORMAT) {
+            return Err(InstanceError::Unsupported(format!(
+                "snapshot {name} cannot be restored here: its format is {format} and this cela reads {FORMAT}"
+            )));
         }
         let m: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| bad(name, format!("its manifest: {e}")))?;
@@ -424,6 +445,7 @@ fn write_snapshot(
         },
         config: inst.config.clone(),
         files,
+        imported: false,
     };
     let mpath = tmp.join("manifest.json");
     let mut f = File::create(&mpath).doing(|| format!("creating {}", mpath.display()))?;
@@ -810,9 +832,37 @@ pub fn restore(data_dir: &Path, req: &RestoreRequest) -> Result<Instance, Instan
     let snaps = Snapshots::open(data_dir)?;
     let manifest = snaps.find(&req.snapshot)?;
     manifest.check_restorable()?;
+    check_net(&manifest, req.net)?;
     let dir = snaps.dir(&req.snapshot);
     manifest.verify(&dir)?;
     restore_checked(data_dir, &manifest, &dir, req)
+}
+
+/// Whether a restore asking for `net` (`None`: the snapshot's own) can have it: a restore
+/// cannot add or remove the machine's network card, and an imported snapshot gets a link to
+/// this host only when the restore asks for one by name.
+fn check_net(manifest: &Manifest, net: Option<NetMode>) -> Result<(), InstanceError> {
+    let saved = manifest.config.net;
+    if let Some(net) = net.filter(|n| *n != saved) {
+        return Err(InstanceError::Invalid(format!(
+            "snapshot {} is of a microVM with --net {}, and a restore cannot {} its network card: restore it with --net {}",
+            manifest.name,
+            saved.as_str(),
+            if net == NetMode::None {
+                "remove"
+            } else {
+                "add"
+            },
+            saved.as_str(),
+        )));
+    }
+    if manifest.imported && saved == NetMode::Auto && net.is_none() {
+        return Err(InstanceError::Invalid(format!(
+            "snapshot {} came from another host and has a network card: restore it with --net auto to give it a link to this host",
+            manifest.name
+        )));
+    }
+    Ok(())
 }
 
 /// [`restore`] of a snapshot already found, checked and verified.
@@ -822,19 +872,6 @@ fn restore_checked(
     dir: &Path,
     req: &RestoreRequest,
 ) -> Result<Instance, InstanceError> {
-    if let Some(net) = req.net.filter(|n| *n != manifest.config.net) {
-        return Err(InstanceError::Invalid(format!(
-            "snapshot {} is of a microVM with --net {}, and a restore cannot {} its network card: restore it with --net {}",
-            manifest.name,
-            manifest.config.net.as_str(),
-            if net == NetMode::None {
-                "remove"
-            } else {
-                "add"
-            },
-            manifest.config.net.as_str(),
-        )));
-    }
     let dir = dir.to_owned();
     // What the workload is comes from the manifest; how the machine is confined comes from
     // this host: the jail always. What it is given to read (a restore reads neither; a later
@@ -958,39 +995,55 @@ pub fn fork(
         // can use the time of (more at once only queue for the CPUs and near start's bound).
         let next = std::sync::atomic::AtomicU32::new(1);
         let results = std::sync::Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for _ in 0..FORK_WORKERS.min(count) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i > count {
-                            return;
+        let panicked = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..FORK_WORKERS.min(count))
+                .map(|_| {
+                    s.spawn(|| {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i > count {
+                                return;
+                            }
+                            let req = RestoreRequest {
+                                snapshot: name.clone(),
+                                name: Some(format!("{prefix}-{i}")),
+                                auto_remove: false,
+                                net: None,
+                            };
+                            let made = restore_checked(data_dir, &manifest, &dir, &req);
+                            let failed = made.is_err();
+                            results
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((i, made));
+                            if failed {
+                                // The others finish what they started; nothing new is begun.
+                                next.store(count + 1, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
-                        let req = RestoreRequest {
-                            snapshot: name.clone(),
-                            name: Some(format!("{prefix}-{i}")),
-                            auto_remove: false,
-                            net: None,
-                        };
-                        let made = restore_checked(data_dir, &manifest, &dir, &req);
-                        let failed = made.is_err();
-                        results
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((i, made));
-                        if failed {
-                            // The others finish what they started; nothing new is begun.
-                            next.store(count + 1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                });
-            }
+                    })
+                })
+                .collect();
+            // Joined here, so a worker that panicked is a failure like any other (the copies
+            // made are removed below) rather than a panic that skips the clean-up.
+            workers
+                .into_iter()
+                .map(|w| w.join())
+                .filter(Result::is_err)
+                .count()
         });
         let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
         results.sort_by_key(|(i, _)| *i);
         let (made, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, r)| r.is_ok());
         let made: Vec<Instance> = made.into_iter().filter_map(|(_, r)| r.ok()).collect();
-        if let Some((_, Err(e))) = failed.into_iter().next() {
+        let failure = match failed.into_iter().next() {
+            Some((_, Err(e))) => Some(e),
+            _ if panicked > 0 => Some(InstanceError::Other(
+                "a fork worker failed unexpectedly (a bug: see the log)".into(),
+            )),
+            _ => None,
+        };
+        if let Some(e) = failure {
             for copy in &made {
                 let _ = ops::remove(copy, true);
             }

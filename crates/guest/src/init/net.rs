@@ -19,12 +19,18 @@ static CONFIGURED: Mutex<Option<(String, NetRequest)>> = Mutex::new(None);
 /// Configures the network `request` describes; an error says which step failed.
 pub fn configure(request: &NetRequest) -> Result<(), String> {
     let _ = netif::set_up("lo");
-    let name = interface_with_mac(Path::new("/sys/class/net"), &request.mac).ok_or_else(|| {
-        format!(
-            "no network interface has MAC address {} (is virtio_net loaded?)",
-            format_mac(&request.mac)
-        )
-    })?;
+    let sys = Path::new("/sys/class/net");
+    // By its MAC; else the only Ethernet interface there is: a machine saved before its NIC
+    // was probed and restored elsewhere probes it with the new MAC, while this request (its
+    // command line) still names the old one. The restore's own request then moves it.
+    let name = interface_with_mac(sys, &request.mac)
+        .or_else(|| only_ethernet(sys))
+        .ok_or_else(|| {
+            format!(
+                "no network interface has MAC address {} (is virtio_net loaded?)",
+                format_mac(&request.mac)
+            )
+        })?;
     netif::set_ipv4(&name, request.address, request.prefix).map_err(|e| e.to_string())?;
     netif::set_up(&name).map_err(|e| e.to_string())?;
     netif::add_default_route(request.gateway).map_err(|e| e.to_string())?;
@@ -40,8 +46,9 @@ pub fn reconfigure(request: &NetRequest) -> Result<(), String> {
     let Some((name, old)) = configured.as_ref() else {
         return Err("this machine configured no network interface at boot".into());
     };
-    netif::set_mac(name, request.mac).map_err(|e| e.to_string())?;
-    // Gone already if the kernel dropped it with the old address; nothing else to undo.
+    // The address and route first: they are what reach the new link (a point-to-point TAP
+    // hardly looks at the MAC), so a MAC the driver refuses leaves the copy reachable.
+    // The old route is gone already if the kernel dropped it with the old address.
     let _ = netif::delete_default_route(old.gateway);
     netif::set_ipv4(name, request.address, request.prefix).map_err(|e| e.to_string())?;
     netif::set_up(name).map_err(|e| e.to_string())?;
@@ -49,9 +56,24 @@ pub fn reconfigure(request: &NetRequest) -> Result<(), String> {
         Err(e) if e.err.raw_os_error() != Some(libc::EEXIST) => return Err(e.to_string()),
         _ => {}
     }
+    let mac = netif::set_mac(name, request.mac).map_err(|e| e.to_string());
     let name = name.clone();
     *configured = Some((name, *request));
-    Ok(())
+    mac
+}
+
+/// The one interface under `sys_class_net` of type Ethernet (`type` 1), if there is exactly
+/// one.
+fn only_ethernet(sys_class_net: &Path) -> Option<String> {
+    let mut found = std::fs::read_dir(sys_class_net)
+        .ok()?
+        .flatten()
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("type")).is_ok_and(|t| t.trim() == "1")
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned());
+    let one = found.next()?;
+    found.next().is_none().then_some(one)
 }
 
 /// The name of the interface under `sys_class_net` whose `address` file holds `mac`.
@@ -86,5 +108,18 @@ mod tests {
         );
         assert_eq!(interface_with_mac(dir.path(), &[2, 0, 0, 0, 0, 1]), None);
         assert_eq!(interface_with_mac(&dir.path().join("none"), &mac), None);
+    }
+
+    #[test]
+    fn the_only_ethernet_interface_is_found_and_two_are_not_chosen_between() {
+        let dir = TestDir::new();
+        for (name, kind) in [("lo", "772"), ("eth0", "1"), ("sit0", "776")] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("type"), format!("{kind}\n")).unwrap();
+        }
+        assert_eq!(only_ethernet(dir.path()).as_deref(), Some("eth0"));
+        std::fs::create_dir(dir.path().join("eth1")).unwrap();
+        std::fs::write(dir.path().join("eth1").join("type"), "1\n").unwrap();
+        assert_eq!(only_ethernet(dir.path()), None);
     }
 }

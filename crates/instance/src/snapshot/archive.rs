@@ -184,6 +184,12 @@ fn import_into(
     entry
         .read_to_end(&mut bytes)
         .map_err(|e| refuse(format!("{MANIFEST}: {e}")))?;
+    // The format first: another format's manifest may not parse as this one's.
+    if let Some(format) = super::format_of(&bytes).filter(|f| *f != FORMAT) {
+        return Err(InstanceError::Unsupported(format!(
+            "the archive's snapshot format is {format} and this cela reads {FORMAT}"
+        )));
+    }
     let mut m: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| refuse(format!("{MANIFEST}: {e}")))?;
     if m.format != FORMAT {
@@ -322,6 +328,7 @@ fn import_into(
     m.name = target.clone();
     // Paths on the host it came from name nothing of this one's: a restore here boots (on a
     // later cold start) this host's own kernel and initramfs.
+    m.imported = true;
     if let Some(vm) = &mut m.config.vm {
         vm.kernel = Default::default();
         vm.initrd = Default::default();

@@ -191,6 +191,14 @@ pub fn of_file(file: &File) -> io::Result<(BlockDigest, u64)> {
             pos += n as u64;
         }
     }
+    // A hole at the end reads as "no data" (ENXIO) whether the file kept its length or lost
+    // it meanwhile: the length decides.
+    if file.metadata()?.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the file changed length while it was read",
+        ));
+    }
     Ok(h.finish())
 }
 

@@ -42,6 +42,7 @@ fn write(snaps: &Snapshots, name: &str) -> Manifest {
         },
         config: config(),
         files,
+        imported: false,
     };
     fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     m
@@ -441,4 +442,47 @@ fn a_hostile_archive_is_refused_for_its_own_reason_and_leaves_nothing() {
     ]);
     import_bytes(&other, ok, None).unwrap();
     assert_eq!(store_names(&other), ["s"]);
+}
+
+#[test]
+fn a_restore_gets_the_network_card_it_was_saved_with_and_an_import_a_link_only_when_asked() {
+    let data = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::open(data.path()).unwrap();
+    let mut m = write(&snaps, "n");
+    assert!(check_net(&m, None).is_ok());
+    let e = check_net(&m, Some(NetMode::Auto)).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot add its network card") && e.contains("--net none"),
+        "{e}"
+    );
+    m.config.net = NetMode::Auto;
+    assert!(check_net(&m, None).is_ok());
+    let e = check_net(&m, Some(NetMode::None)).unwrap_err().to_string();
+    assert!(e.contains("cannot remove"), "{e}");
+    m.imported = true;
+    let e = check_net(&m, None).unwrap_err().to_string();
+    assert!(
+        e.contains("came from another host") && e.contains("--net auto"),
+        "{e}"
+    );
+    assert!(check_net(&m, Some(NetMode::Auto)).is_ok());
+}
+
+#[test]
+fn a_manifest_of_another_format_is_refused_for_its_format_not_called_damaged() {
+    let data = tempfile::tempdir().unwrap();
+    let snaps = Snapshots::open(data.path()).unwrap();
+    write(&snaps, "old");
+    // Format 1 had `sha256` where format 2 has `digest`.
+    let path = data.path().join("snapshots/old/manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    v["format"] = 1.into();
+    for f in v["files"].as_array_mut().unwrap() {
+        let d = f["digest"].take();
+        f.as_object_mut().unwrap().remove("digest");
+        f["sha256"] = d;
+    }
+    fs::write(&path, v.to_string()).unwrap();
+    let e = snaps.find("old").unwrap_err().to_string();
+    assert!(e.contains("its format is 1 and this cela reads 2"), "{e}");
 }
