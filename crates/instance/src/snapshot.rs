@@ -913,7 +913,8 @@ fn restore_checked(
     };
     let inst = Instances::open(data_dir)?.create(config)?;
     crate::events::record(&inst, "create", &[("snapshot", manifest.name.clone())]);
-    let made = (|| {
+    // A panic while the copy is made is a failure like any other: the copy is removed.
+    let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         File::create(inst.log_path())
             .doing(|| format!("creating {}", inst.log_path().display()))?;
         let disk = inst.dir.join("root.ext4");
@@ -943,7 +944,12 @@ fn restore_checked(
             });
         }
         Ok(())
-    })();
+    }))
+    .unwrap_or_else(|_| {
+        Err(InstanceError::Other(
+            "restoring it failed unexpectedly (a bug: see the log)".into(),
+        ))
+    });
     if let Err(e) = made {
         let _ = ops::remove(&inst, true);
         return Err(e);
@@ -995,55 +1001,45 @@ pub fn fork(
         // can use the time of (more at once only queue for the CPUs and near start's bound).
         let next = std::sync::atomic::AtomicU32::new(1);
         let results = std::sync::Mutex::new(Vec::new());
-        let panicked = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..FORK_WORKERS.min(count))
-                .map(|_| {
-                    s.spawn(|| {
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if i > count {
-                                return;
-                            }
-                            let req = RestoreRequest {
-                                snapshot: name.clone(),
-                                name: Some(format!("{prefix}-{i}")),
-                                auto_remove: false,
-                                net: None,
-                            };
-                            let made = restore_checked(data_dir, &manifest, &dir, &req);
-                            let failed = made.is_err();
-                            results
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push((i, made));
-                            if failed {
-                                // The others finish what they started; nothing new is begun.
-                                next.store(count + 1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            // Joined here, so a worker that panicked is a failure like any other (the copies
-            // made are removed below) rather than a panic that skips the clean-up.
-            workers
-                .into_iter()
-                .map(|w| w.join())
-                .filter(Result::is_err)
-                .count()
+        let work = || {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i > count {
+                    return;
+                }
+                let req = RestoreRequest {
+                    snapshot: name.clone(),
+                    name: Some(format!("{prefix}-{i}")),
+                    auto_remove: false,
+                    net: None,
+                };
+                // A panic inside is an error there (its copy removed), not one here.
+                let made = restore_checked(data_dir, &manifest, &dir, &req);
+                let failed = made.is_err();
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, made));
+                if failed {
+                    // The others finish what they started; nothing new is begun.
+                    next.store(count + 1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            let started = (0..FORK_WORKERS.min(count))
+                .filter(|_| std::thread::Builder::new().spawn_scoped(s, work).is_ok())
+                .count();
+            // No thread to be had (a pid limit): the copies are made here, one by one.
+            if started == 0 {
+                work();
+            }
         });
         let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
         results.sort_by_key(|(i, _)| *i);
         let (made, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, r)| r.is_ok());
         let made: Vec<Instance> = made.into_iter().filter_map(|(_, r)| r.ok()).collect();
-        let failure = match failed.into_iter().next() {
-            Some((_, Err(e))) => Some(e),
-            _ if panicked > 0 => Some(InstanceError::Other(
-                "a fork worker failed unexpectedly (a bug: see the log)".into(),
-            )),
-            _ => None,
-        };
-        if let Some(e) = failure {
+        if let Some((_, Err(e))) = failed.into_iter().next() {
             for copy in &made {
                 let _ = ops::remove(copy, true);
             }

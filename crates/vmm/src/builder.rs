@@ -554,7 +554,8 @@ pub fn restore_linux(
     }
     state.vm.restore_clock(vm.fd())?;
     // A copy: a new generation ID, and the event that tells a guest with a driver for it
-    // (edge-triggered: pending on its IOAPIC pin until the guest runs).
+    // (an edge: KVM hands it to the local APIC, taken once the guest runs; a guest that had
+    // not yet unmasked the pin misses it, and its driver reads the ID when it probes).
     write_new_id(vm.memory(), VMGENID_ADDR)?;
     pc.ged.write(1).map_err(BuildError::GedEvent)?;
     start(

@@ -20,11 +20,11 @@ static CONFIGURED: Mutex<Option<(String, NetRequest)>> = Mutex::new(None);
 pub fn configure(request: &NetRequest) -> Result<(), String> {
     let _ = netif::set_up("lo");
     let sys = Path::new("/sys/class/net");
-    // By its MAC; else the only Ethernet interface there is: a machine saved before its NIC
+    // By its MAC; else the only virtio NIC there is: a machine saved before its NIC
     // was probed and restored elsewhere probes it with the new MAC, while this request (its
     // command line) still names the old one. The restore's own request then moves it.
     let name = interface_with_mac(sys, &request.mac)
-        .or_else(|| only_ethernet(sys))
+        .or_else(|| only_virtio_nic(sys))
         .ok_or_else(|| {
             format!(
                 "no network interface has MAC address {} (is virtio_net loaded?)",
@@ -46,8 +46,11 @@ pub fn reconfigure(request: &NetRequest) -> Result<(), String> {
     let Some((name, old)) = configured.as_ref() else {
         return Err("this machine configured no network interface at boot".into());
     };
-    // The address and route first: they are what reach the new link (a point-to-point TAP
-    // hardly looks at the MAC), so a MAC the driver refuses leaves the copy reachable.
+    // The MAC first (before the new address is announced with the old one; and a driver
+    // that takes it only with the link down drops routes, which are set after), but its
+    // failure is told last: the address and route are what reach the new link (a
+    // point-to-point TAP hardly looks at the MAC), so the copy stays reachable.
+    let mac = netif::set_mac(name, request.mac).map_err(|e| e.to_string());
     // The old route is gone already if the kernel dropped it with the old address.
     let _ = netif::delete_default_route(old.gateway);
     netif::set_ipv4(name, request.address, request.prefix).map_err(|e| e.to_string())?;
@@ -56,20 +59,20 @@ pub fn reconfigure(request: &NetRequest) -> Result<(), String> {
         Err(e) if e.err.raw_os_error() != Some(libc::EEXIST) => return Err(e.to_string()),
         _ => {}
     }
-    let mac = netif::set_mac(name, request.mac).map_err(|e| e.to_string());
     let name = name.clone();
     *configured = Some((name, *request));
     mac
 }
 
-/// The one interface under `sys_class_net` of type Ethernet (`type` 1), if there is exactly
-/// one.
-fn only_ethernet(sys_class_net: &Path) -> Option<String> {
+/// The one virtio-net interface under `sys_class_net` (its device's driver is `virtio_net`:
+/// not a bridge, bond, dummy or tunnel, which are Ethernet too), if there is exactly one.
+fn only_virtio_nic(sys_class_net: &Path) -> Option<String> {
     let mut found = std::fs::read_dir(sys_class_net)
         .ok()?
         .flatten()
         .filter(|entry| {
-            std::fs::read_to_string(entry.path().join("type")).is_ok_and(|t| t.trim() == "1")
+            std::fs::read_link(entry.path().join("device/driver"))
+                .is_ok_and(|d| d.file_name().is_some_and(|n| n == "virtio_net"))
         })
         .map(|entry| entry.file_name().to_string_lossy().into_owned());
     let one = found.next()?;
@@ -111,15 +114,28 @@ mod tests {
     }
 
     #[test]
-    fn the_only_ethernet_interface_is_found_and_two_are_not_chosen_between() {
+    fn the_only_virtio_nic_is_found_and_two_are_not_chosen_between() {
         let dir = TestDir::new();
-        for (name, kind) in [("lo", "772"), ("eth0", "1"), ("sit0", "776")] {
-            std::fs::create_dir(dir.path().join(name)).unwrap();
-            std::fs::write(dir.path().join(name).join("type"), format!("{kind}\n")).unwrap();
+        // lo and a dummy have no device; a bridge-like one has another driver.
+        for (name, driver) in [
+            ("lo", None),
+            ("dummy0", None),
+            ("br0", Some("bridge")),
+            ("eth0", Some("virtio_net")),
+        ] {
+            let iface = dir.path().join(name);
+            std::fs::create_dir_all(iface.join("device")).unwrap();
+            if let Some(d) = driver {
+                let target = dir.path().join("drivers").join(d);
+                std::fs::create_dir_all(&target).unwrap();
+                std::os::unix::fs::symlink(&target, iface.join("device/driver")).unwrap();
+            }
         }
-        assert_eq!(only_ethernet(dir.path()).as_deref(), Some("eth0"));
-        std::fs::create_dir(dir.path().join("eth1")).unwrap();
-        std::fs::write(dir.path().join("eth1").join("type"), "1\n").unwrap();
-        assert_eq!(only_ethernet(dir.path()), None);
+        assert_eq!(only_virtio_nic(dir.path()).as_deref(), Some("eth0"));
+        let eth1 = dir.path().join("eth1/device");
+        std::fs::create_dir_all(&eth1).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("drivers/virtio_net"), eth1.join("driver"))
+            .unwrap();
+        assert_eq!(only_virtio_nic(dir.path()), None);
     }
 }

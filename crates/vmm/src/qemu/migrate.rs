@@ -69,7 +69,10 @@ fn wait_completed(qmp: &Qmp, what: &str, bound: Duration) -> Result<(), QemuErro
                     .get("error-desc")
                     .and_then(Value::as_str)
                     .unwrap_or("QEMU gave no reason");
-                return Err(QemuError::Migration(format!("{what} failed: {why}")));
+                return Err(QemuError::Migration(format!(
+                    "{what} failed: {}",
+                    crate::jail::printable(why)
+                )));
             }
             _ => {}
         }

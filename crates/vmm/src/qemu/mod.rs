@@ -549,7 +549,10 @@ fn stop_reason_for(event: &serde_json::Value) -> Option<StopReason> {
             Some("guest-shutdown") => StopReason::Guest(GuestExit::PoweredOff),
             Some("guest-reset") => StopReason::Guest(GuestExit::Rebooted),
             Some("guest-panic") => StopReason::Guest(GuestExit::Panicked),
-            Some(reason) => StopReason::Fault(format!("QEMU shut down ({reason})")),
+            Some(reason) => StopReason::Fault(format!(
+                "QEMU shut down ({})",
+                crate::jail::printable(reason)
+            )),
             None => StopReason::Fault("QEMU shut down without saying why".into()),
         }),
         _ => None,

@@ -41,8 +41,9 @@ pub struct QemuVersion {
 impl std::fmt::Display for QemuVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}.{}", self.major, self.minor, self.micro)?;
+        // From QEMU's greeting, or an imported snapshot's manifest: shown printable only.
         if !self.package.trim().is_empty() {
-            write!(f, " ({})", self.package.trim())?;
+            write!(f, " ({})", crate::jail::printable(self.package.trim()))?;
         }
         Ok(())
     }

@@ -32,7 +32,9 @@ pub const S5_SLEEP_TYPE: u8 = acpi_pm::S5_SLEEP_TYPE;
 /// Why the tables could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
-    #[error("the ACPI tables need {size} bytes but only {room} fit below 1 MiB")]
+    #[error(
+        "the ACPI tables need {size} bytes but only {room} fit below the VM generation ID's page"
+    )]
     TooLarge { size: u64, room: u64 },
     #[error("writing the ACPI {table} into guest memory failed: {source}")]
     Memory {
