@@ -92,6 +92,7 @@ echo "ged_events r1=$(ged r1) r2=$(ged r2)"
 $C fork -n 2 --name-prefix f r2; echo fork_rc=$?
 at=$(count r2); for f in f-1 f-2; do until [ "$(count $f)" -ge $((at+1)) ] 2>/dev/null; do sleep 0.2; done; echo "$f $($C logs $f | grep '^n=' | tail -1 | cut -d' ' -f3)"; done
 $C inspect r2 | grep -E '"status"' | tr -d ' ,' | sort -u
+$C inspect r2 | grep -q '"status": "running"' || { $C inspect r2 >&2; $C logs r2 | tail -5 >&2; exit 97; }
 at=$(count r2); until [ "$(count r2)" -gt $at ] 2>/dev/null; do sleep 0.2; done; echo r2_counts_on
 $C stop r1 >/dev/null; echo stop_rc=$?
 $C rm -f src r1 r2 f-1 f-2 >/dev/null; echo rm_rc=$?
