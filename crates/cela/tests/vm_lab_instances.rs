@@ -115,7 +115,7 @@ for i in 1 2 3 4 5 6 7 8; do onlink nf-$i >>/tmp/lines; done
 echo names=$(cut -d' ' -f6 /tmp/lines)
 echo lines=$(wc -l </tmp/lines) addresses=$(cut -d' ' -f2 /tmp/lines | sort -u | wc -l) macs=$(cut -d' ' -f3 /tmp/lines | sort -u | wc -l) gateways=$(cut -d' ' -f4 /tmp/lines | sort -u | wc -l)
 for i in 1 2 3 4 5 6 7 8; do until $C logs nf-$i | grep -q "^n=$((at+3)) "; do sleep 0.2; done; $C logs nf-$i | grep "^n=$((at+3)) " | cut -d' ' -f7; done | sort -u | wc -l | sed 's/^/uuids=/'
-n2=$(count nr); until [ "$(count nr)" -gt $n2 ] 2>/dev/null; do sleep 0.2; done
+n2=$(count nr); k=0; until [ "$(count nr)" -gt $n2 ] 2>/dev/null; do k=$((k+1)); [ $k -gt 300 ] && { echo "nr stopped counting after the fork" >&2; $C inspect nr >&2; $C logs nr | tail -5 >&2; exit 97; }; sleep 0.2; done
 [ "$($C logs nr | grep '^n=' | tail -1 | cut -d' ' -f2,5,6)" = "$(addr nr) ok nr" ] && echo parent_on_its_link
 $C rm -f ns nr nf-1 nf-2 nf-3 nf-4 nf-5 nf-6 nf-7 nf-8 >/dev/null; echo rm_rc=$?
 $C snapshot rm ns1 >/dev/null; echo snaprm_rc=$?
