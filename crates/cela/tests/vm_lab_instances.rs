@@ -114,6 +114,7 @@ $C fork -n 8 --name-prefix nf nr >/dev/null; echo fork_rc=$?
 for i in 1 2 3 4 5 6 7 8; do onlink nf-$i >>/tmp/lines; done
 echo names=$(cut -d' ' -f6 /tmp/lines)
 echo lines=$(wc -l </tmp/lines) addresses=$(cut -d' ' -f2 /tmp/lines | sort -u | wc -l) macs=$(cut -d' ' -f3 /tmp/lines | sort -u | wc -l) gateways=$(cut -d' ' -f4 /tmp/lines | sort -u | wc -l)
+[ "$(cut -d' ' -f4 /tmp/lines | sort -u | wc -l)" = 9 ] || { echo "the lines of the copies:" >&2; cat /tmp/lines >&2; for i in 1 2 3 4 5 6 7 8; do echo "nf-$i: $(addr nf-$i) $($C exec nf-$i ip route | tr '\n' ';')" >&2; done; }
 for i in 1 2 3 4 5 6 7 8; do until $C logs nf-$i | grep -q "^n=$((at+3)) "; do sleep 0.2; done; $C logs nf-$i | grep "^n=$((at+3)) " | cut -d' ' -f7; done | sort -u | wc -l | sed 's/^/uuids=/'
 n2=$(count nr); k=0; until [ "$(count nr)" -gt $n2 ] 2>/dev/null; do k=$((k+1)); [ $k -gt 300 ] && { echo "nr stopped counting after the fork" >&2; $C inspect nr >&2; $C logs nr | tail -5 >&2; exit 97; }; sleep 0.2; done
 [ "$($C logs nr | grep '^n=' | tail -1 | cut -d' ' -f2,5,6)" = "$(addr nr) ok nr" ] && echo parent_on_its_link

@@ -164,6 +164,26 @@ pub fn delete_default_route(gateway: Ipv4Addr) -> Result<(), NetifError> {
     default_route(libc::SIOCDELRT, "removing the default route", gateway)
 }
 
+/// The gateways of this network namespace's IPv4 default routes (from `/proc/net/route`).
+pub fn default_gateways() -> Vec<Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    parse_default_gateways(&text)
+}
+
+/// The gateways of the default routes in `/proc/net/route`'s text: rows whose destination
+/// and mask are zero (addresses in hex, in the host's byte order).
+fn parse_default_gateways(text: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+            let (dst, gw, mask) = (hex(f.get(1)?)?, hex(f.get(2)?)?, hex(f.get(7)?)?);
+            (dst == 0 && mask == 0 && gw != 0).then(|| Ipv4Addr::from(u32::from_be(gw)))
+        })
+        .collect()
+}
+
 /// `SIOCADDRT` or `SIOCDELRT` of the default route through `gateway`.
 fn default_route(
     request: libc::c_ulong,
@@ -199,6 +219,22 @@ fn default_route(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn default_gateways_are_read_from_the_route_table() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0100D50A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t0000D50A\t00000000\t0001\t0\t0\t0\tFCFFFFFF\t0\t0\t0\n\
+eth0\t00000000\t0500D50A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        #[cfg(target_endian = "little")]
+        assert_eq!(
+            super::parse_default_gateways(text),
+            [
+                std::net::Ipv4Addr::new(10, 213, 0, 1),
+                std::net::Ipv4Addr::new(10, 213, 0, 5)
+            ]
+        );
+    }
+
     use super::*;
 
     #[test]

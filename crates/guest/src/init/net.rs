@@ -33,7 +33,10 @@ pub fn configure(request: &NetRequest) -> Result<(), String> {
         })?;
     netif::set_ipv4(&name, request.address, request.prefix).map_err(|e| e.to_string())?;
     netif::set_up(&name).map_err(|e| e.to_string())?;
-    netif::add_default_route(request.gateway).map_err(|e| e.to_string())?;
+    // An internal network (`cela network create --internal`) has no gateway.
+    if !request.gateway.is_unspecified() {
+        netif::add_default_route(request.gateway).map_err(|e| e.to_string())?;
+    }
     *CONFIGURED.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, *request));
     Ok(())
 }
@@ -55,9 +58,19 @@ pub fn reconfigure(request: &NetRequest) -> Result<(), String> {
     let _ = netif::delete_default_route(old.gateway);
     netif::set_ipv4(name, request.address, request.prefix).map_err(|e| e.to_string())?;
     netif::set_up(name).map_err(|e| e.to_string())?;
-    match netif::add_default_route(request.gateway) {
-        Err(e) if e.err.raw_os_error() != Some(libc::EEXIST) => return Err(e.to_string()),
-        _ => {}
+    if !request.gateway.is_unspecified() {
+        match netif::add_default_route(request.gateway) {
+            Err(e) if e.err.raw_os_error() != Some(libc::EEXIST) => return Err(e.to_string()),
+            _ => {}
+        }
+    }
+    // The new gateway's is the only default route: one through an old gateway that
+    // survived (seen once in the lab) would reach the old link's host end through the new
+    // one, and the copy would name a gateway that is not its own.
+    for stale in netif::default_gateways() {
+        if stale != request.gateway {
+            let _ = netif::delete_default_route(stale);
+        }
     }
     let name = name.clone();
     *configured = Some((name, *request));
