@@ -195,6 +195,10 @@ struct CreateBody {
     /// `none` (default), `host` (containers) or `auto`.
     #[serde(default)]
     net: NetMode,
+    /// Named networks to join (`cela network create`), as `cela run --net` takes them:
+    /// `NAME[,ip=ADDR][,mac=MAC]`; with `net` left at `none`.
+    #[serde(default)]
+    networks: Vec<String>,
     /// Removed when it ends (`cela run --rm`).
     #[serde(default)]
     auto_remove: bool,
@@ -252,6 +256,11 @@ pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
         cpus: body.cpus,
         memory_mib: body.memory_mib,
         net: body.net,
+        networks: body
+            .networks
+            .iter()
+            .map(|n| cela_instance::network::named::Attachment::parse(n))
+            .collect::<Result<Vec<_>, _>>()?,
         auto_remove: body.auto_remove,
         labels: body.labels,
         pull: body.pull,

@@ -90,7 +90,7 @@ pub fn pull(args: PullArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let store = open(data_dir)?;
     let started = std::time::Instant::now();
     let rec = cela_image::pull(&store, &args.reference, &progress())?;
-    println!(
+    out!(
         "pulled {} {} ({}, {}) in {:.1}s",
         rec.familiar_names()
             .first()
@@ -111,7 +111,7 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
             let recs = cela_image::import(&store, &path, name.as_deref(), &progress())?;
             for rec in recs {
                 let names = rec.familiar_names();
-                println!(
+                out!(
                     "imported {} {} ({}, {})",
                     if names.is_empty() {
                         "<none>".to_owned()
@@ -133,7 +133,7 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
             let started = std::time::Instant::now();
             let rec =
                 cela_image::build_debian(&store, &suite, &mirror, name.as_deref(), &progress())?;
-            println!(
+            out!(
                 "built {} {} ({}) in {:.0}s",
                 rec.familiar_names().join(", "),
                 rec.digest,
@@ -146,7 +146,7 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
             match format {
                 Format::Json => {
                     let json = serde_json::to_string_pretty(&images).context("encoding JSON")?;
-                    println!("{json}");
+                    out!("{json}");
                 }
                 Format::Table => print_table(&images),
             }
@@ -162,10 +162,10 @@ pub fn image(cmd: ImageCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
                         e => e.into(),
                     })?;
                 for n in &removed.untagged {
-                    println!("untagged {}", cela_image::reference::familiar_name(n));
+                    out!("untagged {}", cela_image::reference::familiar_name(n));
                 }
                 if let Some(d) = &removed.deleted {
-                    println!(
+                    out!(
                         "deleted {d} (freed {} in {} blobs)",
                         human_size(removed.bytes_freed),
                         removed.blobs_freed
@@ -211,7 +211,7 @@ fn print_table(images: &[ImageRecord]) {
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out!("{}", line.join("  ").trim_end());
     }
 }
 

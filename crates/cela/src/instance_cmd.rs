@@ -15,8 +15,7 @@ use cela_instance::log::{LogReader, Stream};
 use cela_instance::ops::{self, ExecRequest, is_live};
 use cela_instance::run::START_BOUND;
 use cela_instance::{
-    GuestFiles, Instance, InstanceState, Instances, Kind, NetMode, RunRequest, Security, Status,
-    Volume,
+    GuestFiles, Instance, InstanceState, Instances, Kind, RunRequest, Security, Status, Volume,
 };
 use clap::Args;
 
@@ -47,8 +46,8 @@ pub struct RunImage {
     /// A microVM's own kernel and initramfs instead of cela's defaults.
     pub kernel: Option<std::path::PathBuf>,
     pub initrd: Option<std::path::PathBuf>,
-    /// `--net`: none, host or auto.
-    pub net: Option<String>,
+    /// `--net`: none, host or auto, or named networks.
+    pub net: Vec<String>,
     /// `--cap-add`, `--cap-drop`, `--security-opt` (containers).
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
@@ -63,10 +62,7 @@ pub(crate) fn instances(data_dir: &Path) -> anyhow::Result<Instances> {
 
 pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let kind = if req.vm { Kind::Vm } else { Kind::Container };
-    let net = match &req.net {
-        Some(arg) => NetMode::parse(arg, kind)?,
-        None => NetMode::None,
-    };
+    let (net, networks) = cela_instance::network::parse_net_args(&req.net, kind)?;
     let security_flags =
         !req.cap_add.is_empty() || !req.cap_drop.is_empty() || !req.security_opt.is_empty();
     if req.no_confine && !req.vm {
@@ -127,6 +123,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         cpus: req.cpus,
         memory_mib: req.memory,
         net,
+        networks,
         security: Security::parse(&req.cap_add, &req.cap_drop, &req.security_opt, net)?,
         guest,
         confine: !req.no_confine,
@@ -142,7 +139,7 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let inst = cela_instance::run::create(data_dir, &store, &request, &progress())?;
     if req.detach {
         cela_instance::run::start(data_dir, &inst)?;
-        println!("{}", inst.config.id);
+        out!("{}", inst.config.id);
         return Ok(ExitCode::SUCCESS);
     }
     cela_instance::run::spawn_supervisor(data_dir, &inst)?;
@@ -296,11 +293,15 @@ pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode
     }
     rows.extend(broken.iter().map(cela_instance::view::broken));
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Json => out!("{}", serde_json::to_string_pretty(&rows)?),
         Format::Table => {
-            println!(
+            out!(
                 "{:12}  {:16}  {:9}  {:20}  {:24}  STATUS",
-                "ID", "NAME", "KIND", "IMAGE", "COMMAND"
+                "ID",
+                "NAME",
+                "KIND",
+                "IMAGE",
+                "COMMAND"
             );
             let cell = |v: &serde_json::Value, key: &str| v[key].as_str().unwrap_or("?").to_owned();
             for v in rows {
@@ -321,7 +322,7 @@ pub fn ps(all: bool, format: Format, data_dir: &Path) -> anyhow::Result<ExitCode
                 if cmd.chars().count() > 24 {
                     cmd = cmd.chars().take(21).collect::<String>() + "...";
                 }
-                println!(
+                out!(
                     "{:12}  {:16}  {:9}  {:20}  {:24}  {status}",
                     cell(&v, "id"),
                     cell(&v, "name"),
@@ -438,7 +439,7 @@ pub fn inspect(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
         let state = inst.state_or_unknown();
         out.push(cela_instance::view::detail(&inst, &state));
     }
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    out!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -477,7 +478,7 @@ pub fn commit(args: CommitArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     // Ctrl-C waits for the commit to end, so a frozen container is always thawed.
     catch_interrupts()?;
     let rec = cela_instance::commit::commit(&store, &inst, &req, &crate::image_cmd::progress())?;
-    println!("{}", rec.digest);
+    out!("{}", rec.digest);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -486,7 +487,7 @@ pub fn stop(names: &[String], timeout: u64, data_dir: &Path) -> anyhow::Result<E
     for n in names {
         let inst = insts.find(n)?;
         ops::stop(&inst, Duration::from_secs(timeout))?;
-        println!("{}", inst.name());
+        out!("{}", inst.name());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -496,7 +497,7 @@ pub fn start(names: &[String], data_dir: &Path) -> anyhow::Result<ExitCode> {
     for n in names {
         let inst = insts.find(n)?;
         cela_instance::run::start(data_dir, &inst)?;
-        println!("{}", inst.name());
+        out!("{}", inst.name());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -507,13 +508,13 @@ pub fn rm(names: &[String], force: bool, data_dir: &Path) -> anyhow::Result<Exit
         match insts.find(n) {
             Ok(inst) => {
                 ops::remove(&inst, force)?;
-                println!("{}", inst.name());
+                out!("{}", inst.name());
             }
             // An instance whose config cannot be read is known by its id only.
             Err(e @ cela_instance::InstanceError::NotFound(_)) => match insts.find_broken(n)? {
                 Some(b) => {
                     ops::remove_broken(&b, force)?;
-                    println!("{}", b.id);
+                    out!("{}", b.id);
                 }
                 None => return Err(e.into()),
             },

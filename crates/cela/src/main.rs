@@ -2,9 +2,19 @@
 //! prints results; the mechanisms live in the `cela-vmm`, `cela-assets`, `cela-guest` and
 //! `cela-image` crates.
 
+/// `println!` for the command's results: a reader that went away (`cela ps | head -1`,
+/// `grep -q`) ends cela quietly with 141, as a shell reports a pipe's SIGPIPE, instead of the
+/// panic `println!` makes of it; any other failure to write is cela's error.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod attach_cmd;
 mod image_cmd;
 mod instance_cmd;
+mod network_cmd;
 mod paths;
 mod run_vm;
 mod snapshot_cmd;
@@ -16,6 +26,19 @@ use clap::{Parser, Subcommand};
 /// Exit status for failures of cela itself (bad input, missing assets, a VMM fault), as
 /// Docker uses 125 for errors of the daemon rather than of the container.
 pub const EXIT_CELA_ERROR: u8 = 125;
+
+/// Writes to stdout for [`out!`].
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("cela: error: writing the output: {e}");
+        std::process::exit(i32::from(EXIT_CELA_ERROR));
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -116,6 +139,9 @@ enum Command {
     Restore(snapshot_cmd::RestoreArgs),
     /// Start copies of a running microVM, each going on from where it is now; it runs on.
     Fork(snapshot_cmd::ForkArgs),
+    /// Manage networks that instances share (create, ls, inspect, rm).
+    #[command(subcommand)]
+    Network(network_cmd::NetworkCommand),
     /// Print instances' config and state as JSON.
     Inspect {
         #[arg(required = true)]
@@ -219,6 +245,7 @@ fn main() -> ExitCode {
         Command::Inspect { names } => instance_cmd::inspect(&names, &data_dir),
         Command::Commit(args) => instance_cmd::commit(args, &data_dir),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args, &data_dir),
+        Command::Network(cmd) => network_cmd::network(cmd, &data_dir),
         Command::Restore(args) => snapshot_cmd::restore(args, &data_dir),
         Command::Fork(args) => snapshot_cmd::fork(args, &data_dir),
         Command::Events {

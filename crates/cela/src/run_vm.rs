@@ -83,11 +83,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "IMAGE[,ro]")]
     rootfs: Option<String>,
     /// The network. With an IMAGE: `none` (default: loopback only; a microVM has no NIC),
-    /// `host` (containers: the host's network) or `auto` (a private /30 link to the host: a
-    /// veth for a container, a TAP for a microVM; removed with the instance). Without one
+    /// `host` (containers: the host's network), `auto` (a private /30 link to the host: a
+    /// veth for a container, a TAP for a microVM; removed with the instance), or the name of
+    /// a network (`cela network create`), with `,ip=ADDR` and (containers) `,mac=MAC`;
+    /// repeated for more networks (a container's eth0, eth1, …). Without an IMAGE
     /// (`--vm -- CMD`): `auto` or `tap=NAME` (an existing TAP device, left as it is).
-    #[arg(long, value_name = "none|host|auto|tap=NAME")]
-    net: Option<String>,
+    #[arg(long, value_name = "none|host|auto|NAME[,ip=A][,mac=M]|tap=NAME")]
+    net: Vec<String>,
     /// A vsock host side: the Unix socket PATH (host processes connect and send
     /// `CONNECT <port>\n`; guest connections to host port P reach the socket PATH_P). Without
     /// PATH, a socket in the run directory, printed on stderr. Removed when the VM ends.
@@ -295,7 +297,10 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         disks.push(rootfs);
     }
     cela_vmm::config::open_disks(&disks)?;
-    let net_mode = args.net.as_deref().map(NetMode::parse).transpose()?;
+    if args.net.len() > 1 {
+        anyhow::bail!("a microVM without an IMAGE has one --net (auto or tap=NAME)");
+    }
+    let net_mode = args.net.first().map(|n| NetMode::parse(n)).transpose()?;
     // The TAP (and for `auto` its address) exists from here on; it goes away with this
     // process, however the run ends.
     let net = net_mode.as_ref().map(cela_vmm::net::setup).transpose()?;

@@ -95,7 +95,7 @@ pub fn snapshot(args: SnapshotArgs, data_dir: &Path) -> anyhow::Result<ExitCode>
             let snaps = Snapshots::open(data_dir)?;
             for n in names {
                 snaps.remove(&n)?;
-                println!("{n}");
+                out!("{n}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -113,7 +113,7 @@ pub fn snapshot(args: SnapshotArgs, data_dir: &Path) -> anyhow::Result<ExitCode>
                 Box::new(File::open(&file).with_context(|| format!("opening {}", file.display()))?)
             };
             let m = snapshot::archive::import(&snaps, input, name.as_deref())?;
-            println!("{}", m.name);
+            out!("{}", m.name);
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -150,7 +150,7 @@ fn take(
                 }
             }
             let bytes: u64 = m.files.iter().map(|f| f.size).sum();
-            println!("{}", m.name);
+            out!("{}", m.name);
             eprintln!(
                 "saved {} ({}{})",
                 inst.config.name,
@@ -251,15 +251,18 @@ fn ls(format: Format, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let snaps = Snapshots::open(data_dir)?;
     let list = snaps.list()?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Json => out!("{}", serde_json::to_string_pretty(&list)?),
         Format::Table => {
-            println!(
+            out!(
                 "{:<32} {:<20} {:<8} {:>10}  CREATED",
-                "NAME", "SOURCE", "ENGINE", "SIZE"
+                "NAME",
+                "SOURCE",
+                "ENGINE",
+                "SIZE"
             );
             for m in list {
                 let bytes: u64 = m.files.iter().map(|f| f.size).sum();
-                println!(
+                out!(
                     "{:<32} {:<20} {:<8} {:>10}  {}",
                     m.name,
                     m.source.name,
@@ -290,7 +293,7 @@ pub fn fork(args: ForkArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     require_live(&inst, "fork copies a running microVM")?;
     let copies = snapshot::fork(data_dir, &inst, args.count, args.name_prefix.as_deref())?;
     for c in copies {
-        println!("{}", c.config.name);
+        out!("{}", c.config.name);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -321,7 +324,7 @@ pub fn restore(args: RestoreArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     };
     let inst = snapshot::restore(data_dir, &req)?;
     if args.detach {
-        println!("{}", inst.config.id);
+        out!("{}", inst.config.id);
         return Ok(ExitCode::SUCCESS);
     }
     if interactive {

@@ -389,7 +389,7 @@ fn bad_input_is_refused_clearly() {
         ),
         (
             &["run", "--net", "bogus", "testimg", "true"],
-            "--net \"bogus\": expected none, host or auto",
+            "no network named bogus",
         ),
         (
             &["run", "--vm", "--net", "host", "testimg", "true"],
@@ -401,6 +401,28 @@ fn bad_input_is_refused_clearly() {
     // No instance is left by any of them.
     let ps: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
     assert_eq!(ps, Value::Array(vec![]), "bad input left instances");
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_cela_quietly() {
+    // `cela ps | head -1`, `cela image ls | grep -q x`: the pipe's reader is gone before
+    // cela writes its table.
+    let w = World::new();
+    for args in [&["ps", "-a"][..], &["image", "ls"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cela"))
+            .args(args)
+            .env("CELA_DATA_DIR", w.data())
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} said something: {err}");
+    }
 }
 
 #[test]

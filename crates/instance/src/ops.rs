@@ -294,8 +294,11 @@ pub fn remove_dir(inst: &Instance) {
     if inst.config.kind == Kind::Container {
         container::unmount_rootfs(inst);
         crate::network::teardown(inst, recorded.as_ref());
-    } else if let Some(rec) = &recorded {
-        crate::network::delete_host_link(rec);
+    } else {
+        if let Some(rec) = &recorded {
+            crate::network::delete_host_link(rec);
+        }
+        crate::network::leave_networks(&inst.dir);
     }
     // Recorded while the instance is still listed: a client that sees it gone (Docker's
     // `wait?condition=removed`) finds its destroy in the journal.

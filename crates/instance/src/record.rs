@@ -120,6 +120,9 @@ pub struct InstanceConfig {
     /// `--net` (configs written before it existed read as `none`, which they had).
     #[serde(default)]
     pub net: NetMode,
+    /// `--net NAME[,ip=…][,mac=…]`: the named networks it joins, in order (`eth0`, `eth1`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<crate::network::named::Attachment>,
     /// How a container is confined beyond its namespaces: capabilities and seccomp.
     #[serde(default)]
     pub security: Security,
@@ -319,7 +322,7 @@ pub fn is_id(s: &str) -> bool {
 }
 
 /// 12 random hex digits (the ids `cela ps` shows in full).
-fn new_id() -> Result<String, InstanceError> {
+pub(crate) fn new_id() -> Result<String, InstanceError> {
     let mut bytes = [0u8; 6];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
@@ -329,7 +332,7 @@ fn new_id() -> Result<String, InstanceError> {
 
 /// Takes the lock of the instances directory `root` (`root/.lock`), held while names are
 /// chosen and while a supervisor claims an instance or a removal marks one.
-fn lock_in(root: &Path) -> Result<nix::fcntl::Flock<fs::File>, InstanceError> {
+pub(crate) fn lock_in(root: &Path) -> Result<nix::fcntl::Flock<fs::File>, InstanceError> {
     let path = root.join(".lock");
     let f = fs::OpenOptions::new()
         .create(true)
@@ -358,7 +361,7 @@ pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), Inst
     .doing(|| format!("writing {}", path.display()))
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, InstanceError> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, InstanceError> {
     let bytes = fs::read(path).doing(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
         what: path.display().to_string(),
@@ -626,6 +629,7 @@ mod tests {
             created: now(),
             vm: None,
             net: NetMode::None,
+            networks: Vec::new(),
             security: Default::default(),
             stdin: false,
             tty: false,

@@ -78,6 +78,8 @@ pub struct RunRequest {
     /// Guest RAM of a microVM; memory limit of a container.
     pub memory_mib: Option<u64>,
     pub net: NetMode,
+    /// Named networks to join (`--net NAME`), with `net` left at `none`.
+    pub networks: Vec<crate::network::named::Attachment>,
     pub security: Security,
     /// A microVM's kernel and initramfs.
     pub guest: GuestFiles,
@@ -110,6 +112,7 @@ impl RunRequest {
             cpus: None,
             memory_mib: None,
             net: NetMode::None,
+            networks: Vec::new(),
             security: Security::default(),
             guest: GuestFiles::Default,
             confine: true,
@@ -156,6 +159,7 @@ pub fn create(
             "environment entry {bad:?} is not KEY=VALUE"
         )));
     }
+    crate::network::named::check_attachments(data_dir, req.kind, req.net, &req.networks)?;
     if vm && !req.volumes.is_empty() {
         return Err(InstanceError::Unsupported(
             "volumes are not supported for microVMs yet (give the VM a disk instead)".into(),
@@ -272,6 +276,7 @@ pub fn create(
         created: crate::record::now(),
         vm: boot,
         net: req.net,
+        networks: req.networks.clone(),
         security: req.security.clone(),
         labels: req.labels.clone(),
         stdin: req.stdin,

@@ -262,6 +262,13 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
             inst.config.name
         )));
     }
+    if !inst.config.networks.is_empty() {
+        // A copy would need an address of its own on the network, and its guest moved to it.
+        return Err(InstanceError::Unsupported(format!(
+            "{} is on a named network: snapshots of such microVMs are not supported yet (use --net auto)",
+            inst.config.name
+        )));
+    }
     Ok(())
 }
 

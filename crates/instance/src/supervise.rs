@@ -34,6 +34,8 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     let _ = pump_thread.join();
     if inst.config.kind == Kind::Container {
         crate::network::teardown(inst, state.network.as_ref());
+    } else {
+        crate::network::leave_networks(&inst.dir);
     }
     state.network = None;
 

@@ -36,6 +36,48 @@ impl NetworkView {
     }
 }
 
+/// The instance on a named network (`--net NAME`), while it runs.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JoinedView {
+    pub network: String,
+    /// `ADDR/PREFIX`; absent while it is not running.
+    pub address: Option<String>,
+    pub mac: Option<String>,
+    /// The host end of its link (a veth on the bridge, or a microVM's TAP).
+    pub interface: Option<String>,
+}
+
+fn joined(inst: &Instance) -> Vec<JoinedView> {
+    if inst.config.networks.is_empty() {
+        return Vec::new();
+    }
+    let data_dir = inst
+        .dir
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap_or(std::path::Path::new("/"));
+    let nets = crate::network::named::Networks::open(data_dir)
+        .and_then(|n| n.list())
+        .unwrap_or_default();
+    inst.config
+        .networks
+        .iter()
+        .map(|a| {
+            let net = nets.iter().find(|n| n.name == a.network);
+            let ep = net.and_then(|n| n.endpoints.get(&inst.config.id));
+            let prefix = net
+                .and_then(|n| n.subnet.split_once('/'))
+                .map_or("32", |(_, p)| p);
+            JoinedView {
+                network: a.network.clone(),
+                address: ep.map(|e| format!("{}/{prefix}", e.address)),
+                mac: ep.map(|e| e.mac.clone()),
+                interface: ep.map(|e| e.interface.clone()),
+            }
+        })
+        .collect()
+}
+
 /// One instance as `ps --format json` lists it (a record that cannot be read is listed as
 /// [`Unreadable`]).
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -64,6 +106,9 @@ pub struct Summary {
     /// Why the last run failed to start or ended abnormally.
     pub error: Option<String>,
     pub network: NetworkView,
+    /// The named networks it joins (`--net NAME`), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<JoinedView>,
     /// The caller's key/value labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -117,6 +162,7 @@ fn typed_summary(inst: &Instance, state: &InstanceState) -> Summary {
         finished: state.finished.clone(),
         error: state.error.clone(),
         network: NetworkView::new(inst.config.net, state.network.as_ref()),
+        networks: joined(inst),
         labels: inst.config.labels.clone(),
     }
 }

@@ -117,12 +117,18 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
             )));
         }
     };
-    // Docker's default network is a NAT'd bridge; until cela has named networks, its nearest
-    // is `auto`, a private link to the host.
+    // Docker's default network is a NAT'd bridge; until cela has a default network, its
+    // nearest is `auto`, a private link to the host. Any other name is a cela network
+    // (`cela network create`), checked when the instance is made.
+    let mut networks = Vec::new();
     let net = match host.network_mode.as_deref() {
         None | Some("") | Some("default") | Some("bridge") => NetMode::Auto,
         Some("none") => NetMode::None,
         Some("host") if kind == Kind::Container => NetMode::Host,
+        Some(name) if !name.contains(':') && name != "host" => {
+            networks.push(cela_instance::network::named::Attachment::parse(name)?);
+            NetMode::None
+        }
         Some(other) => {
             return Err(ApiError::not_implemented(format!(
                 "NetworkMode {other:?} for a {}",
@@ -175,6 +181,7 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
         cpus,
         memory_mib,
         net,
+        networks,
         security,
         auto_remove: host.auto_remove,
         labels: body.labels.unwrap_or_default(),
@@ -928,12 +935,16 @@ fn command_line(inst: &Instance) -> String {
     inst.config.command.join(" ")
 }
 
-fn network_mode(inst: &Instance) -> &'static str {
+fn network_mode(inst: &Instance) -> String {
+    if let Some(first) = inst.config.networks.first() {
+        return first.network.clone();
+    }
     match inst.config.net {
         NetMode::None => "none",
         NetMode::Host => "host",
         NetMode::Auto => "bridge",
     }
+    .to_owned()
 }
 
 /// A container as `GET /containers/json` lists it.
@@ -1165,6 +1176,15 @@ mod tests {
         assert!(req.auto_remove);
         assert_eq!(req.name.as_deref(), Some("web"));
         assert_eq!(req.labels["team"], "x");
+    }
+
+    #[test]
+    fn a_network_mode_that_names_a_network_joins_it() {
+        let body = json!({"Image": "b", "HostConfig": {"NetworkMode": "lan"}});
+        let req = run_request(serde_json::from_value(body).unwrap(), None).unwrap();
+        assert_eq!(req.net, NetMode::None);
+        assert_eq!(req.networks.len(), 1);
+        assert_eq!(req.networks[0].network, "lan");
     }
 
     #[test]

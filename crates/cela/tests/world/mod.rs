@@ -121,3 +121,33 @@ pub fn zombie(pid: i64) -> bool {
         })
         .unwrap_or(true)
 }
+
+/// What a failed test left: its instances (removed with `rm -f`) and its networks, whose
+/// bridges and packet filters are the host's, not the temporary directory's.
+impl Drop for World {
+    fn drop(&mut self) {
+        let data = self.data();
+        let listed = |args: &[&str], key: &str| -> Vec<String> {
+            let out = cela_in(&data, args);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|i| i[key].as_str().map(str::to_owned))
+                .collect()
+        };
+        let ids = listed(&["ps", "-a", "--format", "json"], "id");
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            cela_in(&data, &args);
+        }
+        let nets = listed(&["network", "ls", "--format", "json"], "name");
+        if !nets.is_empty() {
+            let mut args = vec!["network", "rm"];
+            args.extend(nets.iter().map(String::as_str));
+            cela_in(&data, &args);
+        }
+    }
+}

@@ -1,5 +1,7 @@
-//! An instance's network (`cela run [--vm] --net none|host|auto`).
+//! An instance's network (`cela run [--vm] --net none|host|auto|NAME`).
 //!
+//! * `NAME` (repeatable): the named networks of [`named`] (a bridge many instances share,
+//!   with [`firewall`]'s rules); the container's namespace below is made the same way.
 //! * `none` (the default): a container gets a network namespace of its own with only the
 //!   loopback interface, up (as Docker's); a microVM gets no NIC.
 //! * `host`: a container shares the host's network namespace. A microVM cannot (its kernel has
@@ -26,6 +28,8 @@
 //! `rm`, so a supervisor killed with SIGKILL leaves nothing `cela rm` does not remove. A VM's
 //! TAP needs none: it vanishes when the supervisor's descriptor closes.
 
+pub mod firewall;
+pub mod named;
 pub mod rtnl;
 
 use std::fs::File;
@@ -82,6 +86,30 @@ impl NetMode {
             NetMode::Auto => "auto",
         }
     }
+}
+
+/// `--net`'s values (repeatable): nothing is `none`; `none`, `host` or `auto` stand alone;
+/// anything else names networks to join (`NAME[,ip=ADDR][,mac=MAC]`, checked against the
+/// networks that exist when the instance is created).
+pub fn parse_net_args(
+    args: &[String],
+    kind: Kind,
+) -> Result<(NetMode, Vec<named::Attachment>), InstanceError> {
+    let mut mode = NetMode::None;
+    let mut networks = Vec::new();
+    for arg in args {
+        if matches!(arg.as_str(), "none" | "host" | "auto") {
+            if args.len() > 1 {
+                return Err(InstanceError::Invalid(format!(
+                    "--net {arg} stands alone: it cannot be combined with another --net"
+                )));
+            }
+            mode = NetMode::parse(arg, kind)?;
+        } else {
+            networks.push(named::Attachment::parse(arg)?);
+        }
+    }
+    Ok((mode, networks))
 }
 
 /// The link `--net auto` made, recorded in the instance's state while it exists.
@@ -220,6 +248,21 @@ pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, Instance
     // What an earlier run left (a killed supervisor).
     teardown(inst, None);
     make_netns(&path)?;
+    if !inst.config.networks.is_empty() {
+        let joined = (|| {
+            let netns = File::open(&path).doing(|| format!("opening {}", path.display()))?;
+            let nets = named::Networks::open(data_dir_of(inst))?;
+            nets.join_container(inst, &netns)?;
+            let hosts = inst.dir.join(named::HOSTS_FILE);
+            let text = nets.initial_hosts(&inst.config.id)?;
+            named::create_hosts(&hosts, &text).doing(|| format!("writing {}", hosts.display()))
+        })();
+        if let Err(e) = joined {
+            teardown(inst, None);
+            return Err(e);
+        }
+        return Ok(None);
+    }
     if inst.config.net == NetMode::None {
         return Ok(None);
     }
@@ -261,6 +304,33 @@ pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, Instance
 pub fn setup_vm(
     inst: &Instance,
 ) -> Result<Option<(cela_vmm::net::HostNet, NetworkState)>, InstanceError> {
+    if !inst.config.networks.is_empty() {
+        // A TAP of cela's pattern without an address, plugged into the network's bridge.
+        let tap = cela_vmm::net::tap::Tap::create(cela_vmm::net::AUTO_TAP_PATTERN)
+            .map_err(|e| InstanceError::Other(format!("creating the microVM's TAP: {e}")))?;
+        let mac = cela_vmm::net::random_mac();
+        let nets = named::Networks::open(data_dir_of(inst))?;
+        let guest = nets.join_vm(inst, tap.name(), mac)?;
+        let name = tap.name().to_owned();
+        let state = NetworkState {
+            ifindex: ifindex(&name).unwrap_or(0),
+            interface: name,
+            host_address: if guest.gateway.is_unspecified() {
+                String::new()
+            } else {
+                format!("{}/{}", guest.gateway, guest.prefix)
+            },
+            address: format!("{}/{}", guest.address, guest.prefix),
+        };
+        let host = cela_vmm::net::HostNet {
+            nic: cela_vmm::net::NicConfig {
+                tap: std::sync::Arc::new(tap),
+                mac: guest.mac,
+            },
+            guest: Some(guest),
+        };
+        return Ok(Some((host, state)));
+    }
     if inst.config.net != NetMode::Auto {
         return Ok(None);
     }
@@ -288,7 +358,18 @@ pub fn apply_to_spec(spec: &mut Value, inst: &Instance) -> Result<(), InstanceEr
             namespaces.push(json!({"type": "network", "path": netns_path(inst)}));
         }
     }
-    if matches!(inst.config.net, NetMode::Host | NetMode::Auto) {
+    if !inst.config.networks.is_empty()
+        && let Some(mounts) = spec["mounts"].as_array_mut()
+    {
+        mounts.push(json!({
+            "destination": "/etc/hosts",
+            "type": "bind",
+            "source": inst.dir.join(named::HOSTS_FILE),
+            "options": ["rbind", "ro", "rprivate", "nosuid", "nodev", "noexec"],
+        }));
+    }
+    if matches!(inst.config.net, NetMode::Host | NetMode::Auto) || !inst.config.networks.is_empty()
+    {
         let copy = inst.dir.join("resolv.conf");
         let mut text = Vec::new();
         // The host's own file, but still bounded: it is copied into a container.
@@ -330,21 +411,46 @@ pub fn delete_host_link(rec: &NetworkState) {
     }
 }
 
+/// The data dir an instance directory (`DATA/instances/ID`) belongs to.
+fn data_dir_of(inst: &Instance) -> &Path {
+    data_dir_of_dir(&inst.dir)
+}
+
+fn data_dir_of_dir(dir: &Path) -> &Path {
+    dir.parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"))
+}
+
+/// Takes the instance whose directory is `dir` off every named network it is on (a microVM's
+/// run ends, or any instance is removed).
+pub fn leave_networks(dir: &Path) {
+    if let Some(id) = named::id_of_dir(dir)
+        && let Ok(nets) = named::Networks::open(data_dir_of_dir(dir))
+    {
+        nets.leave(&id);
+    }
+}
+
 /// [`teardown`] of the instance directory `dir` (also one whose config cannot be read).
 pub fn teardown_at(dir: &Path, recorded: Option<&NetworkState>) {
     let path = dir.join("netns");
     if let Ok(netns) = File::open(&path) {
         // Fails (EINVAL) on a plain file: nothing was mounted, so there is no link in it.
         let _ = in_netns(&netns, || {
-            match rtnl::delete_link(CONTAINER_IFACE) {
-                Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
-                    tracing::warn!("deleting {CONTAINER_IFACE} of {}: {e}", path.display());
+            for i in 0..named::MAX_ATTACHMENTS {
+                let name = format!("eth{i}");
+                match rtnl::delete_link(&name) {
+                    Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
+                        tracing::warn!("deleting {name} of {}: {e}", path.display());
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
             Ok(())
         });
     }
+    leave_networks(dir);
     if path.exists() {
         match umount2(&path, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) => {}

@@ -1,6 +1,6 @@
-//! The two link requests a container's network needs that the classic `SIOC*` ioctls cannot
-//! make (rtnetlink(7)): creating a veth pair whose peer is born inside another network
-//! namespace, and deleting a link by name. Messages are built and parsed with the rust-netlink
+//! The link requests instance networks need that the classic `SIOC*` ioctls cannot make
+//! (rtnetlink(7)): creating a veth pair whose peer is born inside another network namespace,
+//! creating a bridge, plugging a link into a bridge, and deleting a link by name. Messages are built and parsed with the rust-netlink
 //! crates (`netlink-packet-route`, `netlink-sys`, which libcontainer already brings); addresses,
 //! flags and routes stay with `cela_guest::netif`'s ioctls, which the TAP of `--net auto`
 //! already uses.
@@ -63,6 +63,28 @@ fn add_veth_request(
     )
 }
 
+/// The request that creates the bridge `name` (failing if `name` exists).
+fn add_bridge_request(name: &str) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut m = named(name);
+    m.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+            InfoKind::Bridge,
+        )]));
+    request(
+        RouteNetlinkMessage::NewLink(m),
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    )
+}
+
+/// The request that makes the link with index `port` a port of the bridge with index
+/// `bridge` (`IFLA_MASTER`).
+fn set_controller_request(port: u32, bridge: u32) -> NetlinkMessage<RouteNetlinkMessage> {
+    let mut m = LinkMessage::default();
+    m.header.index = port;
+    m.attributes.push(LinkAttribute::Controller(bridge));
+    request(RouteNetlinkMessage::SetLink(m), NLM_F_REQUEST | NLM_F_ACK)
+}
+
 fn delete_link_request(name: &str) -> NetlinkMessage<RouteNetlinkMessage> {
     request(
         RouteNetlinkMessage::DelLink(named(name)),
@@ -85,6 +107,18 @@ pub fn add_veth(name: &str, peer: &str, peer_netns: BorrowedFd<'_>) -> io::Resul
     check_name(name)?;
     check_name(peer)?;
     transact(&add_veth_request(name, peer, peer_netns.as_raw_fd()))
+}
+
+/// Creates the bridge `name` in this thread's network namespace (down, without addresses).
+/// Fails with `EEXIST` if `name` is taken.
+pub fn add_bridge(name: &str) -> io::Result<()> {
+    check_name(name)?;
+    transact(&add_bridge_request(name))
+}
+
+/// Plugs the link with index `port` into the bridge with index `bridge`.
+pub fn set_controller(port: u32, bridge: u32) -> io::Result<()> {
+    transact(&set_controller_request(port, bridge))
 }
 
 /// Deletes link `name` of this thread's network namespace (a veth takes its peer with it).
@@ -186,6 +220,32 @@ mod tests {
                 .contains(&LinkAttribute::IfName("eth0".into()))
         );
         assert!(peer.attributes.contains(&LinkAttribute::NetNsFd(9)));
+    }
+
+    #[test]
+    fn a_bridge_request_names_its_kind_and_a_port_request_its_bridge() {
+        let m = add_bridge_request("cbr-1");
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        let back = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).unwrap();
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = back.payload else {
+            panic!("not a new-link request: {:?}", back.payload)
+        };
+        assert!(
+            link.attributes
+                .contains(&LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                    InfoKind::Bridge
+                )]))
+        );
+        let m = set_controller_request(7, 3);
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        let back = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).unwrap();
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::SetLink(link)) = back.payload else {
+            panic!("not a set-link request: {:?}", back.payload)
+        };
+        assert_eq!(link.header.index, 7);
+        assert!(link.attributes.contains(&LinkAttribute::Controller(3)));
     }
 
     #[test]

@@ -204,7 +204,7 @@ pub fn configure_auto(name: &str) -> Result<Subnet, NetError> {
 
 /// The IPv4 networks in use on this host: every interface address with its prefix, and every
 /// route's destination except the default route; `except` names an interface to leave out.
-fn host_networks(except: Option<&str>) -> std::io::Result<Vec<Subnet>> {
+pub fn host_networks(except: Option<&str>) -> std::io::Result<Vec<Subnet>> {
     let mut nets = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
         if Some(ifa.interface_name.as_str()) == except {

@@ -1,0 +1,466 @@
+//! Named networks on this host, with real kernel networking: `cela network create|ls|inspect|rm`
+//! and their bad input; containers on one network reaching each other by name (hosts files
+//! rewritten as instances come and go) and the host, but not another network; `--internal`
+//! reaching neither the host nor beyond, `--nat` reaching an "outside" network namespace the
+//! test makes (never a real external address) where a plain network cannot; a container and a
+//! microVM (QEMU fallback) exchanging TCP data on one network; nothing left behind (bridges,
+//! veths, TAPs, nftables tables). As root.
+
+mod images;
+mod world;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use world::World;
+
+fn host(cmd: &[&str]) -> std::process::Output {
+    Command::new(cmd[0]).args(&cmd[1..]).output().unwrap()
+}
+
+fn host_ok(cmd: &[&str]) -> String {
+    let out = host(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+fn table_exists(id: &str) -> bool {
+    host(&["nft", "list", "table", "inet", &format!("cela_{id}")])
+        .status
+        .success()
+}
+
+/// A network's record as `cela network inspect` prints it.
+fn inspect(w: &World, name: &str) -> Value {
+    let v: Value = serde_json::from_str(&w.ok(&["network", "inspect", name])).unwrap();
+    v[0].clone()
+}
+
+/// An instance's address on its first network (`ADDR`, no prefix).
+fn address_of(w: &World, name: &str) -> String {
+    let v = w.inspect(name);
+    v["networks"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no address: {v}"))
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `script` in `name` until it succeeds (bounded), for what comes up asynchronously.
+fn exec_until(w: &World, name: &str, script: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let out = w.cela(&["exec", name, "sh", "-c", script]);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name}: {script}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn networks_are_created_listed_inspected_and_removed_and_bad_input_is_refused() {
+    let w = World::new();
+    let id = w.ok(&["network", "create", "--subnet", "10.77.1.0/24", "lan1"]);
+    let id = id.trim();
+    assert_eq!(id.len(), 12, "{id}");
+    let v = inspect(&w, "lan1");
+    assert_eq!(v["subnet"], "10.77.1.0/24");
+    assert_eq!(v["gateway"], "10.77.1.1");
+    let bridge = v["bridge"].as_str().unwrap().to_owned();
+    assert!(bridge.starts_with("cbr-"), "{v}");
+    let shown = host_ok(&["ip", "-4", "-o", "addr", "show", "dev", &bridge]);
+    assert!(shown.contains("inet 10.77.1.1/24"), "{shown}");
+    assert!(table_exists(id));
+    // No subnet given: a free /24 of 10.214.0.0/16; internal: no address on its bridge.
+    w.ok(&["network", "create", "--internal", "lan2"]);
+    let v2 = inspect(&w, "lan2");
+    assert!(
+        v2["subnet"].as_str().unwrap().starts_with("10.214."),
+        "{v2}"
+    );
+    let bridge2 = v2["bridge"].as_str().unwrap().to_owned();
+    let shown = host_ok(&["ip", "-4", "-o", "addr", "show", "dev", &bridge2]);
+    assert!(
+        shown.is_empty(),
+        "an internal bridge has no address: {shown}"
+    );
+    let ls: Value = serde_json::from_str(&w.ok(&["network", "ls", "--format", "json"])).unwrap();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["lan1", "lan2"]);
+    let table = w.ok(&["network", "ls"]);
+    assert!(
+        table.contains("lan1") && table.contains("internal"),
+        "{table}"
+    );
+
+    for (args, needle) in [
+        (
+            &["network", "create", "lan1"][..],
+            "a network named lan1 exists already",
+        ),
+        (
+            &["network", "create", "--subnet", "10.77.1.128/25", "x"],
+            "overlaps network lan1 (10.77.1.0/24)",
+        ),
+        (
+            &["network", "create", "--subnet", "10.77.9.0/33", "x"],
+            "prefix must be 8 to 30",
+        ),
+        (
+            &["network", "create", "--subnet", "bogus", "x"],
+            "not A.B.C.D/PREFIX",
+        ),
+        (
+            &["network", "create", "--subnet", "10.77.9.1/24", "x"],
+            "host bits set",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "--subnet",
+                "10.77.9.0/24",
+                "--gateway",
+                "10.77.8.1",
+                "x",
+            ],
+            "not a host address of 10.77.9.0/24",
+        ),
+        (
+            &["network", "create", "--internal", "--nat", "x"],
+            "not both",
+        ),
+        (&["network", "create", "bad name"], "not a valid"),
+        (&["network", "rm", "nothing"], "no network named nothing"),
+        (
+            &["network", "inspect", "nothing"],
+            "no network named nothing",
+        ),
+        (
+            &["run", "--net", "nothing", "testimg", "true"],
+            "no network named nothing",
+        ),
+        (
+            &["run", "--net", "lan1", "--net", "lan1", "testimg", "true"],
+            "given twice",
+        ),
+        (
+            &["run", "--net", "lan1", "--net", "auto", "testimg", "true"],
+            "stands alone",
+        ),
+        (
+            &["run", "--net", "lan1,ip=10.77.2.5", "testimg", "true"],
+            "not a free host address",
+        ),
+        (
+            &["run", "--net", "lan1,ip=10.77.1.1", "testimg", "true"],
+            "not a free host address",
+        ),
+        (
+            &["run", "--net", "lan1,mtu=9000", "testimg", "true"],
+            "expected ip=ADDR or mac=MAC",
+        ),
+        (
+            &[
+                "run", "--vm", "--net", "lan1", "--net", "lan2", "testimg", "true",
+            ],
+            "at most 1",
+        ),
+    ] {
+        w.err(args, needle);
+    }
+    // Nothing was made by any of them.
+    let ps: Value = serde_json::from_str(&w.ok(&["ps", "-a", "--format", "json"])).unwrap();
+    assert_eq!(ps, Value::Array(vec![]), "bad input left instances");
+    assert_eq!(
+        serde_json::from_str::<Value>(&w.ok(&["network", "ls", "--format", "json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(w.ok(&["network", "rm", "lan1", "lan2"]), "lan1\nlan2\n");
+    assert!(!link_exists(&bridge) && !link_exists(&bridge2));
+    assert!(!table_exists(id));
+    assert_eq!(w.ok(&["network", "ls", "--format", "json"]).trim(), "[]");
+}
+
+#[test]
+fn containers_on_a_network_reach_each_other_by_name_and_the_host_but_not_another_network() {
+    let w = World::new();
+    w.ok(&["network", "create", "--subnet", "10.77.2.0/24", "n1"]);
+    w.ok(&["network", "create", "--subnet", "10.77.3.0/24", "n2"]);
+    let bridges =
+        [inspect(&w, "n1"), inspect(&w, "n2")].map(|v| v["bridge"].as_str().unwrap().to_owned());
+    for (name, net) in [
+        ("a", "n1"),
+        ("b", "n1,ip=10.77.2.50,mac=02:00:0a:4d:02:32"),
+        ("c", "n2"),
+    ] {
+        w.ok(&[
+            "run", "-d", "--name", name, "--net", net, "testimg", "sleep", "600",
+        ]);
+    }
+    let (a, b, c) = (
+        address_of(&w, "a"),
+        address_of(&w, "b"),
+        address_of(&w, "c"),
+    );
+    assert_eq!(a, "10.77.2.2");
+    assert_eq!(b, "10.77.2.50");
+    assert_eq!(c, "10.77.3.2");
+    let veths = ["a", "c"].map(|n| {
+        let v = w.inspect(n)["networks"][0]["interface"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(link_exists(&v), "{n}: {v}");
+        v
+    });
+    let inside = w.ok(&[
+        "exec",
+        "b",
+        "sh",
+        "-c",
+        "ip -o link show eth0; ip -4 -o addr; ip route",
+    ]);
+    assert!(inside.contains("02:00:0a:4d:02:32"), "{inside}");
+    assert!(inside.contains("inet 10.77.2.50/24"), "{inside}");
+    assert!(
+        inside.contains("default via 10.77.2.1 dev eth0"),
+        "{inside}"
+    );
+    // By name both ways: a's hosts file was rewritten when b joined.
+    let hosts = w.ok(&["exec", "a", "cat", "/etc/hosts"]);
+    assert!(
+        hosts.contains("10.77.2.2\ta\n") && hosts.contains("10.77.2.50\tb\n"),
+        "{hosts}"
+    );
+    assert!(!hosts.contains("\tc\n"), "c is on another network: {hosts}");
+    exec_until(&w, "a", "ping -c 1 -W 2 b");
+    exec_until(&w, "b", "ping -c 1 -W 2 a");
+    // The host, through the gateway.
+    exec_until(&w, "c", "ping -c 1 -W 2 10.77.3.1");
+    // Not the other network, whose bridge the host could route to.
+    let out = w.cela(&["exec", "c", "ping", "-c", "2", "-W", "1", &a]);
+    assert!(
+        !out.status.success(),
+        "n2 reached n1: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = w.cela(&["exec", "a", "ping", "-c", "2", "-W", "1", &c]);
+    assert!(
+        !out.status.success(),
+        "n1 reached n2: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A network in use stays; the names go as their instances do.
+    w.err(&["network", "rm", "n1"], "network n1 is in use by a, b");
+    let veth_b = w.inspect("b")["networks"][0]["interface"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(link_exists(&veth_b));
+    w.ok(&["rm", "-f", "b"]);
+    assert!(!link_exists(&veth_b), "{veth_b} left");
+    let hosts = w.ok(&["exec", "a", "cat", "/etc/hosts"]);
+    assert!(!hosts.contains("\tb\n"), "b is gone: {hosts}");
+    // A supervisor killed with SIGKILL: its endpoint is pruned by the network's removal.
+    let sup = w.inspect("a")["state"]["supervisor"]["pid"]
+        .as_i64()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    w.wait_status("a", "crashed");
+    w.ok(&["network", "rm", "n1"]);
+    w.ok(&["rm", "-f", "a", "c"]);
+    w.ok(&["network", "rm", "n2"]);
+    for b in &bridges {
+        assert!(!link_exists(b), "{b} left");
+    }
+    for v in &veths {
+        assert!(!link_exists(v), "{v} left");
+    }
+}
+
+/// A network namespace standing for the world outside the host: `.2` of a documentation
+/// range (TEST-NET-2 or -3, never routed anywhere real; this host's own network may well be
+/// TEST-NET-1) behind the host's `.1`. Removed on drop.
+struct Outside {
+    /// `A.B.C.` of its /24.
+    net: &'static str,
+}
+
+impl Outside {
+    const NS: &str = "cela-test-outside";
+    const LINK: &str = "celaout0";
+
+    fn new() -> Outside {
+        let routes = host_ok(&["ip", "-4", "route"]) + &host_ok(&["ip", "-4", "-o", "addr"]);
+        let net = ["198.51.100.", "203.0.113."]
+            .into_iter()
+            .find(|n| !routes.contains(n))
+            .expect("both TEST-NET-2 and -3 are in use on this host");
+        let (outer, inner) = (format!("{net}1/24"), format!("{net}2/24"));
+        let _ = host(&["ip", "netns", "del", Self::NS]);
+        let _ = host(&["ip", "link", "del", Self::LINK]);
+        host_ok(&["ip", "netns", "add", Self::NS]);
+        host_ok(&[
+            "ip",
+            "link",
+            "add",
+            Self::LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            Self::NS,
+        ]);
+        host_ok(&["ip", "addr", "add", &outer, "dev", Self::LINK]);
+        host_ok(&["ip", "link", "set", Self::LINK, "up"]);
+        let setup = format!("ip addr add {inner} dev eth0; ip link set eth0 up; ip link set lo up");
+        host_ok(&["ip", "netns", "exec", Self::NS, "sh", "-c", &setup]);
+        Outside { net }
+    }
+
+    fn far(&self) -> String {
+        format!("{}2", self.net)
+    }
+
+    fn near(&self) -> String {
+        format!("{}1", self.net)
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = host(&["ip", "netns", "del", Self::NS]);
+        let _ = host(&["ip", "link", "del", Self::LINK]);
+    }
+}
+
+#[test]
+fn nat_reaches_beyond_the_host_a_plain_network_only_the_host_and_internal_nothing() {
+    let w = World::new();
+    let outside = Outside::new();
+    w.ok(&[
+        "network",
+        "create",
+        "--nat",
+        "--subnet",
+        "10.77.4.0/24",
+        "out",
+    ]);
+    w.ok(&["network", "create", "--subnet", "10.77.5.0/24", "plain"]);
+    w.ok(&[
+        "network",
+        "create",
+        "--internal",
+        "--subnet",
+        "10.77.6.0/24",
+        "walled",
+    ]);
+    for (name, net) in [
+        ("o", "out"),
+        ("p", "plain"),
+        ("i", "walled"),
+        ("i2", "walled"),
+    ] {
+        w.ok(&[
+            "run", "-d", "--name", name, "--net", net, "testimg", "sleep", "600",
+        ]);
+    }
+    // Out through the masquerade: the outside sees the host's address, not the container's.
+    exec_until(&w, "o", &format!("ping -c 1 -W 2 {}", outside.far()));
+    let plain = w.cela(&["exec", "p", "ping", "-c", "2", "-W", "1", &outside.far()]);
+    assert!(
+        !plain.status.success(),
+        "a plain network went beyond the host: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    exec_until(&w, "p", "ping -c 1 -W 2 10.77.5.1");
+    // Internal: no route out, the host not even through its other addresses; each other yes.
+    let routes = w.ok(&["exec", "i", "ip", "route"]);
+    assert!(!routes.contains("default"), "{routes}");
+    for target in ["10.77.6.1".to_owned(), outside.near()] {
+        let out = w.cela(&[
+            "exec",
+            "i",
+            "sh",
+            "-c",
+            &format!("ip route add default dev eth0; ping -c 2 -W 1 {target}"),
+        ]);
+        assert!(!out.status.success(), "internal reached {target}");
+    }
+    exec_until(&w, "i", "ping -c 1 -W 2 i2");
+    w.ok(&["rm", "-f", "o", "p", "i", "i2"]);
+    w.ok(&["network", "rm", "out", "plain", "walled"]);
+}
+
+#[test]
+fn a_container_and_a_microvm_on_one_network_exchange_tcp_data() {
+    let w = World::new();
+    w.ok(&["network", "create", "--subnet", "10.77.7.0/24", "mixed"]);
+    w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--net",
+        "mixed",
+        "testimg",
+        "sh",
+        "-c",
+        "nc -l -p 7000 > /tmp/got; cat /tmp/got; sleep 600",
+    ]);
+    let srv = address_of(&w, "srv");
+    let out = w.ok(&[
+        "run", "--rm", "--vm", "--name", "vm1", "--net", "mixed,ip=10.77.7.9", "testimg", "sh", "-c",
+        &format!("ip -4 -o addr show eth0; ip route; i=0; until echo from-the-vm | nc {srv} 7000; do i=$((i+1)); [ $i -gt 50 ] && exit 9; sleep 0.2; done; echo sent"),
+    ]);
+    assert!(out.contains("inet 10.77.7.9/24"), "{out}");
+    assert!(out.contains("default via 10.77.7.1"), "{out}");
+    assert!(out.contains("sent"), "{out}");
+    let start = Instant::now();
+    while !w.ok(&["logs", "srv"]).contains("from-the-vm") {
+        assert!(start.elapsed() < Duration::from_secs(30), "srv got nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The VM's TAP left the network with it.
+    assert_eq!(
+        inspect(&w, "mixed")["endpoints"].as_object().unwrap().len(),
+        1
+    );
+    w.ok(&["rm", "-f", "srv"]);
+    w.ok(&["network", "rm", "mixed"]);
+}
