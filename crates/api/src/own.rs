@@ -199,6 +199,9 @@ struct CreateBody {
     /// `NAME[,ip=ADDR][,mac=MAC]`; with `net` left at `none`.
     #[serde(default)]
     networks: Vec<String>,
+    /// Ports to publish, as `cela run -p` takes them: `[IP:]HOST_PORT:PORT[/tcp|udp]`.
+    #[serde(default)]
+    ports: Vec<String>,
     /// Removed when it ends (`cela run --rm`).
     #[serde(default)]
     auto_remove: bool,
@@ -260,6 +263,11 @@ pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
             .networks
             .iter()
             .map(|n| cela_instance::network::named::Attachment::parse(n))
+            .collect::<Result<Vec<_>, _>>()?,
+        ports: body
+            .ports
+            .iter()
+            .map(|p| cela_instance::network::ports::PortMapping::parse(p))
             .collect::<Result<Vec<_>, _>>()?,
         auto_remove: body.auto_remove,
         labels: body.labels,

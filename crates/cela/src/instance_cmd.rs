@@ -48,6 +48,8 @@ pub struct RunImage {
     pub initrd: Option<std::path::PathBuf>,
     /// `--net`: none, host or auto, or named networks.
     pub net: Vec<String>,
+    /// `-p`: ports to publish.
+    pub publish: Vec<String>,
     /// `--cap-add`, `--cap-drop`, `--security-opt` (containers).
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
@@ -124,6 +126,11 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         memory_mib: req.memory,
         net,
         networks,
+        ports: req
+            .publish
+            .iter()
+            .map(|p| cela_instance::network::ports::PortMapping::parse(p))
+            .collect::<Result<Vec<_>, _>>()?,
         security: Security::parse(&req.cap_add, &req.cap_drop, &req.security_opt, net)?,
         guest,
         confine: !req.no_confine,

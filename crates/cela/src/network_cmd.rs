@@ -37,6 +37,14 @@ pub enum NetworkCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Join a running container to a network now (and on its later starts), as its next ethN.
+    Connect {
+        /// `NAME[,ip=ADDR][,mac=MAC]`, as `cela run --net` takes it.
+        network: String,
+        instance: String,
+    },
+    /// Take a container off a network (now, if it runs, and for good).
+    Disconnect { network: String, instance: String },
     /// Remove networks no instance runs on.
     Rm {
         #[arg(required = true)]
@@ -101,6 +109,15 @@ pub fn network(cmd: NetworkCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
                     }
                 }
             }
+        }
+        NetworkCommand::Connect { network, instance } => {
+            let inst = crate::instance_cmd::instances(data_dir)?.find(&instance)?;
+            let att = cela_instance::network::named::Attachment::parse(&network)?;
+            nets.connect(&inst, att)?;
+        }
+        NetworkCommand::Disconnect { network, instance } => {
+            let inst = crate::instance_cmd::instances(data_dir)?.find(&instance)?;
+            nets.disconnect(&inst, &network)?;
         }
         NetworkCommand::Inspect { names } => {
             let list = names

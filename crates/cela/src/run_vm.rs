@@ -90,6 +90,15 @@ pub struct RunArgs {
     /// (`--vm -- CMD`): `auto` or `tap=NAME` (an existing TAP device, left as it is).
     #[arg(long, value_name = "none|host|auto|NAME[,ip=A][,mac=M]|tap=NAME")]
     net: Vec<String>,
+    /// Publish a port of the instance on the host: connections to HOST_PORT (of any address
+    /// of the host, or IP) reach PORT of the instance (with `--net auto` or a network).
+    /// Repeatable.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[IP:]HOST_PORT:PORT[/tcp|udp]"
+    )]
+    publish: Vec<String>,
     /// A vsock host side: the Unix socket PATH (host processes connect and send
     /// `CONNECT <port>\n`; guest connections to host port P reach the socket PATH_P). Without
     /// PATH, a socket in the run directory, printed on stderr. Removed when the VM ends.
@@ -241,6 +250,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
                 kernel: args.kernel,
                 initrd: args.initrd,
                 net: args.net,
+                publish: args.publish,
                 cap_add: args.cap_add,
                 cap_drop: args.cap_drop,
                 security_opt: args.security_opt,
@@ -264,6 +274,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         ("-t", args.tty),
         ("--name", args.name.is_some()),
         ("-v", !args.volumes.is_empty()),
+        ("-p", !args.publish.is_empty()),
     ] {
         if set {
             bail!(
@@ -301,6 +312,10 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         anyhow::bail!("a microVM without an IMAGE has one --net (auto or tap=NAME)");
     }
     let net_mode = args.net.first().map(|n| NetMode::parse(n)).transpose()?;
+    if net_mode == Some(NetMode::Auto) {
+        // The link reaches the host alone, as an instance's does.
+        cela_instance::network::firewall::ensure_auto_links_or_warn();
+    }
     // The TAP (and for `auto` its address) exists from here on; it goes away with this
     // process, however the run ends.
     let net = net_mode.as_ref().map(cela_vmm::net::setup).transpose()?;

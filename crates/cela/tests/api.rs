@@ -933,10 +933,14 @@ fn ws_ask_until(
             match ws.read() {
                 Ok(tungstenite::Message::Binary(b)) => seen.extend_from_slice(&b[1..]),
                 Ok(_) => {}
+                // A read with a timeout is not restarted after a stop and continue of this
+                // process (EINTR, seen once in CI): as good as a timeout here.
                 Err(tungstenite::Error::Io(e))
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     break;
@@ -1121,8 +1125,16 @@ fn the_tcp_port_needs_the_token_and_carries_tls() {
     idle.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut byte = [0u8; 1];
-    // Closed: an end of stream, or a reset (as it once came when the suite ran together).
-    match std::io::Read::read(&mut idle, &mut byte) {
+    // Closed: an end of stream, or a reset (as it once came when the suite ran together). A
+    // read with a timeout is not restarted after a stop and continue of this process (EINTR,
+    // seen once in CI): read again.
+    let read = loop {
+        match std::io::Read::read(&mut idle, &mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    match read {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the server did not close an idle connection: {other:?}"),

@@ -311,68 +311,67 @@ fn containers_on_a_network_reach_each_other_by_name_and_the_host_but_not_another
     }
 }
 
-/// A network namespace standing for the world outside the host: `.2` of a documentation
+/// A network namespace standing for the world outside the host: a /28 of a documentation
 /// range (TEST-NET-2 or -3, never routed anywhere real; this host's own network may well be
-/// TEST-NET-1) behind the host's `.1`. Removed on drop.
+/// TEST-NET-1), its first address the host's, its second the namespace's. Each test has its
+/// own (`slot`: which /28, and the names), since tests run at once. Removed on drop.
 struct Outside {
-    /// `A.B.C.` of its /24.
-    net: &'static str,
+    ns: String,
+    link: String,
+    /// The host's address and the namespace's.
+    near: String,
+    far: String,
 }
 
 impl Outside {
-    const NS: &str = "cela-test-outside";
-    const LINK: &str = "celaout0";
-
-    fn new() -> Outside {
+    fn new(slot: u8) -> Outside {
         let routes = host_ok(&["ip", "-4", "route"]) + &host_ok(&["ip", "-4", "-o", "addr"]);
-        let net = ["198.51.100.", "203.0.113."]
+        let range = ["198.51.100.", "203.0.113."]
             .into_iter()
             .find(|n| !routes.contains(n))
             .expect("both TEST-NET-2 and -3 are in use on this host");
-        let (outer, inner) = (format!("{net}1/24"), format!("{net}2/24"));
-        let _ = host(&["ip", "netns", "del", Self::NS]);
-        let _ = host(&["ip", "link", "del", Self::LINK]);
-        host_ok(&["ip", "netns", "add", Self::NS]);
+        let base = u32::from(slot) * 16;
+        let o = Outside {
+            ns: format!("cela-test-out{slot}"),
+            link: format!("ctout{slot}"),
+            near: format!("{range}{}", base + 1),
+            far: format!("{range}{}", base + 2),
+        };
+        let _ = host(&["ip", "netns", "del", &o.ns]);
+        let _ = host(&["ip", "link", "del", &o.link]);
+        host_ok(&["ip", "netns", "add", &o.ns]);
+        host_ok(&[
+            "ip", "link", "add", &o.link, "type", "veth", "peer", "name", "eth0", "netns", &o.ns,
+        ]);
         host_ok(&[
             "ip",
-            "link",
+            "addr",
             "add",
-            Self::LINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            Self::NS,
+            &format!("{}/28", o.near),
+            "dev",
+            &o.link,
         ]);
-        host_ok(&["ip", "addr", "add", &outer, "dev", Self::LINK]);
-        host_ok(&["ip", "link", "set", Self::LINK, "up"]);
-        let setup = format!("ip addr add {inner} dev eth0; ip link set eth0 up; ip link set lo up");
-        host_ok(&["ip", "netns", "exec", Self::NS, "sh", "-c", &setup]);
-        Outside { net }
-    }
-
-    fn far(&self) -> String {
-        format!("{}2", self.net)
-    }
-
-    fn near(&self) -> String {
-        format!("{}1", self.net)
+        host_ok(&["ip", "link", "set", &o.link, "up"]);
+        let setup = format!(
+            "ip addr add {}/28 dev eth0; ip link set eth0 up; ip link set lo up",
+            o.far
+        );
+        host_ok(&["ip", "netns", "exec", &o.ns, "sh", "-c", &setup]);
+        o
     }
 }
 
 impl Drop for Outside {
     fn drop(&mut self) {
-        let _ = host(&["ip", "netns", "del", Self::NS]);
-        let _ = host(&["ip", "link", "del", Self::LINK]);
+        let _ = host(&["ip", "netns", "del", &self.ns]);
+        let _ = host(&["ip", "link", "del", &self.link]);
     }
 }
 
 #[test]
 fn nat_reaches_beyond_the_host_a_plain_network_only_the_host_and_internal_nothing() {
     let w = World::new();
-    let outside = Outside::new();
+    let outside = Outside::new(1);
     w.ok(&[
         "network",
         "create",
@@ -401,8 +400,8 @@ fn nat_reaches_beyond_the_host_a_plain_network_only_the_host_and_internal_nothin
         ]);
     }
     // Out through the masquerade: the outside sees the host's address, not the container's.
-    exec_until(&w, "o", &format!("ping -c 1 -W 2 {}", outside.far()));
-    let plain = w.cela(&["exec", "p", "ping", "-c", "2", "-W", "1", &outside.far()]);
+    exec_until(&w, "o", &format!("ping -c 1 -W 2 {}", outside.far));
+    let plain = w.cela(&["exec", "p", "ping", "-c", "2", "-W", "1", &outside.far]);
     assert!(
         !plain.status.success(),
         "a plain network went beyond the host: {}",
@@ -412,7 +411,7 @@ fn nat_reaches_beyond_the_host_a_plain_network_only_the_host_and_internal_nothin
     // Internal: no route out, the host not even through its other addresses; each other yes.
     let routes = w.ok(&["exec", "i", "ip", "route"]);
     assert!(!routes.contains("default"), "{routes}");
-    for target in ["10.77.6.1".to_owned(), outside.near()] {
+    for target in ["10.77.6.1".to_owned(), outside.near.clone()] {
         let out = w.cela(&[
             "exec",
             "i",
@@ -463,4 +462,180 @@ fn a_container_and_a_microvm_on_one_network_exchange_tcp_data() {
     );
     w.ok(&["rm", "-f", "srv"]);
     w.ok(&["network", "rm", "mixed"]);
+}
+
+/// Connects to `addr` until something answers (bounded: the listener comes up
+/// asynchronously); what it sends.
+fn read_from(addr: (&str, u16)) -> String {
+    use std::io::Read;
+    let start = Instant::now();
+    loop {
+        let got = std::net::TcpStream::connect(addr).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut s = String::new();
+            c.read_to_string(&mut s)?;
+            Ok(s)
+        });
+        match got {
+            Ok(s) if !s.is_empty() => return s,
+            other => assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{addr:?}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn published_ports_reach_a_container_and_a_microvm_and_go_with_them() {
+    let w = World::new();
+    let outside = Outside::new(1);
+    w.ok(&["network", "create", "--subnet", "10.77.8.0/24", "pub"]);
+    let serve = |word: &str| format!("while :; do echo {word} | nc -l -p 8080; done");
+    let id = w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--net",
+        "pub",
+        "-p",
+        "18080:8080",
+        "testimg",
+        "sh",
+        "-c",
+        &serve("published-ct"),
+    ]);
+    let id = id.trim().to_owned();
+    assert_eq!(w.inspect("web")["ports"][0], "0.0.0.0:18080->8080/tcp");
+    // From the host itself (to one of its addresses: here the network's gateway), and from
+    // outside the host (to its address on the outside link).
+    assert_eq!(read_from(("10.77.8.1", 18080)), "published-ct\n");
+    let from_outside = host_ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &outside.ns,
+        "busybox",
+        "nc",
+        "-w",
+        "5",
+        &outside.near,
+        "18080",
+    ]);
+    assert_eq!(from_outside, "published-ct\n");
+    // One instance per host port; none a host process holds; an address to publish to.
+    w.err(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web2",
+            "--net",
+            "pub",
+            "-p",
+            "18080:9090",
+            "testimg",
+            "sleep",
+            "60",
+        ],
+        "the host port is published by web",
+    );
+    let held = std::net::TcpListener::bind(("0.0.0.0", 18082)).unwrap();
+    w.err(
+        &[
+            "run", "-d", "--name", "web3", "--net", "pub", "-p", "18082:80", "testimg", "sleep",
+            "60",
+        ],
+        "a process of the host uses port 18082/tcp",
+    );
+    drop(held);
+    w.err(
+        &["run", "-p", "18083:80", "testimg", "true"],
+        "needs --net auto or a network",
+    );
+    w.err(
+        &[
+            "run", "--net", "pub", "-p", "18083:80", "-p", "18083:81", "testimg", "true",
+        ],
+        "take the same port",
+    );
+    // A microVM on its --net auto link (QEMU fallback).
+    w.ok(&[
+        "run",
+        "-d",
+        "--vm",
+        "--name",
+        "vmweb",
+        "--net",
+        "auto",
+        "-p",
+        "18081:8080",
+        "testimg",
+        "sh",
+        "-c",
+        &serve("published-vm"),
+    ]);
+    assert_eq!(read_from(("10.77.8.1", 18081)), "published-vm\n");
+    let vm_id = w.inspect("vmweb")["id"].as_str().unwrap().to_owned();
+    // The rules go with their instances.
+    w.ok(&["rm", "-f", "web", "web2", "web3", "vmweb"]);
+    for i in [&id, &vm_id] {
+        assert!(
+            !host(&["nft", "list", "table", "ip", &format!("cela_ports_{i}")])
+                .status
+                .success(),
+            "the ports of {i} are still published"
+        );
+    }
+    assert!(std::net::TcpStream::connect(("10.77.8.1", 18080)).is_err());
+    w.ok(&["network", "rm", "pub"]);
+}
+
+#[test]
+fn a_running_container_is_connected_to_a_network_and_disconnected() {
+    let w = World::new();
+    w.ok(&["network", "create", "--subnet", "10.77.9.0/24", "na"]);
+    w.ok(&["network", "create", "--subnet", "10.77.10.0/24", "nb"]);
+    w.ok(&[
+        "run", "-d", "--name", "x", "--net", "na", "testimg", "sleep", "600",
+    ]);
+    w.ok(&[
+        "run", "-d", "--name", "y", "--net", "nb", "testimg", "sleep", "600",
+    ]);
+    w.ok(&["network", "connect", "nb,ip=10.77.10.7", "x"]);
+    let inside = w.ok(&["exec", "x", "ip", "-4", "-o", "addr", "show", "eth1"]);
+    assert!(inside.contains("inet 10.77.10.7/24"), "{inside}");
+    exec_until(&w, "x", "ping -c 1 -W 2 y");
+    let hosts = w.ok(&["exec", "y", "cat", "/etc/hosts"]);
+    assert!(hosts.contains("10.77.10.7\tx\n"), "{hosts}");
+    w.err(
+        &["network", "connect", "nb", "x"],
+        "x is on network nb already",
+    );
+    w.err(
+        &["network", "connect", "nothing", "x"],
+        "no network named nothing",
+    );
+    w.ok(&["network", "disconnect", "nb", "x"]);
+    let links = w.ok(&["exec", "x", "ip", "-o", "link"]);
+    assert!(!links.contains("eth1"), "{links}");
+    let hosts = w.ok(&["exec", "y", "cat", "/etc/hosts"]);
+    assert!(!hosts.contains("\tx\n"), "{hosts}");
+    assert_eq!(
+        w.inspect("x")["config"]["networks"],
+        serde_json::json!([{"network": "na"}])
+    );
+    w.err(
+        &["network", "disconnect", "nb", "x"],
+        "x is not on network nb",
+    );
+    w.ok(&["stop", "-t", "1", "y"]);
+    w.err(
+        &["network", "connect", "na", "y"],
+        "connect joins a running container",
+    );
+    w.ok(&["rm", "-f", "x", "y"]);
+    w.ok(&["network", "rm", "na", "nb"]);
 }

@@ -108,6 +108,9 @@ fn stop_live(
         if let Some(rec) = state.network.take() {
             crate::network::delete_host_link(&rec);
         }
+        // Its place on named networks and its published ports: no supervisor is left to
+        // give them up.
+        crate::network::release_links(&inst.dir);
         inst.save_state(&state)?;
         let _ = std::fs::remove_file(inst.vsock_path());
     }
@@ -298,7 +301,7 @@ pub fn remove_dir(inst: &Instance) {
         if let Some(rec) = &recorded {
             crate::network::delete_host_link(rec);
         }
-        crate::network::leave_networks(&inst.dir);
+        crate::network::release_links(&inst.dir);
     }
     // Recorded while the instance is still listed: a client that sees it gone (Docker's
     // `wait?condition=removed`) finds its destroy in the journal.

@@ -123,6 +123,9 @@ pub struct InstanceConfig {
     /// `--net NAME[,ip=…][,mac=…]`: the named networks it joins, in order (`eth0`, `eth1`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<crate::network::named::Attachment>,
+    /// `-p`: ports of the host published to the instance's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::network::ports::PortMapping>,
     /// How a container is confined beyond its namespaces: capabilities and seccomp.
     #[serde(default)]
     pub security: Security,
@@ -630,6 +633,7 @@ mod tests {
             vm: None,
             net: NetMode::None,
             networks: Vec::new(),
+            ports: Vec::new(),
             security: Default::default(),
             stdin: false,
             tty: false,

@@ -80,6 +80,8 @@ pub struct RunRequest {
     pub net: NetMode,
     /// Named networks to join (`--net NAME`), with `net` left at `none`.
     pub networks: Vec<crate::network::named::Attachment>,
+    /// `-p`: host ports published to the instance's (needs `--net auto` or a network).
+    pub ports: Vec<crate::network::ports::PortMapping>,
     pub security: Security,
     /// A microVM's kernel and initramfs.
     pub guest: GuestFiles,
@@ -113,6 +115,7 @@ impl RunRequest {
             memory_mib: None,
             net: NetMode::None,
             networks: Vec::new(),
+            ports: Vec::new(),
             security: Security::default(),
             guest: GuestFiles::Default,
             confine: true,
@@ -160,6 +163,22 @@ pub fn create(
         )));
     }
     crate::network::named::check_attachments(data_dir, req.kind, req.net, &req.networks)?;
+    if !req.ports.is_empty() {
+        crate::network::ports::check_distinct(&req.ports)?;
+        let first_internal = match req.networks.first() {
+            Some(a) => {
+                crate::network::named::Networks::open(data_dir)?
+                    .get(&a.network)?
+                    .internal
+            }
+            None => false,
+        };
+        if (req.net != NetMode::Auto && req.networks.is_empty()) || first_internal {
+            return Err(invalid(
+                "-p publishes ports to the instance's address: it needs --net auto or a network that is not --internal (its first)",
+            ));
+        }
+    }
     if vm && !req.volumes.is_empty() {
         return Err(InstanceError::Unsupported(
             "volumes are not supported for microVMs yet (give the VM a disk instead)".into(),
@@ -277,6 +296,7 @@ pub fn create(
         vm: boot,
         net: req.net,
         networks: req.networks.clone(),
+        ports: req.ports.clone(),
         security: req.security.clone(),
         labels: req.labels.clone(),
         stdin: req.stdin,

@@ -534,10 +534,11 @@ impl Manifest {
         }
         if !matches!(self.config.net, NetMode::None | NetMode::Auto)
             || !self.config.volumes.is_empty()
+            || !self.config.networks.is_empty()
         {
             return Err(bad(
                 &self.name,
-                "its instance has a host network or volumes, which snapshots do not carry",
+                "its instance has a host network, named networks or volumes, which snapshots do not carry",
             ));
         }
         Ok(())
@@ -909,6 +910,10 @@ fn restore_checked(
         // A copy gets a link of its own (a TAP, MAC and /30 made when it starts), which its
         // guest is told to take on resume.
         net: source.net,
+        // A host port is one instance's: copies do not publish the source's; nor does a
+        // copy join a named network (a manifest that names one is refused above).
+        ports: Vec::new(),
+        networks: Vec::new(),
         security: Default::default(),
         vm: Some(crate::record::VmBoot {
             kernel,

@@ -35,7 +35,7 @@ pub fn supervise(store: &Store, inst: &Instance) -> Result<i32, InstanceError> {
     if inst.config.kind == Kind::Container {
         crate::network::teardown(inst, state.network.as_ref());
     } else {
-        crate::network::leave_networks(&inst.dir);
+        crate::network::release_links(&inst.dir);
     }
     state.network = None;
 
@@ -139,6 +139,7 @@ fn run_container(
 ) -> Result<i32, InstanceError> {
     let image = store.resolve(&inst.config.image_digest)?;
     state.network = crate::network::setup_container(inst)?;
+    crate::network::publish_ports(inst, state.network.as_ref())?;
     // `-i` without a terminal: the container inherits a pipe as fd 0 (instead of /dev/null)
     // whose write end the attach socket feeds.
     let stdin = if inst.config.stdin && !inst.config.tty {
@@ -254,6 +255,7 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
     let disk = instance_disk(store, inst)?;
     // The TAP of `--net auto` lives as long as `host_net` (and QEMU's inherited copy).
     let host_net = crate::network::setup_vm(inst)?;
+    crate::network::publish_ports(inst, host_net.as_ref().map(|(_, s)| s))?;
     let request = cela_guest::BootRequest {
         command: Some(inst.config.command.clone()),
         env: inst.config.env.clone(),

@@ -109,6 +109,9 @@ pub struct Summary {
     /// The named networks it joins (`--net NAME`), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<JoinedView>,
+    /// Its published ports (`-p`), `IP:HOST_PORT->PORT/PROTO`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
     /// The caller's key/value labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -163,6 +166,7 @@ fn typed_summary(inst: &Instance, state: &InstanceState) -> Summary {
         error: state.error.clone(),
         network: NetworkView::new(inst.config.net, state.network.as_ref()),
         networks: joined(inst),
+        ports: inst.config.ports.iter().map(|p| p.display()).collect(),
         labels: inst.config.labels.clone(),
     }
 }

@@ -83,10 +83,8 @@ fn refuse_unsupported(body: &CreateBody) -> Result<(), ApiError> {
     let refused = [
         (host.is_some_and(|h| h.privileged), "privileged containers"),
         (
-            host.is_some_and(|h| {
-                h.publish_all_ports || h.port_bindings.as_ref().is_some_and(|p| !p.is_empty())
-            }),
-            "port publishing (PortBindings, docker run -p)",
+            host.is_some_and(|h| h.publish_all_ports),
+            "every exposed port published (PublishAllPorts, docker run -P)",
         ),
         (
             host.is_some_and(|h| h.devices.as_ref().is_some_and(|d| !d.is_empty())),
@@ -140,6 +138,26 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
             )));
         }
     };
+    // `{"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}`, as `cela run -p` takes them.
+    let mut ports = Vec::new();
+    for (key, bindings) in host.port_bindings.iter().flatten() {
+        let (port, proto) = key.split_once('/').unwrap_or((key.as_str(), "tcp"));
+        for b in bindings.as_array().into_iter().flatten() {
+            let host_port = b["HostPort"].as_str().unwrap_or_default();
+            if host_port.is_empty() {
+                return Err(ApiError::not_implemented(format!(
+                    "PortBindings {key}: a host port the daemon picks (give HostPort)"
+                )));
+            }
+            let ip = b["HostIp"]
+                .as_str()
+                .filter(|i| !i.is_empty())
+                .map_or(String::new(), |i| format!("{i}:"));
+            ports.push(cela_instance::network::ports::PortMapping::parse(
+                &format!("{ip}{host_port}:{port}/{proto}"),
+            )?);
+        }
+    }
     if host.memory < 0 || host.nano_cpus < 0 {
         return Err(ApiError::bad_request(
             "Memory and NanoCpus must not be negative",
@@ -182,6 +200,7 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
         memory_mib,
         net,
         networks,
+        ports,
         security,
         auto_remove: host.auto_remove,
         labels: body.labels.unwrap_or_default(),
@@ -1179,6 +1198,16 @@ mod tests {
     }
 
     #[test]
+    fn port_bindings_are_published_ports() {
+        let body = json!({"Image": "b", "HostConfig": {"PortBindings": {
+            "80/tcp": [{"HostIp": "", "HostPort": "8080"}], "53/udp": [{"HostIp": "10.0.0.1", "HostPort": "5353"}]}}});
+        let req = run_request(serde_json::from_value(body).unwrap(), None).unwrap();
+        let mut shown: Vec<String> = req.ports.iter().map(|p| p.display()).collect();
+        shown.sort();
+        assert_eq!(shown, ["0.0.0.0:8080->80/tcp", "10.0.0.1:5353->53/udp"]);
+    }
+
+    #[test]
     fn a_network_mode_that_names_a_network_joins_it() {
         let body = json!({"Image": "b", "HostConfig": {"NetworkMode": "lan"}});
         let req = run_request(serde_json::from_value(body).unwrap(), None).unwrap();
@@ -1191,7 +1220,8 @@ mod tests {
     fn what_cela_does_not_do_is_refused_not_ignored() {
         for body in [
             json!({"Image": "b", "HostConfig": {"Privileged": true}}),
-            json!({"Image": "b", "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}}),
+            json!({"Image": "b", "HostConfig": {"PublishAllPorts": true}}),
+            json!({"Image": "b", "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": ""}]}}}),
             json!({"Image": "b", "HostConfig": {"NetworkMode": "container:x"}}),
         ] {
             let err = run_request(serde_json::from_value(body.clone()).unwrap(), None).unwrap_err();

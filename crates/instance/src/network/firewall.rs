@@ -6,7 +6,9 @@
 //!
 //! For a network whose bridge is `B` (every cela bridge is named `cbr-…`):
 //! * forward: traffic within `B` passes (it only crosses the IP layer with `br_netfilter`);
-//!   with `--nat`, from `B` to anything that is not a cela bridge passes, with the replies;
+//!   with `--nat`, from `B` to anything that is not a cela bridge or `--net auto` link
+//!   passes, with the replies;
+//!   connections to a published port (DNAT'd by [`super::ports`]) pass into `B`;
 //!   everything else into or out of `B` is dropped, so two networks never reach each other
 //!   through the host, and a network without `--nat` reaches the host alone.
 //! * postrouting (`--nat`): the subnet's traffic leaving by another interface is masqueraded.
@@ -28,6 +30,8 @@ use crate::error::InstanceError;
 
 /// The prefix of every bridge cela makes (an nftables wildcard matches them all).
 pub const BRIDGE_PREFIX: &str = "cbr-";
+/// The prefix of the host ends of `--net auto` links (veths and TAPs).
+pub const LINK_PREFIX: &str = "cela";
 
 /// What a network's table is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +54,24 @@ fn meta(key: MetaKey, op: Operator, value: &str) -> Statement<'static> {
         right: Expression::String(Cow::Owned(value.to_owned())),
         op,
     })
+}
+
+/// `ct KEY in RIGHT` (a conntrack state or status).
+fn ct(key: &'static str, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed(key),
+            family: None,
+            dir: None,
+        })),
+        right,
+        op: Operator::IN,
+    })
+}
+
+/// `ct status dnat`: a connection to a published port, either way.
+fn dnat() -> Statement<'static> {
+    ct("status", Expression::String(Cow::Borrowed("dnat")))
 }
 
 fn rule(table: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
@@ -85,10 +107,11 @@ impl Rules<'_> {
     /// The batch that makes the table (it must not exist).
     pub fn batch(&self) -> nftables::schema::Nftables<'static> {
         use MetaKey::{Iifname, Oifname};
-        use Operator::{EQ, IN, NEQ};
+        use Operator::{EQ, NEQ};
         let t = table_name(self.id);
         let b = self.bridge;
         let any_bridge = format!("{BRIDGE_PREFIX}*");
+        let any_link = format!("{LINK_PREFIX}*");
         let accept = || Statement::Accept(None);
         let drop = || Statement::Drop(None);
         let mut batch = Batch::new();
@@ -116,6 +139,7 @@ impl Rules<'_> {
                 vec![
                     meta(Iifname, EQ, b),
                     meta(Oifname, NEQ, &any_bridge),
+                    meta(Oifname, NEQ, &any_link),
                     accept(),
                 ],
             ));
@@ -124,18 +148,13 @@ impl Rules<'_> {
                 "forward",
                 vec![
                     meta(Oifname, EQ, b),
-                    Statement::Match(Match {
-                        left: Expression::Named(NamedExpression::CT(CT {
-                            key: Cow::Borrowed("state"),
-                            family: None,
-                            dir: None,
-                        })),
-                        right: Expression::List(vec![
+                    ct(
+                        "state",
+                        Expression::List(vec![
                             Expression::String(Cow::Borrowed("established")),
                             Expression::String(Cow::Borrowed("related")),
                         ]),
-                        op: IN,
-                    }),
+                    ),
                     accept(),
                 ],
             ));
@@ -170,6 +189,17 @@ impl Rules<'_> {
                 ],
             ));
         }
+        if !self.internal {
+            // Connections to a port an instance publishes (`-p`), translated on the way in,
+            // and their replies.
+            for key in [Oifname, Iifname] {
+                batch.add(rule(
+                    &t,
+                    "forward",
+                    vec![meta(key, EQ, b), dnat(), accept()],
+                ));
+            }
+        }
         batch.add(rule(&t, "forward", vec![meta(Iifname, EQ, b), drop()]));
         batch.add(rule(&t, "forward", vec![meta(Oifname, EQ, b), drop()]));
         if self.internal {
@@ -186,6 +216,66 @@ impl Rules<'_> {
     }
 }
 
+/// The table every `--net auto` link shares, `inet cela_links`: what reaches such a link, or
+/// leaves by one, goes to or comes from the host alone — never forwarded to another link,
+/// another network or beyond (the host may forward for others: a `--nat` network turns
+/// forwarding on) — except connections to a port it publishes (`-p`), and their replies.
+/// Made (again) whenever such a link is, in one batch that flushes its chain first, so it
+/// holds its rules once whoever makes it.
+pub fn ensure_auto_links() -> Result<(), InstanceError> {
+    use MetaKey::{Iifname, Oifname};
+    let t = "cela_links";
+    let any_link = format!("{LINK_PREFIX}*");
+    let chain = Chain {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(t),
+        name: Cow::Borrowed("forward"),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Forward),
+        prio: Some(0),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    };
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(Table {
+        family: NfFamily::INet,
+        name: Cow::Borrowed(t),
+        handle: None,
+    }));
+    batch.add(NfListObject::Chain(chain.clone()));
+    batch.add_cmd(nftables::schema::NfCmd::Flush(
+        nftables::schema::FlushObject::Chain(chain),
+    ));
+    for key in [Oifname, Iifname] {
+        batch.add(rule(
+            t,
+            "forward",
+            vec![
+                meta(key, Operator::EQ, &any_link),
+                dnat(),
+                Statement::Accept(None),
+            ],
+        ));
+    }
+    for key in [Iifname, Oifname] {
+        batch.add(rule(
+            t,
+            "forward",
+            vec![meta(key, Operator::EQ, &any_link), Statement::Drop(None)],
+        ));
+    }
+    nftables::helper::apply_ruleset(&batch.to_nftables())
+        .map_err(|e| nft_error("adding the packet filter of --net auto links".into(), e))
+}
+
+/// [`ensure_auto_links`], whose failure (no `nft` on this host) leaves the link as it was
+/// before cela had the table, with a warning: a named network needs `nft`, a link does not.
+pub fn ensure_auto_links_or_warn() {
+    if let Err(e) = ensure_auto_links() {
+        tracing::warn!("{e}: --net auto links are not kept from forwarding through the host");
+    }
+}
+
 fn nft_error(what: String, e: nftables::helper::NftablesError) -> InstanceError {
     InstanceError::Other(format!(
         "{what}: {e} (cela needs nft, from Debian's nftables package)"
@@ -199,7 +289,7 @@ pub fn install(rules: &Rules<'_>) -> Result<(), InstanceError> {
 }
 
 /// Whether the network `id`'s table exists.
-fn exists(id: &str) -> bool {
+pub fn exists(id: &str) -> bool {
     std::process::Command::new("nft")
         .args(["list", "table", "inet", &table_name(id)])
         .stdout(std::process::Stdio::null())

@@ -30,6 +30,7 @@
 
 pub mod firewall;
 pub mod named;
+pub mod ports;
 pub mod rtnl;
 
 use std::fs::File;
@@ -253,9 +254,7 @@ pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, Instance
             let netns = File::open(&path).doing(|| format!("opening {}", path.display()))?;
             let nets = named::Networks::open(data_dir_of(inst))?;
             nets.join_container(inst, &netns)?;
-            let hosts = inst.dir.join(named::HOSTS_FILE);
-            let text = nets.initial_hosts(&inst.config.id)?;
-            named::create_hosts(&hosts, &text).doing(|| format!("writing {}", hosts.display()))
+            nets.write_initial_hosts(&inst.config.id, &inst.dir.join(named::HOSTS_FILE))
         })();
         if let Err(e) = joined {
             teardown(inst, None);
@@ -266,6 +265,7 @@ pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, Instance
     if inst.config.net == NetMode::None {
         return Ok(None);
     }
+    firewall::ensure_auto_links_or_warn();
     let linked = (|| {
         let netns = File::open(&path).doing(|| format!("opening {}", path.display()))?;
         let name = create_veth(&netns)?;
@@ -334,6 +334,7 @@ pub fn setup_vm(
     if inst.config.net != NetMode::Auto {
         return Ok(None);
     }
+    firewall::ensure_auto_links_or_warn();
     let host = cela_vmm::net::setup(&cela_vmm::net::NetMode::Auto)
         .map_err(|e| InstanceError::Other(e.to_string()))?;
     let guest = host.guest.expect("--net auto tells the guest its address");
@@ -422,14 +423,37 @@ fn data_dir_of_dir(dir: &Path) -> &Path {
         .unwrap_or(Path::new("/"))
 }
 
-/// Takes the instance whose directory is `dir` off every named network it is on (a microVM's
-/// run ends, or any instance is removed).
-pub fn leave_networks(dir: &Path) {
-    if let Some(id) = named::id_of_dir(dir)
-        && let Ok(nets) = named::Networks::open(data_dir_of_dir(dir))
-    {
+/// Takes the instance whose directory is `dir` off every named network it is on and
+/// unpublishes its ports (its run ends, or it is removed).
+pub fn release_links(dir: &Path) {
+    let Some(id) = named::id_of_dir(dir) else {
+        return;
+    };
+    ports::unpublish(&id);
+    if let Ok(nets) = named::Networks::open(data_dir_of_dir(dir)) {
         nets.leave(&id);
     }
+}
+
+/// Publishes `inst`'s ports (`-p`) to its address on the link just set up (`state` is its
+/// `--net auto` link, if it has one; else its first named network's), once no other running
+/// instance and no host process has those ports.
+pub fn publish_ports(inst: &Instance, state: Option<&NetworkState>) -> Result<(), InstanceError> {
+    if inst.config.ports.is_empty() {
+        return Ok(());
+    }
+    let nets = named::Networks::open(data_dir_of(inst))?;
+    let target = match state {
+        Some(s) => s.address.split('/').next().and_then(|a| a.parse().ok()),
+        None => nets.address_of(inst),
+    }
+    .ok_or_else(|| {
+        InstanceError::Invalid(format!(
+            "{} has no address to publish ports to (-p needs --net auto or a network)",
+            inst.config.name
+        ))
+    })?;
+    nets.publish(inst, target)
 }
 
 /// [`teardown`] of the instance directory `dir` (also one whose config cannot be read).
@@ -450,7 +474,7 @@ pub fn teardown_at(dir: &Path, recorded: Option<&NetworkState>) {
             Ok(())
         });
     }
-    leave_networks(dir);
+    release_links(dir);
     if path.exists() {
         match umount2(&path, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) => {}

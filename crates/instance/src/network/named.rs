@@ -132,6 +132,12 @@ pub fn check_attachments(
             )));
         }
         let net = nets.get(&a.network)?;
+        if kind == crate::record::Kind::Vm && a.mac.is_some() {
+            return Err(InstanceError::Invalid(format!(
+                "--net {},mac=: a microVM's MAC is its NIC's (mac= is for containers)",
+                a.network
+            )));
+        }
         if let Some(ip) = a.ip {
             let subnet = net.subnet()?;
             if !is_host_address(subnet, ip) || ip == net.gateway {
@@ -426,25 +432,25 @@ impl Networks {
             created: crate::record::now(),
             endpoints: BTreeMap::new(),
         };
+        // The record first: a create killed half-way leaves a network `cela network rm`
+        // removes (with whatever of its bridge and filter was made), never host state that no
+        // record names.
+        self.save(&net)?;
         let made = (|| {
-            rtnl::add_bridge(&net.bridge)
-                .map_err(io_err(format!("creating the bridge {}", net.bridge)))?;
-            if !net.internal {
-                cela_guest::netif::set_ipv4(&net.bridge, gateway, subnet.prefix)
-                    .map_err(netif("addressing the bridge"))?;
-            }
-            cela_guest::netif::set_up(&net.bridge).map_err(netif("bringing the bridge up"))?;
+            make_bridge(&net, subnet)?;
+            firewall::install(&net.rules(subnet))?;
             if net.nat {
                 // As Docker does for its NAT'd bridges: the host routes for them.
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
                     .doing(|| "enabling IPv4 forwarding (net.ipv4.ip_forward)".into())?;
             }
-            firewall::install(&net.rules(subnet))?;
-            self.save(&net)
+            Ok(())
         })();
         if let Err(e) = made {
             let _ = firewall::remove(&net.id);
+            // Only a bridge of this network's name, which the id makes cela's own.
             let _ = rtnl::delete_link(&net.bridge);
+            let _ = std::fs::remove_file(self.path(&net.name));
             return Err(e);
         }
         Ok(net)
@@ -457,26 +463,40 @@ impl Networks {
         let mut net = self.get(name)?;
         self.prune(&mut net);
         if !net.endpoints.is_empty() {
-            let users: Vec<&str> = net
+            let mut users: Vec<&str> = net
                 .endpoints
                 .values()
                 .map(|e| e.instance.as_str())
                 .collect();
+            users.sort_unstable();
             return Err(InstanceError::Invalid(format!(
                 "network {name} is in use by {} (stop or remove {} first)",
                 users.join(", "),
                 if users.len() == 1 { "it" } else { "them" }
             )));
         }
-        firewall::remove(&net.id)?;
+        // The bridge first: while its filter stands, nothing joins or leaves it unwalled.
         match rtnl::delete_link(&net.bridge) {
             Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
                 return Err(io_err(format!("deleting the bridge {}", net.bridge))(e));
             }
             _ => {}
         }
+        firewall::remove(&net.id)?;
         std::fs::remove_file(self.path(name))
             .doing(|| format!("removing {}", self.path(name).display()))
+    }
+
+    /// Makes `net`'s bridge (with its address, up) and its packet filter again if either is
+    /// gone.
+    fn ensure(&self, net: &Network, subnet: Subnet) -> Result<(), InstanceError> {
+        if super::ifindex(&net.bridge).is_none() {
+            make_bridge(net, subnet)?;
+        }
+        if !firewall::exists(&net.id) {
+            firewall::install(&net.rules(subnet))?;
+        }
+        Ok(())
     }
 
     /// Drops the endpoints whose instance no longer runs, deleting their links (their
@@ -562,6 +582,20 @@ impl Networks {
             })?,
             None => cela_vmm::net::random_mac(),
         };
+        let taken_mac = format_mac(&mac);
+        if let Some(other) = net
+            .endpoints
+            .iter()
+            .find(|(id, e)| e.mac == taken_mac && **id != inst.config.id)
+        {
+            return Err(InstanceError::Invalid(format!(
+                "--net {},mac={taken_mac}: {} on {} has that MAC",
+                net.name, other.1.instance, net.name
+            )));
+        }
+        // Its bridge and packet filter are made again if they are gone (a reboot takes the
+        // bridge, `nft flush ruleset` the table): never a join without the network's walls.
+        self.ensure(&net, subnet)?;
         let (interface, ifindex) = make(&net, subnet, address, mac)?;
         let ep = Endpoint {
             instance: inst.config.name.clone(),
@@ -584,40 +618,155 @@ impl Networks {
     pub fn join_container(&self, inst: &Instance, netns: &File) -> Result<(), InstanceError> {
         let mut routed = false;
         for (i, att) in inst.config.networks.iter().enumerate() {
-            let host_end = format!("cv{}{i:x}", inst.config.id);
-            let peer = format!("eth{i}");
-            let (net, _) = self.join(inst, att, |net, subnet, address, mac| {
-                rtnl::add_veth(&host_end, &peer, std::os::fd::AsFd::as_fd(netns)).map_err(
-                    io_err(format!("creating the veth pair {host_end} ↔ {peer}")),
-                )?;
-                let plugged = (|| {
-                    let index = plug(net, &host_end)?;
-                    let gateway = (!routed && !net.internal).then_some(net.gateway);
-                    super::in_netns(netns, || {
-                        cela_guest::netif::set_mac(&peer, mac).map_err(super::netif)?;
-                        cela_guest::netif::set_ipv4(&peer, address, subnet.prefix)
-                            .map_err(super::netif)?;
-                        cela_guest::netif::set_up(&peer).map_err(super::netif)?;
-                        match gateway {
-                            Some(g) => {
-                                cela_guest::netif::add_default_route(g).map_err(super::netif)
-                            }
-                            None => Ok(()),
-                        }
-                    })?;
-                    Ok(index)
-                })();
-                match plugged {
-                    Ok(index) => Ok((host_end.clone(), index)),
-                    Err(e) => {
-                        let _ = rtnl::delete_link(&host_end);
-                        Err(e)
-                    }
-                }
-            })?;
+            let net = self.join_one(inst, i, att, netns, routed)?;
             routed |= !net.internal;
         }
         Ok(())
+    }
+
+    /// Joins the container `inst` to `att`'s network as `eth<i>` in `netns`, with the default
+    /// route unless an earlier network gave one (`routed`).
+    fn join_one(
+        &self,
+        inst: &Instance,
+        i: usize,
+        att: &Attachment,
+        netns: &File,
+        routed: bool,
+    ) -> Result<Network, InstanceError> {
+        let host_end = format!("cv{}{i:x}", inst.config.id);
+        let peer = format!("eth{i}");
+        let (net, _) = self.join(inst, att, |net, subnet, address, mac| {
+            rtnl::add_veth(&host_end, &peer, std::os::fd::AsFd::as_fd(netns)).map_err(io_err(
+                format!("creating the veth pair {host_end} ↔ {peer}"),
+            ))?;
+            let plugged = (|| {
+                let index = plug(net, &host_end)?;
+                let gateway = (!routed && !net.internal).then_some(net.gateway);
+                super::in_netns(netns, || {
+                    cela_guest::netif::set_mac(&peer, mac).map_err(super::netif)?;
+                    cela_guest::netif::set_ipv4(&peer, address, subnet.prefix)
+                        .map_err(super::netif)?;
+                    cela_guest::netif::set_up(&peer).map_err(super::netif)?;
+                    match gateway {
+                        Some(g) => cela_guest::netif::add_default_route(g).map_err(super::netif),
+                        None => Ok(()),
+                    }
+                })?;
+                Ok(index)
+            })();
+            match plugged {
+                Ok(index) => Ok((host_end.clone(), index)),
+                Err(e) => {
+                    let _ = rtnl::delete_link(&host_end);
+                    Err(e)
+                }
+            }
+        })?;
+        Ok(net)
+    }
+
+    /// `cela network connect`: the running container `inst` joins `att`'s network now, as its
+    /// next `eth<n>`, and on every later start (it is added to its config).
+    pub fn connect(&self, inst: &Instance, att: Attachment) -> Result<(), InstanceError> {
+        let mut config = inst.config.clone();
+        if config.kind != crate::record::Kind::Container {
+            return Err(InstanceError::Unsupported(format!(
+                "{} is a microVM: it joins its network when it starts (`cela run --vm --net NAME`)",
+                config.name
+            )));
+        }
+        if config.net != super::NetMode::None {
+            return Err(InstanceError::Invalid(format!(
+                "{} has --net {}: named networks are for containers with a namespace of their own",
+                config.name,
+                config.net.as_str()
+            )));
+        }
+        if config.networks.iter().any(|a| a.network == att.network) {
+            return Err(InstanceError::Invalid(format!(
+                "{} is on network {} already",
+                config.name, att.network
+            )));
+        }
+        if config.networks.len() >= MAX_ATTACHMENTS {
+            return Err(InstanceError::Invalid(format!(
+                "{} is on {MAX_ATTACHMENTS} networks, the most a container joins",
+                config.name
+            )));
+        }
+        let net = self.get(&att.network)?;
+        let state = inst.state()?;
+        if state.status != Status::Running {
+            return Err(InstanceError::WrongState {
+                name: config.name.clone(),
+                status: state.status.to_string(),
+                hint: "connect joins a running container (start it, or give --net to run)",
+            });
+        }
+        let netns_path = super::netns_path(inst);
+        let netns =
+            File::open(&netns_path).doing(|| format!("opening {}", netns_path.display()))?;
+        let routed = config
+            .networks
+            .iter()
+            .any(|a| self.get(&a.network).is_ok_and(|n| !n.internal));
+        config.networks.push(att.clone());
+        let joining = Instance {
+            dir: inst.dir.clone(),
+            config: config.clone(),
+        };
+        let i = config.networks.len() - 1;
+        self.join_one(&joining, i, &att, &netns, routed)?;
+        if let Err(e) = crate::record::write_json(&inst.dir.join("config.json"), &config) {
+            self.leave_one(&joining, i, &net.name, Some(&netns));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `cela network disconnect`: the container `inst` leaves network `name` (now, if it
+    /// runs, and for good: it is taken out of its config).
+    pub fn disconnect(&self, inst: &Instance, name: &str) -> Result<(), InstanceError> {
+        let mut config = inst.config.clone();
+        let Some(i) = config.networks.iter().position(|a| a.network == name) else {
+            return Err(InstanceError::Invalid(format!(
+                "{} is not on network {name}",
+                config.name
+            )));
+        };
+        let netns = File::open(super::netns_path(inst)).ok();
+        self.leave_one(inst, i, name, netns.as_ref());
+        config.networks.remove(i);
+        crate::record::write_json(&inst.dir.join("config.json"), &config)
+    }
+
+    /// Takes `inst`'s `eth<i>` off network `name`: the interface in `netns` (with its host
+    /// end), the endpoint, and the name in the others' hosts files.
+    fn leave_one(&self, inst: &Instance, i: usize, name: &str, netns: Option<&File>) {
+        if let Some(netns) = netns {
+            let peer = format!("eth{i}");
+            let _ = super::in_netns(netns, || {
+                let _ = rtnl::delete_link(&peer);
+                Ok(())
+            });
+        }
+        let Ok(_lock) = self.lock() else { return };
+        let Ok(mut net) = self.get(name) else { return };
+        if let Some(ep) = net.endpoints.remove(&inst.config.id) {
+            delete_link_if_same(&ep.interface, ep.ifindex);
+            if let Err(e) = self.save(&net) {
+                tracing::warn!("recording that {} left {}: {e}", ep.instance, net.name);
+            }
+            self.rewrite_hosts(&[&net]);
+            // Its own file no longer lists that network's instances.
+            let own = inst.dir.join(HOSTS_FILE);
+            if own.exists()
+                && let Ok(all) = self.list()
+            {
+                let _ = write_hosts(&own, &hosts_of(&all, &inst.config.id));
+            }
+        }
     }
 
     /// Joins the microVM `inst` to its network through the TAP `tap` (plugged into the
@@ -672,6 +821,53 @@ impl Networks {
         self.rewrite_hosts(&changed.iter().collect::<Vec<_>>());
     }
 
+    /// `inst`'s address on its first network, while it is on it.
+    pub fn address_of(&self, inst: &Instance) -> Option<Ipv4Addr> {
+        let first = inst.config.networks.first()?;
+        let net = self.get(&first.network).ok()?;
+        net.endpoints.get(&inst.config.id).map(|e| e.address)
+    }
+
+    /// Publishes `inst`'s ports to `target` (see [`super::ports`]), under the networks lock so
+    /// that two instances starting at once cannot both take a port: refused if another running
+    /// instance publishes one of them, or a host process has bound it.
+    pub fn publish(&self, inst: &Instance, target: Ipv4Addr) -> Result<(), InstanceError> {
+        let _lock = self.lock()?;
+        let instances = Instances::open(&self.data_dir)?;
+        for other in instances.list()? {
+            if other.config.id == inst.config.id || other.config.ports.is_empty() {
+                continue;
+            }
+            if !matches!(other.state().map(|s| s.status), Ok(Status::Running)) {
+                continue;
+            }
+            for p in &inst.config.ports {
+                if let Some(q) = other.config.ports.iter().find(|q| q.clashes(p)) {
+                    return Err(InstanceError::Invalid(format!(
+                        "-p {}: the host port is published by {} ({})",
+                        p.display(),
+                        other.config.name,
+                        q.display()
+                    )));
+                }
+            }
+        }
+        if let Some(p) = inst
+            .config
+            .ports
+            .iter()
+            .find(|p| super::ports::bound_on_host(p))
+        {
+            return Err(InstanceError::Invalid(format!(
+                "-p {}: a process of the host uses port {}/{}",
+                p.display(),
+                p.host_port,
+                p.protocol.as_str()
+            )));
+        }
+        super::ports::publish(&inst.config.id, target, &inst.config.ports)
+    }
+
     /// Rewrites the hosts file of every container on `nets`.
     fn rewrite_hosts(&self, nets: &[&Network]) {
         let Ok(all) = self.list() else { return };
@@ -689,10 +885,12 @@ impl Networks {
         }
     }
 
-    /// The hosts file the instance `id` (named `name`) starts with.
-    pub fn initial_hosts(&self, id: &str) -> Result<String, InstanceError> {
+    /// Writes the hosts file `path` of the instance `id`, under the lock, so that a join
+    /// after this rewrites it and none before is missing from it.
+    pub fn write_initial_hosts(&self, id: &str, path: &Path) -> Result<(), InstanceError> {
         let _lock = self.lock()?;
-        Ok(hosts_of(&self.list()?, id))
+        let text = hosts_of(&self.list()?, id);
+        create_hosts(path, &text).doing(|| format!("writing {}", path.display()))
     }
 }
 
@@ -743,6 +941,17 @@ fn write_hosts(path: &Path, text: &str) -> std::io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     f.write_all(text.as_bytes())
+}
+
+/// Creates `net`'s bridge, gives it the gateway's address (unless the network is internal)
+/// and brings it up.
+fn make_bridge(net: &Network, subnet: Subnet) -> Result<(), InstanceError> {
+    rtnl::add_bridge(&net.bridge).map_err(io_err(format!("creating the bridge {}", net.bridge)))?;
+    if !net.internal {
+        cela_guest::netif::set_ipv4(&net.bridge, net.gateway, subnet.prefix)
+            .map_err(netif("addressing the bridge"))?;
+    }
+    cela_guest::netif::set_up(&net.bridge).map_err(netif("bringing the bridge up"))
 }
 
 /// Plugs the host link `port` into `net`'s bridge and brings it up; its index.
