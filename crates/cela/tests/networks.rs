@@ -552,6 +552,30 @@ fn published_ports_reach_a_container_and_a_microvm_and_go_with_them() {
     );
     drop(held);
     w.err(
+        &[
+            "run",
+            "--net",
+            "pub",
+            "-p",
+            "8.8.8.8:18084:80",
+            "testimg",
+            "true",
+        ],
+        "8.8.8.8 is not an address of this host",
+    );
+    // Another instance on the network reaches it through the host (hairpin).
+    let hairpin = w.ok(&[
+        "run",
+        "--rm",
+        "--net",
+        "pub",
+        "testimg",
+        "sh",
+        "-c",
+        "nc -w 5 10.77.8.1 18080",
+    ]);
+    assert_eq!(hairpin, "published-ct\n");
+    w.err(
         &["run", "-p", "18083:80", "testimg", "true"],
         "needs --net auto or a network",
     );
@@ -631,6 +655,17 @@ fn a_running_container_is_connected_to_a_network_and_disconnected() {
         &["network", "disconnect", "nb", "x"],
         "x is not on network nb",
     );
+    // Its first network left and joined again: the lowest free interface, eth0 once more,
+    // beside eth1 of another.
+    w.ok(&["network", "connect", "nb", "x"]);
+    w.ok(&["network", "disconnect", "na", "x"]);
+    w.ok(&["network", "connect", "na", "x"]);
+    let links = w.ok(&["exec", "x", "ip", "-o", "link"]);
+    assert!(
+        links.contains(" eth0@") && links.contains(" eth1@"),
+        "{links}"
+    );
+    exec_until(&w, "x", "ping -c 1 -W 2 y");
     w.ok(&["stop", "-t", "1", "y"]);
     w.err(
         &["network", "connect", "na", "y"],

@@ -165,6 +165,7 @@ pub fn create(
     crate::network::named::check_attachments(data_dir, req.kind, req.net, &req.networks)?;
     if !req.ports.is_empty() {
         crate::network::ports::check_distinct(&req.ports)?;
+        crate::network::ports::check_host_addresses(&req.ports)?;
         let first_internal = match req.networks.first() {
             Some(a) => {
                 crate::network::named::Networks::open(data_dir)?

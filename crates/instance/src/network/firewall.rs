@@ -69,9 +69,9 @@ fn ct(key: &'static str, right: Expression<'static>) -> Statement<'static> {
     })
 }
 
-/// `ct status dnat`: a connection to a published port, either way.
+/// A connection cela translated to a published port (its conntrack mark), either way.
 fn dnat() -> Statement<'static> {
-    ct("status", Expression::String(Cow::Borrowed("dnat")))
+    super::ports::marked()
 }
 
 fn rule(table: &str, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {

@@ -443,8 +443,17 @@ pub fn publish_ports(inst: &Instance, state: Option<&NetworkState>) -> Result<()
         return Ok(());
     }
     let nets = named::Networks::open(data_dir_of(inst))?;
-    let target = match state {
-        Some(s) => s.address.split('/').next().and_then(|a| a.parse().ok()),
+    let on_link = state.and_then(|s| {
+        let (addr, prefix) = s.address.split_once('/')?;
+        let (addr, prefix): (std::net::Ipv4Addr, u8) = (addr.parse().ok()?, prefix.parse().ok()?);
+        let mask = u32::from(cela_guest::netif::netmask(prefix));
+        Some((
+            addr,
+            (std::net::Ipv4Addr::from(u32::from(addr) & mask), prefix),
+        ))
+    });
+    let (target, subnet) = match on_link {
+        Some(t) => Some(t),
         None => nets.address_of(inst),
     }
     .ok_or_else(|| {
@@ -453,7 +462,7 @@ pub fn publish_ports(inst: &Instance, state: Option<&NetworkState>) -> Result<()
             inst.config.name
         ))
     })?;
-    nets.publish(inst, target)
+    nets.publish(inst, target, subnet)
 }
 
 /// [`teardown`] of the instance directory `dir` (also one whose config cannot be read).

@@ -197,6 +197,9 @@ pub struct Endpoint {
     pub interface: String,
     /// Its index, so a later clean-up never deletes another link of that name.
     pub ifindex: u32,
+    /// The instance's end: `eth<n>` in a container's namespace (empty for a microVM).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer: String,
 }
 
 /// A network's record.
@@ -496,6 +499,11 @@ impl Networks {
         if !firewall::exists(&net.id) {
             firewall::install(&net.rules(subnet))?;
         }
+        if net.nat {
+            // After a reboot too.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .doing(|| "enabling IPv4 forwarding (net.ipv4.ip_forward)".into())?;
+        }
         Ok(())
     }
 
@@ -524,6 +532,8 @@ impl Networks {
         for id in stale {
             if let Some(ep) = net.endpoints.remove(&id) {
                 delete_link_if_same(&ep.interface, ep.ifindex);
+                // Its address is free again: nothing may still send it the host's traffic.
+                super::ports::unpublish(&id);
             }
         }
     }
@@ -536,6 +546,7 @@ impl Networks {
         &self,
         inst: &Instance,
         att: &Attachment,
+        peer: &str,
         make: impl FnOnce(&Network, Subnet, Ipv4Addr, [u8; 6]) -> Result<(String, u32), InstanceError>,
     ) -> Result<(Network, Endpoint), InstanceError> {
         let _lock = self.lock()?;
@@ -603,6 +614,7 @@ impl Networks {
             mac: format_mac(&mac),
             interface,
             ifindex,
+            peer: peer.to_owned(),
         };
         net.endpoints.insert(inst.config.id.clone(), ep.clone());
         if let Err(e) = self.save(&net) {
@@ -636,7 +648,7 @@ impl Networks {
     ) -> Result<Network, InstanceError> {
         let host_end = format!("cv{}{i:x}", inst.config.id);
         let peer = format!("eth{i}");
-        let (net, _) = self.join(inst, att, |net, subnet, address, mac| {
+        let (net, _) = self.join(inst, att, &peer, |net, subnet, address, mac| {
             rtnl::add_veth(&host_end, &peer, std::os::fd::AsFd::as_fd(netns)).map_err(io_err(
                 format!("creating the veth pair {host_end} ↔ {peer}"),
             ))?;
@@ -667,9 +679,9 @@ impl Networks {
     }
 
     /// `cela network connect`: the running container `inst` joins `att`'s network now, as its
-    /// next `eth<n>`, and on every later start (it is added to its config).
+    /// lowest free `eth<n>`, and on every later start (it is added to its config).
     pub fn connect(&self, inst: &Instance, att: Attachment) -> Result<(), InstanceError> {
-        let mut config = inst.config.clone();
+        let config = &inst.config;
         if config.kind != crate::record::Kind::Container {
             return Err(InstanceError::Unsupported(format!(
                 "{} is a microVM: it joins its network when it starts (`cela run --vm --net NAME`)",
@@ -695,7 +707,7 @@ impl Networks {
                 config.name
             )));
         }
-        let net = self.get(&att.network)?;
+        self.get(&att.network)?;
         let state = inst.state()?;
         if state.status != Status::Running {
             return Err(InstanceError::WrongState {
@@ -707,65 +719,94 @@ impl Networks {
         let netns_path = super::netns_path(inst);
         let netns =
             File::open(&netns_path).doing(|| format!("opening {}", netns_path.display()))?;
+        // The interfaces it has: those its networks' records name (a disconnect leaves gaps).
+        let mine: Vec<Endpoint> = self
+            .list()?
+            .into_iter()
+            .filter_map(|n| n.endpoints.get(&config.id).cloned())
+            .collect();
+        let n = (0..MAX_ATTACHMENTS)
+            .find(|n| !mine.iter().any(|e| e.peer == format!("eth{n}")))
+            .unwrap_or(MAX_ATTACHMENTS);
         let routed = config
             .networks
             .iter()
-            .any(|a| self.get(&a.network).is_ok_and(|n| !n.internal));
-        config.networks.push(att.clone());
-        let joining = Instance {
-            dir: inst.dir.clone(),
-            config: config.clone(),
-        };
-        let i = config.networks.len() - 1;
-        self.join_one(&joining, i, &att, &netns, routed)?;
-        if let Err(e) = crate::record::write_json(&inst.dir.join("config.json"), &config) {
-            self.leave_one(&joining, i, &net.name, Some(&netns));
+            .any(|a| self.get(&a.network).is_ok_and(|net| !net.internal));
+        self.join_one(inst, n, &att, &netns, routed)?;
+        // Recorded under the lock, from the config as it is now (another connect or
+        // disconnect may have changed it meanwhile).
+        let recorded = self.lock().and_then(|_lock| {
+            let path = inst.dir.join("config.json");
+            let mut now: crate::record::InstanceConfig = crate::record::read_json(&path)?;
+            now.networks.push(att.clone());
+            crate::record::write_json(&path, &now)
+        });
+        if let Err(e) = recorded {
+            self.leave_one(inst, &att.network, Some(&netns));
             return Err(e);
         }
         Ok(())
     }
 
     /// `cela network disconnect`: the container `inst` leaves network `name` (now, if it
-    /// runs, and for good: it is taken out of its config).
+    /// runs, and for good: it is taken out of its config). Not the network its ports are
+    /// published to (its first), while it has any.
     pub fn disconnect(&self, inst: &Instance, name: &str) -> Result<(), InstanceError> {
-        let mut config = inst.config.clone();
+        let config = &inst.config;
+        if config.kind != crate::record::Kind::Container {
+            return Err(InstanceError::Unsupported(format!(
+                "{} is a microVM: its network is the one it started with",
+                config.name
+            )));
+        }
         let Some(i) = config.networks.iter().position(|a| a.network == name) else {
             return Err(InstanceError::Invalid(format!(
                 "{} is not on network {name}",
                 config.name
             )));
         };
+        if i == 0 && !config.ports.is_empty() {
+            return Err(InstanceError::Invalid(format!(
+                "{} publishes ports to its address on {name}: remove it, or run it again without -p",
+                config.name
+            )));
+        }
         let netns = File::open(super::netns_path(inst)).ok();
-        self.leave_one(inst, i, name, netns.as_ref());
-        config.networks.remove(i);
-        crate::record::write_json(&inst.dir.join("config.json"), &config)
+        self.leave_one(inst, name, netns.as_ref());
+        let _lock = self.lock()?;
+        let path = inst.dir.join("config.json");
+        let mut now: crate::record::InstanceConfig = crate::record::read_json(&path)?;
+        now.networks.retain(|a| a.network != name);
+        crate::record::write_json(&path, &now)
     }
 
-    /// Takes `inst`'s `eth<i>` off network `name`: the interface in `netns` (with its host
-    /// end), the endpoint, and the name in the others' hosts files.
-    fn leave_one(&self, inst: &Instance, i: usize, name: &str, netns: Option<&File>) {
-        if let Some(netns) = netns {
-            let peer = format!("eth{i}");
+    /// Takes `inst` off network `name`: its interface there in `netns` (with its host end),
+    /// the endpoint, and its name in the others' hosts files.
+    fn leave_one(&self, inst: &Instance, name: &str, netns: Option<&File>) {
+        let Ok(_lock) = self.lock() else { return };
+        let Ok(mut net) = self.get(name) else { return };
+        let Some(ep) = net.endpoints.remove(&inst.config.id) else {
+            return;
+        };
+        if let Some(netns) = netns
+            && !ep.peer.is_empty()
+        {
             let _ = super::in_netns(netns, || {
-                let _ = rtnl::delete_link(&peer);
+                let _ = rtnl::delete_link(&ep.peer);
                 Ok(())
             });
         }
-        let Ok(_lock) = self.lock() else { return };
-        let Ok(mut net) = self.get(name) else { return };
-        if let Some(ep) = net.endpoints.remove(&inst.config.id) {
-            delete_link_if_same(&ep.interface, ep.ifindex);
-            if let Err(e) = self.save(&net) {
-                tracing::warn!("recording that {} left {}: {e}", ep.instance, net.name);
-            }
-            self.rewrite_hosts(&[&net]);
-            // Its own file no longer lists that network's instances.
-            let own = inst.dir.join(HOSTS_FILE);
-            if own.exists()
-                && let Ok(all) = self.list()
-            {
-                let _ = write_hosts(&own, &hosts_of(&all, &inst.config.id));
-            }
+        delete_link_if_same(&ep.interface, ep.ifindex);
+        if let Err(e) = self.save(&net) {
+            tracing::warn!("recording that {} left {}: {e}", ep.instance, net.name);
+        }
+        self.rewrite_hosts(&[&net]);
+        // Its own file no longer lists that network's instances.
+        let own = inst.dir.join(HOSTS_FILE);
+        if own.exists()
+            && let Ok(all) = self.list()
+        {
+            let _ = write_hosts(&own, &hosts_of(&all, &inst.config.id));
         }
     }
 
@@ -787,7 +828,7 @@ impl Networks {
                 "--net NAME,mac= is for containers: a microVM's MAC is its NIC's".into(),
             ));
         }
-        let (net, ep) = self.join(inst, att, |net, _, _, _| {
+        let (net, ep) = self.join(inst, att, "", |net, _, _, _| {
             plug(net, tap).map(|index| (tap.to_owned(), index))
         })?;
         let subnet = net.subnet()?;
@@ -821,24 +862,40 @@ impl Networks {
         self.rewrite_hosts(&changed.iter().collect::<Vec<_>>());
     }
 
-    /// `inst`'s address on its first network, while it is on it.
-    pub fn address_of(&self, inst: &Instance) -> Option<Ipv4Addr> {
+    /// `inst`'s address on its first network, while it is on it, with the network's subnet.
+    pub fn address_of(&self, inst: &Instance) -> Option<(Ipv4Addr, (Ipv4Addr, u8))> {
         let first = inst.config.networks.first()?;
         let net = self.get(&first.network).ok()?;
-        net.endpoints.get(&inst.config.id).map(|e| e.address)
+        let subnet = net.subnet().ok()?;
+        net.endpoints
+            .get(&inst.config.id)
+            .map(|e| (e.address, (subnet.base, subnet.prefix)))
     }
 
     /// Publishes `inst`'s ports to `target` (see [`super::ports`]), under the networks lock so
     /// that two instances starting at once cannot both take a port: refused if another running
     /// instance publishes one of them, or a host process has bound it.
-    pub fn publish(&self, inst: &Instance, target: Ipv4Addr) -> Result<(), InstanceError> {
+    pub fn publish(
+        &self,
+        inst: &Instance,
+        target: Ipv4Addr,
+        subnet: (Ipv4Addr, u8),
+    ) -> Result<(), InstanceError> {
         let _lock = self.lock()?;
         let instances = Instances::open(&self.data_dir)?;
         for other in instances.list()? {
             if other.config.id == inst.config.id || other.config.ports.is_empty() {
                 continue;
             }
-            if !matches!(other.state().map(|s| s.status), Ok(Status::Running)) {
+            // Its ports are its own while a supervisor runs it (from its claim, before its
+            // workload runs); a supervisor that was killed left a table nothing else removes
+            // until `rm`: gone now, before its port is given to another.
+            let holding = other.state().is_ok_and(|s| {
+                s.status == Status::Running
+                    || (s.status == Status::Created && s.supervisor.is_some_and(|p| p.alive()))
+            });
+            if !holding {
+                super::ports::unpublish(&other.config.id);
                 continue;
             }
             for p in &inst.config.ports {
@@ -865,7 +922,7 @@ impl Networks {
                 p.protocol.as_str()
             )));
         }
-        super::ports::publish(&inst.config.id, target, &inst.config.ports)
+        super::ports::publish(&inst.config.id, target, subnet, &inst.config.ports)
     }
 
     /// Rewrites the hosts file of every container on `nets`.
@@ -1053,6 +1110,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             interface: "x".into(),
             ifindex: 1,
+            peer: "eth0".into(),
         };
         let net = Network {
             id: "0123456789ab".into(),

@@ -4,9 +4,12 @@
 //! network is set up and deleted when its run ends or it is removed, so nothing outlives it:
 //! DNAT in `prerouting` (from other machines and other instances) and in `output` (from the
 //! host itself) for destinations that are the host's own addresses (`fib daddr type local`),
-//! or the one `IP` given. The network's own table lets the translated connections through
-//! (`ct status dnat`). Loopback (`127.0.0.1`) is not published: the kernel does not route it
-//! to another interface (Docker runs a proxy process for it; cela runs none).
+//! and of those the one `IP` given (which must be the host's). Translated connections carry
+//! a conntrack mark ([`CT_MARK`]) that the network's own table and the `--net auto` links'
+//! table let through (not what other software translates); ones from the instance's own
+//! subnet are masqueraded, so the reply returns through the host. Loopback (`127.0.0.1`) is
+//! not published: the kernel does not route it to another interface (Docker runs a proxy
+//! process for it; cela runs none).
 //!
 //! An instance needs an address for this: `--net auto` or a named network (not `--internal`).
 //! A host port is published by one instance at a time, and not while a host process listens
@@ -16,9 +19,11 @@ use std::borrow::Cow;
 use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField};
+use nftables::expr::{
+    CT, Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField, Prefix,
+};
 use nftables::schema::{Chain, NfListObject, Rule, Table};
-use nftables::stmt::{Match, NAT, NATFamily, Operator, Statement};
+use nftables::stmt::{Mangle, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::{Deserialize, Serialize};
 
@@ -135,16 +140,61 @@ fn table_name(id: &str) -> String {
     format!("cela_ports_{id}")
 }
 
-fn matches(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
-    Statement::Match(Match {
-        left,
-        right,
-        op: Operator::EQ,
-    })
+/// The conntrack mark of a connection cela translated to a published port: the networks'
+/// and links' filters let exactly these through (not what other software DNATs).
+pub const CT_MARK: u32 = 0x6365_6c61;
+
+fn matches(
+    left: Expression<'static>,
+    right: Expression<'static>,
+    op: Operator,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
 }
 
-/// The batch that makes `id`'s table mapping `ports` to `target`.
-fn batch(id: &str, target: Ipv4Addr, ports: &[PortMapping]) -> nftables::schema::Nftables<'static> {
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(protocol),
+            field: Cow::Borrowed(field),
+        },
+    )))
+}
+
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed("mark"),
+        family: None,
+        dir: None,
+    }))
+}
+
+/// `ct mark == CT_MARK`.
+pub fn marked() -> Statement<'static> {
+    matches(ct_mark(), Expression::Number(CT_MARK), Operator::EQ)
+}
+
+fn prefix(addr: Ipv4Addr, len: u8) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(Expression::String(Cow::Owned(addr.to_string()))),
+        len: u32::from(len),
+    }))
+}
+
+/// The batch that makes `id`'s table mapping `ports` to `target`, whose network is
+/// `subnet`:
+/// * prerouting and output: to one of the host's own addresses (`fib daddr type local`; in
+///   output not loopback, which cannot be routed elsewhere), and to the mapping's address if
+///   it names one, on the host port: marked and DNAT'd to the instance;
+/// * postrouting: such a connection from the instance's own subnet (another instance on its
+///   network, or itself) is masqueraded, so the reply comes back through the host to be
+///   translated (no hairpin otherwise: the instance would answer its peer directly).
+fn batch(
+    id: &str,
+    target: Ipv4Addr,
+    subnet: (Ipv4Addr, u8),
+    ports: &[PortMapping],
+) -> nftables::schema::Nftables<'static> {
     let t = table_name(id);
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(Table {
@@ -152,80 +202,142 @@ fn batch(id: &str, target: Ipv4Addr, ports: &[PortMapping]) -> nftables::schema:
         name: Cow::Owned(t.clone()),
         handle: None,
     }));
-    for (chain, hook) in [
+    let chain = |name: &'static str, hook: NfHook, prio: i32| {
+        NfListObject::Chain(Chain {
+            family: NfFamily::IP,
+            table: Cow::Owned(t.clone()),
+            name: Cow::Borrowed(name),
+            _type: Some(NfChainType::NAT),
+            hook: Some(hook),
+            prio: Some(prio),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        })
+    };
+    let rule = |chain: &'static str, expr: Vec<Statement<'static>>| {
+        NfListObject::Rule(Rule {
+            family: NfFamily::IP,
+            table: Cow::Owned(t.clone()),
+            chain: Cow::Borrowed(chain),
+            expr: Cow::Owned(expr),
+            ..Rule::default()
+        })
+    };
+    for (name, hook) in [
         ("prerouting", NfHook::Prerouting),
         ("output", NfHook::Output),
     ] {
-        batch.add(NfListObject::Chain(Chain {
-            family: NfFamily::IP,
-            table: Cow::Owned(t.clone()),
-            name: Cow::Borrowed(chain),
-            _type: Some(NfChainType::NAT),
-            hook: Some(hook),
-            prio: Some(-100),
-            policy: Some(NfChainPolicy::Accept),
-            ..Chain::default()
-        }));
+        batch.add(chain(name, hook, -100));
         for p in ports {
-            let to_host = match p.host_ip {
-                None => matches(
-                    Expression::Named(NamedExpression::Fib(Fib {
-                        result: FibResult::Type,
-                        flags: [FibFlag::Daddr].into_iter().collect(),
-                    })),
-                    Expression::String(Cow::Borrowed("local")),
-                ),
-                Some(ip) => matches(
-                    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                        PayloadField {
-                            protocol: Cow::Borrowed("ip"),
-                            field: Cow::Borrowed("daddr"),
-                        },
-                    ))),
+            let mut expr = vec![matches(
+                Expression::Named(NamedExpression::Fib(Fib {
+                    result: FibResult::Type,
+                    flags: [FibFlag::Daddr].into_iter().collect(),
+                })),
+                Expression::String(Cow::Borrowed("local")),
+                Operator::EQ,
+            )];
+            if hook == NfHook::Output {
+                expr.push(matches(
+                    payload("ip", "daddr"),
+                    prefix(Ipv4Addr::new(127, 0, 0, 0), 8),
+                    Operator::NEQ,
+                ));
+            }
+            if let Some(ip) = p.host_ip {
+                expr.push(matches(
+                    payload("ip", "daddr"),
                     Expression::String(Cow::Owned(ip.to_string())),
-                ),
-            };
-            batch.add(NfListObject::Rule(Rule {
-                family: NfFamily::IP,
-                table: Cow::Owned(t.clone()),
-                chain: Cow::Borrowed(chain),
-                expr: Cow::Owned(vec![
-                    to_host,
-                    matches(
-                        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-                            PayloadField {
-                                protocol: Cow::Borrowed(p.protocol.as_str()),
-                                field: Cow::Borrowed("dport"),
-                            },
-                        ))),
-                        Expression::Number(u32::from(p.host_port)),
-                    ),
-                    Statement::DNAT(Some(NAT {
-                        addr: Some(Expression::String(Cow::Owned(target.to_string()))),
-                        family: Some(NATFamily::IP),
-                        port: Some(Expression::Number(u32::from(p.port))),
-                        flags: None,
-                    })),
-                ]),
-                ..Rule::default()
+                    Operator::EQ,
+                ));
+            }
+            expr.push(matches(
+                payload(p.protocol.as_str(), "dport"),
+                Expression::Number(u32::from(p.host_port)),
+                Operator::EQ,
+            ));
+            expr.push(Statement::Mangle(Mangle {
+                key: ct_mark(),
+                value: Expression::Number(CT_MARK),
             }));
+            expr.push(Statement::DNAT(Some(NAT {
+                addr: Some(Expression::String(Cow::Owned(target.to_string()))),
+                family: Some(NATFamily::IP),
+                port: Some(Expression::Number(u32::from(p.port))),
+                flags: None,
+            })));
+            batch.add(rule(name, expr));
         }
     }
+    batch.add(chain("postrouting", NfHook::Postrouting, 100));
+    batch.add(rule(
+        "postrouting",
+        vec![
+            marked(),
+            matches(
+                payload("ip", "daddr"),
+                Expression::String(Cow::Owned(target.to_string())),
+                Operator::EQ,
+            ),
+            matches(
+                payload("ip", "saddr"),
+                prefix(subnet.0, subnet.1),
+                Operator::EQ,
+            ),
+            Statement::Masquerade(None),
+        ],
+    ));
     batch.to_nftables()
 }
 
-/// Publishes `ports` of the instance `id`, whose address is `target` (replacing what an
-/// earlier run of it left).
-pub fn publish(id: &str, target: Ipv4Addr, ports: &[PortMapping]) -> Result<(), InstanceError> {
+/// Refuses a mapping to an address that is not one of this host's (a hostile caller could
+/// otherwise take traffic meant for any address the host sends to or routes).
+pub fn check_host_addresses(ports: &[PortMapping]) -> Result<(), InstanceError> {
+    let mine: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+        .map(|ifs| {
+            ifs.filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+                .collect()
+        })
+        .unwrap_or_default();
+    match ports
+        .iter()
+        .find(|p| p.host_ip.is_some_and(|ip| !mine.contains(&ip)))
+    {
+        Some(p) => Err(InstanceError::Invalid(format!(
+            "-p {}: {} is not an address of this host",
+            p.display(),
+            p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Publishes `ports` of the instance `id`, whose address is `target` on `subnet`
+/// (replacing what an earlier run of it left). IPv4 forwarding is turned on, as Docker does
+/// for published ports: the filters of cela's networks and links keep it from forwarding
+/// anything else of theirs.
+pub fn publish(
+    id: &str,
+    target: Ipv4Addr,
+    subnet: (Ipv4Addr, u8),
+    ports: &[PortMapping],
+) -> Result<(), InstanceError> {
     unpublish(id);
     if ports.is_empty() {
         return Ok(());
     }
-    nftables::helper::apply_ruleset(&batch(id, target, ports)).map_err(|e| {
-        InstanceError::Other(format!(
-            "publishing ports: {e} (cela needs nft, from Debian's nftables package)"
+    check_host_addresses(ports)?;
+    let fail = |e: String| InstanceError::Other(format!("publishing ports: {e}"));
+    nftables::helper::apply_ruleset(&batch(id, target, subnet, ports)).map_err(|e| {
+        fail(format!(
+            "{e} (cela needs nft, from Debian's nftables package)"
         ))
-    })
+    })?;
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        unpublish(id);
+        return Err(fail(format!("enabling IPv4 forwarding: {e}")));
+    }
+    Ok(())
 }
 
 /// Deletes the instance `id`'s published ports, if it has any.
@@ -288,9 +400,16 @@ mod tests {
         let json = serde_json::to_string(&batch(
             "0123456789ab",
             Ipv4Addr::new(10, 77, 0, 2),
-            &[PortMapping::parse("8080:80").unwrap()],
+            (Ipv4Addr::new(10, 77, 0, 0), 24),
+            &[PortMapping::parse("10.0.0.1:8080:80").unwrap()],
         ))
         .unwrap();
+        assert!(
+            json.contains("\"postrouting\"") && json.contains("masquerade"),
+            "{json}"
+        );
+        assert!(json.contains("\"127.0.0.0\""), "{json}");
+        assert!(json.contains("\"10.0.0.1\""), "{json}");
         assert!(json.contains("\"cela_ports_0123456789ab\""), "{json}");
         assert!(
             json.contains("\"prerouting\"") && json.contains("\"output\""),
