@@ -152,7 +152,14 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
     cela_instance::run::spawn_supervisor(data_dir, &inst)?;
     if interactive {
         return Ok(match crate::attach_cmd::session(&inst, true, &keys)? {
-            crate::attach_cmd::Outcome::Ended(code) => code,
+            crate::attach_cmd::Outcome::Ended(code) => {
+                // With --rm its supervisor removes it: gone when this returns, as Docker's
+                // client waits for the removal.
+                if req.rm {
+                    wait_removed(&inst);
+                }
+                code
+            }
             crate::attach_cmd::Outcome::Detached => ExitCode::SUCCESS,
         });
     }
@@ -163,6 +170,14 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         ops::remove(&inst, true)?;
     }
     Ok(exit_of(&inst, &state))
+}
+
+/// Waits (up to 30 s) until the supervisor of an auto-removed instance has removed it.
+fn wait_removed(inst: &Instance) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while inst.dir.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// The status a foreground run or `cela wait` gives: the workload's, or 125 with the reason.

@@ -429,7 +429,13 @@ pub fn release_links(dir: &Path) {
     let Some(id) = named::id_of_dir(dir) else {
         return;
     };
-    ports::unpublish(&id);
+    // Only an instance that published ports has a table to delete (nft is not run for the
+    // others, whose end this would slow).
+    let marker = dir.join(ports::MARKER);
+    if marker.exists() {
+        ports::unpublish(&id);
+        let _ = std::fs::remove_file(&marker);
+    }
     if let Ok(nets) = named::Networks::open(data_dir_of_dir(dir)) {
         nets.leave(&id);
     }
@@ -462,6 +468,9 @@ pub fn publish_ports(inst: &Instance, state: Option<&NetworkState>) -> Result<()
             inst.config.name
         ))
     })?;
+    // Marked first: a supervisor killed right after publishing still has its table removed.
+    let marker = inst.dir.join(ports::MARKER);
+    std::fs::write(&marker, b"").doing(|| format!("writing {}", marker.display()))?;
     nets.publish(inst, target, subnet)
 }
 

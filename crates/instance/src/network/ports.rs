@@ -136,6 +136,10 @@ pub fn bound_on_host(p: &PortMapping) -> bool {
     }
 }
 
+/// A file in the instance directory while its ports may be published: its removal (or end)
+/// deletes the table only then.
+pub const MARKER: &str = "ports.published";
+
 fn table_name(id: &str) -> String {
     format!("cela_ports_{id}")
 }
