@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use world::World;
+use world::{World, host_ok};
 
 /// `readlink /proc/self/ns/net` of this process: `net:[INODE]`.
 fn host_netns() -> String {
@@ -29,18 +29,6 @@ fn ifindex(name: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// Runs a host command, expecting success; its stdout.
-fn host_ok(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The address part of `A.B.C.D/P`.

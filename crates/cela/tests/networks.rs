@@ -9,26 +9,10 @@
 mod images;
 mod world;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use world::World;
-
-fn host(cmd: &[&str]) -> std::process::Output {
-    Command::new(cmd[0]).args(&cmd[1..]).output().unwrap()
-}
-
-fn host_ok(cmd: &[&str]) -> String {
-    let out = host(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use world::{World, host, host_ok};
 
 fn link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()

@@ -51,11 +51,6 @@ fn rotated(data_dir: &Path) -> PathBuf {
     data_dir.join("events.jsonl.1")
 }
 
-/// The data dir an instance belongs to (`DATA/instances/ID`).
-fn data_dir_of(inst: &Instance) -> Option<&Path> {
-    inst.dir.parent()?.parent()
-}
-
 /// Now, in nanoseconds since the Unix epoch (the journal's clock).
 pub fn now_nano() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
@@ -63,7 +58,7 @@ pub fn now_nano() -> i64 {
 
 /// Records `action` of `inst`, with `extra` attributes.
 pub fn record(inst: &Instance, action: &str, extra: &[(&str, String)]) {
-    let Some(data_dir) = data_dir_of(inst) else {
+    let Some(data_dir) = inst.data_dir() else {
         return;
     };
     let c = &inst.config;

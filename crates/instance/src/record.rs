@@ -513,6 +513,11 @@ impl Instance {
         &self.config.name
     }
 
+    /// The data dir it belongs to (`DATA/instances/ID`).
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.dir.parent()?.parent()
+    }
+
     /// The recorded state, with a running or created instance whose supervisor is gone shown
     /// as crashed.
     pub fn state(&self) -> Result<InstanceState, InstanceError> {

@@ -51,11 +51,7 @@ fn joined(inst: &Instance) -> Vec<JoinedView> {
     if inst.config.networks.is_empty() {
         return Vec::new();
     }
-    let data_dir = inst
-        .dir
-        .parent()
-        .and_then(std::path::Path::parent)
-        .unwrap_or(std::path::Path::new("/"));
+    let data_dir = inst.data_dir().unwrap_or(std::path::Path::new("/"));
     let nets = crate::network::named::Networks::open(data_dir)
         .and_then(|n| n.list())
         .unwrap_or_default();

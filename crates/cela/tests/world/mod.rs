@@ -151,3 +151,23 @@ impl Drop for World {
         }
     }
 }
+
+/// Runs a host command; its output, whatever its status.
+pub fn host(cmd: &[&str]) -> std::process::Output {
+    std::process::Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap()
+}
+
+/// Runs a host command, expecting success; its stdout.
+pub fn host_ok(cmd: &[&str]) -> String {
+    let out = host(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

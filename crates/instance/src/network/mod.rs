@@ -412,11 +412,12 @@ pub fn delete_host_link(rec: &NetworkState) {
     }
 }
 
-/// The data dir an instance directory (`DATA/instances/ID`) belongs to.
+/// The data dir an instance belongs to.
 fn data_dir_of(inst: &Instance) -> &Path {
-    data_dir_of_dir(&inst.dir)
+    inst.data_dir().unwrap_or(Path::new("/"))
 }
 
+/// The data dir a (possibly retired) instance directory belongs to.
 fn data_dir_of_dir(dir: &Path) -> &Path {
     dir.parent()
         .and_then(Path::parent)

@@ -153,24 +153,10 @@ pub fn check_attachments(
 
 /// `aa:bb:cc:dd:ee:ff` as bytes, if it is a unicast address other than all zeros.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+    cela_guest::parse_mac(s).filter(|mac| mac[0] & 1 == 0 && *mac != [0; 6])
 }
 
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use cela_guest::format_mac;
 
 /// `cela network create`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
