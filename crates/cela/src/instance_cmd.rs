@@ -139,6 +139,12 @@ pub fn run(req: RunImage, data_dir: &Path) -> anyhow::Result<ExitCode> {
         auto_remove: req.rm && (req.detach || interactive),
         stdin: req.interactive,
         tty: req.tty,
+        // This terminal's size, for the workload's first look at its own.
+        terminal_size: req
+            .tty
+            .then(|| cela_runtime::console::window_size(&std::io::stdin()).ok())
+            .flatten()
+            .map(|w| (w.ws_row, w.ws_col)),
         pull: req.pull,
         ..RunRequest::new(req.image, kind)
     };

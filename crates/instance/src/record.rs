@@ -135,6 +135,10 @@ pub struct InstanceConfig {
     /// The workload runs on a terminal whose input comes through the attach socket (`-t`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tty: bool,
+    /// The terminal's rows and columns when the workload starts (the client's own, so the
+    /// first thing the workload reads is its real size, not 0x0 until a resize arrives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal_size: Option<(u16, u16)>,
     /// The caller's key/value labels (the Docker API's `Labels`), for filtering.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -642,6 +646,7 @@ mod tests {
             security: Default::default(),
             stdin: false,
             tty: false,
+            terminal_size: None,
             labels: Default::default(),
         }
     }

@@ -95,6 +95,8 @@ pub struct RunRequest {
     pub stdin: bool,
     /// A terminal for the workload (containers).
     pub tty: bool,
+    /// The terminal's rows and columns at start (`-t`; zeros are taken as unknown).
+    pub terminal_size: Option<(u16, u16)>,
     pub pull: PullPolicy,
 }
 
@@ -123,6 +125,7 @@ impl RunRequest {
             labels: Default::default(),
             stdin: false,
             tty: false,
+            terminal_size: None,
             pull: PullPolicy::Missing,
         }
     }
@@ -302,6 +305,9 @@ pub fn create(
         labels: req.labels.clone(),
         stdin: req.stdin,
         tty: req.tty,
+        terminal_size: req
+            .terminal_size
+            .filter(|&(rows, cols)| req.tty && rows > 0 && cols > 0),
     };
     let inst = Instances::open(data_dir)?.create(config)?;
     drop(content);

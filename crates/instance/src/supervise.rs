@@ -8,6 +8,7 @@
 //! instance from one whose supervisor was killed.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use cela_image::Store;
@@ -158,6 +159,13 @@ fn run_container(
     let (pid, master) = created?;
     let terminal_output = match master {
         Some(master) => {
+            // The client's size before the workload starts: its first `stty size` or
+            // full-screen draw sees it, not 0x0 waiting for a resize that races the keys.
+            if let Some((rows, cols)) = inst.config.terminal_size {
+                cela_runtime::console::set_rows_cols(&master, rows, cols)
+                    .map_err(std::io::Error::from)
+                    .doing(|| "sizing the terminal".into())?;
+            }
             let output = File::from(
                 master
                     .try_clone()
@@ -307,6 +315,12 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         let (read, write) = crate::attach::stdin_pipe()?;
         let saved = dup(0)?;
         dup2(&read, 0)?;
+        // The client's size is the first frame the guest's init reads.
+        if let Some((rows, cols)) = inst.config.terminal_size {
+            (&write)
+                .write_all(&crate::attach::Input::Resize { rows, cols }.encode())
+                .doing(|| "sizing the console".into())?;
+        }
         crate::attach::serve(inst, crate::attach::Sink::Framed(write))?;
         Some(saved)
     } else {

@@ -61,6 +61,8 @@ struct HostConfig {
     port_bindings: Option<HashMap<String, Value>>,
     devices: Option<Vec<Value>>,
     publish_all_ports: bool,
+    /// `[rows, columns]` of the client's terminal (`docker run -t` sends it, zeros without).
+    console_size: Option<Vec<u64>>,
 }
 
 /// Docker's strslice: a command as a list, or one string (run through a shell by the client).
@@ -172,6 +174,22 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
             })?,
         ),
     };
+    let terminal_size = match host.console_size.as_deref() {
+        None | Some([]) => None,
+        Some(&[rows, cols]) => match (u16::try_from(rows), u16::try_from(cols)) {
+            (Ok(rows), Ok(cols)) => Some((rows, cols)),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "ConsoleSize [{rows}, {cols}]: rows and columns are at most 65535"
+                )));
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "ConsoleSize {other:?}: give [rows, columns]"
+            )));
+        }
+    };
     let volumes = host
         .binds
         .unwrap_or_default()
@@ -206,6 +224,7 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
         labels: body.labels.unwrap_or_default(),
         stdin: body.open_stdin,
         tty: body.tty,
+        terminal_size,
         // Docker clients pull themselves when create answers 404.
         pull: cela_instance::PullPolicy::Never,
         ..RunRequest::new(body.image, kind)
@@ -1205,6 +1224,18 @@ mod tests {
         let mut shown: Vec<String> = req.ports.iter().map(|p| p.display()).collect();
         shown.sort();
         assert_eq!(shown, ["0.0.0.0:8080->80/tcp", "10.0.0.1:5353->53/udp"]);
+    }
+
+    #[test]
+    fn console_size_is_the_terminal_at_start() {
+        let sized = |v: Value| {
+            let body = json!({"Image": "b", "Tty": true, "HostConfig": {"ConsoleSize": v}});
+            run_request(serde_json::from_value(body).unwrap(), None).map(|r| r.terminal_size)
+        };
+        assert_eq!(sized(json!([33, 90])).unwrap(), Some((33, 90)));
+        assert_eq!(sized(json!([])).unwrap(), None);
+        assert!(sized(json!([70000, 80])).is_err());
+        assert!(sized(json!([1, 2, 3])).is_err());
     }
 
     #[test]
