@@ -14,6 +14,7 @@ macro_rules! out {
 mod attach_cmd;
 mod image_cmd;
 mod instance_cmd;
+mod lab_cmd;
 mod network_cmd;
 mod paths;
 mod run_vm;
@@ -142,6 +143,10 @@ enum Command {
     /// Manage networks that instances share (create, ls, inspect, rm).
     #[command(subcommand)]
     Network(network_cmd::NetworkCommand),
+    /// Network labs: topologies of containers and microVMs with links (up, down, ls, inspect,
+    /// graph, impair).
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCommand),
     /// Print instances' config and state as JSON.
     Inspect {
         #[arg(required = true)]
@@ -174,6 +179,9 @@ enum Command {
     /// Run an instance's workload in this process (started by cela itself).
     #[command(name = "__supervise", hide = true)]
     Supervise { id: String },
+    /// Carry an impaired lab link's frames (started by cela itself).
+    #[command(name = "__link-relay", hide = true)]
+    LinkRelay(lab_cmd::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -246,6 +254,8 @@ fn main() -> ExitCode {
         Command::Commit(args) => instance_cmd::commit(args, &data_dir),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args, &data_dir),
         Command::Network(cmd) => network_cmd::network(cmd, &data_dir),
+        Command::Lab(cmd) => lab_cmd::lab(cmd, &data_dir),
+        Command::LinkRelay(args) => lab_cmd::relay(args),
         Command::Restore(args) => snapshot_cmd::restore(args, &data_dir),
         Command::Fork(args) => snapshot_cmd::fork(args, &data_dir),
         Command::Events {

@@ -159,6 +159,12 @@ pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), NetifError> {
     default_route(libc::SIOCADDRT, "adding a default route", gateway)
 }
 
+/// Adds a route to `dest/prefix` through `gateway`, which must be reachable on a connected
+/// network (prefix 0: the default route).
+pub fn add_route(dest: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Result<(), NetifError> {
+    route(libc::SIOCADDRT, "adding a route", dest, prefix, gateway)
+}
+
 /// Removes the default route through `gateway`.
 pub fn delete_default_route(gateway: Ipv4Addr) -> Result<(), NetifError> {
     default_route(libc::SIOCDELRT, "removing the default route", gateway)
@@ -190,12 +196,23 @@ fn default_route(
     what: &'static str,
     gateway: Ipv4Addr,
 ) -> Result<(), NetifError> {
+    route(request, what, Ipv4Addr::UNSPECIFIED, 0, gateway)
+}
+
+/// `SIOCADDRT` or `SIOCDELRT` of the route to `dest/prefix` through `gateway`.
+fn route(
+    request: libc::c_ulong,
+    what: &'static str,
+    dest: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+) -> Result<(), NetifError> {
     let sock = control_socket().map_err(fail(what, "(any)"))?;
     // SAFETY: rtentry is plain old data (integers, sockaddrs and a device-name pointer, left
     // null: the kernel picks the interface from the gateway); all-zero is valid.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-    rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
-    rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+    rt.rt_dst = sockaddr_v4(dest);
+    rt.rt_genmask = sockaddr_v4(netmask(prefix));
     rt.rt_gateway = sockaddr_v4(gateway);
     rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
     // SAFETY: `rt` is a live, initialized rtentry for the duration of the call; SIOCADDRT and

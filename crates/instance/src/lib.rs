@@ -16,6 +16,7 @@
 //! * [`run`]: a typed [`run::RunRequest`] made into an instance, and starting it; the one
 //!   path every front end (CLI, HTTP APIs) takes.
 //! * [`ops`]: stop, remove, exec, waiting on state.
+//! * [`lab`]: labs: topologies of instances and the links between them (`cela lab`).
 //! * [`commit`]: a container's changes made into an image.
 //! * [`snapshot`]: microVM snapshots on disk, taking them (in the supervisor) and restoring
 //!   them as new instances; [`control`]: the supervisor's socket that takes the request.
@@ -29,6 +30,7 @@ pub mod control;
 mod error;
 pub mod events;
 pub mod images;
+pub mod lab;
 pub mod log;
 pub mod network;
 pub mod ops;

@@ -23,6 +23,15 @@ pub enum Kind {
     Vm,
 }
 
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Container => "container",
+            Kind::Vm => "vm",
+        })
+    }
+}
+
 /// A bind mount into a container (`-v HOST:DEST[:ro]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {

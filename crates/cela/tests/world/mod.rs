@@ -122,8 +122,9 @@ pub fn zombie(pid: i64) -> bool {
         .unwrap_or(true)
 }
 
-/// What a failed test left: its instances (removed with `rm -f`) and its networks, whose
-/// bridges and packet filters are the host's, not the temporary directory's.
+/// What a failed test left: its labs, its instances (removed with `rm -f`) and its networks,
+/// whose links, relays, bridges and packet filters are the host's, not the temporary
+/// directory's.
 impl Drop for World {
     fn drop(&mut self) {
         let data = self.data();
@@ -137,6 +138,13 @@ impl Drop for World {
                 .filter_map(|i| i[key].as_str().map(str::to_owned))
                 .collect()
         };
+        // Labs first: their links and relays are the host's.
+        let labs = listed(&["lab", "ls", "--format", "json"], "name");
+        if !labs.is_empty() {
+            let mut args = vec!["lab", "down"];
+            args.extend(labs.iter().map(String::as_str));
+            cela_in(&data, &args);
+        }
         let ids = listed(&["ps", "-a", "--format", "json"], "id");
         if !ids.is_empty() {
             let mut args = vec!["rm", "-f"];

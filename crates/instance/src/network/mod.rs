@@ -143,7 +143,7 @@ fn ifindex(name: &str) -> Option<u32> {
 }
 
 /// Runs `f` on a thread that has entered the network namespace open as `netns`.
-fn in_netns<T: Send>(
+pub(crate) fn in_netns<T: Send>(
     netns: &File,
     f: impl FnOnce() -> Result<T, InstanceError> + Send,
 ) -> Result<T, InstanceError> {
