@@ -85,6 +85,7 @@ fn read_file(path: &Path) -> anyhow::Result<String> {
 
 fn view(labs: &Labs, lab: &Lab) -> serde_json::Value {
     let instances = labs.instances(lab);
+    let up = labs.links_up(lab);
     let nodes: Vec<_> = lab
         .plan
         .nodes
@@ -124,7 +125,9 @@ fn view(labs: &Labs, lab: &Lab) -> serde_json::Value {
                 .collect();
             json!({
                 "ends": ends,
-                "host_ends": state.map(|s| &s.ends),
+                "lab_ends": state.map(|s| &s.ends),
+                // Both ends exist (a node that stopped or restarted took its links along).
+                "up": up.get(i).copied().unwrap_or(false),
                 "impair": state.map(|s| s.impair).unwrap_or(l.impair),
                 "impairment": state.map(|s| s.impair).unwrap_or(l.impair).describe(),
                 "relay": state.and_then(|s| s.relay).map(|r| json!({"pid": r.pid, "alive": r.alive()})),
@@ -272,13 +275,16 @@ pub fn relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
         rate_bps: args.rate_bps,
     };
     impair.check().map_err(anyhow::Error::msg)?;
-    cela_instance::lab::relay::run(&args.a, &args.b, impair)
+    cela_instance::lab::relay::run(&args.netns, &args.a, &args.b, impair)
         .with_context(|| format!("relaying between {} and {}", args.a, args.b))?;
     Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args, Debug)]
 pub struct RelayArgs {
+    /// The lab's network namespace (its bind mount).
+    #[arg(long)]
+    netns: PathBuf,
     a: String,
     b: String,
     #[arg(long, default_value_t = 0)]

@@ -10,10 +10,8 @@
 mod images;
 mod world;
 
-use std::time::{Duration, Instant};
-
 use serde_json::Value;
-use world::World;
+use world::{World, host_ok};
 
 const LINE: &str = r#"
 name: line
@@ -63,32 +61,10 @@ fn processes_with(word: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Runs `script` in `name` until it succeeds (bounded), for what comes up asynchronously.
-fn exec_until(w: &World, name: &str, script: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let out = w.cela(&["exec", name, "sh", "-c", script]);
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{name}: {script}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The average round trip (ms) of `count` pings from `from` to `to`, all of which must come
 /// back.
 fn rtt(w: &World, from: &str, to: &str, count: u32) -> f64 {
-    let out = exec_until(
-        w,
-        from,
-        &format!("ping -c {count} -i 0.2 -W 3 {to} | tail -1"),
-    );
+    let out = w.exec_until(from, &format!("ping -c {count} -i 0.2 -W 3 {to} | tail -1"));
     // busybox: "round-trip min/avg/max = 0.061/0.085/0.109 ms"
     out.split('=')
         .nth(1)
@@ -108,8 +84,23 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     for n in v["nodes"].as_array().unwrap() {
         assert_eq!(n["status"], "running", "{v}");
     }
-    let tag = v["links"][0]["host_ends"][0].as_str().unwrap()[..8].to_owned();
-    assert_eq!(links_named(&tag).len(), 4, "two host ends per link");
+    assert_eq!(v["links"][0]["lab_ends"][0], "l0a", "{v}");
+    assert_eq!(v["links"][1]["up"], true, "{v}");
+    // The lab ends are in the lab's own namespace, not the host's.
+    let netns = w.data().join("labs/line.netns");
+    assert!(netns.exists());
+    let ends = host_ok(&[
+        "nsenter",
+        &format!("--net={}", netns.display()),
+        "ip",
+        "-o",
+        "link",
+    ]);
+    assert!(ends.contains("l0a") && ends.contains("l1b"), "{ends}");
+    assert!(
+        links_named("l0a").is_empty(),
+        "a lab end in the host's namespace"
+    );
     let ls = w.ok(&["lab", "ls"]);
     assert!(ls.contains("line") && ls.contains("3"), "{ls}");
     // Interfaces named and addressed as the file says; forwarding on in the router only.
@@ -191,6 +182,12 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     w.ok(&[
         "lab", "impair", "line", "h2:eth1", "--delay", "5", "--rate", "10",
     ]);
+    // A node that stops takes its links along: said so, not a raw tc error.
+    w.ok(&["stop", "-t", "1", "line-h2"]);
+    let v2 = inspect(&w, "line");
+    assert_eq!(v2["links"][1]["up"], false, "{v2}");
+    assert_eq!(v2["links"][0]["up"], true, "{v2}");
+    w.err(&["lab", "impair", "line", "h2:eth1", "--clear"], "is gone");
     let ids: Vec<String> = v["nodes"]
         .as_array()
         .unwrap()
@@ -198,7 +195,9 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
         .map(|n| n["id"].as_str().unwrap().to_owned())
         .collect();
     w.ok(&["lab", "down", "line"]);
-    assert!(links_named(&tag).is_empty(), "host ends left");
+    assert!(!netns.exists(), "the lab's namespace left");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("line.netns"), "{mounts}");
     assert!(processes_with("__link-relay").is_empty(), "a relay left");
     for id in &ids {
         w.assert_gone(id, &[]);
@@ -233,7 +232,7 @@ topology:
         ("star-b", "star-c"),
         ("star-c", "star-a"),
     ] {
-        exec_until(&w, from, &format!("ping -c 1 -W 2 {to}"));
+        w.exec_until(from, &format!("ping -c 1 -W 2 {to}"));
     }
     let dot = w.ok(&["lab", "graph", "star", "--format", "dot"]);
     assert!(dot.contains(r#""a" -- "net:lan" [style=dashed]"#), "{dot}");
@@ -270,17 +269,28 @@ fn bad_lab_files_make_nothing_and_a_failed_lab_goes_whole() {
         "nodes left"
     );
     assert_eq!(w.ok(&["lab", "ls", "--format", "json"]).trim(), "[]");
-    // A route whose gateway is on no link fails after the links were made: all goes too.
+    // A gateway on none of the node's subnets is refused before anything is made.
     let file = lab_file(
         &w,
         "line.yml",
         &LINE.replace("via 10.0.1.2", "via 10.9.9.9"),
     );
-    w.err(&["lab", "up", &file], "route 10.0.2.0/24 via 10.9.9.9");
+    w.err(&["lab", "up", &file], "10.9.9.9 is on none of its subnets");
+    // A sysctl the kernel does not have fails last, after the links: all goes too.
+    let file = lab_file(
+        &w,
+        "line.yml",
+        &LINE.replace("net.ipv4.ip_forward", "net.ipv4.no_such_key"),
+    );
+    w.err(&["lab", "up", &file], "net.ipv4.no_such_key");
     assert_eq!(
         w.ok(&["ps", "-a", "--format", "json"]).trim(),
         "[]",
         "nodes left"
+    );
+    assert!(
+        !w.data().join("labs/line.netns").exists(),
+        "the lab's namespace left"
     );
     assert!(processes_with("__link-relay").is_empty());
     // The same lab twice; an end no link has.

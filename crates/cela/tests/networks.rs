@@ -42,24 +42,6 @@ fn address_of(w: &World, name: &str) -> String {
         .to_owned()
 }
 
-/// Runs `script` in `name` until it succeeds (bounded), for what comes up asynchronously.
-fn exec_until(w: &World, name: &str, script: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let out = w.cela(&["exec", name, "sh", "-c", script]);
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{name}: {script}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn networks_are_created_listed_inspected_and_removed_and_bad_input_is_refused() {
     let w = World::new();
@@ -246,10 +228,10 @@ fn containers_on_a_network_reach_each_other_by_name_and_the_host_but_not_another
         "{hosts}"
     );
     assert!(!hosts.contains("\tc\n"), "c is on another network: {hosts}");
-    exec_until(&w, "a", "ping -c 1 -W 2 b");
-    exec_until(&w, "b", "ping -c 1 -W 2 a");
+    w.exec_until("a", "ping -c 1 -W 2 b");
+    w.exec_until("b", "ping -c 1 -W 2 a");
     // The host, through the gateway.
-    exec_until(&w, "c", "ping -c 1 -W 2 10.77.3.1");
+    w.exec_until("c", "ping -c 1 -W 2 10.77.3.1");
     // Not the other network, whose bridge the host could route to.
     let out = w.cela(&["exec", "c", "ping", "-c", "2", "-W", "1", &a]);
     assert!(
@@ -384,14 +366,14 @@ fn nat_reaches_beyond_the_host_a_plain_network_only_the_host_and_internal_nothin
         ]);
     }
     // Out through the masquerade: the outside sees the host's address, not the container's.
-    exec_until(&w, "o", &format!("ping -c 1 -W 2 {}", outside.far));
+    w.exec_until("o", &format!("ping -c 1 -W 2 {}", outside.far));
     let plain = w.cela(&["exec", "p", "ping", "-c", "2", "-W", "1", &outside.far]);
     assert!(
         !plain.status.success(),
         "a plain network went beyond the host: {}",
         String::from_utf8_lossy(&plain.stdout)
     );
-    exec_until(&w, "p", "ping -c 1 -W 2 10.77.5.1");
+    w.exec_until("p", "ping -c 1 -W 2 10.77.5.1");
     // Internal: no route out, the host not even through its other addresses; each other yes.
     let routes = w.ok(&["exec", "i", "ip", "route"]);
     assert!(!routes.contains("default"), "{routes}");
@@ -405,7 +387,7 @@ fn nat_reaches_beyond_the_host_a_plain_network_only_the_host_and_internal_nothin
         ]);
         assert!(!out.status.success(), "internal reached {target}");
     }
-    exec_until(&w, "i", "ping -c 1 -W 2 i2");
+    w.exec_until("i", "ping -c 1 -W 2 i2");
     w.ok(&["rm", "-f", "o", "p", "i", "i2"]);
     w.ok(&["network", "rm", "out", "plain", "walled"]);
 }
@@ -615,7 +597,7 @@ fn a_running_container_is_connected_to_a_network_and_disconnected() {
     w.ok(&["network", "connect", "nb,ip=10.77.10.7", "x"]);
     let inside = w.ok(&["exec", "x", "ip", "-4", "-o", "addr", "show", "eth1"]);
     assert!(inside.contains("inet 10.77.10.7/24"), "{inside}");
-    exec_until(&w, "x", "ping -c 1 -W 2 y");
+    w.exec_until("x", "ping -c 1 -W 2 y");
     let hosts = w.ok(&["exec", "y", "cat", "/etc/hosts"]);
     assert!(hosts.contains("10.77.10.7\tx\n"), "{hosts}");
     w.err(
@@ -649,7 +631,7 @@ fn a_running_container_is_connected_to_a_network_and_disconnected() {
         links.contains(" eth0@") && links.contains(" eth1@"),
         "{links}"
     );
-    exec_until(&w, "x", "ping -c 1 -W 2 y");
+    w.exec_until("x", "ping -c 1 -W 2 y");
     w.ok(&["stop", "-t", "1", "y"]);
     w.err(
         &["network", "connect", "na", "y"],

@@ -364,6 +364,73 @@ pub(crate) fn lock_in(root: &Path) -> Result<nix::fcntl::Flock<fs::File>, Instan
     })
 }
 
+/// A directory of named JSON records — `DATA/networks`, `DATA/labs` — root's alone, each
+/// `NAME.json`, changed under the directory's `.lock`, read bounded and without following a
+/// link.
+#[derive(Debug, Clone)]
+pub(crate) struct JsonDir {
+    pub root: PathBuf,
+}
+
+/// The largest record a [`JsonDir`] reads.
+const MAX_JSON_RECORD: u64 = 4 << 20;
+
+impl JsonDir {
+    pub fn open(root: PathBuf) -> Result<JsonDir, InstanceError> {
+        private_dir(&root)?;
+        Ok(JsonDir { root })
+    }
+
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, InstanceError> {
+        lock_in(&self.root)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.json"))
+    }
+
+    pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, InstanceError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut bytes = Vec::new();
+        fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|f| f.take(MAX_JSON_RECORD).read_to_end(&mut bytes))
+            .doing(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
+            what: path.display().to_string(),
+            why: e.to_string(),
+        })
+    }
+
+    pub fn save(&self, name: &str, value: &impl Serialize) -> Result<(), InstanceError> {
+        write_json(&self.path(name), value)
+    }
+
+    /// Every record whose name `valid` accepts, by name.
+    pub fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        valid: fn(&str) -> bool,
+    ) -> Result<Vec<T>, InstanceError> {
+        let mut names = Vec::new();
+        for entry in
+            fs::read_dir(&self.root).doing(|| format!("reading {}", self.root.display()))?
+        {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".json")
+                && valid(stem)
+            {
+                names.push(stem.to_owned());
+            }
+        }
+        names.sort();
+        names.iter().map(|n| Self::read(&self.path(n))).collect()
+    }
+}
+
 /// Writes `value` as JSON to `path` atomically.
 pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), InstanceError> {
     let tmp = path.with_extension("json.tmp");

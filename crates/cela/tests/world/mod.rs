@@ -86,6 +86,25 @@ impl World {
         }
     }
 
+    /// Runs `script` in instance `name` until it succeeds (bounded), for what comes up
+    /// asynchronously; its stdout.
+    pub fn exec_until(&self, name: &str, script: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let out = self.cela(&["exec", name, "sh", "-c", script]);
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{name}: {script}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Nothing of instance `id` is left: its directory, mounts, cgroups, processes.
     pub fn assert_gone(&self, id: &str, pids: &[i64]) {
         let instances = self.data().join("instances");

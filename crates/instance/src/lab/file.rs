@@ -244,6 +244,95 @@ pub fn sysctl_path(key: &str) -> Result<String, String> {
     Ok(key.replace('.', "/"))
 }
 
+/// The network an address with its prefix is on: (network, prefix).
+fn subnet_of((addr, prefix): (Ipv4Addr, u8)) -> (u32, u8) {
+    (
+        u32::from(addr) & u32::from(cela_guest::netif::netmask(prefix)),
+        prefix,
+    )
+}
+
+/// Every link address is a host's (not its subnet's network or broadcast address, below
+/// /31) and no two ends share one.
+fn check_addresses(links: &[PlannedLink]) -> Result<(), String> {
+    let mut seen: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for e in links.iter().flat_map(|l| &l.ends) {
+        let Some((addr, prefix)) = e.address else {
+            continue;
+        };
+        let end = format!("{}:{}", e.node, e.iface);
+        if prefix <= 30 {
+            let hostmask = !u32::from(cela_guest::netif::netmask(prefix));
+            let host = u32::from(addr) & hostmask;
+            if host == 0 || host == hostmask {
+                return Err(format!(
+                    "{end}: {addr}/{prefix} is its subnet's network or broadcast address"
+                ));
+            }
+        }
+        if let Some(other) = seen.insert(addr, end.clone()) {
+            return Err(format!("{end}: {addr} is {other}'s address too"));
+        }
+    }
+    Ok(())
+}
+
+/// A node's routes go through gateways on its subnets (its links', its lab networks'), none
+/// twice, and no default route beside one its networks give it.
+fn check_routes(
+    node: &PlannedNode,
+    links: &[PlannedLink],
+    networks: &[PlannedNetwork],
+) -> Result<(), String> {
+    let what = format!("node {}", node.name);
+    let mut subnets: Vec<(u32, u8)> = links
+        .iter()
+        .flat_map(|l| &l.ends)
+        .filter(|e| e.node == node.name)
+        .filter_map(|e| e.address.map(subnet_of))
+        .collect();
+    // A network not the lab's, or whose subnet cela picks, is not known here.
+    let mut unknown = false;
+    let mut gives_default = false;
+    for n in &node.networks {
+        match networks.iter().find(|p| &p.name == n) {
+            Some(p) => {
+                gives_default |= !p.internal;
+                match p.subnet.as_deref().map(parse_cidr) {
+                    Some(Ok(s)) => subnets.push(subnet_of(s)),
+                    _ => unknown = true,
+                }
+            }
+            None => {
+                unknown = true;
+                gives_default = true;
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &node.routes {
+        let shown = format!("{}/{} via {}", r.dest, r.prefix, r.via);
+        if !seen.insert((r.dest, r.prefix)) {
+            return Err(format!("{what}: a second route to {}/{}", r.dest, r.prefix));
+        }
+        if r.prefix == 0 && gives_default {
+            return Err(format!(
+                "{what}: route {shown}: its network gives it a default route already (make the network internal, or route what you need)"
+            ));
+        }
+        let reachable = subnets
+            .iter()
+            .any(|&(net, p)| subnet_of((r.via, p)) == (net, p));
+        if !reachable && !unknown {
+            return Err(format!(
+                "{what}: route {shown}: {} is on none of its subnets",
+                r.via
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl LabFile {
     /// Parses a lab file's text (at most [`MAX_FILE`] bytes).
     pub fn parse(text: &str) -> Result<LabFile, String> {
@@ -349,10 +438,22 @@ impl LabFile {
                 .map_err(|e| format!("{what}: impair: {e}"))?
                 .unwrap_or_default();
             let [a, b]: [End; 2] = ends.try_into().expect("two endpoints");
+            if let (Some(x), Some(y)) = (a.address, b.address)
+                && subnet_of(x) != subnet_of(y)
+            {
+                return Err(format!(
+                    "{what}: {}/{} and {}/{} are not on one subnet",
+                    x.0, x.1, y.0, y.1
+                ));
+            }
             links.push(PlannedLink {
                 ends: [a, b],
                 impair,
             });
+        }
+        check_addresses(&links)?;
+        for n in &nodes {
+            check_routes(n, &links, &networks)?;
         }
         Ok(Plan {
             name: lab,
@@ -394,8 +495,10 @@ impl LabFile {
         let env = env
             .into_iter()
             .map(|(k, v)| {
-                if k.is_empty() || k.contains('=') {
-                    Err(format!("{what}: env key {k:?} is empty or has '='"))
+                if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                    Err(format!(
+                        "{what}: env {k:?} is empty, or has '=' in its name or a NUL"
+                    ))
                 } else {
                     Ok(format!("{k}={v}"))
                 }
@@ -522,6 +625,20 @@ topology:
             (
                 LINE.replace("sysctls: {net.ipv4.ip_forward", "sysctls: {net.ipv4..x"),
                 "only net.*",
+            ),
+            (
+                LINE.replace("via 10.0.1.2", "via 10.0.9.2"),
+                "on none of its subnets",
+            ),
+            (LINE.replace("10.0.2.2/24", "10.0.2.255/24"), "broadcast"),
+            (
+                LINE.replace("10.0.2.2/24", "10.0.1.1/24"),
+                "not on one subnet",
+            ),
+            (LINE.replace("10.0.2.2/24", "10.0.2.1/24"), "address too"),
+            (
+                LINE.replace("h2: {routes: [", "h2: {routes: [\"default via 10.0.2.1\", "),
+                "second route",
             ),
         ];
         for (text, want) in cases {

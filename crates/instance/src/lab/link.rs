@@ -1,39 +1,85 @@
-//! A lab link on the host: each end a veth pair, the node's interface born in the node's
-//! network namespace and its peer — the *host end*, `cl<lab><n>a` or `…b` — left on the host
-//! with no address and IPv6 off. The two host ends are joined one of two ways:
+//! A lab link: each end a veth pair, the node's interface born in the node's network
+//! namespace and its peer — the *lab end*, `l<n>a` or `l<n>b` — in the lab's own network
+//! namespace (`DATA/labs/NAME.netns`). That namespace is the wall between the lab and the
+//! host: it has no address, no route and no forwarding, and IPv6 is off in it, so whatever
+//! a node sends reaches nothing there but the other end of its link; deleting it deletes
+//! every lab end at once. The two lab ends of a link are joined one of two ways:
 //!
-//! * **in the kernel** (an unimpaired link): a `tc` filter on each host end's ingress
+//! * **in the kernel** (an unimpaired link): a `tc` filter on each lab end's ingress
 //!   (`clsact`, `u32` matching every frame) redirects each frame out of the other end
 //!   (`mirred egress redirect`): a wire, carrying every frame (ARP, STP, LLDP too) at the
 //!   kernel's speed;
 //! * **through the relay** (an impaired link): the filters are taken off and a
-//!   [`super::relay`] process carries the frames, delayed, thinned and paced.
+//!   [`super::relay`] process in the lab's namespace carries the frames, delayed, thinned
+//!   and paced.
 //!
-//! `tc` is iproute2's, as every Linux host has it; no maintained crate speaks tc's netlink
-//! dialect for filters and actions.
+//! `tc` is iproute2's, as every Linux host has it, run inside the lab's namespace; no
+//! maintained crate speaks tc's netlink dialect for filters and actions.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::error::InstanceError;
-use crate::network::rtnl;
+use crate::network::{in_netns, rtnl};
 
-/// The host ends of link `index` of the lab tagged `tag`.
-pub fn host_ends(tag: &str, index: usize) -> [String; 2] {
-    [format!("cl{tag}{index}a"), format!("cl{tag}{index}b")]
+/// The lab ends of link `index`.
+pub fn lab_ends(index: usize) -> [String; 2] {
+    [format!("l{index}a"), format!("l{index}b")]
 }
 
-fn tc(args: &[&str]) -> Result<(), InstanceError> {
-    let out = Command::new("tc")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| InstanceError::Io {
-            what: "running tc (iproute2) to join a lab link's ends".into(),
+/// Makes the lab's namespace at `path`: lo only, no forwarding, no IPv6.
+pub fn make_namespace(path: &Path) -> Result<(), InstanceError> {
+    crate::network::make_netns(path)?;
+    let made = (|| {
+        let ns = File::open(path).map_err(|e| InstanceError::Io {
+            what: format!("opening {}", path.display()),
             source: e,
         })?;
+        in_netns(&ns, || {
+            for (key, value) in [
+                ("net/ipv4/ip_forward", "0"),
+                ("net/ipv6/conf/all/disable_ipv6", "1"),
+                ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ] {
+                std::fs::write(Path::new("/proc/sys").join(key), value).map_err(|e| {
+                    InstanceError::Io {
+                        what: format!("setting {key} in the lab's namespace"),
+                        source: e,
+                    }
+                })?;
+            }
+            Ok(())
+        })
+    })();
+    if made.is_err() {
+        let _ = crate::network::remove_netns(path);
+    }
+    made
+}
+
+/// Runs `tc` inside the namespace open as `ns`.
+fn tc(ns: &File, args: &[&str]) -> Result<(), InstanceError> {
+    let fd = ns.as_raw_fd();
+    let mut cmd = Command::new("tc");
+    cmd.args(args).stdin(Stdio::null());
+    // SAFETY: between fork and exec the child only calls setns(2), which is async-signal-safe,
+    // on a descriptor the parent keeps open across the call.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|e| InstanceError::Io {
+        what: "running tc (iproute2) in the lab's namespace".into(),
+        source: e,
+    })?;
     if !out.status.success() {
         return Err(InstanceError::Other(format!(
             "tc {}: {}",
@@ -44,84 +90,75 @@ fn tc(args: &[&str]) -> Result<(), InstanceError> {
     Ok(())
 }
 
-/// Makes one end: the host end `host` and the node's `iface` in `netns` (with `address`),
-/// both up.
-pub fn make_end(
-    host: &str,
-    netns: &File,
-    iface: &str,
-    address: Option<(Ipv4Addr, u8)>,
-) -> Result<(), InstanceError> {
-    rtnl::add_veth(host, iface, netns.as_fd()).map_err(|e| InstanceError::Io {
-        what: format!("creating the veth pair {host} ↔ {iface}"),
-        source: e,
-    })?;
-    let configured = (|| {
-        // A host end carries frames only: no IPv6 address (nor its solicitations) of its own.
-        std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/disable_ipv6"), "1").map_err(
-            |e| InstanceError::Io {
-                what: format!("turning IPv6 off on {host}"),
-                source: e,
-            },
-        )?;
-        cela_guest::netif::set_up(host).map_err(netif)?;
-        let iface = iface.to_owned();
-        crate::network::in_netns(netns, move || {
-            if let Some((addr, prefix)) = address {
-                cela_guest::netif::set_ipv4(&iface, addr, prefix).map_err(netif)?;
-            }
-            cela_guest::netif::set_up(&iface).map_err(netif)
-        })
-    })();
-    if configured.is_err() {
-        let _ = rtnl::delete_link(host);
-    }
-    configured
-}
-
 fn netif(e: cela_guest::netif::NetifError) -> InstanceError {
     InstanceError::Other(format!("a lab link: {e}"))
 }
 
-/// Joins the host ends in the kernel (each one's ingress redirected out of the other).
-pub fn wire(ends: &[String; 2]) -> Result<(), InstanceError> {
+/// Makes one end: `lab_end` in the lab's namespace `lab_ns` and the node's `iface` in
+/// `node_ns` (with `address`), both up.
+pub fn make_end(
+    lab_ns: &File,
+    lab_end: &str,
+    node_ns: &File,
+    iface: &str,
+    address: Option<(Ipv4Addr, u8)>,
+) -> Result<(), InstanceError> {
+    let lab_end = lab_end.to_owned();
+    in_netns(lab_ns, || {
+        rtnl::add_veth(&lab_end, iface, node_ns.as_fd()).map_err(|e| InstanceError::Io {
+            what: format!("creating the veth pair {lab_end} ↔ {iface}"),
+            source: e,
+        })?;
+        cela_guest::netif::set_up(&lab_end).map_err(netif)
+    })?;
+    let iface = iface.to_owned();
+    in_netns(node_ns, move || {
+        if let Some((addr, prefix)) = address {
+            cela_guest::netif::set_ipv4(&iface, addr, prefix).map_err(netif)?;
+        }
+        cela_guest::netif::set_up(&iface).map_err(netif)
+    })
+}
+
+/// Whether both lab ends still exist (a node whose namespace went took its ends along).
+pub fn ends_exist(lab_ns: &File, ends: &[String; 2]) -> bool {
+    let ends = ends.clone();
+    in_netns(lab_ns, move || {
+        Ok(ends
+            .iter()
+            .all(|e| nix::net::if_::if_nametoindex(e.as_str()).is_ok()))
+    })
+    .unwrap_or(false)
+}
+
+/// Joins the lab ends in the kernel (each one's ingress redirected out of the other).
+pub fn wire(lab_ns: &File, ends: &[String; 2]) -> Result<(), InstanceError> {
     // Afresh: a filter left from before is not doubled.
-    unwire(ends)?;
+    unwire(lab_ns, ends)?;
     for (from, to) in [(&ends[0], &ends[1]), (&ends[1], &ends[0])] {
-        tc(&["qdisc", "add", "dev", from, "clsact"])?;
-        tc(&[
-            "filter", "add", "dev", from, "ingress", "protocol", "all", "prio", "1", "u32",
-            "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-        ])?;
+        tc(lab_ns, &["qdisc", "add", "dev", from, "clsact"])?;
+        tc(
+            lab_ns,
+            &[
+                "filter", "add", "dev", from, "ingress", "protocol", "all", "prio", "1", "u32",
+                "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+            ],
+        )?;
     }
     Ok(())
 }
 
 /// Takes the kernel's join off (the relay carries the frames instead).
-pub fn unwire(ends: &[String; 2]) -> Result<(), InstanceError> {
+pub fn unwire(lab_ns: &File, ends: &[String; 2]) -> Result<(), InstanceError> {
     for end in ends {
-        // Removing the qdisc removes its filters; one already gone is fine.
-        if std::path::Path::new("/sys/class/net").join(end).exists() {
-            tc(&["qdisc", "del", "dev", end, "clsact"]).or_else(|e| {
-                if e.to_string().contains("Cannot find") || e.to_string().contains("Invalid handle")
-                {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })?;
+        // Removing the qdisc removes its filters; none there is fine.
+        match tc(lab_ns, &["qdisc", "del", "dev", end, "clsact"]) {
+            Err(e)
+                if ["Cannot find", "Invalid handle"]
+                    .iter()
+                    .any(|m| e.to_string().contains(m)) => {}
+            other => other?,
         }
     }
     Ok(())
-}
-
-/// Deletes a link's host ends (and with them the node ends); ends already gone are fine.
-pub fn remove(ends: &[String; 2]) {
-    for end in ends {
-        if let Err(e) = rtnl::delete_link(end)
-            && e.raw_os_error() != Some(libc::ENODEV)
-        {
-            tracing::warn!("deleting the lab link end {end}: {e}");
-        }
-    }
 }

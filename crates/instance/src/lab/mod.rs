@@ -35,13 +35,11 @@ use self::impair::Impairment;
 use crate::error::{InstanceError, IoContext};
 use crate::network::NetMode;
 use crate::network::named::{Attachment, CreateRequest, Networks};
-use crate::record::{Instance, Instances, Kind, ProcessId, private_dir};
+use crate::record::{Instance, Instances, JsonDir, Kind, ProcessId};
 use crate::run::RunRequest;
 
 /// The label every node instance carries: its lab's name.
 pub const LABEL: &str = "cela.lab";
-/// The largest lab record read.
-const MAX_RECORD: u64 = 4 << 20;
 
 /// A lab's record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,7 +65,7 @@ pub struct Lab {
 /// A link as it is now.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkState {
-    /// The host ends.
+    /// The lab ends, in the lab's namespace.
     pub ends: [String; 2],
     #[serde(default)]
     pub impair: Impairment,
@@ -77,10 +75,6 @@ pub struct LinkState {
 }
 
 impl Lab {
-    fn tag(&self) -> &str {
-        &self.id[..6]
-    }
-
     /// The instance name of node `node`.
     pub fn instance_name(&self, node: &str) -> String {
         format!("{}-{node}", self.name)
@@ -112,7 +106,7 @@ impl Lab {
 
 /// The labs directory of a data dir.
 pub struct Labs {
-    root: PathBuf,
+    records: JsonDir,
     data_dir: PathBuf,
 }
 
@@ -120,38 +114,32 @@ struct Lock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
 impl Labs {
     pub fn open(data_dir: &Path) -> Result<Labs, InstanceError> {
-        let root = data_dir.join("labs");
-        private_dir(&root)?;
         Ok(Labs {
-            root,
+            records: JsonDir::open(data_dir.join("labs"))?,
             data_dir: data_dir.to_owned(),
         })
     }
 
     fn lock(&self) -> Result<Lock, InstanceError> {
-        crate::record::lock_in(&self.root).map(Lock)
+        self.records.lock().map(Lock)
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.root.join(format!("{name}.json"))
+        self.records.path(name)
     }
 
     fn save(&self, lab: &Lab) -> Result<(), InstanceError> {
-        crate::record::write_json(&self.path(&lab.name), lab)
+        self.records.save(&lab.name, lab)
     }
 
-    fn read(path: &Path) -> Result<Lab, InstanceError> {
-        let mut bytes = Vec::new();
-        File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .and_then(|f| f.take(MAX_RECORD).read_to_end(&mut bytes))
-            .doing(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
-            what: path.display().to_string(),
-            why: e.to_string(),
-        })
+    /// The bind mount of lab `name`'s network namespace, which holds its links' lab ends.
+    fn netns_path(&self, name: &str) -> PathBuf {
+        self.records.root.join(format!("{name}.netns"))
+    }
+
+    fn netns(&self, name: &str) -> Result<File, InstanceError> {
+        let path = self.netns_path(name);
+        File::open(&path).doing(|| format!("opening lab {name}'s network namespace"))
     }
 
     /// The lab `name`.
@@ -161,25 +149,12 @@ impl Labs {
                 "no lab named {name} (see `cela lab ls`)"
             )));
         }
-        Self::read(&self.path(name))
+        JsonDir::read(&self.path(name))
     }
 
     /// Every lab, by name.
     pub fn list(&self) -> Result<Vec<Lab>, InstanceError> {
-        let mut out = Vec::new();
-        for entry in
-            std::fs::read_dir(&self.root).doing(|| format!("reading {}", self.root.display()))?
-        {
-            let Ok(entry) = entry else { continue };
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = name.strip_suffix(".json")
-                && file::valid_name(stem)
-            {
-                out.push(Self::read(&entry.path())?);
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.records.list(file::valid_name)
     }
 
     /// `cela lab up`: every network, node and link of `plan`, or (on any failure) none of
@@ -210,7 +185,9 @@ impl Labs {
             complete: false,
         };
         self.save(&lab)?;
-        match self.bring_up(&mut lab, store, progress) {
+        let made = link::make_namespace(&self.netns_path(&lab.name))
+            .and_then(|()| self.bring_up(&mut lab, store, progress));
+        match made {
             Ok(()) => {
                 lab.complete = true;
                 self.save(&lab)?;
@@ -247,16 +224,23 @@ impl Labs {
         let nets = Networks::open(&self.data_dir)?;
         for n in lab.plan.networks.clone() {
             let name = lab.network_name(&n.name);
+            if nets.get(&name).is_ok() {
+                return Err(InstanceError::Invalid(format!(
+                    "network {}: a network named {name} exists already",
+                    n.name
+                )));
+            }
+            // Recorded before it is made, so a crash in between leaves it to `lab down`.
+            lab.networks.push(name.clone());
+            self.save(lab)?;
             nets.create(&CreateRequest {
-                name: name.clone(),
+                name,
                 subnet: n.subnet.clone(),
                 gateway: None,
                 internal: n.internal,
                 nat: n.nat,
             })
             .map_err(|e| InstanceError::Other(format!("network {}: {e}", n.name)))?;
-            lab.networks.push(name);
-            self.save(lab)?;
         }
         // Every node recorded first (quick), then all started at once.
         let mut made = Vec::new();
@@ -316,8 +300,9 @@ impl Labs {
             File::open(crate::network::netns_path(inst))
                 .doing(|| format!("opening node {node}'s network namespace"))
         };
+        let lab_ns = self.netns(&lab.name)?;
         for (i, l) in lab.plan.links.clone().iter().enumerate() {
-            let ends = link::host_ends(lab.tag(), i);
+            let ends = link::lab_ends(i);
             let what = format!(
                 "link {}:{} – {}:{}",
                 l.ends[0].node, l.ends[0].iface, l.ends[1].node, l.ends[1].iface
@@ -329,10 +314,16 @@ impl Labs {
             });
             self.save(lab)?;
             for (k, end) in l.ends.iter().enumerate() {
-                link::make_end(&ends[k], &netns(&end.node)?, &end.iface, end.address)
-                    .map_err(|e| InstanceError::Other(format!("{what}: {e}")))?;
+                link::make_end(
+                    &lab_ns,
+                    &ends[k],
+                    &netns(&end.node)?,
+                    &end.iface,
+                    end.address,
+                )
+                .map_err(|e| InstanceError::Other(format!("{what}: {e}")))?;
             }
-            self.set_impairment(lab, i, l.impair)
+            self.set_impairment(lab, &lab_ns, i, l.impair)
                 .map_err(|e| InstanceError::Other(format!("{what}: {e}")))?;
         }
         // Routes last: their gateways are on the links.
@@ -364,43 +355,60 @@ impl Labs {
     }
 
     /// Joins link `i`'s ends in the kernel, or through a relay with `impair`, replacing
-    /// whatever joined them before.
+    /// whatever joined them before. A relay that does not start leaves the link a plain wire
+    /// (recorded so), not dead.
     fn set_impairment(
         &self,
         lab: &mut Lab,
+        lab_ns: &File,
         i: usize,
         impair: Impairment,
     ) -> Result<(), InstanceError> {
+        let name = lab.name.clone();
         let state = &mut lab.links[i];
         if let Some(relay) = state.relay.take() {
-            stop_relay(&relay);
+            stop_relay(&relay).map_err(InstanceError::Other)?;
         }
-        if impair.is_none() {
-            link::wire(&state.ends)?;
+        state.impair = Impairment::default();
+        let joined = if impair.is_none() {
+            link::wire(lab_ns, &state.ends)
         } else {
-            link::unwire(&state.ends)?;
-            state.relay = Some(self.start_relay(&state.ends, impair)?);
-        }
-        state.impair = impair;
-        self.save(lab)
+            link::unwire(lab_ns, &state.ends)
+                .and_then(|()| self.start_relay(&name, &state.ends, impair))
+                .map(|relay| {
+                    state.relay = Some(relay);
+                    state.impair = impair;
+                })
+                .or_else(|e| {
+                    link::wire(lab_ns, &state.ends)?;
+                    Err(e)
+                })
+        };
+        self.save(lab)?;
+        joined
     }
 
-    /// Starts `cela __link-relay` between `ends` and waits (bounded) for its word that it
-    /// holds both ends.
+    /// Starts `cela __link-relay` between `ends` in lab `name`'s namespace and waits
+    /// (bounded) for its word that it holds both ends.
     fn start_relay(
         &self,
+        name: &str,
         ends: &[String; 2],
         impair: Impairment,
     ) -> Result<ProcessId, InstanceError> {
         let exe = std::env::current_exe().doing(|| "locating the cela executable".into())?;
+        let log_path = self.records.root.join("relays.log");
         let log = File::options()
             .create(true)
             .append(true)
             .mode(0o600)
-            .open(self.root.join("relays.log"))
+            .open(&log_path)
             .doing(|| "opening the relays' log".into())?;
         let mut child = Command::new(exe)
-            .args(["__link-relay", &ends[0], &ends[1]])
+            .arg("__link-relay")
+            .arg("--netns")
+            .arg(self.netns_path(name))
+            .args([&ends[0], &ends[1]])
             .args(["--delay-us", &impair.delay_us.to_string()])
             .args(["--jitter-us", &impair.jitter_us.to_string()])
             .args(["--loss-ppm", &impair.loss_ppm.to_string()])
@@ -417,18 +425,17 @@ impl Labs {
             .take(64)
             .read_line(&mut line);
         let pid = child.id() as i32;
-        if line.trim() != "ready" {
+        let id = ProcessId::of(pid).filter(|_| line.trim() == "ready");
+        let Some(id) = id else {
             let _ = child.kill();
             let _ = child.wait();
             return Err(InstanceError::Other(format!(
                 "the link relay between {} and {} did not start (see {})",
                 ends[0],
                 ends[1],
-                self.root.join("relays.log").display()
+                log_path.display()
             )));
-        }
-        let id = ProcessId::of(pid)
-            .ok_or_else(|| InstanceError::Other("the link relay ended as it started".into()))?;
+        };
         // Reaped here while this process lives (cela serve); init reaps it after.
         std::thread::spawn(move || child.wait());
         Ok(id)
@@ -446,7 +453,15 @@ impl Labs {
                 "lab {name} is not up whole (cela lab down {name}, then up again)"
             )));
         }
-        self.set_impairment(&mut lab, i, impair)?;
+        let lab_ns = self.netns(name)?;
+        if !link::ends_exist(&lab_ns, &lab.links[i].ends) {
+            let l = &lab.plan.links[i];
+            return Err(InstanceError::Invalid(format!(
+                "the link {}:{} – {}:{} is gone: a node of it stopped or restarted, and its links went with its namespace (cela lab down {name}, then up again)",
+                l.ends[0].node, l.ends[0].iface, l.ends[1].node, l.ends[1].iface
+            )));
+        }
+        self.set_impairment(&mut lab, &lab_ns, i, impair)?;
         Ok(lab)
     }
 
@@ -465,42 +480,61 @@ impl Labs {
         std::fs::remove_file(self.path(name)).doing(|| format!("removing lab {name}'s record"))
     }
 
-    /// Removes what `lab` records; what could not be removed, described.
+    /// Removes what `lab` records (and any instance labelled as its node); what could not
+    /// be removed, described.
     fn take_down(&self, lab: &Lab) -> Vec<String> {
         let mut left = Vec::new();
         for l in &lab.links {
-            if let Some(relay) = &l.relay {
-                stop_relay(relay);
+            if let Some(relay) = &l.relay
+                && let Err(e) = stop_relay(relay)
+            {
+                left.push(e);
             }
-            link::remove(&l.ends);
         }
-        // Links a failed up had not recorded yet cannot exist beyond these names.
-        for i in lab.links.len()..lab.plan.links.len() {
-            link::remove(&link::host_ends(lab.tag(), i));
+        // The lab's namespace holds every lab end: with it go all links, made or half-made.
+        if let Err(e) = crate::network::remove_netns(&self.netns_path(&lab.name)) {
+            left.push(e);
         }
-        if let Ok(instances) = Instances::open(&self.data_dir) {
-            for (node, id) in &lab.nodes {
-                match instances.find(id) {
-                    Ok(inst) => {
-                        if let Err(e) = crate::ops::remove(&inst, true) {
-                            left.push(format!("node {node}: {e}"));
-                        }
+        match Instances::open(&self.data_dir).and_then(|all| all.list()) {
+            Ok(all) => {
+                let ours = all.iter().filter(|i| {
+                    lab.nodes.values().any(|id| *id == i.config.id)
+                        || i.config.labels.get(LABEL) == Some(&lab.name)
+                });
+                for inst in ours {
+                    match crate::ops::remove(inst, true) {
+                        Ok(()) | Err(InstanceError::NotFound(_)) => {}
+                        Err(e) => left.push(format!("node {}: {e}", inst.name())),
                     }
-                    Err(InstanceError::NotFound(_)) => {}
-                    Err(e) => left.push(format!("node {node}: {e}")),
                 }
             }
+            Err(e) => left.push(format!("the nodes: {e}")),
         }
-        if let Ok(nets) = Networks::open(&self.data_dir) {
-            for n in &lab.networks {
-                match nets.remove(n) {
-                    Ok(()) => {}
-                    Err(e) if e.to_string().contains("no network named") => {}
-                    Err(e) => left.push(format!("network {n}: {e}")),
+        match Networks::open(&self.data_dir) {
+            Ok(nets) => {
+                for n in &lab.networks {
+                    if nets.get(n).is_err() {
+                        continue;
+                    }
+                    if let Err(e) = nets.remove(n) {
+                        left.push(format!("network {n}: {e}"));
+                    }
                 }
             }
+            Err(e) => left.push(format!("the networks: {e}")),
         }
         left
+    }
+
+    /// Whether each recorded link's ends still exist, in the plan's order.
+    pub fn links_up(&self, lab: &Lab) -> Vec<bool> {
+        let Ok(ns) = self.netns(&lab.name) else {
+            return vec![false; lab.links.len()];
+        };
+        lab.links
+            .iter()
+            .map(|l| link::ends_exist(&ns, &l.ends))
+            .collect()
     }
 
     /// The instances of `lab`'s nodes that exist, by node name.
@@ -515,21 +549,25 @@ impl Labs {
     }
 }
 
-/// Kills a relay that is still the process recorded (bounded wait for its end).
-fn stop_relay(relay: &ProcessId) {
+/// Kills a relay that is still the process recorded and waits (bounded) for its end.
+fn stop_relay(relay: &ProcessId) -> Result<(), String> {
     if !relay.alive() {
-        return;
+        return Ok(());
     }
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", relay.pid)).unwrap_or_default();
     if !cmdline.split(|&b| b == 0).any(|w| w == b"__link-relay") {
-        return;
+        return Ok(());
     }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(relay.pid),
         nix::sys::signal::Signal::SIGKILL,
     );
     let start = Instant::now();
-    while relay.alive() && start.elapsed() < Duration::from_secs(5) {
+    while relay.alive() {
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err(format!("the link relay {} did not end", relay.pid));
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
 }

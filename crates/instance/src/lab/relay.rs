@@ -13,8 +13,12 @@
 //! large segmentation-offloaded frames cross whole, with their checksum state, as a TAP
 //! carries them for a VM.
 //!
-//! The relay is `cela __link-relay`, a process of its own per impaired link: it opens its two
-//! sockets as root, then becomes nobody (uid and gid 65534, no capabilities, no new
+//! Each frame's 802.1Q tag, which the kernel keeps beside a received frame, is put back
+//! into it (`PACKET_AUXDATA`), so VLANs cross an impaired link as they cross a wire.
+//!
+//! The relay is `cela __link-relay`, a process of its own per impaired link, in the lab's
+//! network namespace (see [`super::link`]): it opens its two sockets as root, then becomes
+//! nobody (uid and gid 65534, no capabilities, no new
 //! privileges) before it reads a frame. What it handles comes from the lab's nodes and is
 //! hostile: it is only copied, within bounded buffers.
 
@@ -36,24 +40,24 @@ const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 /// nobody.
 const NOBODY: u32 = 65534;
 
-/// A packet socket bound to interface `name`, taking every protocol, with virtio headers.
+/// A packet socket bound to interface `name`, taking every protocol, with virtio headers
+/// and each frame's VLAN tag beside it.
 fn packet_socket(name: &str) -> io::Result<OwnedFd> {
     let index = nix::net::if_::if_nametoindex(name).map_err(io::Error::from)?;
-    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // Protocol 0: no frame at all until the bind below names the interface (a socket made
+    // with ETH_P_ALL would take every interface's frames until then).
     // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            proto.into(),
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a new descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    for opt in [libc::PACKET_VNET_HDR, PACKET_IGNORE_OUTGOING] {
+    for opt in [
+        libc::PACKET_VNET_HDR,
+        PACKET_IGNORE_OUTGOING,
+        libc::PACKET_AUXDATA,
+    ] {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt(2) reads one c_int from `one`, which lives for the call.
         let r = unsafe {
@@ -72,7 +76,7 @@ fn packet_socket(name: &str) -> io::Result<OwnedFd> {
     // SAFETY: sockaddr_ll is plain old data; all-zero is valid before the fields are set.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
     addr.sll_ifindex = index as i32;
     // SAFETY: bind(2) reads one sockaddr_ll from `addr`, which lives for the call.
     let r = unsafe {
@@ -88,29 +92,95 @@ fn packet_socket(name: &str) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
-/// Reads one frame (with its header) into `buf`: its length, or `None` for one that did not
-/// fit (dropped).
-fn receive(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+/// An 802.1Q tag: TPID and TCI.
+type VlanTag = (u16, u16);
+
+/// The size of a virtio_net_hdr (linux/virtio_net.h) before each frame.
+const VNET_HDR: usize = 10;
+
+/// Reads one frame (with its header) into `buf`: its length and its VLAN tag (TPID, TCI)
+/// if the kernel took one off, or `None` for a frame that did not fit or that the header
+/// cannot describe (dropped, as a wire would).
+fn receive(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<(usize, Option<VlanTag>)>> {
     loop {
-        // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which lives for the call.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_TRUNC,
-            )
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
+        // Room for one tpacket_auxdata control message (u64s: aligned as cmsghdr wants).
+        let mut control = [0u64; 8];
+        // SAFETY: msghdr is plain old data; all-zero is valid before the fields are set.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: recvmsg(2) writes at most `buf.len()` bytes into `buf` and at most
+        // `msg_controllen` bytes into `control`, both alive for the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_TRUNC) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // A GSO frame a virtio header cannot carry (SCTP, tunnels): lost, not fatal.
+                Some(libc::EINVAL | libc::ENOBUFS | libc::EAGAIN) => return Ok(None),
+                _ => return Err(e),
             }
-            return Err(e);
         }
         let n = n as usize;
-        return Ok((n <= buf.len()).then_some(n));
+        if n > buf.len() || n < VNET_HDR + 14 {
+            return Ok(None);
+        }
+        let mut tag = None;
+        // SAFETY: the CMSG_* walk stays within `msg_controllen` bytes of `control`, which
+        // recvmsg filled; an auxdata message holds one tpacket_auxdata, read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                    let aux: libc::tpacket_auxdata =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                        let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                            aux.tp_vlan_tpid
+                        } else {
+                            libc::ETH_P_8021Q as u16
+                        };
+                        tag = Some((tpid, aux.tp_vlan_tci));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&raw const msg, c);
+            }
+        }
+        return Ok(Some((n, tag)));
     }
+}
+
+/// The frame to send: `got` as read, with its VLAN tag put back after the MAC addresses
+/// (and the header's offsets moved past it), as it was on the wire.
+fn with_tag(got: &[u8], tag: Option<VlanTag>) -> Vec<u8> {
+    let Some((tpid, tci)) = tag else {
+        return got.to_vec();
+    };
+    let at = VNET_HDR + 12;
+    let mut frame = Vec::with_capacity(got.len() + 4);
+    frame.extend_from_slice(&got[..at]);
+    frame.extend_from_slice(&tpid.to_be_bytes());
+    frame.extend_from_slice(&tci.to_be_bytes());
+    frame.extend_from_slice(&got[at..]);
+    // virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (native
+    // endian for a packet socket). The payload moved 4 bytes on.
+    let bump = |frame: &mut Vec<u8>, off: usize| {
+        let v = u16::from_ne_bytes([frame[off], frame[off + 1]]).saturating_add(4);
+        frame[off..off + 2].copy_from_slice(&v.to_ne_bytes());
+    };
+    if frame[0] & 1 != 0 {
+        bump(&mut frame, 6);
+    }
+    if frame[1] != 0 {
+        bump(&mut frame, 2);
+    }
+    frame
 }
 
 fn send(sock: &OwnedFd, frame: &[u8]) {
@@ -241,26 +311,36 @@ fn direction(from: Arc<OwnedFd>, to: Arc<OwnedFd>, impair: Impairment) -> io::Re
     let mut schedule = Schedule::new(impair);
     let mut buf = vec![0u8; FRAME];
     loop {
-        let Some(n) = receive(&from, &mut buf)? else {
+        let Some((n, tag)) = receive(&from, &mut buf)? else {
             continue;
         };
-        let Some(at) = schedule.departure(Instant::now(), n) else {
-            continue;
-        };
+        let frame = with_tag(&buf[..n], tag);
         let (lock, ready) = &*queue;
         let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if q.frames.len() >= QUEUE_FRAMES || q.bytes + n > QUEUE_BYTES {
+        // A full queue drops the frame before it is scheduled: it takes no time on the link.
+        if q.frames.len() >= QUEUE_FRAMES || q.bytes + frame.len() > QUEUE_BYTES {
             continue;
         }
-        q.bytes += n;
-        q.frames.push_back((at, buf[..n].to_vec()));
+        let Some(at) = schedule.departure(Instant::now(), frame.len() - VNET_HDR) else {
+            continue;
+        };
+        q.bytes += frame.len();
+        q.frames.push_back((at, frame));
         ready.notify_one();
     }
 }
 
-/// `cela __link-relay A B …`: relays between host interfaces `a` and `b` with `impair` in
-/// each direction until killed (or a socket fails, when an end is deleted).
-pub fn run(a: &str, b: &str, impair: Impairment) -> io::Result<()> {
+/// `cela __link-relay --netns PATH A B …`: relays between interfaces `a` and `b` of the
+/// network namespace bound at `netns` with `impair` in each direction until killed (or a
+/// socket fails, when an end is deleted).
+pub fn run(netns: &std::path::Path, a: &str, b: &str, impair: Impairment) -> io::Result<()> {
+    let ns = std::fs::File::open(netns)?;
+    // SAFETY: setns(2) on a descriptor this function owns; the relay's threads are started
+    // after it, so all of them are in the lab's namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(ns);
     let sa = Arc::new(packet_socket(a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))?);
     let sb = Arc::new(packet_socket(b).map_err(|e| io::Error::new(e.kind(), format!("{b}: {e}")))?);
     drop_privileges()?;
@@ -279,6 +359,7 @@ pub fn run(a: &str, b: &str, impair: Impairment) -> io::Result<()> {
             let _ = done.send(direction(from, to, impair));
         });
     }
+    drop(done);
     failed
         .recv()
         .unwrap_or_else(|_| Err(io::Error::other("the relay's threads ended")))
@@ -308,6 +389,22 @@ mod tests {
             assert!(at >= last, "in order");
             last = at;
         }
+    }
+
+    #[test]
+    fn a_vlan_tag_goes_back_where_it_was() {
+        // A checksum-offloaded frame: header (flags NEEDS_CSUM, csum_start 34), MACs, IPv4.
+        let mut got = vec![1u8, 0, 0, 0, 0, 0];
+        got.extend_from_slice(&34u16.to_ne_bytes());
+        got.extend_from_slice(&16u16.to_ne_bytes());
+        got.extend_from_slice(&[0xaa; 12]);
+        got.extend_from_slice(&[0x08, 0x00, 0x45]);
+        assert_eq!(with_tag(&got, None), got);
+        let tagged = with_tag(&got, Some((0x8100, 42)));
+        assert_eq!(tagged.len(), got.len() + 4);
+        assert_eq!(&tagged[22..26], &[0x81, 0x00, 0x00, 42]);
+        assert_eq!(&tagged[26..28], &[0x08, 0x00]);
+        assert_eq!(u16::from_ne_bytes([tagged[6], tagged[7]]), 38);
     }
 
     #[test]

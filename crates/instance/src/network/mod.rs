@@ -170,7 +170,7 @@ fn netif(e: cela_guest::netif::NetifError) -> InstanceError {
 }
 
 /// Makes a new network namespace with `lo` up and bind-mounts it on `path` (a new file).
-fn make_netns(path: &Path) -> Result<(), InstanceError> {
+pub(crate) fn make_netns(path: &Path) -> Result<(), InstanceError> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -213,6 +213,19 @@ fn make_netns(path: &Path) -> Result<(), InstanceError> {
         let _ = std::fs::remove_file(path);
     }
     made
+}
+
+/// Unmounts and removes a network namespace's bind mount made by [`make_netns`] (the
+/// namespace goes with its last user); one already gone is fine.
+pub(crate) fn remove_netns(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(format!("unmounting {}: {e}", path.display())),
+    }
+    std::fs::remove_file(path).map_err(|e| format!("removing {}: {e}", path.display()))
 }
 
 /// Creates the veth pair `celaN` ↔ `eth0` (in `netns`); returns the host end's name.
@@ -494,14 +507,8 @@ pub fn teardown_at(dir: &Path, recorded: Option<&NetworkState>) {
         });
     }
     release_links(dir);
-    if path.exists() {
-        match umount2(&path, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-            Err(e) => tracing::warn!("unmounting {}: {e}", path.display()),
-        }
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!("removing {}: {e}", path.display());
-        }
+    if let Err(e) = remove_netns(&path) {
+        tracing::warn!("{e}");
     }
     if let Some(rec) = recorded {
         delete_host_link(rec);

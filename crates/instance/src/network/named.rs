@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use super::firewall::{self, BRIDGE_PREFIX};
 use super::rtnl;
 use crate::error::{InstanceError, IoContext};
-use crate::record::{Instance, Instances, Status, private_dir, valid_name};
+use crate::record::{Instance, Instances, JsonDir, Status, valid_name};
 
 /// Where networks without `--subnet` take a /24 from.
 pub const POOL: Subnet = Subnet {
@@ -46,8 +46,6 @@ pub const POOL: Subnet = Subnet {
 };
 /// The most networks an instance joins.
 pub const MAX_ATTACHMENTS: usize = 8;
-/// The longest network record read (a few hundred endpoints).
-const MAX_RECORD: u64 = 4 << 20;
 
 /// `--net NAME[,ip=ADDR][,mac=MAC]`: a network an instance joins, as its config records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,7 +267,7 @@ fn netif(what: &str) -> impl Fn(cela_guest::netif::NetifError) -> InstanceError 
 /// The networks directory of a data dir.
 #[derive(Debug, Clone)]
 pub struct Networks {
-    root: PathBuf,
+    records: JsonDir,
     data_dir: PathBuf,
 }
 
@@ -278,38 +276,26 @@ struct Lock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
 impl Networks {
     pub fn open(data_dir: &Path) -> Result<Networks, InstanceError> {
-        let root = data_dir.join("networks");
-        private_dir(&root)?;
         Ok(Networks {
-            root,
+            records: JsonDir::open(data_dir.join("networks"))?,
             data_dir: data_dir.to_owned(),
         })
     }
 
     fn lock(&self) -> Result<Lock, InstanceError> {
-        crate::record::lock_in(&self.root).map(Lock)
+        self.records.lock().map(Lock)
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.root.join(format!("{name}.json"))
+        self.records.path(name)
     }
 
     fn read(path: &Path) -> Result<Network, InstanceError> {
-        let mut bytes = Vec::new();
-        File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .and_then(|f| f.take(MAX_RECORD).read_to_end(&mut bytes))
-            .doing(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&bytes).map_err(|e| InstanceError::Corrupt {
-            what: path.display().to_string(),
-            why: e.to_string(),
-        })
+        JsonDir::read(path)
     }
 
     fn save(&self, net: &Network) -> Result<(), InstanceError> {
-        crate::record::write_json(&self.path(&net.name), net)
+        self.records.save(&net.name, net)
     }
 
     /// The network `name`.
@@ -324,20 +310,7 @@ impl Networks {
 
     /// Every network, by name.
     pub fn list(&self) -> Result<Vec<Network>, InstanceError> {
-        let mut out = Vec::new();
-        for entry in
-            std::fs::read_dir(&self.root).doing(|| format!("reading {}", self.root.display()))?
-        {
-            let Ok(entry) = entry else { continue };
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = name.strip_suffix(".json")
-                && valid_name(stem)
-            {
-                out.push(Self::read(&entry.path())?);
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.records.list(valid_name)
     }
 
     /// `cela network create`: the bridge, its address, its packet filter and its record, or
