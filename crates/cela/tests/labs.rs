@@ -4,7 +4,7 @@
 //! trip by about 100 ms, `--loss 100` cutting it, `--clear` restoring it), the relay confined
 //! (nobody, no capabilities), the topology drawn, and `lab down` leaving no instance, link,
 //! relay, netns mount or record; a star of hosts on a lab network reaching each other by
-//! name; bad files refused with nothing made, and a lab failing half-way taken down whole.
+//! name, a microVM among them; bad files refused with nothing made, and a lab failing half-way taken down whole.
 //! As root.
 
 mod images;
@@ -222,15 +222,18 @@ topology:
     a: {}
     b: {}
     c: {}
+    d: {kind: vm, memory: 256}
 "#,
     );
     w.ok(&["lab", "up", &file]);
     let nets: Value = serde_json::from_str(&w.ok(&["network", "inspect", "star-lan"])).unwrap();
     assert_eq!(nets[0]["subnet"], "10.77.40.0/24");
+    // d is a microVM from the same image (QEMU here), on the same network.
     for (from, to) in [
         ("star-a", "star-b"),
         ("star-b", "star-c"),
         ("star-c", "star-a"),
+        ("star-a", "star-d"),
     ] {
         w.exec_until(from, &format!("ping -c 1 -W 2 {to}"));
     }

@@ -671,6 +671,18 @@ topology:
     }
 
     #[test]
+    fn the_example_labs_plan() {
+        for text in [
+            include_str!("../../../../examples/labs/line.clab.yml"),
+            include_str!("../../../../examples/labs/star.clab.yml"),
+            include_str!("../../../../examples/labs/mixed.clab.yml"),
+        ] {
+            let plan = LabFile::parse(text).and_then(|f| f.plan(None));
+            assert!(plan.is_ok(), "{plan:?}");
+        }
+    }
+
+    #[test]
     fn routes_and_sysctls() {
         assert_eq!(
             parse_route("default via 10.0.0.1").unwrap().via,
