@@ -61,14 +61,14 @@ fn processes_with(word: &str) -> Vec<i32> {
         .collect()
 }
 
-/// The average round trip (ms) of `count` pings from `from` to `to`, all of which must come
-/// back.
+/// The shortest round trip (ms) of `count` pings from `from` to `to` (the shortest, as a
+/// busy machine only ever adds to some of them).
 fn rtt(w: &World, from: &str, to: &str, count: u32) -> f64 {
     let out = w.exec_until(from, &format!("ping -c {count} -i 0.2 -W 3 {to} | tail -1"));
     // busybox: "round-trip min/avg/max = 0.061/0.085/0.109 ms"
     out.split('=')
         .nth(1)
-        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.trim().split('/').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no round trip in {out:?}"))
 }
@@ -148,7 +148,7 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     assert!(field("NoNewPrivs:").ends_with('1'), "{status}");
     let slow = rtt(&w, "line-h1", "10.0.2.2", 5);
     assert!(
-        (base + 80.0..base + 160.0).contains(&slow),
+        (base + 95.0..base + 160.0).contains(&slow),
         "50 ms each way: {base} ms became {slow} ms"
     );
     let v = inspect(&w, "line");
