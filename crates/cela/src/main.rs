@@ -195,6 +195,16 @@ fn main() -> ExitCode {
         eprintln!("cela: error: {id:?} is not an instance id");
         return ExitCode::from(EXIT_CELA_ERROR);
     }
+    // The relay touches no data dir (it is given its namespace), and holds no other state.
+    if let Command::LinkRelay(args) = cli.command {
+        return match lab_cmd::relay(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("cela: error: {e:#}");
+                ExitCode::from(EXIT_CELA_ERROR)
+            }
+        };
+    }
     let data_dir = paths::data_dir(cli.data_dir);
     // The data dir holds images' setuid files and device nodes and containers' writable
     // layers: root's alone, whatever command comes first.
@@ -255,7 +265,7 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => snapshot_cmd::snapshot(args, &data_dir),
         Command::Network(cmd) => network_cmd::network(cmd, &data_dir),
         Command::Lab(cmd) => lab_cmd::lab(cmd, &data_dir),
-        Command::LinkRelay(args) => lab_cmd::relay(args),
+        Command::LinkRelay(_) => unreachable!("run before the data dir is set up"),
         Command::Restore(args) => snapshot_cmd::restore(args, &data_dir),
         Command::Fork(args) => snapshot_cmd::fork(args, &data_dir),
         Command::Events {

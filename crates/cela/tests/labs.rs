@@ -48,15 +48,20 @@ fn links_named(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// Processes whose command line has `word`.
-fn processes_with(word: &str) -> Vec<i32> {
+/// The link relays of `w`'s labs (other tests' run beside them): processes whose command
+/// line is `__link-relay` with a namespace in `w`'s data dir.
+fn relays(w: &World) -> Vec<i32> {
+    let data = w.data();
+    let data = data.to_str().unwrap().as_bytes();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|&b| b == 0).any(|w| w == word.as_bytes()))
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let words: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                words.contains(&&b"__link-relay"[..]) && words.iter().any(|w| w.starts_with(data))
+            })
         })
         .collect()
 }
@@ -130,9 +135,9 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     // 50 ms on the h1–r1 link, both ways: the round trip rises by about 100 ms.
     let said = w.ok(&["lab", "impair", "line", "h1:eth1", "--delay", "50"]);
     assert!(said.contains("delay 50ms"), "{said}");
-    let relays = processes_with("__link-relay");
-    assert_eq!(relays.len(), 1, "one relay for the impaired link");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", relays[0])).unwrap();
+    let running = relays(&w);
+    assert_eq!(running.len(), 1, "one relay for the impaired link");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", running[0])).unwrap();
     let field = |k: &str| {
         status
             .lines()
@@ -166,15 +171,11 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     w.ok(&["lab", "impair", "line", "r1:eth1", "--loss", "100"]);
     let lost = w.cela(&["exec", "line-h1", "ping", "-c", "3", "-W", "1", "10.0.2.2"]);
     assert!(!lost.status.success(), "pings crossed a link losing 100%");
-    assert_eq!(
-        processes_with("__link-relay").len(),
-        1,
-        "the old relay went"
-    );
+    assert_eq!(relays(&w).len(), 1, "the old relay went");
 
     // Cleared: a kernel wire again, the relay gone.
     w.ok(&["lab", "impair", "line", "h1:eth1", "--clear"]);
-    assert!(processes_with("__link-relay").is_empty());
+    assert!(relays(&w).is_empty());
     let again = rtt(&w, "line-h1", "10.0.2.2", 5);
     assert!(again < base + 20.0, "cleared: {again} ms (was {base})");
 
@@ -198,7 +199,7 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     assert!(!netns.exists(), "the lab's namespace left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains("line.netns"), "{mounts}");
-    assert!(processes_with("__link-relay").is_empty(), "a relay left");
+    assert!(relays(&w).is_empty(), "a relay left");
     for id in &ids {
         w.assert_gone(id, &[]);
     }
@@ -295,7 +296,7 @@ fn bad_lab_files_make_nothing_and_a_failed_lab_goes_whole() {
         !w.data().join("labs/line.netns").exists(),
         "the lab's namespace left"
     );
-    assert!(processes_with("__link-relay").is_empty());
+    assert!(relays(&w).is_empty());
     // The same lab twice; an end no link has.
     let file = lab_file(&w, "line.yml", LINE);
     w.ok(&["lab", "up", &file]);

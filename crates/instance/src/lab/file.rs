@@ -508,10 +508,17 @@ impl LabFile {
             |a: &Vec<String>, b: &Vec<String>| if a.is_empty() { b.clone() } else { a.clone() };
         let routes = pick(&spec.routes, &d.routes);
         let networks = pick(&spec.networks, &d.networks);
-        // A node routes only if asked: a new namespace inherits the host's forwarding.
-        let mut sysctls = BTreeMap::from([("net.ipv4.ip_forward".to_owned(), "0".to_owned())]);
-        sysctls.extend(d.sysctls.clone());
+        let mut sysctls = d.sysctls.clone();
         sysctls.extend(spec.sysctls.clone());
+        // A node routes only if asked: a new namespace inherits the host's forwarding. Not
+        // beside a forwarding key of the file's own (`ip_forward` and `conf.all.forwarding`
+        // are one switch, and setting either resets every interface's).
+        if !sysctls
+            .keys()
+            .any(|k| k.ends_with(".ip_forward") || k.ends_with(".forwarding"))
+        {
+            sysctls.insert("net.ipv4.ip_forward".to_owned(), "0".to_owned());
+        }
         if routes.len() > MAX_PER_NODE || sysctls.len() > MAX_PER_NODE {
             return Err(format!(
                 "{what}: at most {MAX_PER_NODE} routes and {MAX_PER_NODE} sysctls"
@@ -593,6 +600,17 @@ topology:
             plan.links[1].ends[1].address,
             Some(("10.0.2.2".parse().unwrap(), 24))
         );
+        // Forwarding off unless the file sets it, in whichever of its names.
+        let sysctl = |node: &str, key: &str| {
+            let n = plan.nodes.iter().find(|n| n.name == node).unwrap();
+            n.sysctls.get(key).cloned()
+        };
+        assert_eq!(sysctl("h1", "net.ipv4.ip_forward").as_deref(), Some("0"));
+        assert_eq!(sysctl("r1", "net.ipv4.ip_forward").as_deref(), Some("1"));
+        let other = LINE.replace("net.ipv4.ip_forward", "net.ipv4.conf.all.forwarding");
+        let plan2 = LabFile::parse(&other).unwrap().plan(None).unwrap();
+        let r1 = plan2.nodes.iter().find(|n| n.name == "r1").unwrap();
+        assert_eq!(r1.sysctls.len(), 1, "{:?}", r1.sysctls);
         // --name overrides the file's.
         assert_eq!(
             LabFile::parse(LINE).unwrap().plan(Some("l2")).unwrap().name,
@@ -672,7 +690,14 @@ topology:
 
     #[test]
     fn the_example_labs_plan() {
+        let readme = include_str!("../../../../README.md");
+        let from = readme
+            .find("```yaml\nname: line")
+            .expect("the README's lab file")
+            + 8;
+        let to = from + readme[from..].find("```").expect("its end");
         for text in [
+            &readme[from..to],
             include_str!("../../../../examples/labs/line.clab.yml"),
             include_str!("../../../../examples/labs/star.clab.yml"),
             include_str!("../../../../examples/labs/mixed.clab.yml"),

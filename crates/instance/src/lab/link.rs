@@ -45,12 +45,14 @@ pub fn make_namespace(path: &Path) -> Result<(), InstanceError> {
                 ("net/ipv6/conf/all/disable_ipv6", "1"),
                 ("net/ipv6/conf/default/disable_ipv6", "1"),
             ] {
-                std::fs::write(Path::new("/proc/sys").join(key), value).map_err(|e| {
-                    InstanceError::Io {
+                match std::fs::write(Path::new("/proc/sys").join(key), value) {
+                    // A kernel booted without IPv6 has nothing to turn off.
+                    Err(e) if key.contains("ipv6") && e.kind() == std::io::ErrorKind::NotFound => {}
+                    other => other.map_err(|e| InstanceError::Io {
                         what: format!("setting {key} in the lab's namespace"),
                         source: e,
-                    }
-                })?;
+                    })?,
+                }
             }
             Ok(())
         })

@@ -185,6 +185,8 @@ impl Labs {
             complete: false,
         };
         self.save(&lab)?;
+        // A namespace left by a lab whose record was removed by hand: nothing owns it now.
+        let _ = crate::network::remove_netns(&self.netns_path(&lab.name));
         let made = link::make_namespace(&self.netns_path(&lab.name))
             .and_then(|()| self.bring_up(&mut lab, store, progress));
         match made {
@@ -233,14 +235,20 @@ impl Labs {
             // Recorded before it is made, so a crash in between leaves it to `lab down`.
             lab.networks.push(name.clone());
             self.save(lab)?;
-            nets.create(&CreateRequest {
+            let made = nets.create(&CreateRequest {
                 name,
                 subnet: n.subnet.clone(),
                 gateway: None,
                 internal: n.internal,
                 nat: n.nat,
-            })
-            .map_err(|e| InstanceError::Other(format!("network {}: {e}", n.name)))?;
+            });
+            if let Err(e) = made {
+                // A failed create leaves nothing; a network of that name made meanwhile by
+                // someone else is theirs, not for `lab down` to remove.
+                lab.networks.pop();
+                self.save(lab)?;
+                return Err(InstanceError::Other(format!("network {}: {e}", n.name)));
+            }
         }
         // Every node recorded first (quick), then all started at once.
         let mut made = Vec::new();
