@@ -123,13 +123,14 @@ fn view(labs: &Labs, lab: &Lab) -> serde_json::Value {
                     })
                 })
                 .collect();
+            let impair = state.map_or(l.impair, |s| s.impair);
             json!({
                 "ends": ends,
-                "lab_ends": state.map(|s| &s.ends),
+                "lab_ends": state.map(|_| cela_instance::lab::link::lab_ends(i)),
                 // Both ends exist (a node that stopped or restarted took its links along).
                 "up": up.get(i).copied().unwrap_or(false),
-                "impair": state.map(|s| s.impair).unwrap_or(l.impair),
-                "impairment": state.map(|s| s.impair).unwrap_or(l.impair).describe(),
+                "impair": impair,
+                "impairment": impair.describe(),
                 "relay": state.and_then(|s| s.relay).map(|r| json!({"pid": r.pid, "alive": r.alive()})),
             })
         })

@@ -214,8 +214,7 @@ pub fn parse_route(s: &str) -> Result<Route, String> {
         (Ipv4Addr::UNSPECIFIED, 0)
     } else {
         let (a, p) = parse_cidr(dest).map_err(|e| format!("route {s:?}: {e}"))?;
-        let mask = cela_guest::netif::netmask(p);
-        if u32::from(a) & !u32::from(mask) != 0 {
+        if subnet_of((a, p)).0 != u32::from(a) {
             return Err(format!("route {s:?}: {dest} has host bits set"));
         }
         (a, p)

@@ -62,11 +62,9 @@ pub struct Lab {
     pub complete: bool,
 }
 
-/// A link as it is now.
+/// A link as it is now (its lab ends are [`link::lab_ends`] of its index).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkState {
-    /// The lab ends, in the lab's namespace.
-    pub ends: [String; 2],
     #[serde(default)]
     pub impair: Impairment,
     /// The relay carrying an impaired link's frames.
@@ -316,7 +314,6 @@ impl Labs {
                 l.ends[0].node, l.ends[0].iface, l.ends[1].node, l.ends[1].iface
             );
             lab.links.push(LinkState {
-                ends: ends.clone(),
                 impair: Impairment::default(),
                 relay: None,
             });
@@ -373,22 +370,23 @@ impl Labs {
         impair: Impairment,
     ) -> Result<(), InstanceError> {
         let name = lab.name.clone();
+        let ends = link::lab_ends(i);
         let state = &mut lab.links[i];
         if let Some(relay) = state.relay.take() {
             stop_relay(&relay).map_err(InstanceError::Other)?;
         }
         state.impair = Impairment::default();
         let joined = if impair.is_none() {
-            link::wire(lab_ns, &state.ends)
+            link::wire(lab_ns, &ends)
         } else {
-            link::unwire(lab_ns, &state.ends)
-                .and_then(|()| self.start_relay(&name, &state.ends, impair))
+            link::unwire(lab_ns, &ends)
+                .and_then(|()| self.start_relay(&name, &ends, impair))
                 .map(|relay| {
                     state.relay = Some(relay);
                     state.impair = impair;
                 })
                 .or_else(|e| {
-                    link::wire(lab_ns, &state.ends)?;
+                    link::wire(lab_ns, &ends)?;
                     Err(e)
                 })
         };
@@ -462,7 +460,7 @@ impl Labs {
             )));
         }
         let lab_ns = self.netns(name)?;
-        if !link::ends_exist(&lab_ns, &lab.links[i].ends) {
+        if !link::ends_exist(&lab_ns, &link::lab_ends(i)) {
             let l = &lab.plan.links[i];
             return Err(InstanceError::Invalid(format!(
                 "the link {}:{} – {}:{} is gone: a node of it stopped or restarted, and its links went with its namespace (cela lab down {name}, then up again)",
@@ -539,9 +537,8 @@ impl Labs {
         let Ok(ns) = self.netns(&lab.name) else {
             return vec![false; lab.links.len()];
         };
-        lab.links
-            .iter()
-            .map(|l| link::ends_exist(&ns, &l.ends))
+        (0..lab.links.len())
+            .map(|i| link::ends_exist(&ns, &link::lab_ends(i)))
             .collect()
     }
 
