@@ -192,9 +192,11 @@ struct CreateBody {
     /// A microVM's RAM; a container's memory limit.
     #[serde(default)]
     memory_mib: Option<u64>,
-    /// `none` (default), `host` (containers) or `auto`.
+    /// `none`, `host` (containers) or `auto`. Absent with no `networks`: the default
+    /// network, as `cela run` without `--net` (`bridge`, cela's NAT'd network made on first
+    /// use, unless the server's `CELA_DEFAULT_NETWORK` names another).
     #[serde(default)]
-    net: NetMode,
+    net: Option<NetMode>,
     /// Named networks to join (`cela network create`), as `cela run --net` takes them:
     /// `NAME[,ip=ADDR][,mac=MAC]`; with `net` left at `none`.
     #[serde(default)]
@@ -239,11 +241,21 @@ fn strict_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Resul
 /// strict JSON (unknown fields refused), checked before anything is made.
 pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
     let body: CreateBody = strict_json(body, "instance request")?;
-    if body.net == NetMode::Host && body.kind == Kind::Vm {
+    if body.net == Some(NetMode::Host) && body.kind == Kind::Vm {
         return Err(ApiError::bad_request(
             "net host is for containers: a microVM runs its own kernel",
         ));
     }
+    let (net, networks) = match body.net {
+        None if body.networks.is_empty() => cela_instance::network::parse_net_args(&[], body.kind)?,
+        net => (
+            net.unwrap_or_default(),
+            body.networks
+                .iter()
+                .map(|n| cela_instance::network::named::Attachment::parse(n))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     let req = RunRequest {
         command: body.command,
         entrypoint: body.entrypoint,
@@ -258,12 +270,8 @@ pub fn parse_create(body: &[u8]) -> Result<(RunRequest, bool), ApiError> {
             .collect::<Result<Vec<_>, _>>()?,
         cpus: body.cpus,
         memory_mib: body.memory_mib,
-        net: body.net,
-        networks: body
-            .networks
-            .iter()
-            .map(|n| cela_instance::network::named::Attachment::parse(n))
-            .collect::<Result<Vec<_>, _>>()?,
+        net,
+        networks,
         ports: body
             .ports
             .iter()

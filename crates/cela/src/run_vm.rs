@@ -82,11 +82,12 @@ pub struct RunArgs {
     /// with `,ro`). It is one more disk after the `--disk` ones, found by its serial.
     #[arg(long, value_name = "IMAGE[,ro]")]
     rootfs: Option<String>,
-    /// The network. With an IMAGE: `none` (default: loopback only; a microVM has no NIC),
-    /// `host` (containers: the host's network), `auto` (a private /30 link to the host: a
-    /// veth for a container, a TAP for a microVM; removed with the instance), or the name of
-    /// a network (`cela network create`), with `,ip=ADDR` and (containers) `,mac=MAC`;
-    /// repeated for more networks (a container's eth0, eth1, …). Without an IMAGE
+    /// The network. With an IMAGE: the name of a network (`cela network create`; default:
+    /// `bridge`, the built-in NAT'd network made on first use, or $CELA_DEFAULT_NETWORK),
+    /// with `,ip=ADDR` and (containers) `,mac=MAC`, repeated for more networks (a
+    /// container's eth0, eth1, …); `none` (loopback only; a microVM has no NIC), `host`
+    /// (containers: the host's network), or `auto` (a private /30 link to the host: a veth
+    /// for a container, a TAP for a microVM; removed with the instance). Without an IMAGE
     /// (`--vm -- CMD`): `auto` or `tap=NAME` (an existing TAP device, left as it is).
     #[arg(long, value_name = "none|host|auto|NAME[,ip=A][,mac=M]|tap=NAME")]
     net: Vec<String>,

@@ -75,9 +75,11 @@ pub struct RestoreArgs {
     #[arg(long)]
     rm: bool,
     /// The network: `auto` (a link to the host of its own: a new TAP, MAC and /30, which the
-    /// guest takes on resume) or `none`. Default: the snapshot's; the other is refused (a
-    /// restore cannot add or remove the machine's network card). An imported snapshot with a
-    /// network card gets a link to this host only with `--net auto` given.
+    /// guest takes on resume) or `none`. Default: the snapshot's (a VM that was on a named
+    /// network rejoins it with an address and MAC of its own); the other is refused (a
+    /// restore cannot add or remove the machine's network card), except that a VM from a
+    /// named network may take `auto`. An imported snapshot with a `--net auto` card gets a
+    /// link to this host only with `--net auto` given.
     #[arg(long, value_name = "none|auto")]
     net: Option<String>,
     /// The keys that detach from a copy with a terminal (comma-separated `ctrl-X` or

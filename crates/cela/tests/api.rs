@@ -273,6 +273,31 @@ fn both_docker_clients_run_containers_through_cela_serve() {
         );
         let state = s.docker_ok(bin, &["inspect", "-f", "{{.State.Status}}", "web"]);
         assert_eq!(state.trim(), "running", "{bin}");
+        // Docker's default network: cela's NAT'd `bridge`, made on first use; the address
+        // docker inspect shows is the one the container has.
+        let net = s.docker_ok(
+            bin,
+            &[
+                "inspect",
+                "-f",
+                "{{.HostConfig.NetworkMode}} {{.NetworkSettings.IPAddress}} {{.NetworkSettings.Networks.bridge.IPAddress}}",
+                "web",
+            ],
+        );
+        let fields: Vec<&str> = net.split_whitespace().collect();
+        assert!(
+            fields.len() == 3 && fields[0] == "bridge" && fields[1] == fields[2],
+            "{bin}: {net}"
+        );
+        assert!(fields[1].starts_with("10.214."), "{bin}: {net}");
+        let inside = s.docker_ok(
+            bin,
+            &["exec", "web", "ip", "-4", "-o", "addr", "show", "eth0"],
+        );
+        assert!(
+            inside.contains(&format!("inet {}/", fields[1])),
+            "{bin}: {inside}"
+        );
         // exec: output, exit status, stdin through a half-close, the environment and user.
         let out = s.docker(
             bin,

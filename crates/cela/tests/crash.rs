@@ -34,6 +34,7 @@ fn spawn_cela(w: &World, args: &[&str]) -> std::process::Child {
         .arg("--data-dir")
         .arg(w.data())
         .args(args)
+        .env(images::DEFAULT_NETWORK.0, images::DEFAULT_NETWORK.1)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

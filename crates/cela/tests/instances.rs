@@ -402,6 +402,7 @@ fn a_reader_that_goes_away_ends_cela_quietly() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cela"))
             .args(args)
             .env("CELA_DATA_DIR", w.data())
+            .env(images::DEFAULT_NETWORK.0, images::DEFAULT_NETWORK.1)
             .stdin(std::process::Stdio::null())
             .stdout(writer)
             .stderr(std::process::Stdio::piped())

@@ -148,6 +148,7 @@ impl Drop for KillOnDrop {
 fn cela_cmd(w: &World, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cela"));
     c.arg("--data-dir").arg(w.data()).args(args);
+    c.env(images::DEFAULT_NETWORK.0, images::DEFAULT_NETWORK.1);
     c
 }
 

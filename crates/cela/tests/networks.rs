@@ -456,7 +456,7 @@ fn read_from(addr: (&str, u16)) -> String {
 #[test]
 fn published_ports_reach_a_container_and_a_microvm_and_go_with_them() {
     let w = World::new();
-    let outside = Outside::new(1);
+    let outside = Outside::new(2);
     w.ok(&["network", "create", "--subnet", "10.77.8.0/24", "pub"]);
     let serve = |word: &str| format!("while :; do echo {word} | nc -l -p 8080; done");
     let id = w.ok(&[
@@ -639,4 +639,114 @@ fn a_running_container_is_connected_to_a_network_and_disconnected() {
     );
     w.ok(&["rm", "-f", "x", "y"]);
     w.ok(&["network", "rm", "na", "nb"]);
+}
+
+/// `cela` as a user runs it: without the suite's `CELA_DEFAULT_NETWORK=none`, or with `env`.
+fn cela_as_user(w: &World, env: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cela"));
+    c.args(args)
+        .env("CELA_DATA_DIR", w.data())
+        .env_remove("CELA_DEFAULT_NETWORK")
+        .stdin(std::process::Stdio::null());
+    if let Some(v) = env {
+        c.env("CELA_DEFAULT_NETWORK", v);
+    }
+    c.output().unwrap()
+}
+
+fn ok_as_user(w: &World, env: Option<&str>, args: &[&str]) -> String {
+    let out = cela_as_user(w, env, args);
+    assert!(
+        out.status.success(),
+        "cela {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Without `--net`, a container and a microVM (QEMU fallback) join the built-in network
+/// `bridge`, made on first use and NAT'd like Docker's docker0: they reach each other by name
+/// and address, and beyond the host; `--net none` and `CELA_DEFAULT_NETWORK` opt out; the
+/// network goes like any other.
+#[test]
+fn without_net_instances_join_the_default_nat_bridge_made_on_first_use() {
+    let w = World::new();
+    let outside = Outside::new(3);
+    assert_eq!(w.ok(&["network", "ls", "--format", "json"]).trim(), "[]");
+    for name in ["a", "b"] {
+        ok_as_user(
+            &w,
+            None,
+            &["run", "-d", "--name", name, "testimg", "sleep", "600"],
+        );
+    }
+    let net = inspect(&w, "bridge");
+    assert_eq!(net["nat"], true, "{net}");
+    assert_eq!(net["internal"], false, "{net}");
+    assert!(
+        net["subnet"].as_str().unwrap().starts_with("10.214."),
+        "{net}"
+    );
+    assert_eq!(w.inspect("a")["networks"][0]["network"], "bridge");
+    let bridge = net["bridge"].as_str().unwrap().to_owned();
+    let id = net["id"].as_str().unwrap().to_owned();
+    assert!(link_exists(&bridge) && table_exists(&id));
+    w.exec_until("a", "ping -c 1 -W 2 b");
+    w.exec_until("b", &format!("ping -c 1 -W 2 {}", outside.far));
+    // A microVM on the same network, by default too.
+    let a = address_of(&w, "a");
+    let out = ok_as_user(
+        &w,
+        None,
+        &[
+            "run",
+            "--rm",
+            "--vm",
+            "--name",
+            "v",
+            "testimg",
+            "sh",
+            "-c",
+            &format!(
+                "ip -4 -o addr show eth0; i=0; until ping -c 1 -W 1 {a} >/dev/null; do i=$((i+1)); [ $i -gt 30 ] && exit 9; done; echo reached"
+            ),
+        ],
+    );
+    let (subnet_head, _) = net["subnet"].as_str().unwrap().rsplit_once('.').unwrap();
+    assert!(out.contains(&format!("inet {subnet_head}.")), "{out}");
+    assert!(out.contains("reached"), "{out}");
+    // Opting out: --net none, or the environment.
+    for (env, args) in [
+        (
+            None,
+            vec![
+                "run",
+                "--rm",
+                "--net",
+                "none",
+                "testimg",
+                "ls",
+                "/sys/class/net",
+            ],
+        ),
+        (
+            Some("none"),
+            vec!["run", "--rm", "testimg", "ls", "/sys/class/net"],
+        ),
+    ] {
+        assert_eq!(ok_as_user(&w, env, &args).trim(), "lo", "{env:?} {args:?}");
+    }
+    let bad = cela_as_user(&w, Some("nosuch"), &["run", "--rm", "testimg", "true"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no network named nosuch"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    // In use, it stays; then it goes like any network, and comes back on the next use.
+    w.err(&["network", "rm", "bridge"], "in use by a, b");
+    w.ok(&["rm", "-f", "a", "b"]);
+    w.ok(&["network", "rm", "bridge"]);
+    assert!(!link_exists(&bridge) && !table_exists(&id));
 }

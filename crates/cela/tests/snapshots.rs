@@ -262,25 +262,43 @@ const LINK_LOOP: &str = "i=0; while :; do i=$((i+1)); \
 /// Waits until `name` says it reaches the host end of the link its instance has now (the
 /// address and gateway `inspect` shows), and returns that line's fields.
 fn wait_on_own_link(w: &World, name: &str) -> Vec<String> {
-    let net = w.inspect(name)["network"].clone();
-    let (address, host) = (
-        net["address"].as_str().unwrap().to_owned(),
-        net["host_address"].as_str().unwrap().to_owned(),
-    );
-    let gateway = host.split('/').next().unwrap().to_owned();
+    wait_for_line(w, name, |w| {
+        let net = w.inspect(name)["network"].clone();
+        let host = net["host_address"].as_str().unwrap_or_default();
+        (
+            net["address"].as_str().unwrap_or_default().to_owned(),
+            None,
+            host.split('/').next().unwrap_or_default().to_owned(),
+        )
+    })
+}
+
+/// Waits until `name` logs a line of `LINK_LOOP` with the address, MAC (if any) and gateway
+/// `own` reads from its record now, and `ok`; that line's fields.
+fn wait_for_line(
+    w: &World,
+    name: &str,
+    own: impl Fn(&World) -> (String, Option<String>, String),
+) -> Vec<String> {
     let start = Instant::now();
     loop {
+        let (address, mac, gateway) = own(w);
         let log = w.ok(&["logs", name]);
-        let own = log.lines().find_map(|l| {
+        let found = log.lines().find_map(|l| {
             let f: Vec<String> = l.split(' ').map(str::to_owned).collect();
-            (f.len() == 5 && f[1] == address && f[3] == gateway && f[4] == "ok").then_some(f)
+            (f.len() == 5
+                && f[1] == address
+                && mac.as_ref().is_none_or(|m| &f[2] == m)
+                && f[3] == gateway
+                && f[4] == "ok")
+                .then_some(f)
         });
-        if let Some(f) = own {
+        if let Some(f) = found {
             return f;
         }
         assert!(
             start.elapsed() < Duration::from_secs(180),
-            "{name} never reached the host on its own link ({address} via {gateway}): {log}"
+            "{name} never reached {gateway} from {address} {mac:?}: {log}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -342,4 +360,61 @@ fn a_microvm_with_a_network_is_restored_and_forked_onto_links_of_their_own() {
     w.ok(&["rm", "-f", "nsrc", "nr1", "nr2", "nf-1", "nf-2"]);
     w.ok(&["snapshot", "rm", "ns"]);
     assert_eq!(common::net_auto_taps(), before, "a TAP was left behind");
+}
+
+/// Waits until `name` says it reaches `gateway` from the address and MAC `inspect` shows it
+/// has on its first named network; that line's fields.
+fn wait_on_network(w: &World, name: &str, gateway: &str) -> Vec<String> {
+    wait_for_line(w, name, |w| {
+        let joined = w.inspect(name)["networks"][0].clone();
+        (
+            joined["address"].as_str().unwrap_or_default().to_owned(),
+            joined["mac"].as_str().map(str::to_owned),
+            gateway.to_owned(),
+        )
+    })
+}
+
+/// A VM on a named network (as every `cela run` without `--net` is, on `bridge`) is
+/// snapshotted; its copy rejoins the network with an address and MAC of its own while the
+/// source runs on, and its guest moves to them on resume.
+#[test]
+fn a_microvm_on_a_named_network_is_restored_onto_it_with_an_address_of_its_own() {
+    let w = World::new();
+    w.ok(&["network", "create", "--subnet", "10.77.9.0/24", "snet"]);
+    w.ok(&[
+        "run", "-d", "--vm", "--net", "snet", "--name", "wsrc", "testimg", "sh", "-c", LINK_LOOP,
+    ]);
+    let src = wait_on_network(&w, "wsrc", "10.77.9.1");
+    w.ok(&["snapshot", "--leave-running", "--name", "ws", "wsrc"]);
+    let count = instance_count(&w);
+    w.err(
+        &["restore", "--net", "none", "ws"],
+        "cannot remove its network card",
+    );
+    assert_eq!(instance_count(&w), count);
+    w.ok(&["restore", "-d", "--name", "wr", "ws"]);
+    let copy = wait_on_network(&w, "wr", "10.77.9.1");
+    assert_ne!(src[1], copy[1], "the copy took the source's address");
+    assert_ne!(src[2], copy[2], "the copy took the source's MAC");
+    let net: Value = serde_json::from_str(&w.ok(&["network", "inspect", "snet"])).unwrap();
+    assert_eq!(net[0]["endpoints"].as_object().unwrap().len(), 2, "{net}");
+    // The source runs on at its own address.
+    let a = src[1].clone();
+    let start = Instant::now();
+    while !w
+        .ok(&["logs", "wsrc"])
+        .lines()
+        .last()
+        .is_some_and(|l| l.contains(&format!(" {a} ")) && l.ends_with(" ok"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "wsrc lost its link"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.ok(&["rm", "-f", "wsrc", "wr"]);
+    w.ok(&["snapshot", "rm", "ws"]);
+    w.ok(&["network", "rm", "snet"]);
 }

@@ -21,7 +21,8 @@ use common::run_lab_batch;
 /// In L1: `$C` is cela with a data dir in /tmp, `$VM` the flags that boot the lab's kernel and
 /// initramfs; the test image is imported as `img`. GNU cp and mkfs.ext4 (for the image's disk)
 /// come from the host.
-const PRELUDE: &str = "export PATH=/lab/bin:$PATH CELA_DATA_DIR=/tmp/cela-data
+const PRELUDE: &str =
+    "export PATH=/lab/bin:$PATH CELA_DATA_DIR=/tmp/cela-data CELA_DEFAULT_NETWORK=none
 C=./cela
 VM='--vm --kernel /lab/bzImage --initrd /lab/initrd.cpio'
 $C image import /lab/img.tar --name img:latest >/dev/null || exit 99
@@ -104,18 +105,20 @@ echo $(( $(ls /tmp/cela-data/instances | wc -l) + $(ls -A /tmp/cela-data/snapsho
         r#"$C run -d $VM --memory 128 --net auto --name ns img sh -c 'i=0; while :; do i=$((i+1)); set -- $(ip route | grep ^default); gw=$3; set -- $(ip -4 -o addr show dev eth0); a=$4; if ping -c 1 -W 1 $gw >/dev/null 2>&1; then p=ok; else p=no; fi; echo "n=$i $a $(cat /sys/class/net/eth0/address) $gw $p $(hostname) $(cat /proc/sys/kernel/random/uuid)"; sleep 1; done' >/dev/null || exit 98
 count() { $C logs $1 | grep '^n=' | tail -1 | cut -d' ' -f1 | cut -d= -f2; }
 addr() { $C inspect $1 | tr -d ' ,"' | grep '^address:' | head -1 | cut -d: -f2; }
-onlink() { a=$(addr $1); until $C logs $1 | grep -q "^n=[0-9]* $a .* ok "; do sleep 0.2; done; $C logs $1 | grep "^n=[0-9]* $a .* ok " | head -1; }
+up() { cut -d. -f1 /proc/uptime; }
+why() { echo "$1 $2; its record and last lines:" >&2; $C inspect $1 | grep -E '"(status|exit_code|address|host_address|interface)"' >&2; $C logs $1 | tail -3 >&2; }
+onlink() { a=$(addr $1); t0=$(up); until $C logs $1 | grep -q "^n=[0-9]* $a .* ok "; do [ $(($(up)-t0)) -gt 90 ] && { why $1 "is not on its link ($a) after 90 s"; ls /sys/class/net >&2; exit 96; }; sleep 0.2; done; echo "timing onlink-$1 $(($(up)-t0)) s" >&2; $C logs $1 | grep "^n=[0-9]* $a .* ok " | head -1; }
 onlink ns >/dev/null
 $C snapshot --name ns1 ns >/dev/null; echo snapshot_rc=$?
 $C restore -d --name nr ns1 >/dev/null; echo restore_rc=$?
 onlink nr >/tmp/lines
 at=$(count nr)
-$C fork -n 8 --name-prefix nf nr >/dev/null; echo fork_rc=$?
+t0=$(up); $C fork -n 8 --name-prefix nf nr >/dev/null; echo fork_rc=$?; echo "timing fork $(($(up)-t0)) s" >&2
 for i in 1 2 3 4 5 6 7 8; do onlink nf-$i >>/tmp/lines; done
 echo names=$(cut -d' ' -f6 /tmp/lines)
 echo lines=$(wc -l </tmp/lines) addresses=$(cut -d' ' -f2 /tmp/lines | sort -u | wc -l) macs=$(cut -d' ' -f3 /tmp/lines | sort -u | wc -l) gateways=$(cut -d' ' -f4 /tmp/lines | sort -u | wc -l)
 [ "$(cut -d' ' -f4 /tmp/lines | sort -u | wc -l)" = 9 ] || { echo "the lines of the copies:" >&2; cat /tmp/lines >&2; for i in 1 2 3 4 5 6 7 8; do echo "nf-$i: $(addr nf-$i) $($C exec nf-$i ip route | tr '\n' ';')" >&2; done; }
-for i in 1 2 3 4 5 6 7 8; do until $C logs nf-$i | grep -q "^n=$((at+3)) "; do sleep 0.2; done; $C logs nf-$i | grep "^n=$((at+3)) " | cut -d' ' -f7; done | sort -u | wc -l | sed 's/^/uuids=/'
+for i in 1 2 3 4 5 6 7 8; do t0=$(up); until $C logs nf-$i | grep -q "^n=$((at+3)) "; do [ $(($(up)-t0)) -gt 60 ] && { why nf-$i "has not counted to $((at+3)) after 60 s"; exit 95; }; sleep 0.2; done; $C logs nf-$i | grep "^n=$((at+3)) " | cut -d' ' -f7; done | sort -u | wc -l | sed 's/^/uuids=/'
 n2=$(count nr); k=0; until [ "$(count nr)" -gt $n2 ] 2>/dev/null; do k=$((k+1)); [ $k -gt 300 ] && { echo "nr stopped counting after the fork" >&2; $C inspect nr >&2; $C logs nr | tail -5 >&2; exit 97; }; sleep 0.2; done
 [ "$($C logs nr | grep '^n=' | tail -1 | cut -d' ' -f2,5,6)" = "$(addr nr) ok nr" ] && echo parent_on_its_link
 $C rm -f ns nr nf-1 nf-2 nf-3 nf-4 nf-5 nf-6 nf-7 nf-8 >/dev/null; echo rm_rc=$?

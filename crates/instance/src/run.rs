@@ -165,6 +165,9 @@ pub fn create(
             "environment entry {bad:?} is not KEY=VALUE"
         )));
     }
+    // The built-in network is made on first use, as Docker's docker0 exists before anyone
+    // runs a container on it.
+    crate::network::named::Networks::open(data_dir)?.ensure_builtin(&req.networks)?;
     crate::network::named::check_attachments(data_dir, req.kind, req.net, &req.networks)?;
     if !req.ports.is_empty() {
         crate::network::ports::check_distinct(&req.ports)?;

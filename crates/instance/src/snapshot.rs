@@ -262,13 +262,8 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
             inst.config.name
         )));
     }
-    if !inst.config.networks.is_empty() {
-        // A copy would need an address of its own on the network, and its guest moved to it.
-        return Err(InstanceError::Unsupported(format!(
-            "{} is on a named network: snapshots of such microVMs are not supported yet (use --net auto)",
-            inst.config.name
-        )));
-    }
+    // A VM on a named network is snapshotted as any other: a copy rejoins the network with an
+    // address and MAC of its own, and its guest is moved to them on resume (`restore_checked`).
     Ok(())
 }
 
@@ -534,12 +529,14 @@ impl Manifest {
         }
         if !matches!(self.config.net, NetMode::None | NetMode::Auto)
             || !self.config.volumes.is_empty()
-            || !self.config.networks.is_empty()
         {
             return Err(bad(
                 &self.name,
-                "its instance has a host network, named networks or volumes, which snapshots do not carry",
+                "its instance has a host network or volumes, which snapshots do not carry",
             ));
+        }
+        if self.config.networks.len() > 1 {
+            return Err(bad(&self.name, "a microVM joins at most one network"));
         }
         Ok(())
     }
@@ -797,7 +794,8 @@ pub struct RestoreRequest {
     /// Removed when it ends (`--rm`).
     pub auto_remove: bool,
     /// `--net`; `None` is the snapshot's own. A restore cannot add or remove the machine's
-    /// network card, so another mode than the snapshot's is refused.
+    /// network card, so another mode than the snapshot's is refused (but a VM from a named
+    /// network may be moved onto an `auto` link).
     pub net: Option<NetMode>,
 }
 
@@ -851,6 +849,19 @@ pub fn restore(data_dir: &Path, req: &RestoreRequest) -> Result<Instance, Instan
 /// this host only when the restore asks for one by name.
 fn check_net(manifest: &Manifest, net: Option<NetMode>) -> Result<(), InstanceError> {
     let saved = manifest.config.net;
+    if let Some(network) = manifest.config.networks.first() {
+        // Its card was on a named network: a copy rejoins it (by name, on this host), or
+        // takes a link of its own to the host with `--net auto`.
+        return match net {
+            None | Some(NetMode::Auto) => Ok(()),
+            Some(other) => Err(InstanceError::Invalid(format!(
+                "snapshot {} is of a microVM on network {}, and a restore cannot remove its network card (--net {}): restore it as it is, or with --net auto",
+                manifest.name,
+                network.network,
+                other.as_str()
+            ))),
+        };
+    }
     if let Some(net) = net.filter(|n| *n != saved) {
         return Err(InstanceError::Invalid(format!(
             "snapshot {} is of a microVM with --net {}, and a restore cannot {} its network card: restore it with --net {}",
@@ -899,6 +910,29 @@ fn restore_checked(
         }
     };
     let source = &manifest.config;
+    // `--net auto` moves a copy of a VM on a network onto a link of its own (`check_net`);
+    // otherwise it rejoins the source's networks by name, never with the source's address
+    // or MAC, which the source (or another copy) holds.
+    let (net, networks) = match req.net {
+        Some(NetMode::Auto) if !source.networks.is_empty() => (NetMode::Auto, Vec::new()),
+        _ => (
+            source.net,
+            source
+                .networks
+                .iter()
+                .map(|a| crate::network::named::Attachment {
+                    network: a.network.clone(),
+                    ip: None,
+                    mac: None,
+                })
+                .collect(),
+        ),
+    };
+    if !networks.is_empty() {
+        let nets = crate::network::named::Networks::open(data_dir)?;
+        nets.ensure_builtin(&networks)?;
+        crate::network::named::check_attachments(data_dir, Kind::Vm, net, &networks)?;
+    }
     let config = InstanceConfig {
         id: String::new(),
         name: req.name.clone().unwrap_or_default(),
@@ -907,13 +941,13 @@ fn restore_checked(
         auto_remove: req.auto_remove,
         labels: Default::default(),
         volumes: Vec::new(),
-        // A copy gets a link of its own (a TAP, MAC and /30 made when it starts), which its
-        // guest is told to take on resume.
-        net: source.net,
-        // A host port is one instance's: copies do not publish the source's; nor does a
-        // copy join a named network (a manifest that names one is refused above).
+        // A copy gets a link of its own (a TAP, MAC and /30 made when it starts, or an
+        // address and MAC of its own on the source's network), which its guest is told to
+        // take on resume.
+        net,
+        // A host port is one instance's: copies do not publish the source's.
         ports: Vec::new(),
-        networks: Vec::new(),
+        networks,
         security: Default::default(),
         vm: Some(crate::record::VmBoot {
             kernel,

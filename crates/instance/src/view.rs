@@ -45,9 +45,13 @@ pub struct JoinedView {
     pub mac: Option<String>,
     /// The host end of its link (a veth on the bridge, or a microVM's TAP).
     pub interface: Option<String>,
+    /// The network's gateway (absent on an `--internal` network, which has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
-fn joined(inst: &Instance) -> Vec<JoinedView> {
+/// The named networks `inst` joins, with its address on each while it runs.
+pub fn joined(inst: &Instance) -> Vec<JoinedView> {
     if inst.config.networks.is_empty() {
         return Vec::new();
     }
@@ -69,6 +73,7 @@ fn joined(inst: &Instance) -> Vec<JoinedView> {
                 address: ep.map(|e| format!("{}/{prefix}", e.address)),
                 mac: ep.map(|e| e.mac.clone()),
                 interface: ep.map(|e| e.interface.clone()),
+                gateway: net.filter(|n| !n.internal).map(|n| n.gateway.to_string()),
             }
         })
         .collect()

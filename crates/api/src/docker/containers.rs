@@ -117,12 +117,18 @@ fn run_request(body: CreateBody, name: Option<String>) -> Result<RunRequest, Api
             )));
         }
     };
-    // Docker's default network is a NAT'd bridge; until cela has a default network, its
-    // nearest is `auto`, a private link to the host. Any other name is a cela network
-    // (`cela network create`), checked when the instance is made.
+    // Docker's default is its NAT'd network `bridge`, and so is cela's (made on first use,
+    // unless CELA_DEFAULT_NETWORK names another); `bridge` by name is that network. Any
+    // other name is a cela network (`cela network create`), checked when the instance is
+    // made.
     let mut networks = Vec::new();
     let net = match host.network_mode.as_deref() {
-        None | Some("") | Some("default") | Some("bridge") => NetMode::Auto,
+        None | Some("") | Some("default") => {
+            let (net, default) =
+                cela_instance::network::parse_net_args(&[], kind).map_err(ApiError::from)?;
+            networks = default;
+            net
+        }
         Some("none") => NetMode::None,
         Some("host") if kind == Kind::Container => NetMode::Host,
         Some(name) if !name.contains(':') && name != "host" => {
@@ -1004,6 +1010,48 @@ fn summary(inst: &Instance, state: &InstanceState) -> Value {
     })
 }
 
+/// `NetworkSettings` as `docker inspect` reads it: each network the container is on (its
+/// `--net auto` link as `bridge`) with its address, and the first one's at the top level,
+/// where older clients look.
+fn network_settings(inst: &Instance, state: &InstanceState) -> Value {
+    let split = |a: &str| -> (String, u8) {
+        let (ip, len) = a.split_once('/').unwrap_or((a, "32"));
+        (ip.to_owned(), len.parse().unwrap_or(32))
+    };
+    let mut joined: Vec<(String, Value)> = cela_instance::view::joined(inst)
+        .into_iter()
+        .map(|j| {
+            let (ip, len) = j.address.as_deref().map(split).unwrap_or_default();
+            let v = json!({
+                "NetworkID": j.network,
+                "IPAddress": ip,
+                "IPPrefixLen": len,
+                "Gateway": j.gateway.unwrap_or_default(),
+                "MacAddress": j.mac.unwrap_or_default(),
+            });
+            (j.network, v)
+        })
+        .collect();
+    if let Some(link) = state.network.as_ref() {
+        let (ip, len) = split(&link.address);
+        let (gateway, _) = split(&link.host_address);
+        joined.push((
+            "bridge".into(),
+            json!({"IPAddress": ip, "IPPrefixLen": len, "Gateway": gateway, "MacAddress": ""}),
+        ));
+    }
+    let first = joined.first().map_or_else(|| json!({}), |(_, v)| v.clone());
+    let networks: serde_json::Map<String, Value> = joined.into_iter().collect();
+    json!({
+        "Networks": networks,
+        "Ports": {},
+        "IPAddress": first["IPAddress"].as_str().unwrap_or_default(),
+        "IPPrefixLen": first["IPPrefixLen"].as_u64().unwrap_or(0),
+        "Gateway": first["Gateway"].as_str().unwrap_or_default(),
+        "MacAddress": first["MacAddress"].as_str().unwrap_or_default(),
+    })
+}
+
 fn mounts(inst: &Instance) -> Vec<Value> {
     inst.config
         .volumes
@@ -1082,7 +1130,7 @@ fn detail(inst: &Instance, state: &InstanceState) -> Value {
             "AttachStdout": true,
             "AttachStderr": true,
         },
-        "NetworkSettings": {"Networks": {}, "Ports": {}},
+        "NetworkSettings": network_settings(inst, state),
         "Mounts": mounts(inst),
     })
 }

@@ -115,6 +115,7 @@ pub fn refused(data: &Path, canary: &Canary, args: &[&str], needle: &str) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cela"))
         .args(args)
         .env("CELA_DATA_DIR", data)
+        .env(DEFAULT_NETWORK.0, DEFAULT_NETWORK.1)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,11 +13,17 @@ use std::time::{Duration, Instant};
 
 use cela_image::Digest;
 
+/// The suite's instances get no network unless a test asks for one (`--net`): the default,
+/// the NAT'd network `bridge`, is tested on its own (networks.rs, api.rs), and would otherwise
+/// give each of the hundreds of instances the suite runs a link it does not need.
+pub const DEFAULT_NETWORK: (&str, &str) = ("CELA_DEFAULT_NETWORK", "none");
+
 /// Runs `cela` with its own data dir; stdin is /dev/null.
 pub fn cela_in(data: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cela"))
         .args(args)
         .env("CELA_DATA_DIR", data)
+        .env(DEFAULT_NETWORK.0, DEFAULT_NETWORK.1)
         .stdin(Stdio::null())
         .output()
         .expect("cela runs")
@@ -28,6 +34,7 @@ pub fn cela_env(data: &Path, env: &[(&str, &Path)], args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cela"));
     cmd.args(args)
         .env("CELA_DATA_DIR", data)
+        .env(DEFAULT_NETWORK.0, DEFAULT_NETWORK.1)
         .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);

@@ -89,13 +89,20 @@ impl NetMode {
     }
 }
 
-/// `--net`'s values (repeatable): nothing is `none`; `none`, `host` or `auto` stand alone;
-/// anything else names networks to join (`NAME[,ip=ADDR][,mac=MAC]`, checked against the
-/// networks that exist when the instance is created).
+/// `--net`'s values (repeatable): `none`, `host` or `auto` stand alone; anything else names
+/// networks to join (`NAME[,ip=ADDR][,mac=MAC]`, checked against the networks that exist
+/// when the instance is created). Nothing is the default ([`default_net_arg`]): the built-in
+/// NAT'd network `bridge`, as for Docker.
 pub fn parse_net_args(
     args: &[String],
     kind: Kind,
 ) -> Result<(NetMode, Vec<named::Attachment>), InstanceError> {
+    if args.is_empty() {
+        let default = default_net_arg();
+        return parse_net_args(std::slice::from_ref(&default), kind).map_err(|e| {
+            InstanceError::Invalid(format!("{} ({default}): {e}", named::DEFAULT_NETWORK_ENV))
+        });
+    }
     let mut mode = NetMode::None;
     let mut networks = Vec::new();
     for arg in args {
@@ -111,6 +118,15 @@ pub fn parse_net_args(
         }
     }
     Ok((mode, networks))
+}
+
+/// What an instance joins when no `--net` is given: `$CELA_DEFAULT_NETWORK` if set and not
+/// empty (as `dockerd --bridge=none` turns Docker's default off), else the built-in network.
+pub fn default_net_arg() -> String {
+    std::env::var(named::DEFAULT_NETWORK_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| named::DEFAULT_NETWORK.to_owned())
 }
 
 /// The link `--net auto` made, recorded in the instance's state while it exists.

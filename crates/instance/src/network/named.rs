@@ -44,6 +44,16 @@ pub const POOL: Subnet = Subnet {
     base: Ipv4Addr::new(10, 214, 0, 0),
     prefix: 16,
 };
+/// The built-in network: what `cela run` joins when no `--net` is given (unless
+/// `CELA_DEFAULT_NETWORK` says otherwise) and what Docker's `NetworkMode: bridge` names. A
+/// network like any other, NAT'd as Docker's `docker0`, made in a data directory the first
+/// time an instance asks for it ([`Networks::ensure_builtin`]).
+pub const DEFAULT_NETWORK: &str = "bridge";
+
+/// The environment variable that names what `cela run` joins without `--net`: a network,
+/// `none`, `auto` or `host` (as `--net` takes them); unset or empty, [`DEFAULT_NETWORK`].
+pub const DEFAULT_NETWORK_ENV: &str = "CELA_DEFAULT_NETWORK";
+
 /// The most networks an instance joins.
 pub const MAX_ATTACHMENTS: usize = 8;
 
@@ -298,6 +308,38 @@ impl Networks {
         self.records.save(&net.name, net)
     }
 
+    /// Makes the built-in [`DEFAULT_NETWORK`] (a free /24 of [`POOL`], NAT'd) if `atts`
+    /// name it and it does not exist yet; nothing for any other network, which `cela
+    /// network create` makes.
+    pub fn ensure_builtin(&self, atts: &[Attachment]) -> Result<(), InstanceError> {
+        if !atts.iter().any(|a| a.network == DEFAULT_NETWORK) {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        if self.path(DEFAULT_NETWORK).exists() {
+            return Ok(());
+        }
+        let req = CreateRequest {
+            name: DEFAULT_NETWORK.to_owned(),
+            subnet: None,
+            gateway: None,
+            internal: false,
+            nat: true,
+        };
+        match self.create_locked(&req) {
+            Ok(net) => {
+                tracing::info!(
+                    "made the default network {DEFAULT_NETWORK} ({})",
+                    net.subnet
+                );
+                Ok(())
+            }
+            Err(e) => Err(InstanceError::Other(format!(
+                "making the default network {DEFAULT_NETWORK} (a NAT'd bridge; `--net none` runs without a network): {e}"
+            ))),
+        }
+    }
+
     /// The network `name`.
     pub fn get(&self, name: &str) -> Result<Network, InstanceError> {
         if !valid_name(name) || !self.path(name).exists() {
@@ -331,6 +373,14 @@ impl Networks {
                 req.name
             )));
         }
+        self.create_locked(req)
+    }
+
+    /// [`Networks::create`] under the records' lock. The subnet is picked and its bridge
+    /// addressed under the host-wide address lock too, so two data directories (or `--net
+    /// auto` links) making a network at once never take the same free subnet.
+    fn create_locked(&self, req: &CreateRequest) -> Result<Network, InstanceError> {
+        let _host = cela_vmm::net::address_lock();
         let others = self.list()?;
         let host = cela_vmm::net::host_networks(None)
             .map_err(io_err("reading this host's addresses and routes".into()))?;

@@ -129,15 +129,16 @@ pub fn setup(mode: &NetMode) -> Result<HostNet, NetError> {
     }
 }
 
-/// The host-wide lock cela processes hold while they pick and configure a /30: without it,
-/// many instances starting at once (50 `docker run`s) pick the same free /30, all see the
+/// The host-wide lock cela processes hold while they pick and configure addresses (a /30,
+/// or a named network's subnet, whatever data directory it is in): without it, many
+/// instances starting at once (50 `docker run`s) pick the same free /30, all see the
 /// overlap, all move on together, and run out of tries. In a root-only directory, so no other
 /// user can hold it.
 const AUTO_LOCK_DIR: &str = "/run/cela/locks";
 
-/// Takes the lock (bounded: 30 s); `None` when it cannot be had, and the check after
-/// configuring then has to do alone.
-fn auto_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
+/// Takes the host-wide address lock (bounded: 30 s); `None` when it cannot be had, and the
+/// check after configuring then has to do alone.
+pub fn address_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     // /run/cela itself keeps its usual mode (`cela serve`'s sockets live there); the locks
     // get a directory of root's alone inside it.
@@ -177,10 +178,10 @@ fn auto_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
 
 /// Picks a free /30 for the host interface `name` (a TAP, or a container's veth end), gives it
 /// the /30's first address and brings it up; the other end gets the second address. Other
-/// cela processes wait on its lock ([`auto_lock`]); a program that is not cela and takes the same /30
+/// cela processes wait on its lock ([`address_lock`]); a program that is not cela and takes the same /30
 /// at the same moment is caught by the check after configuring, and the next one is tried.
 pub fn configure_auto(name: &str) -> Result<Subnet, NetError> {
-    let _lock = auto_lock();
+    let _lock = address_lock();
     let start = std::process::id() as usize;
     let mut skip: Vec<Subnet> = Vec::new();
     for _ in 0..8 {
