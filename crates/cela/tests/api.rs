@@ -37,6 +37,8 @@ fn serve_cmd(w: &World, api: &Path, docker: &Path) -> Command {
         .arg(api)
         .arg("--docker-socket")
         .arg(docker)
+        // Docker's default network is what these tests see, whatever the shell says.
+        .env_remove("CELA_DEFAULT_NETWORK")
         .stdin(Stdio::null());
     c
 }
@@ -1402,5 +1404,176 @@ fn docker_commit_and_the_own_api_make_images_of_containers() {
     }
     for image in ["dimg:1", "dimg:live", "cimg:1"] {
         w.ok(&["image", "rm", image]);
+    }
+}
+
+/// `docker network create|ls|inspect|connect|disconnect|rm` on cela's networks, with both
+/// clients: containers run on one reach each other by name, its record lists them, a network in
+/// use is refused removal, and what cela cannot make is refused with a message.
+#[test]
+fn docker_networks_are_cela_networks() {
+    let w = World::new();
+    let s = Server::start(&w);
+    for (bin, n) in [(DOCKER_28, 21), (DOCKER_20, 22)] {
+        let subnet = format!("10.77.{n}.0/24");
+        let id = s.docker_ok(
+            bin,
+            &[
+                "network",
+                "create",
+                "--subnet",
+                &subnet,
+                "--gateway",
+                &format!("10.77.{n}.254"),
+                "lan",
+            ],
+        );
+        let id = id.trim().to_owned();
+        // cela's ids are 12 hex digits (docs/API.md), networks' as instances'.
+        assert_eq!(id.len(), 12, "{bin}: {id}");
+        let listed = s.docker_ok(
+            bin,
+            &[
+                "network",
+                "ls",
+                "--format",
+                "{{.Name}} {{.Driver}} {{.Scope}}",
+            ],
+        );
+        assert!(
+            listed.lines().any(|l| l == "lan bridge local"),
+            "{bin}: {listed}"
+        );
+        let by_filter = s.docker_ok(bin, &["network", "ls", "-q", "--filter", "name=la"]);
+        assert_eq!(by_filter.trim(), id, "{bin}");
+        let cela_side: serde_json::Value =
+            serde_json::from_str(&w.ok(&["network", "inspect", "lan"])).unwrap();
+        assert_eq!(
+            cela_side[0]["nat"], true,
+            "{bin}: Docker's bridges masquerade"
+        );
+        s.docker_ok(
+            bin,
+            &[
+                "run",
+                "-d",
+                "--network",
+                "lan",
+                "--name",
+                "n1",
+                "testimg",
+                "sleep",
+                "60",
+            ],
+        );
+        let n2_ip = format!("10.77.{n}.7");
+        s.docker_ok(
+            bin,
+            &[
+                "run",
+                "-d",
+                "--network",
+                "lan",
+                "--ip",
+                &n2_ip,
+                "--mac-address",
+                "02:42:0a:4d:00:07",
+                "--name",
+                "n2",
+                "testimg",
+                "sleep",
+                "60",
+            ],
+        );
+        let mac = s.docker_ok(bin, &["exec", "n2", "cat", "/sys/class/net/eth0/address"]);
+        assert_eq!(mac.trim(), "02:42:0a:4d:00:07", "{bin}");
+        eventually("n1 reaches n2 by name", || {
+            s.docker(bin, &["exec", "n1", "ping", "-c", "1", "-W", "1", "n2"])
+                .status
+                .success()
+        });
+        let members = s.docker_ok(
+            bin,
+            &["network", "inspect", "-f", "{{range .Containers}}{{.Name}} {{.IPv4Address}};{{end}} {{range .IPAM.Config}}{{.Subnet}} {{.Gateway}}{{end}}", &id[..8]],
+        );
+        assert!(
+            members.contains(&format!("n1 10.77.{n}.1/24;")),
+            "{bin}: {members}"
+        );
+        assert!(
+            members.contains(&format!("n2 {n2_ip}/24;")),
+            "{bin}: {members}"
+        );
+        assert!(
+            members
+                .trim_end()
+                .ends_with(&format!("{subnet} 10.77.{n}.254")),
+            "{bin}: {members}"
+        );
+        // A second network joined by a running container, and left.
+        s.docker_ok(
+            bin,
+            &[
+                "network",
+                "create",
+                "--internal",
+                "--subnet",
+                &format!("10.78.{n}.0/24"),
+                "side",
+            ],
+        );
+        s.docker_ok(
+            bin,
+            &[
+                "network",
+                "connect",
+                "--ip",
+                &format!("10.78.{n}.9"),
+                "side",
+                "n1",
+            ],
+        );
+        let eth1 = s.docker_ok(
+            bin,
+            &["exec", "n1", "ip", "-4", "-o", "addr", "show", "eth1"],
+        );
+        assert!(
+            eth1.contains(&format!("inet 10.78.{n}.9/")),
+            "{bin}: {eth1}"
+        );
+        s.docker_ok(bin, &["network", "disconnect", "side", "n1"]);
+        let gone = s.docker(bin, &["exec", "n1", "ip", "link", "show", "eth1"]);
+        assert!(!gone.status.success(), "{bin}: eth1 stayed");
+        // In use: refused, with Docker's status; then removed.
+        let busy = s.docker(bin, &["network", "rm", "lan"]);
+        assert!(!busy.status.success(), "{bin}");
+        assert!(
+            text(&busy.stderr).contains("in use by n1, n2"),
+            "{bin}: {}",
+            text(&busy.stderr)
+        );
+        s.docker_ok(bin, &["rm", "-f", "n1", "n2"]);
+        s.docker_ok(bin, &["network", "rm", "lan", "side"]);
+        let missing = s.docker(bin, &["network", "inspect", "lan"]);
+        assert!(!missing.status.success(), "{bin}");
+        // What cela cannot make is refused, and nothing is made.
+        for args in [
+            vec!["network", "create", "--ipv6", "v6"],
+            vec!["network", "create", "-d", "overlay", "ov"],
+            vec!["network", "create", "--label", "a=b", "lab"],
+        ] {
+            let out = s.docker(bin, &args);
+            assert!(!out.status.success(), "{bin} {args:?}");
+            assert!(
+                text(&out.stderr).contains("not implemented") || text(&out.stderr).contains("cela"),
+                "{bin} {args:?}: {}",
+                text(&out.stderr)
+            );
+        }
+        assert_eq!(
+            w.ok(&["network", "ls", "--format", "json"]).trim(),
+            "[]",
+            "{bin}"
+        );
     }
 }

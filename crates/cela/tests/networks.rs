@@ -291,7 +291,12 @@ struct Outside {
 
 impl Outside {
     fn new(slot: u8) -> Outside {
-        let routes = host_ok(&["ip", "-4", "route"]) + &host_ok(&["ip", "-4", "-o", "addr"]);
+        // Another test's outside (on its own `ctout` link) does not make a range taken.
+        let routes: String = (host_ok(&["ip", "-4", "route"])
+            + &host_ok(&["ip", "-4", "-o", "addr"]))
+            .lines()
+            .filter(|l| !l.contains("ctout"))
+            .collect();
         let range = ["198.51.100.", "203.0.113."]
             .into_iter()
             .find(|n| !routes.contains(n))
@@ -749,4 +754,76 @@ fn without_net_instances_join_the_default_nat_bridge_made_on_first_use() {
     w.ok(&["rm", "-f", "a", "b"]);
     w.ok(&["network", "rm", "bridge"]);
     assert!(!link_exists(&bridge) && !table_exists(&id));
+    // The next run makes it again (and a stopped instance's start would too).
+    let again = ok_as_user(
+        &w,
+        None,
+        &["run", "--rm", "testimg", "ls", "/sys/class/net"],
+    );
+    assert!(again.lines().any(|l| l == "eth0"), "{again}");
+    w.ok(&["network", "rm", "bridge"]);
+}
+
+/// The port guard: frames into a network's bridge must carry the sender's own MAC, so a
+/// container that takes another's (it may, with NET_ADMIN) is cut off until it gives it back.
+#[test]
+fn a_container_that_forges_another_mac_is_cut_off_the_bridge() {
+    let w = World::new();
+    w.ok(&["network", "create", "--subnet", "10.77.12.0/24", "guarded"]);
+    let id = inspect(&w, "guarded")["id"].as_str().unwrap().to_owned();
+    w.ok(&[
+        "run", "-d", "--name", "honest", "--net", "guarded", "testimg", "sleep", "600",
+    ]);
+    w.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "forger",
+        "--net",
+        "guarded",
+        "--cap-add",
+        "NET_ADMIN",
+        "testimg",
+        "sleep",
+        "600",
+    ]);
+    let mac = |name: &str| {
+        w.inspect(name)["networks"][0]["mac"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (victim, own) = (mac("honest"), mac("forger"));
+    let guard = host_ok(&["nft", "list", "table", "bridge", &format!("cela_{id}")]);
+    assert!(guard.contains(&victim) && guard.contains(&own), "{guard}");
+    w.exec_until("forger", "ping -c 1 -W 1 10.77.12.1");
+    let forged = w.cela(&[
+        "exec",
+        "forger",
+        "sh",
+        "-c",
+        &format!("ip link set eth0 address {victim} && ping -c 2 -W 1 10.77.12.1"),
+    ]);
+    assert!(
+        !forged.status.success(),
+        "a forged MAC passed the bridge: {}",
+        String::from_utf8_lossy(&forged.stdout)
+    );
+    w.exec_until("honest", "ping -c 1 -W 1 10.77.12.1");
+    w.ok(&[
+        "exec", "forger", "ip", "link", "set", "eth0", "address", &own,
+    ]);
+    w.exec_until("forger", "ping -c 1 -W 1 10.77.12.1");
+    w.ok(&["rm", "-f", "honest", "forger"]);
+    let guard = host_ok(&["nft", "list", "table", "bridge", &format!("cela_{id}")]);
+    assert!(
+        !guard.contains(&own),
+        "the guard kept a removed port: {guard}"
+    );
+    w.ok(&["network", "rm", "guarded"]);
+    assert!(
+        !host(&["nft", "list", "table", "bridge", &format!("cela_{id}")])
+            .status
+            .success()
+    );
 }

@@ -165,14 +165,13 @@ pub fn create(
             "environment entry {bad:?} is not KEY=VALUE"
         )));
     }
-    // The built-in network is made on first use, as Docker's docker0 exists before anyone
-    // runs a container on it.
-    crate::network::named::Networks::open(data_dir)?.ensure_builtin(&req.networks)?;
     crate::network::named::check_attachments(data_dir, req.kind, req.net, &req.networks)?;
     if !req.ports.is_empty() {
         crate::network::ports::check_distinct(&req.ports)?;
         crate::network::ports::check_host_addresses(&req.ports)?;
         let first_internal = match req.networks.first() {
+            // The built-in network, not made yet, is not internal.
+            Some(a) if a.network == crate::network::named::DEFAULT_NETWORK => false,
             Some(a) => {
                 crate::network::named::Networks::open(data_dir)?
                     .get(&a.network)?
@@ -312,6 +311,9 @@ pub fn create(
             .terminal_size
             .filter(|&(rows, cols)| req.tty && rows > 0 && cols > 0),
     };
+    // The built-in network is made on first use (as Docker's docker0 is there before anyone
+    // runs on it), once everything else is known to be right: a refused run changes nothing.
+    crate::network::named::Networks::open(data_dir)?.ensure_builtin(&req.networks)?;
     let inst = Instances::open(data_dir)?.create(config)?;
     drop(content);
     crate::events::record(&inst, "create", &[]);

@@ -851,8 +851,14 @@ fn check_net(manifest: &Manifest, net: Option<NetMode>) -> Result<(), InstanceEr
     let saved = manifest.config.net;
     if let Some(network) = manifest.config.networks.first() {
         // Its card was on a named network: a copy rejoins it (by name, on this host), or
-        // takes a link of its own to the host with `--net auto`.
+        // takes a link of its own to the host with `--net auto`. One from another host joins
+        // a network here only when asked: a network of that name here is not the one it
+        // left.
         return match net {
+            None if manifest.imported => Err(InstanceError::Invalid(format!(
+                "snapshot {} came from another host, where it was on network {}: restore it with --net auto to give it a link to this host",
+                manifest.name, network.network
+            ))),
             None | Some(NetMode::Auto) => Ok(()),
             Some(other) => Err(InstanceError::Invalid(format!(
                 "snapshot {} is of a microVM on network {}, and a restore cannot remove its network card (--net {}): restore it as it is, or with --net auto",
@@ -939,7 +945,8 @@ fn restore_checked(
         kind: Kind::Vm,
         created: now(),
         auto_remove: req.auto_remove,
-        labels: Default::default(),
+        // Its labels go with it (a lab node's copy is the lab's, taken down with it).
+        labels: source.labels.clone(),
         volumes: Vec::new(),
         // A copy gets a link of its own (a TAP, MAC and /30 made when it starts, or an
         // address and MAC of its own on the source's network), which its guest is told to

@@ -334,7 +334,73 @@ pub fn parse_create(body: &[u8], name: Option<String>) -> Result<RunRequest, Api
     let mut de = serde_json::Deserializer::from_slice(body);
     let body: CreateBody = serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(&e))?;
     de.end().map_err(|e| malformed(&e))?;
-    run_request(body, name)
+    let mut req = run_request(body, name)?;
+    apply_endpoints(&raw, &mut req)?;
+    Ok(req)
+}
+
+/// `NetworkingConfig.EndpointsConfig` (`docker run --network NET --ip A --mac-address M`): the
+/// address and MAC asked for on a network the container joins, as `cela run --net
+/// NET,ip=A,mac=M`; aliases and IPv6 addresses are 501, an endpoint on a network the container
+/// is not on 400.
+fn apply_endpoints(raw: &Value, req: &mut RunRequest) -> Result<(), ApiError> {
+    let given = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let endpoints = raw
+        .pointer("/NetworkingConfig/EndpointsConfig")
+        .and_then(Value::as_object);
+    for (network, ep) in endpoints.into_iter().flatten() {
+        if ep
+            .get("Aliases")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Err(ApiError::not_implemented(
+                "network aliases (instances are known by their names)",
+            ));
+        }
+        if given(ep.pointer("/IPAMConfig/IPv6Address")).is_some() {
+            return Err(ApiError::not_implemented("an IPv6 address"));
+        }
+        let ip = given(ep.pointer("/IPAMConfig/IPv4Address"));
+        let mac = given(ep.get("MacAddress"));
+        if ip.is_none() && mac.is_none() {
+            continue;
+        }
+        let Some(att) = req.networks.iter_mut().find(|a| a.network == *network) else {
+            return Err(ApiError::bad_request(format!(
+                "an address or MAC is asked for on network {network}, which the container does not join (give it as NetworkMode)"
+            )));
+        };
+        let mut arg = network.clone();
+        if let Some(ip) = ip {
+            arg.push_str(&format!(",ip={ip}"));
+        }
+        if let Some(mac) = mac {
+            arg.push_str(&format!(",mac={mac}"));
+        }
+        *att = cela_instance::network::named::Attachment::parse(&arg)?;
+    }
+    // Before API 1.44 the client sends `--mac-address` as the config's own MacAddress.
+    if let Some(mac) = given(raw.get("MacAddress")) {
+        let Some(att) = req.networks.first_mut() else {
+            return Err(ApiError::bad_request(
+                "a MacAddress needs a network the container joins",
+            ));
+        };
+        if att.mac.is_none() {
+            let mut arg = att.network.clone();
+            if let Some(ip) = att.ip {
+                arg.push_str(&format!(",ip={ip}"));
+            }
+            arg.push_str(&format!(",mac={mac}"));
+            *att = cela_instance::network::named::Attachment::parse(&arg)?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn create(
@@ -986,7 +1052,8 @@ fn network_mode(inst: &Instance) -> String {
     match inst.config.net {
         NetMode::None => "none",
         NetMode::Host => "host",
-        NetMode::Auto => "bridge",
+        // Not Docker's `bridge` (cela's network of that name is another): a link of its own.
+        NetMode::Auto => "auto",
     }
     .to_owned()
 }
@@ -1005,13 +1072,13 @@ fn summary(inst: &Instance, state: &InstanceState) -> Value {
         "State": docker_status(state),
         "Status": status_text(state),
         "HostConfig": {"NetworkMode": network_mode(inst)},
-        "NetworkSettings": {"Networks": {}},
+        "NetworkSettings": {"Networks": network_settings(inst, state)["Networks"]},
         "Mounts": mounts(inst),
     })
 }
 
 /// `NetworkSettings` as `docker inspect` reads it: each network the container is on (its
-/// `--net auto` link as `bridge`) with its address, and the first one's at the top level,
+/// `--net auto` link as `auto`) with its address, and the first one's at the top level,
 /// where older clients look.
 fn network_settings(inst: &Instance, state: &InstanceState) -> Value {
     let split = |a: &str| -> (String, u8) {
@@ -1023,7 +1090,6 @@ fn network_settings(inst: &Instance, state: &InstanceState) -> Value {
         .map(|j| {
             let (ip, len) = j.address.as_deref().map(split).unwrap_or_default();
             let v = json!({
-                "NetworkID": j.network,
                 "IPAddress": ip,
                 "IPPrefixLen": len,
                 "Gateway": j.gateway.unwrap_or_default(),
@@ -1032,11 +1098,15 @@ fn network_settings(inst: &Instance, state: &InstanceState) -> Value {
             (j.network, v)
         })
         .collect();
-    if let Some(link) = state.network.as_ref() {
+    if let Some(link) = state
+        .network
+        .as_ref()
+        .filter(|_| inst.config.net == NetMode::Auto)
+    {
         let (ip, len) = split(&link.address);
         let (gateway, _) = split(&link.host_address);
         joined.push((
-            "bridge".into(),
+            "auto".into(),
             json!({"IPAddress": ip, "IPPrefixLen": len, "Gateway": gateway, "MacAddress": ""}),
         ));
     }
@@ -1293,6 +1363,46 @@ mod tests {
         assert_eq!(req.net, NetMode::None);
         assert_eq!(req.networks.len(), 1);
         assert_eq!(req.networks[0].network, "lan");
+    }
+
+    #[test]
+    fn an_endpoint_config_gives_the_address_and_mac_on_its_network() {
+        let parse = |v: Value| parse_create(v.to_string().as_bytes(), None);
+        let req = parse(json!({"Image": "b", "HostConfig": {"NetworkMode": "lan"},
+            "NetworkingConfig": {"EndpointsConfig": {"lan": {
+                "IPAMConfig": {"IPv4Address": "10.9.0.7"}, "MacAddress": "02:42:0a:09:00:07"}}}}))
+        .unwrap();
+        assert_eq!(req.networks[0].ip, Some("10.9.0.7".parse().unwrap()));
+        assert_eq!(req.networks[0].mac.as_deref(), Some("02:42:0a:09:00:07"));
+        // An older client's MacAddress, on the config itself.
+        let old = parse(json!({"Image": "b", "MacAddress": "02:42:0a:09:00:08",
+            "HostConfig": {"NetworkMode": "lan"}}))
+        .unwrap();
+        assert_eq!(old.networks[0].mac.as_deref(), Some("02:42:0a:09:00:08"));
+        for (body, status) in [
+            (
+                json!({"Image": "b", "HostConfig": {"NetworkMode": "lan"},
+                "NetworkingConfig": {"EndpointsConfig": {"lan": {"Aliases": ["x"]}}}}),
+                501,
+            ),
+            (
+                json!({"Image": "b", "HostConfig": {"NetworkMode": "lan"},
+                "NetworkingConfig": {"EndpointsConfig": {"other": {"IPAMConfig": {"IPv4Address": "10.9.0.7"}}}}}),
+                400,
+            ),
+            (
+                json!({"Image": "b", "HostConfig": {"NetworkMode": "lan"},
+                "NetworkingConfig": {"EndpointsConfig": {"lan": {"IPAMConfig": {"IPv4Address": "nope"}}}}}),
+                400,
+            ),
+            (
+                json!({"Image": "b", "MacAddress": "02:42:0a:09:00:08", "HostConfig": {"NetworkMode": "none"}}),
+                400,
+            ),
+        ] {
+            let err = parse(body.clone()).unwrap_err();
+            assert_eq!(err.status.as_u16(), status, "{body}: {}", err.message);
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub(crate) mod events;
 pub(crate) mod exec;
 mod frames;
 mod images;
+mod networks;
 mod system;
 
 pub use containers::{parse_create, parse_filters};
@@ -61,6 +62,14 @@ pub fn routes() -> Router<Arc<AppState>> {
             post(images::load).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/images/{*name}", get(image_get).delete(images::remove))
+        .route("/networks", get(networks::list))
+        .route("/networks/create", post(networks::create))
+        .route(
+            "/networks/{id}",
+            get(networks::inspect).delete(networks::remove),
+        )
+        .route("/networks/{id}/connect", post(networks::connect))
+        .route("/networks/{id}/disconnect", post(networks::disconnect))
 }
 
 /// `GET /images/NAME/json`: image names contain slashes, so the route takes the rest of the

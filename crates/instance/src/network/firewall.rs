@@ -276,7 +276,7 @@ pub fn ensure_auto_links_or_warn() {
     }
 }
 
-fn nft_error(what: String, e: nftables::helper::NftablesError) -> InstanceError {
+pub(super) fn nft_error(what: String, e: nftables::helper::NftablesError) -> InstanceError {
     InstanceError::Other(format!(
         "{what}: {e} (cela needs nft, from Debian's nftables package)"
     ))
@@ -290,28 +290,46 @@ pub fn install(rules: &Rules<'_>) -> Result<(), InstanceError> {
 
 /// Whether the network `id`'s table exists.
 pub fn exists(id: &str) -> bool {
+    table_exists(NfFamily::INet, &table_name(id))
+}
+
+/// Deletes the network `id`'s table if it exists.
+pub fn remove(id: &str) -> Result<(), InstanceError> {
+    delete_table(NfFamily::INet, &table_name(id))
+}
+
+fn family_name(family: NfFamily) -> &'static str {
+    match family {
+        NfFamily::Bridge => "bridge",
+        NfFamily::IP => "ip",
+        _ => "inet",
+    }
+}
+
+/// Whether the table `name` of `family` exists.
+pub(super) fn table_exists(family: NfFamily, name: &str) -> bool {
     std::process::Command::new("nft")
-        .args(["list", "table", "inet", &table_name(id)])
+        .args(["list", "table", family_name(family), name])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
 
-/// Deletes the network `id`'s table if it exists.
-pub fn remove(id: &str) -> Result<(), InstanceError> {
-    if !exists(id) {
+/// Deletes the table `name` of `family` if it exists.
+pub(super) fn delete_table(family: NfFamily, name: &str) -> Result<(), InstanceError> {
+    if !table_exists(family, name) {
         return Ok(());
     }
     let mut batch = Batch::new();
     batch.delete(NfListObject::Table(Table {
-        family: NfFamily::INet,
-        name: Cow::Owned(table_name(id)),
+        family,
+        name: Cow::Owned(name.to_owned()),
         handle: None,
     }));
     nftables::helper::apply_ruleset(&batch.to_nftables()).map_err(|e| {
         nft_error(
-            format!("deleting the packet filter table {}", table_name(id)),
+            format!("deleting the table {} {name}", family_name(family)),
             e,
         )
     })

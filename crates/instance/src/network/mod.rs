@@ -1,8 +1,9 @@
 //! An instance's network (`cela run [--vm] --net none|host|auto|NAME`).
 //!
 //! * `NAME` (repeatable): the named networks of [`named`] (a bridge many instances share,
-//!   with [`firewall`]'s rules); the container's namespace below is made the same way.
-//! * `none` (the default): a container gets a network namespace of its own with only the
+//!   with [`firewall`]'s rules and [`guard`]'s); the container's namespace below is made the
+//!   same way. Without `--net`, the built-in NAT'd network `bridge` ([`default_net_arg`]).
+//! * `none`: a container gets a network namespace of its own with only the
 //!   loopback interface, up (as Docker's); a microVM gets no NIC.
 //! * `host`: a container shares the host's network namespace. A microVM cannot (its kernel has
 //!   its own network stack), so `--vm --net host` is refused.
@@ -29,6 +30,7 @@
 //! TAP needs none: it vanishes when the supervisor's descriptor closes.
 
 pub mod firewall;
+pub mod guard;
 pub mod named;
 pub mod ports;
 pub mod rtnl;

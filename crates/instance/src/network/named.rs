@@ -18,7 +18,8 @@
 //!   every instance on its networks, rewritten in place whenever an instance joins or leaves.
 //!   (Chosen over a DNS responder per network: cela has no daemon to run one, and a file needs
 //!   none.) A microVM's guest does not get one yet: it reaches the others by address.
-//! * **Isolation.** The network's own nftables table (see [`super::firewall`]).
+//! * **Isolation.** The network's own nftables table (see [`super::firewall`]), and its port
+//!   guard: what an instance sends into the bridge carries its own MAC ([`super::guard`]).
 //! * **Records.** `DATA/networks/NAME.json`, written atomically under `DATA/networks/.lock`;
 //!   each joined instance is an endpoint in it until its run ends. An endpoint whose instance
 //!   no longer runs (a supervisor killed with SIGKILL) is pruned, and its link deleted, the
@@ -35,6 +36,7 @@ use cela_vmm::net::subnet::Subnet;
 use serde::{Deserialize, Serialize};
 
 use super::firewall::{self, BRIDGE_PREFIX};
+use super::guard;
 use super::rtnl;
 use crate::error::{InstanceError, IoContext};
 use crate::record::{Instance, Instances, JsonDir, Status, valid_name};
@@ -139,13 +141,19 @@ pub fn check_attachments(
                 a.network
             )));
         }
-        let net = nets.get(&a.network)?;
         if kind == crate::record::Kind::Vm && a.mac.is_some() {
             return Err(InstanceError::Invalid(format!(
                 "--net {},mac=: a microVM's MAC is its NIC's (mac= is for containers)",
                 a.network
             )));
         }
+        let net = match nets.get(&a.network) {
+            Ok(net) => net,
+            // The built-in network is made when the instance is ([`Networks::ensure_builtin`]);
+            // an `ip=` on it is checked when it joins.
+            Err(_) if a.network == DEFAULT_NETWORK => continue,
+            Err(e) => return Err(e),
+        };
         if let Some(ip) = a.ip {
             let subnet = net.subnet()?;
             if !is_host_address(subnet, ip) || ip == net.gateway {
@@ -316,6 +324,11 @@ impl Networks {
             return Ok(());
         }
         let _lock = self.lock()?;
+        self.builtin_locked()
+    }
+
+    /// [`Networks::ensure_builtin`] under the records' lock.
+    fn builtin_locked(&self) -> Result<(), InstanceError> {
         if self.path(DEFAULT_NETWORK).exists() {
             return Ok(());
         }
@@ -451,6 +464,7 @@ impl Networks {
         let made = (|| {
             make_bridge(&net, subnet)?;
             firewall::install(&net.rules(subnet))?;
+            guard::install(&net.id)?;
             if net.nat {
                 // As Docker does for its NAT'd bridges: the host routes for them.
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
@@ -460,6 +474,7 @@ impl Networks {
         })();
         if let Err(e) = made {
             let _ = firewall::remove(&net.id);
+            let _ = guard::remove(&net.id);
             // Only a bridge of this network's name, which the id makes cela's own.
             let _ = rtnl::delete_link(&net.bridge);
             let _ = std::fs::remove_file(self.path(&net.name));
@@ -495,6 +510,7 @@ impl Networks {
             _ => {}
         }
         firewall::remove(&net.id)?;
+        guard::remove(&net.id)?;
         std::fs::remove_file(self.path(name))
             .doing(|| format!("removing {}", self.path(name).display()))
     }
@@ -507,6 +523,9 @@ impl Networks {
         }
         if !firewall::exists(&net.id) {
             firewall::install(&net.rules(subnet))?;
+        }
+        if !guard::exists(&net.id) {
+            guard::install(&net.id)?;
         }
         if net.nat {
             // After a reboot too.
@@ -541,6 +560,7 @@ impl Networks {
         for id in stale {
             if let Some(ep) = net.endpoints.remove(&id) {
                 delete_link_if_same(&ep.interface, ep.ifindex);
+                guard::forget(&net.id, &ep.interface, &ep.mac);
                 // Its address is free again: nothing may still send it the host's traffic.
                 super::ports::unpublish(&id);
             }
@@ -559,6 +579,11 @@ impl Networks {
         make: impl FnOnce(&Network, Subnet, Ipv4Addr, [u8; 6]) -> Result<(String, u32), InstanceError>,
     ) -> Result<(Network, Endpoint), InstanceError> {
         let _lock = self.lock()?;
+        // The built-in network comes back for an instance made while it existed (`network
+        // rm bridge` between a stop and a start).
+        if att.network == DEFAULT_NETWORK {
+            self.builtin_locked()?;
+        }
         let mut net = self.get(&att.network)?;
         self.prune(&mut net);
         let subnet = net.subnet()?;
@@ -628,6 +653,7 @@ impl Networks {
         net.endpoints.insert(inst.config.id.clone(), ep.clone());
         if let Err(e) = self.save(&net) {
             delete_link_if_same(&ep.interface, ep.ifindex);
+            guard::forget(&net.id, &ep.interface, &ep.mac);
             return Err(e);
         }
         self.rewrite_hosts(&[&net]);
@@ -662,7 +688,7 @@ impl Networks {
                 format!("creating the veth pair {host_end} ↔ {peer}"),
             ))?;
             let plugged = (|| {
-                let index = plug(net, &host_end)?;
+                let index = plug(net, &host_end, &format_mac(&mac))?;
                 let gateway = (!routed && !net.internal).then_some(net.gateway);
                 super::in_netns(netns, || {
                     cela_guest::netif::set_mac(&peer, mac).map_err(super::netif)?;
@@ -680,6 +706,7 @@ impl Networks {
                 Ok(index) => Ok((host_end.clone(), index)),
                 Err(e) => {
                     let _ = rtnl::delete_link(&host_end);
+                    guard::forget(&net.id, &host_end, &format_mac(&mac));
                     Err(e)
                 }
             }
@@ -806,6 +833,7 @@ impl Networks {
             });
         }
         delete_link_if_same(&ep.interface, ep.ifindex);
+        guard::forget(&net.id, &ep.interface, &ep.mac);
         if let Err(e) = self.save(&net) {
             tracing::warn!("recording that {} left {}: {e}", ep.instance, net.name);
         }
@@ -837,8 +865,8 @@ impl Networks {
                 "--net NAME,mac= is for containers: a microVM's MAC is its NIC's".into(),
             ));
         }
-        let (net, ep) = self.join(inst, att, "", |net, _, _, _| {
-            plug(net, tap).map(|index| (tap.to_owned(), index))
+        let (net, ep) = self.join(inst, att, "", |net, _, _, mac| {
+            plug(net, tap, &format_mac(&mac)).map(|index| (tap.to_owned(), index))
         })?;
         let subnet = net.subnet()?;
         Ok(cela_guest::NetRequest {
@@ -862,6 +890,7 @@ impl Networks {
         for mut net in nets {
             if let Some(ep) = net.endpoints.remove(id) {
                 delete_link_if_same(&ep.interface, ep.ifindex);
+                guard::forget(&net.id, &ep.interface, &ep.mac);
                 if let Err(e) = self.save(&net) {
                     tracing::warn!("recording that {} left {}: {e}", ep.instance, net.name);
                 }
@@ -1020,10 +1049,12 @@ fn make_bridge(net: &Network, subnet: Subnet) -> Result<(), InstanceError> {
     cela_guest::netif::set_up(&net.bridge).map_err(netif("bringing the bridge up"))
 }
 
-/// Plugs the host link `port` into `net`'s bridge and brings it up; its index.
-fn plug(net: &Network, port: &str) -> Result<u32, InstanceError> {
+/// Plugs the host link `port` into `net`'s bridge and brings it up, admitted by the
+/// network's port guard with `mac` alone ([`super::guard`]); its index.
+fn plug(net: &Network, port: &str, mac: &str) -> Result<u32, InstanceError> {
     let index = super::ifindex(port)
         .ok_or_else(|| InstanceError::Other(format!("the new link {port} is not listed")))?;
+    guard::admit(&net.id, port, mac)?;
     let bridge = super::ifindex(&net.bridge).ok_or_else(|| {
         InstanceError::Other(format!(
             "network {}: its bridge {} is gone (remove and create the network again)",

@@ -466,6 +466,29 @@ fn a_restore_gets_the_network_card_it_was_saved_with_and_an_import_a_link_only_w
         "{e}"
     );
     assert!(check_net(&m, Some(NetMode::Auto)).is_ok());
+    // On a named network: rejoined as it is or moved to `--net auto`, never stripped; from
+    // another host, only with `--net auto`.
+    m.imported = false;
+    m.config.net = NetMode::None;
+    m.config.networks = vec![crate::network::named::Attachment {
+        network: "lan".into(),
+        ip: None,
+        mac: None,
+    }];
+    assert!(check_net(&m, None).is_ok());
+    assert!(check_net(&m, Some(NetMode::Auto)).is_ok());
+    let e = check_net(&m, Some(NetMode::None)).unwrap_err().to_string();
+    assert!(
+        e.contains("on network lan") && e.contains("cannot remove"),
+        "{e}"
+    );
+    m.imported = true;
+    let e = check_net(&m, None).unwrap_err().to_string();
+    assert!(
+        e.contains("came from another host") && e.contains("network lan"),
+        "{e}"
+    );
+    assert!(check_net(&m, Some(NetMode::Auto)).is_ok());
 }
 
 #[test]

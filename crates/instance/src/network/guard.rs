@@ -1,0 +1,190 @@
+//! The port guard of a named network: frames an instance sends into the network's bridge
+//! must carry its own MAC address (as the Ethernet source, and as an ARP sender's), so no
+//! instance takes another's place on the bridge — a guest that forges a neighbour's MAC, or a
+//! microVM copy that still sends as the snapshot's source until its guest has moved to its own
+//! address (`super::named`'s snapshot support relies on this).
+//!
+//! One nftables table per network, `bridge cela_<id>` (beside its `inet` table of the same
+//! name, `super::firewall`): a prerouting chain that drops, from a port listed in the set
+//! `ports`, every frame whose `(port, source MAC)` is not in the set `macs`, and every ARP
+//! packet whose `(port, sender MAC)` is not. Source IP addresses are not checked: an instance
+//! on two networks may route between them (the issue's "unless an instance routes"), and a
+//! lab's router node forwards others' packets.
+
+use std::borrow::Cow;
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField};
+use nftables::schema::{Chain, Element, NfListObject, Rule, Set, SetType, SetTypeValue, Table};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::firewall::nft_error;
+use crate::error::InstanceError;
+
+fn table_name(id: &str) -> String {
+    format!("cela_{id}")
+}
+
+const PORTS: &str = "ports";
+const MACS: &str = "macs";
+
+fn iifname() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta {
+        key: MetaKey::Iifname,
+    }))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(protocol),
+            field: Cow::Borrowed(field),
+        },
+    )))
+}
+
+fn matches(left: Expression<'static>, op: Operator, set: &str) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right: Expression::String(Cow::Owned(format!("@{set}"))),
+        op,
+    })
+}
+
+/// The batch that makes network `id`'s guard table (it must not exist).
+pub fn batch(id: &str) -> nftables::schema::Nftables<'static> {
+    let t = table_name(id);
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(Table {
+        family: NfFamily::Bridge,
+        name: Cow::Owned(t.clone()),
+        handle: None,
+    }));
+    batch.add(NfListObject::Set(Box::new(Set {
+        family: NfFamily::Bridge,
+        table: Cow::Owned(t.clone()),
+        name: Cow::Borrowed(PORTS),
+        set_type: SetTypeValue::Single(SetType::Ifname),
+        ..Set::default()
+    })));
+    batch.add(NfListObject::Set(Box::new(Set {
+        family: NfFamily::Bridge,
+        table: Cow::Owned(t.clone()),
+        name: Cow::Borrowed(MACS),
+        set_type: SetTypeValue::Concatenated(Cow::Borrowed(&[SetType::Ifname, SetType::EtherAddr])),
+        ..Set::default()
+    })));
+    batch.add(NfListObject::Chain(Chain {
+        family: NfFamily::Bridge,
+        table: Cow::Owned(t.clone()),
+        name: Cow::Borrowed("ports"),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Prerouting),
+        prio: Some(-300),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }));
+    for source in [payload("ether", "saddr"), payload("arp", "saddr ether")] {
+        batch.add(NfListObject::Rule(Rule {
+            family: NfFamily::Bridge,
+            table: Cow::Owned(t.clone()),
+            chain: Cow::Borrowed("ports"),
+            expr: Cow::Owned(vec![
+                matches(iifname(), Operator::EQ, PORTS),
+                matches(
+                    Expression::Named(NamedExpression::Concat(vec![iifname(), source])),
+                    Operator::NEQ,
+                    MACS,
+                ),
+                Statement::Drop(None),
+            ]),
+            ..Rule::default()
+        }));
+    }
+    batch.to_nftables()
+}
+
+/// Makes network `id`'s guard table.
+pub fn install(id: &str) -> Result<(), InstanceError> {
+    nftables::helper::apply_ruleset(&batch(id)).map_err(|e| {
+        nft_error(
+            format!("adding the port guard table bridge {}", table_name(id)),
+            e,
+        )
+    })
+}
+
+/// Whether network `id`'s guard table exists.
+pub fn exists(id: &str) -> bool {
+    super::firewall::table_exists(NfFamily::Bridge, &table_name(id))
+}
+
+/// Deletes network `id`'s guard table if it exists.
+pub fn remove(id: &str) -> Result<(), InstanceError> {
+    super::firewall::delete_table(NfFamily::Bridge, &table_name(id))
+}
+
+/// The elements that admit `port` with `mac` (`aa:bb:cc:dd:ee:ff`).
+fn elements(id: &str, port: &str, mac: &str) -> [NfListObject<'static>; 2] {
+    let t = table_name(id);
+    let element = |set: &'static str, elem: Expression<'static>| {
+        NfListObject::Element(Element {
+            family: NfFamily::Bridge,
+            table: Cow::Owned(t.clone()),
+            name: Cow::Borrowed(set),
+            elem: Cow::Owned(vec![elem]),
+        })
+    };
+    [
+        element(PORTS, Expression::String(Cow::Owned(port.to_owned()))),
+        element(
+            MACS,
+            Expression::Named(NamedExpression::Concat(vec![
+                Expression::String(Cow::Owned(port.to_owned())),
+                Expression::String(Cow::Owned(mac.to_owned())),
+            ])),
+        ),
+    ]
+}
+
+/// Lets frames from `port` into network `id`'s bridge only with `mac` as their source: called
+/// before the port is plugged in, so nothing passes unguarded.
+pub fn admit(id: &str, port: &str, mac: &str) -> Result<(), InstanceError> {
+    let mut batch = Batch::new();
+    for e in elements(id, port, mac) {
+        batch.add(e);
+    }
+    nftables::helper::apply_ruleset(&batch.to_nftables())
+        .map_err(|e| nft_error(format!("guarding the bridge port {port}"), e))
+}
+
+/// Takes `port` (with `mac`) out of network `id`'s guard, once the port is gone; an element
+/// already gone (or a table) is no error.
+pub fn forget(id: &str, port: &str, mac: &str) {
+    for e in elements(id, port, mac) {
+        let mut batch = Batch::new();
+        batch.delete(e);
+        let _ = nftables::helper::apply_ruleset(&batch.to_nftables());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_drops_frames_and_arp_not_sent_with_the_ports_own_mac() {
+        let json = serde_json::to_string(&batch("n1")).unwrap();
+        assert!(json.contains(r#""family":"bridge""#), "{json}");
+        assert!(json.contains(r#""type":["ifname","ether_addr"]"#), "{json}");
+        assert!(json.contains(r#""hook":"prerouting""#), "{json}");
+        assert!(json.contains(r#""field":"saddr ether""#), "{json}");
+        assert_eq!(json.matches(r#""op":"!=""#).count(), 2, "{json}");
+        assert_eq!(json.matches(r#""drop""#).count(), 2, "{json}");
+        assert!(
+            !json.contains("ipv4_addr"),
+            "source addresses are not checked: {json}"
+        );
+    }
+}
