@@ -121,6 +121,8 @@ fn networks_are_created_listed_inspected_and_removed_and_bad_input_is_refused() 
             "not both",
         ),
         (&["network", "create", "bad name"], "not a valid"),
+        (&["network", "create", "none"], "a name cela keeps"),
+        (&["network", "create", "bridge"], "a name cela keeps"),
         (&["network", "rm", "nothing"], "no network named nothing"),
         (
             &["network", "inspect", "nothing"],
@@ -483,18 +485,33 @@ fn published_ports_reach_a_container_and_a_microvm_and_go_with_them() {
     // From the host itself (to one of its addresses: here the network's gateway), and from
     // outside the host (to its address on the outside link).
     assert_eq!(read_from(("10.77.8.1", 18080)), "published-ct\n");
-    let from_outside = host_ok(&[
-        "ip",
-        "netns",
-        "exec",
-        &outside.ns,
-        "busybox",
-        "nc",
-        "-w",
-        "5",
-        &outside.near,
-        "18080",
-    ]);
+    // The listener comes back a moment after each connection (a shell loop of nc): asked
+    // until it answers, bounded.
+    let start = Instant::now();
+    let from_outside = loop {
+        let out = host(&[
+            "ip",
+            "netns",
+            "exec",
+            &outside.ns,
+            "busybox",
+            "nc",
+            "-w",
+            "5",
+            &outside.near,
+            "18080",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !text.is_empty() {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the published port never answered from outside: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(from_outside, "published-ct\n");
     // One instance per host port; none a host process holds; an address to publish to.
     w.err(

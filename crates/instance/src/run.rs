@@ -170,13 +170,10 @@ pub fn create(
         crate::network::ports::check_distinct(&req.ports)?;
         crate::network::ports::check_host_addresses(&req.ports)?;
         let first_internal = match req.networks.first() {
-            // The built-in network, not made yet, is not internal.
-            Some(a) if a.network == crate::network::named::DEFAULT_NETWORK => false,
-            Some(a) => {
-                crate::network::named::Networks::open(data_dir)?
-                    .get(&a.network)?
-                    .internal
-            }
+            // The built-in network (made NAT'd, perhaps not yet) is not internal.
+            Some(a) => crate::network::named::Networks::open(data_dir)?
+                .get(&a.network)
+                .is_ok_and(|n| n.internal),
             None => false,
         };
         if (req.net != NetMode::Auto && req.networks.is_empty()) || first_internal {

@@ -945,8 +945,13 @@ fn restore_checked(
         kind: Kind::Vm,
         created: now(),
         auto_remove: req.auto_remove,
-        // Its labels go with it (a lab node's copy is the lab's, taken down with it).
-        labels: source.labels.clone(),
+        // Its labels go with it (a lab node's copy is the lab's, taken down with it), but not
+        // those of a snapshot from another host, which could name a lab of this one.
+        labels: if manifest.imported {
+            Default::default()
+        } else {
+            source.labels.clone()
+        },
         volumes: Vec::new(),
         // A copy gets a link of its own (a TAP, MAC and /30 made when it starts, or an
         // address and MAC of its own on the source's network), which its guest is told to

@@ -370,19 +370,22 @@ fn apply_endpoints(raw: &Value, req: &mut RunRequest) -> Result<(), ApiError> {
         if ip.is_none() && mac.is_none() {
             continue;
         }
-        let Some(att) = req.networks.iter_mut().find(|a| a.network == *network) else {
+        // Newer clients name the default network `default` when none is given.
+        let target = |a: &&mut cela_instance::network::named::Attachment| {
+            a.network == *network
+                || (network == "default"
+                    && a.network == cela_instance::network::named::DEFAULT_NETWORK)
+        };
+        let Some(att) = req.networks.iter_mut().find(target) else {
             return Err(ApiError::bad_request(format!(
                 "an address or MAC is asked for on network {network}, which the container does not join (give it as NetworkMode)"
             )));
         };
-        let mut arg = network.clone();
-        if let Some(ip) = ip {
-            arg.push_str(&format!(",ip={ip}"));
-        }
-        if let Some(mac) = mac {
-            arg.push_str(&format!(",mac={mac}"));
-        }
-        *att = cela_instance::network::named::Attachment::parse(&arg)?;
+        *att = cela_instance::network::named::Attachment::of(
+            &att.network,
+            ip.as_deref(),
+            mac.as_deref(),
+        )?;
     }
     // Before API 1.44 the client sends `--mac-address` as the config's own MacAddress.
     if let Some(mac) = given(raw.get("MacAddress")) {
@@ -392,12 +395,12 @@ fn apply_endpoints(raw: &Value, req: &mut RunRequest) -> Result<(), ApiError> {
             ));
         };
         if att.mac.is_none() {
-            let mut arg = att.network.clone();
-            if let Some(ip) = att.ip {
-                arg.push_str(&format!(",ip={ip}"));
-            }
-            arg.push_str(&format!(",mac={mac}"));
-            *att = cela_instance::network::named::Attachment::parse(&arg)?;
+            let ip = att.ip.map(|ip| ip.to_string());
+            *att = cela_instance::network::named::Attachment::of(
+                &att.network,
+                ip.as_deref(),
+                Some(&mac),
+            )?;
         }
     }
     Ok(())

@@ -266,13 +266,29 @@ pub async fn create(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Res
     let req = parse_create(&body)?;
     let net = blocking(move || {
         let nets = Networks::open(&app.data_dir)?;
-        if nets.list()?.iter().any(|n| n.name == req.name) {
-            return Err(ApiError::new(
+        let taken = || {
+            ApiError::new(
                 StatusCode::CONFLICT,
                 format!("network with name {} already exists", req.name),
+            )
+        };
+        if nets.list()?.iter().any(|n| n.name == req.name) {
+            return Err(taken());
+        }
+        if cela_instance::network::named::RESERVED_NAMES.contains(&req.name.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} is a pre-defined network and cannot be created",
+                    req.name
+                ),
             ));
         }
-        Ok(nets.create(&req)?)
+        nets.create(&req).map_err(|e| match e {
+            // Made meanwhile by another request.
+            cela_instance::InstanceError::Invalid(why) if why.contains("exists already") => taken(),
+            other => other.into(),
+        })
     })
     .await?;
     Ok((
@@ -359,14 +375,12 @@ pub async fn connect(
         let nets = Networks::open(&app.data_dir)?;
         let net = find(&nets, &key)?;
         let inst = Instances::open(&app.data_dir)?.find(&body.container)?;
-        let mut arg = net.name.clone();
-        if let Some(ip) = ipam.ipv4_address.filter(|a| !a.is_empty()) {
-            arg.push_str(&format!(",ip={ip}"));
-        }
-        if let Some(mac) = endpoint.mac_address.filter(|m| !m.is_empty()) {
-            arg.push_str(&format!(",mac={mac}"));
-        }
-        nets.connect(&inst, Attachment::parse(&arg)?)?;
+        let att = Attachment::of(
+            &net.name,
+            ipam.ipv4_address.as_deref().filter(|a| !a.is_empty()),
+            endpoint.mac_address.as_deref().filter(|m| !m.is_empty()),
+        )?;
+        nets.connect(&inst, att)?;
         Ok(StatusCode::OK)
     })
     .await

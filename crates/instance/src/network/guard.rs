@@ -5,11 +5,13 @@
 //! address (`super::named`'s snapshot support relies on this).
 //!
 //! One nftables table per network, `bridge cela_<id>` (beside its `inet` table of the same
-//! name, `super::firewall`): a prerouting chain that drops, from a port listed in the set
-//! `ports`, every frame whose `(port, source MAC)` is not in the set `macs`, and every ARP
-//! packet whose `(port, sender MAC)` is not. Source IP addresses are not checked: an instance
-//! on two networks may route between them (the issue's "unless an instance routes"), and a
-//! lab's router node forwards others' packets.
+//! name, `super::firewall`): a prerouting chain that drops, of the frames entering its bridge
+//! from a port listed in the set `ports`, every frame whose `(port, source MAC)` is not in
+//! the set `macs`, and every ARP packet whose `(port, sender MAC)` is not. It pins MACs, not
+//! IP addresses: an instance on two networks may route between them (the issue's "unless an
+//! instance routes"), a lab's router node forwards others' packets, and Linux may answer or
+//! ask ARP with any of its addresses, so an instance can still *claim* a neighbour's address
+//! in ARP (as on Docker's bridges); it cannot send as the neighbour's MAC.
 
 use std::borrow::Cow;
 
@@ -52,7 +54,10 @@ fn matches(left: Expression<'static>, op: Operator, set: &str) -> Statement<'sta
     })
 }
 
-/// The batch that makes network `id`'s guard table (it must not exist).
+/// The batch that makes network `id`'s guard table (it must not exist). Bridge-family
+/// tables see the frames of every bridge of the host, and this kernel cannot match the
+/// bridge a frame enters (`meta ibrname` is not supported here): a port name is therefore
+/// listed by one network's guard at a time ([`admit`] takes it out of the others').
 pub fn batch(id: &str) -> nftables::schema::Nftables<'static> {
     let t = table_name(id);
     let mut batch = Batch::new();
@@ -149,8 +154,20 @@ fn elements(id: &str, port: &str, mac: &str) -> [NfListObject<'static>; 2] {
 }
 
 /// Lets frames from `port` into network `id`'s bridge only with `mac` as their source: called
-/// before the port is plugged in, so nothing passes unguarded.
+/// before the port is plugged in, so nothing passes unguarded. The name is taken out of every
+/// other cela guard first (one a killed supervisor's endpoint left there, in this data
+/// directory or another, would drop this port's frames).
 pub fn admit(id: &str, port: &str, mac: &str) -> Result<(), InstanceError> {
+    for other in guard_tables().into_iter().filter(|t| *t != table_name(id)) {
+        let mut batch = Batch::new();
+        batch.delete(NfListObject::Element(Element {
+            family: NfFamily::Bridge,
+            table: Cow::Owned(other),
+            name: Cow::Borrowed(PORTS),
+            elem: Cow::Owned(vec![Expression::String(Cow::Owned(port.to_owned()))]),
+        }));
+        apply_quietly(&batch.to_nftables());
+    }
     let mut batch = Batch::new();
     for e in elements(id, port, mac) {
         batch.add(e);
@@ -159,14 +176,63 @@ pub fn admit(id: &str, port: &str, mac: &str) -> Result<(), InstanceError> {
         .map_err(|e| nft_error(format!("guarding the bridge port {port}"), e))
 }
 
-/// Takes `port` (with `mac`) out of network `id`'s guard, once the port is gone; an element
-/// already gone (or a table) is no error.
+/// The names of the host's cela guard tables (`bridge cela_*`).
+fn guard_tables() -> Vec<String> {
+    let Ok(out) = std::process::Command::new("nft")
+        .args(["-j", "list", "tables", "bridge"])
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    listed["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["table"]["name"].as_str())
+        .filter(|n| n.starts_with("cela_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Takes the endpoint `port` with `mac` out of network `id`'s guard once it has left: its MAC
+/// always, the port itself only when no link of that name is left (a new instance may have
+/// been given the name, and its entry is its own). An entry already gone is no error.
 pub fn forget(id: &str, port: &str, mac: &str) {
-    for e in elements(id, port, mac) {
+    let [port_entry, mac_entry] = elements(id, port, mac);
+    let mut gone = vec![mac_entry];
+    if !std::path::Path::new("/sys/class/net").join(port).exists() {
+        gone.push(port_entry);
+    }
+    for e in gone {
         let mut batch = Batch::new();
         batch.delete(e);
-        let _ = nftables::helper::apply_ruleset(&batch.to_nftables());
+        apply_quietly(&batch.to_nftables());
     }
+}
+
+/// Applies `batch` with nft, whatever it says: for deletions of what may be gone already.
+/// Its complaints must not reach this process's stderr, which is an instance's log when a
+/// supervisor calls.
+fn apply_quietly(batch: &nftables::schema::Nftables<'_>) {
+    use std::io::Write as _;
+    let Ok(json) = serde_json::to_vec(batch) else {
+        return;
+    };
+    let Ok(mut child) = std::process::Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&json);
+    }
+    let _ = child.wait();
 }
 
 #[cfg(test)]

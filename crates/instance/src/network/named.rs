@@ -56,6 +56,9 @@ pub const DEFAULT_NETWORK: &str = "bridge";
 /// `none`, `auto` or `host` (as `--net` takes them); unset or empty, [`DEFAULT_NETWORK`].
 pub const DEFAULT_NETWORK_ENV: &str = "CELA_DEFAULT_NETWORK";
 
+/// Names `cela network create` refuses: `--net`'s modes, Docker's default, the built-in network.
+pub const RESERVED_NAMES: &[&str] = &["none", "host", "auto", "default", DEFAULT_NETWORK];
+
 /// The most networks an instance joins.
 pub const MAX_ATTACHMENTS: usize = 8;
 
@@ -98,6 +101,43 @@ impl Attachment {
             }
         }
         Ok(att)
+    }
+
+    /// The attachment to `network` with the address and MAC given apart (as an API's fields
+    /// give them), each checked as [`Attachment::parse`] checks its parts.
+    pub fn of(
+        network: &str,
+        ip: Option<&str>,
+        mac: Option<&str>,
+    ) -> Result<Attachment, InstanceError> {
+        let bad = |why: String| {
+            Err(InstanceError::Invalid(format!(
+                "network {network:?}: {why}"
+            )))
+        };
+        if !valid_name(network) {
+            return bad("not a network name (letters, digits, '_', '.', '-'; at most 64)".into());
+        }
+        let ip = match ip.map(str::parse) {
+            None => None,
+            Some(Ok(ip)) => Some(ip),
+            Some(Err(_)) => {
+                return bad(format!(
+                    "{:?} is not an IPv4 address",
+                    ip.unwrap_or_default()
+                ));
+            }
+        };
+        let mac = match mac {
+            None => None,
+            Some(m) if parse_mac(m).is_some() => Some(m.to_ascii_lowercase()),
+            Some(m) => return bad(format!("{m:?} is not a unicast MAC address")),
+        };
+        Ok(Attachment {
+            network: network.to_owned(),
+            ip,
+            mac,
+        })
     }
 }
 
@@ -374,6 +414,14 @@ impl Networks {
         if !valid_name(&req.name) {
             return Err(InstanceError::BadName(req.name.clone()));
         }
+        // `--net` takes these as modes, never as networks; `bridge` is the built-in one, made
+        // on first use, always NAT'd.
+        if RESERVED_NAMES.contains(&req.name.as_str()) {
+            return Err(InstanceError::Invalid(format!(
+                "{} is a name cela keeps (--net {}): give the network another",
+                req.name, req.name
+            )));
+        }
         if req.internal && req.nat {
             return Err(InstanceError::Invalid(
                 "a network is either --internal (no way out) or --nat (a way out), not both".into(),
@@ -525,7 +573,14 @@ impl Networks {
             firewall::install(&net.rules(subnet))?;
         }
         if !guard::exists(&net.id) {
+            // Made again (an upgrade, `nft flush ruleset`): the ports still there are
+            // guarded again too.
             guard::install(&net.id)?;
+            for ep in net.endpoints.values() {
+                if super::ifindex(&ep.interface) == Some(ep.ifindex) {
+                    guard::admit(&net.id, &ep.interface, &ep.mac)?;
+                }
+            }
         }
         if net.nat {
             // After a reboot too.
@@ -641,6 +696,12 @@ impl Networks {
         // Its bridge and packet filter are made again if they are gone (a reboot takes the
         // bridge, `nft flush ruleset` the table): never a join without the network's walls.
         self.ensure(&net, subnet)?;
+        // What an earlier run of this instance left here (its supervisor killed, it started
+        // again before anything pruned it) goes first: its old link and guard entry.
+        if let Some(old) = net.endpoints.remove(&inst.config.id) {
+            delete_link_if_same(&old.interface, old.ifindex);
+            guard::forget(&net.id, &old.interface, &old.mac);
+        }
         let (interface, ifindex) = make(&net, subnet, address, mac)?;
         let ep = Endpoint {
             instance: inst.config.name.clone(),
@@ -1055,16 +1116,26 @@ fn plug(net: &Network, port: &str, mac: &str) -> Result<u32, InstanceError> {
     let index = super::ifindex(port)
         .ok_or_else(|| InstanceError::Other(format!("the new link {port} is not listed")))?;
     guard::admit(&net.id, port, mac)?;
-    let bridge = super::ifindex(&net.bridge).ok_or_else(|| {
-        InstanceError::Other(format!(
-            "network {}: its bridge {} is gone (remove and create the network again)",
-            net.name, net.bridge
-        ))
-    })?;
-    rtnl::set_controller(index, bridge)
-        .map_err(io_err(format!("plugging {port} into {}", net.bridge)))?;
-    cela_guest::netif::set_up(port).map_err(netif("bringing the link up"))?;
-    Ok(index)
+    let plugged = (|| {
+        let bridge = super::ifindex(&net.bridge).ok_or_else(|| {
+            InstanceError::Other(format!(
+                "network {}: its bridge {} is gone (remove and create the network again)",
+                net.name, net.bridge
+            ))
+        })?;
+        rtnl::set_controller(index, bridge)
+            .map_err(io_err(format!("plugging {port} into {}", net.bridge)))?;
+        cela_guest::netif::set_up(port).map_err(netif("bringing the link up"))
+    })();
+    match plugged {
+        Ok(()) => Ok(index),
+        Err(e) => {
+            // Its MAC's entry goes; the port's stays until the link does (its caller
+            // deletes it), so it is never unguarded while it exists.
+            guard::forget(&net.id, port, mac);
+            Err(e)
+        }
+    }
 }
 
 /// Deletes the link `name` if it still has index `ifindex`.
@@ -1087,6 +1158,20 @@ pub fn id_of_dir(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attachment_given_in_parts_is_checked_as_one_given_whole() {
+        let a = Attachment::of("lan", Some("10.9.0.7"), Some("02:AA:00:00:00:01")).unwrap();
+        assert_eq!(
+            a,
+            Attachment::parse("lan,ip=10.9.0.7,mac=02:aa:00:00:00:01").unwrap()
+        );
+        // A value cannot smuggle in another part.
+        assert!(Attachment::of("lan", Some("10.9.0.7,mac=02:00:00:00:00:01"), None).is_err());
+        assert!(Attachment::of("lan", None, Some("02:00:00:00:00:01,ip=1.2.3.4")).is_err());
+        assert!(Attachment::of("lan", None, Some("01:00:5e:00:00:01")).is_err());
+        assert!(Attachment::of("la,n", None, None).is_err());
+    }
 
     #[test]
     fn attachments_parse_with_their_options() {
