@@ -5,7 +5,7 @@
 //! address (`super::named`'s snapshot support relies on this).
 //!
 //! One nftables table per network, `bridge cela_<id>` (beside its `inet` table of the same
-//! name, `super::firewall`): a prerouting chain that drops, of the frames entering its bridge
+//! name, `super::firewall`): a prerouting chain that drops, of the frames entering a bridge
 //! from a port listed in the set `ports`, every frame whose `(port, source MAC)` is not in
 //! the set `macs`, and every ARP packet whose `(port, sender MAC)` is not. It pins MACs, not
 //! IP addresses: an instance on two networks may route between them (the issue's "unless an
