@@ -353,20 +353,14 @@ fn apply_endpoints(raw: &Value, req: &mut RunRequest) -> Result<(), ApiError> {
         .pointer("/NetworkingConfig/EndpointsConfig")
         .and_then(Value::as_object);
     for (network, ep) in endpoints.into_iter().flatten() {
-        if ep
-            .get("Aliases")
-            .and_then(Value::as_array)
-            .is_some_and(|a| !a.is_empty())
-        {
-            return Err(ApiError::not_implemented(
-                "network aliases (instances are known by their names)",
-            ));
+        if ep.is_null() {
+            continue;
         }
-        if given(ep.pointer("/IPAMConfig/IPv6Address")).is_some() {
-            return Err(ApiError::not_implemented("an IPv6 address"));
-        }
-        let ip = given(ep.pointer("/IPAMConfig/IPv4Address"));
-        let mac = given(ep.get("MacAddress"));
+        let ep: super::networks::EndpointConfig =
+            serde_json::from_value(ep.clone()).map_err(|e| {
+                ApiError::bad_request(format!("malformed EndpointsConfig.{network}: {e}"))
+            })?;
+        let (ip, mac) = ep.addressing()?;
         if ip.is_none() && mac.is_none() {
             continue;
         }
@@ -381,11 +375,7 @@ fn apply_endpoints(raw: &Value, req: &mut RunRequest) -> Result<(), ApiError> {
                 "an address or MAC is asked for on network {network}, which the container does not join (give it as NetworkMode)"
             )));
         };
-        *att = cela_instance::network::named::Attachment::of(
-            &att.network,
-            ip.as_deref(),
-            mac.as_deref(),
-        )?;
+        *att = cela_instance::network::named::Attachment::of(&att.network, ip, mac)?;
     }
     // Before API 1.44 the client sends `--mac-address` as the config's own MacAddress.
     if let Some(mac) = given(raw.get("MacAddress")) {

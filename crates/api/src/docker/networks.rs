@@ -330,8 +330,10 @@ struct ConnectBody {
     force: bool,
 }
 
+/// An endpoint's settings, as `connect` and a container's `NetworkingConfig.EndpointsConfig`
+/// give them.
 #[derive(Debug, Default, Deserialize)]
-struct EndpointConfig {
+pub(super) struct EndpointConfig {
     #[serde(default, rename = "IPAMConfig")]
     ipam_config: Option<EndpointIpam>,
     #[serde(default, rename = "MacAddress")]
@@ -348,6 +350,29 @@ struct EndpointIpam {
     ipv6_address: Option<String>,
 }
 
+impl EndpointConfig {
+    /// The IPv4 address and MAC asked for (empty ones are none); aliases and an IPv6
+    /// address are 501.
+    pub(super) fn addressing(&self) -> Result<(Option<&str>, Option<&str>), ApiError> {
+        if self.aliases.as_ref().is_some_and(|a| !a.is_empty()) {
+            return Err(ApiError::not_implemented(
+                "network aliases (instances are known by their names)",
+            ));
+        }
+        let ipam = self.ipam_config.as_ref();
+        fn given(v: Option<&String>) -> Option<&str> {
+            v.map(String::as_str).filter(|s| !s.is_empty())
+        }
+        if given(ipam.and_then(|i| i.ipv6_address.as_ref())).is_some() {
+            return Err(ApiError::not_implemented("an IPv6 address"));
+        }
+        Ok((
+            given(ipam.and_then(|i| i.ipv4_address.as_ref())),
+            given(self.mac_address.as_ref()),
+        ))
+    }
+}
+
 fn parse_connect(body: &[u8]) -> Result<ConnectBody, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("malformed connect request: {e}")))
@@ -362,24 +387,13 @@ pub async fn connect(
 ) -> Result<StatusCode, ApiError> {
     let body = parse_connect(&body)?;
     let endpoint = body.endpoint_config.unwrap_or_default();
-    if endpoint.aliases.as_ref().is_some_and(|a| !a.is_empty()) {
-        return Err(ApiError::not_implemented(
-            "network aliases (instances are known by their names)",
-        ));
-    }
-    let ipam = endpoint.ipam_config.unwrap_or_default();
-    if ipam.ipv6_address.as_deref().is_some_and(|a| !a.is_empty()) {
-        return Err(ApiError::not_implemented("an IPv6 address"));
-    }
+    endpoint.addressing()?;
     blocking(move || {
         let nets = Networks::open(&app.data_dir)?;
         let net = find(&nets, &key)?;
         let inst = Instances::open(&app.data_dir)?.find(&body.container)?;
-        let att = Attachment::of(
-            &net.name,
-            ipam.ipv4_address.as_deref().filter(|a| !a.is_empty()),
-            endpoint.mac_address.as_deref().filter(|m| !m.is_empty()),
-        )?;
+        let (ip, mac) = endpoint.addressing()?;
+        let att = Attachment::of(&net.name, ip, mac)?;
         nets.connect(&inst, att)?;
         Ok(StatusCode::OK)
     })

@@ -158,14 +158,20 @@ fn elements(id: &str, port: &str, mac: &str) -> [NfListObject<'static>; 2] {
 /// other cela guard first (one a killed supervisor's endpoint left there, in this data
 /// directory or another, would drop this port's frames).
 pub fn admit(id: &str, port: &str, mac: &str) -> Result<(), InstanceError> {
-    for other in guard_tables().into_iter().filter(|t| *t != table_name(id)) {
+    let others = guards_listing(port)
+        .into_iter()
+        .filter(|t| *t != table_name(id))
+        .collect::<Vec<_>>();
+    if !others.is_empty() {
         let mut batch = Batch::new();
-        batch.delete(NfListObject::Element(Element {
-            family: NfFamily::Bridge,
-            table: Cow::Owned(other),
-            name: Cow::Borrowed(PORTS),
-            elem: Cow::Owned(vec![Expression::String(Cow::Owned(port.to_owned()))]),
-        }));
+        for other in others {
+            batch.delete(NfListObject::Element(Element {
+                family: NfFamily::Bridge,
+                table: Cow::Owned(other),
+                name: Cow::Borrowed(PORTS),
+                elem: Cow::Owned(vec![Expression::String(Cow::Owned(port.to_owned()))]),
+            }));
+        }
         apply_quietly(&batch.to_nftables());
     }
     let mut batch = Batch::new();
@@ -176,10 +182,11 @@ pub fn admit(id: &str, port: &str, mac: &str) -> Result<(), InstanceError> {
         .map_err(|e| nft_error(format!("guarding the bridge port {port}"), e))
 }
 
-/// The names of the host's cela guard tables (`bridge cela_*`).
-fn guard_tables() -> Vec<String> {
+/// The host's cela guard tables (`bridge cela_*`) whose `ports` list `port`: one listing of
+/// the bridge family's sets, whatever the number of networks.
+fn guards_listing(port: &str) -> Vec<String> {
     let Ok(out) = std::process::Command::new("nft")
-        .args(["-j", "list", "tables", "bridge"])
+        .args(["-j", "list", "sets", "bridge"])
         .stderr(std::process::Stdio::null())
         .output()
     else {
@@ -190,8 +197,15 @@ fn guard_tables() -> Vec<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|o| o["table"]["name"].as_str())
-        .filter(|n| n.starts_with("cela_"))
+        .map(|o| &o["set"])
+        .filter(|set| set["name"] == PORTS)
+        .filter(|set| {
+            set["elem"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|p| p == port))
+        })
+        .filter_map(|set| set["table"].as_str())
+        .filter(|t| t.starts_with("cela_"))
         .map(str::to_owned)
         .collect()
 }

@@ -76,31 +76,22 @@ pub struct Attachment {
 impl Attachment {
     /// Parses `NAME[,ip=ADDR][,mac=MAC]`.
     pub fn parse(arg: &str) -> Result<Attachment, InstanceError> {
-        let bad = |why: String| Err(InstanceError::Invalid(format!("--net {arg:?}: {why}")));
+        let bad = |why: String| InstanceError::Invalid(format!("--net {arg:?}: {why}"));
         let mut parts = arg.split(',');
-        let network = parts.next().unwrap_or_default().to_owned();
-        if !valid_name(&network) {
-            return bad("not a network name (letters, digits, '_', '.', '-'; at most 64)".into());
-        }
-        let mut att = Attachment {
-            network,
-            ip: None,
-            mac: None,
-        };
+        let network = parts.next().unwrap_or_default();
+        let (mut ip, mut mac) = (None, None);
         for part in parts {
             match part.split_once('=') {
-                Some(("ip", v)) if att.ip.is_none() => match v.parse() {
-                    Ok(ip) => att.ip = Some(ip),
-                    Err(_) => return bad(format!("ip={v} is not an IPv4 address")),
-                },
-                Some(("mac", v)) if att.mac.is_none() => match parse_mac(v) {
-                    Some(_) => att.mac = Some(v.to_ascii_lowercase()),
-                    None => return bad(format!("mac={v} is not a unicast MAC address")),
-                },
-                _ => return bad(format!("{part:?}: expected ip=ADDR or mac=MAC, once each")),
+                Some(("ip", v)) if ip.is_none() => ip = Some(v),
+                Some(("mac", v)) if mac.is_none() => mac = Some(v),
+                _ => {
+                    return Err(bad(format!(
+                        "{part:?}: expected ip=ADDR or mac=MAC, once each"
+                    )));
+                }
             }
         }
-        Ok(att)
+        Attachment::checked(network, ip, mac).map_err(bad)
     }
 
     /// The attachment to `network` with the address and MAC given apart (as an API's fields
@@ -110,28 +101,26 @@ impl Attachment {
         ip: Option<&str>,
         mac: Option<&str>,
     ) -> Result<Attachment, InstanceError> {
-        let bad = |why: String| {
-            Err(InstanceError::Invalid(format!(
-                "network {network:?}: {why}"
-            )))
-        };
+        Attachment::checked(network, ip, mac)
+            .map_err(|why| InstanceError::Invalid(format!("network {network:?}: {why}")))
+    }
+
+    /// The attachment if its name, address and MAC are valid; else why not.
+    fn checked(network: &str, ip: Option<&str>, mac: Option<&str>) -> Result<Attachment, String> {
         if !valid_name(network) {
-            return bad("not a network name (letters, digits, '_', '.', '-'; at most 64)".into());
+            return Err("not a network name (letters, digits, '_', '.', '-'; at most 64)".into());
         }
-        let ip = match ip.map(str::parse) {
-            None => None,
-            Some(Ok(ip)) => Some(ip),
-            Some(Err(_)) => {
-                return bad(format!(
-                    "{:?} is not an IPv4 address",
-                    ip.unwrap_or_default()
-                ));
-            }
-        };
+        let ip = ip
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("ip={v} is not an IPv4 address"))
+            })
+            .transpose()?;
         let mac = match mac {
-            None => None,
-            Some(m) if parse_mac(m).is_some() => Some(m.to_ascii_lowercase()),
-            Some(m) => return bad(format!("{m:?} is not a unicast MAC address")),
+            Some(m) if parse_mac(m).is_none() => {
+                return Err(format!("mac={m} is not a unicast MAC address"));
+            }
+            m => m.map(str::to_ascii_lowercase),
         };
         Ok(Attachment {
             network: network.to_owned(),
