@@ -360,6 +360,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         workdir: args.workdir.clone(),
         user: args.user.clone(),
         tty: false,
+        hosts: false,
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {

@@ -415,19 +415,63 @@ fn a_container_and_a_microvm_on_one_network_exchange_tcp_data() {
         "-c",
         "nc -l -p 7000 > /tmp/got; cat /tmp/got; sleep 600",
     ]);
-    let srv = address_of(&w, "srv");
-    let out = w.ok(&[
-        "run", "--rm", "--vm", "--name", "vm1", "--net", "mixed,ip=10.77.7.9", "testimg", "sh", "-c",
-        &format!("ip -4 -o addr show eth0; ip route; i=0; until echo from-the-vm | nc {srv} 7000; do i=$((i+1)); [ $i -gt 50 ] && exit 9; sleep 0.2; done; echo sent"),
+    // The VM reaches the container by name from its first command on, and learns the names
+    // of instances that come and go while it runs.
+    let script = "head -c 4096 /etc/hosts; ip -4 -o addr show eth0; ip route; \
+        i=0; until echo from-the-vm | nc srv 7000; do i=$((i+1)); [ $i -gt 50 ] && exit 9; sleep 0.2; done; echo sent; \
+        i=0; until ping -c 1 -W 1 late >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 300 ] && exit 10; sleep 0.2; done; echo found-late; \
+        i=0; while grep -q late /etc/hosts; do i=$((i+1)); [ $i -gt 300 ] && exit 11; sleep 0.2; done; echo late-gone";
+    w.ok(&[
+        "run",
+        "-d",
+        "--vm",
+        "--name",
+        "vm1",
+        "--net",
+        "mixed,ip=10.77.7.9",
+        "testimg",
+        "sh",
+        "-c",
+        script,
     ]);
+    let logs_until = |name: &str, what: &str| {
+        let start = Instant::now();
+        loop {
+            let logs = w.ok(&["logs", name]);
+            if logs.contains(what) {
+                return logs;
+            }
+            let status = w.inspect(name)["status"].as_str().unwrap_or("").to_owned();
+            assert!(
+                start.elapsed() < Duration::from_secs(120) && status != "exited",
+                "{name} never said {what:?} ({status}):\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let out = logs_until("vm1", "sent");
     assert!(out.contains("inet 10.77.7.9/24"), "{out}");
     assert!(out.contains("default via 10.77.7.1"), "{out}");
-    assert!(out.contains("sent"), "{out}");
-    let start = Instant::now();
-    while !w.ok(&["logs", "srv"]).contains("from-the-vm") {
-        assert!(start.elapsed() < Duration::from_secs(30), "srv got nothing");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let srv = address_of(&w, "srv");
+    assert!(out.contains(&format!("{srv}\tsrv")), "{out}");
+    assert!(out.contains("10.77.7.9\tvm1"), "{out}");
+    logs_until("srv", "from-the-vm");
+    // A container that joins later is found by name, and the VM by it.
+    w.ok(&[
+        "run", "-d", "--name", "late", "--net", "mixed", "testimg", "sleep", "600",
+    ]);
+    logs_until("vm1", "found-late");
+    w.exec_until("late", "ping -c 1 -W 2 vm1");
+    w.ok(&["rm", "-f", "late"]);
+    logs_until("vm1", "late-gone");
+    w.wait_status("vm1", "exited");
+    assert_eq!(
+        w.inspect("vm1")["exit_code"],
+        0,
+        "{}",
+        w.ok(&["logs", "vm1"])
+    );
+    w.ok(&["rm", "vm1"]);
     // The VM's TAP left the network with it.
     assert_eq!(
         inspect(&w, "mixed")["endpoints"].as_object().unwrap().len(),

@@ -259,6 +259,15 @@ const LINK_LOOP: &str = "i=0; while :; do i=$((i+1)); \
     echo \"n=$i $(ip -4 -o addr show dev eth0 | awk '{print $4}') $(cat /sys/class/net/eth0/address) $gw $p\"; \
     sleep 1; done";
 
+/// [`LINK_LOOP`] that also says, before each of its lines, which names the guest's
+/// `/etc/hosts` gives others: `names A B `.
+const LINK_AND_NAMES_LOOP: &str = "i=0; while :; do i=$((i+1)); \
+    echo \"names $(awk '$1 !~ /^(127[.]|::)/ {print $2}' /etc/hosts | sort | tr '\\n' ' ')\"; \
+    gw=$(ip route | awk '/^default/ {print $3}'); \
+    if ping -c 1 -W 1 \"$gw\" >/dev/null 2>&1; then p=ok; else p=no; fi; \
+    echo \"n=$i $(ip -4 -o addr show dev eth0 | awk '{print $4}') $(cat /sys/class/net/eth0/address) $gw $p\"; \
+    sleep 1; done";
+
 /// Waits until `name` says it reaches the host end of the link its instance has now (the
 /// address and gateway `inspect` shows), and returns that line's fields.
 fn wait_on_own_link(w: &World, name: &str) -> Vec<String> {
@@ -383,7 +392,17 @@ fn a_microvm_on_a_named_network_is_restored_onto_it_with_an_address_of_its_own()
     let w = World::new();
     w.ok(&["network", "create", "--subnet", "10.77.9.0/24", "snet"]);
     w.ok(&[
-        "run", "-d", "--vm", "--net", "snet", "--name", "wsrc", "testimg", "sh", "-c", LINK_LOOP,
+        "run",
+        "-d",
+        "--vm",
+        "--net",
+        "snet",
+        "--name",
+        "wsrc",
+        "testimg",
+        "sh",
+        "-c",
+        LINK_AND_NAMES_LOOP,
     ]);
     let src = wait_on_network(&w, "wsrc", "10.77.9.1");
     w.ok(&["snapshot", "--leave-running", "--name", "ws", "wsrc"]);
@@ -399,6 +418,19 @@ fn a_microvm_on_a_named_network_is_restored_onto_it_with_an_address_of_its_own()
     assert_ne!(src[2], copy[2], "the copy took the source's MAC");
     let net: Value = serde_json::from_str(&w.ok(&["network", "inspect", "snet"])).unwrap();
     assert_eq!(net[0]["endpoints"].as_object().unwrap().len(), 2, "{net}");
+    // Each knows the other by name: the copy's names came after its restore, the source's
+    // changed while it ran.
+    for name in ["wsrc", "wr"] {
+        let start = Instant::now();
+        while !w.ok(&["logs", name]).contains("names wr wsrc ") {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name} never named both: {}",
+                w.ok(&["logs", name])
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     // The source runs on at its own address.
     let a = src[1].clone();
     let start = Instant::now();

@@ -59,6 +59,11 @@ pub const USER_PARAM: &str = "cela.user";
 /// Kernel parameter asking for the command to run on the console as its terminal
 /// (`cela.tty=1`, [`BootRequest::tty`]).
 pub const TTY_PARAM: &str = "cela.tty";
+/// Kernel parameter telling the init that the host sends the guest's hosts file
+/// (`cela.hosts=1`, [`BootRequest::hosts`]).
+pub const HOSTS_PARAM: &str = "cela.hosts";
+/// The most names a hosts file sent to the guest carries ([`HostRequest::Host`]).
+pub const MAX_HOSTS: usize = 1024;
 /// Path, inside the initramfs, of the file listing kernel modules to load at boot, one
 /// initramfs path per line, already in dependency order.
 pub const MODULE_LOAD_ORDER: &str = "/lib/modules/cela/load.order";
@@ -98,6 +103,10 @@ pub struct BootRequest {
     /// controlling terminal, its output on the console rather than on vsock. The host passes
     /// the terminal's size later ([`HostRequest::Resize`]).
     pub tty: bool,
+    /// The host sends the names of the instances on the guest's networks (a block of
+    /// [`HostRequest::Host`] lines, again whenever they change); the init writes them to the
+    /// root's `/etc/hosts` and waits for the first block before starting the workload.
+    pub hosts: bool,
 }
 
 /// The guest side of a point-to-point IPv4 link to the host: the init gives the interface
@@ -220,6 +229,18 @@ fn decode_one(param: &'static str, value: &str) -> Result<String, DecodeError> {
     }
 }
 
+/// Decodes a parameter that is `0` or `1`.
+fn decode_flag(param: &'static str, value: &str) -> Result<bool, DecodeError> {
+    match value {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => Err(DecodeError {
+            param,
+            reason: format!("{value:?} is not 0 or 1"),
+        }),
+    }
+}
+
 impl BootRequest {
     /// The `cela.*` parameters for this request, to append to the kernel command line.
     pub fn to_kernel_params(&self) -> String {
@@ -250,6 +271,9 @@ impl BootRequest {
         }
         if self.tty {
             params.push(format!("{TTY_PARAM}=1"));
+        }
+        if self.hosts {
+            params.push(format!("{HOSTS_PARAM}=1"));
         }
         params.join(" ")
     }
@@ -315,16 +339,12 @@ impl BootRequest {
                 .strip_prefix(TTY_PARAM)
                 .and_then(|r| r.strip_prefix('='))
             {
-                req.tty = match v {
-                    "1" => true,
-                    "0" => false,
-                    _ => {
-                        return Err(DecodeError {
-                            param: TTY_PARAM,
-                            reason: format!("{v:?} is not 0 or 1"),
-                        });
-                    }
-                };
+                req.tty = decode_flag(TTY_PARAM, v)?;
+            } else if let Some(v) = word
+                .strip_prefix(HOSTS_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                req.hosts = decode_flag(HOSTS_PARAM, v)?;
             }
         }
         Ok(req)
@@ -381,6 +401,16 @@ pub enum HostRequest {
     /// configured at boot takes this MAC address, address and gateway (its old ones were the
     /// saved instance's, which another copy may hold).
     Network(NetRequest),
+    /// A hosts file follows: [`HostRequest::Host`] lines up to [`HostRequest::HostsEnd`]
+    /// (a block that is cut off is forgotten when the next one begins).
+    HostsBegin,
+    /// One name of the block: an instance on one of the guest's networks.
+    Host {
+        address: std::net::Ipv4Addr,
+        name: Hostname,
+    },
+    /// The block is whole: the root's `/etc/hosts` becomes loopback and these names.
+    HostsEnd,
 }
 
 /// How many random bytes a restored guest is given.
@@ -418,6 +448,27 @@ impl Hostname {
 }
 
 impl HostRequest {
+    /// The block of requests that gives the guest this hosts file: the names in order, at
+    /// most [`MAX_HOSTS`]; a name a guest would not take is left out (and named in the error
+    /// list returned beside).
+    pub fn hosts_block(
+        entries: &[(std::net::Ipv4Addr, String)],
+    ) -> (Vec<HostRequest>, Vec<String>) {
+        let mut out = vec![HostRequest::HostsBegin];
+        let mut refused = Vec::new();
+        for (address, name) in entries.iter().take(MAX_HOSTS) {
+            match Hostname::new(name) {
+                Some(name) => out.push(HostRequest::Host {
+                    address: *address,
+                    name,
+                }),
+                None => refused.push(name.clone()),
+            }
+        }
+        out.push(HostRequest::HostsEnd);
+        (out, refused)
+    }
+
     /// The line to write on the control channel, newline included.
     pub fn to_line(self) -> String {
         match self {
@@ -430,6 +481,9 @@ impl HostRequest {
             }
             HostRequest::Hostname(h) => format!("hostname {}\n", h.as_str()),
             HostRequest::Network(n) => format!("net {}\n", n.encode()),
+            HostRequest::HostsBegin => "hosts-begin\n".into(),
+            HostRequest::Host { address, name } => format!("host {address} {}\n", name.as_str()),
+            HostRequest::HostsEnd => "hosts-end\n".into(),
         }
     }
 
@@ -437,6 +491,18 @@ impl HostRequest {
     /// and sizes that are not two u16 give `None`.
     pub fn parse(line: &str) -> Option<Self> {
         let line = line.trim();
+        match line {
+            "hosts-begin" => return Some(HostRequest::HostsBegin),
+            "hosts-end" => return Some(HostRequest::HostsEnd),
+            _ => {}
+        }
+        if let Some(entry) = line.strip_prefix("host ") {
+            let (address, name) = entry.split_once(' ')?;
+            return Some(HostRequest::Host {
+                address: address.parse().ok()?,
+                name: Hostname::new(name)?,
+            });
+        }
         if let Some(t) = line.strip_prefix("clock ") {
             let (secs, nanos) = t.split_once(' ')?;
             let nanos: u32 = nanos.parse().ok()?;
@@ -549,6 +615,12 @@ mod tests {
                 gateway: "10.211.0.5".parse().unwrap(),
                 mac: [0x02, 0xce, 0x1a, 0xff, 0x00, 0x07],
             }),
+            HostRequest::HostsBegin,
+            HostRequest::Host {
+                address: "10.214.3.7".parse().unwrap(),
+                name: Hostname::new(&"n".repeat(64)).unwrap(),
+            },
+            HostRequest::HostsEnd,
         ] {
             let line = r.to_line();
             assert!(line.len() < 256, "{line}");
@@ -565,6 +637,12 @@ mod tests {
             "hostname ",
             "net ",
             "net MTAuMC4wLjIvMzA",
+            "host 10.0.0.1",
+            "host 10.0.0.256 a",
+            "host ::1 a",
+            "host 10.0.0.1 a b",
+            "host 10.0.0.1 -a",
+            "hosts-begin x",
         ] {
             assert_eq!(HostRequest::parse(bad), None, "{bad}");
         }
@@ -587,10 +665,11 @@ mod tests {
             workdir: Some("/srv/a b".into()),
             user: Some("nobody:nogroup".into()),
             tty: true,
+            hosts: true,
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
         // One word per parameter: the kernel splits its command line on spaces.
-        assert_eq!(req.to_kernel_params().split(' ').count(), 7);
+        assert_eq!(req.to_kernel_params().split(' ').count(), 8);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 

@@ -270,8 +270,9 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
 /// The machine a supervisor holds, as a snapshot reaches it.
 pub enum Machine {
     Qemu(QemuHandle),
-    /// cela's own monitor, through its control connection.
-    Kvm(MonitorControl),
+    /// cela's own monitor, through its control connection (shared with the thread that
+    /// passes the guest its names, [`crate::network::vm_hosts`]).
+    Kvm(std::sync::Arc<MonitorControl>),
 }
 
 fn control_err(e: cela_vmm::control::ControlError) -> InstanceError {

@@ -272,6 +272,8 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         workdir: inst.config.workdir.clone(),
         user: inst.config.user.clone(),
         tty: inst.config.tty,
+        // On a named network: the names of its instances come after the boot.
+        hosts: !inst.config.networks.is_empty(),
     };
     // A snapshot is tied to its engine: a restore runs on the one that saved it.
     let forced = restore.as_ref().map(|r| match r.engine.as_deref() {
@@ -372,6 +374,11 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                             running.status = Status::Running;
                             inst.save_state(&running)?;
                         }
+                        let control = std::sync::Arc::new(control);
+                        crate::network::vm_hosts::forward(
+                            &inst,
+                            crate::network::vm_hosts::Sender::Kvm(control.clone()),
+                        );
                         let machine = crate::snapshot::Machine::Kvm(control);
                         if let Err(e) = crate::control::serve(&data_dir, &inst, machine, in_flight)
                         {
@@ -423,6 +430,10 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
                     state.status = Status::Running;
                     started = inst.save_state(state);
                 }
+                crate::network::vm_hosts::forward(
+                    inst,
+                    crate::network::vm_hosts::Sender::Qemu(machine.clone()),
+                );
                 let machine = crate::snapshot::Machine::Qemu(machine);
                 if let Err(e) = crate::control::serve(data_dir, inst, machine, in_flight.clone()) {
                     tracing::warn!("no control socket (snapshots cannot be taken): {e}");

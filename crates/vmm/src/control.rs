@@ -14,6 +14,7 @@
 //! | `"status"` | `"paused"` | nothing: an error if the machine is not held paused any more (it was stopped) |
 //! | `"resume"` | `"resumed"` | the machine runs on |
 //! | `"end"` | `"ended"` | the machine stops as saved ([`crate::GuestExit::Snapshotted`]) |
+//! | `{"hosts":[["ADDR","NAME"],…]}` | `"sent"` | passes the guest its hosts file ([`cela_guest::HostRequest::hosts_block`]); an error if the guest cannot take it now (paused, its channel full) |
 //!
 //! Any failure is `{"error":"…"}` and leaves the machine as it was (paused stays paused until
 //! `resume` or `end`). The files of a save are opened by the caller, outside the jail, and
@@ -35,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use crate::persist::machine::{MachineSaver, Saved};
 use crate::seccomp::{Filters, ThreadKind};
 
-/// The longest line either side reads.
-const MAX_LINE: usize = 4096;
+/// The longest line either side reads: a hosts file of [`cela_guest::MAX_HOSTS`] names.
+const MAX_LINE: usize = 128 << 10;
 
 /// A request to the monitor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +49,8 @@ pub enum Request {
     Status,
     Resume,
     End,
+    /// The names of the instances on the guest's networks, for its `/etc/hosts`.
+    Hosts(Vec<(std::net::Ipv4Addr, String)>),
 }
 
 /// The monitor's answer.
@@ -60,6 +63,7 @@ pub enum Reply {
     Saved(Saved),
     Resumed,
     Ended,
+    Sent,
     Error(String),
 }
 
@@ -210,6 +214,17 @@ fn serve(stream: &UnixStream, saver: &MachineSaver) {
                 saver.resume();
                 Reply::Resumed
             }
+            Ok(Request::Hosts(entries)) => {
+                let (block, refused) = cela_guest::HostRequest::hosts_block(&entries);
+                if !refused.is_empty() {
+                    tracing::warn!("names a guest cannot take, left out: {refused:?}");
+                }
+                if saver.send_to_guest(block) {
+                    Reply::Sent
+                } else {
+                    Reply::Error("the guest cannot take its hosts file now".into())
+                }
+            }
             Ok(Request::End) => {
                 // Answered first: the stop closes this connection.
                 let _ = write_line(stream, &Reply::Ended, &[]);
@@ -231,6 +246,9 @@ const REPLY_BOUND: Duration = Duration::from_secs(600);
 /// The caller's end of a monitor's control connection.
 pub struct MonitorControl {
     stream: UnixStream,
+    /// Held from a request's write to its reply's read: callers on several threads (a
+    /// snapshot, the hosts file) each get their own answer.
+    turn: std::sync::Mutex<()>,
     /// A request failed halfway: the connection is shut down and takes no more.
     broken: std::sync::atomic::AtomicBool,
 }
@@ -244,6 +262,7 @@ impl MonitorControl {
         Ok((
             MonitorControl {
                 stream: ours,
+                turn: Default::default(),
                 broken: Default::default(),
             },
             theirs.into(),
@@ -259,6 +278,7 @@ impl MonitorControl {
     }
 
     fn call(&self, request: &Request, fds: &[RawFd]) -> Result<Reply, ControlError> {
+        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
         if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ControlError::Closed);
         }
@@ -330,12 +350,32 @@ impl MonitorControl {
     pub fn end(&self) -> Result<(), ControlError> {
         self.expect(Request::End, Reply::Ended)
     }
+
+    /// Passes the guest the names of the instances on its networks (its `/etc/hosts`).
+    pub fn hosts(&self, entries: &[(std::net::Ipv4Addr, String)]) -> Result<(), ControlError> {
+        self.expect(Request::Hosts(entries.to_vec()), Reply::Sent)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read as _, Seek as _, Write as _};
+
+    #[test]
+    fn the_largest_hosts_file_is_one_line() {
+        let r = Request::Hosts(vec![("10.0.0.2".parse().unwrap(), "web".into())]);
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"hosts":[["10.0.0.2","web"]]}"#
+        );
+        let big = Request::Hosts(
+            (0..cela_guest::MAX_HOSTS as u32)
+                .map(|i| (std::net::Ipv4Addr::from(0xfffe_0000 | i), "n".repeat(64)))
+                .collect(),
+        );
+        assert!(serde_json::to_vec(&big).unwrap().len() < MAX_LINE);
+    }
 
     #[test]
     fn a_line_carries_its_descriptors_and_a_long_one_is_refused() {
@@ -362,9 +402,14 @@ mod tests {
             Reply::Running
         );
         assert!(fds.is_empty());
-        // A peer that never ends its line is cut off at 4 KiB.
-        (&a).write_all(&[b'x'; 5000]).unwrap();
-        assert!(read_line(&b, true).is_err());
+        // A peer that never ends its line is cut off past MAX_LINE.
+        let (a2, b2) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = (&a2).write_all(&vec![b'x'; MAX_LINE + 5000]);
+        });
+        assert!(read_line(&b2, true).is_err());
+        drop(b2);
+        writer.join().unwrap();
         drop(a);
         // A closed peer: no line.
         let (c, d) = UnixStream::pair().unwrap();

@@ -111,8 +111,9 @@ impl StopSignal {
         }
     }
 
-    /// Sends `requests` now if the control channel is attached, else as soon as it is.
-    pub fn send_when_attached(&self, requests: Vec<HostRequest>) {
+    /// Sends `requests` now if the control channel is attached, else as soon as it is; false
+    /// if one of them could not be sent now (see [`StopSignal::send_to_guest`]).
+    pub fn send_when_attached(&self, requests: Vec<HostRequest>) -> bool {
         {
             let slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
             if slot.is_none() {
@@ -120,12 +121,10 @@ impl StopSignal {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(requests);
-                return;
+                return true;
             }
         }
-        for r in requests {
-            self.send_to_guest(r);
-        }
+        requests.into_iter().all(|r| self.send_to_guest(r))
     }
 
     /// Refuses (`true`) or lets through (`false`) requests to the guest from now on; a caller

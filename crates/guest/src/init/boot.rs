@@ -3,7 +3,8 @@
 //! 1. mount the pseudo-filesystems, load the initramfs's kernel modules;
 //! 2. open the control channel (vsock, with the command's output streams, or COM2), decode the
 //!    [`BootRequest`] from `/proc/cmdline`, switch to the root disk if it names one, configure
-//!    the network it describes, and say `ready`;
+//!    the network it describes, and say `ready`; with `cela.hosts=1`, wait (bounded) for the
+//!    host's hosts file and write it to `/etc/hosts`;
 //! 3. start the exec agent (with vsock), run the command as the requested user in its working
 //!    directory with its output on vsock (or on the raw console), or an interactive shell;
 //!    meanwhile pass the host's `signal N` requests on to it;
@@ -30,6 +31,8 @@ use super::{agent, modules, mounts, power, rootfs, say};
 /// The status reported when the host's request cannot be decoded (as a command the host got
 /// wrong, not the workload's own failure).
 pub const BAD_REQUEST_STATUS: u8 = 125;
+/// How long the init waits for the host's first hosts file ([`cela_guest::BootRequest::hosts`]).
+const HOSTS_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the whole boot. Never returns.
 pub fn run() -> ! {
@@ -103,6 +106,13 @@ pub fn run() -> ! {
     }
     if let Some(channel) = control.requests() {
         events.watch_requests(channel);
+    }
+    // The names of the network's instances, before the workload looks any up; a host that
+    // does not send them in time costs the names, not the run.
+    if request.hosts && !events.wait_for_hosts(HOSTS_BOUND) {
+        say!(
+            "warning: the host sent no hosts file within {HOSTS_BOUND:?}; names of other instances may not resolve yet"
+        );
     }
     let mut env = build_env(&request.env, request.command.is_none());
     let run_as = RunAs::resolve(

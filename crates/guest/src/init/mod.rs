@@ -1,11 +1,12 @@
 //! The parts of `cela-init`, one concern per module, in the order a boot uses them:
-//! [`mounts`], [`modules`], [`net`], [`tty`], [`vsock`] and [`control`], [`rootfs`], [`workload`],
+//! [`mounts`], [`modules`], [`net`] (and [`hosts`]), [`tty`], [`vsock`] and [`control`], [`rootfs`], [`workload`],
 //! [`supervise`] (with [`resume`] for a machine restored from a snapshot), [`agent`], [`power`];
 //! [`boot`] strings them together. [`nc`] is an applet (`cela-init nc`), not part of a boot.
 
 pub mod agent;
 pub mod boot;
 pub mod control;
+pub mod hosts;
 pub mod modules;
 pub mod mounts;
 pub mod nc;

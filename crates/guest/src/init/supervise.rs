@@ -97,6 +97,10 @@ pub struct Pid1Events {
     queue: VecDeque<Event>,
     /// The control channel, read for host requests until it ends.
     requests: Option<(OwnedFd, ControlParser<HostRequest>)>,
+    /// The hosts file being received.
+    hosts: super::hosts::Block,
+    /// How many hosts files were installed.
+    hosts_installed: u64,
 }
 
 impl Pid1Events {
@@ -119,6 +123,8 @@ impl Pid1Events {
             signals,
             queue: VecDeque::new(),
             requests: None,
+            hosts: Default::default(),
+            hosts_installed: 0,
         })
     }
 
@@ -167,6 +173,30 @@ impl Pid1Events {
         }
     }
 
+    /// Waits at most `bound` for the host's first hosts file (a boot with
+    /// [`cela_guest::BootRequest::hosts`]), applying other requests that come meanwhile, so
+    /// the workload starts knowing its neighbours' names; false if none came.
+    pub fn wait_for_hosts(&mut self, bound: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + bound;
+        while self.hosts_installed == 0 {
+            let Some((channel, _)) = &self.requests else {
+                return false;
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(1..) => self.read_requests(),
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
     /// Reads what the channel has; a channel that ended or failed is no longer watched.
     fn read_requests(&mut self) {
         let Some((channel, parser)) = &mut self.requests else {
@@ -188,6 +218,16 @@ impl Pid1Events {
                         HostRequest::Network(n) => {
                             if let Err(e) = super::net::reconfigure(&n) {
                                 super::say!("moving the network to this copy's link: {e}");
+                            }
+                        }
+                        HostRequest::HostsBegin => self.hosts.begin(),
+                        HostRequest::Host { address, name } => self.hosts.add(address, name),
+                        HostRequest::HostsEnd => {
+                            if let Some(text) = self.hosts.end() {
+                                match super::hosts::install(std::path::Path::new("/"), &text) {
+                                    Ok(()) => self.hosts_installed += 1,
+                                    Err(e) => super::say!("writing /etc/hosts: {e}"),
+                                }
                             }
                         }
                     }

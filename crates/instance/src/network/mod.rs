@@ -34,6 +34,7 @@ pub mod guard;
 pub mod named;
 pub mod ports;
 pub mod rtnl;
+pub mod vm_hosts;
 
 use std::fs::File;
 use std::io::Read as _;
@@ -342,6 +343,13 @@ pub fn setup_vm(
         let mac = cela_vmm::net::random_mac();
         let nets = named::Networks::open(data_dir_of(inst))?;
         let guest = nets.join_vm(inst, tap.name(), mac)?;
+        // The names of the network's instances, which the supervisor passes to the guest
+        // ([`vm_hosts`]) and the network code rewrites as they come and go.
+        if let Err(e) = nets.write_initial_hosts(&inst.config.id, &inst.dir.join(named::HOSTS_FILE))
+        {
+            nets.leave(&inst.config.id);
+            return Err(e);
+        }
         let name = tap.name().to_owned();
         let state = NetworkState {
             ifindex: ifindex(&name).unwrap_or(0),

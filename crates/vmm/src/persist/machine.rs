@@ -184,6 +184,12 @@ impl MachineSaver {
             .map_err(PersistError::Incompatible)
     }
 
+    /// Sends `requests` to the guest's init (now, or when its control channel is back); false
+    /// if it cannot take them now (the machine is paused, or the channel is full).
+    pub fn send_to_guest(&self, requests: Vec<cela_guest::HostRequest>) -> bool {
+        self.stop.send_when_attached(requests)
+    }
+
     /// Whether the machine is still held at the gate (it was not stopped meanwhile, which
     /// lets its threads go).
     pub fn is_paused(&self) -> bool {

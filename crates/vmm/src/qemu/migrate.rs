@@ -124,6 +124,31 @@ impl QemuHandle {
         &self.qmp.version
     }
 
+    /// Passes the guest the names of the instances on its networks (its `/etc/hosts`), once
+    /// its init has said it is up (the control port drops what comes before it opens it).
+    /// Refused if the machine stopped first, is paused for a save, or its channel is full.
+    pub fn hosts(&self, entries: &[(std::net::Ipv4Addr, String)]) -> Result<(), QemuError> {
+        if !self.stop.wait_ready() {
+            return Err(QemuError::Migration("the machine is ending".into()));
+        }
+        let (block, refused) = cela_guest::HostRequest::hosts_block(entries);
+        if !refused.is_empty() {
+            tracing::warn!("names a guest cannot take, left out: {refused:?}");
+        }
+        if self.stop.send_when_attached(block) {
+            Ok(())
+        } else {
+            Err(QemuError::Migration(
+                "the guest cannot take its hosts file now".into(),
+            ))
+        }
+    }
+
+    /// Whether the machine is ending (or has ended).
+    pub fn ended(&self) -> bool {
+        self.stop.outcome().is_some()
+    }
+
     /// Stops the guest's CPUs (QEMU drains and flushes the disks first). Refused while another
     /// pause holds the machine or once the machine is ending.
     pub fn pause(&self) -> Result<Paused<'_>, QemuError> {
