@@ -356,7 +356,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         env: args.env.clone(),
         root: args.rootfs.as_ref().map(|_| ROOTFS_SERIAL.to_owned()),
-        net: net.as_ref().and_then(|n| n.guest),
+        nets: net.as_ref().and_then(|n| n.guest).into_iter().collect(),
         workdir: args.workdir.clone(),
         user: args.user.clone(),
         tty: false,
@@ -379,7 +379,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         initrd: Some(initrd),
         cmdline,
         disks,
-        net: net.map(|n| n.nic),
+        nets: net.map(|n| n.nic).into_iter().collect(),
         vsock,
         confine: !args.no_confine,
     };

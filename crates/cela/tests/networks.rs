@@ -154,9 +154,11 @@ fn networks_are_created_listed_inspected_and_removed_and_bad_input_is_refused() 
         ),
         (
             &[
-                "run", "--vm", "--net", "lan1", "--net", "lan2", "testimg", "true",
+                "run", "--vm", "--net", "v1", "--net", "v2", "--net", "v3", "--net", "v4", "--net",
+                "v5", "--net", "v6", "--net", "v7", "--net", "v8", "--net", "v9", "testimg",
+                "true",
             ],
-            "at most 1",
+            "at most 8",
         ),
     ] {
         w.err(args, needle);
@@ -479,6 +481,71 @@ fn a_container_and_a_microvm_on_one_network_exchange_tcp_data() {
     );
     w.ok(&["rm", "-f", "srv"]);
     w.ok(&["network", "rm", "mixed"]);
+}
+
+/// A microVM on two networks has a network card on each (eth0, eth1, in the order given),
+/// the default route through the first, and routes between them for containers on each.
+#[test]
+fn a_microvm_on_two_networks_routes_between_them() {
+    let w = World::new();
+    w.ok(&["network", "create", "--subnet", "10.77.11.0/24", "r1"]);
+    w.ok(&["network", "create", "--subnet", "10.77.12.0/24", "r2"]);
+    w.ok(&[
+        "run", "-d", "--vm", "--name", "router", "--net", "r1,ip=10.77.11.254", "--net",
+        "r2,ip=10.77.12.254", "testimg", "sh", "-c",
+        "ip -4 -o addr show; ip route; echo 1 > /proc/sys/net/ipv4/ip_forward && echo forwarding; sleep 600",
+    ]);
+    for (name, net, to, via) in [
+        ("h1", "r1", "10.77.12.0/24", "10.77.11.254"),
+        ("h2", "r2", "10.77.11.0/24", "10.77.12.254"),
+    ] {
+        w.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--net",
+            net,
+            "--cap-add",
+            "NET_ADMIN",
+            "testimg",
+            "sh",
+            "-c",
+            &format!("ip route add {to} via {via} && sleep 600"),
+        ]);
+    }
+    let start = Instant::now();
+    let logs = loop {
+        let logs = w.ok(&["logs", "router"]);
+        if logs.contains("forwarding") {
+            break logs;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120) && w.status("router") == "running",
+            "the router never came up: {logs}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (dev, addr) in [("eth0", "10.77.11.254/24"), ("eth1", "10.77.12.254/24")] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains(&format!(" {dev} ")) && l.contains(&format!("inet {addr}"))),
+            "{logs}"
+        );
+    }
+    assert_eq!(logs.matches("default via").count(), 1, "{logs}");
+    assert!(logs.contains("default via 10.77.11.1 dev eth0"), "{logs}");
+    let joined = w.inspect("router")["networks"].clone();
+    assert_eq!(joined.as_array().map(Vec::len), Some(2), "{joined}");
+    // Each host reaches the other only through the VM (the host routes between no networks).
+    let (h1, h2) = (address_of(&w, "h1"), address_of(&w, "h2"));
+    w.exec_until("h1", &format!("ping -c 1 -W 2 {h2}"));
+    w.exec_until("h2", &format!("ping -c 1 -W 2 {h1}"));
+    // And the router by name: every hosts file on its networks lists it.
+    w.exec_until("h1", "ping -c 1 -W 2 router");
+    w.err(&["snapshot", "router"], "more than one network card");
+    w.ok(&["rm", "-f", "router", "h1", "h2"]);
+    w.ok(&["network", "rm", "r1", "r2"]);
 }
 
 /// Connects to `addr` until something answers (bounded: the listener comes up

@@ -45,9 +45,10 @@ pub const ENV_PARAM: &str = "cela.env";
 pub const ROOT_PARAM: &str = "cela.root";
 /// The serial cela gives the `--rootfs` disk; at most 20 bytes, the virtio-blk ID length.
 pub const ROOTFS_SERIAL: &str = "cela-rootfs";
-/// Kernel parameter carrying the guest side of `--net auto`, encoded like [`CMD_PARAM`]: the
-/// entries `ADDRESS/PREFIX`, `GATEWAY` and `MAC` (the interface to configure, found by its
-/// address). Absent: the init leaves network interfaces alone.
+/// Kernel parameter carrying the guest side of one network card, encoded like [`CMD_PARAM`]:
+/// the entries `ADDRESS/PREFIX`, `GATEWAY` and `MAC` (the interface to configure, found by its
+/// address), once per card in the machine's order. Absent: the init leaves network interfaces
+/// alone.
 pub const NET_PARAM: &str = "cela.net";
 /// Kernel parameter carrying the workload's working directory (encoded like [`CMD_PARAM`], one
 /// entry). Absent: `/`.
@@ -93,8 +94,9 @@ pub struct BootRequest {
     /// The serial of the disk holding the root filesystem to switch to before the workload
     /// starts (1-20 characters of `[A-Za-z0-9._-]`).
     pub root: Option<String>,
-    /// The network interface the init configures before running the command.
-    pub net: Option<NetRequest>,
+    /// The network interfaces the init configures before running the command, in the
+    /// machine's order (a default route through at most one of them).
+    pub nets: Vec<NetRequest>,
     /// The command's working directory (absolute); `None` is `/`.
     pub workdir: Option<String>,
     /// `USER[:GROUP]` (names or numbers) the command runs as; `None` is root.
@@ -109,9 +111,9 @@ pub struct BootRequest {
     pub hosts: bool,
 }
 
-/// The guest side of a point-to-point IPv4 link to the host: the init gives the interface
-/// with MAC address `mac` the address `address/prefix`, brings it up and routes everything
-/// else through `gateway` (the host's end).
+/// The guest side of one network card: the init gives the interface with MAC address `mac`
+/// the address `address/prefix`, brings it up and routes everything else through `gateway`
+/// (the host's end, or the network's), unless that is 0.0.0.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetRequest {
     pub address: std::net::Ipv4Addr,
@@ -254,7 +256,7 @@ impl BootRequest {
         if let Some(root) = &self.root {
             params.push(format!("{ROOT_PARAM}={root}"));
         }
-        if let Some(net) = &self.net {
+        for net in &self.nets {
             params.push(format!("{NET_PARAM}={}", net.encode()));
         }
         if let Some(dir) = &self.workdir {
@@ -317,7 +319,7 @@ impl BootRequest {
                 .strip_prefix(NET_PARAM)
                 .and_then(|r| r.strip_prefix('='))
             {
-                req.net = Some(NetRequest::decode(v)?);
+                req.nets.push(NetRequest::decode(v)?);
             } else if let Some(v) = word
                 .strip_prefix(WORKDIR_PARAM)
                 .and_then(|r| r.strip_prefix('='))
@@ -656,12 +658,20 @@ mod tests {
             command: Some(vec!["sh".into(), "-c".into(), "echo 'a b'; exit 7".into()]),
             env: vec!["A=1".into(), "B=x y".into()],
             root: Some(ROOTFS_SERIAL.into()),
-            net: Some(NetRequest {
-                address: [10, 0, 0, 2].into(),
-                prefix: 30,
-                gateway: [10, 0, 0, 1].into(),
-                mac: [0x02, 0xce, 0x1a, 0, 0xab, 0xff],
-            }),
+            nets: vec![
+                NetRequest {
+                    address: [10, 0, 0, 2].into(),
+                    prefix: 30,
+                    gateway: [10, 0, 0, 1].into(),
+                    mac: [0x02, 0xce, 0x1a, 0, 0xab, 0xff],
+                },
+                NetRequest {
+                    address: [10, 9, 0, 2].into(),
+                    prefix: 24,
+                    gateway: std::net::Ipv4Addr::UNSPECIFIED,
+                    mac: [0x02, 0xce, 0x1a, 0, 0xab, 0x01],
+                },
+            ],
             workdir: Some("/srv/a b".into()),
             user: Some("nobody:nogroup".into()),
             tty: true,
@@ -669,7 +679,7 @@ mod tests {
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
         // One word per parameter: the kernel splits its command line on spaces.
-        assert_eq!(req.to_kernel_params().split(' ').count(), 8);
+        assert_eq!(req.to_kernel_params().split(' ').count(), 9);
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 

@@ -264,6 +264,14 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
     }
     // A VM on a named network is snapshotted as any other: a copy rejoins the network with an
     // address and MAC of its own, and its guest is moved to them on resume (`restore_checked`).
+    // That move is of one card.
+    if inst.config.networks.len() > 1 {
+        return Err(InstanceError::Unsupported(format!(
+            "{} is on {} networks: a microVM with more than one network card cannot be snapshotted yet",
+            inst.config.name,
+            inst.config.networks.len()
+        )));
+    }
     Ok(())
 }
 

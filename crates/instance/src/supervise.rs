@@ -268,7 +268,10 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
         command: Some(inst.config.command.clone()),
         env: inst.config.env.clone(),
         root: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
-        net: host_net.as_ref().and_then(|(h, _)| h.guest),
+        nets: host_net
+            .iter()
+            .flat_map(|(h, _)| h.iter().filter_map(|h| h.guest))
+            .collect(),
         workdir: inst.config.workdir.clone(),
         user: inst.config.user.clone(),
         tty: inst.config.tty,
@@ -298,7 +301,10 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
             serial: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
             ..DiskConfig::parse(&disk.display().to_string())
         }],
-        net: host_net.as_ref().map(|(h, _)| h.nic.clone()),
+        nets: host_net
+            .iter()
+            .flat_map(|(h, _)| h.iter().map(|h| h.nic.clone()))
+            .collect(),
         vsock,
         confine: vm.confine,
     };
@@ -336,7 +342,8 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
     // Who a restored guest is now: this instance, on this instance's link.
     let identity = cela_vmm::persist::machine::Identity {
         hostname: Some(inst.config.name.clone()),
-        net: request.net,
+        // Only a machine with one card is snapshotted.
+        net: request.nets.first().copied(),
     };
     let in_flight = crate::control::InFlight::default();
     let exit = match engine {

@@ -384,7 +384,7 @@ fn assemble(
         let block: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Block::new(disk)));
         virtio_list.push(block);
     }
-    if let Some(nic) = &config.net {
+    for nic in &config.nets {
         let net: Arc<Mutex<dyn VirtioDevice>> =
             Arc::new(Mutex::new(Net::new(nic.tap.clone(), nic.mac)));
         virtio_list.push(net);
@@ -507,8 +507,8 @@ pub fn restore_linux(
         .into());
     }
     // Checked before anything is made: COM1 and COM2; the entropy device, the disks, the
-    // NIC and the vsock device.
-    let virtio_count = 1 + config.disks.len() + usize::from(config.net.is_some()) + 1;
+    // NICs and the vsock device.
+    let virtio_count = 1 + config.disks.len() + config.nets.len() + 1;
     state.check_shape(config.vcpus, size, 2, virtio_count)?;
     if state.vm.irqchip.is_none() {
         return Err(crate::persist::PersistError::Incompatible(

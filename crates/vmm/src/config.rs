@@ -19,6 +19,9 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 /// (17 lines in all, GSI 5-22 without the SCI's 9; 23 is the Generic Event Device's;
 /// `layout::virtio_mmio_slot`).
 pub const MAX_DISKS: usize = 14;
+/// The most network cards a machine gets: beyond its first, each takes a disk's interrupt
+/// line (disks and cards together at most [`MAX_DISKS`] + 1).
+pub const MAX_NICS: usize = 8;
 
 /// What is wrong with a machine configuration.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,11 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("{0} disks are more than {MAX_DISKS}, the most cela gives a VM")]
     TooManyDisks(usize),
+    #[error(
+        "{nics} network cards are more than a VM takes: at most {MAX_NICS}, and with its {disks} disks at most {} in all",
+        MAX_DISKS + 1
+    )]
+    TooManyNics { nics: usize, disks: usize },
     #[error("--rootfs {0}: no such file")]
     RootfsMissing(String),
     #[error("--rootfs {path}: {err}")]
@@ -171,6 +179,13 @@ pub fn validate(config: &MachineConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::TooMuchMemory {
             asked: config.memory_mib,
             host,
+        });
+    }
+    let nics = config.nets.len();
+    if nics > MAX_NICS || config.disks.len() + nics.max(1) > MAX_DISKS + 1 {
+        return Err(ConfigError::TooManyNics {
+            nics,
+            disks: config.disks.len(),
         });
     }
     check_file("kernel", &config.kernel, ConfigError::KernelMissing)?;
@@ -304,7 +319,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             disks: vec![],
-            net: None,
+            nets: Vec::new(),
             vsock: None,
             confine: true,
         }

@@ -143,7 +143,7 @@ pub fn run_with(
         return outcome.into_result();
     }
     let mut keep_fds: Vec<_> = config
-        .net
+        .nets
         .iter()
         .map(|n| std::os::fd::AsRawFd::as_raw_fd(n.tap.as_ref()))
         .collect();

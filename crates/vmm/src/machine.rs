@@ -26,8 +26,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// Raw disk images, in the order the guest sees them (/dev/vda, /dev/vdb, …).
     pub disks: Vec<DiskConfig>,
-    /// The NIC (`--net`): a virtio-net device plugged into this TAP.
-    pub net: Option<crate::net::NicConfig>,
+    /// The NICs (`--net`): a virtio-net device per TAP, in order (the guest's eth0, eth1, …).
+    pub nets: Vec<crate::net::NicConfig>,
     /// The user's vsock socket (`--vsock PATH`). cela's KVM engine always gives the guest a
     /// virtio-vsock device (cela-init's status and output travel on it); this adds the
     /// user's host side to it. The QEMU engine has no vsock.

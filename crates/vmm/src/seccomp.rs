@@ -10,7 +10,7 @@
 //! | [`ThreadKind::Device`] | `virtio-devices`, and the `guest-*` threads it starts | virtio queues: disk I/O, TAP frames, vsock's Unix sockets, entropy |
 //! | [`ThreadKind::Console`] | `console-in`, `host-signals` | host stdin into COM1; SIGINT/SIGTERM into stop requests |
 //! | [`ThreadKind::Main`] | the jailed monitor's main thread | starting the other threads, waiting for the machine to stop, stopping it, the report |
-//! | [`ThreadKind::Control`] | `control` | the caller's snapshot requests ([`crate::control`]): reading the paused machine, writing it into files the caller passed |
+//! | [`ThreadKind::Control`] | `control` | the caller's requests ([`crate::control`]): reading the paused machine, writing it into files the caller passed; the guest's names to its init |
 //!
 //! Each thread installs its filter itself as the first thing it does, before it handles
 //! anything the guest made (a vCPU before its first `KVM_RUN`), with no_new_privs. Threads a
@@ -562,6 +562,10 @@ const CONTROL: &[(i64, &str)] = &[
         "requests, and the descriptors of the files a save writes",
     ),
     (libc::SYS_sendmsg, "replies"),
+    (
+        libc::SYS_sendto,
+        "a guest's names, as host requests on its init's control socket (`hosts`)",
+    ),
     (libc::SYS_pwrite64, "guest RAM into the memory file"),
     (libc::SYS_ftruncate, "sizing the memory file"),
     (libc::SYS_fsync, "making the saved files durable"),

@@ -77,9 +77,7 @@ pub fn run() -> ! {
         power::silence_kernel_console();
         power::power_off();
     }
-    if let Some(net) = &request.net
-        && let Err(e) = super::net::configure(net)
-    {
+    if let Err(e) = super::net::configure_all(&request.nets) {
         say!("configuring the network: {e}");
         control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
         power::silence_kernel_console();

@@ -1,11 +1,13 @@
-//! The guest side of `--net auto`: finds the NIC the host described (by its MAC address, in
-//! `/sys/class/net`), gives it its address, brings it and the loopback up, and routes through
-//! the host's end of the link. The virtio-net driver was loaded with the other modules, so the
-//! interface exists by the time this runs.
+//! The guest side of a microVM's network cards (`--net auto`, or one per named network):
+//! finds each NIC the host described (by its MAC address, in `/sys/class/net`), gives it its
+//! address, brings it and the loopback up, and routes through the gateway the host named (at
+//! most one card has one). The virtio-net driver was loaded with the other modules, so the
+//! interfaces exist by the time this runs.
 //!
 //! A machine restored from a snapshot as another instance is told its new link
 //! ([`reconfigure`]): the interface configured at boot (remembered here: the init's memory is
-//! part of the snapshot) takes the new MAC address, address and gateway.
+//! part of the snapshot) takes the new MAC address, address and gateway. Only a machine with
+//! one card is snapshotted.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -16,15 +18,27 @@ use cela_guest::{NetRequest, format_mac, netif};
 /// network.
 static CONFIGURED: Mutex<Option<(String, NetRequest)>> = Mutex::new(None);
 
-/// Configures the network `request` describes; an error says which step failed.
-pub fn configure(request: &NetRequest) -> Result<(), String> {
+/// Configures the cards `requests` describe, in order; an error says which step failed.
+pub fn configure_all(requests: &[NetRequest]) -> Result<(), String> {
+    if let [one] = requests {
+        return configure(one, true);
+    }
+    for r in requests {
+        configure(r, false)?;
+    }
+    Ok(())
+}
+
+/// Configures the card `request` describes (with `alone`, the machine's only virtio NIC is
+/// taken whatever its MAC address); an error says which step failed.
+fn configure(request: &NetRequest, alone: bool) -> Result<(), String> {
     let _ = netif::set_up("lo");
     let sys = Path::new("/sys/class/net");
     // By its MAC; else the only virtio NIC there is: a machine saved before its NIC
     // was probed and restored elsewhere probes it with the new MAC, while this request (its
     // command line) still names the old one. The restore's own request then moves it.
     let name = interface_with_mac(sys, &request.mac)
-        .or_else(|| only_virtio_nic(sys))
+        .or_else(|| alone.then(|| only_virtio_nic(sys)).flatten())
         .ok_or_else(|| {
             format!(
                 "no network interface has MAC address {} (is virtio_net loaded?)",

@@ -539,8 +539,11 @@ impl LabFile {
                 "{what}: routes and sysctls are set in containers' namespaces; a vm's guest sets its own"
             ));
         }
-        if kind == Kind::Vm && networks.len() > 1 {
-            return Err(format!("{what}: a vm joins at most one network (one NIC)"));
+        if kind == Kind::Vm && networks.len() > cela_vmm::config::MAX_NICS {
+            return Err(format!(
+                "{what}: a vm joins at most {} networks (a network card each)",
+                cela_vmm::config::MAX_NICS
+            ));
         }
         for n in &networks {
             if !valid_name(n) {

@@ -335,39 +335,54 @@ pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, Instance
 /// must configure (`None` for `--net none`). The TAP goes away when the result is dropped.
 pub fn setup_vm(
     inst: &Instance,
-) -> Result<Option<(cela_vmm::net::HostNet, NetworkState)>, InstanceError> {
+) -> Result<Option<(Vec<cela_vmm::net::HostNet>, NetworkState)>, InstanceError> {
     if !inst.config.networks.is_empty() {
-        // A TAP of cela's pattern without an address, plugged into the network's bridge.
-        let tap = cela_vmm::net::tap::Tap::create(cela_vmm::net::AUTO_TAP_PATTERN)
-            .map_err(|e| InstanceError::Other(format!("creating the microVM's TAP: {e}")))?;
-        let mac = cela_vmm::net::random_mac();
+        // A TAP of cela's pattern without an address per network, plugged into its bridge.
+        let mut taps = Vec::new();
+        for _ in &inst.config.networks {
+            let tap = cela_vmm::net::tap::Tap::create(cela_vmm::net::AUTO_TAP_PATTERN)
+                .map_err(|e| InstanceError::Other(format!("creating the microVM's TAP: {e}")))?;
+            taps.push(tap);
+        }
+        let names: Vec<&str> = taps.iter().map(|t| t.name()).collect();
         let nets = named::Networks::open(data_dir_of(inst))?;
-        let guest = nets.join_vm(inst, tap.name(), mac)?;
         // The names of the network's instances, which the supervisor passes to the guest
         // ([`vm_hosts`]) and the network code rewrites as they come and go.
-        if let Err(e) = nets.write_initial_hosts(&inst.config.id, &inst.dir.join(named::HOSTS_FILE))
-        {
-            nets.leave(&inst.config.id);
-            return Err(e);
-        }
-        let name = tap.name().to_owned();
+        let joined = nets.join_vm(inst, &names).and_then(|guests| {
+            nets.write_initial_hosts(&inst.config.id, &inst.dir.join(named::HOSTS_FILE))
+                .map(|()| guests)
+        });
+        let guests = match joined {
+            Ok(g) => g,
+            Err(e) => {
+                nets.leave(&inst.config.id);
+                return Err(e);
+            }
+        };
+        // The first card's link is the one recorded (and ports are published to).
+        let first = &guests[0];
+        let name = taps[0].name().to_owned();
         let state = NetworkState {
             ifindex: ifindex(&name).unwrap_or(0),
             interface: name,
-            host_address: if guest.gateway.is_unspecified() {
+            host_address: if first.gateway.is_unspecified() {
                 String::new()
             } else {
-                format!("{}/{}", guest.gateway, guest.prefix)
+                format!("{}/{}", first.gateway, first.prefix)
             },
-            address: format!("{}/{}", guest.address, guest.prefix),
+            address: format!("{}/{}", first.address, first.prefix),
         };
-        let host = cela_vmm::net::HostNet {
-            nic: cela_vmm::net::NicConfig {
-                tap: std::sync::Arc::new(tap),
-                mac: guest.mac,
-            },
-            guest: Some(guest),
-        };
+        let host = taps
+            .into_iter()
+            .zip(guests)
+            .map(|(tap, guest)| cela_vmm::net::HostNet {
+                nic: cela_vmm::net::NicConfig {
+                    tap: std::sync::Arc::new(tap),
+                    mac: guest.mac,
+                },
+                guest: Some(guest),
+            })
+            .collect();
         return Ok(Some((host, state)));
     }
     if inst.config.net != NetMode::Auto {
@@ -384,7 +399,7 @@ pub fn setup_vm(
         host_address: format!("{}/{}", guest.gateway, guest.prefix),
         address: format!("{}/{}", guest.address, guest.prefix),
     };
-    Ok(Some((host, state)))
+    Ok(Some((vec![host], state)))
 }
 
 /// Points the container's spec at its network: the namespace file for `none`/`auto`, the

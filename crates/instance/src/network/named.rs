@@ -131,8 +131,9 @@ impl Attachment {
 }
 
 /// Refuses, before anything is made, networks an instance of `kind` with `--net mode`
-/// cannot join: none that does not exist, none twice, no more than [`MAX_ATTACHMENTS`] (one
-/// for a microVM, which has one NIC), none beside `--net host` or `auto`.
+/// cannot join: none that does not exist, none twice, no more than [`MAX_ATTACHMENTS`] (a
+/// microVM's network cards, one per network, no more than its monitor gives it), none beside
+/// `--net host` or `auto`.
 pub fn check_attachments(
     data_dir: &Path,
     kind: crate::record::Kind,
@@ -149,7 +150,7 @@ pub fn check_attachments(
         )));
     }
     let most = match kind {
-        crate::record::Kind::Vm => 1,
+        crate::record::Kind::Vm => MAX_ATTACHMENTS.min(cela_vmm::config::MAX_NICS),
         crate::record::Kind::Container => MAX_ATTACHMENTS,
     };
     if atts.len() > most {
@@ -157,7 +158,7 @@ pub fn check_attachments(
             "{} networks given: a {} joins at most {most}",
             atts.len(),
             match kind {
-                crate::record::Kind::Vm => "microVM (one NIC)",
+                crate::record::Kind::Vm => "microVM (a network card each)",
                 crate::record::Kind::Container => "container",
             }
         )));
@@ -897,38 +898,50 @@ impl Networks {
         }
     }
 
-    /// Joins the microVM `inst` to its network through the TAP `tap` (plugged into the
-    /// bridge and brought up); what its guest must configure.
+    /// Joins the microVM `inst` to its networks, in its config's order, each through its TAP
+    /// of `taps` (plugged into the bridge and brought up); what its guest must configure for
+    /// each card (the default route through the first network that has a gateway). On error,
+    /// what was joined is left joined: the caller leaves them all ([`Networks::leave`]).
     pub fn join_vm(
         &self,
         inst: &Instance,
-        tap: &str,
-        mac: [u8; 6],
-    ) -> Result<cela_guest::NetRequest, InstanceError> {
-        let [att] = inst.config.networks.as_slice() else {
-            return Err(InstanceError::Invalid(
-                "a microVM joins one network (it has one NIC)".into(),
-            ));
-        };
-        if att.mac.is_some() {
-            return Err(InstanceError::Invalid(
-                "--net NAME,mac= is for containers: a microVM's MAC is its NIC's".into(),
-            ));
+        taps: &[&str],
+    ) -> Result<Vec<cela_guest::NetRequest>, InstanceError> {
+        if inst.config.networks.len() != taps.len() {
+            return Err(InstanceError::Other(format!(
+                "{} networks and {} network cards",
+                inst.config.networks.len(),
+                taps.len()
+            )));
         }
-        let (net, ep) = self.join(inst, att, "", |net, _, _, mac| {
-            plug(net, tap, &format_mac(&mac)).map(|index| (tap.to_owned(), index))
-        })?;
-        let subnet = net.subnet()?;
-        Ok(cela_guest::NetRequest {
-            address: ep.address,
-            prefix: subnet.prefix,
-            gateway: if net.internal {
+        let mut routed = false;
+        let mut out = Vec::new();
+        for (att, tap) in inst.config.networks.iter().zip(taps) {
+            if att.mac.is_some() {
+                return Err(InstanceError::Invalid(
+                    "--net NAME,mac= is for containers: a microVM's MAC is its NIC's".into(),
+                ));
+            }
+            let (net, ep) = self.join(inst, att, "", |net, _, _, mac| {
+                plug(net, tap, &format_mac(&mac)).map(|index| (tap.to_string(), index))
+            })?;
+            let subnet = net.subnet()?;
+            let gateway = if net.internal || routed {
                 Ipv4Addr::UNSPECIFIED
             } else {
                 net.gateway
-            },
-            mac: parse_mac(&ep.mac).unwrap_or(mac),
-        })
+            };
+            routed |= !net.internal;
+            out.push(cela_guest::NetRequest {
+                address: ep.address,
+                prefix: subnet.prefix,
+                gateway,
+                mac: parse_mac(&ep.mac).ok_or_else(|| {
+                    InstanceError::Other(format!("a malformed MAC recorded: {}", ep.mac))
+                })?,
+            });
+        }
+        Ok(out)
     }
 
     /// Removes the instance `id` from every network it is on (its links deleted), and

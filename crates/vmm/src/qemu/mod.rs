@@ -245,7 +245,7 @@ pub fn qemu_args_with_disks(
     push(&["-device", "pvpanic"]);
     // Disks: virtio-blk on microvm's virtio-mmio transports, in order (vda, vdb, …), as
     // virtio 1.x devices like cela's own. QEMU's option syntax escapes a comma by doubling it.
-    if !config.disks.is_empty() || config.net.is_some() {
+    if !config.disks.is_empty() || !config.nets.is_empty() {
         push(&["-global", "virtio-mmio.force-legacy=false"]);
     }
     for (n, disk) in config.disks.iter().enumerate() {
@@ -289,13 +289,13 @@ pub fn qemu_args_with_disks(
     // The NIC: QEMU inherits the TAP cela opened (a TAP made by `--net auto` exists only
     // while a descriptor of it is open, so QEMU cannot open it by name). QEMU sees the vnet
     // header flag on the descriptor itself (`vnet_hdr=` is refused with `fd=`).
-    if let Some(nic) = &config.net {
+    for (n, nic) in config.nets.iter().enumerate() {
         let fd = nic.tap.as_raw_fd();
-        push(&["-netdev", &format!("tap,id=net0,fd={fd}")]);
+        push(&["-netdev", &format!("tap,id=net{n},fd={fd}")]);
         let mac = cela_guest::format_mac(&nic.mac);
         push(&[
             "-device",
-            &format!("virtio-net-device,netdev=net0,mac={mac}"),
+            &format!("virtio-net-device,netdev=net{n},mac={mac}"),
         ]);
     }
     if incoming {
@@ -371,7 +371,7 @@ impl QemuProcess {
         incoming: bool,
     ) -> Result<Self, QemuError> {
         let mut inherited = vec![fds.console, fds.control, fds.monitor];
-        inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
+        inherited.extend(config.nets.iter().map(|nic| nic.tap.as_raw_fd()));
         let jail_config = crate::jail::JailConfig {
             memory_overhead_mib: MEMORY_OVERHEAD_MIB,
             tasks: u64::from(config.vcpus) + 128,
@@ -620,7 +620,7 @@ pub fn run_with(
         (qemu, Some(Box::new(std::fs::File::from(r))))
     } else {
         let mut inherited = vec![fds.console, fds.control, fds.monitor];
-        inherited.extend(config.net.as_ref().map(|nic| nic.tap.as_raw_fd()));
+        inherited.extend(config.nets.iter().map(|nic| nic.tap.as_raw_fd()));
         let mut qemu = QemuProcess::spawn(&binary, &args, inherited)?;
         let stderr = match &mut qemu {
             QemuProcess::Plain(child) => child
@@ -841,7 +841,7 @@ mod tests {
             initrd: initrd.map(PathBuf::from),
             cmdline: "console=ttyS0 quiet cela.cmd=c2gA ".into(),
             disks: vec![],
-            net: None,
+            nets: Vec::new(),
             vsock: None,
             confine: true,
         }
@@ -987,10 +987,10 @@ mod tests {
         let tap = crate::net::tap::Tap::create("celaq%d").expect("creating a TAP");
         let fd = tap.as_raw_fd();
         let mut c = config(None);
-        c.net = Some(crate::net::NicConfig {
+        c.nets = vec![crate::net::NicConfig {
             tap: std::sync::Arc::new(tap),
             mac: [2, 0, 0, 0, 0, 0xa1],
-        });
+        }];
         let args = qemu_args(&c, FDS, 1).unwrap();
         assert_eq!(
             value(&args, "-global"),
@@ -1106,7 +1106,7 @@ mod tests {
                 initrd: Some(initrd.clone().into()),
                 cmdline: format!("{} {}", crate::BASE_CMDLINE, request.to_kernel_params()),
                 disks: vec![],
-                net: None,
+                nets: Vec::new(),
                 vsock: None,
                 confine: true,
             };

@@ -239,3 +239,29 @@ fn a_read_only_open_as_glibc_makes_gets_enoent_on_every_thread_kind() {
         assert_eq!(outcome, (-1, Some(libc::ENOENT)), "{}", name(kind));
     }
 }
+
+#[test]
+fn the_control_thread_may_pass_the_guest_its_names() {
+    use std::io::Read as _;
+    // What a `hosts` request does on the control thread: send on the init's control socket.
+    let stop = Arc::new(StopSignal::new());
+    let (ours, mut guest) = std::os::unix::net::UnixStream::pair().unwrap();
+    stop.attach_guest_channel(ours);
+    let filters = Filters::new().unwrap();
+    let s = stop.clone();
+    let sent = std::thread::spawn(move || {
+        filters.apply(ThreadKind::Control).unwrap();
+        let (block, _) = cela_guest::HostRequest::hosts_block(&[(
+            std::net::Ipv4Addr::new(10, 0, 0, 2),
+            "web".to_owned(),
+        )]);
+        s.send_when_attached(block)
+    })
+    .join()
+    .unwrap();
+    assert!(sent);
+    stop.detach_guest_channel();
+    let mut got = String::new();
+    guest.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hosts-begin\nhost 10.0.0.2 web\nhosts-end\n");
+}
