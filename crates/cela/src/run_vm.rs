@@ -361,6 +361,7 @@ pub fn run(mut args: RunArgs, data_dir: &std::path::Path) -> anyhow::Result<Exit
         user: args.user.clone(),
         tty: false,
         hosts: false,
+        links: Vec::new(),
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(extra) = &args.cmdline {

@@ -207,6 +207,91 @@ fn the_router_lab_routes_is_impaired_and_goes_away_whole() {
     w.err(&["lab", "inspect", "line"], "no lab named line");
 }
 
+/// The issue's minimal lab: the router in the middle is a microVM (QEMU here) whose two
+/// cards are its ends of the links, TAPs in the lab's namespace, named and addressed in the
+/// guest as the file says; it forwards between the hosts, and its links are impaired like
+/// any other.
+#[test]
+fn a_microvm_routes_between_its_lab_links() {
+    let w = World::new();
+    let file = lab_file(
+        &w,
+        "vmline.yml",
+        r#"
+name: vmline
+topology:
+  defaults: {image: testimg, cmd: [sleep, "600"]}
+  nodes:
+    h1: {routes: ["10.0.2.0/24 via 10.0.1.2"]}
+    r1:
+      kind: vm
+      memory: 256
+      cmd: [sh, -c, "echo 1 > /proc/sys/net/ipv4/ip_forward; ip -4 -o addr show; echo forwarding; exec sleep 600"]
+    h2: {routes: ["default via 10.0.2.1"]}
+  links:
+    - endpoints: ["h1:eth1", "r1:eth1"]
+      addresses: ["10.0.1.1/24", "10.0.1.2/24"]
+    - endpoints: ["r1:eth2", "h2:eth1"]
+      addresses: ["10.0.2.1/24", "10.0.2.2/24"]
+"#,
+    );
+    let up = w.ok(&["lab", "up", &file]);
+    assert!(up.contains("lab vmline is up: 3 nodes, 2 links"), "{up}");
+    let v = inspect(&w, "vmline");
+    assert_eq!(v["links"][0]["up"], true, "{v}");
+    assert_eq!(v["links"][1]["up"], true, "{v}");
+    // The VM's ends are TAPs in the lab's namespace.
+    let netns = w.data().join("labs/vmline.netns");
+    let ends = host_ok(&[
+        "nsenter",
+        &format!("--net={}", netns.display()),
+        "ip",
+        "-d",
+        "-o",
+        "link",
+    ]);
+    for end in ["l0b", "l1a"] {
+        assert!(
+            ends.lines()
+                .any(|l| l.contains(&format!(": {end}:")) && l.contains("tun")),
+            "{end} is no TAP: {ends}"
+        );
+    }
+    let start = std::time::Instant::now();
+    let logs = loop {
+        let logs = w.ok(&["logs", "vmline-r1"]);
+        if logs.contains("forwarding") {
+            break logs;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "r1 never came up: {logs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for (dev, addr) in [("eth1", "10.0.1.2/24"), ("eth2", "10.0.2.1/24")] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains(&format!(" {dev} ")) && l.contains(&format!("inet {addr}"))),
+            "{logs}"
+        );
+    }
+    // End to end through the VM.
+    let base = rtt(&w, "vmline-h1", "10.0.2.2", 5);
+    // 50 ms on the link to the VM, both ways: the relay carries a TAP's frames too.
+    w.ok(&["lab", "impair", "vmline", "r1:eth1", "--delay", "50"]);
+    let slow = rtt(&w, "vmline-h1", "10.0.2.2", 5);
+    assert!(
+        (base + 95.0..base + 250.0).contains(&slow),
+        "50 ms each way: {base} ms became {slow} ms"
+    );
+    w.err(&["snapshot", "vmline-r1"], "more than one network card");
+    w.ok(&["lab", "down", "vmline"]);
+    assert!(!netns.exists(), "the lab's namespace left");
+    assert!(relays(&w).is_empty(), "a relay left");
+    assert_eq!(w.ok(&["ps", "-a", "--format", "json"]).trim(), "[]");
+}
+
 #[test]
 fn a_star_on_a_lab_network_reaches_each_other_by_name() {
     let w = World::new();

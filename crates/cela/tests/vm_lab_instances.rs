@@ -6,8 +6,9 @@
 //! console (`-it`) typed into through `cela attach`; a counting VM saved as a snapshot (cela's
 //! own engine: state, RAM, devices, disk), restored twice and forked, each copy counting on
 //! under its own name with its own random numbers, and `exec` into a copy; a VM with
-//! `--net auto` restored and forked eight times, each copy on a link of its own. See
-//! docs/TESTING.md.
+//! `--net auto` restored and forked eight times, each copy on a link of its own; two VMs on
+//! named networks, one with a card on each of two, naming each other (the hosts file through
+//! the monitor's control connection). See docs/TESTING.md.
 
 mod common;
 mod images;
@@ -125,6 +126,25 @@ $C rm -f ns nr nf-1 nf-2 nf-3 nf-4 nf-5 nf-6 nf-7 nf-8 >/dev/null; echo rm_rc=$?
 $C snapshot rm ns1 >/dev/null; echo snaprm_rc=$?
 echo $(( $(ls /tmp/cela-data/instances | wc -l) + $(ls -A /tmp/cela-data/snapshots | wc -l) )); ps | grep -c '[_]_supervise'; ls /sys/class/net | grep -c '^cela[0-9]'; true"#,
     ),
+    (
+        "names_net",
+        r#"nft --version >/dev/null || { echo "no nft in L1" >&2; exit 94; }
+up() { cut -d. -f1 /proc/uptime; }
+wait_log() { t0=$(up); until $C logs $1 | grep -q "$2"; do [ $(($(up)-t0)) -gt 90 ] && { echo "$1 never said $2:" >&2; $C inspect $1 >&2; $C logs $1 | tail -5 >&2; exit 96; }; sleep 0.2; done; }
+$C network create --subnet 10.88.1.0/24 n1 >/dev/null || exit 98
+$C network create --subnet 10.88.2.0/24 n2 >/dev/null || exit 98
+$C run -d $VM --memory 128 --net n1 --name a img sh -c 'echo up; i=0; until grep -q "[[:space:]]b$" /etc/hosts; do i=$((i+1)); [ $i -gt 600 ] && exit 9; sleep 0.2; done; echo saw-b; exec sleep 600' >/dev/null || exit 98
+wait_log a up
+$C run -d $VM --memory 128 --net n1 --net n2 --name b img sh -c 'echo "names_a=$(grep -c "[[:space:]]a$" /etc/hosts)"; ip -4 -o addr show | grep -o "eth[01] *inet [0-9./]*" | tr -s " "; echo "defaults=$(ip route | grep -c ^default)"; ping -c 1 -W 2 a >/dev/null && echo reached-a; exec sleep 600' >/dev/null || exit 98
+wait_log b reached-a
+$C logs b
+wait_log a saw-b
+echo a_saw_b
+$C snapshot b 2>&1 | grep -o "more than one network card"
+$C rm -f a b >/dev/null; echo rm_rc=$?
+$C network rm n1 n2 >/dev/null; echo netrm_rc=$?
+ls /sys/class/net | grep -c '^cela[0-9]'; true"#,
+    ),
 ];
 
 fn report() -> &'static LabReport {
@@ -150,6 +170,8 @@ fn report() -> &'static LabReport {
                     std::path::Path::new("/usr/sbin/mkfs.ext4"),
                     "/lab/bin/mkfs.ext4",
                 ),
+                // Named networks' rules.
+                (std::path::Path::new("/usr/sbin/nft"), "/lab/bin/nft"),
             ],
             Duration::from_secs(240),
             Duration::from_secs(600),
@@ -328,4 +350,27 @@ fn a_workload_on_the_guest_console_is_typed_into_through_attach() {
         "{}",
         r.stderr_str()
     );
+}
+
+#[test]
+fn vms_on_named_networks_name_each_other_and_one_has_a_card_on_each_of_two() {
+    let r = report().get("names_net");
+    r.expect_rc(0);
+    let out = r.stdout_str();
+    let err = r.stderr_str();
+    for want in [
+        "names_a=1\n",
+        "eth0 inet 10.88.1.",
+        "eth1 inet 10.88.2.",
+        "defaults=1\n",
+        "reached-a\n",
+        "a_saw_b\n",
+        "more than one network card\n",
+        "rm_rc=0\nnetrm_rc=0\n0\n",
+    ] {
+        assert!(
+            out.contains(want),
+            "{want:?} in:\n{out}\n--- stderr ---\n{err}"
+        );
+    }
 }

@@ -50,6 +50,10 @@ pub const ROOTFS_SERIAL: &str = "cela-rootfs";
 /// address), once per card in the machine's order. Absent: the init leaves network interfaces
 /// alone.
 pub const NET_PARAM: &str = "cela.net";
+/// Kernel parameter carrying one lab link's card, encoded like [`CMD_PARAM`]: the entries
+/// `NAME`, `MAC` and `ADDRESS/PREFIX` (empty for none), once per link card
+/// ([`LinkRequest`]).
+pub const LINK_PARAM: &str = "cela.link";
 /// Kernel parameter carrying the workload's working directory (encoded like [`CMD_PARAM`], one
 /// entry). Absent: `/`.
 pub const WORKDIR_PARAM: &str = "cela.workdir";
@@ -97,6 +101,9 @@ pub struct BootRequest {
     /// The network interfaces the init configures before running the command, in the
     /// machine's order (a default route through at most one of them).
     pub nets: Vec<NetRequest>,
+    /// The lab links' cards (after the networks' in the machine's order): renamed and
+    /// addressed as the lab file says, no route through them.
+    pub links: Vec<LinkRequest>,
     /// The command's working directory (absolute); `None` is `/`.
     pub workdir: Option<String>,
     /// `USER[:GROUP]` (names or numbers) the command runs as; `None` is root.
@@ -109,6 +116,71 @@ pub struct BootRequest {
     /// [`HostRequest::Host`] lines, again whenever they change); the init writes them to the
     /// root's `/etc/hosts` and waits for the first block before starting the workload.
     pub hosts: bool,
+}
+
+/// One card of a lab link (`cela lab up` with a vm node at a link's end): the init names the
+/// interface with MAC address `mac` `name` and gives it `address`, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRequest {
+    /// An interface name: 1 to 15 of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    pub mac: [u8; 6],
+    pub address: Option<(std::net::Ipv4Addr, u8)>,
+}
+
+impl LinkRequest {
+    fn encode(&self) -> String {
+        encode_list(&[
+            self.name.clone(),
+            format_mac(&self.mac),
+            self.address
+                .map(|(a, p)| format!("{a}/{p}"))
+                .unwrap_or_default(),
+        ])
+    }
+
+    fn decode(value: &str) -> Result<Self, DecodeError> {
+        let bad = |reason: String| DecodeError {
+            param: LINK_PARAM,
+            reason,
+        };
+        let fields = decode_list(LINK_PARAM, value)?;
+        let [name, mac, address] = fields.as_slice() else {
+            return Err(bad(format!(
+                "expected NAME, MAC and ADDRESS/PREFIX, got {} fields",
+                fields.len()
+            )));
+        };
+        let valid = (1..16).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid {
+            return Err(bad(format!("{name:?} is not an interface name")));
+        }
+        let mac = parse_mac(mac).ok_or_else(|| bad(format!("{mac:?} is not a MAC address")))?;
+        let address = if address.is_empty() {
+            None
+        } else {
+            let (a, p) = address
+                .split_once('/')
+                .ok_or_else(|| bad(format!("{address:?} is not ADDRESS/PREFIX")))?;
+            let a = a
+                .parse()
+                .map_err(|_| bad(format!("{a:?} is not an IPv4 address")))?;
+            let p: u8 = p
+                .parse()
+                .ok()
+                .filter(|p| (1..=32).contains(p))
+                .ok_or_else(|| bad(format!("prefix {p:?} is not in 1..=32")))?;
+            Some((a, p))
+        };
+        Ok(LinkRequest {
+            name: name.clone(),
+            mac,
+            address,
+        })
+    }
 }
 
 /// The guest side of one network card: the init gives the interface with MAC address `mac`
@@ -259,6 +331,9 @@ impl BootRequest {
         for net in &self.nets {
             params.push(format!("{NET_PARAM}={}", net.encode()));
         }
+        for link in &self.links {
+            params.push(format!("{LINK_PARAM}={}", link.encode()));
+        }
         if let Some(dir) = &self.workdir {
             params.push(format!(
                 "{WORKDIR_PARAM}={}",
@@ -320,6 +395,11 @@ impl BootRequest {
                 .and_then(|r| r.strip_prefix('='))
             {
                 req.nets.push(NetRequest::decode(v)?);
+            } else if let Some(v) = word
+                .strip_prefix(LINK_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                req.links.push(LinkRequest::decode(v)?);
             } else if let Some(v) = word
                 .strip_prefix(WORKDIR_PARAM)
                 .and_then(|r| r.strip_prefix('='))
@@ -672,6 +752,18 @@ mod tests {
                     mac: [0x02, 0xce, 0x1a, 0, 0xab, 0x01],
                 },
             ],
+            links: vec![
+                LinkRequest {
+                    name: "eth1".into(),
+                    mac: [0x02, 0xce, 0x1a, 0, 0xab, 0x02],
+                    address: Some(([10, 0, 1, 2].into(), 24)),
+                },
+                LinkRequest {
+                    name: "r1-up.x".into(),
+                    mac: [0x02, 0xce, 0x1a, 0, 0xab, 0x03],
+                    address: None,
+                },
+            ],
             workdir: Some("/srv/a b".into()),
             user: Some("nobody:nogroup".into()),
             tty: true,
@@ -679,7 +771,30 @@ mod tests {
         };
         let cmdline = format!("console=ttyS0 quiet {} panic=-1", req.to_kernel_params());
         // One word per parameter: the kernel splits its command line on spaces.
-        assert_eq!(req.to_kernel_params().split(' ').count(), 9);
+        assert_eq!(req.to_kernel_params().split(' ').count(), 11);
+        let enc = |fields: &[&str]| {
+            let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+            format!("{LINK_PARAM}={}", encode_list(&fields))
+        };
+        for (fields, needle) in [
+            (&["eth1", "02:00:00:00:00:01"][..], "got 2 fields"),
+            (&["eth 1", "02:00:00:00:00:01", ""][..], "interface name"),
+            (
+                &["a-very-long-name", "02:00:00:00:00:01", ""][..],
+                "interface name",
+            ),
+            (&["eth1", "02:00:00:00:00", ""][..], "MAC"),
+            (
+                &["eth1", "02:00:00:00:00:01", "10.0.0.1"][..],
+                "ADDRESS/PREFIX",
+            ),
+            (&["eth1", "02:00:00:00:00:01", "10.0.0.1/33"][..], "prefix"),
+        ] {
+            let e = BootRequest::from_cmdline(&enc(fields))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{fields:?}: {e}");
+        }
         assert_eq!(BootRequest::from_cmdline(&cmdline).unwrap(), req);
     }
 

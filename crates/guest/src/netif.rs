@@ -114,6 +114,15 @@ pub fn set_ipv4(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetifError
     ioctl(libc::SIOCSIFNETMASK, &mut req).map_err(fail("setting the netmask", name))
 }
 
+/// Renames interface `name` (which must be down) to `new`.
+pub fn rename(name: &str, new: &str) -> Result<(), NetifError> {
+    let what = "renaming";
+    let mut req = ifreq(name).map_err(fail(what, name))?;
+    let target = ifreq(new).map_err(fail(what, new))?;
+    req.ifr_ifru.ifru_newname = target.ifr_name;
+    ioctl(libc::SIOCSIFNAME, &mut req).map_err(fail(what, name))
+}
+
 /// Sets the UP flag of interface `name`.
 pub fn set_up(name: &str) -> Result<(), NetifError> {
     set_flag(name, libc::IFF_UP, true)

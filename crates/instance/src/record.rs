@@ -132,6 +132,9 @@ pub struct InstanceConfig {
     /// `--net NAME[,ip=…][,mac=…]`: the named networks it joins, in order (`eth0`, `eth1`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<crate::network::named::Attachment>,
+    /// A lab's vm node: its ends of the lab's links, a network card each after its networks'.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::lab::link::VmEnd>,
     /// `-p`: ports of the host published to the instance's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::network::ports::PortMapping>,
@@ -718,6 +721,7 @@ mod tests {
             vm: None,
             net: NetMode::None,
             networks: Vec::new(),
+            links: Vec::new(),
             ports: Vec::new(),
             security: Default::default(),
             stdin: false,

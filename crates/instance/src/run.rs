@@ -80,6 +80,8 @@ pub struct RunRequest {
     pub net: NetMode,
     /// Named networks to join (`--net NAME`), with `net` left at `none`.
     pub networks: Vec<crate::network::named::Attachment>,
+    /// A lab's vm node: its ends of the lab's links (`cela lab up` sets them).
+    pub links: Vec<crate::lab::link::VmEnd>,
     /// `-p`: host ports published to the instance's (needs `--net auto` or a network).
     pub ports: Vec<crate::network::ports::PortMapping>,
     pub security: Security,
@@ -117,6 +119,7 @@ impl RunRequest {
             memory_mib: None,
             net: NetMode::None,
             networks: Vec::new(),
+            links: Vec::new(),
             ports: Vec::new(),
             security: Security::default(),
             guest: GuestFiles::Default,
@@ -299,6 +302,7 @@ pub fn create(
         vm: boot,
         net: req.net,
         networks: req.networks.clone(),
+        links: req.links.clone(),
         ports: req.ports.clone(),
         security: req.security.clone(),
         labels: req.labels.clone(),

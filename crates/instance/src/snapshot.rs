@@ -265,6 +265,12 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
     // A VM on a named network is snapshotted as any other: a copy rejoins the network with an
     // address and MAC of its own, and its guest is moved to them on resume (`restore_checked`).
     // That move is of one card.
+    if !inst.config.links.is_empty() {
+        return Err(InstanceError::Unsupported(format!(
+            "{} is at the end of lab links: a microVM with more than one network card cannot be snapshotted yet",
+            inst.config.name
+        )));
+    }
     if inst.config.networks.len() > 1 {
         return Err(InstanceError::Unsupported(format!(
             "{} is on {} networks: a microVM with more than one network card cannot be snapshotted yet",
@@ -969,6 +975,8 @@ fn restore_checked(
         // A host port is one instance's: copies do not publish the source's.
         ports: Vec::new(),
         networks,
+        // Snapshots are not taken of a VM on lab links.
+        links: Vec::new(),
         security: Default::default(),
         vm: Some(crate::record::VmBoot {
             kernel,

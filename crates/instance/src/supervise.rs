@@ -261,17 +261,16 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
             InstanceError::Other(format!("{} is not in a data directory", inst.dir.display()))
         })?;
     let disk = instance_disk(store, inst)?;
-    // The TAP of `--net auto` lives as long as `host_net` (and QEMU's inherited copy).
+    // The TAPs (of `--net auto`, and of lab links) live as long as `host_net` (and QEMU's
+    // inherited copies).
     let host_net = crate::network::setup_vm(inst)?;
-    crate::network::publish_ports(inst, host_net.as_ref().map(|(_, s)| s))?;
+    crate::network::publish_ports(inst, host_net.state.as_ref())?;
     let request = cela_guest::BootRequest {
         command: Some(inst.config.command.clone()),
         env: inst.config.env.clone(),
         root: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
-        nets: host_net
-            .iter()
-            .flat_map(|(h, _)| h.iter().filter_map(|h| h.guest))
-            .collect(),
+        nets: host_net.cards.iter().filter_map(|h| h.guest).collect(),
+        links: host_net.links.clone(),
         workdir: inst.config.workdir.clone(),
         user: inst.config.user.clone(),
         tty: inst.config.tty,
@@ -301,16 +300,13 @@ fn run_vm(store: &Store, inst: &Instance, state: &mut InstanceState) -> Result<i
             serial: Some(cela_guest::ROOTFS_SERIAL.to_owned()),
             ..DiskConfig::parse(&disk.display().to_string())
         }],
-        nets: host_net
-            .iter()
-            .flat_map(|(h, _)| h.iter().map(|h| h.nic.clone()))
-            .collect(),
+        nets: host_net.cards.iter().map(|h| h.nic.clone()).collect(),
         vsock,
         confine: vm.confine,
     };
     state.pid = Some(std::process::id() as i32);
     state.engine = Some(engine.to_string());
-    state.network = host_net.as_ref().map(|(_, s)| s.clone());
+    state.network = host_net.state.clone();
     // A boot is running from here; a restore only once its state is loaded and the guest
     // runs on (so `run::start` reports a restore that fails).
     if restore.is_none() {

@@ -12,8 +12,9 @@
 //! through `cela_assets` into a cache (`$CELA_LAB_CACHE`, default `/var/tmp/cela-lab-cache`).
 //! [`Lab::run`] then, for one [`LabRun`]:
 //! 1. builds an uncompressed newc initramfs in a temporary directory: busybox and its applet
-//!    links, the modules `irqbypass`, `kvm`, `kvm-amd`, `tun` and `pvpanic`/`pvpanic-mmio`
-//!    (dependencies first), the
+//!    links, the modules `irqbypass`, `kvm`, `kvm-amd`, `tun`, `pvpanic`/`pvpanic-mmio` and
+//!    those of cela's networks (`bridge`, `veth`, nftables), dependencies
+//!    first, the
 //!    caller's files (directories recursively; dynamically linked programs with the libraries
 //!    and loader `ldd` names), one script per scenario, and an `/init` script
 //!    (`src/protocol.rs` documents it and the console framing);
@@ -81,8 +82,25 @@ use initramfs::{Entry, Source, Tree, archive_path};
 use protocol::ScenarioPlan;
 
 /// The kernel modules L1 loads: KVM for AMD (its closure brings `kvm` and `irqbypass`), TUN
-/// for VMM network tests, and pvpanic-mmio so that an L1 panic ends QEMU at once.
-const L1_MODULES: &[&str] = &["kvm_amd", "tun", "pvpanic_mmio"];
+/// for VMM network tests, pvpanic-mmio so that an L1 panic ends QEMU at once, and what cela's
+/// named networks use: bridges, veths and the nftables expressions of their rules (the
+/// bridge family's port guard with its own `meta`, NAT, connection marks, `fib`), with their
+/// closures (conntrack, nf_nat, nfnetlink). L1 has no modprobe: a missing one fails a rule
+/// with "No such file or directory".
+const L1_MODULES: &[&str] = &[
+    "kvm_amd",
+    "tun",
+    "pvpanic_mmio",
+    "bridge",
+    "veth",
+    "nf_tables",
+    "nft_ct",
+    "nft_nat",
+    "nft_masq",
+    "nft_chain_nat",
+    "nft_fib_inet",
+    "nft_meta_bridge",
+];
 
 /// Where in L1 the modules are put.
 const L1_MODULE_DIR: &str = "lib/modules/lab";

@@ -71,6 +71,11 @@ export PATH=/lab:/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The links udev makes on a real host (nft -f - reads /dev/stdin).
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs tmpfs /tmp
 # cgroup2, as a systemd host has it: cela's jailed monitors get their cgroups there.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup

@@ -182,6 +182,9 @@ pub fn validate(config: &MachineConfig) -> Result<(), ConfigError> {
         });
     }
     let nics = config.nets.len();
+    if config.disks.len() > MAX_DISKS {
+        return Err(ConfigError::TooManyDisks(config.disks.len()));
+    }
     if nics > MAX_NICS || config.disks.len() + nics.max(1) > MAX_DISKS + 1 {
         return Err(ConfigError::TooManyNics {
             nics,

@@ -122,7 +122,7 @@ fn read_line(stream: &UnixStream, want_fds: bool) -> io::Result<Option<(Vec<u8>,
         if line.len() > MAX_LINE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "a control line longer than 4 KiB",
+                "a control line longer than 128 KiB",
             ));
         }
     }
@@ -131,13 +131,16 @@ fn read_line(stream: &UnixStream, want_fds: bool) -> io::Result<Option<(Vec<u8>,
 fn write_line(stream: &UnixStream, value: &impl Serialize, fds: &[RawFd]) -> io::Result<()> {
     let mut line = serde_json::to_vec(value).expect("control messages serialize");
     line.push(b'\n');
+    if fds.is_empty() {
+        // A long line (a hosts file) may go in parts; a signal cannot cut it short.
+        return std::io::Write::write_all(&mut &*stream, &line);
+    }
     let iov = [IoSlice::new(&line)];
     let rights = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     let sent = sendmsg::<()>(
         stream.as_raw_fd(),
         &iov,
-        cmsgs,
+        &rights,
         MsgFlags::MSG_NOSIGNAL,
         None,
     )

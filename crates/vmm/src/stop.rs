@@ -97,34 +97,50 @@ impl StopSignal {
     /// Lets [`StopSignal::send_to_guest`] write on `channel` (a second handle of the control
     /// connection) until [`StopSignal::detach_guest_channel`].
     pub fn attach_guest_channel(&self, channel: UnixStream) {
-        // The queue is taken under the channel's lock, which `send_when_attached` holds while
-        // it decides to queue: a request is either queued before this or sent by its caller.
-        let queued = {
-            let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
-            *slot = Some(channel);
-            std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()))
-        };
+        // The queue is sent under the channel's lock, which `send_when_attached` holds while
+        // it decides to queue: a request is either queued before this and sent here, or sent
+        // by its caller after these.
+        let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(channel);
+        let queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
+        if queued.is_empty() {
+            return;
+        }
+        // A bare newline first: a line the guest had half received when it was saved is
+        // ended there, not glued to the first of these.
+        if !self.send_locked(&mut slot, "\n") {
+            tracing::warn!("the guest's init did not take a request after its restore");
+            return;
+        }
         for r in queued {
-            if !self.send_to_guest(r) {
+            if !self.send_locked(&mut slot, &r.to_line()) {
                 tracing::warn!("the guest's init did not take a request after its restore");
+                return;
             }
         }
     }
 
     /// Sends `requests` now if the control channel is attached, else as soon as it is; false
-    /// if one of them could not be sent now (see [`StopSignal::send_to_guest`]).
+    /// if one of them could not be sent now (see [`StopSignal::send_to_guest`]). A hosts block
+    /// queued replaces one queued before it: only the newest is worth sending.
     pub fn send_when_attached(&self, requests: Vec<HostRequest>) -> bool {
-        {
-            let slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                self.queued
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(requests);
-                return true;
+        let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let mut queue = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+            if requests.first() == Some(&HostRequest::HostsBegin) {
+                queue.retain(|r| {
+                    !matches!(
+                        r,
+                        HostRequest::HostsBegin | HostRequest::Host { .. } | HostRequest::HostsEnd
+                    )
+                });
             }
+            queue.extend(requests);
+            return true;
         }
-        requests.into_iter().all(|r| self.send_to_guest(r))
+        requests
+            .into_iter()
+            .all(|r| self.send_locked(&mut slot, &r.to_line()))
     }
 
     /// Refuses (`true`) or lets through (`false`) requests to the guest from now on; a caller
@@ -144,15 +160,19 @@ impl StopSignal {
     /// neither a client's stream of sizes nor a guest that stops reading holds up a stop's
     /// SIGTERM (whose caller stops the machine when this fails).
     pub fn send_to_guest(&self, request: HostRequest) -> bool {
+        // Held only for one non-blocking send; a poisoned lock still holds the channel.
+        let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
+        self.send_locked(&mut slot, &request.to_line())
+    }
+
+    /// [`StopSignal::send_to_guest`] of one line, with the channel's lock held.
+    fn send_locked(&self, slot: &mut Option<UnixStream>, line: &str) -> bool {
         if self.held.load(std::sync::atomic::Ordering::SeqCst) {
             return false;
         }
-        // Held only for one non-blocking send; a poisoned lock still holds the channel.
-        let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
         let Some(channel) = slot.as_ref() else {
             return false;
         };
-        let line = request.to_line();
         // A line this short goes into a Unix stream socket whole or not at all.
         match nix::sys::socket::send(
             std::os::fd::AsRawFd::as_raw_fd(channel),

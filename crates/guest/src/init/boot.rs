@@ -77,7 +77,7 @@ pub fn run() -> ! {
         power::silence_kernel_console();
         power::power_off();
     }
-    if let Err(e) = super::net::configure_all(&request.nets) {
+    if let Err(e) = super::net::configure_cards(&request.nets, &request.links) {
         say!("configuring the network: {e}");
         control.send(ControlMessage::Exit(BAD_REQUEST_STATUS));
         power::silence_kernel_console();

@@ -12,46 +12,78 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use cela_guest::{NetRequest, format_mac, netif};
+use cela_guest::{LinkRequest, NetRequest, format_mac, netif};
 
-/// The interface [`configure`] set up and what it was given; `None` before, or without a
-/// network.
+/// The first network's interface [`configure_cards`] set up and what it was given; `None`
+/// before, or without a network.
 static CONFIGURED: Mutex<Option<(String, NetRequest)>> = Mutex::new(None);
 
-/// Configures the cards `requests` describe, in order; an error says which step failed.
-pub fn configure_all(requests: &[NetRequest]) -> Result<(), String> {
-    if let [one] = requests {
-        return configure(one, true);
+/// Configures the machine's cards: the networks' (`nets`, named `eth0`, `eth1`, … in their
+/// order, whatever order the kernel probed them in) and the lab links' (`links`, named as the
+/// lab file says). Each is found by its MAC address; all are renamed through temporary names
+/// first, so that no card's new name is another's current one. An error says which step
+/// failed.
+pub fn configure_cards(nets: &[NetRequest], links: &[LinkRequest]) -> Result<(), String> {
+    if nets.is_empty() && links.is_empty() {
+        return Ok(());
     }
-    for r in requests {
-        configure(r, false)?;
-    }
-    Ok(())
-}
-
-/// Configures the card `request` describes (with `alone`, the machine's only virtio NIC is
-/// taken whatever its MAC address); an error says which step failed.
-fn configure(request: &NetRequest, alone: bool) -> Result<(), String> {
     let _ = netif::set_up("lo");
     let sys = Path::new("/sys/class/net");
-    // By its MAC; else the only virtio NIC there is: a machine saved before its NIC
-    // was probed and restored elsewhere probes it with the new MAC, while this request (its
-    // command line) still names the old one. The restore's own request then moves it.
-    let name = interface_with_mac(sys, &request.mac)
-        .or_else(|| alone.then(|| only_virtio_nic(sys)).flatten())
-        .ok_or_else(|| {
+    let alone = nets.len() == 1 && links.is_empty();
+    let mut cards = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
+        // By its MAC; else the only virtio NIC there is: a machine saved before its NIC
+        // was probed and restored elsewhere probes it with the new MAC, while this request (its
+        // command line) still names the old one. The restore's own request then moves it.
+        let now = interface_with_mac(sys, &n.mac)
+            .or_else(|| alone.then(|| only_virtio_nic(sys)).flatten())
+            .ok_or_else(|| {
+                format!(
+                    "no network interface has MAC address {} (is virtio_net loaded?)",
+                    format_mac(&n.mac)
+                )
+            })?;
+        cards.push((now, format!("eth{i}")));
+    }
+    for l in links {
+        let now = interface_with_mac(sys, &l.mac).ok_or_else(|| {
             format!(
-                "no network interface has MAC address {} (is virtio_net loaded?)",
-                format_mac(&request.mac)
+                "no network interface has MAC address {} (the card of link {})",
+                format_mac(&l.mac),
+                l.name
             )
         })?;
-    netif::set_ipv4(&name, request.address, request.prefix).map_err(|e| e.to_string())?;
-    netif::set_up(&name).map_err(|e| e.to_string())?;
-    // An internal network (`cela network create --internal`) has no gateway.
-    if !request.gateway.is_unspecified() {
-        netif::add_default_route(request.gateway).map_err(|e| e.to_string())?;
+        cards.push((now, l.name.clone()));
     }
-    *CONFIGURED.lock().unwrap_or_else(|e| e.into_inner()) = Some((name, *request));
+    if cards.iter().any(|(now, want)| now != want) {
+        for (i, (now, _)) in cards.iter_mut().enumerate() {
+            // `~` is in no name a lab file gives.
+            let temp = format!("cela~{i}");
+            netif::rename(now, &temp).map_err(|e| e.to_string())?;
+            *now = temp;
+        }
+        for (now, want) in &mut cards {
+            netif::rename(now, want).map_err(|e| e.to_string())?;
+            *now = want.clone();
+        }
+    }
+    for (n, (name, _)) in nets.iter().zip(&cards) {
+        netif::set_ipv4(name, n.address, n.prefix).map_err(|e| e.to_string())?;
+        netif::set_up(name).map_err(|e| e.to_string())?;
+        // An internal network (`cela network create --internal`) has no gateway.
+        if !n.gateway.is_unspecified() {
+            netif::add_default_route(n.gateway).map_err(|e| e.to_string())?;
+        }
+    }
+    if let (Some(first), Some((name, _))) = (nets.first(), cards.first()) {
+        *CONFIGURED.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.clone(), *first));
+    }
+    for (l, (name, _)) in links.iter().zip(&cards[nets.len()..]) {
+        if let Some((address, prefix)) = l.address {
+            netif::set_ipv4(name, address, prefix).map_err(|e| e.to_string())?;
+        }
+        netif::set_up(name).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 

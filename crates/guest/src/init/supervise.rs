@@ -99,8 +99,8 @@ pub struct Pid1Events {
     requests: Option<(OwnedFd, ControlParser<HostRequest>)>,
     /// The hosts file being received.
     hosts: super::hosts::Block,
-    /// How many hosts files were installed.
-    hosts_installed: u64,
+    /// How many hosts files were received.
+    hosts_received: u64,
 }
 
 impl Pid1Events {
@@ -124,7 +124,7 @@ impl Pid1Events {
             queue: VecDeque::new(),
             requests: None,
             hosts: Default::default(),
-            hosts_installed: 0,
+            hosts_received: 0,
         })
     }
 
@@ -178,7 +178,7 @@ impl Pid1Events {
     /// the workload starts knowing its neighbours' names; false if none came.
     pub fn wait_for_hosts(&mut self, bound: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + bound;
-        while self.hosts_installed == 0 {
+        while self.hosts_received == 0 {
             let Some((channel, _)) = &self.requests else {
                 return false;
             };
@@ -224,9 +224,13 @@ impl Pid1Events {
                         HostRequest::Host { address, name } => self.hosts.add(address, name),
                         HostRequest::HostsEnd => {
                             if let Some(text) = self.hosts.end() {
-                                match super::hosts::install(std::path::Path::new("/"), &text) {
-                                    Ok(()) => self.hosts_installed += 1,
-                                    Err(e) => super::say!("writing /etc/hosts: {e}"),
+                                // Received is enough to end the wait for it: a root where it
+                                // cannot be written would only make every boot wait longer.
+                                self.hosts_received += 1;
+                                if let Err(e) =
+                                    super::hosts::install(std::path::Path::new("/"), &text)
+                                {
+                                    super::say!("writing /etc/hosts: {e}");
                                 }
                             }
                         }

@@ -390,11 +390,6 @@ impl LabFile {
                     .iter()
                     .find(|p| p.name == node)
                     .ok_or_else(|| format!("{what}: no node {node:?}"))?;
-                if planned.kind == Kind::Vm {
-                    return Err(format!(
-                        "{what}: {node} is a vm; a microVM joins a lab through one of its networks (links are for containers)"
-                    ));
-                }
                 if !valid_iface(iface) {
                     return Err(format!(
                         "{what}: {iface:?} is not an interface name (a letter, then letters, digits, _ or -; at most 15)"
@@ -451,6 +446,21 @@ impl LabFile {
             });
         }
         check_addresses(&links)?;
+        for n in nodes.iter().filter(|n| n.kind == Kind::Vm) {
+            let cards = n.networks.len()
+                + links
+                    .iter()
+                    .flat_map(|l| &l.ends)
+                    .filter(|e| e.node == n.name)
+                    .count();
+            if cards > cela_vmm::config::MAX_NICS {
+                return Err(format!(
+                    "node {}: {cards} networks and links are more than the {} network cards a vm has",
+                    n.name,
+                    cela_vmm::config::MAX_NICS
+                ));
+            }
+        }
         for n in &nodes {
             check_routes(n, &links, &networks)?;
         }
@@ -685,9 +695,20 @@ topology:
         assert!(e.contains("network lan"), "{e}");
         let ok = text.replace("a:eth0", "a:eth1");
         LabFile::parse(&ok).unwrap().plan(None).unwrap();
+        // A vm ends links too, a network card each, at most eight with its networks.
         let vm_link = ok.replace("b: {image: i}", "b: {image: i, kind: vm}");
-        let e = LabFile::parse(&vm_link).unwrap().plan(None).unwrap_err();
-        assert!(e.contains("is a vm"), "{e}");
+        LabFile::parse(&vm_link).unwrap().plan(None).unwrap();
+        let mut many = String::from("name: m\ntopology:\n  nodes:\n    v: {image: i, kind: vm}\n");
+        let mut links = String::from("  links:\n");
+        for n in 0..9 {
+            many.push_str(&format!("    c{n}: {{image: i}}\n"));
+            links.push_str(&format!("    - endpoints: [\"v:e{n}\", \"c{n}:eth1\"]\n"));
+        }
+        let e = LabFile::parse(&(many + &links))
+            .unwrap()
+            .plan(None)
+            .unwrap_err();
+        assert!(e.contains("more than the 8 network cards"), "{e}");
     }
 
     #[test]

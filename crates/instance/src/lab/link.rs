@@ -26,6 +26,42 @@ use std::process::{Command, Stdio};
 use crate::error::InstanceError;
 use crate::network::{in_netns, rtnl};
 
+/// A vm node's end of a lab link. A microVM has no network namespace for a veth to be born
+/// in; its card is a TAP instead, made in the lab's namespace under the lab end's own name
+/// (`l<n>a`) when the VM starts and gone when it ends, so the two ends are joined as any
+/// other (in the kernel or by a relay). The guest names its card `iface` and gives it
+/// `address` (`cela_guest::LinkRequest`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmEnd {
+    /// The lab's network namespace (its bind mount).
+    pub netns: std::path::PathBuf,
+    /// The TAP's name there: the lab end.
+    pub tap: String,
+    /// The interface's name in the guest.
+    pub iface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<(Ipv4Addr, u8)>,
+}
+
+impl VmEnd {
+    /// Makes the end's TAP in the lab's namespace, up; it goes when the returned handle (and
+    /// every copy of its descriptor, the monitor's) is closed.
+    pub fn open(&self) -> Result<cela_vmm::net::tap::Tap, InstanceError> {
+        let ns = File::open(&self.netns).map_err(|e| InstanceError::Io {
+            what: format!("opening the lab's namespace {}", self.netns.display()),
+            source: e,
+        })?;
+        let name = self.tap.clone();
+        in_netns(&ns, move || {
+            let tap = cela_vmm::net::tap::Tap::create(&name).map_err(|e| {
+                InstanceError::Other(format!("making the lab end {name} (a TAP): {e}"))
+            })?;
+            cela_guest::netif::set_up(&name).map_err(netif)?;
+            Ok(tap)
+        })
+    }
+}
+
 /// The lab ends of link `index`.
 pub fn lab_ends(index: usize) -> [String; 2] {
     [format!("l{index}a"), format!("l{index}b")]
@@ -120,6 +156,15 @@ pub fn make_end(
         }
         cela_guest::netif::set_up(&iface).map_err(netif)
     })
+}
+
+/// Whether the lab end `end` exists.
+pub fn end_exists(lab_ns: &File, end: &str) -> bool {
+    let end = end.to_owned();
+    in_netns(lab_ns, move || {
+        Ok(nix::net::if_::if_nametoindex(end.as_str()).is_ok())
+    })
+    .unwrap_or(false)
 }
 
 /// Whether both lab ends still exist (a node whose namespace went took its ends along).

@@ -256,6 +256,30 @@ impl Labs {
                 .iter()
                 .map(|n| Attachment::parse(&lab.network_name(n)))
                 .collect::<Result<Vec<_>, _>>()?;
+            // A vm's ends of links are TAPs its supervisor makes in the lab's namespace.
+            let links = match node.kind {
+                Kind::Vm => lab
+                    .plan
+                    .links
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, l)| {
+                        let ends = link::lab_ends(i);
+                        l.ends
+                            .iter()
+                            .zip(ends)
+                            .filter(|(e, _)| e.node == node.name)
+                            .map(|(e, tap)| link::VmEnd {
+                                netns: self.netns_path(&lab.name),
+                                tap,
+                                iface: e.iface.clone(),
+                                address: e.address,
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect(),
+                Kind::Container => Vec::new(),
+            };
             let mut labels = BTreeMap::new();
             labels.insert(LABEL.to_owned(), lab.name.clone());
             labels.insert(format!("{LABEL}.node"), node.name.clone());
@@ -267,6 +291,7 @@ impl Labs {
                 memory_mib: node.memory_mib,
                 net: NetMode::None,
                 networks,
+                links,
                 labels,
                 ..RunRequest::new(node.image.clone(), node.kind)
             };
@@ -319,6 +344,21 @@ impl Labs {
             });
             self.save(lab)?;
             for (k, end) in l.ends.iter().enumerate() {
+                let vm = lab
+                    .plan
+                    .nodes
+                    .iter()
+                    .any(|n| n.name == end.node && n.kind == Kind::Vm);
+                if vm {
+                    // Made by the VM's start, which has returned.
+                    if !link::end_exists(&lab_ns, &ends[k]) {
+                        return Err(InstanceError::Other(format!(
+                            "{what}: {}'s end {} is not in the lab's namespace",
+                            end.node, ends[k]
+                        )));
+                    }
+                    continue;
+                }
                 link::make_end(
                     &lab_ns,
                     &ends[k],

@@ -331,11 +331,56 @@ pub fn setup_container(inst: &Instance) -> Result<Option<NetworkState>, Instance
     linked.map(Some)
 }
 
-/// What a microVM's `--net auto` needs: a TAP with the host's address, and what the guest
-/// must configure (`None` for `--net none`). The TAP goes away when the result is dropped.
-pub fn setup_vm(
-    inst: &Instance,
-) -> Result<Option<(Vec<cela_vmm::net::HostNet>, NetworkState)>, InstanceError> {
+/// A microVM's network cards, ready for the machine: its networks' (or `--net auto`'s),
+/// then its lab links' (whose guest side is in `links`).
+pub struct VmNet {
+    pub cards: Vec<cela_vmm::net::HostNet>,
+    /// The link recorded (the first network's, or `--net auto`'s): ports are published to it.
+    pub state: Option<NetworkState>,
+    pub links: Vec<cela_guest::LinkRequest>,
+}
+
+/// Sets up a microVM's network before it boots: a TAP per named network (joined to it), or
+/// `--net auto`'s link, then a TAP in the lab's namespace per lab link it ends. What was made
+/// is undone on error (a TAP goes when it is dropped; networks are left).
+pub fn setup_vm(inst: &Instance) -> Result<VmNet, InstanceError> {
+    let mut vm = setup_vm_networks(inst)?;
+    let mut made = Vec::new();
+    for end in &inst.config.links {
+        match end.open() {
+            Ok(tap) => made.push((tap, end)),
+            Err(e) => {
+                if !inst.config.networks.is_empty() {
+                    named::Networks::open(data_dir_of(inst))?.leave(&inst.config.id);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for (tap, end) in made {
+        let mac = cela_vmm::net::random_mac();
+        vm.links.push(cela_guest::LinkRequest {
+            name: end.iface.clone(),
+            mac,
+            address: end.address,
+        });
+        vm.cards.push(cela_vmm::net::HostNet {
+            nic: cela_vmm::net::NicConfig {
+                tap: std::sync::Arc::new(tap),
+                mac,
+            },
+            guest: None,
+        });
+    }
+    Ok(vm)
+}
+
+fn setup_vm_networks(inst: &Instance) -> Result<VmNet, InstanceError> {
+    let none = || VmNet {
+        cards: Vec::new(),
+        state: None,
+        links: Vec::new(),
+    };
     if !inst.config.networks.is_empty() {
         // A TAP of cela's pattern without an address per network, plugged into its bridge.
         let mut taps = Vec::new();
@@ -383,10 +428,14 @@ pub fn setup_vm(
                 guest: Some(guest),
             })
             .collect();
-        return Ok(Some((host, state)));
+        return Ok(VmNet {
+            cards: host,
+            state: Some(state),
+            links: Vec::new(),
+        });
     }
     if inst.config.net != NetMode::Auto {
-        return Ok(None);
+        return Ok(none());
     }
     firewall::ensure_auto_links_or_warn();
     let host = cela_vmm::net::setup(&cela_vmm::net::NetMode::Auto)
@@ -399,7 +448,11 @@ pub fn setup_vm(
         host_address: format!("{}/{}", guest.gateway, guest.prefix),
         address: format!("{}/{}", guest.address, guest.prefix),
     };
-    Ok(Some((vec![host], state)))
+    Ok(VmNet {
+        cards: vec![host],
+        state: Some(state),
+        links: Vec::new(),
+    })
 }
 
 /// Points the container's spec at its network: the namespace file for `none`/`auto`, the

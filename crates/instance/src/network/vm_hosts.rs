@@ -74,7 +74,14 @@ fn read(path: &Path) -> Option<String> {
         .ok()?;
     let mut text = String::new();
     f.take(MAX_FILE).read_to_string(&mut text).ok()?;
-    Some(text)
+    // The file is rewritten in place (truncated, then written): a read between the two is
+    // not a file with no names, and the write's close brings another read.
+    whole(&text).then_some(text)
+}
+
+/// Whether `text` is a whole hosts file as the network code writes it.
+fn whole(text: &str) -> bool {
+    text.starts_with("127.0.0.1\tlocalhost\n") && text.ends_with('\n')
 }
 
 /// Passes `inst`'s hosts file to its guest now and whenever it changes, on a thread of its
@@ -138,6 +145,14 @@ fn follow(path: &Path, sender: &Sender) -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_caught_mid_rewrite_is_not_read() {
+        assert!(whole("127.0.0.1\tlocalhost\n::1\tlocalhost\n10.0.0.2\ta\n"));
+        assert!(!whole(""));
+        assert!(!whole("127.0.0.1\tloc"));
+        assert!(!whole("127.0.0.1\tlocalhost\n10.0.0.2\ta"));
+    }
 
     #[test]
     fn a_hosts_file_gives_its_ipv4_names_without_loopback() {

@@ -45,11 +45,15 @@ pub struct Incoming {
 }
 
 /// The control-channel lines a restored guest gets at once (see
-/// [`crate::persist::machine::restored_requests`]).
+/// [`crate::persist::machine::restored_requests`]), after a bare newline that ends a line the
+/// guest had half received when it was saved.
 pub fn restored_requests(who: &crate::persist::machine::Identity) -> String {
-    crate::persist::machine::restored_requests(who)
-        .into_iter()
-        .map(|r| r.to_line())
+    std::iter::once("\n".to_owned())
+        .chain(
+            crate::persist::machine::restored_requests(who)
+                .into_iter()
+                .map(|r| r.to_line()),
+        )
         .collect()
 }
 
