@@ -285,7 +285,21 @@ topology:
         (base + 95.0..base + 250.0).contains(&slow),
         "50 ms each way: {base} ms became {slow} ms"
     );
-    w.err(&["snapshot", "vmline-r1"], "more than one network card");
+    w.err(
+        &["snapshot", "vmline-r1"],
+        "on lab links cannot be snapshotted",
+    );
+    // Started again, the VM makes its ends anew, which nothing joins: shown down, as a
+    // container node's links are.
+    w.ok(&["stop", "-t", "1", "vmline-r1"]);
+    w.ok(&["start", "vmline-r1"]);
+    let v = inspect(&w, "vmline");
+    assert_eq!(v["links"][0]["up"], false, "{v}");
+    assert_eq!(v["links"][1]["up"], false, "{v}");
+    w.err(
+        &["lab", "impair", "vmline", "r1:eth2", "--delay", "5"],
+        "is gone",
+    );
     w.ok(&["lab", "down", "vmline"]);
     assert!(!netns.exists(), "the lab's namespace left");
     assert!(relays(&w).is_empty(), "a relay left");

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cela_lab::LabReport;
-use common::run_lab_batch;
+use common::run_lab_batch_with;
 
 /// In L1: `$C` is cela with a data dir in /tmp, `$VM` the flags that boot the lab's kernel and
 /// initramfs; the test image is imported as `img`. GNU cp and mkfs.ext4 (for the image's disk)
@@ -126,9 +126,13 @@ $C rm -f ns nr nf-1 nf-2 nf-3 nf-4 nf-5 nf-6 nf-7 nf-8 >/dev/null; echo rm_rc=$?
 $C snapshot rm ns1 >/dev/null; echo snaprm_rc=$?
 echo $(( $(ls /tmp/cela-data/instances | wc -l) + $(ls -A /tmp/cela-data/snapshots | wc -l) )); ps | grep -c '[_]_supervise'; ls /sys/class/net | grep -c '^cela[0-9]'; true"#,
     ),
-    (
-        "names_net",
-        r#"nft --version >/dev/null || { echo "no nft in L1" >&2; exit 94; }
+];
+
+/// The scenarios on named networks: a batch of their own, whose L1 loads the networks'
+/// kernel modules (the others' boots as it always has).
+const NET_SCENARIOS: &[(&str, &str)] = &[(
+    "names_net",
+    r#"nft --version >/dev/null || { echo "no nft in L1" >&2; exit 94; }
 up() { cut -d. -f1 /proc/uptime; }
 wait_log() { t0=$(up); until $C logs $1 | grep -q "$2"; do [ $(($(up)-t0)) -gt 90 ] && { echo "$1 never said $2:" >&2; $C inspect $1 >&2; $C logs $1 | tail -5 >&2; exit 96; }; sleep 0.2; done; }
 $C network create --subnet 10.88.1.0/24 n1 >/dev/null || exit 98
@@ -144,39 +148,50 @@ $C snapshot b 2>&1 | grep -o "more than one network card"
 $C rm -f a b >/dev/null; echo rm_rc=$?
 $C network rm n1 n2 >/dev/null; echo netrm_rc=$?
 ls /sys/class/net | grep -c '^cela[0-9]'; true"#,
-    ),
-];
+)];
 
 fn report() -> &'static LabReport {
     static REPORT: OnceLock<LabReport> = OnceLock::new();
-    REPORT.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = dir.path().join("layout");
-        images::test_image().write_layout(&layout, "latest");
-        let tar = dir.path().join("img.tar");
-        images::tar_dir(&layout, &tar);
-        let scenarios: Vec<(&str, String)> = SCENARIOS
-            .iter()
-            .map(|(name, body)| (*name, format!("{PRELUDE}{body}")))
-            .collect();
-        let scenarios: Vec<(&str, &str)> =
-            scenarios.iter().map(|(n, b)| (*n, b.as_str())).collect();
-        run_lab_batch(
-            &scenarios,
-            &[
-                (&tar, "/lab/img.tar"),
-                (std::path::Path::new("/usr/bin/cp"), "/lab/bin/cp"),
-                (
-                    std::path::Path::new("/usr/sbin/mkfs.ext4"),
-                    "/lab/bin/mkfs.ext4",
-                ),
-                // Named networks' rules.
-                (std::path::Path::new("/usr/sbin/nft"), "/lab/bin/nft"),
-            ],
-            Duration::from_secs(240),
-            Duration::from_secs(600),
-        )
-    })
+    REPORT.get_or_init(|| batch(SCENARIOS, false))
+}
+
+fn net_report() -> &'static LabReport {
+    static REPORT: OnceLock<LabReport> = OnceLock::new();
+    REPORT.get_or_init(|| batch(NET_SCENARIOS, true))
+}
+
+/// Runs `scenarios` (with the prelude) in one lab boot, with the test image and the host
+/// tools they use; `networks`: L1 can run cela's named networks.
+fn batch(scenarios: &[(&str, &str)], networks: bool) -> LabReport {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    images::test_image().write_layout(&layout, "latest");
+    let tar = dir.path().join("img.tar");
+    images::tar_dir(&layout, &tar);
+    let scenarios: Vec<(&str, String)> = scenarios
+        .iter()
+        .map(|(name, body)| (*name, format!("{PRELUDE}{body}")))
+        .collect();
+    let scenarios: Vec<(&str, &str)> = scenarios.iter().map(|(n, b)| (*n, b.as_str())).collect();
+    let mut files = vec![
+        (tar.as_path(), "/lab/img.tar"),
+        (std::path::Path::new("/usr/bin/cp"), "/lab/bin/cp"),
+        (
+            std::path::Path::new("/usr/sbin/mkfs.ext4"),
+            "/lab/bin/mkfs.ext4",
+        ),
+    ];
+    if networks {
+        // Named networks' rules.
+        files.push((std::path::Path::new("/usr/sbin/nft"), "/lab/bin/nft"));
+    }
+    run_lab_batch_with(
+        &scenarios,
+        &files,
+        Duration::from_secs(240),
+        Duration::from_secs(600),
+        networks,
+    )
 }
 
 #[test]
@@ -354,7 +369,7 @@ fn a_workload_on_the_guest_console_is_typed_into_through_attach() {
 
 #[test]
 fn vms_on_named_networks_name_each_other_and_one_has_a_card_on_each_of_two() {
-    let r = report().get("names_net");
+    let r = net_report().get("names_net");
     r.expect_rc(0);
     let out = r.stdout_str();
     let err = r.stderr_str();

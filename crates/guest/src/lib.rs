@@ -152,6 +152,8 @@ impl LinkRequest {
             )));
         };
         let valid = (1..16).contains(&name.len())
+            && name != "."
+            && name != ".."
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));

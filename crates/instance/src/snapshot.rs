@@ -267,7 +267,7 @@ pub fn check_snapshottable(inst: &Instance) -> Result<(), InstanceError> {
     // That move is of one card.
     if !inst.config.links.is_empty() {
         return Err(InstanceError::Unsupported(format!(
-            "{} is at the end of lab links: a microVM with more than one network card cannot be snapshotted yet",
+            "{} is at the end of lab links: a microVM on lab links cannot be snapshotted yet",
             inst.config.name
         )));
     }

@@ -12,9 +12,9 @@
 //! through `cela_assets` into a cache (`$CELA_LAB_CACHE`, default `/var/tmp/cela-lab-cache`).
 //! [`Lab::run`] then, for one [`LabRun`]:
 //! 1. builds an uncompressed newc initramfs in a temporary directory: busybox and its applet
-//!    links, the modules `irqbypass`, `kvm`, `kvm-amd`, `tun`, `pvpanic`/`pvpanic-mmio` and
-//!    those of cela's networks (`bridge`, `veth`, nftables), dependencies
-//!    first, the
+//!    links, the modules `irqbypass`, `kvm`, `kvm-amd`, `tun` and `pvpanic`/`pvpanic-mmio`
+//!    (and with [`LabRun::networks`] those of cela's networks: `bridge`, `veth`, nftables),
+//!    dependencies first, the
 //!    caller's files (directories recursively; dynamically linked programs with the libraries
 //!    and loader `ldd` names), one script per scenario, and an `/init` script
 //!    (`src/protocol.rs` documents it and the console framing);
@@ -82,15 +82,16 @@ use initramfs::{Entry, Source, Tree, archive_path};
 use protocol::ScenarioPlan;
 
 /// The kernel modules L1 loads: KVM for AMD (its closure brings `kvm` and `irqbypass`), TUN
-/// for VMM network tests, pvpanic-mmio so that an L1 panic ends QEMU at once, and what cela's
-/// named networks use: bridges, veths and the nftables expressions of their rules (the
-/// bridge family's port guard with its own `meta`, NAT, connection marks, `fib`), with their
-/// closures (conntrack, nf_nat, nfnetlink). L1 has no modprobe: a missing one fails a rule
-/// with "No such file or directory".
-const L1_MODULES: &[&str] = &[
-    "kvm_amd",
-    "tun",
-    "pvpanic_mmio",
+/// for VMM network tests, and pvpanic-mmio so that an L1 panic ends QEMU at once.
+const L1_MODULES: &[&str] = &["kvm_amd", "tun", "pvpanic_mmio"];
+
+/// What a run with [`LabRun::networks`] loads beside them: what cela's named networks use,
+/// bridges, veths and the nftables expressions of their rules (the bridge family's port guard
+/// with its own `meta`, NAT, connection marks, `fib`), with their closures (conntrack, nf_nat,
+/// nfnetlink). L1 has no modprobe: a missing one fails a rule with "No such file or
+/// directory". Only the runs that use networks load them, so every other run boots L1 as it
+/// always has.
+const L1_NET_MODULES: &[&str] = &[
     "bridge",
     "veth",
     "nf_tables",
@@ -138,6 +139,8 @@ pub struct Lab {
     kernel: DebianKernel,
     /// Kernel modules for L1, dependencies first.
     modules: Vec<PathBuf>,
+    /// Those and the networks' ([`LabRun::networks`]), dependencies first.
+    net_modules: Vec<PathBuf>,
     busybox: PathBuf,
     /// Busybox's applet links as archive paths (`bin/ls`, `sbin/insmod`, …).
     applets: Vec<String>,
@@ -160,6 +163,8 @@ pub struct LabRun {
     /// Copy the L1 console to stderr as it arrives (default: `CELA_LAB_CONSOLE` is set and not
     /// `0`).
     pub echo_console: bool,
+    /// Load the kernel modules cela's named networks need (default false).
+    pub networks: bool,
 }
 
 /// A shell script run in L1 (`sh`, busybox ash) with cwd `/lab`, stdin `/dev/null`, and
@@ -212,6 +217,7 @@ impl Default for LabRun {
             timeout: Duration::from_secs(900),
             echo_console: env::var_os("CELA_LAB_CONSOLE")
                 .is_some_and(|v| v != "0" && !v.is_empty()),
+            networks: false,
         }
     }
 }
@@ -362,7 +368,10 @@ impl Lab {
         };
         let kernel = debian::fetch_kernel(cache, progress).map_err(assets)?;
         let modules = kernel.module_closure(L1_MODULES).map_err(assets)?;
-        if let Some(m) = modules
+        let net_modules = kernel
+            .module_closure(&[L1_MODULES, L1_NET_MODULES].concat())
+            .map_err(assets)?;
+        if let Some(m) = net_modules
             .iter()
             .find(|m| m.extension().is_none_or(|e| e != "ko"))
         {
@@ -380,6 +389,7 @@ impl Lab {
             qemu,
             kernel,
             modules,
+            net_modules,
             busybox,
             applets,
             cache: cache.to_owned(),
@@ -471,7 +481,12 @@ impl Lab {
             tree.put(applet, link).map_err(invalid)?;
         }
         let mut module_paths = Vec::new();
-        for module in &self.modules {
+        let modules = if run.networks {
+            &self.net_modules
+        } else {
+            &self.modules
+        };
+        for module in modules {
             let name = module.file_name().unwrap_or_default().to_string_lossy();
             let path = format!("{L1_MODULE_DIR}/{name}");
             tree.put(&path, host_file(module, 0o644)).map_err(invalid)?;

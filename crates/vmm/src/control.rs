@@ -132,8 +132,18 @@ fn write_line(stream: &UnixStream, value: &impl Serialize, fds: &[RawFd]) -> io:
     let mut line = serde_json::to_vec(value).expect("control messages serialize");
     line.push(b'\n');
     if fds.is_empty() {
-        // A long line (a hosts file) may go in parts; a signal cannot cut it short.
-        return std::io::Write::write_all(&mut &*stream, &line);
+        // A long line (a hosts file) may go in parts; a signal cannot cut it short, and a
+        // peer that is gone is an error, not SIGPIPE.
+        let mut rest = &line[..];
+        while !rest.is_empty() {
+            match nix::sys::socket::send(stream.as_raw_fd(), rest, MsgFlags::MSG_NOSIGNAL) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(());
     }
     let iov = [IoSlice::new(&line)];
     let rights = [ControlMessage::ScmRights(fds)];

@@ -102,45 +102,78 @@ impl StopSignal {
         // by its caller after these.
         let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
         *slot = Some(channel);
-        let queued = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
-        if queued.is_empty() {
-            return;
-        }
         // A bare newline first: a line the guest had half received when it was saved is
         // ended there, not glued to the first of these.
-        if !self.send_locked(&mut slot, "\n") {
+        if !self.queue_is_empty() && !self.send_locked(&mut slot, "\n") {
             tracing::warn!("the guest's init did not take a request after its restore");
             return;
         }
-        for r in queued {
-            if !self.send_locked(&mut slot, &r.to_line()) {
-                tracing::warn!("the guest's init did not take a request after its restore");
-                return;
-            }
+        if !self.flush_locked(&mut slot) {
+            tracing::warn!("the guest's init did not take all it was sent; the rest waits");
         }
     }
 
-    /// Sends `requests` now if the control channel is attached, else as soon as it is; false
-    /// if one of them could not be sent now (see [`StopSignal::send_to_guest`]). A hosts block
-    /// queued replaces one queued before it: only the newest is worth sending.
+    fn queue_is_empty(&self) -> bool {
+        self.queued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Sends what is queued, in order, with the channel's lock held; what the guest cannot
+    /// take now stays queued for the next send. Whether the queue is empty.
+    fn flush_locked(&self, slot: &mut Option<UnixStream>) -> bool {
+        let mut queue = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
+        let sent = queue
+            .iter()
+            .take_while(|r| self.send_locked(slot, &r.to_line()))
+            .count();
+        queue.drain(..sent);
+        let empty = queue.is_empty();
+        if !empty {
+            let mut now = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+            queue.append(&mut now);
+            *now = queue;
+        }
+        empty
+    }
+
+    /// Sends `requests` now if the control channel is attached (after what is queued), else
+    /// as soon as it is; false if they could not be sent now (see
+    /// [`StopSignal::send_to_guest`]), when they wait in the queue with what could not be
+    /// sent before. A hosts block queued replaces one queued before it: only the newest is
+    /// worth sending.
     pub fn send_when_attached(&self, requests: Vec<HostRequest>) -> bool {
         let mut slot = self.guest_channel.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            let mut queue = self.queued.lock().unwrap_or_else(|p| p.into_inner());
-            if requests.first() == Some(&HostRequest::HostsBegin) {
-                queue.retain(|r| {
-                    !matches!(
-                        r,
-                        HostRequest::HostsBegin | HostRequest::Host { .. } | HostRequest::HostsEnd
-                    )
-                });
+        let attached = slot.is_some();
+        let flushed = attached && self.flush_locked(&mut slot);
+        if flushed {
+            let mut left = requests
+                .into_iter()
+                .skip_while(|r| self.send_locked(&mut slot, &r.to_line()))
+                .peekable();
+            if left.peek().is_none() {
+                return true;
             }
-            queue.extend(requests);
-            return true;
+            // Cut off in the middle: the guest drops a cut block when the next begins.
+            self.enqueue(left.collect());
+            return false;
         }
-        requests
-            .into_iter()
-            .all(|r| self.send_locked(&mut slot, &r.to_line()))
+        self.enqueue(requests);
+        !attached
+    }
+
+    fn enqueue(&self, requests: Vec<HostRequest>) {
+        let mut queue = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if requests.first() == Some(&HostRequest::HostsBegin) {
+            queue.retain(|r| {
+                !matches!(
+                    r,
+                    HostRequest::HostsBegin | HostRequest::Host { .. } | HostRequest::HostsEnd
+                )
+            });
+        }
+        queue.extend(requests);
     }
 
     /// Refuses (`true`) or lets through (`false`) requests to the guest from now on; a caller

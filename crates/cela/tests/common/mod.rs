@@ -104,6 +104,17 @@ pub fn run_lab_batch(
     per_scenario: std::time::Duration,
     batch: std::time::Duration,
 ) -> cela_lab::LabReport {
+    run_lab_batch_with(scenarios, files, per_scenario, batch, false)
+}
+
+/// [`run_lab_batch`], with L1 loading what cela's named networks need when `networks`.
+pub fn run_lab_batch_with(
+    scenarios: &[(&str, &str)],
+    files: &[(&std::path::Path, &str)],
+    per_scenario: std::time::Duration,
+    batch: std::time::Duration,
+    networks: bool,
+) -> cela_lab::LabReport {
     use cela_lab::{Lab, LabError, LabRun, Scenario};
     let assets = guest_assets();
     let lab = Lab::new().unwrap_or_else(|e| panic!("the nested lab is unavailable: {e}"));
@@ -115,14 +126,15 @@ pub fn run_lab_batch(
         run = run.file(src, *dest);
     }
     for (name, body) in scenarios {
-        // L1 has no nftables, which the default network's NAT needs: instances there have
-        // the networks their scenario gives them.
+        // Instances in L1 have the networks their scenario gives them (a batch without
+        // `networks` has none of the kernel modules they need).
         let script = format!(
             "export CELA_DEFAULT_NETWORK=none\nCELA='./cela run --vm --engine kvm --kernel /lab/bzImage --initrd /lab/initrd.cpio'\n{body}"
         );
         run = run.scenario(Scenario::new(*name, script).with_timeout(per_scenario));
     }
     run.timeout = batch;
+    run.networks = networks;
     match lab.run(&run) {
         // L1 itself timed out, froze, or reset or panicked (QEMU exited): the nested TCG SVM
         // under a heavy exit and interrupt load (docs/TESTING.md, "Known flake"), not a cela

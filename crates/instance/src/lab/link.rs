@@ -167,15 +167,27 @@ pub fn end_exists(lab_ns: &File, end: &str) -> bool {
     .unwrap_or(false)
 }
 
-/// Whether both lab ends still exist (a node whose namespace went took its ends along).
-pub fn ends_exist(lab_ns: &File, ends: &[String; 2]) -> bool {
+/// The interface indexes of both lab ends, if both exist.
+pub fn end_indexes(lab_ns: &File, ends: &[String; 2]) -> Option<[u32; 2]> {
     let ends = ends.clone();
     in_netns(lab_ns, move || {
-        Ok(ends
-            .iter()
-            .all(|e| nix::net::if_::if_nametoindex(e.as_str()).is_ok()))
+        let a = nix::net::if_::if_nametoindex(ends[0].as_str());
+        let b = nix::net::if_::if_nametoindex(ends[1].as_str());
+        Ok(a.ok().zip(b.ok()).map(|(a, b)| [a, b]))
     })
-    .unwrap_or(false)
+    .ok()
+    .flatten()
+}
+
+/// Whether both lab ends still exist as they were joined (`joined`, their indexes then): a
+/// node whose namespace went took its ends along, and a vm node started again made its end
+/// anew, which nothing joined.
+pub fn ends_exist(lab_ns: &File, ends: &[String; 2], joined: Option<[u32; 2]>) -> bool {
+    match (end_indexes(lab_ns, ends), joined) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(now), Some(then)) => now == then,
+    }
 }
 
 /// Joins the lab ends in the kernel (each one's ingress redirected out of the other).

@@ -70,6 +70,10 @@ pub struct LinkState {
     /// The relay carrying an impaired link's frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<ProcessId>,
+    /// The lab ends' interface indexes when they were joined: an end made again since (a vm
+    /// node started again) is not joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifindexes: Option<[u32; 2]>,
 }
 
 impl Lab {
@@ -341,6 +345,7 @@ impl Labs {
             lab.links.push(LinkState {
                 impair: Impairment::default(),
                 relay: None,
+                ifindexes: None,
             });
             self.save(lab)?;
             for (k, end) in l.ends.iter().enumerate() {
@@ -368,6 +373,7 @@ impl Labs {
                 )
                 .map_err(|e| InstanceError::Other(format!("{what}: {e}")))?;
             }
+            lab.links[i].ifindexes = link::end_indexes(&lab_ns, &ends);
             self.set_impairment(lab, &lab_ns, i, l.impair)
                 .map_err(|e| InstanceError::Other(format!("{what}: {e}")))?;
         }
@@ -500,7 +506,7 @@ impl Labs {
             )));
         }
         let lab_ns = self.netns(name)?;
-        if !link::ends_exist(&lab_ns, &link::lab_ends(i)) {
+        if !link::ends_exist(&lab_ns, &link::lab_ends(i), lab.links[i].ifindexes) {
             let l = &lab.plan.links[i];
             return Err(InstanceError::Invalid(format!(
                 "the link {}:{} – {}:{} is gone: a node of it stopped or restarted, and its links went with its namespace (cela lab down {name}, then up again)",
@@ -578,7 +584,7 @@ impl Labs {
             return vec![false; lab.links.len()];
         };
         (0..lab.links.len())
-            .map(|i| link::ends_exist(&ns, &link::lab_ends(i)))
+            .map(|i| link::ends_exist(&ns, &link::lab_ends(i), lab.links[i].ifindexes))
             .collect()
     }
 

@@ -350,8 +350,10 @@ pub fn setup_vm(inst: &Instance) -> Result<VmNet, InstanceError> {
         match end.open() {
             Ok(tap) => made.push((tap, end)),
             Err(e) => {
-                if !inst.config.networks.is_empty() {
-                    named::Networks::open(data_dir_of(inst))?.leave(&inst.config.id);
+                if !inst.config.networks.is_empty()
+                    && let Ok(nets) = named::Networks::open(data_dir_of(inst))
+                {
+                    nets.leave(&inst.config.id);
                 }
                 return Err(e);
             }
