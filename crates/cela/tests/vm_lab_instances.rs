@@ -52,7 +52,8 @@ $C rm v >/dev/null; echo rm_rc=$?; ls /tmp/cela-data/instances | wc -l"#,
     (
         "stop_kills",
         r#"$C run -d $VM --name k img sh -c 'trap "" TERM; echo ready; while :; do sleep 1; done' >/dev/null || exit 98
-until $C logs k | grep -q ready; do sleep 0.1; done
+up() { cut -d. -f1 /proc/uptime; }
+t0=$(up); until $C logs k | grep -q ready; do [ $(($(up)-t0)) -gt 90 ] && { echo "k never said ready in 90 s:" >&2; $C inspect k >&2; $C logs k | tail -5 >&2; $C rm -f k >/dev/null; exit 96; }; sleep 0.1; done
 $C stop -t 2 k >/dev/null; echo stop_rc=$?
 $C inspect k | grep -E '"(status|exit_code)"' | tr -d ' ,' | sort -u
 $C start k >/dev/null; echo start_rc=$?
