@@ -164,18 +164,7 @@ impl LinkRequest {
         let address = if address.is_empty() {
             None
         } else {
-            let (a, p) = address
-                .split_once('/')
-                .ok_or_else(|| bad(format!("{address:?} is not ADDRESS/PREFIX")))?;
-            let a = a
-                .parse()
-                .map_err(|_| bad(format!("{a:?} is not an IPv4 address")))?;
-            let p: u8 = p
-                .parse()
-                .ok()
-                .filter(|p| (1..=32).contains(p))
-                .ok_or_else(|| bad(format!("prefix {p:?} is not in 1..=32")))?;
-            Some((a, p))
+            Some(parse_cidr(address, 32).map_err(bad)?)
         };
         Ok(LinkRequest {
             name: name.clone(),
@@ -217,17 +206,7 @@ impl NetRequest {
                 fields.len()
             )));
         };
-        let (address, prefix) = cidr
-            .split_once('/')
-            .ok_or_else(|| bad(format!("{cidr:?} is not ADDRESS/PREFIX")))?;
-        let address = address
-            .parse()
-            .map_err(|_| bad(format!("{address:?} is not an IPv4 address")))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| (1..=30).contains(p))
-            .ok_or_else(|| bad(format!("prefix {prefix:?} is not in 1..=30")))?;
+        let (address, prefix) = parse_cidr(cidr, 30).map_err(bad)?;
         let gateway = gateway
             .parse()
             .map_err(|_| bad(format!("gateway {gateway:?} is not an IPv4 address")))?;
@@ -239,6 +218,22 @@ impl NetRequest {
             mac,
         })
     }
+}
+
+/// `ADDRESS/PREFIX` with the prefix in 1..=`max`; or why not.
+fn parse_cidr(text: &str, max: u8) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (address, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not ADDRESS/PREFIX"))?;
+    let address = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=max).contains(p))
+        .ok_or_else(|| format!("prefix {prefix:?} is not in 1..={max}"))?;
+    Ok((address, prefix))
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case.
