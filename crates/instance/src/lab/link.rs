@@ -158,25 +158,28 @@ pub fn make_end(
     })
 }
 
+/// The interface indexes of `names` in the lab's namespace, each if it exists.
+fn indexes<const N: usize>(lab_ns: &File, names: [&str; N]) -> [Option<u32>; N] {
+    let names = names.map(str::to_owned);
+    in_netns(lab_ns, move || {
+        Ok(names
+            .each_ref()
+            .map(|n| nix::net::if_::if_nametoindex(n.as_str()).ok()))
+    })
+    .unwrap_or([None; N])
+}
+
 /// Whether the lab end `end` exists.
 pub fn end_exists(lab_ns: &File, end: &str) -> bool {
-    let end = end.to_owned();
-    in_netns(lab_ns, move || {
-        Ok(nix::net::if_::if_nametoindex(end.as_str()).is_ok())
-    })
-    .unwrap_or(false)
+    indexes(lab_ns, [end])[0].is_some()
 }
 
 /// The interface indexes of both lab ends, if both exist.
 pub fn end_indexes(lab_ns: &File, ends: &[String; 2]) -> Option<[u32; 2]> {
-    let ends = ends.clone();
-    in_netns(lab_ns, move || {
-        let a = nix::net::if_::if_nametoindex(ends[0].as_str());
-        let b = nix::net::if_::if_nametoindex(ends[1].as_str());
-        Ok(a.ok().zip(b.ok()).map(|(a, b)| [a, b]))
-    })
-    .ok()
-    .flatten()
+    match indexes(lab_ns, [ends[0].as_str(), ends[1].as_str()]) {
+        [Some(a), Some(b)] => Some([a, b]),
+        _ => None,
+    }
 }
 
 /// Whether both lab ends still exist as they were joined (`joined`, their indexes then): a
